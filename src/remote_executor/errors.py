@@ -1,0 +1,89 @@
+"""The exceptions a caller of :class:`RemoteExecutor` can see, and the remote traceback carrier."""
+
+from __future__ import annotations
+
+import pickle
+from concurrent.futures import BrokenExecutor
+
+
+class RemoteExecutorError(Exception):
+    """Base class of every error this package raises on its own account."""
+
+
+class RemoteTraceback(Exception):
+    """Carries the traceback text of a call that raised remotely; set as the ``__cause__`` of that error.
+
+    Mirrors ``concurrent.futures.process._RemoteTraceback``: printing the caller's traceback shows the
+    remote frames first, and ``except ValueError:`` in the caller still catches the original type.
+    """
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return self.tb
+
+
+class RemoteError(RemoteExecutorError):
+    """A remote exception that could not cross the wire (unpicklable there, or not importable here)."""
+
+    def __init__(self, type_name: str, message: str, traceback_text: str) -> None:
+        super().__init__(f"{type_name}: {message}")
+        self.type_name = type_name
+        self.message = message
+        self.traceback_text = traceback_text
+
+    def __reduce__(self) -> tuple[type[RemoteError], tuple[str, str, str]]:
+        return (type(self), (self.type_name, self.message, self.traceback_text))
+
+
+class SerializationError(RemoteExecutorError, pickle.PicklingError):
+    """A call, an argument, a result or an exception could not be pickled or unpickled.
+
+    The message names what failed (for example ``argument 1`` or ``keyword argument 'data'``); the
+    original error is the ``__cause__``. Only the future of the call concerned fails.
+    """
+
+
+class WorkerLostError(RemoteExecutorError):
+    """The worker(s) running a call died, hung past the heartbeat timeout or lost their connection.
+
+    Raised after the call was resubmitted ``max_retries`` times. ``workers`` names every worker lost
+    while running this call, in order. This is an infrastructure failure, never the call's own error.
+    """
+
+    def __init__(self, message: str, workers: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.workers = workers
+
+    def __reduce__(self) -> tuple[type[WorkerLostError], tuple[str, tuple[str, ...]]]:
+        return (type(self), (str(self), self.workers))
+
+
+class BrokenRemoteExecutor(BrokenExecutor, RemoteExecutorError):
+    """The executor cannot run calls any more: a worker initializer failed or the job server is gone."""
+
+
+class InitializerFailed(BrokenRemoteExecutor):
+    """A worker's initializer raised; the remote exception is the ``__cause__``."""
+
+
+class ServerUnavailableError(BrokenRemoteExecutor):
+    """The job server could not be reached for longer than the configured ``reconnect_timeout``."""
+
+
+class ProtocolError(RemoteExecutorError):
+    """A peer sent a frame that breaks the wire protocol (bad header, oversized, truncated)."""
+
+
+class AuthenticationError(ProtocolError):
+    """A frame's HMAC did not verify, a handshake had no or a wrong key or token."""
+
+
+class VersionMismatchError(RemoteExecutorError):
+    """Client, job server and worker run different Python or cloudpickle versions."""
+
+
+class TransportError(RemoteExecutorError):
+    """A transport could not be created or reached (bad URL, missing extra, connection refused)."""

@@ -1,0 +1,302 @@
+"""The wire protocol of the tcp and zmq transports, sans I/O: frames, validation, HMAC and the handshake.
+
+A frame is a fixed 24-byte header, one uint64 length per part, an optional 32-byte HMAC-SHA256, then the
+parts themselves::
+
+    magic "RE" | version u8 | type u8 | nparts u16 | flags u16 | a u64 | b u64 | lengths u64 * nparts | mac | parts
+
+``a`` and ``b`` are two integers whose meaning depends on the type (a task id, a status, a capacity).
+Everything is validated before anything is allocated for the parts, and the HMAC (over header, lengths and
+parts) is checked before a frame is handed on, so nothing is ever unpickled unauthenticated. The job
+server forwards parts as opaque bytes.
+"""
+
+from __future__ import annotations
+
+import enum
+import hmac
+import json
+import platform
+import struct
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import cloudpickle
+
+from .errors import AuthenticationError, ProtocolError, VersionMismatchError
+from .serialization import Buffer, Parts
+
+MAGIC = b"RE"
+VERSION = 1
+HEADER = struct.Struct("!2sBBHHQQ")
+MAC_SIZE = 32
+DEFAULT_MAX_FRAME = 1 << 32  # 4 GiB: a whole frame, header and parts
+DEFAULT_MAX_PARTS = 1024
+# Parts at least this big are received straight into their own buffer instead of the staging buffer.
+DIRECT_READ_THRESHOLD = 256 * 1024
+STAGING_SIZE = 512 * 1024
+
+
+class Kind(enum.IntEnum):
+    """Frame types. Direction and the meaning of ``a``/``b`` are given per type."""
+
+    HELLO = 1  # peer -> server: parts [json info, *initializer parts]
+    WELCOME = 2  # server -> peer: parts [json info]
+    REJECT = 3  # server -> peer: parts [utf-8 reason]; the server then closes
+    SUBMIT = 4  # client -> server: a=client task id, parts=call
+    TASK = 5  # server -> worker: a=server task id, b=executor id, parts=call
+    RESULT = 6  # worker -> server: a=server task id; server -> client: a=client task id, b=Status
+    INIT = 7  # server -> worker: a=executor id, parts=initializer
+    INIT_FAILED = 8  # worker -> server: a=executor id, parts=error outcome
+    BROKEN = 9  # server -> client: parts=error outcome of the initializer
+    CAPACITY = 10  # server -> client: a=free-or-busy worker slots attached to the server
+    HEARTBEAT = 11  # any direction: "I am alive"
+    DRAIN = 12  # worker -> server: finish what I run, send me nothing new
+    STATUS = 13  # admin -> server: request; server -> admin: parts [json status]
+
+
+class Status(enum.IntEnum):
+    """What a RESULT frame to a client carries."""
+
+    DONE = 0  # parts: an outcome envelope from the worker (serialization.decode_outcome)
+    WORKER_LOST = 1  # parts: [json {"workers": [...], "attempts": n}]
+    REJECTED = 2  # parts: [utf-8 reason]: the server refused the task (executor broken, bad input)
+
+
+@dataclass(slots=True)
+class Frame:
+    kind: Kind
+    a: int = 0
+    b: int = 0
+    parts: Parts = field(default_factory=list)
+    flags: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_frame: int = DEFAULT_MAX_FRAME
+    max_parts: int = DEFAULT_MAX_PARTS
+
+
+def encode(frame: Frame, key: bytes | None = None) -> list[Buffer]:
+    """Buffers to send, in order: the prefix (header, lengths, mac) then the parts, uncopied."""
+    lengths = [memoryview(p).nbytes for p in frame.parts]
+    prefix = HEADER.pack(MAGIC, VERSION, frame.kind, len(lengths), frame.flags, frame.a, frame.b)
+    prefix += struct.pack(f"!{len(lengths)}Q", *lengths)
+    if key is not None:
+        prefix += _mac(key, prefix, frame.parts)
+    return [prefix, *frame.parts]
+
+
+def encode_bytes(frame: Frame, key: bytes | None = None) -> bytes:
+    """The whole frame as one bytes object (small frames, tests)."""
+    return b"".join(bytes(b) if not isinstance(b, bytes) else b for b in encode(frame, key))
+
+
+def _mac(key: bytes, prefix: bytes | bytearray | memoryview, parts: Sequence[Buffer]) -> bytes:
+    digest = hmac.new(key, prefix, "sha256")
+    for part in parts:
+        digest.update(part)
+    return digest.digest()
+
+
+class FrameReader:
+    """Incremental, validating frame decoder for a byte stream.
+
+    Use: ``buf = reader.buffer()``; ``n = sock.recv_into(buf)``; ``frames = reader.feed(n)``. Small
+    frames are parsed out of one staging buffer; a large part gets a buffer of its own that the socket
+    reads into directly, so a 100 MB argument is copied once (kernel to its final buffer).
+    """
+
+    def __init__(self, key: bytes | None = None, limits: Limits = Limits()) -> None:
+        self._key = key
+        self._limits = limits
+        self._staging = bytearray(STAGING_SIZE)
+        self._start = 0  # first unparsed byte in staging
+        self._end = 0  # end of received bytes in staging
+        self._pending: _Partial | None = None  # a frame whose header is parsed, parts incomplete
+
+    def buffer(self) -> memoryview:
+        """Where the next received bytes must be written."""
+        direct = self._pending.direct_target() if self._pending is not None else None
+        if direct is not None:
+            return direct
+        if self._end == len(self._staging):
+            self._compact()
+        return memoryview(self._staging)[self._end :]
+
+    def feed(self, nbytes: int) -> list[Frame]:
+        """Account for ``nbytes`` written into :meth:`buffer`; return the frames now complete."""
+        if self._pending is not None and self._pending.direct_target() is not None:
+            self._pending.advance_direct(nbytes)
+        else:
+            self._end += nbytes
+        return self._parse()
+
+    def feed_bytes(self, data: bytes) -> list[Frame]:
+        """Convenience for callers that already hold bytes (zmq, tests)."""
+        frames: list[Frame] = []
+        view = memoryview(data)
+        while view:
+            target = self.buffer()
+            n = min(len(target), len(view))
+            target[:n] = view[:n]
+            view = view[n:]
+            frames.extend(self.feed(n))
+        return frames
+
+    def _compact(self) -> None:
+        used = self._end - self._start
+        if self._start == 0 and used == len(self._staging):
+            self._staging.extend(bytes(len(self._staging)))  # a prefix bigger than staging: grow
+            return
+        self._staging[:used] = self._staging[self._start : self._end]
+        self._start, self._end = 0, used
+
+    def _parse(self) -> list[Frame]:
+        frames: list[Frame] = []
+        while True:
+            if self._pending is None:
+                self._pending = self._parse_prefix()
+                if self._pending is None:
+                    break
+            complete = self._pending.take(self._staging_view())
+            self._start += self._pending.consumed_from_staging
+            if not complete:
+                break
+            frames.append(self._finish(self._pending))
+            self._pending = None
+        if self._start == self._end:
+            self._start = self._end = 0
+        return frames
+
+    def _staging_view(self) -> memoryview:
+        return memoryview(self._staging)[self._start : self._end]
+
+    def _parse_prefix(self) -> _Partial | None:
+        available = self._end - self._start
+        if available < HEADER.size:
+            return None
+        magic, version, kind, nparts, flags, a, b = HEADER.unpack_from(self._staging, self._start)
+        _check_header(magic, version, kind, nparts, self._limits)
+        mac_size = MAC_SIZE if self._key is not None else 0
+        prefix_size = HEADER.size + 8 * nparts + mac_size
+        if available < prefix_size:
+            return None
+        lengths = struct.unpack_from(f"!{nparts}Q", self._staging, self._start + HEADER.size)
+        total = prefix_size + sum(lengths)
+        if total > self._limits.max_frame:
+            raise ProtocolError(f"frame of {total} bytes exceeds the limit of {self._limits.max_frame} bytes")
+        prefix = bytes(self._staging[self._start : self._start + prefix_size])
+        self._start += prefix_size
+        return _Partial(Frame(Kind(kind), a, b, [], flags), prefix, mac_size, list(lengths))
+
+    def _finish(self, partial: _Partial) -> Frame:
+        if self._key is not None:
+            signed = partial.prefix[: -MAC_SIZE]
+            expected = _mac(self._key, signed, partial.frame.parts)
+            if not hmac.compare_digest(expected, partial.prefix[-MAC_SIZE:]):
+                raise AuthenticationError("frame HMAC does not verify: wrong key or tampered frame")
+        return partial.frame
+
+
+def _check_header(magic: bytes, version: int, kind: int, nparts: int, limits: Limits) -> None:
+    if magic != MAGIC:
+        raise ProtocolError(f"bad frame magic {magic!r}: not a remote_executor peer")
+    if version != VERSION:
+        raise ProtocolError(f"unsupported protocol version {version} (this side speaks {VERSION})")
+    if kind not in Kind._value2member_map_:
+        raise ProtocolError(f"unknown frame type {kind}")
+    if nparts > limits.max_parts:
+        raise ProtocolError(f"frame has {nparts} parts, more than the limit of {limits.max_parts}")
+
+
+class _Partial:
+    """A frame whose prefix is parsed and whose parts are being collected."""
+
+    def __init__(self, frame: Frame, prefix: bytes, mac_size: int, lengths: list[int]) -> None:
+        self.frame = frame
+        self.prefix = prefix
+        self.lengths = lengths
+        self.consumed_from_staging = 0
+        self._direct: bytearray | None = None  # the large part being received in place
+        self._direct_filled = 0
+
+    def direct_target(self) -> memoryview | None:
+        if self._direct is None:
+            return None
+        return memoryview(self._direct)[self._direct_filled :]
+
+    def advance_direct(self, nbytes: int) -> None:
+        self._direct_filled += nbytes
+        assert self._direct is not None
+        if self._direct_filled == len(self._direct):
+            self.frame.parts.append(self._direct)
+            self._direct = None
+
+    def take(self, staged: memoryview) -> bool:
+        """Take parts from the staging bytes; True when the frame is complete."""
+        self.consumed_from_staging = 0
+        offset = 0
+        while self._direct is None and len(self.frame.parts) < len(self.lengths):
+            size = self.lengths[len(self.frame.parts)]
+            available = len(staged) - offset
+            if available >= size:
+                self.frame.parts.append(bytes(staged[offset : offset + size]))
+                offset += size
+            elif size >= DIRECT_READ_THRESHOLD:
+                self._direct = bytearray(size)
+                self._direct[:available] = staged[offset:]
+                self._direct_filled = available
+                offset += available
+            else:
+                break
+        self.consumed_from_staging = offset
+        return self._direct is None and len(self.frame.parts) == len(self.lengths)
+
+
+# --- handshake ---------------------------------------------------------------------------------------
+
+
+def runtime_versions() -> dict[str, str]:
+    """What must match between a client, the job server and its workers."""
+    return {
+        "python": "%d.%d" % sys.version_info[:2],
+        "cloudpickle": str(cloudpickle.__version__),
+        "protocol": str(VERSION),
+        "implementation": platform.python_implementation(),
+    }
+
+
+def hello(role: str, info: dict[str, Any], extra_parts: Parts | None = None) -> Frame:
+    """The first frame a client, worker or admin peer sends."""
+    body = {"role": role, **runtime_versions(), **info}
+    return Frame(Kind.HELLO, parts=[json.dumps(body).encode(), *(extra_parts or [])])
+
+
+def parse_json(frame: Frame) -> dict[str, Any]:
+    """Decode the JSON first part of a HELLO, WELCOME or STATUS frame, strictly."""
+    if not frame.parts:
+        raise ProtocolError(f"{frame.kind.name} frame without a body")
+    try:
+        body = json.loads(bytes(frame.parts[0]).decode())
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolError(f"{frame.kind.name} body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise ProtocolError(f"{frame.kind.name} body must be a JSON object")
+    return body
+
+
+def check_versions(peer: dict[str, Any], peer_name: str, local_name: str) -> None:
+    """Raise :class:`VersionMismatchError` unless the peer runs the versions this side runs."""
+    local = runtime_versions()
+    different = {k: (peer.get(k), v) for k, v in local.items() if peer.get(k) != v}
+    if different:
+        detail = ", ".join(f"{k} {theirs} on {peer_name} vs {ours} on {local_name}"
+                           for k, (theirs, ours) in different.items())
+        raise VersionMismatchError(
+            f"version mismatch: {detail}; clients, job server and workers must run the same Python "
+            f"(major.minor) and cloudpickle versions"
+        )
