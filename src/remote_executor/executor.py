@@ -1,0 +1,515 @@
+"""Implements RemoteExecutor: a concurrent.futures.Executor whose calls run in other processes.
+
+The following diagram describes the data-flow through the client side:
+
+  caller threads          _Core (one lock)                        transport            transport threads
+ +----------------+    +---------------------------+          +-------------+       +------------------+
+ | submit()/map() | => | pending: deque of items   |          |             |       |                  |
+ |  pickles the   |    |   (PENDING, cancellable)  |  batch   |  submit()   |  ==>  |  workers run the |
+ |  call here     |    | window: min(max_workers,  | =======> |  (never     |       |  calls elsewhere |
+ +----------------+    |         capacity)         |          |   blocks)   |       |                  |
+                       | in_flight: task_id -> item|          +-------------+       |                  |
+ +----------------+    |   (RUNNING)               |      on_result / on_capacity / |                  |
+ | Future.result()| <= | settles futures outside   | <==================================  on_broken      |
+ +----------------+    |   the lock                |                                +------------------+
+                       +---------------------------+
+
+RemoteExecutor.submit()/map() (caller threads):
+- pickle the call (or a chunk of map calls) in the caller's thread; a pickling error fails that future only
+- append a work item to "pending" and dispatch: whoever finds no dispatcher active becomes it, moves every
+  item that fits the window to "in_flight" (the moment its future turns RUNNING) and hands them to the
+  transport in one submit(); a cancelled item is dropped and its waiters notified
+
+Transport threads (the listener, _Core.on_*):
+- on_result: take the item out of "in_flight", dispatch more, decode the outcome, settle the future
+- on_capacity: the window follows the attached workers; dispatch more
+- on_broken: fail every pending and in-flight future with the error; submit() raises it from then on
+
+Shutdown:
+- shutdown(wait=True) waits until every accepted call settled, then closes the transport
+- shutdown(wait=False) returns at once; whoever settles the last call starts a short-lived closer thread
+- at interpreter exit every live executor finishes its outstanding calls first, then closes (as
+  ThreadPoolExecutor does); a garbage-collected executor behaves as after shutdown(wait=False)
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import secrets
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, Future
+from typing import Any, Generic, ParamSpec, TypeVar
+
+from . import transports
+from .errors import BrokenRemoteExecutor, SerializationError
+from .serialization import Parts, encode_call, encode_chunk, encode_initializer
+from .transports.base import Call, ClientTransport, Options, Session, Status, decode_result
+
+__all__ = ["RemoteExecutor"]
+
+logger = logging.getLogger("remote_executor")
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+KEY_ENV = "REMOTE_EXECUTOR_KEY"
+
+# Interpreter exit: as in concurrent.futures.thread, the global flag is written under the global lock and
+# submit() checks it (and enqueues) under the same lock, so the exit hook never misses a late call.
+_live_cores: weakref.WeakSet[_Core] = weakref.WeakSet()
+_global_shutdown = False
+_global_shutdown_lock = threading.Lock()
+_in_listener = threading.local()
+
+
+def _python_exit() -> None:
+    global _global_shutdown
+    with _global_shutdown_lock:
+        _global_shutdown = True
+    for core in list(_live_cores):
+        core.drain_and_close()
+
+
+# Runs before non-daemon threads are joined (unlike atexit), as ThreadPoolExecutor's hook does.
+threading._register_atexit(_python_exit)  # type: ignore[attr-defined]
+
+
+class _WorkItem:
+    __slots__ = ("future", "parts")
+
+    def __init__(self, future: Future[Any], parts: Parts) -> None:
+        self.future = future
+        self.parts = parts
+
+
+class _Core:
+    """The executor's state and the transport's listener, apart from the user-facing object.
+
+    The transport's threads reference this object, never the :class:`RemoteExecutor`, so an executor that
+    is dropped without ``shutdown()`` can be garbage-collected (which finishes its work and closes).
+    Futures are never settled while ``lock`` is held: done-callbacks may call ``submit()``.
+    """
+
+    def __init__(self, transport: ClientTransport, max_workers: int | None) -> None:
+        self.transport = transport
+        self.max_workers = max_workers
+        self.lock = threading.Lock()
+        self.idle = threading.Condition(self.lock)
+        self.closed = threading.Event()
+        self.pending: deque[_WorkItem] = deque()
+        self.in_flight: dict[int, _WorkItem] = {}
+        self.task_ids = itertools.count(1)
+        self.capacity = 0
+        self.outstanding = 0  # accepted calls whose future is not settled yet
+        self.waiters = 0  # threads blocked in shutdown(wait=True) or the exit hook
+        self.dispatching = False
+        self.shutdown_requested = False
+        self.closing = False
+        self.broken: BrokenRemoteExecutor | None = None
+
+    # --- caller side ---------------------------------------------------------------------------------
+
+    def check_open(self) -> None:
+        """Raise as ThreadPoolExecutor.submit does when no new call can be accepted."""
+        if self.broken is not None:
+            raise _fresh(self.broken)
+        if self.shutdown_requested:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        if _global_shutdown:
+            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+
+    def enqueue(self, parts: Parts) -> Future[Any]:
+        future: Future[Any] = Future()
+        with self.lock, _global_shutdown_lock:
+            self.check_open()
+            self.pending.append(_WorkItem(future, parts))
+            self.outstanding += 1
+        self.dispatch()
+        return future
+
+    def dispatch(self) -> None:
+        """Hand every pending call that fits the window to the transport, in FIFO order.
+
+        One thread dispatches at a time and loops until nothing fits; a thread that finds a dispatcher
+        active leaves its call to it, so no lock is held across ``transport.submit`` and no call waits.
+        """
+        with self.lock:
+            if self.dispatching:
+                return
+            self.dispatching = True
+        while True:
+            with self.lock:
+                calls, dropped = self._take_batch()
+                if not calls:
+                    self.dispatching = False
+            if dropped:
+                self._settled(dropped)
+            if not calls:
+                return
+            self._submit(calls)
+
+    def _take_batch(self) -> tuple[list[Call], int]:
+        calls: list[Call] = []
+        dropped = 0
+        free = self._window() - len(self.in_flight)
+        while self.pending and self.broken is None:
+            head = self.pending[0]
+            if len(calls) >= free and not head.future.cancelled():
+                break
+            self.pending.popleft()
+            if not head.future.set_running_or_notify_cancel():
+                dropped += 1
+                continue
+            task_id = next(self.task_ids)
+            self.in_flight[task_id] = head
+            calls.append(Call(task_id, head.parts))
+        return calls, dropped
+
+    def _window(self) -> int:
+        if self.capacity <= 0:
+            return 0
+        return self.capacity if self.max_workers is None else min(self.max_workers, self.capacity)
+
+    def _submit(self, calls: list[Call]) -> None:
+        try:
+            self.transport.submit(calls)
+        except Exception as exc:  # a transport bug: fail these calls, not the caller that dispatched
+            logger.exception("transport %r failed to accept %d call(s)", self.transport, len(calls))
+            with self.lock:
+                items = [self.in_flight.pop(call.task_id, None) for call in calls]
+            failed = [item for item in items if item is not None]
+            for item in failed:
+                item.future.set_exception(exc)
+            self._settled(len(failed))
+
+    # --- listener (transport threads) ----------------------------------------------------------------
+
+    def on_result(self, task_id: int, status: Status, parts: Parts) -> None:
+        with self.lock:
+            item = self.in_flight.pop(task_id, None)
+        if item is None:
+            return  # already failed by on_broken, or a duplicate
+        self.dispatch()
+        try:
+            ok, value = decode_result(status, parts)
+        except Exception as exc:
+            ok, value = False, exc
+        _in_listener.active = True
+        try:
+            if ok:
+                item.future.set_result(value)
+            else:
+                item.future.set_exception(value)
+        finally:
+            _in_listener.active = False
+        self._settled(1)
+
+    def on_capacity(self, slots: int) -> None:
+        with self.lock:
+            self.capacity = slots
+        self.dispatch()
+
+    def on_broken(self, error: BrokenRemoteExecutor) -> None:
+        with self.lock:
+            if self.broken is not None:
+                return
+            self.broken = error
+            items = [*self.pending, *self.in_flight.values()]
+            self.pending.clear()
+            self.in_flight.clear()
+        logger.error("RemoteExecutor is broken: %s", error, exc_info=error)
+        _in_listener.active = True
+        try:
+            for item in items:
+                if item.future.set_running_or_notify_cancel() or item.future.running():
+                    item.future.set_exception(error)
+        finally:
+            _in_listener.active = False
+        self._settled(len(items))
+
+    # --- shutdown ------------------------------------------------------------------------------------
+
+    def shutdown(self, wait: bool, cancel_futures: bool) -> None:
+        with self.lock:
+            self.shutdown_requested = True
+            cancelled = list(self.pending) if cancel_futures else []
+            if cancel_futures:
+                self.pending.clear()
+        for item in cancelled:
+            item.future.cancel()
+            item.future.set_running_or_notify_cancel()  # wakes wait()/as_completed() on it
+        self._settled(len(cancelled))
+        if wait:
+            if getattr(_in_listener, "active", False):
+                raise RuntimeError("cannot wait for a RemoteExecutor from its own result callback")
+            self.drain_and_close()
+
+    def drain_and_close(self) -> None:
+        """Block until every accepted call settled, then close the transport (or wait for its closer)."""
+        with self.lock:
+            self.waiters += 1
+            try:
+                while self.outstanding:
+                    self.idle.wait()
+            finally:
+                self.waiters -= 1
+            claimed = not self.closing
+            self.closing = True
+        if claimed:
+            self._close()
+        else:
+            self.closed.wait()
+
+    def _settled(self, count: int) -> None:
+        """``count`` futures were settled (or dropped as cancelled): wake waiters, close when done."""
+        with self.lock:
+            self.outstanding -= count
+            if self.outstanding:
+                return
+            self.idle.notify_all()
+            claimed = self.shutdown_requested and not self.closing and not self.waiters
+            if claimed:
+                self.closing = True
+        if claimed:
+            # The transport may be joining this very thread in close(): never close from here directly.
+            threading.Thread(target=self._close, name="remote_executor-closer").start()
+
+    def _close(self) -> None:
+        try:
+            self.transport.close()
+        except Exception:
+            logger.exception("closing transport %r failed", self.transport)
+        finally:
+            self.closed.set()
+            _live_cores.discard(self)
+
+
+class RemoteExecutor(Executor):
+    """An Executor that runs each call in a worker process reached through a transport.
+
+    ``transport`` is ``None`` (an embedded local cluster), a bare scheme (``"zmq"``: an embedded cluster
+    over it), a URL (``"zmq://host:5555"``: workers started elsewhere) or a ``ClientTransport`` object.
+    ``max_workers`` is the number of worker processes of an embedded cluster, and for a URL the most calls
+    in flight at once. Extra keyword arguments go to the transport (``Options.extra``).
+    """
+
+    def __init__(
+        self,
+        max_workers: int | None = None,
+        transport: str | ClientTransport | None = None,
+        *,
+        initializer: Callable[..., object] | None = None,
+        initargs: tuple[Any, ...] = (),
+        key: bytes | str | None = None,
+        max_retries: int = 2,
+        heartbeat_interval: float = 1.0,
+        heartbeat_timeout: float = 10.0,
+        reconnect_timeout: float = 30.0,
+        connect_timeout: float = 10.0,
+        **transport_options: Any,
+    ) -> None:
+        if max_workers is not None and max_workers <= 0:
+            raise ValueError("max_workers must be greater than 0")
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be a callable")
+        if max_retries < 0:
+            raise ValueError("max_retries must be >= 0")
+        self._max_workers = max_workers
+        init_parts = encode_initializer(initializer, tuple(initargs)) if initializer is not None else None
+        options = Options(
+            max_workers=max_workers,
+            key=_resolve_key(key),
+            heartbeat_interval=heartbeat_interval,
+            heartbeat_timeout=heartbeat_timeout,
+            reconnect_timeout=reconnect_timeout,
+            connect_timeout=connect_timeout,
+            extra=dict(transport_options),
+        )
+        client = transports.create(transport, options)
+        self._core = core = _Core(client, max_workers)
+        session = Session(executor_id=secrets.randbits(63), initializer=init_parts, max_retries=max_retries)
+        client.start(session, core)
+        _live_cores.add(core)
+        # Dropped without shutdown(): finish the queued calls, then close (as shutdown(wait=False) does).
+        weakref.finalize(self, core.shutdown, False, False).atexit = False
+
+    @property
+    def transport(self) -> ClientTransport:
+        """The client transport this executor talks to."""
+        return self._core.transport
+
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
+        self._core.check_open()
+        try:
+            parts = encode_call(fn, args, kwargs)
+        except SerializationError as exc:
+            return _failed(exc)
+        return self._core.enqueue(parts)
+
+    submit.__doc__ = Executor.submit.__doc__
+
+    def map(
+        self,
+        fn: Callable[..., T],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+        buffersize: int | None = None,
+    ) -> Iterator[T]:
+        """Returns an iterator equivalent to map(fn, iter), run remotely.
+
+        ``chunksize > 1`` sends that many calls as one message; ``buffersize`` (as in Python 3.14) bounds
+        how many calls (or chunks) are outstanding, consuming the input lazily. ``timeout`` counts from
+        this call. Closing the iterator early cancels the calls not started yet.
+        """
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1.")
+        if buffersize is not None and not isinstance(buffersize, int):
+            raise TypeError("buffersize must be an integer or None")
+        if buffersize is not None and buffersize < 1:
+            raise ValueError("buffersize must be None or > 0")
+        end_time = None if timeout is None else timeout + time.monotonic()
+        args: Iterator[tuple[Any, ...]] = zip(*iterables, strict=False)
+        units: Iterator[Any] = args if chunksize == 1 else _chunks(args, chunksize)
+        ref = weakref.ref(self)
+
+        def submit_next() -> Future[Any] | None:
+            executor, unit = ref(), next(units, None)
+            if executor is None or unit is None:
+                return None
+            if chunksize == 1:
+                return executor.submit(fn, *unit)
+            return executor._submit_chunk(fn, unit)
+
+        fs: deque[Future[Any]] = deque()
+        for _ in range(buffersize) if buffersize else itertools.count():
+            future = submit_next()
+            if future is None:
+                break
+            fs.append(future)
+        return _MapResults(fs, submit_next if buffersize else None, chunksize > 1, end_time)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._core.shutdown(wait, cancel_futures)
+
+    shutdown.__doc__ = Executor.shutdown.__doc__
+
+    def _submit_chunk(self, fn: Callable[..., Any], items: list[tuple[Any, ...]]) -> Future[Any]:
+        """One call on the wire for many map calls; its value is ``(values, exception_or_None)``."""
+        self._core.check_open()
+        try:
+            parts = encode_chunk(fn, items)
+        except SerializationError as exc:
+            return _failed(exc)
+        return self._core.enqueue(parts)
+
+
+class _MapResults(Iterator[T], Generic[T]):
+    """The iterator ``map`` returns: results in input order; close() (or garbage) cancels the rest.
+
+    A class rather than a generator so that dropping it unstarted still cancels what it submitted.
+    """
+
+    def __init__(
+        self,
+        fs: deque[Future[Any]],
+        submit_next: Callable[[], Future[Any] | None] | None,
+        chunked: bool,
+        end_time: float | None,
+    ) -> None:
+        self._fs = fs
+        self._submit_next = submit_next  # lazy input (buffersize): one new call per call consumed
+        self._chunked = chunked
+        self._end_time = end_time
+        self._values: deque[T] = deque()
+        self._error: BaseException | None = None
+
+    def __iter__(self) -> _MapResults[T]:
+        return self
+
+    def __next__(self) -> T:
+        while not self._values:
+            if self._error is not None:
+                error, self._error = self._error, None
+                self.close()
+                raise error
+            if not self._fs:
+                raise StopIteration
+            try:
+                outcome = _result_or_cancel(self._fs.popleft(), self._remaining())
+            except BaseException:
+                self.close()
+                raise
+            self._refill()  # after the wait, so at most ``buffersize`` calls are ever outstanding
+            if not self._chunked:
+                value: T = outcome
+                return value
+            values, self._error = outcome
+            self._values.extend(values)
+        return self._values.popleft()
+
+    def close(self) -> None:
+        """Stop: cancel every call of this map that has not started yet."""
+        self._submit_next = None
+        while self._fs:
+            self._fs.pop().cancel()
+
+    def __del__(self) -> None:
+        self.close()
+
+    def _refill(self) -> None:
+        if self._submit_next is None:
+            return
+        future = self._submit_next()
+        if future is None:
+            self._submit_next = None
+        else:
+            self._fs.append(future)
+
+    def _remaining(self) -> float | None:
+        return None if self._end_time is None else self._end_time - time.monotonic()
+
+
+def _result_or_cancel(future: Future[Any], timeout: float | None) -> Any:
+    try:
+        return future.result(timeout)
+    finally:
+        future.cancel()
+        del future  # break the reference cycle through the exception's traceback
+
+
+def _chunks(args: Iterator[tuple[Any, ...]], size: int) -> Iterator[list[tuple[Any, ...]]]:
+    while chunk := list(itertools.islice(args, size)):
+        yield chunk
+
+
+def _failed(exc: BaseException) -> Future[Any]:
+    future: Future[Any] = Future()
+    future.set_exception(exc)
+    return future
+
+
+def _fresh(error: BrokenRemoteExecutor) -> BrokenRemoteExecutor:
+    """A new instance to raise (raising one shared instance would grow its traceback on every raise)."""
+    try:
+        fresh = type(error)(*error.args)
+    except Exception:
+        return error
+    fresh.__cause__ = error.__cause__
+    return fresh
+
+
+def _resolve_key(key: bytes | str | None) -> bytes | None:
+    if key is None:
+        key = os.environ.get(KEY_ENV) or None
+    if isinstance(key, str):
+        return key.encode("utf-8")
+    if key is None or isinstance(key, bytes):
+        return key
+    raise TypeError(f"key must be bytes, str or None, not {type(key).__name__}")

@@ -1,0 +1,97 @@
+"""The in-process reference transport: worker threads and a queue, with real pickling.
+
+``RemoteExecutor(transport="memory")`` runs calls in ``max_workers`` (default 4) threads of this process.
+Every call and outcome crosses a copy of its serialized parts, so pickling errors, remote tracebacks and
+initializers behave as they do on the wire; only sockets and processes are missing. It is the smallest
+complete :class:`~remote_executor.transports.base.ClientTransport` and the one to read first.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Sequence
+
+from ..errors import InitializerFailed
+from ..serialization import Buffer, Parts, decode_outcome, run_initializer, run_task
+from .base import Call, ClientTransport, Listener, Options, Session, Status
+
+__all__ = ["MemoryTransport", "create"]
+
+DEFAULT_WORKERS = 4
+INITIALIZER_FAILED = "A worker initializer failed, the executor is not usable anymore"
+
+
+def create(url: str, embedded: bool, options: Options) -> MemoryTransport:
+    """The registry's factory for the ``memory`` scheme (``memory`` and ``memory://`` are the same)."""
+    return MemoryTransport(options.max_workers or DEFAULT_WORKERS, url=url)
+
+
+class MemoryTransport(ClientTransport):
+    """``workers`` threads that take calls from one queue and report each outcome to the listener."""
+
+    def __init__(self, workers: int = DEFAULT_WORKERS, *, url: str = "memory") -> None:
+        self.url = url
+        self.workers = workers
+        self._queue: queue.SimpleQueue[Call | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._stop = threading.Event()  # set on close and when an initializer failed
+        self._closed = False
+        self._close_lock = threading.Lock()
+
+    def start(self, session: Session, listener: Listener) -> None:
+        for index in range(self.workers):
+            name = f"remote_executor-memory-{index}"
+            thread = threading.Thread(target=self._work, args=(session, listener), name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        listener.on_capacity(self.workers)
+
+    def submit(self, calls: Sequence[Call]) -> None:
+        if self._stop.is_set():
+            return  # the executor already settled these futures; nobody is listening
+        for call in calls:
+            self._queue.put(call)
+
+    def close(self) -> None:
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._stop.set()
+        for _ in self._threads:
+            self._queue.put(None)
+        for thread in self._threads:
+            if thread is not threading.current_thread():  # close() from a result callback must not self-join
+                thread.join()
+
+    def _work(self, session: Session, listener: Listener) -> None:
+        initialized = False
+        while True:
+            call = self._queue.get()
+            if call is None or self._stop.is_set():
+                return
+            if not initialized:
+                if not self._initialize(session, listener):
+                    return
+                initialized = True
+            outcome = run_task(_copy(call.parts))
+            listener.on_result(call.task_id, Status.DONE, _copy(outcome))
+
+    def _initialize(self, session: Session, listener: Listener) -> bool:
+        if session.initializer is None:
+            return True
+        failure = run_initializer(_copy(session.initializer))
+        if failure is None:
+            return True
+        _, cause = decode_outcome(_copy(failure))
+        error = InitializerFailed(INITIALIZER_FAILED)
+        error.__cause__ = cause
+        self._stop.set()  # a broken executor runs nothing more, on any worker
+        listener.on_broken(error)
+        return False
+
+
+def _copy(parts: Sequence[Buffer]) -> Parts:
+    """What the other end of a wire would receive: fresh bytes, sharing no memory with the sender."""
+    return [bytes(part) for part in parts]
