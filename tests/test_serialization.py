@@ -1,0 +1,176 @@
+"""Unit tests for serialization.py: buffers, envelopes, remote exceptions and culprit naming."""
+
+from __future__ import annotations
+
+import pickle
+import threading
+
+import pytest
+
+from remote_executor import RemoteError, RemoteTraceback, SerializationError
+from remote_executor import serialization as s
+
+
+def divide(a: float, b: float) -> float:
+    return a / b
+
+
+def returns_lock() -> threading.Lock:
+    return threading.Lock()
+
+
+class CustomError(Exception):
+    def __init__(self, code: int, text: str) -> None:
+        super().__init__(code, text)
+        self.code = code
+
+
+class UnpicklableError(Exception):
+    def __init__(self) -> None:
+        super().__init__("cannot travel")
+        self.lock = threading.Lock()
+
+
+def raise_unpicklable() -> None:
+    raise UnpicklableError()
+
+
+def raise_custom() -> None:
+    raise CustomError(7, "seven")
+
+
+def test_dumps_sends_pickle_buffers_out_of_band_without_copying() -> None:
+    data = bytearray(b"x" * 10_000)
+    parts = s.dumps({"payload": pickle.PickleBuffer(data), "small": 1})
+    assert len(parts) == 2
+    assert len(parts[0]) < 1_000  # the large buffer is not in the stream
+    data[0] = ord("y")
+    assert bytes(parts[1])[:1] == b"y"  # the part is a view of the caller's memory, not a copy
+    restored = s.loads([bytes(p) for p in parts])
+    assert bytes(restored["payload"]) == bytes(data)
+    assert restored["small"] == 1
+
+
+def test_dumps_plain_objects_have_one_part() -> None:
+    parts = s.dumps([1, "two", b"three"])
+    assert len(parts) == 1
+    assert s.loads(parts) == [1, "two", b"three"]
+
+
+def test_call_envelope_runs_and_returns_value() -> None:
+    outcome = s.run_task(s.encode_call(divide, (1,), {"b": 4}))
+    assert s.loads_tag(outcome) == "ok"
+    assert s.decode_outcome(outcome) == (True, 0.25)
+
+
+def test_lambda_and_closure_travel_by_value() -> None:
+    offset = 10
+    outcome = s.run_task(s.encode_call(lambda x: x + offset, (5,), {}))
+    assert s.decode_outcome(outcome) == (True, 15)
+
+
+def test_raise_envelope_keeps_type_args_and_remote_traceback() -> None:
+    ok, exc = s.decode_outcome(s.run_task(s.encode_call(raise_custom, (), {})))
+    assert not ok
+    assert type(exc) is CustomError
+    assert exc.args == (7, "seven")
+    assert exc.code == 7
+    assert isinstance(exc.__cause__, RemoteTraceback)
+    assert "raise_custom" in exc.__cause__.tb
+    assert "CustomError" in str(exc.__cause__)
+
+
+def test_unpicklable_exception_arrives_as_remote_error() -> None:
+    ok, exc = s.decode_outcome(s.run_task(s.encode_call(raise_unpicklable, (), {})))
+    assert not ok
+    assert isinstance(exc, RemoteError)
+    assert exc.type_name == "UnpicklableError"
+    assert exc.message == "cannot travel"
+    assert "raise_unpicklable" in exc.traceback_text
+    assert isinstance(exc.__cause__, RemoteTraceback)
+    assert pickle.loads(pickle.dumps(exc)).type_name == "UnpicklableError"  # RemoteError itself travels
+
+
+def test_rebuild_exception_with_a_blob_that_is_not_an_exception() -> None:
+    exc = s.rebuild_exception((pickle.dumps(42), "Odd", "odd", "tb text"))
+    assert isinstance(exc, RemoteError)
+    assert exc.type_name == "Odd"
+
+
+def test_chunk_reports_values_before_the_error_at_index_k() -> None:
+    items = [(1, 1), (1, 2), (1, 0), (1, 4)]
+    ok, (values, error) = s.decode_outcome(s.run_task(s.encode_chunk(divide, items)))
+    assert ok
+    assert values == [1.0, 0.5]  # index 2 raised; index 3 never ran
+    assert isinstance(error, ZeroDivisionError)
+    assert "divide" in str(error.__cause__)
+
+
+def test_chunk_without_error() -> None:
+    ok, (values, error) = s.decode_outcome(s.run_task(s.encode_chunk(divide, [(4, 2), (9, 3)])))
+    assert (ok, values, error) == (True, [2.0, 3.0], None)
+
+
+def test_chunk_culprit_names_the_argument() -> None:
+    with pytest.raises(SerializationError, match=r"argument 1 \(lock\)"):
+        s.encode_chunk(divide, [(1, 2), (3, threading.Lock())])
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "culprit"),
+    [
+        ((1, threading.Lock()), {}, r"argument 1 \(lock\)"),
+        ((1,), {"b": threading.Lock()}, r"keyword argument 'b' \(lock\)"),
+    ],
+)
+def test_encode_call_names_the_culprit(
+    args: tuple[object, ...], kwargs: dict[str, object], culprit: str
+) -> None:
+    with pytest.raises(SerializationError, match=culprit) as info:
+        s.encode_call(divide, args, kwargs)
+    assert "divide" in str(info.value)
+    assert isinstance(info.value.__cause__, TypeError)
+    assert isinstance(info.value, pickle.PicklingError)  # code catching pickle errors still works
+
+
+def test_encode_call_names_an_unpicklable_callable() -> None:
+    lock = threading.Lock()
+    with pytest.raises(SerializationError, match="the callable"):
+        s.encode_call(lambda: lock, (), {})
+
+
+def test_unpicklable_result_is_an_error_outcome_naming_the_result() -> None:
+    ok, exc = s.decode_outcome(s.run_task(s.encode_call(returns_lock, (), {})))
+    assert not ok
+    assert isinstance(exc, SerializationError)
+    assert "the result (lock)" in str(exc)
+    assert "returns_lock" in str(exc)
+
+
+def test_garbage_outcome_decodes_to_serialization_error() -> None:
+    ok, exc = s.decode_outcome([b"not a pickle"])
+    assert not ok
+    assert isinstance(exc, SerializationError)
+    assert "cannot unpickle the result" in str(exc)
+
+
+def test_garbage_call_is_reported_not_raised_by_the_worker() -> None:
+    ok, exc = s.decode_outcome(s.run_task([b"not a pickle"]))
+    assert not ok
+    assert isinstance(exc, SerializationError)
+    assert "on the worker" in str(exc)
+
+
+def test_run_initializer_none_on_success_outcome_on_failure() -> None:
+    assert s.run_initializer(s.encode_initializer(divide, (1, 1))) is None
+    failure = s.run_initializer(s.encode_initializer(divide, (1, 0)))
+    assert failure is not None
+    ok, exc = s.decode_outcome(failure)
+    assert not ok
+    assert isinstance(exc, ZeroDivisionError)
+
+
+def test_describe() -> None:
+    assert s.describe(divide) == "divide"
+    assert s.describe(CustomError) == "CustomError"
+    assert s.describe(42) == "42"
