@@ -104,9 +104,10 @@ class _Core:
         self.closed = threading.Event()
         self.pending: deque[_WorkItem] = deque()
         self.in_flight: dict[int, _WorkItem] = {}
+        self.unclaimed: set[Future[Any]] = set()  # futures of "pending" nobody has moved out of PENDING
         self.task_ids = itertools.count(1)
         self.capacity = 0
-        self.outstanding = 0  # accepted calls whose future is not settled yet
+        self.outstanding = 0  # accepted calls whose future is neither settled nor cancelled
         self.waiters = 0  # threads blocked in shutdown(wait=True) or the exit hook
         self.dispatching = False
         self.shutdown_requested = False
@@ -126,9 +127,11 @@ class _Core:
 
     def enqueue(self, parts: Parts) -> Future[Any]:
         future: Future[Any] = Future()
+        future.add_done_callback(self._on_done)
         with self.lock, _global_shutdown_lock:
             self.check_open()
             self.pending.append(_WorkItem(future, parts))
+            self.unclaimed.add(future)
             self.outstanding += 1
         self.dispatch()
         return future
@@ -163,13 +166,32 @@ class _Core:
             if len(calls) >= free and not head.future.cancelled():
                 break
             self.pending.popleft()
-            if not head.future.set_running_or_notify_cancel():
-                dropped += 1
+            claimed = self._claim(head.future)
+            if claimed is not True:
+                dropped += claimed is False
                 continue
             task_id = next(self.task_ids)
             self.in_flight[task_id] = head
             calls.append(Call(task_id, head.parts))
         return calls, dropped
+
+    def _claim(self, future: Future[Any]) -> bool | None:
+        """Move a pending future out of PENDING, exactly once (lock held): True if it is RUNNING now,
+        False if it was cancelled (its waiters are notified now), None if that happened before."""
+        if future not in self.unclaimed:
+            return None
+        self.unclaimed.discard(future)
+        return future.set_running_or_notify_cancel()
+
+    def _on_done(self, future: Future[Any]) -> None:
+        """Done-callback of every future: a call cancelled while pending is notified at once, so
+        ``wait()`` and ``as_completed()`` return without waiting for the dispatcher to reach it."""
+        if not future.cancelled():
+            return
+        with self.lock:
+            claimed = self._claim(future)
+        if claimed is False:
+            self._settled(1)
 
     def _window(self) -> int:
         if self.capacity <= 0:
@@ -220,18 +242,19 @@ class _Core:
             if self.broken is not None:
                 return
             self.broken = error
-            items = [*self.pending, *self.in_flight.values()]
+            claims = [(item, self._claim(item.future)) for item in self.pending]
+            failed = [item for item, claimed in claims if claimed] + list(self.in_flight.values())
+            dropped = sum(claimed is False for _, claimed in claims)
             self.pending.clear()
             self.in_flight.clear()
         logger.error("RemoteExecutor is broken: %s", error, exc_info=error)
         _in_listener.active = True
         try:
-            for item in items:
-                if item.future.set_running_or_notify_cancel() or item.future.running():
-                    item.future.set_exception(error)
+            for item in failed:
+                item.future.set_exception(error)
         finally:
             _in_listener.active = False
-        self._settled(len(items))
+        self._settled(len(failed) + dropped)
 
     # --- shutdown ------------------------------------------------------------------------------------
 
@@ -242,12 +265,14 @@ class _Core:
             if cancel_futures:
                 self.pending.clear()
         for item in cancelled:
-            item.future.cancel()
-            item.future.set_running_or_notify_cancel()  # wakes wait()/as_completed() on it
-        self._settled(len(cancelled))
-        if wait:
-            if getattr(_in_listener, "active", False):
-                raise RuntimeError("cannot wait for a RemoteExecutor from its own result callback")
+            item.future.cancel()  # _on_done notifies its waiters and counts it settled
+        if not wait:
+            self._settled(0)  # closes now (in the background) if nothing is outstanding
+        elif getattr(_in_listener, "active", False):
+            # Its own call is still outstanding: waiting would deadlock (ThreadPoolExecutor raises too).
+            # The transport is closed once the last call settled, as after shutdown(wait=False).
+            raise RuntimeError("cannot wait for a RemoteExecutor from its own result callback")
+        else:
             self.drain_and_close()
 
     def drain_and_close(self) -> None:
