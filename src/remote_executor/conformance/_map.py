@@ -1,0 +1,140 @@
+"""``Executor.map``: order, deadline, errors in place, early close, ``chunksize`` and ``buffersize``."""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from concurrent.futures import Executor
+from typing import Any
+
+import pytest
+
+from . import tasks
+from ._base import TIMEOUT, ConformanceBase, ExecutorFactory
+from .gate import Gate
+
+__all__ = ["MapTests"]
+
+
+def _map(executor: Executor, *args: Any, **kwargs: Any) -> Iterator[Any]:
+    # ``buffersize`` is newer than the stdlib stubs of Python < 3.14: call through Any.
+    method: Any = executor.map
+    return method(*args, **kwargs)  # type: ignore[no-any-return]
+
+
+class MapTests(ConformanceBase):
+    def test_map_yields_results_in_input_order(self, executor: Executor, gate: Gate) -> None:
+        results = executor.map(functools.partial(tasks.wait_at_gate, gate.address), ["slow", "fast"], [1, 2])
+        gate.release("fast")
+        gate.wait_started(2)
+        gate.release("slow")
+        assert list(results) == [1, 2]
+        assert list(executor.map(tasks.square, range(20))) == [i * i for i in range(20)]
+
+    def test_map_zips_iterables_to_the_shortest(self, executor: Executor) -> None:
+        assert list(executor.map(tasks.add, [1, 2, 3], (10, 20))) == [11, 22]
+        assert list(executor.map(tasks.square, [])) == []
+
+    def test_map_lambda(self, executor: Executor) -> None:
+        offset = 100
+        assert list(executor.map(lambda x: x + offset, range(5))) == [100, 101, 102, 103, 104]
+
+    def test_map_raises_when_the_failing_element_is_reached(self, executor: Executor) -> None:
+        results = executor.map(tasks.raise_if_negative, [1, 2, -3, 4])
+        assert next(results) == 1
+        assert next(results) == 2
+        with pytest.raises(ValueError, match=r"^-3$") as caught:
+            next(results)
+        assert caught.value.args == (-3,)
+
+    def test_map_timeout_counts_from_the_call(self, executor: Executor, gate: Gate) -> None:
+        started = time.monotonic()
+        results = executor.map(functools.partial(tasks.wait_at_gate, gate.address), ["held"], timeout=1.0)
+        gate.wait_started(1)
+        time.sleep(max(0.0, started + 1.0 - time.monotonic()))  # let the whole timeout pass, not synchronise
+        before_next = time.monotonic()
+        with pytest.raises(futures.TimeoutError):
+            next(results)
+        assert time.monotonic() - before_next < 0.5, "map's timeout restarted at next() instead of the call"
+
+    def test_map_timeout_after_earlier_results(self, executor: Executor, gate: Gate) -> None:
+        gate.release("quick")
+        results = executor.map(
+            functools.partial(tasks.wait_at_gate, gate.address), ["quick", "held"], ["q", "h"], timeout=2.0
+        )
+        assert next(results) == "q"
+        with pytest.raises(futures.TimeoutError):
+            next(results)
+
+    def test_map_close_cancels_calls_not_yet_started(self, new_executor: ExecutorFactory, gate: Gate) -> None:
+        executor = new_executor(max_workers=2)
+        gate.release("quick")
+        tokens = ["quick", "held-1", "held-2", "rest-3", "rest-4", "rest-5"]
+        results = executor.map(functools.partial(tasks.wait_at_gate, gate.address), tokens, tokens)
+        assert next(results) == "quick"
+        gate.wait_started(3)  # both workers now hold a call; the rest waits
+        results.close()  # type: ignore[attr-defined]
+        gate.release()
+        executor.shutdown(wait=True)
+        assert sorted(gate.started) == ["held-1", "held-2", "quick"]
+
+    @pytest.mark.parametrize("chunksize", [1, 2, 7, 100])
+    def test_map_chunksize_gives_the_same_results(self, executor: Executor, chunksize: int) -> None:
+        expected = [i * i for i in range(25)]
+        assert list(executor.map(tasks.square, range(25), chunksize=chunksize)) == expected
+        assert list(executor.map(tasks.add, range(5), range(10, 13), chunksize=chunksize)) == [10, 12, 14]
+        results = executor.map(tasks.raise_if_negative, [1, 2, -3, 4, 5], chunksize=chunksize)
+        assert next(results) == 1
+        assert next(results) == 2
+        with pytest.raises(ValueError, match=r"^-3$"):
+            next(results)
+
+    @pytest.mark.parametrize("chunksize", [0, -1])
+    def test_map_chunksize_below_one(self, executor: Executor, chunksize: int) -> None:
+        if self.remote:
+            with pytest.raises(ValueError):  # noqa: PT011 - the message is the candidate's own
+                executor.map(tasks.square, [1, 2], chunksize=chunksize)
+        else:  # ThreadPoolExecutor ignores chunksize (documented difference: see docs/conformance.md)
+            assert list(executor.map(tasks.square, [1, 2], chunksize=chunksize)) == [1, 4]
+
+    def test_map_buffersize_bounds_how_far_input_is_consumed(self, executor: Executor) -> None:
+        pulled: list[int] = []
+
+        def source() -> Iterator[int]:
+            for i in range(10):
+                pulled.append(i)
+                yield i
+
+        results = _map(executor, tasks.square, source(), buffersize=2)
+        assert 1 <= len(pulled) <= 2
+        assert next(results) == 0
+        assert len(pulled) <= 3
+        assert list(results) == [i * i for i in range(1, 10)]
+        assert pulled == list(range(10))
+
+    def test_map_buffersize_with_chunksize_and_timeout(self, executor: Executor) -> None:
+        results = _map(executor, tasks.add, range(30), range(30), buffersize=4, chunksize=3, timeout=TIMEOUT)
+        assert list(results) == [2 * i for i in range(30)]
+
+    def test_map_buffersize_close_cancels_the_rest(self, new_executor: ExecutorFactory, gate: Gate) -> None:
+        executor = new_executor(max_workers=2)
+        gate.release("quick")
+        tokens = ["quick", "held-1", "held-2", "rest-3", "rest-4"]
+        results = _map(executor, functools.partial(tasks.wait_at_gate, gate.address), tokens, buffersize=4)
+        assert next(results) is None
+        gate.wait_started(3)
+        results.close()  # type: ignore[attr-defined]
+        gate.release()
+        executor.shutdown(wait=True)
+        assert sorted(gate.started) == ["held-1", "held-2", "quick"]
+
+    @pytest.mark.parametrize(
+        ("buffersize", "error"), [(0, ValueError), (-1, ValueError), (1.5, TypeError), ("2", TypeError)]
+    )
+    def test_map_buffersize_invalid(
+        self, executor: Executor, buffersize: object, error: type[Exception]
+    ) -> None:
+        with pytest.raises(error):
+            _map(executor, tasks.square, [1, 2], buffersize=buffersize)
