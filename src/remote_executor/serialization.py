@@ -115,14 +115,14 @@ def run_task(parts: Sequence[Buffer]) -> Parts:
         envelope = loads(parts)
     except BaseException as exc:
         wrapped = SerializationError(f"cannot unpickle the call on the worker: {type(exc).__name__}: {exc}")
-        return _encode_raise(wrapped, exc)
+        return error_outcome(wrapped, exc)
     if envelope[0] == "chunk":
         return _run_chunk(envelope[1], envelope[2])
     fn, args, kwargs = envelope[1], envelope[2], envelope[3]
     try:
         value = fn(*args, **kwargs)
     except BaseException as exc:
-        return _encode_raise(exc)
+        return error_outcome(exc)
     return _encode_value(fn, value)
 
 
@@ -160,7 +160,7 @@ def _run_chunk(fn: Callable[..., Any], items: Iterable[tuple[Any, ...]]) -> Part
     try:
         return dumps(("chunk", values, error))
     except Exception as exc:
-        return _encode_raise(SerializationError(_message("pickle", "a result", fn, exc)), exc)
+        return error_outcome(SerializationError(_message("pickle", "a result", fn, exc)), exc)
 
 
 def _encode_value(fn: Callable[..., Any], value: Any) -> Parts:
@@ -168,10 +168,11 @@ def _encode_value(fn: Callable[..., Any], value: Any) -> Parts:
         return dumps(("ok", value))
     except Exception as exc:
         culprit = f"the result ({type(value).__name__})"
-        return _encode_raise(SerializationError(_message("pickle", culprit, fn, exc)), exc)
+        return error_outcome(SerializationError(_message("pickle", culprit, fn, exc)), exc)
 
 
-def _encode_raise(exc: BaseException, traceback_from: BaseException | None = None) -> Parts:
+def error_outcome(exc: BaseException, traceback_from: BaseException | None = None) -> Parts:
+    """The serialized outcome of a call that raised ``exc``."""
     return [pickle.dumps(("raise", encode_error(exc, traceback_from)), protocol=PROTOCOL)]
 
 

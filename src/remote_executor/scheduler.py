@@ -1,0 +1,396 @@
+"""The job server's brain, sans I/O: shared by the tcp and zmq servers and tested on its own.
+
+The I/O layer assigns each connection an integer id and feeds events in; the scheduler answers with
+actions (send a frame to a connection, close a connection) collected by :meth:`Scheduler.take_actions`.
+It never reads a clock, a socket or a pickle: time comes in as ``now``, payloads stay opaque bytes.
+
+Who is who::
+
+    client  -- SUBMIT -->  queue (one deque per client, served round-robin)  -- TASK -->  worker
+    client  <-- RESULT --  task table (server task id -> client, client task id)  <-- RESULT --  worker
+
+Worker loss (disconnect, or silence past ``heartbeat_timeout``) requeues the calls it ran at the head of
+their client's queue until they have been lost ``max_retries + 1`` times; then the client gets a
+WORKER_LOST result naming every worker lost. Initializers are sent (INIT) before the first task of an
+executor on each worker; an INIT_FAILED is forwarded (BROKEN) to the executor's clients.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from .errors import ProtocolError, VersionMismatchError
+from .protocol import Frame, Kind, Status, check_versions, parse_json
+from .serialization import Parts
+from .transports.base import worker_lost_parts
+
+log = logging.getLogger("remote_executor.server")
+
+ConnId = int
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    conn: ConnId
+    frame: Frame
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    conn: ConnId
+    reason: str
+
+
+Action = Union[Send, Close]
+
+
+@dataclass(slots=True)
+class Task:
+    tid: int
+    client: ConnId
+    client_tid: int
+    executor_id: int
+    parts: Parts
+    attempts: int = 0
+    lost_on: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Peer:
+    conn: ConnId
+    last_recv: float
+    last_send: float
+    local: bool = False  # an in-process client: no heartbeats either way
+    role: str = ""  # "" until HELLO, then client / worker / admin
+    name: str = ""
+
+
+@dataclass(slots=True)
+class ClientState:
+    executor_id: int
+    max_retries: int
+    queue: deque[Task] = field(default_factory=deque)
+    tasks: dict[int, Task] = field(default_factory=dict)  # server tid -> task, queued or running
+
+
+@dataclass(slots=True)
+class WorkerState:
+    slots: int
+    running: dict[int, Task] = field(default_factory=dict)
+    initialized: set[int] = field(default_factory=set)
+    draining: bool = False
+
+    def free(self) -> int:
+        return 0 if self.draining else self.slots - len(self.running)
+
+
+class Scheduler:
+    """Queues, assignment, fairness, heartbeats and requeue-on-loss for one job server."""
+
+    def __init__(
+        self,
+        *,
+        name: str = "job server",
+        heartbeat_interval: float = 1.0,
+        heartbeat_timeout: float = 10.0,
+        token: bytes | None = None,
+    ) -> None:
+        self.name = name
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_timeout = heartbeat_timeout
+        self._token = token
+        self._peers: dict[ConnId, Peer] = {}
+        self._clients: dict[ConnId, ClientState] = {}
+        self._workers: dict[ConnId, WorkerState] = {}
+        self._initializers: dict[int, Parts] = {}  # executor id -> initializer parts
+        self._ready: deque[ConnId] = deque()  # clients with queued tasks, in round-robin order
+        self._next_tid = 1
+        self._capacity = 0
+        self._actions: list[Action] = []
+        self._now = 0.0
+
+    # --- events in -------------------------------------------------------------------------------
+
+    def connected(self, conn: ConnId, now: float, *, local: bool = False) -> None:
+        self._now = now
+        self._peers[conn] = Peer(conn, now, now, local)
+
+    def received(self, conn: ConnId, frame: Frame, now: float) -> None:
+        """Handle one authenticated frame; a peer that breaks the protocol is closed."""
+        self._now = now
+        peer = self._peers.get(conn)
+        if peer is None:
+            return
+        peer.last_recv = now
+        try:
+            self._dispatch_frame(peer, frame)
+        except (ProtocolError, VersionMismatchError, KeyError, ValueError) as exc:
+            self._reject(peer, f"{type(exc).__name__}: {exc}")
+
+    def disconnected(self, conn: ConnId, now: float) -> None:
+        self._now = now
+        peer = self._peers.pop(conn, None)
+        if peer is None:
+            return
+        if conn in self._workers:
+            self._lose_worker(peer, "connection closed")
+        elif conn in self._clients:
+            self._drop_client(conn)
+        self._assign()
+
+    def tick(self, now: float) -> float:
+        """Check heartbeats; returns when the next check is due."""
+        self._now = now
+        for peer in list(self._peers.values()):
+            if peer.local or not peer.role:
+                continue
+            if now - peer.last_recv > self.heartbeat_timeout:
+                self._silent(peer, now)
+            elif now - peer.last_send >= self.heartbeat_interval:
+                self._send(peer.conn, Frame(Kind.HEARTBEAT))
+        return now + min(self.heartbeat_interval, self.heartbeat_timeout) / 2
+
+    def take_actions(self) -> list[Action]:
+        actions, self._actions = self._actions, []
+        return actions
+
+    # --- views -----------------------------------------------------------------------------------
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    def status(self) -> dict[str, Any]:
+        """What ``remote-executor status`` shows."""
+        workers = [
+            {"name": self._peers[c].name, "slots": w.slots, "running": len(w.running), "draining": w.draining}
+            for c, w in self._workers.items()
+        ]
+        clients = [
+            {"name": self._peers[c].name, "queued": len(s.queue), "running": len(s.tasks) - len(s.queue)}
+            for c, s in self._clients.items()
+        ]
+        return {"server": self.name, "capacity": self._capacity, "workers": workers, "clients": clients}
+
+    # --- frames ----------------------------------------------------------------------------------
+
+    def _dispatch_frame(self, peer: Peer, frame: Frame) -> None:
+        if not peer.role:
+            if frame.kind != Kind.HELLO:
+                raise ProtocolError(f"expected HELLO first, got {frame.kind.name}")
+            self._hello(peer, frame)
+            return
+        handler = _HANDLERS.get((peer.role, frame.kind))
+        if handler is None:
+            raise ProtocolError(f"a {peer.role} may not send {frame.kind.name}")
+        handler(self, peer, frame)
+
+    def _hello(self, peer: Peer, frame: Frame) -> None:
+        info = parse_json(frame)
+        role = info.get("role")
+        if role not in ("client", "worker", "admin"):
+            raise ProtocolError(f"unknown role {role!r}")
+        self._check_token(info)
+        peer.name = f"{info.get('name', '?')}#{peer.conn}"
+        if role != "admin":
+            check_versions(info, f"{role} {peer.name}", self.name)
+        peer.role = str(role)
+        welcome = {"server": self.name, "heartbeat_interval": self.heartbeat_interval,
+                   "heartbeat_timeout": self.heartbeat_timeout}
+        self._send_json(peer.conn, Kind.WELCOME, welcome)
+        if role == "client":
+            self._add_client(peer, info, frame.parts[1:])
+        elif role == "worker":
+            self._add_worker(peer, info)
+
+    def _check_token(self, info: dict[str, Any]) -> None:
+        if self._token is None:
+            return
+        offered = str(info.get("token", "")).encode()
+        if not hmac.compare_digest(offered, self._token):
+            raise ProtocolError("missing or wrong cluster token")
+
+    def _add_client(self, peer: Peer, info: dict[str, Any], init_parts: Parts) -> None:
+        executor_id = int(info["executor_id"])
+        max_retries = int(info.get("max_retries", 0))
+        if executor_id < 0 or max_retries < 0:
+            raise ValueError("executor_id and max_retries must be >= 0")
+        self._clients[peer.conn] = ClientState(executor_id, max_retries)
+        if init_parts:
+            self._initializers[executor_id] = list(init_parts)
+        self._send(peer.conn, Frame(Kind.CAPACITY, a=self._capacity))
+
+    def _add_worker(self, peer: Peer, info: dict[str, Any]) -> None:
+        slots = int(info.get("slots", 1))
+        if not 0 < slots < 1 << 16:
+            raise ValueError(f"a worker must offer 1..65535 slots, not {slots}")
+        self._workers[peer.conn] = WorkerState(slots)
+        log.info("worker %s attached with %d slot(s)", peer.name, slots)
+        self._capacity_changed()
+        self._assign()
+
+    def _on_submit(self, peer: Peer, frame: Frame) -> None:
+        state = self._clients[peer.conn]
+        task = Task(self._next_tid, peer.conn, frame.a, state.executor_id, frame.parts)
+        self._next_tid += 1
+        state.tasks[task.tid] = task
+        if not state.queue:
+            self._ready.append(peer.conn)
+        state.queue.append(task)
+        self._assign()
+
+    def _on_result(self, peer: Peer, frame: Frame) -> None:
+        worker = self._workers[peer.conn]
+        task = worker.running.pop(frame.a, None)
+        if task is None:
+            return  # a task of a client that has gone
+        client = self._clients.get(task.client)
+        if client is not None:
+            del client.tasks[task.tid]
+            self._send(task.client, Frame(Kind.RESULT, a=task.client_tid, b=Status.DONE, parts=frame.parts))
+        if worker.draining and not worker.running:
+            log.info("worker %s drained", peer.name)
+        self._assign()
+
+    def _on_init_failed(self, peer: Peer, frame: Frame) -> None:
+        executor_id = frame.a
+        log.error("initializer of executor %x failed on worker %s", executor_id, peer.name)
+        for conn, state in list(self._clients.items()):
+            if state.executor_id == executor_id:
+                self._send(conn, Frame(Kind.BROKEN, a=executor_id, parts=frame.parts))
+                self._clear_queue(conn, state)
+
+    def _on_drain(self, peer: Peer, frame: Frame) -> None:
+        self._workers[peer.conn].draining = True
+        log.info("worker %s is draining", peer.name)
+        self._send(peer.conn, Frame(Kind.DRAIN))  # after this, no TASK can be on its way to the worker
+        self._capacity_changed()
+
+    def _on_status(self, peer: Peer, frame: Frame) -> None:
+        self._send_json(peer.conn, Kind.STATUS, self.status())
+
+    def _on_heartbeat(self, peer: Peer, frame: Frame) -> None:
+        """Receiving any frame already refreshed ``last_recv``."""
+
+    # --- assignment --------------------------------------------------------------------------------
+
+    def _assign(self) -> None:
+        """Hand queued tasks to free worker slots, one client at a time in round-robin order."""
+        if not self._ready:
+            return
+        for conn, worker in self._workers.items():
+            while worker.free() > 0 and self._ready:
+                self._start(conn, worker, self._next_task())
+
+    def _next_task(self) -> Task:
+        conn = self._ready.popleft()
+        state = self._clients[conn]
+        task = state.queue.popleft()
+        if state.queue:
+            self._ready.append(conn)
+        return task
+
+    def _start(self, conn: ConnId, worker: WorkerState, task: Task) -> None:
+        if task.executor_id not in worker.initialized:
+            worker.initialized.add(task.executor_id)
+            init = self._initializers.get(task.executor_id)
+            if init is not None:
+                self._send(conn, Frame(Kind.INIT, a=task.executor_id, parts=init))
+        worker.running[task.tid] = task
+        self._send(conn, Frame(Kind.TASK, a=task.tid, b=task.executor_id, parts=task.parts))
+
+    # --- loss --------------------------------------------------------------------------------------
+
+    def _silent(self, peer: Peer, now: float) -> None:
+        reason = f"no heartbeat for {now - peer.last_recv:.1f}s"
+        log.warning("%s %s: %s, closing", peer.role, peer.name, reason)
+        self._actions.append(Close(peer.conn, reason))
+        del self._peers[peer.conn]
+        if peer.conn in self._workers:
+            self._lose_worker(peer, reason)
+        elif peer.conn in self._clients:
+            self._drop_client(peer.conn)
+        self._assign()
+
+    def _lose_worker(self, peer: Peer, reason: str) -> None:
+        worker = self._workers.pop(peer.conn)
+        if worker.running:
+            log.warning("worker %s lost with %d call(s) running: %s", peer.name, len(worker.running), reason)
+        for task in worker.running.values():
+            self._requeue_or_fail(task, peer.name)
+        self._capacity_changed()
+
+    def _requeue_or_fail(self, task: Task, worker_name: str) -> None:
+        client = self._clients.get(task.client)
+        if client is None:
+            return
+        task.attempts += 1
+        task.lost_on.append(worker_name)
+        if task.attempts <= client.max_retries:
+            if not client.queue:
+                self._ready.append(task.client)
+            client.queue.appendleft(task)
+            return
+        del client.tasks[task.tid]
+        parts = worker_lost_parts(task.lost_on, task.attempts)
+        self._send(task.client, Frame(Kind.RESULT, a=task.client_tid, b=Status.WORKER_LOST, parts=parts))
+
+    def _drop_client(self, conn: ConnId) -> None:
+        state = self._clients.pop(conn)
+        self._clear_queue(conn, state)
+        if not any(s.executor_id == state.executor_id for s in self._clients.values()):
+            self._initializers.pop(state.executor_id, None)
+
+    def _clear_queue(self, conn: ConnId, state: ClientState) -> None:
+        for task in state.queue:
+            state.tasks.pop(task.tid, None)
+        state.queue.clear()
+        if conn in self._ready:
+            self._ready.remove(conn)
+
+    def _reject(self, peer: Peer, reason: str) -> None:
+        log.warning("rejecting %s: %s", peer.name or f"connection #{peer.conn}", reason)
+        self._send(peer.conn, Frame(Kind.REJECT, parts=[reason.encode()]))
+        self._actions.append(Close(peer.conn, reason))
+        self.disconnected(peer.conn, peer.last_recv)
+
+    # --- output --------------------------------------------------------------------------------------
+
+    def _capacity_changed(self) -> None:
+        capacity = sum(0 if w.draining else w.slots for w in self._workers.values())
+        if capacity == self._capacity:
+            return
+        self._capacity = capacity
+        for conn in self._clients:
+            self._send(conn, Frame(Kind.CAPACITY, a=capacity))
+
+    def _send(self, conn: ConnId, frame: Frame) -> None:
+        peer = self._peers.get(conn)
+        if peer is not None:
+            peer.last_send = self._now
+        self._actions.append(Send(conn, frame))
+
+    def _send_json(self, conn: ConnId, kind: Kind, body: dict[str, Any]) -> None:
+        self._send(conn, Frame(kind, parts=[json.dumps(body).encode()]))
+
+    def running_tasks(self) -> Iterator[Task]:
+        for worker in self._workers.values():
+            yield from worker.running.values()
+
+
+_HANDLERS = {
+    ("client", Kind.SUBMIT): Scheduler._on_submit,
+    ("client", Kind.HEARTBEAT): Scheduler._on_heartbeat,
+    ("worker", Kind.RESULT): Scheduler._on_result,
+    ("worker", Kind.INIT_FAILED): Scheduler._on_init_failed,
+    ("worker", Kind.DRAIN): Scheduler._on_drain,
+    ("worker", Kind.HEARTBEAT): Scheduler._on_heartbeat,
+    ("admin", Kind.STATUS): Scheduler._on_status,
+    ("admin", Kind.HEARTBEAT): Scheduler._on_heartbeat,
+}

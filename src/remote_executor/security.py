@@ -1,0 +1,69 @@
+"""Where keys come from, and which addresses a server may listen on without one."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import secrets
+import socket
+from pathlib import Path
+
+from .errors import TransportError
+
+KEY_ENV = "REMOTE_EXECUTOR_KEY"
+TOKEN_ENV = "REMOTE_EXECUTOR_TOKEN"
+KEY_HEX_ENV = "REMOTE_EXECUTOR_KEY_HEX"  # how a parent hands an arbitrary-bytes key to its workers
+
+
+def resolve_key(key: bytes | str | None = None, key_file: str | os.PathLike[str] | None = None) -> bytes | None:
+    """The shared HMAC key: the argument, else the key file, else ``$REMOTE_EXECUTOR_KEY``, else None."""
+    if key is not None:
+        raw = key.encode() if isinstance(key, str) else bytes(key)
+    elif key_file is not None:
+        raw = Path(key_file).read_bytes().strip()
+    else:
+        env = os.environ.get(KEY_ENV)
+        raw = env.encode() if env else b""
+    if key is not None and len(raw) == 0:
+        raise ValueError("an empty key is no key: pass None to run without one")
+    return raw or None
+
+
+def new_token() -> bytes:
+    """A per-cluster secret that embedded workers present when they connect."""
+    return secrets.token_hex(16).encode()
+
+
+def is_loopback(host: str) -> bool:
+    """True if every address ``host`` resolves to is a loopback address."""
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    return all(ipaddress.ip_address(str(info[4][0]).split("%")[0]).is_loopback for info in infos)
+
+
+def check_bind(host: str, key: bytes | None, insecure: bool) -> None:
+    """Pickle is code execution: without a key, listen on loopback only unless told ``--insecure``."""
+    if key is None and not insecure and not is_loopback(host):
+        raise TransportError(
+            f"refusing to listen on {host!r} without a key: anyone who can connect could run code as this "
+            f"user. Set a key (--key-file or ${KEY_ENV}) or pass --insecure on a trusted network."
+        )
+
+
+def key_to_env(key: bytes | None) -> dict[str, str]:
+    """Environment that makes :func:`key_from_env` return ``key`` in a child process."""
+    return {} if key is None else {KEY_HEX_ENV: key.hex()}
+
+
+def key_from_env() -> bytes | None:
+    """The key a parent handed down, else ``$REMOTE_EXECUTOR_KEY``."""
+    hexed = os.environ.get(KEY_HEX_ENV)
+    return bytes.fromhex(hexed) if hexed else resolve_key()

@@ -1,0 +1,146 @@
+"""What every job server loop shares, whatever its sockets: the scheduler, in-process clients, actions.
+
+A concrete server (tcp, zmq) owns the sockets and the loop; it feeds frames to :attr:`ServerCore.scheduler`
+and calls :meth:`ServerCore.pump` after each batch of events, which applies the scheduler's actions through
+the two hooks it implements (``_transmit``, ``_drop``) and delivers frames for in-process clients.
+
+An in-process client (the embedded cluster's executor) is a :class:`LocalLink`: its frames skip the
+network, and frames for it are handed to its callback on the loop thread.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+
+from .protocol import Frame
+from .scheduler import Close, ConnId, Scheduler, Send
+
+log = logging.getLogger("remote_executor.server")
+
+LOCAL_CONN_BASE = 1 << 40  # local links get ids that never collide with socket connections
+
+
+class LocalLink:
+    """An in-process client's connection to a server loop."""
+
+    def __init__(self, server: ServerCore, conn: ConnId, deliver: Callable[[Frame], None]) -> None:
+        self._server = server
+        self.conn = conn
+        self.deliver = deliver
+        self.closed = False
+
+    def send(self, frames: Iterable[Frame]) -> None:
+        """Thread-safe; never blocks on I/O."""
+        self._server.inject(self.conn, frames)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._server.inject_close(self.conn)
+
+
+class ServerCore(abc.ABC):
+    """Scheduler + in-process clients + action plumbing; subclasses add sockets and a loop."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
+        self._links: dict[ConnId, LocalLink] = {}
+        self._inbox: deque[tuple[ConnId, Frame | str]] = deque()  # a frame, or "connect" / "close"
+        self._inbox_lock = threading.Lock()
+        self._next_local = LOCAL_CONN_BASE
+        self.loop_thread: threading.Thread | None = None
+
+    # --- hooks for the concrete server ----------------------------------------------------------------
+
+    @abc.abstractmethod
+    def _transmit(self, conn: ConnId, frame: Frame) -> None:
+        """Queue a frame for a socket connection."""
+
+    @abc.abstractmethod
+    def _drop(self, conn: ConnId, reason: str) -> None:
+        """Close a socket connection the scheduler gave up on (without telling the scheduler again)."""
+
+    @abc.abstractmethod
+    def wake(self) -> None:
+        """Make the loop run :meth:`pump` soon (called from other threads)."""
+
+    # --- in-process clients ----------------------------------------------------------------------------
+
+    def attach_local(self, deliver: Callable[[Frame], None]) -> LocalLink:
+        with self._inbox_lock:
+            conn = self._next_local
+            self._next_local += 1
+            link = LocalLink(self, conn, deliver)
+            self._links[conn] = link
+        self.inject_connect(conn)
+        return link
+
+    def inject_connect(self, conn: ConnId) -> None:
+        with self._inbox_lock:
+            self._inbox.append((conn, "connect"))
+        self._poke()
+
+    def inject(self, conn: ConnId, frames: Iterable[Frame]) -> None:
+        with self._inbox_lock:
+            self._inbox.extend((conn, f) for f in frames)
+        self._poke()
+
+    def inject_close(self, conn: ConnId) -> None:
+        with self._inbox_lock:
+            self._inbox.append((conn, "close"))
+        self._poke()
+
+    def _poke(self) -> None:
+        if threading.current_thread() is not self.loop_thread:
+            self.wake()
+
+    # --- the loop's side ---------------------------------------------------------------------------------
+
+    def pump(self) -> None:
+        """Apply everything pending: local frames in, scheduler actions out; repeat until quiet."""
+        while True:
+            self._take_inbox()
+            actions = self.scheduler.take_actions()
+            if not actions and not self._inbox:
+                return
+            for action in actions:
+                self._apply(action)
+
+    def _take_inbox(self) -> None:
+        with self._inbox_lock:
+            items = list(self._inbox)
+            self._inbox.clear()
+        now = time.monotonic()
+        for conn, item in items:
+            if item == "connect":
+                self.scheduler.connected(conn, now, local=True)
+            elif item == "close":
+                self._links.pop(conn, None)
+                self.scheduler.disconnected(conn, now)
+            elif isinstance(item, Frame):
+                self.scheduler.received(conn, item, now)
+
+    def _apply(self, action: Send | Close) -> None:
+        if isinstance(action, Send):
+            link = self._links.get(action.conn)
+            if link is not None:
+                self._deliver_local(link, action.frame)
+            elif action.conn < LOCAL_CONN_BASE:
+                self._transmit(action.conn, action.frame)
+        elif action.conn >= LOCAL_CONN_BASE:
+            link = self._links.pop(action.conn, None)
+            if link is not None:
+                link.closed = True
+        else:
+            self._drop(action.conn, action.reason)
+
+    def _deliver_local(self, link: LocalLink, frame: Frame) -> None:
+        try:
+            link.deliver(frame)
+        except Exception:  # a bug in the client must not take the server down with it
+            log.exception("in-process client failed to handle a %s frame", frame.kind.name)

@@ -1,0 +1,235 @@
+"""Keeps N worker processes alive: starts them, replaces one that crashes, drains or stops them all.
+
+Each child gets a lifeline pipe (it exits the moment the supervisor dies, so workers are never orphaned)
+and, on Linux, is watched through a pidfd so a crash is noticed at once rather than by polling.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from .worker import LIFELINE_ENV
+
+log = logging.getLogger("remote_executor.supervisor")
+
+CRASH_WINDOW = 2.0  # a child that dies sooner than this after start counts as crash-looping
+MAX_RESTART_DELAY = 5.0
+
+
+@dataclass
+class Child:
+    slot: int
+    proc: subprocess.Popen[bytes]
+    lifeline: int  # write end; closing it makes the child exit
+    started: float
+    pidfd: int | None
+
+    def cut_lifeline(self) -> None:
+        if self.lifeline >= 0:
+            _close(self.lifeline)
+            self.lifeline = -1
+
+
+class Supervisor:
+    """Start, restart and stop ``processes`` children running ``python -m remote_executor.worker URL``."""
+
+    def __init__(
+        self,
+        url: str,
+        processes: int,
+        *,
+        env: Mapping[str, str] | None = None,
+        worker_args: tuple[str, ...] = (),
+        name: str = "worker",
+        restart: bool = True,
+        capture_output: bool = False,
+    ) -> None:
+        if processes < 1:
+            raise ValueError("processes must be at least 1")
+        self.url = url
+        self.processes = processes
+        self.name = name
+        self.restart = restart
+        self.restarts = 0
+        self._env = {**os.environ, **(env or {}), "PYTHONPATH": _python_path()}
+        self._args = worker_args
+        self._stderr = subprocess.DEVNULL if capture_output else None
+        self._children: dict[int, Child] = {}
+        self._crash_delay: dict[int, float] = {}
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._thread: threading.Thread | None = None
+
+    # --- public ------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        for slot in range(self.processes):
+            self._spawn(slot)
+        self._thread = threading.Thread(target=self._watch, name="remote-executor-supervisor", daemon=True)
+        self._thread.start()
+
+    def pids(self) -> list[int]:
+        with self._lock:
+            return [c.proc.pid for c in self._children.values()]
+
+    def drain(self, timeout: float | None = None) -> None:
+        """SIGTERM every child (finish the running call, then exit) and wait for them."""
+        self._stopping.set()
+        for child in self._snapshot():
+            _signal(child.proc, signal.SIGTERM)
+        self._reap_all(timeout)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """End every child now (lifeline closed, then SIGKILL after ``timeout``). Idempotent."""
+        self._stopping.set()
+        for child in self._snapshot():
+            child.cut_lifeline()
+        self._reap_all(timeout)
+
+    # --- internals -----------------------------------------------------------------------------------
+
+    def _spawn(self, slot: int) -> None:
+        if self._stopping.is_set():
+            return
+        read_end, write_end = os.pipe()
+        command = [sys.executable, "-m", "remote_executor.worker", self.url,
+                   "--name", f"{self.name}-{slot}", *self._args]
+        proc = subprocess.Popen(
+            command,
+            env={**self._env, LIFELINE_ENV: str(read_end)},
+            pass_fds=(read_end,),
+            stdin=subprocess.DEVNULL,
+            stderr=self._stderr,
+        )
+        os.close(read_end)
+        pidfd = _pidfd(proc.pid)
+        child = Child(slot, proc, write_end, time.monotonic(), pidfd)
+        with self._lock:
+            self._children[slot] = child
+        if pidfd is not None:
+            self._selector.register(pidfd, selectors.EVENT_READ, slot)
+        os.write(self._wake_w, b"x")  # re-arm the watcher's wait
+
+    def _snapshot(self) -> list[Child]:
+        with self._lock:
+            return list(self._children.values())
+
+    def _watch(self) -> None:
+        while not self._stopping.is_set():
+            self._selector.select(timeout=None if _HAVE_PIDFD else 0.2)
+            _drain_pipe(self._wake_r)
+            for child in self._snapshot():
+                if child.proc.poll() is not None and not self._stopping.is_set():
+                    self._replace(child)
+
+    def _replace(self, child: Child) -> None:
+        self._forget(child)
+        code = child.proc.returncode
+        if not self.restart:
+            log.warning("worker %s-%d exited with %s", self.name, child.slot, code)
+            return
+        lived = time.monotonic() - child.started
+        delay = self._backoff(child.slot, lived)
+        log.warning("worker %s-%d (pid %d) exited with %s; restarting in %.1fs",
+                    self.name, child.slot, child.proc.pid, code, delay)
+        if delay and self._stopping.wait(delay):
+            return
+        self.restarts += 1
+        self._spawn(child.slot)
+
+    def _backoff(self, slot: int, lived: float) -> float:
+        if lived >= CRASH_WINDOW:
+            self._crash_delay.pop(slot, None)
+            return 0.0
+        delay = min(self._crash_delay.get(slot, 0.05) * 2, MAX_RESTART_DELAY)
+        self._crash_delay[slot] = delay
+        return delay
+
+    def _forget(self, child: Child) -> None:
+        with self._lock:
+            if self._children.get(child.slot) is child:
+                del self._children[child.slot]
+        if child.pidfd is not None:
+            self._selector.unregister(child.pidfd)
+            os.close(child.pidfd)
+            child.pidfd = None
+        child.cut_lifeline()
+
+    def _reap_all(self, timeout: float | None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for child in self._snapshot():
+            remaining = None if deadline is None else max(deadline - time.monotonic(), 0.01)
+            try:
+                child.proc.wait(remaining)
+            except subprocess.TimeoutExpired:
+                log.warning("worker %s-%d did not exit in time; killing it", self.name, child.slot)
+                child.proc.kill()
+                child.proc.wait()
+        os.write(self._wake_w, b"x")
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        for child in self._snapshot():
+            self._forget(child)
+        self._close_selector()
+
+    def _close_selector(self) -> None:
+        if self._wake_r < 0:
+            return
+        self._selector.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        self._wake_r = self._wake_w = -1
+
+
+def _python_path() -> str:
+    """The parent's import path, so functions pickled by reference import in the children too."""
+    entries = [p or os.getcwd() for p in sys.path]
+    return os.pathsep.join(dict.fromkeys(entries))
+
+
+def _pidfd(pid: int) -> int | None:
+    if not _HAVE_PIDFD:
+        return None
+    try:
+        return int(os.pidfd_open(pid))  # type: ignore[attr-defined,unused-ignore]
+    except OSError:
+        return None
+
+
+_HAVE_PIDFD = hasattr(os, "pidfd_open") and sys.platform.startswith("linux")
+
+
+def _signal(proc: subprocess.Popen[bytes], signum: int) -> None:
+    if proc.poll() is None:
+        try:
+            proc.send_signal(signum)
+        except ProcessLookupError:
+            pass
+
+
+def _close(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _drain_pipe(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
+            pass
+    except (BlockingIOError, OSError):
+        pass

@@ -1,0 +1,116 @@
+"""The client half of the frame protocol, shared by every transport that talks to our job server.
+
+It turns calls into SUBMIT frames, frames from the server into :class:`Listener` calls, and keeps the
+calls in flight so that a reconnecting transport can resubmit them (or fail them, for at-most-once).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from collections.abc import Sequence
+
+from ..errors import (
+    AuthenticationError,
+    BrokenRemoteExecutor,
+    InitializerFailed,
+    TransportError,
+    VersionMismatchError,
+)
+from ..protocol import Frame, Kind, Status, hello, parse_json
+from ..serialization import Parts, decode_outcome
+from .base import Call, Listener, Session, worker_lost_parts
+
+log = logging.getLogger("remote_executor.client")
+
+
+def client_name() -> str:
+    return f"client {socket.gethostname()}:{os.getpid()}"
+
+
+def initializer_failed(parts: Parts) -> InitializerFailed:
+    """The broken-executor error for a failed initializer, with the remote exception as its cause."""
+    _, remote = decode_outcome(parts)
+    error = InitializerFailed("A worker initializer failed, the executor is not usable anymore")
+    error.__cause__ = remote
+    return error
+
+
+def rejection(frame: Frame) -> Exception:
+    """The exception a REJECT frame means for a connecting client."""
+    reason = bytes(frame.parts[0]).decode(errors="replace") if frame.parts else "rejected"
+    if reason.startswith("VersionMismatchError"):
+        return VersionMismatchError(reason.split(": ", 1)[-1])
+    if "token" in reason:
+        return AuthenticationError(f"the job server refused this client: {reason}")
+    return TransportError(f"the job server refused this client: {reason}")
+
+
+class FramedClient:
+    """Session state of one executor's connection(s) to a job server."""
+
+    def __init__(self, session: Session, listener: Listener, server: str) -> None:
+        self.session = session
+        self.listener = listener
+        self.server = server
+        self._lock = threading.Lock()
+        self._inflight: dict[int, Call] = {}  # accepted, no result yet
+        self._unsent: dict[int, Call] = {}  # accepted, not yet written to a live connection
+
+    def hello(self, token: bytes | None = None) -> Frame:
+        info = {
+            "name": client_name(),
+            "executor_id": self.session.executor_id,
+            "max_retries": self.session.max_retries,
+        }
+        if token is not None:
+            info["token"] = token.decode()
+        return hello("client", info, self.session.initializer)
+
+    def submit_frames(self, calls: Sequence[Call]) -> list[Frame]:
+        """Record calls as in flight and return their SUBMIT frames."""
+        with self._lock:
+            for call in calls:
+                self._inflight[call.task_id] = call
+        return [Frame(Kind.SUBMIT, a=call.task_id, parts=call.parts) for call in calls]
+
+    def handle(self, frame: Frame) -> None:
+        """React to one frame from the server (on the transport's thread)."""
+        kind = frame.kind
+        if kind == Kind.RESULT:
+            with self._lock:
+                known = self._inflight.pop(frame.a, None) is not None
+            if known:
+                self.listener.on_result(frame.a, Status(frame.b), frame.parts)
+        elif kind == Kind.CAPACITY:
+            self.listener.on_capacity(frame.a)
+        elif kind == Kind.BROKEN:
+            self.listener.on_broken(initializer_failed(frame.parts))
+        elif kind == Kind.REJECT:
+            error = rejection(frame)
+            self.listener.on_broken(BrokenRemoteExecutor(str(error)))
+        elif kind not in (Kind.WELCOME, Kind.HEARTBEAT):
+            log.warning("ignoring an unexpected %s frame from %s", kind.name, self.server)
+
+    def connection_lost(self) -> list[Call]:
+        """The calls to resubmit after reconnecting; with ``max_retries=0`` the ones that may have run
+        fail instead (at-most-once)."""
+        with self._lock:
+            calls = list(self._inflight.values())
+            if self.session.max_retries > 0:
+                return calls
+            self._inflight.clear()
+        parts = worker_lost_parts([f"{self.server} (connection lost)"], 1)
+        for call in calls:
+            self.listener.on_result(call.task_id, Status.WORKER_LOST, parts)
+        return []
+
+    def welcome(self, frame: Frame) -> dict[str, object]:
+        """Check the server's answer to HELLO; raise what a REJECT means."""
+        if frame.kind == Kind.REJECT:
+            raise rejection(frame)
+        if frame.kind != Kind.WELCOME:
+            raise TransportError(f"expected WELCOME from {self.server}, got {frame.kind.name}")
+        return parse_json(frame)

@@ -1,0 +1,238 @@
+"""The tcp job server: a selector loop around the shared :class:`~remote_executor.server.ServerCore`.
+
+One thread does all socket I/O. A peer that sends a malformed, oversized or unauthenticated frame is
+logged and disconnected; everyone else is served on.
+"""
+
+from __future__ import annotations
+
+import logging
+import selectors
+import socket
+import threading
+import time
+
+from ..errors import ProtocolError
+from ..protocol import Frame, Limits
+from ..scheduler import ConnId, Scheduler
+from ..security import check_bind
+from ..server import ServerCore
+from .stream import Connection, tune
+
+log = logging.getLogger("remote_executor.server")
+
+_LISTENER = "listener"
+_WAKER = "waker"
+
+
+class TcpServer(ServerCore):
+    """``remote-executor server tcp://HOST:PORT``, or the embedded cluster's in-process job server."""
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        key: bytes | None = None,
+        token: bytes | None = None,
+        insecure: bool = False,
+        limits: Limits = Limits(),
+        heartbeat_interval: float = 1.0,
+        heartbeat_timeout: float = 10.0,
+    ) -> None:
+        check_bind(host, key, insecure)
+        self._listen = socket.create_server((host, port), family=_family(host), backlog=256)
+        self._listen.setblocking(False)
+        bound = self._listen.getsockname()
+        self.host, self.port = host, int(bound[1])
+        super().__init__(
+            Scheduler(
+                name=self.url,
+                heartbeat_interval=heartbeat_interval,
+                heartbeat_timeout=heartbeat_timeout,
+                token=token,
+            )
+        )
+        self._key = key
+        self._limits = limits
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._woken = False
+        self._wake_lock = threading.Lock()
+        self._conns: dict[ConnId, Connection] = {}
+        self._dirty: set[ConnId] = set()
+        self._next_conn = 1
+        self._stopping = threading.Event()
+        self._closed = False
+        self._selector.register(self._listen, selectors.EVENT_READ, _LISTENER)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, _WAKER)
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"tcp://{host}:{self.port}"
+
+    # --- running -----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Serve on a daemon thread (the embedded cluster)."""
+        self.loop_thread = threading.Thread(target=self.serve_forever, name="remote-executor-server", daemon=True)
+        self.loop_thread.start()
+
+    def serve_forever(self) -> None:
+        self.loop_thread = threading.current_thread()
+        next_tick = 0.0
+        try:
+            while not self._stopping.is_set():
+                now = time.monotonic()
+                if now >= next_tick:
+                    next_tick = self.scheduler.tick(now)
+                for key, mask in self._selector.select(max(next_tick - now, 0.0)):
+                    self._on_event(key.data, mask)
+                self.pump()
+                self._flush_dirty()
+        finally:
+            self._close_all()
+
+    def stop(self) -> None:
+        """Stop serving and close every socket. Idempotent; joins the loop thread if there is one."""
+        self._stopping.set()
+        self.wake()
+        thread = self.loop_thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+        elif thread is None:
+            self._close_all()
+
+    def wake(self) -> None:
+        with self._wake_lock:
+            if self._woken:
+                return
+            self._woken = True
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass  # closed: the loop is gone anyway
+
+    # --- events ------------------------------------------------------------------------------------
+
+    def _on_event(self, data: object, mask: int) -> None:
+        if data is _LISTENER:
+            self._accept()
+        elif data is _WAKER:
+            self._drain_waker()
+        else:
+            assert isinstance(data, int)
+            if mask & selectors.EVENT_READ:
+                self._read(data)
+            if mask & selectors.EVENT_WRITE and data in self._conns:
+                self._dirty.add(data)
+
+    def _accept(self) -> None:
+        try:
+            sock, address = self._listen.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        tune(sock)
+        conn_id = self._next_conn
+        self._next_conn += 1
+        conn = Connection(sock, self._key, self._limits, f"{address[0]}:{address[1]}")
+        self._conns[conn_id] = conn
+        self._selector.register(conn.sock, selectors.EVENT_READ, conn_id)
+        self.scheduler.connected(conn_id, time.monotonic())
+
+    def _drain_waker(self) -> None:
+        with self._wake_lock:
+            self._woken = False
+            try:
+                while self._wake_r.recv(4096):
+                    pass
+            except (BlockingIOError, InterruptedError):
+                pass
+
+    def _read(self, conn_id: ConnId) -> None:
+        conn = self._conns[conn_id]
+        try:
+            frames = conn.read()
+        except ProtocolError as exc:
+            log.warning("closing connection from %s: %s", conn.peer, exc)
+            self._lost(conn_id)
+            return
+        except OSError as exc:
+            log.info("connection from %s failed: %s", conn.peer, exc)
+            self._lost(conn_id)
+            return
+        if frames is None:
+            self._lost(conn_id)
+            return
+        now = time.monotonic()
+        for frame in frames:
+            self.scheduler.received(conn_id, frame, now)
+
+    # --- output ------------------------------------------------------------------------------------
+
+    def _transmit(self, conn: ConnId, frame: Frame) -> None:
+        connection = self._conns.get(conn)
+        if connection is not None:
+            connection.queue(frame)
+            self._dirty.add(conn)
+
+    def _flush_dirty(self) -> None:
+        dirty, self._dirty = self._dirty, set()
+        for conn_id in dirty:
+            conn = self._conns.get(conn_id)
+            if conn is None:
+                continue
+            try:
+                done = conn.flush()
+            except OSError as exc:
+                log.info("connection from %s lost while sending: %s", conn.peer, exc)
+                self._lost(conn_id)
+                continue
+            if conn.write_registered == done:  # (un)register interest in writability only on change
+                conn.write_registered = not done
+                events = selectors.EVENT_READ | (0 if done else selectors.EVENT_WRITE)
+                self._selector.modify(conn.sock, events, conn_id)
+        self.pump()  # losses above may have produced actions
+        if self._dirty:
+            self._flush_dirty()
+
+    def _lost(self, conn_id: ConnId) -> None:
+        self._forget(conn_id)
+        self.scheduler.disconnected(conn_id, time.monotonic())
+
+    def _drop(self, conn: ConnId, reason: str) -> None:
+        connection = self._conns.get(conn)
+        if connection is not None:
+            try:
+                connection.flush()  # let a REJECT reach the peer if the socket takes it at once
+            except OSError:
+                pass
+        self._forget(conn)
+
+    def _forget(self, conn_id: ConnId) -> None:
+        conn = self._conns.pop(conn_id, None)
+        self._dirty.discard(conn_id)
+        if conn is not None:
+            self._selector.unregister(conn.sock)
+            conn.close()
+
+    def _close_all(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for conn_id in list(self._conns):
+            self._forget(conn_id)
+        for sock in (self._listen, self._wake_r, self._wake_w):
+            try:
+                self._selector.unregister(sock)
+            except (KeyError, ValueError):
+                pass
+            sock.close()
+        self._selector.close()
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
