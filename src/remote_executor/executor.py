@@ -16,9 +16,9 @@ The following diagram describes the data-flow through the client side:
 
 RemoteExecutor.submit()/map() (caller threads):
 - pickle the call (or a chunk of map calls) in the caller's thread; a pickling error fails that future only
-- append a work item to "pending" and dispatch: whoever finds no dispatcher active becomes it, moves every
-  item that fits the window to "in_flight" (the moment its future turns RUNNING) and hands them to the
-  transport in one submit(); a cancelled item is dropped and its waiters notified
+- append a work item to "pending" and dispatch: under the lock, move every item that fits the window to
+  "in_flight" (the moment its future turns RUNNING) and hand them to the transport in one submit(); a
+  cancelled item is dropped (its waiters were notified when it was cancelled)
 
 Transport threads (the listener, _Core.on_*):
 - on_result: take the item out of "in_flight", dispatch more, decode the outcome, settle the future
@@ -65,7 +65,7 @@ KEY_ENV = "REMOTE_EXECUTOR_KEY"
 _live_cores: weakref.WeakSet[_Core] = weakref.WeakSet()
 _global_shutdown = False
 _global_shutdown_lock = threading.Lock()
-_in_listener = threading.local()
+_in_listener = threading.local()  # .core: the _Core whose futures this thread is settling
 
 
 def _python_exit() -> None:
@@ -99,7 +99,7 @@ class _Core:
     def __init__(self, transport: ClientTransport, max_workers: int | None) -> None:
         self.transport = transport
         self.max_workers = max_workers
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
         self.idle = threading.Condition(self.lock)
         self.closed = threading.Event()
         self.pending: deque[_WorkItem] = deque()
@@ -109,7 +109,6 @@ class _Core:
         self.capacity = 0
         self.outstanding = 0  # accepted calls whose future is neither settled nor cancelled
         self.waiters = 0  # threads blocked in shutdown(wait=True) or the exit hook
-        self.dispatching = False
         self.shutdown_requested = False
         self.closing = False
         self.broken: BrokenRemoteExecutor | None = None
@@ -139,23 +138,17 @@ class _Core:
     def dispatch(self) -> None:
         """Hand every pending call that fits the window to the transport, in FIFO order.
 
-        One thread dispatches at a time and loops until nothing fits; a thread that finds a dispatcher
-        active leaves its call to it, so no lock is held across ``transport.submit`` and no call waits.
+        ``transport.submit`` is called under the lock: it keeps the calls in order and bounds the work of
+        each caller to one batch. That is safe because the contract says it never blocks, and the lock is
+        reentrant in case a transport reports a result from inside ``submit``.
         """
         with self.lock:
-            if self.dispatching:
-                return
-            self.dispatching = True
-        while True:
-            with self.lock:
-                calls, dropped = self._take_batch()
-                if not calls:
-                    self.dispatching = False
-            if dropped:
-                self._settled(dropped)
-            if not calls:
-                return
-            self._submit(calls)
+            calls, dropped = self._take_batch()
+            rejected = self._hand_over(calls) if calls else []
+        for item, exc in rejected:
+            item.future.set_exception(exc)
+        if dropped or rejected:
+            self._settled(dropped + len(rejected))
 
     def _take_batch(self) -> tuple[list[Call], int]:
         calls: list[Call] = []
@@ -198,17 +191,14 @@ class _Core:
             return 0
         return self.capacity if self.max_workers is None else min(self.max_workers, self.capacity)
 
-    def _submit(self, calls: list[Call]) -> None:
+    def _hand_over(self, calls: list[Call]) -> list[tuple[_WorkItem, Exception]]:
         try:
             self.transport.submit(calls)
         except Exception as exc:  # a transport bug: fail these calls, not the caller that dispatched
             logger.exception("transport %r failed to accept %d call(s)", self.transport, len(calls))
-            with self.lock:
-                items = [self.in_flight.pop(call.task_id, None) for call in calls]
-            failed = [item for item in items if item is not None]
-            for item in failed:
-                item.future.set_exception(exc)
-            self._settled(len(failed))
+            items = [self.in_flight.pop(call.task_id, None) for call in calls]
+            return [(item, exc) for item in items if item is not None]
+        return []
 
     # --- listener (transport threads) ----------------------------------------------------------------
 
@@ -222,14 +212,14 @@ class _Core:
             ok, value = decode_result(status, parts)
         except Exception as exc:
             ok, value = False, exc
-        _in_listener.active = True
+        _in_listener.core = self
         try:
             if ok:
                 item.future.set_result(value)
             else:
                 item.future.set_exception(value)
         finally:
-            _in_listener.active = False
+            _in_listener.core = None
         self._settled(1)
 
     def on_capacity(self, slots: int) -> None:
@@ -248,12 +238,12 @@ class _Core:
             self.pending.clear()
             self.in_flight.clear()
         logger.error("RemoteExecutor is broken: %s", error, exc_info=error)
-        _in_listener.active = True
+        _in_listener.core = self
         try:
             for item in failed:
                 item.future.set_exception(error)
         finally:
-            _in_listener.active = False
+            _in_listener.core = None
         self._settled(len(failed) + dropped)
 
     # --- shutdown ------------------------------------------------------------------------------------
@@ -268,7 +258,7 @@ class _Core:
             item.future.cancel()  # _on_done notifies its waiters and counts it settled
         if not wait:
             self._settled(0)  # closes now (in the background) if nothing is outstanding
-        elif getattr(_in_listener, "active", False):
+        elif getattr(_in_listener, "core", None) is self:
             # Its own call is still outstanding: waiting would deadlock (ThreadPoolExecutor raises too).
             # The transport is closed once the last call settled, as after shutdown(wait=False).
             raise RuntimeError("cannot wait for a RemoteExecutor from its own result callback")
