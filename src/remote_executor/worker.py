@@ -117,6 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     lifeline = os.environ.get(LIFELINE_ENV)
     if lifeline:
         watch_lifeline(int(lifeline))
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the supervisor, which drains us
     install_drain_handler(settings.drain)
     return run(settings)
 

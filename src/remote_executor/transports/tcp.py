@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Sequence
 
 from ..errors import AuthenticationError, ServerUnavailableError, TransportError
-from ..protocol import Frame, Kind, Limits, hello
+from ..protocol import Frame, Kind, Limits, hello, parse_json
 from ..worker import WorkerCore, WorkerSettings
 from . import split_hostports
 from .base import Call, ClientTransport, Listener, Options, Session
@@ -285,3 +285,20 @@ class _Heartbeat:
                     self._conn.send(Frame(Kind.HEARTBEAT))
             except OSError:
                 return
+
+
+# --- admin ---------------------------------------------------------------------------------------------
+
+
+def status(url: str, key: bytes | None, timeout: float = 5.0) -> dict[str, object]:
+    """The job server's view (workers, clients, queues), for ``remote-executor status|ping``."""
+    sock = connect(split_hostports(url)[0], timeout)
+    try:
+        conn = handshake(sock, key, hello("admin", {"name": "admin"}), timeout, url)
+        conn.send(Frame(Kind.STATUS))
+        while True:
+            frame = conn.recv(timeout)
+            if frame.kind == Kind.STATUS:
+                return parse_json(frame)
+    finally:
+        sock.close()

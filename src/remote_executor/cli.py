@@ -1,0 +1,149 @@
+"""``remote-executor``: run a job server or workers, and look at a running cluster.
+
+    remote-executor server tcp://127.0.0.1:5555            the job server for tcp:// (zmq:// likewise)
+    remote-executor worker tcp://host:5555 --processes 4   N worker processes, restarted if they crash
+    remote-executor status tcp://host:5555                 workers, clients and queues
+    remote-executor ping tcp://host:5555                   is it up, and how far away
+
+A key (``--key-file`` or ``$REMOTE_EXECUTOR_KEY``) turns on HMAC for every frame; without one, servers
+only listen on loopback unless given ``--insecure``. SIGTERM or Ctrl-C stops a server; for workers it
+drains them (running calls finish, no new ones start).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from .errors import RemoteExecutorError
+from .protocol import Limits
+from .security import key_to_env, resolve_key
+from .supervisor import Supervisor
+from .transports import split_hostports
+
+log = logging.getLogger("remote_executor.cli")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        code: int = args.func(args)
+    except (RemoteExecutorError, OSError, ValueError) as exc:
+        print(f"remote-executor: {exc}", file=sys.stderr)
+        return 1
+    return code
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="remote-executor", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+    for name, func, helptext in (
+        ("server", _server, "run a job server (tcp://, zmq://)"),
+        ("worker", _worker, "run worker processes for a job server or gearmand"),
+        ("status", _status, "show workers, clients and queues of a job server"),
+        ("ping", _ping, "check that a job server answers"),
+    ):
+        sub = commands.add_parser(name, help=helptext)
+        sub.set_defaults(func=func)
+        sub.add_argument("url", help="tcp://HOST:PORT, zmq://HOST:PORT or gearman://HOST:PORT[,HOST:PORT]")
+        sub.add_argument("--key-file", help="file holding the shared HMAC key (default: $REMOTE_EXECUTOR_KEY)")
+        sub.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer")
+        if name in ("server", "worker"):
+            sub.add_argument("--heartbeat-interval", type=float, default=1.0)
+            sub.add_argument("--heartbeat-timeout", type=float, default=10.0)
+    server = commands.choices["server"]
+    server.add_argument("--insecure", action="store_true",
+                        help="allow a non-loopback address without a key (trusted networks only)")
+    server.add_argument("--max-frame-size", type=int, default=Limits().max_frame,
+                        help="largest frame accepted, in bytes")
+    worker = commands.choices["worker"]
+    worker.add_argument("--processes", type=int, default=os.cpu_count() or 1)
+    return parser
+
+
+def _scheme(url: str) -> str:
+    if "://" not in url:
+        raise ValueError(f"expected a URL like tcp://host:port, got {url!r}")
+    return url.split("://", 1)[0].lower()
+
+
+def _transport_module(url: str) -> Any:
+    return importlib.import_module(f"remote_executor.transports.{_scheme(url)}")
+
+
+def _server(args: argparse.Namespace) -> int:
+    scheme = _scheme(args.url)
+    host, port = split_hostports(args.url)[0]
+    kwargs: dict[str, Any] = dict(key=resolve_key(key_file=args.key_file), insecure=args.insecure,
+                                  limits=Limits(max_frame=args.max_frame_size),
+                                  heartbeat_interval=args.heartbeat_interval,
+                                  heartbeat_timeout=args.heartbeat_timeout)
+    if scheme == "tcp":
+        from .transports.tcp_server import TcpServer
+
+        server: Any = TcpServer(host, port, **kwargs)
+    elif scheme == "zmq":
+        from .transports.zmq_server import ZmqServer
+
+        server = ZmqServer(host, port, **kwargs)
+    else:
+        raise ValueError(f"{scheme}:// has no server of ours (for gearman, run gearmand)")
+    _on_stop_signals(lambda: server.stop())
+    log.info("serving %s", server.url)
+    print(f"serving {server.url}", flush=True)
+    server.serve_forever()
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    key = resolve_key(key_file=args.key_file)
+    _transport_module(args.url)  # fail now, clearly, for an unknown scheme or a missing extra
+    worker_args = ("--heartbeat-interval", str(args.heartbeat_interval),
+                   "--heartbeat-timeout", str(args.heartbeat_timeout))
+    supervisor = Supervisor(args.url, args.processes, env=key_to_env(key), worker_args=worker_args,
+                            name=f"{os.uname().nodename}-{os.getpid()}")
+    stop = threading.Event()
+    _on_stop_signals(stop.set)
+    supervisor.start()
+    print(f"{args.processes} worker process(es) serving {args.url}", flush=True)
+    stop.wait()
+    log.info("draining workers")
+    supervisor.drain(timeout=None)
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    info = _transport_module(args.url).status(args.url, resolve_key(key_file=args.key_file), args.timeout)
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def _ping(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    _transport_module(args.url).status(args.url, resolve_key(key_file=args.key_file), args.timeout)
+    print(f"{args.url} answered in {(time.perf_counter() - start) * 1e3:.1f} ms")
+    return 0
+
+
+def _on_stop_signals(callback: Any) -> None:
+    def handler(signum: int, frame: object) -> None:
+        callback()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
