@@ -550,6 +550,17 @@ def test_map_buffersize_consumes_input_lazily(make: Callable[..., RemoteExecutor
     results.close()  # type: ignore[attr-defined]
 
 
+def test_map_buffersize_after_shutdown_keeps_results_in_hand(make: Callable[..., RemoteExecutor]) -> None:
+    ex = make(1)
+    results = ex.map(abs, itertools.count(), buffersize=2)
+    ex.shutdown(wait=True)
+    assert [next(results), next(results)] == [0, 1]  # submitted before the shutdown: not lost
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        next(results)
+    with pytest.raises(StopIteration):
+        next(results)
+
+
 def test_map_without_buffersize_submits_everything_at_once(make: Callable[..., RemoteExecutor]) -> None:
     drawn: list[int] = []
 

@@ -443,7 +443,8 @@ class _MapResults(Iterator[T], Generic[T]):
         self._chunked = chunked
         self._end_time = end_time
         self._values: deque[T] = deque()
-        self._error: BaseException | None = None
+        self._error: BaseException | None = None  # raised once the values before it are consumed
+        self._submit_error: BaseException | None = None  # lazy input that could not be submitted
 
     def __iter__(self) -> _MapResults[T]:
         return self
@@ -455,6 +456,9 @@ class _MapResults(Iterator[T], Generic[T]):
                 self.close()
                 raise error
             if not self._fs:
+                if self._submit_error is not None:  # the element that could not be submitted
+                    error, self._submit_error = self._submit_error, None
+                    raise error
                 raise StopIteration
             try:
                 outcome = _result_or_cancel(self._fs.popleft(), self._remaining())
@@ -471,7 +475,7 @@ class _MapResults(Iterator[T], Generic[T]):
 
     def close(self) -> None:
         """Stop: cancel every call of this map that has not started yet."""
-        self._submit_next = None
+        self._submit_next = self._submit_error = None
         while self._fs:
             self._fs.pop().cancel()
 
@@ -479,9 +483,15 @@ class _MapResults(Iterator[T], Generic[T]):
         self.close()
 
     def _refill(self) -> None:
+        """Submit the next call of lazy input. An error (the executor was shut down, say) is raised at
+        that element, after the results already submitted: none of them is lost."""
         if self._submit_next is None:
             return
-        future = self._submit_next()
+        try:
+            future = self._submit_next()
+        except BaseException as exc:
+            self._submit_next, self._submit_error = None, exc
+            return
         if future is None:
             self._submit_next = None
         else:
