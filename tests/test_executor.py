@@ -27,6 +27,7 @@ from remote_executor import (
     RemoteExecutor,
     RemoteTraceback,
     SerializationError,
+    TransportError,
     WorkerLostError,
 )
 from remote_executor import transports as transports_module
@@ -238,6 +239,17 @@ def test_options_and_key_resolution(
     assert seen[0].max_workers == 3
     assert seen[0].heartbeat_timeout == 5.0
     assert seen[0].extra == {"workers_hint": 7}
+
+
+def test_a_transport_that_cannot_start_is_closed_and_its_error_raised() -> None:
+    class Unreachable(ScriptedTransport):
+        def start(self, session: Session, listener: Listener) -> None:
+            raise TransportError("connection refused")
+
+    transport = Unreachable()
+    with pytest.raises(TransportError, match="connection refused"):
+        RemoteExecutor(transport=transport)
+    assert transport.closed.is_set()
 
 
 # --- submit and results ----------------------------------------------------------------------------

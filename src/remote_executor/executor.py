@@ -34,6 +34,7 @@ Shutdown:
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -212,14 +213,11 @@ class _Core:
             ok, value = decode_result(status, parts)
         except Exception as exc:
             ok, value = False, exc
-        _in_listener.core = self
-        try:
+        with _settling(self):
             if ok:
                 item.future.set_result(value)
             else:
                 item.future.set_exception(value)
-        finally:
-            _in_listener.core = None
         self._settled(1)
 
     def on_capacity(self, slots: int) -> None:
@@ -238,12 +236,9 @@ class _Core:
             self.pending.clear()
             self.in_flight.clear()
         logger.error("RemoteExecutor is broken: %s", error, exc_info=error)
-        _in_listener.core = self
-        try:
+        with _settling(self):
             for item in failed:
                 item.future.set_exception(error)
-        finally:
-            _in_listener.core = None
         self._settled(len(failed) + dropped)
 
     # --- shutdown ------------------------------------------------------------------------------------
@@ -349,7 +344,11 @@ class RemoteExecutor(Executor):
         client = transports.create(transport, options)
         self._core = core = _Core(client, max_workers)
         session = Session(executor_id=secrets.randbits(63), initializer=init_parts, max_retries=max_retries)
-        client.start(session, core)
+        try:
+            client.start(session, core)
+        except BaseException:
+            client.close()  # release whatever it started before failing
+            raise
         _live_cores.add(core)
         # Dropped without shutdown(): finish the queued calls, then close (as shutdown(wait=False) does).
         weakref.finalize(self, core.shutdown, False, False).atexit = False
@@ -499,6 +498,17 @@ class _MapResults(Iterator[T], Generic[T]):
 
     def _remaining(self) -> float | None:
         return None if self._end_time is None else self._end_time - time.monotonic()
+
+
+@contextlib.contextmanager
+def _settling(core: _Core) -> Iterator[None]:
+    """Mark this thread as running ``core``'s done-callbacks (where waiting for ``core`` would deadlock)."""
+    previous = getattr(_in_listener, "core", None)
+    _in_listener.core = core
+    try:
+        yield
+    finally:
+        _in_listener.core = previous
 
 
 def _result_or_cancel(future: Future[Any], timeout: float | None) -> Any:
