@@ -127,6 +127,11 @@ class FrameReader:
             self._compact()
         return memoryview(self._staging)[self._end :]
 
+    @property
+    def mid_frame(self) -> bool:
+        """True if part of a frame has arrived but not all of it (a truncated frame at end of stream)."""
+        return self._pending is not None or self._end > self._start
+
     def feed(self, nbytes: int) -> list[Frame]:
         """Account for ``nbytes`` written into :meth:`buffer`; return the frames now complete."""
         if self._pending is not None and self._pending.direct_target() is not None:
@@ -200,6 +205,35 @@ class FrameReader:
             if not hmac.compare_digest(expected, partial.prefix[-MAC_SIZE:]):
                 raise AuthenticationError("frame HMAC does not verify: wrong key or tampered frame")
         return partial.frame
+
+
+def decode_parts(prefix: Buffer, parts: Sequence[Buffer], key: bytes | None = None,
+                 limits: Limits = Limits()) -> Frame:
+    """Validate a frame that arrived already split into its prefix and parts (a zmq multipart message).
+
+    The same checks as :class:`FrameReader`, in the same order: header, part count and lengths, size limit,
+    then the HMAC; the parts are handed on as they are (no copy)."""
+    view = memoryview(prefix).cast("B")
+    if view.nbytes < HEADER.size:
+        raise ProtocolError(f"truncated frame header ({view.nbytes} bytes)")
+    magic, version, kind, nparts, flags, a, b = HEADER.unpack_from(view)
+    _check_header(magic, version, kind, nparts, limits)
+    mac_size = MAC_SIZE if key is not None else 0
+    prefix_size = HEADER.size + 8 * nparts + mac_size
+    if view.nbytes != prefix_size:
+        raise ProtocolError(f"frame prefix of {view.nbytes} bytes, expected {prefix_size} (key mismatch?)")
+    if len(parts) != nparts:
+        raise ProtocolError(f"frame announces {nparts} parts but {len(parts)} arrived")
+    lengths = struct.unpack_from(f"!{nparts}Q", view, HEADER.size)
+    sizes = [memoryview(p).nbytes for p in parts]
+    if list(lengths) != sizes:
+        raise ProtocolError(f"frame part lengths {sizes} differ from the announced {list(lengths)}")
+    total = prefix_size + sum(sizes)
+    if total > limits.max_frame:
+        raise ProtocolError(f"frame of {total} bytes exceeds the limit of {limits.max_frame} bytes")
+    if key is not None and not hmac.compare_digest(_mac(key, view[:-MAC_SIZE], parts), view[-MAC_SIZE:]):
+        raise AuthenticationError("frame HMAC does not verify: wrong key or tampered frame")
+    return Frame(Kind(kind), a, b, list(parts), flags)
 
 
 def _check_header(magic: bytes, version: int, kind: int, nparts: int, limits: Limits) -> None:

@@ -1,0 +1,269 @@
+"""The zmq job server: a ROUTER socket and a zmq poll loop around :class:`~remote_executor.server.ServerCore`.
+
+Peers are DEALER sockets, each session with a random routing id. A routing id becomes a scheduler
+connection on its first valid frame, which must be HELLO; a frame from an id the server does not know (a
+session it dropped, or one from before a restart) is ignored, so that peer falls silent, times out and
+says HELLO again as a new session. ZeroMQ hides disconnects: the scheduler's heartbeat timeout decides
+when a peer is gone, helped by ``ZMQ_ROUTER_MANDATORY`` (a send to a peer whose TCP connection closed
+fails at once, so a killed worker is noticed at the next heartbeat, not after the timeout).
+
+One thread does all socket I/O. A malformed, oversized or unauthenticated message is logged and its peer
+dropped; everyone else is served on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import deque
+from typing import Any
+
+import zmq
+import zmq.auth
+
+from ..errors import ProtocolError, TransportError
+from ..protocol import Frame, Kind, Limits
+from ..scheduler import ConnId, Scheduler
+from ..security import check_bind
+from ..server import ServerCore
+from .zmq import HWM, _Waker, endpoint, recv_frame, send_frame
+
+log = logging.getLogger("remote_executor.server")
+
+_READ_BATCH = 512  # messages read per loop turn before the scheduler's actions are applied
+_DEFAULT_LIMITS = Limits()
+_BACKLOG_RETRY = 0.005  # how soon to retry sending to a peer at its high-water mark
+
+
+class ZmqServer(ServerCore):
+    """``remote-executor server zmq://HOST:PORT``, or the embedded cluster's in-process job server.
+
+    ``curve_secret_key``: a secret certificate file (``zmq.auth.create_certificates``) to encrypt every
+    connection with CURVE; clients and workers then need the matching public certificate."""
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        key: bytes | None = None,
+        token: bytes | None = None,
+        insecure: bool = False,
+        limits: Limits = _DEFAULT_LIMITS,
+        heartbeat_interval: float = 1.0,
+        heartbeat_timeout: float = 10.0,
+        curve_secret_key: str | os.PathLike[str] | None = None,
+    ) -> None:
+        check_bind(host, key, insecure)
+        self._ctx: zmq.Context[Any] = zmq.Context()
+        try:
+            self._router = self._bind(host, port, limits, curve_secret_key)
+        except BaseException:
+            self._ctx.destroy(linger=0)
+            raise
+        self.host = host
+        bound = self._router.getsockopt(zmq.LAST_ENDPOINT)
+        assert isinstance(bound, bytes)
+        self.port = int(bound.decode().rsplit(":", 1)[1])
+        super().__init__(
+            Scheduler(
+                name=self.url,
+                heartbeat_interval=heartbeat_interval,
+                heartbeat_timeout=heartbeat_timeout,
+                token=token,
+            )
+        )
+        self._key = key
+        self._limits = limits
+        self._waker = _Waker()
+        self._ids: dict[bytes, ConnId] = {}  # routing id -> connection
+        self._routes: dict[ConnId, bytes] = {}  # connection -> routing id
+        self._backlog: dict[ConnId, deque[Frame]] = {}  # frames refused at a peer's high-water mark
+        self._unreachable: set[ConnId] = set()
+        self._next_conn = 1
+        self._stopping = threading.Event()
+        self._closed = False
+        self._close_lock = threading.Lock()
+
+    def _bind(self, host: str, port: int, limits: Limits,
+              curve_secret_key: str | os.PathLike[str] | None) -> zmq.Socket[Any]:
+        router: zmq.Socket[Any] = self._ctx.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 0)
+        router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unknown or gone peer: EHOSTUNREACH, not a silent drop
+        router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a session's TCP reconnect takes over its routing id
+        router.setsockopt(zmq.SNDHWM, HWM)
+        router.setsockopt(zmq.RCVHWM, HWM)
+        router.setsockopt(zmq.MAXMSGSIZE, limits.max_frame)
+        router.setsockopt(zmq.TCP_KEEPALIVE, 1)
+        if ":" in host:
+            router.setsockopt(zmq.IPV6, 1)
+        if curve_secret_key is not None:
+            public, secret = zmq.auth.load_certificate(os.fspath(curve_secret_key))
+            if secret is None:
+                router.close()
+                raise TransportError(f"{curve_secret_key} holds no secret key (use the .key_secret file)")
+            router.curve_server = True
+            router.curve_publickey = public
+            router.curve_secretkey = secret
+        try:
+            router.bind(endpoint(host, port or "*"))
+        except zmq.ZMQError as exc:
+            router.close()
+            raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc}") from exc
+        return router
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"zmq://{host}:{self.port}"
+
+    # --- running -----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Serve on a daemon thread (the embedded cluster)."""
+        self.loop_thread = threading.Thread(target=self.serve_forever, name="remote-executor-zmq-server",
+                                            daemon=True)
+        self.loop_thread.start()
+
+    def serve_forever(self) -> None:
+        self.loop_thread = threading.current_thread()
+        poller = zmq.Poller()
+        poller.register(self._router, zmq.POLLIN)
+        poller.register(self._waker.reader, zmq.POLLIN)
+        next_tick = 0.0
+        try:
+            while not self._stopping.is_set():
+                now = time.monotonic()
+                if now >= next_tick:
+                    next_tick = self.scheduler.tick(now)
+                wait = _BACKLOG_RETRY if self._backlog else max(next_tick - now, 0.0)
+                ready = dict(poller.poll(int(wait * 1000) + 1))
+                if self._waker.reader.fileno() in ready:
+                    self._waker.drain()
+                if self._router in ready:
+                    self._read()
+                self._pump_all()
+        finally:
+            self._close_all()
+
+    def stop(self) -> None:
+        """Stop serving and close the socket. Idempotent; joins the loop thread if there is one."""
+        self._stopping.set()
+        self.wake()
+        thread = self.loop_thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+        elif thread is None:
+            self._close_all()
+
+    def wake(self) -> None:
+        self._waker.wake()
+
+    # --- input ---------------------------------------------------------------------------------------
+
+    def _read(self) -> None:
+        router = self._router
+        for _ in range(_READ_BATCH):
+            try:
+                route = router.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                frame = recv_frame(router, self._key, self._limits)
+            except ProtocolError as exc:
+                self._malformed(route, exc)
+                continue
+            self._received(route, frame)
+
+    def _received(self, route: bytes, frame: Frame) -> None:
+        now = time.monotonic()
+        conn = self._ids.get(route)
+        if conn is None:
+            if frame.kind != Kind.HELLO:
+                log.debug("ignoring %s from unknown peer %s (a dropped session)",
+                          frame.kind.name, route.hex())
+                return
+            conn = self._next_conn
+            self._next_conn += 1
+            self._ids[route] = conn
+            self._routes[conn] = route
+            self.scheduler.connected(conn, now)
+        self.scheduler.received(conn, frame, now)
+
+    def _malformed(self, route: bytes, exc: ProtocolError) -> None:
+        conn = self._ids.get(route)
+        log.warning("dropping zmq peer %s: %s", route.hex() if conn is None else f"#{conn}", exc)
+        if conn is not None:
+            self._lost(conn)
+
+    # --- output --------------------------------------------------------------------------------------
+
+    def _pump_all(self) -> None:
+        """Apply the scheduler's actions, retry refused frames, and report peers found gone."""
+        while True:
+            self.pump()
+            self._retry_backlog()
+            if not self._unreachable:
+                return
+            gone, self._unreachable = self._unreachable, set()
+            for conn in gone:
+                if conn in self._routes:
+                    log.info("zmq peer #%d is gone (its connection closed)", conn)
+                    self._lost(conn)
+
+    def _transmit(self, conn: ConnId, frame: Frame) -> None:
+        if conn not in self._routes:
+            return
+        backlog = self._backlog.get(conn)
+        if backlog is not None:
+            backlog.append(frame)
+        elif not self._send(conn, frame):
+            self._backlog[conn] = deque([frame])
+
+    def _send(self, conn: ConnId, frame: Frame) -> bool:
+        """False if the peer is at its high-water mark (try again later)."""
+        try:
+            send_frame(self._router, frame, self._key, self._routes[conn], zmq.NOBLOCK)
+        except zmq.Again:
+            return False
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EHOSTUNREACH:
+                raise
+            self._unreachable.add(conn)
+        return True
+
+    def _retry_backlog(self) -> None:
+        for conn, backlog in list(self._backlog.items()):
+            while backlog and self._send(conn, backlog[0]):
+                backlog.popleft()
+            if not backlog:
+                del self._backlog[conn]
+
+    def _lost(self, conn: ConnId) -> None:
+        self._forget(conn)
+        self.scheduler.disconnected(conn, time.monotonic())
+
+    def _drop(self, conn: ConnId, reason: str) -> None:
+        backlog = self._backlog.pop(conn, None)
+        if backlog:  # let a REJECT reach the peer if its queue takes it now
+            while backlog and self._send(conn, backlog[0]):
+                backlog.popleft()
+        self._forget(conn)
+
+    def _forget(self, conn: ConnId) -> None:
+        route = self._routes.pop(conn, None)
+        if route is not None:
+            self._ids.pop(route, None)
+        self._backlog.pop(conn, None)
+        self._unreachable.discard(conn)
+
+    def _close_all(self) -> None:
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._router.close(linger=0)
+        self._ctx.term()
+        self._waker.close()
