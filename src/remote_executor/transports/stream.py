@@ -47,6 +47,10 @@ class Connection:
         self._out.extend(memoryview(b).cast("B") for b in encode(frame, self._key) if len(b))
 
     @property
+    def mid_frame(self) -> bool:
+        return self._reader.mid_frame
+
+    @property
     def wants_write(self) -> bool:
         return bool(self._out)
 

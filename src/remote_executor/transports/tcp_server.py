@@ -165,6 +165,8 @@ class TcpServer(ServerCore):
             self._lost(conn_id)
             return
         if frames is None:
+            if conn.mid_frame:
+                log.warning("connection from %s closed in the middle of a frame (truncated)", conn.peer)
             self._lost(conn_id)
             return
         now = time.monotonic()

@@ -1,0 +1,65 @@
+"""Fixtures shared by the transport tests: a real job server and real worker processes on loopback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from remote_executor.supervisor import Supervisor
+from remote_executor.transports.tcp_server import TcpServer
+
+FAST_HEARTBEAT = ("--heartbeat-interval", "0.2", "--heartbeat-timeout", "1.5")
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
+    """Poll a condition that no event announces (a process exiting, a server's view), with a deadline."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.01)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie child of ours counts as gone
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        return done == 0
+    except ChildProcessError:
+        return True
+
+
+@pytest.fixture
+def tcp_server() -> Iterator[TcpServer]:
+    server = TcpServer("127.0.0.1", 0, heartbeat_interval=0.2, heartbeat_timeout=1.5)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def start_workers(tcp_server: TcpServer) -> Iterator[Callable[..., Supervisor]]:
+    started: list[Supervisor] = []
+
+    def start(count: int = 2, url: str | None = None, env: dict[str, str] | None = None) -> Supervisor:
+        supervisor = Supervisor(url or tcp_server.url, count, env=env, worker_args=FAST_HEARTBEAT,
+                                name="test-worker")
+        supervisor.start()
+        started.append(supervisor)
+        return supervisor
+
+    yield start
+    for supervisor in started:
+        for pid in supervisor.pids():  # a test may have left one stopped
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        supervisor.stop()
