@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -58,8 +59,6 @@ def start_workers(tcp_server: TcpServer) -> Iterator[Callable[..., Supervisor]]:
     yield start
     for supervisor in started:
         for pid in supervisor.pids():  # a test may have left one stopped
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
         supervisor.stop()

@@ -21,7 +21,8 @@ from .transports.framed_client import FramedClient
 
 
 class EmbeddableServer(Protocol):
-    url: str
+    @property
+    def url(self) -> str: ...
 
     def start(self) -> None: ...
     def stop(self) -> None: ...

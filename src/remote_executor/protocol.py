@@ -102,6 +102,9 @@ def _mac(key: bytes, prefix: bytes | bytearray | memoryview, parts: Sequence[Buf
     return digest.digest()
 
 
+DEFAULT_LIMITS = Limits()
+
+
 class FrameReader:
     """Incremental, validating frame decoder for a byte stream.
 
@@ -110,7 +113,7 @@ class FrameReader:
     reads into directly, so a 100 MB argument is copied once (kernel to its final buffer).
     """
 
-    def __init__(self, key: bytes | None = None, limits: Limits = Limits()) -> None:
+    def __init__(self, key: bytes | None = None, limits: Limits = DEFAULT_LIMITS) -> None:
         self._key = key
         self._limits = limits
         self._staging = bytearray(STAGING_SIZE)
@@ -208,7 +211,7 @@ class FrameReader:
 
 
 def decode_parts(prefix: Buffer, parts: Sequence[Buffer], key: bytes | None = None,
-                 limits: Limits = Limits()) -> Frame:
+                 limits: Limits = DEFAULT_LIMITS) -> Frame:
     """Validate a frame that arrived already split into its prefix and parts (a zmq multipart message).
 
     The same checks as :class:`FrameReader`, in the same order: header, part count and lengths, size limit,
@@ -297,7 +300,7 @@ class _Partial:
 def runtime_versions() -> dict[str, str]:
     """What must match between a client, the job server and its workers."""
     return {
-        "python": "%d.%d" % sys.version_info[:2],
+        "python": "{}.{}".format(*sys.version_info[:2]),
         "cloudpickle": str(cloudpickle.__version__),
         "protocol": str(VERSION),
         "implementation": platform.python_implementation(),

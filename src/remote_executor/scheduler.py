@@ -23,7 +23,7 @@ import logging
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 from .errors import ProtocolError, VersionMismatchError
 from .protocol import Frame, Kind, Status, check_versions, parse_json
@@ -47,7 +47,7 @@ class Close:
     reason: str
 
 
-Action = Union[Send, Close]
+Action = Send | Close
 
 
 @dataclass(slots=True)

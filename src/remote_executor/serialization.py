@@ -17,15 +17,15 @@ from __future__ import annotations
 import pickle
 import traceback
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Union
+from typing import Any
 
 import cloudpickle
 
 from .errors import RemoteError, RemoteTraceback, SerializationError
 
-Buffer = Union[bytes, bytearray, memoryview]
+Buffer = bytes | bytearray | memoryview
 Parts = list[Buffer]
-ErrorInfo = tuple[Union[bytes, None], str, str, str]
+ErrorInfo = tuple[bytes | None, str, str, str]
 
 PROTOCOL = 5
 

@@ -6,6 +6,7 @@ and, on Linux, is watched through a pidfd so a crash is noticed at once rather t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import selectors
@@ -214,17 +215,13 @@ _HAVE_PIDFD = hasattr(os, "pidfd_open") and sys.platform.startswith("linux")
 
 def _signal(proc: subprocess.Popen[bytes], signum: int) -> None:
     if proc.poll() is None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signum)
-        except ProcessLookupError:
-            pass
 
 
 def _close(fd: int) -> None:
-    try:
+    with contextlib.suppress(OSError):
         os.close(fd)
-    except OSError:
-        pass
 
 
 def _drain_pipe(fd: int) -> None:

@@ -6,13 +6,15 @@ write with ``sendmsg`` straight from the parts, so large payloads cross the sock
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import TypeVar
 
-from ..protocol import Frame, FrameReader, Limits, encode
+from ..protocol import DEFAULT_LIMITS, Frame, FrameReader, Limits, encode
 
 IOV_MAX = 512  # conservative: Linux allows 1024 iovecs per sendmsg
 
@@ -96,7 +98,7 @@ class Connection:
 class BlockingConnection:
     """A blocking socket for one thread that reads and any threads that write (under a lock)."""
 
-    def __init__(self, sock: socket.socket, key: bytes | None, limits: Limits = Limits()) -> None:
+    def __init__(self, sock: socket.socket, key: bytes | None, limits: Limits = DEFAULT_LIMITS) -> None:
         sock.setblocking(True)
         self.sock = sock
         self._key = key
@@ -121,7 +123,7 @@ class BlockingConnection:
             self.sock.settimeout(remaining)
             try:
                 n = self.sock.recv_into(self.reader.buffer())
-            except socket.timeout as exc:
+            except TimeoutError as exc:
                 raise TimeoutError("no frame from the peer in time") from exc
             if n == 0:
                 raise ConnectionResetError("the peer closed the connection")
@@ -129,10 +131,8 @@ class BlockingConnection:
         return self.ready.popleft()
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
         self.sock.close()
 
 
@@ -158,12 +158,15 @@ def connect(address: tuple[str, int], timeout: float) -> socket.socket:
     return sock
 
 
+T = TypeVar("T")
+
+
 def retry_with_backoff(
-    attempt: Callable[[], socket.socket],
+    attempt: Callable[[], T],
     give_up_after: float,
     stop: threading.Event,
     on_failure: Callable[[OSError, float], None] = lambda exc, delay: None,
-) -> socket.socket | None:
+) -> T | None:
     """Call ``attempt`` until it succeeds, with exponential backoff (0.05 s doubling to 2 s) and jitter-free
     waits on ``stop``; ``None`` if ``stop`` is set or ``give_up_after`` seconds pass."""
     deadline = time.monotonic() + give_up_after

@@ -6,6 +6,7 @@ it (one I/O thread, reconnection with backoff, resubmission of calls in flight) 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import selectors
 import socket
@@ -15,7 +16,7 @@ from collections import deque
 from collections.abc import Sequence
 
 from ..errors import AuthenticationError, ServerUnavailableError, TransportError
-from ..protocol import Frame, Kind, Limits, hello, parse_json
+from ..protocol import DEFAULT_LIMITS, Frame, Kind, Limits, hello, parse_json
 from ..worker import WorkerCore, WorkerSettings
 from . import split_hostports
 from .base import Call, ClientTransport, Listener, Options, Session
@@ -34,7 +35,7 @@ def create(url: str, embedded: bool, options: Options) -> ClientTransport:
 
 
 def handshake(
-    sock: socket.socket, key: bytes | None, first: Frame, timeout: float, peer: str, limits: Limits = Limits()
+    sock: socket.socket, key: bytes | None, first: Frame, timeout: float, peer: str, limits: Limits = DEFAULT_LIMITS
 ) -> BlockingConnection:
     """Send HELLO and read the WELCOME; a REJECT or a silent close becomes a clear exception.
 
@@ -90,10 +91,8 @@ class TcpClientTransport(ClientTransport):
 
     def close(self) -> None:
         self._stop.set()
-        try:
+        with contextlib.suppress(OSError):
             self._wake_w.send(b"x")
-        except OSError:
-            pass
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
         for sock in (self._wake_r, self._wake_w):

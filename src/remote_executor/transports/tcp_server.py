@@ -6,6 +6,7 @@ logged and disconnected; everyone else is served on.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import selectors
 import socket
@@ -13,7 +14,7 @@ import threading
 import time
 
 from ..errors import ProtocolError
-from ..protocol import Frame, Limits
+from ..protocol import DEFAULT_LIMITS, Frame, Limits
 from ..scheduler import ConnId, Scheduler
 from ..security import check_bind
 from ..server import ServerCore
@@ -36,7 +37,7 @@ class TcpServer(ServerCore):
         key: bytes | None = None,
         token: bytes | None = None,
         insecure: bool = False,
-        limits: Limits = Limits(),
+        limits: Limits = DEFAULT_LIMITS,
         heartbeat_interval: float = 1.0,
         heartbeat_timeout: float = 10.0,
     ) -> None:
@@ -228,10 +229,8 @@ class TcpServer(ServerCore):
         for conn_id in list(self._conns):
             self._forget(conn_id)
         for sock in (self._listen, self._wake_r, self._wake_w):
-            try:
+            with contextlib.suppress(KeyError, ValueError):
                 self._selector.unregister(sock)
-            except (KeyError, ValueError):
-                pass
             sock.close()
         self._selector.close()
 
