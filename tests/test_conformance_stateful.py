@@ -31,7 +31,7 @@ def _remote(**kwargs: Any) -> Executor:
 
 CANDIDATES: dict[str, Callable[[], Executor]] = {
     "memory": lambda: _remote(transport="memory"),
-    # "tcp": lambda: _remote(transport="tcp"),  # one line, once the tcp transport lands
+    "tcp": lambda: _remote(transport="tcp"),
 }
 
 Observation = tuple[Any, ...]

@@ -25,15 +25,11 @@ class InitializerTests(ConformanceBase):
         gate.wait_started(2)
         gate.release()
         assert [f.result(timeout=TIMEOUT) for f in held] == [marker, marker]
-        assert [f.result(timeout=TIMEOUT) for f in [executor.submit(tasks.get_state) for _ in range(6)]] == [
-            marker
-        ] * 6
+        assert [f.result(timeout=TIMEOUT) for f in [executor.submit(tasks.get_state) for _ in range(6)]] == [marker] * 6
 
     def test_initializer_lambda_with_initargs(self, new_executor: ExecutorFactory) -> None:
         marker = f"lambda-{uuid.uuid4()}"
-        executor = new_executor(
-            max_workers=1, initializer=lambda a, b: tasks.set_state(a + b), initargs=(marker, "!")
-        )
+        executor = new_executor(max_workers=1, initializer=lambda a, b: tasks.set_state(a + b), initargs=(marker, "!"))
         assert executor.submit(tasks.get_state).result(timeout=TIMEOUT) == marker + "!"
 
     def test_failing_initializer_breaks_the_executor(self, new_executor: ExecutorFactory) -> None:

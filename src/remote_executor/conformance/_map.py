@@ -60,6 +60,7 @@ class MapTests(ConformanceBase):
         assert time.monotonic() - before_next < 0.5, "map's timeout restarted at next() instead of the call"
 
     def test_map_timeout_after_earlier_results(self, executor: Executor, gate: Gate) -> None:
+        assert executor.submit(tasks.square, 1).result(timeout=TIMEOUT) == 1  # workers up: 2 s is plenty
         gate.release("quick")
         results = executor.map(
             functools.partial(tasks.wait_at_gate, gate.address), ["quick", "held"], ["q", "h"], timeout=2.0
@@ -133,8 +134,6 @@ class MapTests(ConformanceBase):
     @pytest.mark.parametrize(
         ("buffersize", "error"), [(0, ValueError), (-1, ValueError), (1.5, TypeError), ("2", TypeError)]
     )
-    def test_map_buffersize_invalid(
-        self, executor: Executor, buffersize: object, error: type[Exception]
-    ) -> None:
+    def test_map_buffersize_invalid(self, executor: Executor, buffersize: object, error: type[Exception]) -> None:
         with pytest.raises(error):
             _map(executor, tasks.square, [1, 2], buffersize=buffersize)

@@ -89,9 +89,7 @@ class ShutdownTests(ConformanceBase):
         gate.release()
         assert held.result(timeout=TIMEOUT) is None
 
-    def test_context_manager_returns_the_executor_and_waits(
-        self, new_executor: ExecutorFactory, gate: Gate
-    ) -> None:
+    def test_context_manager_returns_the_executor_and_waits(self, new_executor: ExecutorFactory, gate: Gate) -> None:
         executor = new_executor()
         gate.release()
         with executor as entered:

@@ -89,8 +89,7 @@ class Gate:
         with self._changed:
             if not self._changed.wait_for(lambda: len(self._started) >= count, timeout):
                 raise AssertionError(
-                    f"only {len(self._started)} of {count} tasks reached the gate within {timeout} s:"
-                    f" {self._started}"
+                    f"only {len(self._started)} of {count} tasks reached the gate within {timeout} s: {self._started}"
                 )
             return list(self._started)
 

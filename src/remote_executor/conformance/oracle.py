@@ -62,11 +62,7 @@ class _BackportedMapExecutor(ThreadPoolExecutor):
             try:
                 fs.reverse()  # reverse to keep finishing order
                 while fs:
-                    if (
-                        buffersize
-                        and (executor := executor_weakref())
-                        and (args := next(zipped_iterables, None))
-                    ):
+                    if buffersize and (executor := executor_weakref()) and (args := next(zipped_iterables, None)):
                         fs.appendleft(executor.submit(fn, *args))
                     # Careful not to keep a reference to the popped future
                     if timeout is None:
@@ -80,6 +76,4 @@ class _BackportedMapExecutor(ThreadPoolExecutor):
         return result_iterator()
 
 
-OracleExecutor: type[ThreadPoolExecutor] = (
-    ThreadPoolExecutor if sys.version_info >= (3, 14) else _BackportedMapExecutor
-)
+OracleExecutor: type[ThreadPoolExecutor] = ThreadPoolExecutor if sys.version_info >= (3, 14) else _BackportedMapExecutor
