@@ -1,0 +1,581 @@
+"""The job server's sans-I/O scheduler on its own: frames in with explicit times, actions out.
+
+No sockets, no threads, no clock: a :class:`Harness` owns the scheduler and the current ``now``, and each
+step returns the actions (``Send``/``Close``) the scheduler asked for, which the tests inspect.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+import pytest
+
+from remote_executor.protocol import Frame, Kind, Status, hello
+from remote_executor.scheduler import Action, Close, ConnId, Scheduler, Send
+from remote_executor.serialization import Parts
+
+EXEC = 7
+INTERVAL = 1.0
+TIMEOUT = 5.0
+
+
+def client_hello(name: str = "client", executor_id: int = EXEC, max_retries: int = 0,
+                 init: Parts | None = None, **extra: object) -> Frame:
+    info = {"name": name, "executor_id": executor_id, "max_retries": max_retries, **extra}
+    return hello("client", info, init)
+
+
+def worker_hello(name: str = "worker", slots: int = 1, **extra: object) -> Frame:
+    return hello("worker", {"name": name, "slots": slots, **extra})
+
+
+def call(label: str) -> Parts:
+    return [f"call {label}".encode()]
+
+
+class Harness:
+    """A scheduler and a clock; every step returns the actions it produced."""
+
+    def __init__(self, **kwargs: object) -> None:
+        kwargs.setdefault("heartbeat_interval", INTERVAL)
+        kwargs.setdefault("heartbeat_timeout", TIMEOUT)
+        self.s = Scheduler(**kwargs)  # type: ignore[arg-type]
+        self.now = 0.0
+        self.workers: set[ConnId] = set()
+
+    def connect(self, conn: ConnId, first: Frame, *, local: bool = False) -> list[Action]:
+        self.s.connected(conn, self.now, local=local)
+        return self.recv(conn, first)
+
+    def client(self, conn: ConnId, *, local: bool = True, **kwargs: object) -> list[Action]:
+        """Clients are in-process by default so that only the workers' heartbeats matter."""
+        return self.connect(conn, client_hello(**kwargs), local=local)  # type: ignore[arg-type]
+
+    def worker(self, conn: ConnId, name: str = "worker", slots: int = 1) -> list[Action]:
+        self.workers.add(conn)
+        return self.connect(conn, worker_hello(name, slots))
+
+    def recv(self, conn: ConnId, frame: Frame) -> list[Action]:
+        self.s.received(conn, frame, self.now)
+        return self.s.take_actions()
+
+    def submit(self, conn: ConnId, client_tid: int, label: str | None = None) -> list[Action]:
+        return self.recv(conn, Frame(Kind.SUBMIT, a=client_tid, parts=call(label or str(client_tid))))
+
+    def result(self, conn: ConnId, tid: int, outcome: bytes = b"outcome") -> list[Action]:
+        return self.recv(conn, Frame(Kind.RESULT, a=tid, parts=[outcome]))
+
+    def disconnect(self, conn: ConnId) -> list[Action]:
+        self.workers.discard(conn)
+        self.s.disconnected(conn, self.now)
+        return self.s.take_actions()
+
+    def tick(self, now: float) -> list[Action]:
+        self.now = now
+        self.s.tick(now)
+        return self.s.take_actions()
+
+    def silence(self, conn: ConnId) -> list[Action]:
+        """Let ``conn`` stay silent past the timeout while every other worker keeps beating."""
+        self.now += TIMEOUT + 1
+        for other in self.workers - {conn}:
+            assert self.recv(other, Frame(Kind.HEARTBEAT)) == []
+        self.workers.discard(conn)
+        actions = self.tick(self.now)
+        assert [a.conn for a in actions if isinstance(a, Close)] == [conn]
+        return [a for a in actions if not is_heartbeat(a)]
+
+    def lose(self, conn: ConnId, how: str) -> list[Action]:
+        """Lose a worker by disconnect or by silence; the Close of a silent worker is left out."""
+        if how == "disconnect":
+            return self.disconnect(conn)
+        return [a for a in self.silence(conn) if not isinstance(a, Close)]
+
+
+def is_heartbeat(action: Action) -> bool:
+    return isinstance(action, Send) and action.frame.kind == Kind.HEARTBEAT
+
+
+def sent(actions: Sequence[Action], conn: ConnId | None = None, kind: Kind | None = None) -> list[Frame]:
+    return [a.frame for a in actions if isinstance(a, Send)
+            and (conn is None or a.conn == conn) and (kind is None or a.frame.kind == kind)]
+
+
+def tasks_to(actions: Sequence[Action], conn: ConnId) -> list[bytes]:
+    """The call payloads sent to worker ``conn``, in order."""
+    return [bytes(f.parts[0]) for f in sent(actions, conn, Kind.TASK)]
+
+
+def tids_to(actions: Sequence[Action], conn: ConnId) -> list[int]:
+    return [f.a for f in sent(actions, conn, Kind.TASK)]
+
+
+def capacities(actions: Sequence[Action], conn: ConnId) -> list[int]:
+    return [f.a for f in sent(actions, conn, Kind.CAPACITY)]
+
+
+def assert_rejected(actions: Sequence[Action], conn: ConnId, reason_contains: str) -> str:
+    """Exactly one REJECT then a Close for ``conn`` (other peers may get frames as a consequence)."""
+    mine = [a for a in actions if a.conn == conn]
+    assert len(mine) == 2, mine
+    reject, close = mine
+    assert isinstance(reject, Send)
+    assert reject.frame.kind == Kind.REJECT
+    reason = bytes(reject.frame.parts[0]).decode()
+    assert reason_contains in reason
+    assert isinstance(close, Close)
+    return reason
+
+
+# --- handshake ---------------------------------------------------------------------------------------
+
+
+def test_client_hello_gets_welcome_then_capacity() -> None:
+    h = Harness(name="js-1")
+    actions = h.client(1)
+    assert [type(a) for a in actions] == [Send, Send]
+    welcome, capacity = sent(actions, 1)
+    assert welcome.kind == Kind.WELCOME
+    assert json.loads(bytes(welcome.parts[0])) == {"server": "js-1", "heartbeat_interval": INTERVAL,
+                                            "heartbeat_timeout": TIMEOUT}
+    assert (capacity.kind, capacity.a) == (Kind.CAPACITY, 0)
+
+
+def test_worker_hello_gets_welcome_only() -> None:
+    h = Harness()
+    actions = h.worker(1, slots=3)
+    assert [f.kind for f in sent(actions)] == [Kind.WELCOME]
+    assert not [a for a in actions if isinstance(a, Close)]
+    assert h.s.capacity == 3
+
+
+def test_frame_before_hello_is_rejected() -> None:
+    h = Harness()
+    actions = h.connect(1, Frame(Kind.SUBMIT, a=1, parts=call("early")))
+    assert_rejected(actions, 1, "HELLO")
+    assert h.s.status()["clients"] == []
+
+
+def test_unknown_role_is_rejected() -> None:
+    h = Harness()
+    actions = h.connect(1, hello("overlord", {"name": "x"}))
+    assert_rejected(actions, 1, "overlord")
+    assert not sent(actions, 1, Kind.WELCOME)
+
+
+def test_bad_json_hello_is_rejected() -> None:
+    h = Harness()
+    actions = h.connect(1, Frame(Kind.HELLO, parts=[b'{"role": "client", ']))
+    assert_rejected(actions, 1, "JSON")
+
+
+@pytest.mark.parametrize("token", [None, "wrong", ""])
+def test_wrong_or_missing_token_is_rejected(token: str | None) -> None:
+    h = Harness(token=b"s3cret")
+    extra = {} if token is None else {"token": token}
+    actions = h.connect(1, worker_hello(**extra))  # type: ignore[arg-type]
+    assert_rejected(actions, 1, "token")
+    assert h.s.capacity == 0
+
+
+def test_right_token_is_welcome() -> None:
+    h = Harness(token=b"s3cret")
+    actions = h.connect(1, worker_hello(token="s3cret"))
+    assert [f.kind for f in sent(actions)] == [Kind.WELCOME]
+
+
+@pytest.mark.parametrize("role", ["client", "worker"])
+def test_version_mismatch_is_rejected_with_a_clear_reason(role: str) -> None:
+    h = Harness()
+    frame = client_hello() if role == "client" else worker_hello()
+    body = json.loads(bytes(frame.parts[0]))
+    body["python"] = "2.7"
+    frame.parts[0] = json.dumps(body).encode()
+    actions = h.connect(1, frame)
+    reason = assert_rejected(actions, 1, "version mismatch")
+    assert "2.7" in reason
+    assert not sent(actions, 1, Kind.WELCOME)
+
+
+def test_second_hello_is_a_protocol_violation() -> None:
+    h = Harness()
+    h.worker(1)
+    assert_rejected(h.recv(1, worker_hello()), 1, "HELLO")
+    assert h.s.capacity == 0
+
+
+@pytest.mark.parametrize("frame", [client_hello(executor_id=-1), client_hello(max_retries=-1),
+                                   worker_hello(slots=0), worker_hello(slots=1 << 16),
+                                   hello("client", {"name": "no executor id"})],
+                         ids=["negative-executor", "negative-retries", "no-slots", "too-many-slots", "no-executor"])
+def test_hello_with_invalid_values_is_rejected(frame: Frame) -> None:
+    h = Harness()
+    actions = h.connect(1, frame)
+    assert [f.kind for f in sent(actions, 1)][-1] == Kind.REJECT
+    assert isinstance(actions[-1], Close)
+    assert actions[-1].conn == 1
+    assert (h.s.status()["clients"], h.s.status()["workers"], h.s.capacity) == ([], [], 0)
+
+
+# --- capacity ----------------------------------------------------------------------------------------
+
+
+def test_capacity_follows_workers_attaching_draining_and_leaving() -> None:
+    h = Harness()
+    assert capacities(h.client(1), 1) == [0]
+    actions = h.worker(10, slots=2)
+    assert capacities(actions, 1) == [2]
+    actions = h.worker(11, slots=3)
+    assert capacities(actions, 1) == [5]
+    assert capacities(h.client(2), 2) == [5]
+    actions = h.recv(10, Frame(Kind.DRAIN))
+    assert (capacities(actions, 1), capacities(actions, 2)) == ([3], [3])
+    actions = h.disconnect(11)
+    assert (capacities(actions, 1), capacities(actions, 2)) == ([0], [0])
+    actions = h.disconnect(10)  # a draining worker leaving changes nothing
+    assert sent(actions, kind=Kind.CAPACITY) == []
+    assert h.s.capacity == 0
+
+
+# --- assignment and fairness -------------------------------------------------------------------------
+
+
+def test_tasks_go_only_to_free_slots() -> None:
+    h = Harness()
+    h.client(1)
+    h.worker(10, slots=2)
+    actions: list[Action] = []
+    for i in range(4):
+        actions += h.submit(1, i)
+    assert tasks_to(actions, 10) == [b"call 0", b"call 1"]
+    assert h.s.status()["clients"][0]["queued"] == 2
+    tid = tids_to(actions, 10)[0]
+    actions = h.result(10, tid)
+    assert tasks_to(actions, 10) == [b"call 2"]
+    actions = h.worker(11, slots=1)
+    assert tasks_to(actions, 11) == [b"call 3"]
+
+
+def test_round_robin_between_two_clients_with_queued_work() -> None:
+    h = Harness()
+    h.client(1)
+    h.client(2)
+    for i in range(3):
+        h.submit(1, i, f"a{i}")
+    for i in range(3):
+        h.submit(2, i, f"b{i}")
+    actions = h.worker(10, slots=6)
+    assert tasks_to(actions, 10) == [b"call a0", b"call b0", b"call a1", b"call b1", b"call a2", b"call b2"]
+
+
+def test_round_robin_one_slot_at_a_time() -> None:
+    h = Harness()
+    h.client(1)
+    h.client(2)
+    for i in range(3):
+        h.submit(1, i, f"a{i}")
+    for i in range(2):
+        h.submit(2, i, f"b{i}")
+    actions = h.worker(10, slots=1)
+    order = tasks_to(actions, 10)
+    for _ in range(4):
+        actions = h.result(10, tids_to(actions, 10)[0])
+        order += tasks_to(actions, 10)
+    assert order == [b"call a0", b"call b0", b"call a1", b"call b1", b"call a2"]
+
+
+# --- initializers ------------------------------------------------------------------------------------
+
+
+def test_init_is_sent_once_per_worker_and_executor_before_its_first_task() -> None:
+    h = Harness()
+    h.client(1, init=[b"init-7"])
+    h.client(2, executor_id=8)  # no initializer: no INIT
+    actions = h.worker(10, slots=1) + h.submit(1, 1)
+    assert [f.kind for f in sent(actions, 10)] == [Kind.WELCOME, Kind.INIT, Kind.TASK]
+    (init,) = sent(actions, 10, Kind.INIT)
+    assert (init.a, init.parts) == (EXEC, [b"init-7"])
+    assert sent(actions, 10, Kind.TASK)[0].b == EXEC
+    h.submit(1, 2)  # queued: the only slot is busy
+    actions = h.result(10, tids_to(actions, 10)[0])
+    assert [f.kind for f in sent(actions, 10)] == [Kind.TASK]  # the second task: no INIT again
+    assert tids_to(h.result(10, tids_to(actions, 10)[0]), 10) == []
+    actions = h.submit(2, 1)
+    assert [(f.kind, f.b) for f in sent(actions, 10)] == [(Kind.TASK, 8)]
+    actions = h.worker(11, slots=1) + h.submit(1, 3)
+    assert [f.kind for f in sent(actions, 11)] == [Kind.WELCOME, Kind.INIT, Kind.TASK]  # a new worker
+
+
+def test_init_failed_breaks_every_client_of_the_executor_and_clears_their_queues() -> None:
+    h = Harness()
+    h.client(1, init=[b"init"])
+    h.client(2)  # the same executor, another connection
+    h.client(3, executor_id=8)
+    h.worker(10, slots=1)
+    running = tids_to(h.submit(1, 1, "a1"), 10)
+    for i, (conn, label) in enumerate([(1, "a2"), (2, "b1"), (3, "c1")]):
+        h.submit(conn, i + 2, label)
+    actions = h.recv(10, Frame(Kind.INIT_FAILED, a=EXEC, parts=[b"boom"]))
+    assert [(a.conn, a.frame.kind, a.frame.a, a.frame.parts) for a in actions if isinstance(a, Send)] == [
+        (1, Kind.BROKEN, EXEC, [b"boom"]), (2, Kind.BROKEN, EXEC, [b"boom"])]
+    queued = {c["name"]: c["queued"] for c in h.s.status()["clients"]}
+    assert queued == {"client#1": 0, "client#2": 0, "client#3": 1}
+    actions = h.result(10, running[0])
+    assert sent(actions, 1, Kind.RESULT)[0].b == Status.DONE  # what already ran still answers
+    assert tasks_to(actions, 10) == [b"call c1"]  # nothing of the broken executor is dispatched
+
+
+# --- results -----------------------------------------------------------------------------------------
+
+
+def test_result_is_forwarded_with_the_clients_own_task_id() -> None:
+    h = Harness()
+    h.client(1)
+    h.worker(10)
+    actions = h.submit(1, 41, "x")
+    (task,) = sent(actions, 10, Kind.TASK)
+    assert (task.b, task.parts) == (EXEC, call("x"))
+    actions = h.result(10, task.a, b"the outcome")
+    sends = [(a.conn, a.frame) for a in actions if isinstance(a, Send)]
+    assert sends == [(1, Frame(Kind.RESULT, a=41, b=Status.DONE, parts=[b"the outcome"]))]
+
+
+def test_result_of_a_departed_client_is_dropped_and_the_worker_gets_more_work() -> None:
+    h = Harness()
+    h.client(1)
+    h.client(2)
+    h.worker(10, slots=1)
+    (tid,) = tids_to(h.submit(1, 1, "a1"), 10)
+    h.submit(1, 2, "a2")
+    h.submit(2, 1, "b1")
+    h.disconnect(1)
+    actions = h.result(10, tid)
+    assert sent(actions, 1) == []
+    assert tasks_to(actions, 10) == [b"call b1"]  # a2 left with its client
+    assert not [a for a in actions if isinstance(a, Close)]
+
+
+def test_result_for_an_unknown_task_is_ignored() -> None:
+    h = Harness()
+    h.client(1)
+    h.worker(10)
+    h.worker(11)
+    (tid,) = tids_to(h.submit(1, 1), 10)
+    assert h.result(11, tid) == []  # not that worker's task
+    assert h.result(10, 999) == []
+    assert sent(h.result(10, tid), 1, Kind.RESULT)[0].a == 1
+
+
+# --- worker loss -------------------------------------------------------------------------------------
+
+LOSSES = ["disconnect", "silence"]
+
+
+@pytest.mark.parametrize("how", LOSSES)
+def test_lost_task_is_requeued_at_the_head_and_sent_to_another_worker(how: str) -> None:
+    h = Harness()
+    h.client(1, max_retries=1)
+    h.worker(10, "w1", slots=1)
+    h.submit(1, 1, "first")
+    h.submit(1, 2, "second")
+    actions = h.lose(10, how)
+    assert sent(actions, 1, Kind.RESULT) == []
+    assert [c["queued"] for c in h.s.status()["clients"]] == [2]
+    actions = h.worker(11, "w2", slots=1)
+    assert tasks_to(actions, 11) == [b"call first"]  # the head of the queue, before "second"
+
+
+@pytest.mark.parametrize("how", LOSSES)
+def test_lost_task_goes_at_once_to_a_free_worker(how: str) -> None:
+    h = Harness()
+    h.client(1, max_retries=1)
+    h.worker(10, "w1", slots=1)
+    h.submit(1, 1, "first")
+    h.worker(11, "w2", slots=1)
+    actions = h.lose(10, how)
+    assert tasks_to(actions, 11) == [b"call first"]
+
+
+@pytest.mark.parametrize("how", LOSSES)
+def test_retries_exhausted_gives_worker_lost_naming_every_worker_in_order(how: str) -> None:
+    h = Harness()
+    h.client(1, max_retries=2)
+    h.submit(1, 5, "doomed")
+    h.submit(1, 6, "next")
+    for conn, name in [(10, "w1"), (11, "w2")]:
+        assert tasks_to(h.worker(conn, name), conn) == [b"call doomed"]
+        assert sent(h.lose(conn, how), 1, Kind.RESULT) == []
+    assert tasks_to(h.worker(12, "w3"), 12) == [b"call doomed"]
+    actions = h.lose(12, how)
+    (result,) = sent(actions, 1, Kind.RESULT)
+    assert (result.a, result.b) == (5, Status.WORKER_LOST)
+    assert json.loads(bytes(result.parts[0])) == {"workers": ["w1#10", "w2#11", "w3#12"], "attempts": 3}
+    assert tasks_to(h.worker(13, "w4"), 13) == [b"call next"]
+
+
+@pytest.mark.parametrize("how", LOSSES)
+def test_max_retries_zero_fails_on_the_first_loss(how: str) -> None:
+    h = Harness()
+    h.client(1, max_retries=0)
+    h.worker(10, "w1", slots=2)
+    h.submit(1, 1)
+    h.submit(1, 2)
+    actions = h.lose(10, how)
+    results = sent(actions, 1, Kind.RESULT)
+    assert sorted((f.a, f.b) for f in results) == [(1, Status.WORKER_LOST), (2, Status.WORKER_LOST)]
+    for f in results:
+        assert json.loads(bytes(f.parts[0])) == {"workers": ["w1#10"], "attempts": 1}
+    assert tasks_to(h.worker(11), 11) == []
+
+
+def test_silent_worker_is_closed_on_tick_past_the_timeout() -> None:
+    h = Harness()
+    h.client(1)
+    h.worker(10)
+    h.submit(1, 1)
+    h.now = TIMEOUT  # exactly the timeout is not yet past it
+    assert not [a for a in h.tick(TIMEOUT) if isinstance(a, Close)]
+    actions = h.tick(TIMEOUT + 0.1)
+    closes = [a for a in actions if isinstance(a, Close)]
+    assert [c.conn for c in closes] == [10]
+    assert "heartbeat" in closes[0].reason
+    assert sent(actions, 1, Kind.RESULT)[0].b == Status.WORKER_LOST
+    assert h.s.status()["workers"] == []
+    assert h.disconnect(10) == []  # the I/O layer reporting the close afterwards changes nothing
+
+
+def test_any_frame_from_a_worker_counts_as_a_heartbeat() -> None:
+    h = Harness()
+    h.client(1)
+    h.worker(10, slots=2)
+    tids = tids_to(h.submit(1, 1) + h.submit(1, 2), 10)
+    h.now = TIMEOUT - 1
+    h.result(10, tids[0])
+    assert not [a for a in h.tick(TIMEOUT + 1) if isinstance(a, Close)]
+    assert [a.conn for a in h.tick(2 * TIMEOUT) if isinstance(a, Close)] == [10]
+
+
+# --- heartbeats --------------------------------------------------------------------------------------
+
+
+def test_heartbeats_go_to_idle_remote_peers_after_the_interval_and_never_to_local_ones() -> None:
+    h = Harness()
+    h.client(1, local=True)
+    h.client(2, local=False)
+    h.worker(10)
+    assert h.tick(INTERVAL / 2) == []
+    actions = h.tick(INTERVAL)
+    assert sorted(a.conn for a in actions if is_heartbeat(a)) == [2, 10]
+    assert [a for a in actions if not is_heartbeat(a)] == []
+    assert h.tick(INTERVAL * 1.5) == []  # just sent one
+    h.now = INTERVAL * 1.9
+    h.submit(1, 1)  # a TASK to the worker is as good as a heartbeat
+    actions = h.tick(INTERVAL * 2.5)
+    assert [a.conn for a in actions if is_heartbeat(a)] == [2]
+    actions = h.tick(INTERVAL * 2.9)
+    assert [a.conn for a in actions if is_heartbeat(a)] == [10]
+
+
+def test_local_peer_is_never_timed_out() -> None:
+    h = Harness()
+    h.client(1, local=True)
+    assert h.tick(100 * TIMEOUT) == []
+    assert len(h.s.status()["clients"]) == 1
+
+
+def test_silent_remote_client_is_dropped_with_its_queue() -> None:
+    h = Harness()
+    h.client(1, local=False)
+    h.submit(1, 1)
+    actions = h.tick(TIMEOUT + 1)
+    assert [a.conn for a in actions if isinstance(a, Close)] == [1]
+    assert h.s.status()["clients"] == []
+    assert tasks_to(h.worker(10), 10) == []
+
+
+def test_tick_returns_when_the_next_check_is_due() -> None:
+    h = Harness()
+    assert h.s.tick(3.0) == pytest.approx(3.0 + INTERVAL / 2)
+
+
+# --- drain -------------------------------------------------------------------------------------------
+
+
+def test_drain_acks_stops_new_tasks_drops_capacity_and_still_forwards_results() -> None:
+    h = Harness()
+    h.client(1)
+    h.worker(10, slots=2)
+    (tid,) = tids_to(h.submit(1, 1, "running"), 10)
+    actions = h.recv(10, Frame(Kind.DRAIN))
+    assert sent(actions, 10) == [Frame(Kind.DRAIN)]
+    assert capacities(actions, 1) == [0]
+    assert tasks_to(h.submit(1, 2, "queued"), 10) == []  # a slot is free, but the worker drains
+    actions = h.result(10, tid)
+    assert [(f.a, f.b) for f in sent(actions, 1, Kind.RESULT)] == [(1, Status.DONE)]
+    assert tasks_to(actions, 10) == []
+    assert h.s.status()["workers"][0] == {"name": "worker#10", "slots": 2, "running": 0, "draining": True}
+    actions = h.worker(11, slots=1)
+    assert tasks_to(actions, 11) == [b"call queued"]
+    assert capacities(actions, 1) == [1]
+
+
+# --- protocol violations -----------------------------------------------------------------------------
+
+
+def test_a_client_may_not_send_result() -> None:
+    h = Harness()
+    h.client(1)
+    assert_rejected(h.result(1, 1), 1, "RESULT")
+    assert h.s.status()["clients"] == []
+
+
+def test_a_worker_may_not_submit_and_its_running_tasks_are_requeued() -> None:
+    h = Harness()
+    h.client(1, max_retries=1)
+    h.worker(10, "w1")
+    h.submit(1, 1, "x")
+    h.worker(11, "w2")
+    actions = h.recv(10, Frame(Kind.SUBMIT, a=1, parts=call("sneaky")))
+    assert_rejected(actions, 10, "SUBMIT")
+    assert tasks_to(actions, 11) == [b"call x"]
+    assert capacities(actions, 1) == [1]
+    assert h.s.status()["clients"][0]["queued"] == 0
+
+
+def test_an_admin_gets_status_but_may_not_submit() -> None:
+    h = Harness(name="js")
+    h.connect(5, hello("admin", {"name": "ops"}))
+    (frame,) = sent(h.recv(5, Frame(Kind.STATUS)), 5)
+    assert frame.kind == Kind.STATUS
+    assert json.loads(bytes(frame.parts[0])) == h.s.status()
+    assert_rejected(h.submit(5, 1), 5, "SUBMIT")
+
+
+# --- status ------------------------------------------------------------------------------------------
+
+
+def test_status_content() -> None:
+    h = Harness(name="js-7")
+    h.client(1, name="alice")
+    h.client(2, name="bob", executor_id=8)
+    h.worker(10, "w1", slots=2)
+    h.worker(11, "w2", slots=1)
+    h.submit(1, 1)
+    h.submit(1, 2)
+    h.submit(2, 1)
+    h.submit(1, 3)
+    h.recv(11, Frame(Kind.DRAIN))
+    h.submit(2, 2)
+    assert h.s.status() == {
+        "server": "js-7",
+        "capacity": 2,
+        "workers": [
+            {"name": "w1#10", "slots": 2, "running": 2, "draining": False},
+            {"name": "w2#11", "slots": 1, "running": 1, "draining": True},
+        ],
+        "clients": [
+            {"name": "alice#1", "queued": 1, "running": 2},
+            {"name": "bob#2", "queued": 1, "running": 1},
+        ],
+    }
