@@ -579,3 +579,37 @@ def test_status_content() -> None:
             {"name": "bob#2", "queued": 1, "running": 1},
         ],
     }
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        client_hello(executor_id=None),  # type: ignore[arg-type]
+        client_hello(executor_id=[1]),  # type: ignore[arg-type]
+        client_hello(max_retries={"n": 1}),  # type: ignore[arg-type]
+        worker_hello(slots=None),  # type: ignore[arg-type]
+        worker_hello(slots=[2]),  # type: ignore[arg-type]
+    ],
+    ids=["executor_id-null", "executor_id-list", "max_retries-object", "slots-null", "slots-list"],
+)
+def test_hello_with_a_non_integer_field_is_rejected_not_raised(frame: Frame) -> None:
+    h = Harness()
+    actions = h.connect(1, frame)
+    assert [f.kind for f in sent(actions, 1)][-1] == Kind.REJECT
+    assert isinstance(actions[-1], Close)
+    assert actions[-1].conn == 1
+
+
+@pytest.mark.parametrize(
+    "frame", [client_hello(executor_id=-1), worker_hello(slots=0)], ids=["executor-neg", "slots-0"]
+)
+def test_invalid_hello_gets_no_welcome(frame: Frame) -> None:
+    actions = Harness().connect(1, frame)
+    assert Kind.WELCOME not in [f.kind for f in sent(actions, 1)]
+    assert_rejected(actions, 1, "")
+
+
+def test_connection_that_never_says_hello_is_closed_after_the_timeout() -> None:
+    h = Harness()
+    h.s.connected(1, 0.0)
+    assert [a.conn for a in h.tick(TIMEOUT + 1) if isinstance(a, Close)] == [1]

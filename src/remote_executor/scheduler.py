@@ -130,7 +130,7 @@ class Scheduler:
         peer.last_recv = now
         try:
             self._dispatch_frame(peer, frame)
-        except (ProtocolError, VersionMismatchError, KeyError, ValueError) as exc:
+        except (ProtocolError, VersionMismatchError, KeyError, ValueError, TypeError) as exc:
             self._reject(peer, f"{type(exc).__name__}: {exc}")
 
     def disconnected(self, conn: ConnId, now: float) -> None:
@@ -148,11 +148,11 @@ class Scheduler:
         """Check heartbeats; returns when the next check is due."""
         self._now = now
         for peer in list(self._peers.values()):
-            if peer.local or not peer.role:
+            if peer.local:
                 continue
-            if now - peer.last_recv > self.heartbeat_timeout:
+            if now - peer.last_recv > self.heartbeat_timeout:  # also a connection that never said HELLO
                 self._silent(peer, now)
-            elif now - peer.last_send >= self.heartbeat_interval:
+            elif peer.role and now - peer.last_send >= self.heartbeat_interval:
                 self._send(peer.conn, Frame(Kind.HEARTBEAT))
         return now + min(self.heartbeat_interval, self.heartbeat_timeout) / 2
 
@@ -200,14 +200,30 @@ class Scheduler:
         peer.name = f"{info.get('name', '?')}#{peer.conn}"
         if role != "admin":
             check_versions(info, f"{role} {peer.name}", self.name)
-        peer.role = str(role)
+        state = self._client_state(info) if role == "client" else self._worker_state(info) if role == "worker" else None
+        peer.role = str(role)  # validated: from here on the peer is welcome
         welcome = {"server": self.name, "heartbeat_interval": self.heartbeat_interval,
                    "heartbeat_timeout": self.heartbeat_timeout}
         self._send_json(peer.conn, Kind.WELCOME, welcome)
-        if role == "client":
-            self._add_client(peer, info, frame.parts[1:])
-        elif role == "worker":
-            self._add_worker(peer, info)
+        if isinstance(state, ClientState):
+            self._add_client(peer, state, frame.parts[1:])
+        elif isinstance(state, WorkerState):
+            self._add_worker(peer, state)
+
+    @staticmethod
+    def _client_state(info: dict[str, Any]) -> ClientState:
+        executor_id = _integer(info, "executor_id", None)
+        max_retries = _integer(info, "max_retries", 0)
+        if not 0 <= executor_id < 1 << 64 or not 0 <= max_retries < 1 << 16:
+            raise ValueError("executor_id must be a uint64 and max_retries in 0..65535")
+        return ClientState(executor_id, max_retries)
+
+    @staticmethod
+    def _worker_state(info: dict[str, Any]) -> WorkerState:
+        slots = _integer(info, "slots", 1)
+        if not 0 < slots < 1 << 16:
+            raise ValueError(f"a worker must offer 1..65535 slots, not {slots}")
+        return WorkerState(slots)
 
     def _check_token(self, info: dict[str, Any]) -> None:
         if self._token is None:
@@ -216,22 +232,15 @@ class Scheduler:
         if not hmac.compare_digest(offered, self._token):
             raise ProtocolError("missing or wrong cluster token")
 
-    def _add_client(self, peer: Peer, info: dict[str, Any], init_parts: Parts) -> None:
-        executor_id = int(info["executor_id"])
-        max_retries = int(info.get("max_retries", 0))
-        if executor_id < 0 or max_retries < 0:
-            raise ValueError("executor_id and max_retries must be >= 0")
-        self._clients[peer.conn] = ClientState(executor_id, max_retries)
+    def _add_client(self, peer: Peer, state: ClientState, init_parts: Parts) -> None:
+        self._clients[peer.conn] = state
         if init_parts:
-            self._initializers[executor_id] = list(init_parts)
+            self._initializers[state.executor_id] = list(init_parts)
         self._send(peer.conn, Frame(Kind.CAPACITY, a=self._capacity))
 
-    def _add_worker(self, peer: Peer, info: dict[str, Any]) -> None:
-        slots = int(info.get("slots", 1))
-        if not 0 < slots < 1 << 16:
-            raise ValueError(f"a worker must offer 1..65535 slots, not {slots}")
-        self._workers[peer.conn] = WorkerState(slots)
-        log.info("worker %s attached with %d slot(s)", peer.name, slots)
+    def _add_worker(self, peer: Peer, state: WorkerState) -> None:
+        self._workers[peer.conn] = state
+        log.info("worker %s attached with %d slot(s)", peer.name, state.slots)
         self._capacity_changed()
         self._assign()
 
@@ -309,7 +318,7 @@ class Scheduler:
 
     def _silent(self, peer: Peer, now: float) -> None:
         reason = f"no heartbeat for {now - peer.last_recv:.1f}s"
-        log.warning("%s %s: %s, closing", peer.role, peer.name, reason)
+        log.warning("%s %s: %s, closing", peer.role or "connection", peer.name or f"#{peer.conn}", reason)
         self._actions.append(Close(peer.conn, reason))
         del self._peers[peer.conn]
         if peer.conn in self._workers:
@@ -394,3 +403,11 @@ _HANDLERS = {
     ("admin", Kind.STATUS): Scheduler._on_status,
     ("admin", Kind.HEARTBEAT): Scheduler._on_heartbeat,
 }
+
+
+def _integer(info: dict[str, Any], name: str, default: int | None) -> int:
+    """An integer field of a HELLO; JSON can hold anything, so check rather than trust."""
+    value = info.get(name, default)
+    if type(value) is not int:
+        raise ValueError(f"HELLO field {name!r} must be an integer, not {value!r}")
+    return value

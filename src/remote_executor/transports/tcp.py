@@ -15,7 +15,13 @@ import time
 from collections import deque
 from collections.abc import Sequence
 
-from ..errors import AuthenticationError, ServerUnavailableError, TransportError
+from ..errors import (
+    AuthenticationError,
+    BrokenRemoteExecutor,
+    RemoteExecutorError,
+    ServerUnavailableError,
+    TransportError,
+)
 from ..protocol import DEFAULT_LIMITS, Frame, Kind, Limits, hello, parse_json
 from ..worker import WorkerCore, WorkerSettings
 from . import split_hostports
@@ -34,6 +40,10 @@ def create(url: str, embedded: bool, options: Options) -> ClientTransport:
     return TcpClientTransport(url, options)
 
 
+class ClosedDuringHandshake(AuthenticationError, ConnectionResetError):
+    """The server hung up before answering HELLO: a wrong key, or a server going down (so: retryable)."""
+
+
 def handshake(
     sock: socket.socket, key: bytes | None, first: Frame, timeout: float, peer: str, limits: Limits = DEFAULT_LIMITS
 ) -> BlockingConnection:
@@ -46,7 +56,7 @@ def handshake(
         reply = conn.recv(timeout)
     except (ConnectionError, TimeoutError) as exc:
         hint = " (wrong key?)" if key is not None else " (does it need a key?)"
-        raise AuthenticationError(f"{peer} closed the connection during the handshake{hint}: {exc}") from exc
+        raise ClosedDuringHandshake(f"{peer} closed the connection during the handshake{hint}: {exc}") from exc
     if reply.kind == Kind.REJECT:
         raise rejection(reply)
     if reply.kind != Kind.WELCOME:
@@ -140,6 +150,10 @@ class TcpClientTransport(ClientTransport):
             while not self._stop.is_set() and self._conn is not None:
                 if not self._serve(self._conn):
                     self._conn = self._reconnect()
+        except BaseException as exc:  # a bug here must fail the futures, not strand them
+            log.exception("the connection thread for %s failed", self.url)
+            assert self._client is not None
+            self._client.listener.on_broken(BrokenRemoteExecutor(f"the connection to {self.url} failed: {exc!r}"))
         finally:
             if self._conn is not None:
                 self._conn.close()
@@ -201,39 +215,43 @@ def _drain(sock: socket.socket) -> None:
 
 
 def run_worker(settings: WorkerSettings, core: WorkerCore) -> int:
-    """Serve a tcp job server until drained (0) or refused for good (2); reconnect in between."""
+    """Serve a tcp job server until drained (0), unreachable (1) or refused (2); reconnect in between."""
     address = split_hostports(settings.url)[0]
-    stop = threading.Event()
-    while True:
-        try:
-            sock = retry_with_backoff(lambda: connect(address, settings.connect_timeout),
-                                      settings.reconnect_timeout, stop,
-                                      lambda exc, delay: log.info("connecting to %s: %s", settings.url, exc))
-        except OSError as exc:
-            log.error("cannot reach %s: %s", settings.url, exc)
-            return 1
-        assert sock is not None
-        outcome = _serve_connection(sock, settings, core)
-        if outcome is not None:
-            return outcome
-
-
-def _serve_connection(sock: socket.socket, settings: WorkerSettings, core: WorkerCore) -> int | None:
-    """One connection's life: None to reconnect, else the exit code."""
     info: dict[str, object] = {"name": settings.name, "slots": 1}
     if settings.token is not None:
         info["token"] = settings.token.decode()
-    try:
-        conn = handshake(sock, settings.key, hello("worker", info), settings.connect_timeout, settings.url)
-    except (TransportError, OSError) as exc:
-        sock.close()
-        log.error("%s refused this worker: %s", settings.url, exc)
-        return 2
+
+    def attempt() -> BlockingConnection:
+        sock = connect(address, settings.connect_timeout)
+        try:
+            return handshake(sock, settings.key, hello("worker", info), settings.connect_timeout, settings.url)
+        except BaseException:
+            sock.close()
+            raise
+
+    while True:
+        try:
+            conn = retry_with_backoff(attempt, settings.reconnect_timeout, threading.Event(),
+                                      lambda exc, delay: log.info("connecting to %s: %s", settings.url, exc))
+        except OSError as exc:  # includes ClosedDuringHandshake, retried until reconnect_timeout
+            log.error("cannot reach %s: %s", settings.url, exc)
+            return 1
+        except RemoteExecutorError as exc:
+            log.error("%s refused this worker: %s", settings.url, exc)
+            return 2
+        assert conn is not None
+        code = _serve_connection(conn, settings, core)
+        if code is not None:
+            return code
+
+
+def _serve_connection(conn: BlockingConnection, settings: WorkerSettings, core: WorkerCore) -> int | None:
+    """One connection's life: None to reconnect, else the exit code."""
     beat = _Heartbeat(conn, settings)
     beat.start()
     try:
         return _work(conn, settings, core)
-    except (ConnectionError, TimeoutError, OSError) as exc:
+    except OSError as exc:  # ConnectionError, TimeoutError: the server went away or went silent
         log.warning("lost %s: %s; reconnecting", settings.url, exc)
         return None
     finally:
