@@ -1,5 +1,7 @@
 """A concurrent.futures.Executor whose calls run in other processes and on other machines."""
 
+from typing import TYPE_CHECKING, Any
+
 from .errors import (
     AuthenticationError,
     BrokenRemoteExecutor,
@@ -14,7 +16,6 @@ from .errors import (
     VersionMismatchError,
     WorkerLostError,
 )
-from .executor import RemoteExecutor
 
 __version__ = "0.1.0"
 
@@ -22,6 +23,7 @@ __all__ = [
     "AuthenticationError",
     "BrokenRemoteExecutor",
     "InitializerFailed",
+    "LocalCluster",
     "ProtocolError",
     "RemoteError",
     "RemoteExecutor",
@@ -34,3 +36,20 @@ __all__ = [
     "WorkerLostError",
     "__version__",
 ]
+
+if TYPE_CHECKING:
+    from .cluster import LocalCluster
+    from .executor import RemoteExecutor
+
+
+def __getattr__(name: str) -> Any:
+    # Imported on first use, so that worker processes (which never need the executor) start faster.
+    if name == "RemoteExecutor":
+        from .executor import RemoteExecutor
+
+        return RemoteExecutor
+    if name == "LocalCluster":
+        from .cluster import LocalCluster
+
+        return LocalCluster
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

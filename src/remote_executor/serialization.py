@@ -14,9 +14,11 @@ exception that cannot be pickled there or unpickled here arrives as :class:`Remo
 
 from __future__ import annotations
 
+import io
 import pickle
 import traceback
 from collections.abc import Callable, Iterable, Sequence
+from types import FunctionType
 from typing import Any
 
 import cloudpickle
@@ -31,10 +33,43 @@ PROTOCOL = 5
 
 
 def dumps(obj: object) -> Parts:
-    """Pickle ``obj`` with cloudpickle; out-of-band buffers follow the stream as separate parts."""
+    """Pickle ``obj``; out-of-band buffers follow the stream as separate parts.
+
+    The standard library pickler is tried first: it is ten times faster than cloudpickle's for the
+    common case (functions and classes importable by name everywhere). Anything that needs pickling by
+    value — lambdas, closures, objects from ``__main__`` or from modules registered with
+    ``cloudpickle.register_pickle_by_value`` — makes it give up, and cloudpickle does the whole object.
+    """
     buffers: list[pickle.PickleBuffer] = []
-    stream = cloudpickle.dumps(obj, protocol=PROTOCOL, buffer_callback=buffers.append)
-    return [stream, *(buf.raw() for buf in buffers)]
+    stream = io.BytesIO()
+    try:
+        _FastPickler(stream, PROTOCOL, buffer_callback=buffers.append).dump(obj)
+    except Exception:
+        buffers.clear()
+        data = cloudpickle.dumps(obj, protocol=PROTOCOL, buffer_callback=buffers.append)
+    else:
+        data = stream.getvalue()
+    return [data, *(buf.raw() for buf in buffers)]
+
+
+class _NeedsCloudpickle(Exception):
+    """Raised inside the fast pickler for an object that only cloudpickle pickles correctly."""
+
+
+class _FastPickler(pickle.Pickler):
+    def reducer_override(self, obj: Any) -> Any:
+        # Called for every object except plain containers and scalars, so keep it cheap.
+        module = getattr(obj, "__module__", None) if isinstance(obj, (type, FunctionType)) else None
+        if module is None:
+            module = type(obj).__module__
+        if module == "__main__" or module in _by_value_modules():
+            raise _NeedsCloudpickle(module)
+        return NotImplemented
+
+
+def _by_value_modules() -> set[str]:
+    registered: set[str] = getattr(cloudpickle.cloudpickle, "_PICKLE_BY_VALUE_MODULES", set())
+    return registered
 
 
 def loads(parts: Sequence[Buffer]) -> Any:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import difflib
 import importlib
 from collections.abc import Callable
-from importlib.metadata import entry_points
 from urllib.parse import urlsplit
 
 from ..errors import TransportError
@@ -47,11 +46,14 @@ def resolve(scheme: str) -> Factory:
     if scheme in _BUILTIN:
         target, extra = _BUILTIN[scheme]
         return _load(target, scheme, extra)
-    for ep in entry_points(group="remote_executor.transports"):
+    from importlib.metadata import entry_points  # slow to import: only for schemes not built in
+
+    plugins = entry_points(group="remote_executor.transports")
+    for ep in plugins:
         if ep.name == scheme:
             factory: Factory = ep.load()
             return factory
-    known = sorted(set(_BUILTIN) | {ep.name for ep in entry_points(group="remote_executor.transports")})
+    known = sorted(set(_BUILTIN) | {ep.name for ep in plugins})
     close = difflib.get_close_matches(scheme, known, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     raise TransportError(f"unknown transport scheme {scheme!r} (known: {', '.join(known)}){hint}")
