@@ -30,7 +30,7 @@ from typing import Any
 import zmq
 import zmq.auth
 
-from ..errors import ProtocolError, ServerUnavailableError, TransportError
+from ..errors import ProtocolError, RemoteExecutorError, ServerUnavailableError, TransportError
 from ..protocol import MAC_SIZE, Frame, Kind, Limits, decode_parts, encode, hello
 from ..serialization import Buffer
 from ..worker import WorkerCore, WorkerSettings
@@ -322,7 +322,7 @@ class ZmqClientTransport(ClientTransport):
         timeout = self._options.reconnect_timeout
         try:
             sock = self._connect(timeout)
-        except (TransportError, ProtocolError) as exc:
+        except RemoteExecutorError as exc:
             if not self._stop.is_set():
                 self._client.listener.on_broken(ServerUnavailableError(
                     f"lost the job server {self.url} and could not reconnect within {timeout:g}s: {exc}"))
@@ -438,7 +438,7 @@ def _session(sock: zmq.Socket[Any], settings: WorkerSettings, core: WorkerCore) 
             return 0
         log.error("cannot reach %s: %s", settings.url, exc)
         return 1
-    except (TransportError, ProtocolError) as exc:
+    except RemoteExecutorError as exc:
         log.error("%s refused this worker: %s", settings.url, exc)
         return 2
     link = _WorkerLink(sock, settings)

@@ -1,0 +1,493 @@
+"""The zmq transport on real sockets (127.0.0.1) and real worker processes: the ZeroMQ-specific parts.
+
+Heartbeat timeouts (a worker SIGKILLed, a worker frozen with SIGSTOP), reconnection to a restarted server,
+malformed multipart messages, HMAC and CURVE, and the bound on what waits in the server.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import BrokenExecutor
+from pathlib import Path
+
+import cloudpickle
+import pytest
+import zmq
+import zmq.auth
+
+from remote_executor import RemoteExecutor
+from remote_executor.conformance.gate import Gate, wait_at_gate
+from remote_executor.errors import (
+    BrokenRemoteExecutor,
+    ServerUnavailableError,
+    TransportError,
+    WorkerLostError,
+)
+from remote_executor.protocol import HEADER, MAGIC, VERSION, Limits, encode, hello
+from remote_executor.serialization import Parts, encode_call
+from remote_executor.supervisor import Supervisor
+from remote_executor.transports import create
+from remote_executor.transports.base import Call, Options, Session, Status, decode_result
+from remote_executor.transports.zmq import CURVE_SERVER_KEY_ENV
+from remote_executor.transports.zmq_server import ZmqServer
+
+pytestmark = pytest.mark.zmq
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
+
+HEARTBEAT_TIMEOUT = 1.0
+FAST = {"heartbeat_interval": 0.2, "heartbeat_timeout": HEARTBEAT_TIMEOUT}
+WORKER_ARGS = ("--heartbeat-interval", "0.2", "--heartbeat-timeout", str(HEARTBEAT_TIMEOUT))
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
+    """Poll a condition that no event announces (a server's view), with a deadline."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.01)
+
+
+def record_pid_then_wait(path: str, address: tuple[str, int], token: str) -> int:
+    with open(path, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    wait_at_gate(address, token)
+    return os.getpid()
+
+
+def pids_in(path: Path) -> list[int]:
+    return [int(line) for line in path.read_text().split()] if path.exists() else []
+
+
+class Recorder:
+    """A Listener that queues what the transport reports."""
+
+    def __init__(self) -> None:
+        self.results: queue.Queue[tuple[int, Status, Parts]] = queue.Queue()
+        self.capacity: list[int] = []
+        self.broken: queue.Queue[BrokenRemoteExecutor] = queue.Queue()
+
+    def on_result(self, task_id: int, status: Status, parts: Parts) -> None:
+        self.results.put((task_id, status, parts))
+
+    def on_capacity(self, slots: int) -> None:
+        self.capacity.append(slots)
+
+    def on_broken(self, error: BrokenRemoteExecutor) -> None:
+        self.broken.put(error)
+
+
+class ProbedServer(ZmqServer):
+    """Records, on the loop thread, the most calls the server ever held (queued or running)."""
+
+    most_held = 0
+
+    def pump(self) -> None:
+        super().pump()
+        held = sum(c["queued"] + c["running"] for c in self.scheduler.status()["clients"])
+        self.most_held = max(self.most_held, held)
+
+
+@pytest.fixture
+def server() -> Iterator[ZmqServer]:
+    srv = ZmqServer("127.0.0.1", 0, **FAST)
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def start_workers() -> Iterator[Callable[..., Supervisor]]:
+    started: list[Supervisor] = []
+
+    def start(url: str, count: int = 2, env: dict[str, str] | None = None) -> Supervisor:
+        supervisor = Supervisor(url, count, env=env, worker_args=WORKER_ARGS, name="zmq-worker")
+        supervisor.start()
+        started.append(supervisor)
+        return supervisor
+
+    yield start
+    for supervisor in started:
+        for pid in supervisor.pids():  # a test may have left one stopped
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        supervisor.stop()
+
+
+# --- round trips -----------------------------------------------------------------------------------------
+
+
+def test_transport_round_trip_through_the_client_interface(
+    server: ZmqServer, start_workers: Callable[..., Supervisor]
+) -> None:
+    start_workers(server.url, 1)
+    transport = create(server.url, Options(heartbeat_interval=0.2, heartbeat_timeout=HEARTBEAT_TIMEOUT))
+    listener = Recorder()
+    transport.start(Session(executor_id=7, initializer=None, max_retries=1), listener)
+    try:
+        big = os.urandom(3 << 20)  # crosses as an out-of-band buffer, sent and received uncopied
+        transport.submit([Call(1, encode_call(pow, (2, 10), {})), Call(2, encode_call(bytes, (big,), {}))])
+        results = {}
+        for _ in range(2):
+            task_id, status, parts = listener.results.get(timeout=30)
+            results[task_id] = decode_result(status, parts)
+        assert results[1] == (True, 1024)
+        assert results[2] == (True, big)
+        assert listener.capacity[-1] == 1
+    finally:
+        transport.close()
+    assert listener.broken.empty()
+
+
+def test_embedded_cluster() -> None:
+    with RemoteExecutor(max_workers=2, transport="zmq") as ex:
+        assert list(ex.map(pow, range(30), [2] * 30, chunksize=4)) == [i * i for i in range(30)]
+        pids = {f.result() for f in [ex.submit(os.getpid) for _ in range(20)]}
+        assert os.getpid() not in pids
+        payload = bytearray(os.urandom(8 << 20))
+        assert ex.submit(len, payload).result() == len(payload)
+        assert ex.submit(lambda b: b[::-1], bytes(payload)).result() == bytes(payload)[::-1]
+
+
+def test_remote_server_and_standalone_workers(server: ZmqServer, start_workers: Callable[..., Supervisor]) -> None:
+    start_workers(server.url, 2)
+    with RemoteExecutor(transport=server.url, **FAST) as ex:
+        assert sum(ex.map(abs, range(-500, 500), chunksize=10)) == 250000
+        with pytest.raises(ZeroDivisionError):
+            ex.submit(divmod, 1, 0).result(timeout=30)
+    wait_for(lambda: server.scheduler.capacity == 2, what="both workers attached")
+
+
+# --- liveness: heartbeats decide ---------------------------------------------------------------------------
+
+
+def test_sigkilled_worker_call_is_requeued_within_the_heartbeat_timeout(
+    server: ZmqServer, start_workers: Callable[..., Supervisor], tmp_path: Path
+) -> None:
+    start_workers(server.url, 2)
+    log = tmp_path / "pids"
+    with Gate() as gate, RemoteExecutor(transport=server.url, max_retries=1, **FAST) as ex:
+        future = ex.submit(record_pid_then_wait, str(log), gate.address, "held")
+        gate.wait_started(1)
+        first = pids_in(log)[0]
+        killed = time.monotonic()
+        os.kill(first, signal.SIGKILL)
+        gate.wait_started(2)  # requeued, and running again on the other worker
+        assert time.monotonic() - killed < HEARTBEAT_TIMEOUT + 0.5
+        gate.release()
+        assert future.result(timeout=30) not in (first, os.getpid())
+
+
+def test_sigkilled_worker_without_retries_fails_with_worker_lost(
+    server: ZmqServer, start_workers: Callable[..., Supervisor], tmp_path: Path
+) -> None:
+    start_workers(server.url, 2)
+    log = tmp_path / "pids"
+    with Gate() as gate, RemoteExecutor(transport=server.url, max_retries=0, **FAST) as ex:
+        doomed = ex.submit(record_pid_then_wait, str(log), gate.address, "held")
+        gate.wait_started(1)
+        os.kill(pids_in(log)[0], signal.SIGKILL)
+        with pytest.raises(WorkerLostError) as info:
+            doomed.result(timeout=30)
+        assert "zmq-worker" in info.value.workers[0]
+        assert ex.submit(pow, 3, 3).result(timeout=30) == 27
+
+
+def test_sigstopped_worker_call_is_requeued_after_the_heartbeat_timeout(
+    server: ZmqServer, start_workers: Callable[..., Supervisor], tmp_path: Path
+) -> None:
+    start_workers(server.url, 2)
+    log = tmp_path / "pids"
+    with Gate() as gate, RemoteExecutor(transport=server.url, max_retries=1, **FAST) as ex:
+        future = ex.submit(record_pid_then_wait, str(log), gate.address, "held")
+        gate.wait_started(1)
+        frozen = pids_in(log)[0]
+        stopped = time.monotonic()
+        os.kill(frozen, signal.SIGSTOP)  # the TCP connection stays up: only the silence tells
+        try:
+            gate.wait_started(2, timeout=30)
+            elapsed = time.monotonic() - stopped
+            assert HEARTBEAT_TIMEOUT <= elapsed < HEARTBEAT_TIMEOUT + 1.0
+            gate.release()
+            assert future.result(timeout=30) != frozen
+        finally:
+            os.kill(frozen, signal.SIGCONT)
+            os.kill(frozen, signal.SIGKILL)
+
+
+def test_long_call_is_kept_alive_by_worker_heartbeats(
+    server: ZmqServer, start_workers: Callable[..., Supervisor]
+) -> None:
+    start_workers(server.url, 1)
+    with Gate() as gate, RemoteExecutor(transport=server.url, max_retries=0, **FAST) as ex:
+        held = ex.submit(wait_at_gate, gate.address, "long", "survived")
+        gate.wait_started(1)
+        deadline = time.monotonic() + 3 * HEARTBEAT_TIMEOUT
+        wait_for(lambda: time.monotonic() > deadline, what="three heartbeat timeouts")  # nothing to wait on
+        gate.release()
+        assert held.result(timeout=30) == "survived"
+
+
+def test_server_restart_client_and_workers_reconnect(
+    server: ZmqServer, start_workers: Callable[..., Supervisor], tmp_path: Path
+) -> None:
+    start_workers(server.url, 2)
+    port = server.port
+    log = tmp_path / "pids"
+    with Gate() as gate, RemoteExecutor(transport=server.url, max_retries=2, **FAST) as ex:
+        held = ex.submit(record_pid_then_wait, str(log), gate.address, "held")
+        gate.wait_started(1)
+        server.stop()
+        restarted = ZmqServer("127.0.0.1", port, **FAST)
+        restarted.start()
+        try:
+            gate.release()  # the first run's result goes nowhere; the client resubmits the call
+            assert held.result(timeout=60) in pids_in(log)
+            futures = [ex.submit(pow, 2, i) for i in range(50)]
+            assert [f.result(timeout=60) for f in futures] == [2**i for i in range(50)]
+            wait_for(lambda: restarted.scheduler.capacity == 2, what="both workers to reconnect")
+        finally:
+            ex.shutdown()
+            restarted.stop()
+
+
+def test_client_gives_up_after_reconnect_timeout(
+    server: ZmqServer, start_workers: Callable[..., Supervisor]
+) -> None:
+    start_workers(server.url, 1)
+    with Gate() as gate:
+        ex = RemoteExecutor(transport=server.url, reconnect_timeout=0.5, **FAST)
+        held = ex.submit(wait_at_gate, gate.address, "held")
+        gate.wait_started(1)
+        server.stop()
+        with pytest.raises(ServerUnavailableError, match="could not reconnect"):
+            held.result(timeout=30)
+        with pytest.raises(BrokenExecutor):
+            ex.submit(pow, 2, 2)
+        ex.shutdown()
+        gate.release()
+
+
+def test_no_server_is_a_clear_error_at_start() -> None:
+    with pytest.raises(ServerUnavailableError, match="no answer from the job server"):
+        RemoteExecutor(transport="zmq://127.0.0.1:9", connect_timeout=0.3)
+
+
+def test_worker_drains_on_sigterm(server: ZmqServer) -> None:
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "remote_executor.worker", server.url, *WORKER_ARGS],
+        stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        with Gate() as gate, RemoteExecutor(transport=server.url, **FAST) as ex:
+            held = ex.submit(wait_at_gate, gate.address, "held", "finished")
+            gate.wait_started(1)
+            worker.send_signal(signal.SIGTERM)
+            wait_for(lambda: server.scheduler.capacity == 0, what="the worker to announce its drain")
+            gate.release()
+            assert held.result(timeout=30) == "finished"
+            assert worker.wait(timeout=30) == 0
+    finally:
+        worker.kill()
+        worker.wait()
+
+
+# --- bounded memory ------------------------------------------------------------------------------------
+
+
+def test_window_bounds_what_the_server_holds(start_workers: Callable[..., Supervisor]) -> None:
+    """200,000 calls through the transport with a window of 64: the server never holds more than 64."""
+    total, window = 200_000, 64
+    srv = ProbedServer("127.0.0.1", 0, **FAST)
+    srv.start()
+    start_workers(srv.url, 2)
+    transport = create(srv.url, Options(heartbeat_interval=0.2, heartbeat_timeout=HEARTBEAT_TIMEOUT))
+    listener = Recorder()
+    transport.start(Session(executor_id=3, initializer=None, max_retries=0), listener)
+    try:
+        parts = encode_call(abs, (-1,), {})
+        submitted = done = 0
+        while done < total:
+            batch = [Call(submitted + i, parts) for i in range(min(window - (submitted - done), total - submitted))]
+            if batch:
+                transport.submit(batch)
+                submitted += len(batch)
+            _, status, result = listener.results.get(timeout=30)
+            assert decode_result(status, result) == (True, 1)
+            done += 1
+        assert 0 < srv.most_held <= window
+    finally:
+        transport.close()
+        srv.stop()
+
+
+def test_executor_window_keeps_pending_calls_in_the_client(start_workers: Callable[..., Supervisor]) -> None:
+    probe = ProbedServer("127.0.0.1", 0, **FAST)
+    probe.start()
+    start_workers(probe.url, 2)
+    try:
+        with RemoteExecutor(max_workers=8, transport=probe.url, **FAST) as ex:
+            futures = [ex.submit(abs, -i) for i in range(20_000)]
+            assert sum(f.result(timeout=60) for f in futures) == sum(range(20_000))
+        assert 0 < probe.most_held <= 8
+    finally:
+        probe.stop()
+
+
+# --- malformed input and security ------------------------------------------------------------------------
+
+
+def _rogue_messages(key: bytes | None) -> dict[str, list[bytes]]:
+    good = [bytes(b) for b in encode(hello("client", {"executor_id": 9}), key)]
+    prefix = good[0]
+    return {
+        "bad magic": [b"XX" + prefix[2:], *good[1:]],
+        "missing part": good[:-1],
+        "extra part": [*good, b"surplus"],
+        "truncated prefix": [prefix[:10]],
+        "wrong part length": [prefix, good[1] + b"x"],
+        "unknown type": [HEADER.pack(MAGIC, VERSION, 200, 0, 0, 0, 0)],
+    }
+
+
+_EXPECTED_LOG = {
+    "bad magic": "bad frame magic",
+    "missing part": "parts but",
+    "extra part": "parts but",
+    "truncated prefix": "truncated frame header",
+    "wrong part length": "differ from the announced",
+    "unknown type": "unknown frame type",
+}
+
+
+@pytest.mark.parametrize("case", sorted(_EXPECTED_LOG))
+def test_malformed_multipart_message_drops_the_peer_and_others_are_served(
+    case: str, server: ZmqServer, start_workers: Callable[..., Supervisor], caplog: pytest.LogCaptureFixture
+) -> None:
+    start_workers(server.url, 1)
+    ctx = zmq.Context()
+    rogue = ctx.socket(zmq.DEALER)
+    try:
+        with RemoteExecutor(transport=server.url, **FAST) as ex, caplog.at_level(logging.INFO):
+            assert ex.submit(pow, 2, 5).result(timeout=30) == 32
+            rogue.connect(server.url.replace("zmq://", "tcp://"))
+            rogue.send_multipart(_rogue_messages(None)[case])
+            wait_for(lambda: _EXPECTED_LOG[case] in caplog.text, what=f"the log line for {case}")
+            assert "dropping zmq peer" in caplog.text
+            assert rogue.poll(200) == 0  # no WELCOME for the rogue
+            assert ex.submit(pow, 2, 6).result(timeout=30) == 64
+    finally:
+        rogue.close(linger=0)
+        ctx.term()
+
+
+def test_malformed_message_mid_session_drops_that_session(
+    server: ZmqServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    ctx = zmq.Context()
+    peer = ctx.socket(zmq.DEALER)
+    try:
+        peer.connect(server.url.replace("zmq://", "tcp://"))
+        peer.send_multipart([bytes(b) for b in encode(hello("client", {"executor_id": 5}))])
+        assert peer.poll(10_000)
+        wait_for(lambda: len(server.scheduler.status()["clients"]) == 1, what="the client to register")
+        with caplog.at_level(logging.INFO):
+            peer.send_multipart([b"garbage"])
+            wait_for(lambda: not server.scheduler.status()["clients"], what="the session to be dropped")
+        assert "dropping zmq peer #" in caplog.text
+    finally:
+        peer.close(linger=0)
+        ctx.term()
+
+
+def test_oversized_message_is_refused() -> None:
+    srv = ZmqServer("127.0.0.1", 0, limits=Limits(max_frame=1 << 16), **FAST)
+    srv.start()
+    ctx = zmq.Context()
+    rogue = ctx.socket(zmq.DEALER)
+    try:
+        rogue.connect(srv.url.replace("zmq://", "tcp://"))
+        rogue.send_multipart([bytes(b) for b in encode(hello("client", {"executor_id": 1}, [bytes(1 << 17)]))])
+        # libzmq cuts the connection at MAXMSGSIZE: the server never sees the message, nor answers
+        assert rogue.poll(500) == 0
+        assert not srv.scheduler.status()["clients"]
+    finally:
+        rogue.close(linger=0)
+        ctx.term()
+        srv.stop()
+
+
+def test_bad_hmac_drops_the_peer_and_others_are_served(
+    start_workers: Callable[..., Supervisor], caplog: pytest.LogCaptureFixture
+) -> None:
+    key = os.urandom(32)
+    srv = ZmqServer("127.0.0.1", 0, key=key, **FAST)
+    srv.start()
+    start_workers(srv.url, 1, env={"REMOTE_EXECUTOR_KEY_HEX": key.hex()})
+    ctx = zmq.Context()
+    rogue = ctx.socket(zmq.DEALER)
+    try:
+        with RemoteExecutor(transport=srv.url, key=key, **FAST) as ex, caplog.at_level(logging.INFO):
+            rogue.connect(srv.url.replace("zmq://", "tcp://"))
+            rogue.send_multipart([bytes(b) for b in encode(hello("client", {"executor_id": 9}), os.urandom(32))])
+            wait_for(lambda: "HMAC does not verify" in caplog.text, what="the HMAC rejection")
+            assert ex.submit(pow, 2, 7).result(timeout=30) == 128
+        with pytest.raises(ServerUnavailableError, match="no answer"):
+            RemoteExecutor(transport=srv.url, key=os.urandom(32), connect_timeout=0.5)
+    finally:
+        rogue.close(linger=0)
+        ctx.term()
+        srv.stop()
+
+
+def test_non_loopback_bind_needs_a_key_or_insecure() -> None:
+    with pytest.raises(TransportError, match="without a key"):
+        ZmqServer("0.0.0.0", 0)
+
+
+@pytest.fixture
+def curve_keys(tmp_path: Path) -> dict[str, Path]:
+    public, secret = zmq.auth.create_certificates(tmp_path, "server")
+    other, _ = zmq.auth.create_certificates(tmp_path, "impostor")
+    return {"public": Path(public), "secret": Path(secret), "wrong": Path(other)}
+
+
+def test_curve_round_trip(curve_keys: dict[str, Path], start_workers: Callable[..., Supervisor]) -> None:
+    srv = ZmqServer("127.0.0.1", 0, curve_secret_key=curve_keys["secret"], **FAST)
+    srv.start()
+    start_workers(srv.url, 1, env={CURVE_SERVER_KEY_ENV: str(curve_keys["public"])})
+    try:
+        with RemoteExecutor(transport=srv.url, curve_server_key=str(curve_keys["public"]), **FAST) as ex:
+            assert ex.submit(pow, 2, 8).result(timeout=30) == 256
+            blob = os.urandom(1 << 20)
+            assert ex.submit(bytes, blob).result(timeout=30) == blob
+    finally:
+        srv.stop()
+
+
+def test_curve_client_with_the_wrong_server_key_fails_clearly(curve_keys: dict[str, Path]) -> None:
+    srv = ZmqServer("127.0.0.1", 0, curve_secret_key=curve_keys["secret"], **FAST)
+    srv.start()
+    try:
+        with pytest.raises(ServerUnavailableError, match="CURVE server key"):
+            RemoteExecutor(transport=srv.url, curve_server_key=str(curve_keys["wrong"]), connect_timeout=0.5)
+        with pytest.raises(ServerUnavailableError, match="CURVE server key"):  # and without CURVE at all
+            RemoteExecutor(transport=srv.url, connect_timeout=0.5)
+    finally:
+        srv.stop()
+
+
+def test_curve_key_file_without_a_secret_is_refused(curve_keys: dict[str, Path]) -> None:
+    with pytest.raises(TransportError, match="no secret key"):
+        ZmqServer("127.0.0.1", 0, curve_secret_key=curve_keys["public"])
+
