@@ -239,3 +239,11 @@ def test_parse_admin_ok() -> None:
         parse_admin_ok("ERR UNKNOWN_COMMAND Unknown+server+command")
     with pytest.raises(GearmanProtocolError, match="malformed admin reply"):
         parse_admin_ok("maybe")
+
+
+def test_errors_fit_the_package_hierarchy() -> None:
+    from remote_executor.errors import ProtocolError, TransportError
+
+    assert issubclass(GearmanProtocolError, ProtocolError)
+    assert issubclass(GearmanProtocolError, TransportError)
+    assert issubclass(AdminError, TransportError)

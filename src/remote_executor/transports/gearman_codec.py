@@ -22,6 +22,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
+from ..errors import ProtocolError, TransportError
+
 __all__ = [
     "ARG_COUNTS",
     "DEFAULT_MAX_PACKET_SIZE",
@@ -58,11 +60,11 @@ _SEPARATE_PAYLOAD_SIZE: Final = 64 * 1024
 Buffer = bytes | bytearray | memoryview
 
 
-class GearmanError(Exception):
+class GearmanError(TransportError):
     """Base class of every Gearman-specific error in this package."""
 
 
-class GearmanProtocolError(GearmanError):
+class GearmanProtocolError(GearmanError, ProtocolError):
     """The peer broke the Gearman framing; the stream cannot be resynchronised and must be dropped."""
 
 
