@@ -1,0 +1,47 @@
+"""Smoke test of benchmarks/bench.py: the quick run finishes and writes a table of numbers (no timing assertions)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench.py"
+NUMBER = re.compile(r"^\d[\d,]*(\.\d+)?$")
+
+
+def _row_cells(line: str) -> list[str]:
+    return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_quick_benchmark_writes_a_table_of_numbers(tmp_path: Path) -> None:
+    output = tmp_path / "results.md"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--transports", "tcp", "--output", str(output)],
+        capture_output=True, text=True, timeout=240, cwd=BENCH.parent.parent,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = output.read_text(encoding="utf-8")
+    assert table.strip() in proc.stdout  # the same table is printed
+
+    lines = [line for line in table.splitlines() if line.startswith("|")]
+    header = _row_cells(lines[0])
+    assert header[:4] == ["metric", "unit", "PPE", "tcp"]
+    assert "tcp x PPE" in header
+    ppe, tcp, ratio = header.index("PPE"), header.index("tcp"), header.index("tcp x PPE")
+
+    rows = {_row_cells(line)[0]: _row_cells(line) for line in lines[2:]}
+    assert len(rows) == 11
+    for label, cells in rows.items():
+        assert NUMBER.match(cells[ppe]), (label, cells[ppe])
+        assert NUMBER.match(cells[tcp]), (label, cells[tcp])
+        assert re.fullmatch(r"\d+\.\d\dx", cells[ratio]), (label, cells[ratio])
+    assert any(label.startswith("100 MB round trip") for label in rows)
+    assert "> 1 means better than ProcessPoolExecutor" in table
+    assert "nproc=" in table
+    assert "Command:" in table
