@@ -112,8 +112,8 @@ class WorkerThread:
             while True:
                 job = self.conn.grab_job()
                 assert job is not None  # no timeout given
+                self.jobs += 1  # before the result leaves: the client may check as soon as it arrives
                 self.handle_job(self.conn, job)
-                self.jobs += 1
         except GearmanConnectionError as exc:
             self.error = exc
 
@@ -439,9 +439,26 @@ def test_missing_binary_says_how_to_install(tmp_path: Path, monkeypatch: pytest.
 def test_startup_failures_are_clear(gearmand: GearmandProcess) -> None:
     with pytest.raises(gearmand_module.GearmandError, match=f"already in use \\(by pid {gearmand.pid}\\)"):
         GearmandProcess(port=gearmand.port).start()
+    with pytest.raises(gearmand_module.GearmandError, match="cannot run /dev/null"):
+        GearmandProcess(executable="/dev/null").start()
     with pytest.raises(gearmand_module.GearmandError, match="exited with status 1") as info:
         GearmandProcess(extra_args=["--no-such-option"]).start()
     assert "no-such-option" in str(info.value)
+
+
+def test_a_taken_port_is_retried_with_another(gearmand: GearmandProcess, monkeypatch: pytest.MonkeyPatch) -> None:
+    ports = iter([gearmand.port, 0])
+
+    def pick(host: str) -> int:
+        port = next(ports)
+        return port or free_port(host)
+
+    free_port = gearmand_module._free_loopback_port
+    monkeypatch.setattr(gearmand_module, "_free_loopback_port", pick)
+    with GearmandProcess(threads=1) as second:
+        assert second.port != gearmand.port
+        assert admin_command(*second.address, "getpid") == [f"OK {second.pid}"]
+    assert gearmand.is_running()
 
 
 def process_gone(pid: int) -> bool:

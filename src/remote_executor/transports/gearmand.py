@@ -149,9 +149,13 @@ class GearmandProcess:
                 self._launch(executable)
                 return self
             except GearmandError:
+                self.stop(cleanup=False)  # one that lost its port would retry bind() for ever
                 if self._fixed_port or attempt == _PORT_ATTEMPTS or not self._port_taken:
                     self.stop()  # the log tail is in the error already
                     raise
+            except BaseException:
+                self.stop()
+                raise
         raise AssertionError("unreachable")  # pragma: no cover
 
     def stop(self, timeout: float = 5.0, *, cleanup: bool = True) -> None:
@@ -216,14 +220,17 @@ class GearmandProcess:
         assert self._dir is not None
         self._port_taken = False
         with open(self._dir / "stderr.log", "ab") as err:
-            self._proc = subprocess.Popen(
-                self._command(executable),
-                stdin=subprocess.DEVNULL,
-                stdout=err,
-                stderr=err,
-                preexec_fn=_pdeathsig_preexec(),
-                cwd=self._dir,
-            )
+            try:
+                self._proc = subprocess.Popen(
+                    self._command(executable),
+                    stdin=subprocess.DEVNULL,
+                    stdout=err,
+                    stderr=err,
+                    preexec_fn=_pdeathsig_preexec(),
+                    cwd=self._dir,
+                )
+            except OSError as exc:
+                raise GearmandError(f"cannot run {executable}: {exc}") from exc
         self._wait_until_accepting(self._proc)
 
     def _wait_until_accepting(self, proc: subprocess.Popen[bytes]) -> None:
