@@ -465,6 +465,8 @@ class _WorkerLink:
         self.stopped = threading.Event()
         self.last_send = self.last_recv = time.monotonic()
         self.drain_sent = False
+        self.limits = Limits()
+        sock.setsockopt(zmq.RCVTIMEO, int(_POLL_SLICE * 1000))
 
     def send(self, frame: Frame) -> None:
         """Lock held."""
@@ -488,13 +490,10 @@ class _WorkerLink:
 
     def next_frame(self) -> Frame | None:
         """The next frame from the server, or None after a quiet poll slice. Lock held."""
-        sock = self.sock
         try:
-            frame = recv_frame(sock, self.settings.key, Limits(), zmq.NOBLOCK)
+            frame = recv_frame(self.sock, self.settings.key, self.limits)  # blocks up to RCVTIMEO
         except zmq.Again:
-            if not sock.poll(int(_POLL_SLICE * 1000), zmq.POLLIN):
-                return None
-            frame = recv_frame(sock, self.settings.key, Limits(), zmq.NOBLOCK)
+            return None
         self.last_recv = time.monotonic()
         return frame
 
