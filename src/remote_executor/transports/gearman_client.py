@@ -1,0 +1,412 @@
+"""The client side of the gearman transport: each call is one foreground job on one of the job servers.
+
+Threading::
+
+    caller threads ── submit() ──▶ GearmanClientConnection.submit (written on the caller's thread)
+    one reader thread per server ◀── JOB_CREATED / WORK_DATA / WORK_COMPLETE / WORK_FAIL ──▶ Listener
+    one manager thread: reconnects lost servers with backoff, resubmits calls parked while no server was
+        up, polls admin ``status`` for the capacity (URL mode), sends admin ``cancel job``, gives up after
+        ``reconnect_timeout`` without any server
+
+A job is written on the submitting thread (one ``sendall`` into the socket buffer, no thread hop: the
+sequential latency is what Gearman users notice). Jobs go round-robin to the servers that are up; a server
+that goes away has its calls resubmitted to the others (a call some worker had started counts as one loss of
+that worker, bounded by ``max_retries``) and is reconnected in the background.
+
+``max_retries``: workers send ``WORK_DATA "started by <name>"`` as they start a job, so the client knows who
+ran it and how often. Where gearmand runs without ``-j`` it requeues a job whose worker died, for ever; the
+client settles the call as worker-lost at the start beyond ``max_retries + 1`` and drops the job with the
+admin ``cancel job``. Where gearmand has ``-j`` (the embedded cluster), its WORK_FAIL ends the call first.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from ..errors import AuthenticationError, ProtocolError, ServerUnavailableError, TransportError
+from ..protocol import Kind, Status
+from ..serialization import Parts
+from .base import Call, ClientTransport, Listener, Options, Session, worker_lost_parts
+from .framed_client import initializer_failed
+from .gearman import REFUSED, STARTED, decode_job_frame, encode_job, function_name, parse_url
+from .gearman_codec import GearmanError
+from .gearman_connection import (
+    ClientCallbacks,
+    GearmanClientConnection,
+    GearmanConnectionError,
+    GearmanServerError,
+    admin_status,
+    cancel_job,
+)
+
+log = logging.getLogger("remote_executor.gearman")
+
+POLL_INTERVAL = 1.0  # admin status poll for the capacity (URL mode)
+POLL_INTERVAL_EMPTY = 0.1  # ... while no worker is registered, so the first calls do not wait a second
+MAX_BACKOFF = 2.0
+
+Ticket = tuple[int, int]  # (task id, submission number): callbacks about an older submission are stale
+
+
+@dataclass(eq=False)
+class _Job:
+    call: Call
+    payload: bytes
+    submission: int = 0
+    server: int = -1
+    handle: bytes | None = None
+    started_here: bool = False  # a worker started the current submission
+    starts: list[str] = field(default_factory=list)  # every worker that started it, over all submissions
+    refusal: str | None = None  # a worker refused it (bad HMAC, malformed) before a WORK_FAIL
+
+
+@dataclass(eq=False)
+class _Server:
+    index: int
+    host: str
+    port: int
+    conn: GearmanClientConnection[Ticket] | None = None
+    generation: int = 0
+    retry_at: float = 0.0
+    delay: float = 0.05
+    dead: list[GearmanClientConnection[Ticket]] = field(default_factory=list)  # to close (join) off-thread
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+class GearmanClientTransport(ClientTransport):
+    """Connects an executor to one or more gearmand; ``capacity`` fixes the window (embedded cluster)."""
+
+    def __init__(self, url: str, options: Options, *, capacity: int | None = None) -> None:
+        self.url = url
+        addresses, pool = parse_url(url, options.extra.get("pool"))
+        self.function = function_name(pool)
+        self._options = options
+        self._key = options.key
+        self._fixed_capacity = capacity
+        self._servers = [_Server(i, host, port) for i, (host, port) in enumerate(addresses)]
+        self._session: Session | None = None
+        self._listener: Listener | None = None
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._jobs: dict[int, _Job] = {}
+        self._parked: list[_Job] = []  # accepted while no server was up
+        self._cancels: list[tuple[_Server, bytes]] = []
+        self._round_robin = itertools.count()
+        self._capacity = -1
+        self._all_down_since: float | None = None
+        self._closing = False
+        self._gave_up = False
+        self._thread: threading.Thread | None = None
+
+    # --- ClientTransport ------------------------------------------------------------------------------
+
+    def start(self, session: Session, listener: Listener) -> None:
+        self._session, self._listener = session, listener
+        errors = []
+        for server in self._servers:
+            try:
+                self._connect(server)
+            except GearmanConnectionError as exc:
+                errors.append(str(exc))
+                server.retry_at = time.monotonic() + server.delay
+        if len(errors) == len(self._servers):
+            raise TransportError(f"cannot reach any gearmand of {self.url}: {'; '.join(errors)}")
+        for error in errors:
+            log.warning("%s; retrying in the background", error)
+        if self._fixed_capacity is not None:
+            self._report_capacity(self._fixed_capacity)
+        else:
+            self._poll_capacity()
+        self._thread = threading.Thread(target=self._run, name="remote-executor-gearman-client", daemon=True)
+        self._thread.start()
+
+    def submit(self, calls: Sequence[Call]) -> None:
+        assert self._session is not None
+        jobs = [_Job(call, encode_job(call, self._session, self._key)) for call in calls]
+        with self._lock:
+            for job in jobs:
+                self._jobs[job.call.task_id] = job
+            for job in jobs:
+                self._send(job)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closing = True
+            self._wake.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        for server in self._servers:
+            conns = [*server.dead, *([server.conn] if server.conn is not None else [])]
+            server.conn, server.dead = None, []
+            for conn in conns:
+                conn.close()
+
+    # --- submitting (lock held) -------------------------------------------------------------------------
+
+    def _send(self, job: _Job) -> None:
+        """Write ``job`` to the next live server; park it if there is none."""
+        live = [s for s in self._servers if s.conn is not None]
+        while live:
+            server = live[next(self._round_robin) % len(live)]
+            job.submission += 1
+            job.server, job.handle, job.started_here = server.index, None, False
+            assert server.conn is not None
+            try:
+                server.conn.submit((job.call.task_id, job.submission), self.function, job.payload)
+                return
+            except GearmanConnectionError:  # ended under us: its reader reports it; try another
+                live.remove(server)
+        self._parked.append(job)
+
+    # --- connection events (reader threads) ----------------------------------------------------------------
+
+    def _connect(self, server: _Server) -> None:
+        server.generation += 1
+        callbacks = _Callbacks(self, server, server.generation)
+        conn = GearmanClientConnection[Ticket](server.host, server.port, callbacks,
+                                               connect_timeout=self._options.connect_timeout)
+        with self._lock:
+            server.conn, server.delay = conn, 0.05
+            self._all_down_since = None
+            parked, self._parked = self._parked, []
+            for job in parked:
+                self._send(job)
+        if parked:
+            log.info("gearmand %s is up; resubmitted %d call(s)", server.address, len(parked))
+
+    def job_for(self, ticket: Ticket) -> _Job | None:
+        """The live job a callback is about (lock held); None for a stale or settled one."""
+        job = self._jobs.get(ticket[0])
+        return job if job is not None and job.submission == ticket[1] else None
+
+    def on_created(self, ticket: Ticket, handle: bytes) -> None:
+        with self._lock:
+            job = self.job_for(ticket)
+            if job is not None:
+                job.handle = handle
+
+    def on_data(self, server: _Server, ticket: Ticket, payload: bytes) -> None:
+        lost: tuple[list[str], int] | None = None
+        with self._lock:
+            job = self.job_for(ticket)
+            if job is None:
+                return
+            if payload.startswith(REFUSED):
+                job.refusal = payload.decode(errors="replace")
+                return
+            if not payload.startswith(STARTED):
+                return
+            job.starts.append(payload[len(STARTED):].decode(errors="replace"))
+            job.started_here = True
+            assert self._session is not None
+            if len(job.starts) > self._session.max_retries + 1:
+                # gearmand (without -j) requeued it after worker deaths: stop it here.
+                del self._jobs[job.call.task_id]
+                if job.handle is not None:
+                    self._cancels.append((server, job.handle))
+                    self._wake.notify_all()
+                lost = (job.starts[:-1], len(job.starts) - 1)
+        if lost is not None:
+            self._settle(ticket[0], Status.WORKER_LOST, worker_lost_parts(*lost))
+
+    def on_complete(self, ticket: Ticket, payload: bytes) -> None:
+        with self._lock:
+            job = self.job_for(ticket)
+            if job is None:
+                return
+            del self._jobs[job.call.task_id]
+        try:
+            frame = decode_job_frame(payload, self._key)
+        except (AuthenticationError, ProtocolError) as exc:
+            log.error("refused the result of call %d: %s", ticket[0], exc)
+            reason = f"the result of this call failed verification (a rogue worker, or a key mismatch): {exc}"
+            self._settle(ticket[0], Status.REJECTED, [reason.encode()])
+            return
+        if frame.kind == Kind.RESULT and frame.a == ticket[0]:
+            self._settle(ticket[0], Status.DONE, frame.parts)
+        elif frame.kind == Kind.BROKEN:
+            assert self._listener is not None
+            self._listener.on_broken(initializer_failed(frame.parts))
+        else:
+            reason = f"unexpected {frame.kind.name} frame (a={frame.a}) as the result of call {ticket[0]}"
+            log.error("%s", reason)
+            self._settle(ticket[0], Status.REJECTED, [reason.encode()])
+
+    def on_fail(self, ticket: Ticket, why: str) -> None:
+        with self._lock:
+            job = self.job_for(ticket)
+            if job is None:
+                return
+            del self._jobs[job.call.task_id]
+        if job.refusal is not None:
+            self._settle(ticket[0], Status.REJECTED, [f"a worker would not run this call: {job.refusal}".encode()])
+        elif why:
+            self._settle(ticket[0], Status.REJECTED, [why.encode()])
+        else:  # gearmand's -j retries exhausted (or an admin cancel by someone): the workers were lost
+            workers = job.starts or ["unknown (no worker reported starting the job)"]
+            self._settle(ticket[0], Status.WORKER_LOST, worker_lost_parts(workers, max(len(job.starts), 1)))
+
+    def on_disconnect(self, server: _Server, generation: int, exc: GearmanError, in_flight: list[Ticket]) -> None:
+        lost: list[tuple[int, Parts]] = []
+        with self._lock:
+            if server.generation == generation and server.conn is not None:
+                server.dead.append(server.conn)
+                server.conn = None
+                server.retry_at = time.monotonic() + server.delay
+                if self._all_down_since is None and all(s.conn is None for s in self._servers):
+                    self._all_down_since = time.monotonic()
+                self._wake.notify_all()
+            if self._closing:
+                return
+            for ticket in in_flight:
+                job = self.job_for(ticket)
+                if job is not None and not self._may_resubmit(job):
+                    del self._jobs[job.call.task_id]
+                    workers = [*job.starts[:-1], f"{job.starts[-1]} (with gearmand {server.address})"]
+                    lost.append((job.call.task_id, worker_lost_parts(workers, len(job.starts))))
+                elif job is not None:
+                    self._send(job)
+        if not self._closing:
+            log.warning("lost gearmand %s (%s); %d call(s) in flight there", server.address, exc, len(in_flight))
+        for task_id, parts in lost:
+            self._settle(task_id, Status.WORKER_LOST, parts)
+
+    def _may_resubmit(self, job: _Job) -> bool:
+        """After a server loss: a job nobody had started is simply resubmitted; one that was running counts
+        as a loss of its worker (it may have run), bounded by ``max_retries``."""
+        assert self._session is not None
+        return not job.started_here or len(job.starts) <= self._session.max_retries
+
+    def _settle(self, task_id: int, status: Status, parts: Parts) -> None:
+        assert self._listener is not None
+        self._listener.on_result(task_id, status, parts)
+
+    # --- the manager thread ------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        next_poll = time.monotonic() + POLL_INTERVAL_EMPTY
+        try:
+            while True:
+                with self._lock:
+                    if self._closing:
+                        return
+                    cancels, self._cancels = self._cancels, []
+                    dead = [(s, s.dead) for s in self._servers if s.dead]
+                    for server, _ in dead:
+                        server.dead = []
+                    due = [s for s in self._servers if s.conn is None and s.retry_at <= time.monotonic()]
+                for _, conns in dead:
+                    for conn in conns:
+                        conn.close()  # joins its reader thread: never on that thread itself
+                for server, handle in cancels:
+                    self._cancel(server, handle)
+                for server in due:
+                    self._reconnect(server)
+                if self._fixed_capacity is None and time.monotonic() >= next_poll:
+                    self._poll_capacity()
+                    next_poll = time.monotonic() + (POLL_INTERVAL if self._capacity > 0 else POLL_INTERVAL_EMPTY)
+                if self._check_give_up():
+                    return
+                with self._lock:
+                    if not (self._closing or self._cancels or any(s.dead for s in self._servers)):
+                        self._wake.wait(self._next_wakeup(next_poll))
+        except BaseException as exc:  # a bug here must fail the futures, not strand them
+            log.exception("the gearman client thread for %s failed", self.url)
+            assert self._listener is not None
+            self._listener.on_broken(ServerUnavailableError(f"the gearman client of {self.url} failed: {exc!r}"))
+
+    def _next_wakeup(self, next_poll: float) -> float:
+        now = time.monotonic()
+        times = [s.retry_at for s in self._servers if s.conn is None]
+        if self._fixed_capacity is None:
+            times.append(next_poll)
+        if self._all_down_since is not None:
+            times.append(self._all_down_since + self._options.reconnect_timeout)
+        return max(min(times, default=now + POLL_INTERVAL) - now, 0.0)
+
+    def _reconnect(self, server: _Server) -> None:
+        try:
+            self._connect(server)
+            log.info("reconnected to gearmand %s", server.address)
+        except GearmanConnectionError as exc:
+            with self._lock:
+                server.delay = min(server.delay * 2, MAX_BACKOFF)
+                server.retry_at = time.monotonic() + server.delay
+            log.info("reconnecting to gearmand %s: %s", server.address, exc)
+
+    def _cancel(self, server: _Server, handle: bytes) -> None:
+        try:
+            cancel_job(server.host, server.port, handle, timeout=self._options.connect_timeout)
+        except (GearmanError, OSError) as exc:
+            log.warning("could not cancel job %s on gearmand %s: %s", handle.decode(errors="replace"),
+                        server.address, exc)
+
+    def _poll_capacity(self) -> None:
+        counts = []
+        for server in self._servers:
+            if server.conn is None:
+                continue
+            try:
+                statuses = admin_status(server.host, server.port, timeout=self._options.connect_timeout)
+            except (GearmanError, OSError):
+                continue  # the reader thread of that server will notice if it is gone
+            counts.append(sum(s.workers for s in statuses if s.function.encode() == self.function))
+        if counts:
+            # Workers register with every server: the same workers are counted on each, so take the max.
+            self._report_capacity(max(counts))
+
+    def _report_capacity(self, slots: int) -> None:
+        if slots != self._capacity:
+            self._capacity = slots
+            assert self._listener is not None
+            self._listener.on_capacity(slots)
+
+    def _check_give_up(self) -> bool:
+        with self._lock:
+            since = self._all_down_since
+            if since is None or time.monotonic() - since < self._options.reconnect_timeout or self._gave_up:
+                return False
+            self._gave_up = True
+        assert self._listener is not None
+        self._listener.on_broken(ServerUnavailableError(
+            f"lost every gearmand of {self.url} and could not reconnect within "
+            f"{self._options.reconnect_timeout}s"))
+        return True
+
+
+class _Callbacks(ClientCallbacks[Ticket]):
+    """Routes one connection's events to the transport, naming the server and connection generation."""
+
+    def __init__(self, transport: GearmanClientTransport, server: _Server, generation: int) -> None:
+        self._transport = transport
+        self._server = server
+        self._generation = generation
+
+    def on_created(self, token: Ticket, handle: bytes) -> None:
+        self._transport.on_created(token, handle)
+
+    def on_complete(self, token: Ticket, payload: bytes) -> None:
+        self._transport.on_complete(token, payload)
+
+    def on_fail(self, token: Ticket) -> None:
+        self._transport.on_fail(token, "")
+
+    def on_exception(self, token: Ticket, payload: bytes) -> None:
+        self._transport.on_fail(token, "")
+
+    def on_error(self, token: Ticket, error: GearmanServerError) -> None:
+        self._transport.on_fail(token, f"gearmand {self._server.address} refused the job: {error}")
+
+    def on_data(self, token: Ticket, payload: bytes) -> None:
+        self._transport.on_data(self._server, token, payload)
+
+    def on_disconnect(self, exc: GearmanError, in_flight: list[Ticket]) -> None:
+        self._transport.on_disconnect(self._server, self._generation, exc, in_flight)

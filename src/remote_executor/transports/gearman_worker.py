@@ -1,0 +1,208 @@
+"""The worker side of the gearman transport: grab jobs from every gearmand of the URL, run them, reply.
+
+Threading::
+
+    main thread: grab from whichever server has work, verify, run, reply (one job at a time)
+    one connector thread per server: (re)connects with backoff, registers ``CAN_DO remote_executor.<pool>``
+
+The main thread grabs only while idle, so a worker never holds a job it cannot start (gearmand hands a
+queued job to the next idle worker instead). With one server it blocks in ``grab_job`` (a quarter second at
+a time, to notice a drain); with several it sends a grab to each (``grab_job(0)`` advances each
+connection's grab/sleep state without blocking) and waits on all their sockets at once, so a job on any
+server wakes it at once.
+
+Before running a job the worker sends ``WORK_DATA "started by <name>"`` (the client counts starts to enforce
+``max_retries`` and names lost workers). A job whose frame does not verify with the key is refused before
+anything is unpickled: ``WORK_DATA "refused by <name>: ..."``, then ``WORK_FAIL``, and a log line.
+SIGTERM drains: no new grabs, the running call finishes, exit 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import select
+import threading
+import time
+
+from ..errors import AuthenticationError, ProtocolError
+from ..protocol import Frame, Kind, encode
+from ..security import is_loopback
+from ..worker import WorkerCore, WorkerSettings
+from .gearman import REFUSED, STARTED, decode_job_frame, function_name, join, parse_url
+from .gearman_codec import GearmanError
+from .gearman_connection import GearmanWorkerConnection, Job
+from .stream import retry_with_backoff
+
+log = logging.getLogger("remote_executor.gearman")
+
+IDLE_WAIT = 0.25  # how long one wait for work lasts before the drain flag is looked at again
+DRAIN_GRAB = 0.05  # at drain, how long to wait for a job gearmand may already have assigned
+
+
+class _Slot:
+    """One job server: its live connection (or None) and the thread that (re)connects it."""
+
+    def __init__(self, worker: GearmanWorker, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.address = f"{host}:{port}"
+        self.conn: GearmanWorkerConnection | None = None
+        self.wanted = threading.Event()  # set: the connector should (re)connect
+        self.wanted.set()
+        self._worker = worker
+        self.thread = threading.Thread(target=self._connector, name=f"gearman-connector {self.address}",
+                                       daemon=True)
+
+    def _connector(self) -> None:
+        worker = self._worker
+        while True:
+            self.wanted.wait()
+            if worker.stop.is_set():
+                return
+            conn = retry_with_backoff(self._attempt, float("inf"), worker.stop,
+                                      lambda exc, delay: log.info("connecting to gearmand %s: %s", self.address, exc))
+            if conn is None:  # stopping
+                return
+            with worker.changed:
+                self.conn = conn
+                self.wanted.clear()
+                worker.changed.notify_all()
+            log.info("registered %s with gearmand %s", worker.function.decode(), self.address)
+
+    def _attempt(self) -> GearmanWorkerConnection:
+        worker = self._worker
+        return GearmanWorkerConnection(self.host, self.port, [worker.function], client_id=worker.client_id,
+                                       connect_timeout=worker.settings.connect_timeout)
+
+    def lost(self, exc: BaseException) -> None:
+        """The connection broke (main thread): close it and have the connector reconnect."""
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.close()
+            log.warning("lost gearmand %s: %s; reconnecting", self.address, exc)
+        self.wanted.set()
+
+
+class GearmanWorker:
+    def __init__(self, settings: WorkerSettings, core: WorkerCore) -> None:
+        addresses, pool = parse_url(settings.url)
+        self.settings = settings
+        self.core = core
+        self.function = function_name(pool)
+        self.client_id = "".join(c if c.isprintable() and not c.isspace() else "_" for c in settings.name).encode()
+        self.stop = threading.Event()
+        self.changed = threading.Condition()
+        self.slots = [_Slot(self, host, port) for host, port in addresses]
+        self._turn = 0
+        if settings.key is None and not all(is_loopback(host) for host, _ in addresses):
+            log.warning("no key: anyone who can reach gearmand at %s can make this worker run code; "
+                        "set $REMOTE_EXECUTOR_KEY (or --key-file) on clients and workers",
+                        ", ".join(s.address for s in self.slots))
+
+    def run(self) -> int:
+        """Serve until drained (0) or no server was reachable for ``reconnect_timeout`` (1)."""
+        for slot in self.slots:
+            slot.thread.start()
+        try:
+            return self._serve()
+        finally:
+            self.stop.set()
+            for slot in self.slots:
+                slot.wanted.set()
+                if slot.conn is not None:
+                    slot.conn.close()
+            for slot in self.slots:
+                slot.thread.join()
+
+    def _serve(self) -> int:
+        down_since: float | None = None
+        while not self.settings.drain.is_set():
+            live = [s for s in self.slots if s.conn is not None]
+            if not live:
+                down_since = down_since or time.monotonic()
+                if time.monotonic() - down_since > self.settings.reconnect_timeout:
+                    log.error("no gearmand of %s reachable for %.1fs; exiting", self.settings.url,
+                              self.settings.reconnect_timeout)
+                    return 1
+                with self.changed:
+                    if not any(s.conn is not None for s in self.slots):
+                        self.changed.wait(IDLE_WAIT)
+                continue
+            down_since = None
+            found = self._grab_one(live[0], IDLE_WAIT) if len(live) == 1 else self._grab_any(live)
+            if found is not None:
+                self._run_job(*found)
+        return self._drain()
+
+    def _grab_one(self, slot: _Slot, timeout: float) -> tuple[_Slot, Job] | None:
+        assert slot.conn is not None
+        try:
+            job = slot.conn.grab_job(timeout)
+        except (GearmanError, OSError) as exc:
+            slot.lost(exc)
+            return None
+        return (slot, job) if job is not None else None
+
+    def _grab_any(self, live: list[_Slot]) -> tuple[_Slot, Job] | None:
+        self._turn += 1
+        start = self._turn % len(live)
+        for slot in live[start:] + live[:start]:  # a fair turn: each server gets to go first in turn
+            found = self._grab_one(slot, 0)
+            if found is not None:
+                return found
+        socks = [s.conn._sock for s in live if s.conn is not None]  # the connection has no fileno()
+        with contextlib.suppress(OSError, ValueError):  # a socket closed under us: the next grab says so
+            select.select(socks, [], [], IDLE_WAIT)
+        return None
+
+    def _run_job(self, slot: _Slot, job: Job) -> None:
+        conn = slot.conn
+        assert conn is not None
+        try:
+            self._reply(conn, job)
+        except (GearmanError, OSError) as exc:  # the reply is lost; gearmand requeues the job if it still can
+            slot.lost(exc)
+
+    def _reply(self, conn: GearmanWorkerConnection, job: Job) -> None:
+        key = self.settings.key
+        try:
+            frame = decode_job_frame(job.payload, key)
+            if frame.kind != Kind.TASK or frame.flags > len(frame.parts):
+                raise ProtocolError(f"expected a TASK frame, got {frame.kind.name} with {frame.flags} init parts")
+        except AuthenticationError as exc:
+            self._refuse(conn, job, "refused a job with a bad HMAC (wrong key, or a rogue client)", exc)
+            return
+        except ProtocolError as exc:
+            self._refuse(conn, job, "refused a malformed job", exc)
+            return
+        conn.send_data(job.handle, STARTED + self.settings.name.encode())
+        executor_id, init = frame.b, frame.flags
+        if init:
+            failure = self.core.initialize(executor_id, frame.parts[:init])
+            if failure is not None:
+                conn.complete(job.handle, join(encode(Frame(Kind.BROKEN, a=executor_id, parts=failure), key)))
+                return
+        outcome = self.core.run(executor_id, frame.parts[init:])
+        conn.complete(job.handle, join(encode(Frame(Kind.RESULT, a=frame.a, parts=outcome), key)))
+
+    def _refuse(self, conn: GearmanWorkerConnection, job: Job, what: str, exc: Exception) -> None:
+        log.error("%s from gearmand %s (job %s): %s", what, conn.address, job.handle.decode(errors="replace"), exc)
+        conn.send_data(job.handle, REFUSED + f"{self.settings.name}: {what}: {exc}".encode())
+        conn.fail(job.handle)
+
+    def _drain(self) -> int:
+        """SIGTERM: unregister, run a job gearmand had already assigned (if any), exit 0."""
+        log.info("draining: no new jobs")
+        for slot in self.slots:
+            if slot.conn is None:
+                continue
+            try:
+                slot.conn.cant_do(self.function)
+            except (GearmanError, OSError) as exc:
+                slot.lost(exc)
+                continue
+            found = self._grab_one(slot, DRAIN_GRAB)
+            if found is not None:
+                self._run_job(*found)
+        log.info("drained; exiting")
+        return 0
