@@ -157,8 +157,8 @@ class _Core:
         free = self._window() - len(self.in_flight)
         while self.pending and self.broken is None:
             head = self.pending[0]
-            if len(calls) >= free and not head.future.cancelled():
-                break
+            if len(calls) >= free:
+                break  # a cancelled head was already settled by _on_done; it is dropped when reached
             self.pending.popleft()
             claimed = self._claim(head.future)
             if claimed is not True:

@@ -167,9 +167,13 @@ class FrameReader:
         frames: list[Frame] = []
         while True:
             if self._pending is None:
-                self._pending = self._parse_prefix()
-                if self._pending is None:
+                parsed = self._parse_prefix()
+                if parsed is None:
                     break
+                if isinstance(parsed, Frame):  # the common case: a small frame wholly in staging
+                    frames.append(parsed)
+                    continue
+                self._pending = parsed
             complete = self._pending.take(self._staging_view())
             self._start += self._pending.consumed_from_staging
             if not complete:
@@ -183,31 +187,50 @@ class FrameReader:
     def _staging_view(self) -> memoryview:
         return memoryview(self._staging)[self._start : self._end]
 
-    def _parse_prefix(self) -> _Partial | None:
-        available = self._end - self._start
+    def _parse_prefix(self) -> Frame | _Partial | None:
+        """The next frame if it is complete in staging, else its parsed prefix, else None."""
+        start = self._start
+        available = self._end - start
         if available < HEADER.size:
             return None
-        magic, version, kind, nparts, flags, a, b = HEADER.unpack_from(self._staging, self._start)
+        magic, version, kind, nparts, flags, a, b = HEADER.unpack_from(self._staging, start)
         _check_header(magic, version, kind, nparts, self._limits)
         mac_size = MAC_SIZE if self._key is not None else 0
         prefix_size = HEADER.size + 8 * nparts + mac_size
         if available < prefix_size:
             return None
-        lengths = struct.unpack_from(f"!{nparts}Q", self._staging, self._start + HEADER.size)
+        lengths = struct.unpack_from(f"!{nparts}Q", self._staging, start + HEADER.size)
         total = prefix_size + sum(lengths)
         if total > self._limits.max_frame:
             raise ProtocolError(f"frame of {total} bytes exceeds the limit of {self._limits.max_frame} bytes")
-        prefix = bytes(self._staging[self._start : self._start + prefix_size])
+        prefix = bytes(self._staging[start : start + prefix_size])
+        if available >= total:
+            offset = start + prefix_size
+            parts: Parts = []
+            for size in lengths:
+                parts.append(bytes(self._staging[offset : offset + size]))
+                offset += size
+            self._start = offset
+            if self._key is not None:
+                _verify(self._key, prefix, parts)
+            return Frame(_KINDS[kind], a, b, parts, flags)
         self._start += prefix_size
-        return _Partial(Frame(Kind(kind), a, b, [], flags), prefix, mac_size, list(lengths))
+        return _Partial(Frame(_KINDS[kind], a, b, [], flags), prefix, mac_size, list(lengths))
 
     def _finish(self, partial: _Partial) -> Frame:
         if self._key is not None:
-            signed = partial.prefix[: -MAC_SIZE]
-            expected = _mac(self._key, signed, partial.frame.parts)
-            if not hmac.compare_digest(expected, partial.prefix[-MAC_SIZE:]):
-                raise AuthenticationError("frame HMAC does not verify: wrong key or tampered frame")
+            _verify(self._key, partial.prefix, partial.frame.parts)
         return partial.frame
+
+
+def _verify(key: bytes, prefix: Buffer, parts: Sequence[Buffer]) -> None:
+    """Check the HMAC at the end of ``prefix`` against the rest of the prefix and the parts."""
+    view = memoryview(prefix).cast("B")
+    if not hmac.compare_digest(_mac(key, view[:-MAC_SIZE], parts), view[-MAC_SIZE:]):
+        raise AuthenticationError("frame HMAC does not verify: wrong key or tampered frame")
+
+
+_KINDS = {int(kind): kind for kind in Kind}
 
 
 def decode_parts(prefix: Buffer, parts: Sequence[Buffer], key: bytes | None = None,
@@ -234,9 +257,9 @@ def decode_parts(prefix: Buffer, parts: Sequence[Buffer], key: bytes | None = No
     total = prefix_size + sum(sizes)
     if total > limits.max_frame:
         raise ProtocolError(f"frame of {total} bytes exceeds the limit of {limits.max_frame} bytes")
-    if key is not None and not hmac.compare_digest(_mac(key, view[:-MAC_SIZE], parts), view[-MAC_SIZE:]):
-        raise AuthenticationError("frame HMAC does not verify: wrong key or tampered frame")
-    return Frame(Kind(kind), a, b, list(parts), flags)
+    if key is not None:
+        _verify(key, view, parts)
+    return Frame(_KINDS[kind], a, b, list(parts), flags)
 
 
 def _check_header(magic: bytes, version: int, kind: int, nparts: int, limits: Limits) -> None:

@@ -45,7 +45,16 @@ class LocalLink:
 
 
 class ServerCore(abc.ABC):
-    """Scheduler + in-process clients + action plumbing; subclasses add sockets and a loop."""
+    """Scheduler + in-process clients + action plumbing; subclasses add sockets and a loop.
+
+    With ``caller_may_drive`` (sockets that any thread may write, as plain TCP sockets are), an
+    in-process client's thread that finds the loop idle runs the scheduler and sends the resulting TASK
+    frames itself, saving a thread hand-off on every submit. Frames *for* in-process clients are still
+    delivered on the loop thread, so futures are never settled inside a caller's ``submit``.
+    The loop holds ``drive_lock`` whenever it is not waiting in ``select``.
+    """
+
+    caller_may_drive = False
 
     def __init__(self, scheduler: Scheduler) -> None:
         self.scheduler = scheduler
@@ -53,6 +62,8 @@ class ServerCore(abc.ABC):
         self._inbox: deque[tuple[ConnId, Frame | str]] = deque()  # a frame, or "connect" / "close"
         self._inbox_lock = threading.Lock()
         self._next_local = LOCAL_CONN_BASE
+        self._deferred: deque[tuple[LocalLink, Frame]] = deque()  # local deliveries left for the loop
+        self.drive_lock = threading.Lock()
         self.loop_thread: threading.Thread | None = None
 
     # --- hooks for the concrete server ----------------------------------------------------------------
@@ -96,22 +107,47 @@ class ServerCore(abc.ABC):
         self._poke()
 
     def _poke(self) -> None:
-        if threading.current_thread() is not self.loop_thread:
-            self.wake()
+        if threading.current_thread() is self.loop_thread:
+            return  # the loop pumps again before it waits
+        if self.caller_may_drive and self.drive_lock.acquire(blocking=False):
+            try:
+                self.pump(on_loop=False)
+                self._flush_from_caller()
+            finally:
+                self.drive_lock.release()
+            if not self._deferred and not self._caller_left_work():
+                return
+        self.wake()
+
+    def _flush_from_caller(self) -> None:
+        """Send what a caller-driven pump queued (only called when ``caller_may_drive``)."""
+
+    def _caller_left_work(self) -> bool:
+        """True if a caller-driven pump left something only the loop can finish."""
+        return False
 
     # --- the loop's side ---------------------------------------------------------------------------------
 
-    def pump(self) -> None:
+    def pump(self, on_loop: bool = True) -> None:
         """Apply everything pending: local frames in, scheduler actions out; repeat until quiet."""
         while True:
+            if on_loop:
+                self._deliver_deferred()
             self._take_inbox()
             actions = self.scheduler.take_actions()
-            if not actions and not self._inbox:
+            if not actions and not self._inbox and not (on_loop and self._deferred):
                 return
             for action in actions:
-                self._apply(action)
+                self._apply(action, on_loop)
+
+    def _deliver_deferred(self) -> None:
+        while self._deferred:
+            link, frame = self._deferred.popleft()
+            self._deliver_local(link, frame)
 
     def _take_inbox(self) -> None:
+        if not self._inbox:
+            return  # read without the lock: a frame appended meanwhile is taken on the next pump
         with self._inbox_lock:
             items = list(self._inbox)
             self._inbox.clear()
@@ -125,11 +161,13 @@ class ServerCore(abc.ABC):
             elif isinstance(item, Frame):
                 self.scheduler.received(conn, item, now)
 
-    def _apply(self, action: Send | Close) -> None:
+    def _apply(self, action: Send | Close, on_loop: bool) -> None:
         if isinstance(action, Send):
             link = self._links.get(action.conn)
-            if link is not None:
+            if link is not None and on_loop:
                 self._deliver_local(link, action.frame)
+            elif link is not None:
+                self._deferred.append((link, action.frame))
             elif action.conn < LOCAL_CONN_BASE:
                 self._transmit(action.conn, action.frame)
         elif action.conn >= LOCAL_CONN_BASE:

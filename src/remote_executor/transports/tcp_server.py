@@ -29,6 +29,8 @@ _WAKER = "waker"
 class TcpServer(ServerCore):
     """``remote-executor server tcp://HOST:PORT``, or the embedded cluster's in-process job server."""
 
+    caller_may_drive = True  # plain sockets: a submitting thread may send TASK frames itself
+
     def __init__(
         self,
         host: str = "127.0.0.1",
@@ -87,15 +89,18 @@ class TcpServer(ServerCore):
         next_tick = 0.0
         try:
             while not self._stopping.is_set():
-                now = time.monotonic()
-                if now >= next_tick:
-                    next_tick = self.scheduler.tick(now)
-                for key, mask in self._selector.select(max(next_tick - now, 0.0)):
-                    self._on_event(key.data, mask)
-                self.pump()
-                self._flush_dirty()
+                events = self._selector.select(max(next_tick - time.monotonic(), 0.0))
+                with self.drive_lock:
+                    now = time.monotonic()
+                    if now >= next_tick:
+                        next_tick = self.scheduler.tick(now)
+                    for key, mask in events:
+                        self._on_event(key.data, mask)
+                    self.pump()
+                    self._flush_dirty()
         finally:
-            self._close_all()
+            with self.drive_lock:
+                self._close_all()
 
     def stop(self) -> None:
         """Stop serving and close every socket. Idempotent; joins the loop thread if there is one."""
@@ -201,6 +206,22 @@ class TcpServer(ServerCore):
         self.pump()  # losses above may have produced actions
         if self._dirty:
             self._flush_dirty()
+
+    def _flush_from_caller(self) -> None:
+        """Send queued frames from a submitting thread; anything that would block (or fail) is left in
+        ``_dirty`` for the loop, which owns the selector registrations and loss handling."""
+        for conn_id in list(self._dirty):
+            conn = self._conns.get(conn_id)
+            if conn is None or conn.write_registered:
+                continue
+            try:
+                if conn.flush():
+                    self._dirty.discard(conn_id)
+            except OSError:
+                pass  # the loop will see the error again and handle the loss
+
+    def _caller_left_work(self) -> bool:
+        return bool(self._dirty)
 
     def _lost(self, conn_id: ConnId) -> None:
         self._forget(conn_id)
