@@ -121,6 +121,7 @@ class ServerCore(abc.ABC):
 
     def _flush_from_caller(self) -> None:
         """Send what a caller-driven pump queued (only called when ``caller_may_drive``)."""
+        raise NotImplementedError("a server with caller_may_drive must send from callers")
 
     def _caller_left_work(self) -> bool:
         """True if a caller-driven pump left something only the loop can finish."""
