@@ -26,7 +26,7 @@ def main() -> None:
         ranges = [(lo, lo + 50_000) for lo in range(0, 400_000, 50_000)]
         total = 0
         workers = set()
-        for start, count, pid in executor.map(count_primes, *zip(*ranges)):
+        for start, count, pid in executor.map(count_primes, *zip(*ranges, strict=True)):
             print(f"primes in [{start:>7}, {start + 50_000:>7}): {count:>5}   (worker pid {pid})")
             total += count
             workers.add(pid)
