@@ -6,10 +6,12 @@ malformed multipart messages, HMAC and CURVE, and the bound on what waits in the
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -306,8 +308,8 @@ def test_worker_drains_on_sigterm(server: ZmqServer) -> None:
 
 
 def test_window_bounds_what_the_server_holds(start_workers: Callable[..., Supervisor]) -> None:
-    """200,000 calls through the transport with a window of 64: the server never holds more than 64."""
-    total, window = 200_000, 64
+    """100,000 calls through the transport with a window of 64: the server never holds more than 64."""
+    total, window = 100_000, 64
     srv = ProbedServer("127.0.0.1", 0, **FAST)
     srv.start()
     start_workers(srv.url, 2)
@@ -491,3 +493,49 @@ def test_curve_key_file_without_a_secret_is_refused(curve_keys: dict[str, Path])
     with pytest.raises(TransportError, match="no secret key"):
         ZmqServer("127.0.0.1", 0, curve_secret_key=curve_keys["public"])
 
+
+
+def test_cli_status_and_ping(server: ZmqServer, start_workers: Callable[..., Supervisor]) -> None:
+    start_workers(server.url, 2)
+    wait_for(lambda: server.scheduler.capacity == 2, what="workers to attach")
+    run = [sys.executable, "-m", "remote_executor.cli", "--log-level", "WARNING"]
+    status = subprocess.run([*run, "status", server.url], capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0, status.stderr
+    assert '"capacity": 2' in status.stdout
+    ping = subprocess.run([*run, "ping", server.url], capture_output=True, text=True, timeout=60)
+    assert ping.returncode == 0 and "answered in" in ping.stdout
+
+
+def test_cli_server_and_worker_commands(tmp_path: Path) -> None:
+    """``remote-executor server zmq://...`` and ``remote-executor worker zmq://...`` end to end."""
+    key_file = tmp_path / "key"
+    key_file.write_text(os.urandom(16).hex())
+    with socket_port() as port:
+        url = f"zmq://127.0.0.1:{port}"
+    cli = [sys.executable, "-m", "remote_executor.cli", "--log-level", "WARNING"]
+    server = subprocess.Popen([*cli, "server", url, "--key-file", str(key_file), *WORKER_ARGS],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    worker = subprocess.Popen([*cli, "worker", url, "--key-file", str(key_file), "--processes", "2", *WORKER_ARGS],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert server.stdout is not None and "serving" in server.stdout.readline()
+        with RemoteExecutor(transport=url, key=key_file.read_text().strip(), **FAST) as ex:
+            assert list(ex.map(pow, [2] * 10, range(10))) == [2**i for i in range(10)]
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=30) == 0
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=30) == 0
+    finally:
+        for proc in (worker, server):
+            proc.kill()
+            proc.wait()
+        assert server.stdout is not None
+        server.stdout.close()
+
+
+@contextlib.contextmanager
+def socket_port() -> Iterator[int]:
+    """A free loopback port (released on exit, for a server that must be given a fixed one)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        yield probe.getsockname()[1]

@@ -31,7 +31,7 @@ import zmq
 import zmq.auth
 
 from ..errors import ProtocolError, RemoteExecutorError, ServerUnavailableError, TransportError
-from ..protocol import MAC_SIZE, Frame, Kind, Limits, decode_parts, encode, hello
+from ..protocol import MAC_SIZE, Frame, Kind, Limits, decode_parts, encode, hello, parse_json
 from ..serialization import Buffer
 from ..worker import WorkerCore, WorkerSettings
 from . import split_hostports
@@ -533,3 +533,24 @@ def _work(link: _WorkerLink, core: WorkerCore) -> int | None:
         elif frame.kind == Kind.REJECT:
             log.error("%s closed this worker: %s", settings.url, rejection(frame))
             return 2
+
+
+# --- admin ---------------------------------------------------------------------------------------------
+
+
+def status(url: str, key: bytes | None, timeout: float = 5.0) -> dict[str, object]:
+    """The job server's view (workers, clients, queues), for ``remote-executor status|ping``."""
+    ctx: zmq.Context[Any] = zmq.Context()
+    sock = dealer(ctx, split_hostports(url)[0], Limits(), Curve.from_options({}))
+    try:
+        handshake(sock, hello("admin", {"name": "admin"}), key, Limits(), timeout, url)
+        send_frame(sock, Frame(Kind.STATUS), key)
+        deadline = time.monotonic() + timeout
+        while sock.poll(max(int((deadline - time.monotonic()) * 1000), 0) + 1, zmq.POLLIN):
+            frame = recv_frame(sock, key, Limits())
+            if frame.kind == Kind.STATUS:
+                return parse_json(frame)
+        raise ServerUnavailableError(f"{url} did not answer STATUS within {timeout:g}s")
+    finally:
+        sock.close(linger=0)
+        ctx.term()
