@@ -92,8 +92,8 @@ class ProbedServer(ZmqServer):
 
     most_held = 0
 
-    def pump(self) -> None:
-        super().pump()
+    def pump(self, on_loop: bool = True) -> None:
+        super().pump(on_loop)
         held = sum(c["queued"] + c["running"] for c in self.scheduler.status()["clients"])
         self.most_held = max(self.most_held, held)
 
