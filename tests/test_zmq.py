@@ -506,20 +506,25 @@ def test_cli_status_and_ping(server: ZmqServer, start_workers: Callable[..., Sup
     assert ping.returncode == 0 and "answered in" in ping.stdout
 
 
-def test_cli_server_and_worker_commands(tmp_path: Path) -> None:
+@pytest.mark.parametrize("curve", [False, True], ids=["hmac", "hmac+curve"])
+def test_cli_server_and_worker_commands(tmp_path: Path, curve: bool) -> None:
     """``remote-executor server zmq://...`` and ``remote-executor worker zmq://...`` end to end."""
     key_file = tmp_path / "key"
     key_file.write_text(os.urandom(16).hex())
+    public, secret = zmq.auth.create_certificates(tmp_path, "server")
+    server_args = ["--curve-secret-key", str(secret)] if curve else []
+    worker_env = {**os.environ, CURVE_SERVER_KEY_ENV: str(public)} if curve else None
+    client_options = {"curve_server_key": str(public)} if curve else {}
     with socket_port() as port:
         url = f"zmq://127.0.0.1:{port}"
     cli = [sys.executable, "-m", "remote_executor.cli", "--log-level", "WARNING"]
-    server = subprocess.Popen([*cli, "server", url, "--key-file", str(key_file), *WORKER_ARGS],
+    server = subprocess.Popen([*cli, "server", url, "--key-file", str(key_file), *server_args, *WORKER_ARGS],
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     worker = subprocess.Popen([*cli, "worker", url, "--key-file", str(key_file), "--processes", "2", *WORKER_ARGS],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=worker_env)
     try:
         assert server.stdout is not None and "serving" in server.stdout.readline()
-        with RemoteExecutor(transport=url, key=key_file.read_text().strip(), **FAST) as ex:
+        with RemoteExecutor(transport=url, key=key_file.read_text().strip(), **FAST, **client_options) as ex:
             assert list(ex.map(pow, [2] * 10, range(10))) == [2**i for i in range(10)]
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(timeout=30) == 0
@@ -531,6 +536,12 @@ def test_cli_server_and_worker_commands(tmp_path: Path) -> None:
             proc.wait()
         assert server.stdout is not None
         server.stdout.close()
+
+
+def test_cli_curve_flag_is_for_zmq_only(tmp_path: Path) -> None:
+    run = subprocess.run([sys.executable, "-m", "remote_executor.cli", "server", "tcp://127.0.0.1:0",
+                          "--curve-secret-key", str(tmp_path / "x")], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1 and "zmq:// servers only" in run.stderr
 
 
 @contextlib.contextmanager

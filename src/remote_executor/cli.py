@@ -68,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="allow a non-loopback address without a key (trusted networks only)")
     server.add_argument("--max-frame-size", type=int, default=Limits().max_frame,
                         help="largest frame accepted, in bytes")
+    server.add_argument("--curve-secret-key", metavar="FILE",
+                        help="zmq only: encrypt with CURVE using this secret certificate (zmq.auth)")
     worker = commands.choices["worker"]
     worker.add_argument("--processes", type=int, default=os.cpu_count() or 1)
     return parser
@@ -85,6 +87,8 @@ def _transport_module(url: str) -> Any:
 
 def _server(args: argparse.Namespace) -> int:
     scheme = _scheme(args.url)
+    if args.curve_secret_key and scheme != "zmq":
+        raise ValueError("--curve-secret-key is for zmq:// servers only")
     host, port = split_hostports(args.url)[0]
     kwargs: dict[str, Any] = dict(key=resolve_key(key_file=args.key_file), insecure=args.insecure,
                                   limits=Limits(max_frame=args.max_frame_size),
@@ -97,7 +101,7 @@ def _server(args: argparse.Namespace) -> int:
     elif scheme == "zmq":
         from .transports.zmq_server import ZmqServer
 
-        server = ZmqServer(host, port, **kwargs)
+        server = ZmqServer(host, port, curve_secret_key=args.curve_secret_key, **kwargs)
     else:
         raise ValueError(f"{scheme}:// has no server of ours (for gearman, run gearmand)")
     _on_stop_signals(lambda: server.stop())
