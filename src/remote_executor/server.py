@@ -64,6 +64,7 @@ class ServerCore(abc.ABC):
         self._next_local = LOCAL_CONN_BASE
         self._deferred: deque[tuple[LocalLink, Frame]] = deque()  # local deliveries left for the loop
         self.drive_lock = threading.Lock()
+        self._delivering = False  # the loop thread is inside a local client's callback
         self.loop_thread: threading.Thread | None = None
 
     # --- hooks for the concrete server ----------------------------------------------------------------
@@ -108,7 +109,13 @@ class ServerCore(abc.ABC):
 
     def _poke(self) -> None:
         if threading.current_thread() is self.loop_thread:
-            return  # the loop pumps again before it waits
+            if self._delivering and self.caller_may_drive:
+                # A client submitting from inside a result delivery (the executor refilling its
+                # window): send the new TASK now, before the rest of the delivery (unpickling the
+                # result, waking the caller), so the worker is idle as briefly as possible.
+                self.pump(on_loop=False)
+                self._flush_from_caller()
+            return  # otherwise the loop pumps again before it waits
         if self.caller_may_drive and self.drive_lock.acquire(blocking=False):
             try:
                 self.pump(on_loop=False)
@@ -179,7 +186,10 @@ class ServerCore(abc.ABC):
             self._drop(action.conn, action.reason)
 
     def _deliver_local(self, link: LocalLink, frame: Frame) -> None:
+        self._delivering = True
         try:
             link.deliver(frame)
         except Exception:  # a bug in the client must not take the server down with it
             log.exception("in-process client failed to handle a %s frame", frame.kind.name)
+        finally:
+            self._delivering = False
