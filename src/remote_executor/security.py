@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import secrets
 import socket
-from pathlib import Path
 
 from .errors import TransportError
 
@@ -20,7 +18,8 @@ def resolve_key(key: bytes | str | None = None, key_file: str | os.PathLike[str]
     if key is not None:
         raw = key.encode() if isinstance(key, str) else bytes(key)
     elif key_file is not None:
-        raw = Path(key_file).read_bytes().strip()
+        with open(key_file, "rb") as f:
+            raw = f.read().strip()
     else:
         env = os.environ.get(KEY_ENV)
         raw = env.encode() if env else b""
@@ -31,6 +30,8 @@ def resolve_key(key: bytes | str | None = None, key_file: str | os.PathLike[str]
 
 def new_token() -> bytes:
     """A per-cluster secret that embedded workers present when they connect."""
+    import secrets  # imported here: worker processes never need it, and it is slow to import
+
     return secrets.token_hex(16).encode()
 
 
