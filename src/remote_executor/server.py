@@ -66,6 +66,7 @@ class ServerCore(abc.ABC):
         self.drive_lock = threading.Lock()
         self._delivering = False  # the loop thread is inside a local client's callback
         self.loop_thread: threading.Thread | None = None
+        self.stopping = threading.Event()
 
     # --- hooks for the concrete server ----------------------------------------------------------------
 
@@ -80,6 +81,32 @@ class ServerCore(abc.ABC):
     @abc.abstractmethod
     def wake(self) -> None:
         """Make the loop run :meth:`pump` soon (called from other threads)."""
+
+    @abc.abstractmethod
+    def serve_forever(self) -> None:
+        """Run the loop in this thread until :meth:`stop`; close every socket on the way out."""
+
+    @abc.abstractmethod
+    def _close_all(self) -> None:
+        """Close every socket (idempotent)."""
+
+    # --- running -----------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Serve on a daemon thread (the embedded cluster)."""
+        self.loop_thread = threading.Thread(target=self.serve_forever, name=f"remote-executor-{type(self).__name__}",
+                                            daemon=True)
+        self.loop_thread.start()
+
+    def stop(self) -> None:
+        """Stop serving and close every socket. Idempotent; joins the loop thread if there is one."""
+        self.stopping.set()
+        self.wake()
+        thread = self.loop_thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+        elif thread is None:
+            self._close_all()
 
     # --- in-process clients ----------------------------------------------------------------------------
 

@@ -182,3 +182,38 @@ def retry_with_backoff(
             stop.wait(min(delay, remaining))
             delay = min(delay * 2, 2.0)
     return None
+
+
+class Waker:
+    """Wakes a select/poll loop from other threads: a socketpair whose read end the loop watches.
+
+    Only the first ``wake()`` after a ``drain()`` writes a byte, so a burst of wake-ups costs one syscall.
+    """
+
+    def __init__(self) -> None:
+        self.reader, self._writer = socket.socketpair()
+        self.reader.setblocking(False)
+        self._writer.setblocking(False)
+        self._lock = threading.Lock()
+        self._armed = False
+
+    def wake(self) -> None:
+        with self._lock:
+            if self._armed:
+                return
+            self._armed = True
+        with contextlib.suppress(OSError):  # closed, or full: the loop is awake (or gone) anyway
+            self._writer.send(b"x")
+
+    def drain(self) -> None:
+        with self._lock:
+            self._armed = False
+            try:
+                while self.reader.recv(4096):
+                    pass
+            except (BlockingIOError, InterruptedError):
+                pass
+
+    def close(self) -> None:
+        self.reader.close()
+        self._writer.close()

@@ -6,7 +6,6 @@ it (one I/O thread, reconnection with backoff, resubmission of calls in flight) 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import selectors
 import socket
@@ -27,7 +26,7 @@ from ..worker import WorkerCore, WorkerSettings
 from . import split_hostports
 from .base import Call, ClientTransport, Listener, Options, Session
 from .framed_client import FramedClient, rejection
-from .stream import BlockingConnection, Connection, connect, retry_with_backoff
+from .stream import BlockingConnection, Connection, Waker, connect, retry_with_backoff
 
 log = logging.getLogger("remote_executor.tcp")
 
@@ -78,8 +77,7 @@ class TcpClientTransport(ClientTransport):
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._selector = selectors.DefaultSelector()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
+        self._waker = Waker()
         self._thread: threading.Thread | None = None
 
     # --- ClientTransport ------------------------------------------------------------------------------
@@ -87,7 +85,7 @@ class TcpClientTransport(ClientTransport):
     def start(self, session: Session, listener: Listener) -> None:
         self._client = FramedClient(session, listener, self.url)
         self._conn = self._connect_once()  # the first connection fails loudly, in the constructor
-        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._selector.register(self._waker.reader, selectors.EVENT_READ, None)
         self._thread = threading.Thread(target=self._run, name="remote-executor-tcp-client", daemon=True)
         self._thread.start()
 
@@ -97,16 +95,14 @@ class TcpClientTransport(ClientTransport):
         with self._lock:
             self._outbox.extend(frames)
         if threading.current_thread() is not self._thread:
-            self._wake_w.send(b"x")
+            self._waker.wake()
 
     def close(self) -> None:
         self._stop.set()
-        with contextlib.suppress(OSError):
-            self._wake_w.send(b"x")
+        self._waker.wake()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
-        for sock in (self._wake_r, self._wake_w):
-            sock.close()
+        self._waker.close()
 
     # --- connection ---------------------------------------------------------------------------------
 
@@ -171,7 +167,7 @@ class TcpClientTransport(ClientTransport):
                 self._selector.modify(conn.sock, events, conn)
                 for key, mask in self._selector.select(interval / 2):
                     if key.data is None:
-                        _drain(self._wake_r)
+                        self._waker.drain()
                         continue
                     if mask & selectors.EVENT_READ:
                         frames = conn.read()
@@ -201,14 +197,6 @@ class TcpClientTransport(ClientTransport):
             self._selector.unregister(conn.sock)
             if not self._stop.is_set():
                 conn.close()
-
-
-def _drain(sock: socket.socket) -> None:
-    try:
-        while sock.recv(4096):
-            pass
-    except (BlockingIOError, InterruptedError):
-        pass
 
 
 # --- the worker loop -----------------------------------------------------------------------------------

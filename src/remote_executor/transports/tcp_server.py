@@ -18,7 +18,7 @@ from ..protocol import DEFAULT_LIMITS, Frame, Limits
 from ..scheduler import ConnId, Scheduler
 from ..security import check_bind
 from ..server import ServerCore
-from .stream import Connection, tune
+from .stream import Connection, Waker, tune
 
 log = logging.getLogger("remote_executor.server")
 
@@ -59,18 +59,13 @@ class TcpServer(ServerCore):
         self._key = key
         self._limits = limits
         self._selector = selectors.DefaultSelector()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        self._woken = False
-        self._wake_lock = threading.Lock()
+        self._waker = Waker()
         self._conns: dict[ConnId, Connection] = {}
         self._dirty: set[ConnId] = set()
         self._next_conn = 1
-        self._stopping = threading.Event()
         self._closed = False
         self._selector.register(self._listen, selectors.EVENT_READ, _LISTENER)
-        self._selector.register(self._wake_r, selectors.EVENT_READ, _WAKER)
+        self._selector.register(self._waker.reader, selectors.EVENT_READ, _WAKER)
 
     @property
     def url(self) -> str:
@@ -79,16 +74,12 @@ class TcpServer(ServerCore):
 
     # --- running -----------------------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Serve on a daemon thread (the embedded cluster)."""
-        self.loop_thread = threading.Thread(target=self.serve_forever, name="remote-executor-server", daemon=True)
-        self.loop_thread.start()
 
     def serve_forever(self) -> None:
         self.loop_thread = threading.current_thread()
         next_tick = 0.0
         try:
-            while not self._stopping.is_set():
+            while not self.stopping.is_set():
                 events = self._selector.select(max(next_tick - time.monotonic(), 0.0))
                 with self.drive_lock:
                     now = time.monotonic()
@@ -102,25 +93,9 @@ class TcpServer(ServerCore):
             with self.drive_lock:
                 self._close_all()
 
-    def stop(self) -> None:
-        """Stop serving and close every socket. Idempotent; joins the loop thread if there is one."""
-        self._stopping.set()
-        self.wake()
-        thread = self.loop_thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join()
-        elif thread is None:
-            self._close_all()
 
     def wake(self) -> None:
-        with self._wake_lock:
-            if self._woken:
-                return
-            self._woken = True
-        try:
-            self._wake_w.send(b"x")
-        except OSError:
-            pass  # closed: the loop is gone anyway
+        self._waker.wake()
 
     # --- events ------------------------------------------------------------------------------------
 
@@ -128,7 +103,7 @@ class TcpServer(ServerCore):
         if data is _LISTENER:
             self._accept()
         elif data is _WAKER:
-            self._drain_waker()
+            self._waker.drain()
         else:
             assert isinstance(data, int)
             if mask & selectors.EVENT_READ:
@@ -148,15 +123,6 @@ class TcpServer(ServerCore):
         self._conns[conn_id] = conn
         self._selector.register(conn.sock, selectors.EVENT_READ, conn_id)
         self.scheduler.connected(conn_id, time.monotonic())
-
-    def _drain_waker(self) -> None:
-        with self._wake_lock:
-            self._woken = False
-            try:
-                while self._wake_r.recv(4096):
-                    pass
-            except (BlockingIOError, InterruptedError):
-                pass
 
     def _read(self, conn_id: ConnId) -> None:
         conn = self._conns[conn_id]
@@ -249,10 +215,11 @@ class TcpServer(ServerCore):
         self._closed = True
         for conn_id in list(self._conns):
             self._forget(conn_id)
-        for sock in (self._listen, self._wake_r, self._wake_w):
+        for sock in (self._listen, self._waker.reader):
             with contextlib.suppress(KeyError, ValueError):
                 self._selector.unregister(sock)
-            sock.close()
+        self._listen.close()
+        self._waker.close()
         self._selector.close()
 
 

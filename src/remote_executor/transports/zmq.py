@@ -16,10 +16,8 @@ public certificate (files made with :func:`zmq.auth.create_certificates`).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import socket
 import threading
 import time
 from collections import deque
@@ -37,6 +35,7 @@ from ..worker import WorkerCore, WorkerSettings
 from . import split_hostports
 from .base import Call, ClientTransport, Listener, Options, Session
 from .framed_client import FramedClient, rejection
+from .stream import Waker
 
 log = logging.getLogger("remote_executor.zmq")
 
@@ -206,38 +205,6 @@ def handshake(sock: zmq.Socket[Any], first: Frame, key: bytes | None, limits: Li
     )
 
 
-class _Waker:
-    """Wakes a zmq poll loop from other threads: a socketpair whose read end sits in the zmq Poller."""
-
-    def __init__(self) -> None:
-        self.reader, self._writer = socket.socketpair()
-        self.reader.setblocking(False)
-        self._writer.setblocking(False)
-        self._lock = threading.Lock()
-        self._armed = False
-
-    def wake(self) -> None:
-        with self._lock:
-            if self._armed:
-                return
-            self._armed = True
-        with contextlib.suppress(OSError):  # closed, or full: the loop is awake (or gone) anyway
-            self._writer.send(b"x")
-
-    def drain(self) -> None:
-        with self._lock:
-            self._armed = False
-            try:
-                while self.reader.recv(4096):
-                    pass
-            except (BlockingIOError, InterruptedError):
-                pass
-
-    def close(self) -> None:
-        self.reader.close()
-        self._writer.close()
-
-
 # --- the client ----------------------------------------------------------------------------------------
 
 
@@ -256,7 +223,7 @@ class ZmqClientTransport(ClientTransport):
         self._outbox: deque[Frame] = deque()
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._waker = _Waker()
+        self._waker = Waker()
         self._thread: threading.Thread | None = None
         self._closed = False
 

@@ -28,7 +28,8 @@ from ..protocol import Frame, Kind, Limits
 from ..scheduler import ConnId, Scheduler
 from ..security import check_bind
 from ..server import ServerCore
-from .zmq import HWM, _Waker, endpoint, recv_frame, send_frame
+from .stream import Waker
+from .zmq import HWM, endpoint, recv_frame, send_frame
 
 log = logging.getLogger("remote_executor.server")
 
@@ -77,13 +78,12 @@ class ZmqServer(ServerCore):
         )
         self._key = key
         self._limits = limits
-        self._waker = _Waker()
+        self._waker = Waker()
         self._ids: dict[bytes, ConnId] = {}  # routing id -> connection
         self._routes: dict[ConnId, bytes] = {}  # connection -> routing id
         self._backlog: dict[ConnId, deque[Frame]] = {}  # frames refused at a peer's high-water mark
         self._unreachable: set[ConnId] = set()
         self._next_conn = 1
-        self._stopping = threading.Event()
         self._closed = False
         self._close_lock = threading.Lock()
 
@@ -121,11 +121,6 @@ class ZmqServer(ServerCore):
 
     # --- running -----------------------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Serve on a daemon thread (the embedded cluster)."""
-        self.loop_thread = threading.Thread(target=self.serve_forever, name="remote-executor-zmq-server",
-                                            daemon=True)
-        self.loop_thread.start()
 
     def serve_forever(self) -> None:
         self.loop_thread = threading.current_thread()
@@ -134,7 +129,7 @@ class ZmqServer(ServerCore):
         poller.register(self._waker.reader, zmq.POLLIN)
         next_tick = 0.0
         try:
-            while not self._stopping.is_set():
+            while not self.stopping.is_set():
                 now = time.monotonic()
                 if now >= next_tick:
                     next_tick = self.scheduler.tick(now)
@@ -148,15 +143,6 @@ class ZmqServer(ServerCore):
         finally:
             self._close_all()
 
-    def stop(self) -> None:
-        """Stop serving and close the socket. Idempotent; joins the loop thread if there is one."""
-        self._stopping.set()
-        self.wake()
-        thread = self.loop_thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join()
-        elif thread is None:
-            self._close_all()
 
     def wake(self) -> None:
         self._waker.wake()
