@@ -23,7 +23,6 @@ __all__ = [
     "AuthenticationError",
     "BrokenRemoteExecutor",
     "InitializerFailed",
-    "LocalCluster",
     "ProtocolError",
     "RemoteError",
     "RemoteExecutor",
@@ -38,7 +37,6 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from .cluster import LocalCluster
     from .executor import RemoteExecutor
 
 
@@ -48,8 +46,4 @@ def __getattr__(name: str) -> Any:
         from .executor import RemoteExecutor
 
         return RemoteExecutor
-    if name == "LocalCluster":
-        from .cluster import LocalCluster
-
-        return LocalCluster
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
