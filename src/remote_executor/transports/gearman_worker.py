@@ -14,7 +14,8 @@ server wakes it at once.
 Before running a job the worker sends ``WORK_DATA "started by <name>"`` (the client counts starts to enforce
 ``max_retries`` and names lost workers). A job whose frame does not verify with the key is refused before
 anything is unpickled: ``WORK_DATA "refused by <name>: ..."``, then ``WORK_FAIL``, and a log line.
-SIGTERM drains: no new grabs, the running call finishes, exit 0.
+SIGTERM drains: no new grabs, the running call finishes, then ``CANT_DO`` and exit 0 (not ``CANT_DO`` at
+once: gearmand 1.1.20 would take the running job away from the worker).
 """
 
 from __future__ import annotations
@@ -103,6 +104,8 @@ class GearmanWorker:
         """Serve until drained (0) or no server was reachable for ``reconnect_timeout`` (1)."""
         for slot in self.slots:
             slot.thread.start()
+        watcher = threading.Thread(target=self._watch_drain, name="gearman-drain-watcher", daemon=True)
+        watcher.start()
         try:
             return self._serve()
         finally:
@@ -113,6 +116,16 @@ class GearmanWorker:
                     slot.conn.close()
             for slot in self.slots:
                 slot.thread.join()
+            watcher.join()
+
+    def _watch_drain(self) -> None:
+        """Say at once that SIGTERM arrived. Unregistering must wait until the running call is done: on
+        gearmand 1.1.20 a CANT_DO takes the running job away from the worker (its WORK_COMPLETE then gets
+        JOB_NOT_FOUND)."""
+        while not self.stop.wait(0.05):
+            if self.settings.drain.is_set():
+                log.info("SIGTERM: draining (the running call finishes, no new ones start)")
+                return
 
     def _serve(self) -> int:
         down_since: float | None = None

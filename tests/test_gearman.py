@@ -1,0 +1,431 @@
+"""The gearman transport against a real gearmand and real worker processes: faults, keys, servers, CLI."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import BrokenExecutor
+from pathlib import Path
+
+import cloudpickle
+import pytest
+
+from remote_executor import RemoteExecutor
+from remote_executor.conformance.gate import Gate, wait_at_gate
+from remote_executor.errors import InitializerFailed, ServerUnavailableError, TransportError, WorkerLostError
+from remote_executor.protocol import Frame, Kind, encode_bytes
+from remote_executor.supervisor import Supervisor
+from remote_executor.transports import gearmand as gearmand_module
+from remote_executor.transports.gearman import decode_job_frame, parse_url
+from remote_executor.transports.gearman_connection import ClientCallbacks, GearmanClientConnection, admin_status
+from remote_executor.transports.gearman_worker import GearmanWorker
+from remote_executor.transports.gearmand import GearmandProcess
+from remote_executor.worker import WorkerCore, WorkerSettings
+
+from .conftest import pid_alive, wait_for
+
+pytestmark = pytest.mark.gearman
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
+
+_pools = itertools.count()
+
+
+def record_pid_then_wait(path: str, address: tuple[str, int], token: str) -> int:
+    with open(path, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    wait_at_gate(address, token)
+    return os.getpid()
+
+
+def pids_in(path: Path) -> list[int]:
+    return [int(line) for line in path.read_text().split()] if path.exists() else []
+
+
+def crash() -> None:
+    import ctypes
+
+    ctypes.string_at(0)  # a segfault: the worker process dies mid-call
+
+
+def fail_to_initialize(reason: str) -> None:
+    raise ValueError(reason)
+
+
+@pytest.fixture(scope="module")
+def gearmand() -> Iterator[GearmandProcess]:
+    """One gearmand without -j for the module; tests use a pool each, so leftovers never cross tests."""
+    with GearmandProcess(threads=2) as server:
+        yield server
+
+
+@pytest.fixture
+def pool_url(gearmand: GearmandProcess) -> str:
+    return f"{gearmand.url}/test-{os.getpid()}-{next(_pools)}"
+
+
+@pytest.fixture
+def start_workers() -> Iterator[Callable[..., Supervisor]]:
+    started: list[Supervisor] = []
+
+    def start(url: str, count: int = 2, env: dict[str, str] | None = None) -> Supervisor:
+        supervisor = Supervisor(url, count, env=env, name="test-worker")
+        supervisor.start()
+        started.append(supervisor)
+        return supervisor
+
+    yield start
+    for supervisor in started:
+        supervisor.stop()
+
+
+def wait_for_workers(url: str, count: int) -> None:
+    (host, port), pool = parse_url(url)[0][0], parse_url(url)[1]
+
+    def registered() -> bool:
+        try:
+            statuses = admin_status(host, port, timeout=5)
+        except OSError:
+            return False
+        return any(s.function == f"remote_executor.{pool}" and s.workers == count for s in statuses)
+
+    wait_for(registered, what=f"{count} worker(s) to register with {url}")
+
+
+# --- round trips, pools ------------------------------------------------------------------------------
+
+
+def test_url_round_trip_and_chunks(pool_url: str, start_workers: Callable[..., Supervisor]) -> None:
+    start_workers(pool_url, 2)
+    with RemoteExecutor(transport=pool_url) as ex:
+        assert list(ex.map(pow, range(50), [2] * 50, chunksize=7)) == [i * i for i in range(50)]
+        assert ex.submit(lambda: os.getpid()).result(timeout=30) != os.getpid()
+
+
+def test_pools_share_one_gearmand(gearmand: GearmandProcess, start_workers: Callable[..., Supervisor]) -> None:
+    a, b = f"{gearmand.url}/pool-a-{os.getpid()}", f"{gearmand.url}/pool-b-{os.getpid()}"
+    pids_a = set(start_workers(a, 1).pids())
+    pids_b = set(start_workers(b, 1).pids())
+    with RemoteExecutor(transport=a) as ex_a, RemoteExecutor(transport=gearmand.url, pool=b.rsplit("/", 1)[1]) as ex_b:
+        assert {ex_a.submit(os.getpid).result(timeout=30) for _ in range(5)} <= pids_a
+        assert {ex_b.submit(os.getpid).result(timeout=30) for _ in range(5)} <= pids_b
+
+
+def test_bad_pool_name_is_a_clear_error(gearmand: GearmandProcess) -> None:
+    with pytest.raises(TransportError, match="bad gearman pool name"):
+        RemoteExecutor(transport=f"{gearmand.url}/no spaces")
+
+
+def test_unreachable_gearmand_is_a_clear_error() -> None:
+    with pytest.raises(TransportError, match="cannot reach any gearmand"):
+        RemoteExecutor(transport="gearman://127.0.0.1:1")
+
+
+# --- worker loss and max_retries ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("max_retries", [1, 3])
+def test_sigkilled_worker_call_is_retried_on_another(
+    pool_url: str, start_workers: Callable[..., Supervisor], tmp_path: Path, max_retries: int
+) -> None:
+    start_workers(pool_url, 2)
+    log = tmp_path / "pids"
+    with Gate() as gate, RemoteExecutor(transport=pool_url, max_retries=max_retries) as ex:
+        future = ex.submit(record_pid_then_wait, str(log), gate.address, "held")
+        gate.wait_started(1)
+        first = pids_in(log)[0]
+        os.kill(first, signal.SIGKILL)
+        gate.wait_started(2)  # gearmand requeued it; running again somewhere
+        gate.release()
+        second = future.result(timeout=30)
+        assert second != first
+        assert pids_in(log) == [first, second]
+
+
+@pytest.mark.parametrize("job_retries", [None, 1], ids=["client-enforced", "gearmand-j1"])
+def test_sigkilled_worker_without_retries_fails_with_worker_lost(
+    start_workers: Callable[..., Supervisor], tmp_path: Path, job_retries: int | None
+) -> None:
+    log = tmp_path / "pids"
+    with GearmandProcess(threads=2, job_retries=job_retries) as server:
+        start_workers(server.url, 2)
+        with Gate() as gate, RemoteExecutor(transport=server.url, max_retries=0) as ex:
+            doomed = ex.submit(record_pid_then_wait, str(log), gate.address, "held")
+            gate.wait_started(1)
+            os.kill(pids_in(log)[0], signal.SIGKILL)
+            with pytest.raises(WorkerLostError) as info:
+                doomed.result(timeout=30)
+            assert info.value.workers and "test-worker" in info.value.workers[0]
+            gate.release()  # without -j gearmand had already handed it to the other worker (documented)
+            assert ex.submit(pow, 3, 3).result(timeout=30) == 27  # the executor goes on
+            if job_retries is not None:
+                assert len(pids_in(log)) == 1  # with -j, at most once
+
+
+@pytest.mark.parametrize("embedded", [False, True], ids=["url-client-enforced", "embedded-gearmand-j"])
+def test_poison_call_fails_after_max_retries(
+    pool_url: str, start_workers: Callable[..., Supervisor], embedded: bool
+) -> None:
+    if not embedded:
+        start_workers(pool_url, 2)
+    with RemoteExecutor(max_workers=2, transport="gearman" if embedded else pool_url, max_retries=2) as ex:
+        with pytest.raises(WorkerLostError) as info:
+            ex.submit(crash).result(timeout=60)
+        assert len(info.value.workers) == 3  # ran three times, lost three workers
+        assert "3 time(s)" in str(info.value)
+        assert list(ex.map(abs, [-1, -2, -3])) == [1, 2, 3]  # the fleet was restored
+
+
+# --- gearmand restarts, several job servers, giving up -----------------------------------------------
+
+
+def test_gearmand_restart_client_and_workers_reconnect(
+    start_workers: Callable[..., Supervisor], tmp_path: Path
+) -> None:
+    log = tmp_path / "pids"
+    with GearmandProcess(threads=2) as server:
+        start_workers(server.url, 2)
+        with Gate() as gate, RemoteExecutor(transport=server.url, max_retries=2) as ex:
+            held = ex.submit(record_pid_then_wait, str(log), gate.address, "held")
+            gate.wait_started(1)
+            queued = [ex.submit(pow, 2, i) for i in range(10)]
+            server.restart()  # the queue is lost with it: the client resubmits what was in flight
+            gate.release()  # the first run's result goes nowhere
+            assert held.result(timeout=60) in pids_in(log)
+            assert [f.result(timeout=60) for f in queued] == [2**i for i in range(10)]
+            assert [f.result(timeout=60) for f in [ex.submit(pow, 3, i) for i in range(20)]] == [
+                3**i for i in range(20)
+            ]
+            wait_for_workers(server.url, 2)
+
+
+def test_two_job_servers_one_stopped_mid_run(start_workers: Callable[..., Supervisor], tmp_path: Path) -> None:
+    with GearmandProcess(threads=2) as first, GearmandProcess(threads=2) as second:
+        url = f"gearman://127.0.0.1:{first.port},127.0.0.1:{second.port}"
+        start_workers(url, 2)
+        wait_for_workers(first.url, 2)
+        wait_for_workers(second.url, 2)
+        with RemoteExecutor(transport=url, max_retries=2) as ex:
+            assert list(ex.map(pow, range(40), [2] * 40)) == [i * i for i in range(40)]
+            futures = [ex.submit(pow, 2, i) for i in range(200)]
+            first.stop()  # mid-run: its in-flight calls move to the other server
+            more = [ex.submit(pow, 3, i) for i in range(50)]
+            assert [f.result(timeout=60) for f in futures] == [2**i for i in range(200)]
+            assert [f.result(timeout=60) for f in more] == [3**i for i in range(50)]
+            first.restart()  # on the same port again: client and workers reconnect to it
+            wait_for_workers(first.url, 2)
+            assert list(ex.map(abs, range(-30, 0))) == list(range(30, 0, -1))
+
+
+def test_client_gives_up_after_reconnect_timeout(start_workers: Callable[..., Supervisor]) -> None:
+    with GearmandProcess(threads=2) as server:
+        start_workers(server.url, 1)
+        with Gate() as gate:
+            ex = RemoteExecutor(transport=server.url, reconnect_timeout=0.5)
+            held = ex.submit(wait_at_gate, gate.address, "held")
+            gate.wait_started(1)
+            server.stop()
+            with pytest.raises(ServerUnavailableError, match="could not reconnect"):
+                held.result(timeout=30)
+            assert isinstance(held.exception(), BrokenExecutor)
+            with pytest.raises(BrokenExecutor):
+                ex.submit(pow, 2, 2)
+            ex.shutdown()
+            gate.release()
+
+
+# --- keys -----------------------------------------------------------------------------------------------
+
+
+class _Trap:
+    """Unpickling this creates a file: proof that a payload was (or was not) unpickled."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return (open, (self.path, "w"))
+
+
+class _Outcomes(ClientCallbacks[int]):
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.data: list[bytes] = []
+        self.outcome = ""
+
+    def on_data(self, token: int, payload: bytes) -> None:
+        self.data.append(payload)
+
+    def on_complete(self, token: int, payload: bytes) -> None:
+        self.outcome = "complete"
+        self.done.set()
+
+    def on_fail(self, token: int) -> None:
+        self.outcome = "fail"
+        self.done.set()
+
+    def on_disconnect(self, exc: Exception, in_flight: list[int]) -> None:
+        self.done.set()
+
+
+@pytest.mark.parametrize("forger_key", [b"not the key", None], ids=["wrong-key", "unsigned"])
+def test_job_with_a_wrong_key_is_refused_before_unpickling(
+    pool_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture, forger_key: bytes | None
+) -> None:
+    key = os.urandom(32)
+    settings = WorkerSettings(url=pool_url, key=key, name="keyed-worker")
+    worker = threading.Thread(target=GearmanWorker(settings, WorkerCore()).run, name="test-gearman-worker")
+    trap = tmp_path / "unpickled"
+    with caplog.at_level(logging.INFO, logger="remote_executor.gearman"):
+        worker.start()
+        try:
+            (host, port), pool = parse_url(pool_url)[0][0], parse_url(pool_url)[1]
+            forged = Frame(Kind.TASK, a=1, b=7, parts=[pickle.dumps(_Trap(str(trap)))])
+            outcomes = _Outcomes()
+            with GearmanClientConnection(host, port, outcomes) as rogue:
+                rogue.submit(1, f"remote_executor.{pool}".encode(), encode_bytes(forged, forger_key))
+                assert outcomes.done.wait(30)
+            assert outcomes.outcome == "fail"
+            assert outcomes.data and outcomes.data[0].startswith(b"refused by keyed-worker")
+            expected = "refused a job with a bad HMAC" if forger_key else "refused a malformed job"
+            assert expected in caplog.text
+            assert not trap.exists()
+            with RemoteExecutor(transport=pool_url, key=key) as ex:  # the worker serves the rightful client
+                assert ex.submit(pow, 2, 8).result(timeout=30) == 256
+        finally:
+            settings.drain.set()
+            worker.join(30)
+    assert not worker.is_alive()
+
+
+def test_client_with_another_key_gets_a_clear_rejection(
+    pool_url: str, start_workers: Callable[..., Supervisor]
+) -> None:
+    start_workers(pool_url, 1, env={"REMOTE_EXECUTOR_KEY_HEX": os.urandom(32).hex()})
+    with RemoteExecutor(transport=pool_url, key=b"another key") as ex, pytest.raises(
+        BrokenExecutor, match="refused a job with a bad HMAC"
+    ):
+        ex.submit(pow, 2, 2).result(timeout=30)
+
+
+def test_result_signed_with_another_key_is_refused() -> None:
+    payload = encode_bytes(Frame(Kind.RESULT, a=1, parts=[b"x"]), b"rogue")
+    with pytest.raises(Exception, match="HMAC does not verify"):
+        decode_job_frame(payload, b"rightful")
+
+
+# --- initializer, embedded cluster, CLI ----------------------------------------------------------------------
+
+
+def test_initializer_failure_breaks_the_executor_with_the_remote_cause(pool_url: str,
+                                                                      start_workers: Callable[..., Supervisor]) -> None:
+    start_workers(pool_url, 1)
+    with RemoteExecutor(transport=pool_url, initializer=fail_to_initialize, initargs=("no setup",)) as ex:
+        future = ex.submit(pow, 2, 2)
+        error = future.exception(timeout=30)
+        assert isinstance(error, InitializerFailed)
+        assert isinstance(error.__cause__, ValueError) and "no setup" in str(error.__cause__)
+        with pytest.raises(BrokenExecutor):
+            ex.submit(pow, 2, 3)
+
+
+def test_missing_gearmand_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(gearmand_module, "SBIN_DIRS", ())
+    with pytest.raises(TransportError, match="gearman-job-server"):
+        RemoteExecutor(transport="gearman")
+
+
+def test_embedded_cluster_is_keyed_and_leaves_nothing_behind() -> None:
+    script = textwrap.dedent(
+        """
+        import sys
+        from remote_executor import RemoteExecutor
+        ex = RemoteExecutor(max_workers=2, transport="gearman")
+        assert ex.submit(pow, 2, 2).result() == 4
+        cluster = ex.transport.cluster
+        assert cluster.key and len(cluster.key) == 32
+        print(cluster.gearmand.pid, *cluster.supervisor.pids(), flush=True)
+        sys.stdin.read()
+        """
+    )
+    client = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert client.stdout is not None
+        pids = [int(p) for p in client.stdout.readline().split()]
+        assert len(pids) == 3 and all(pid_alive(p) for p in pids)
+        client.kill()
+        client.wait()
+        wait_for(lambda: not any(pid_alive(p) for p in pids), what="gearmand and orphaned workers to exit")
+    finally:
+        client.kill()
+        client.wait()
+        assert client.stdin is not None and client.stdout is not None
+        client.stdin.close()
+        client.stdout.close()
+
+
+def test_cli_worker_drains_on_sigterm(pool_url: str, start_workers: Callable[..., Supervisor]) -> None:
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "remote_executor.cli", "worker", pool_url, "--processes", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        with Gate() as gate, RemoteExecutor(transport=pool_url) as ex:
+            held = ex.submit(wait_at_gate, gate.address, "held", "finished")
+            gate.wait_started(1)
+            cli.send_signal(signal.SIGTERM)
+            assert cli.stderr is not None
+            while "SIGTERM: draining" not in cli.stderr.readline():
+                pass
+            later = ex.submit(pow, 2, 5)  # must not start on the draining worker
+            gate.release()
+            assert held.result(timeout=30) == "finished"
+            assert cli.wait(timeout=30) == 0
+            assert not later.done() and _workers(pool_url) == 0
+            start_workers(pool_url, 1)
+            assert later.result(timeout=30) == 32
+    finally:
+        cli.kill()
+        cli.wait()
+        assert cli.stderr is not None
+        cli.stderr.close()
+
+
+def _workers(url: str) -> int:
+    (host, port), pool = parse_url(url)[0][0], parse_url(url)[1]
+    return sum(s.workers for s in admin_status(host, port) if s.function == f"remote_executor.{pool}")
+
+
+def test_cli_status_and_ping(pool_url: str, start_workers: Callable[..., Supervisor]) -> None:
+    start_workers(pool_url, 2)
+    wait_for_workers(pool_url, 2)
+    run = [sys.executable, "-m", "remote_executor.cli", "--log-level", "WARNING"]
+    status = subprocess.run([*run, "status", pool_url], capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0, status.stderr
+    pool = parse_url(pool_url)[1]
+    assert f'"function": "remote_executor.{pool}"' in status.stdout
+    assert status.stdout.count("test-worker") >= 2 and '"workers": 2' in status.stdout
+    ping = subprocess.run([*run, "ping", pool_url], capture_output=True, text=True, timeout=60)
+    assert ping.returncode == 0 and "answered in" in ping.stdout
+    down = subprocess.run([*run, "ping", "gearman://127.0.0.1:1"], capture_output=True, text=True, timeout=60)
+    assert down.returncode == 1 and "refused" in down.stderr.lower()
+
+
+def test_status_lists_every_server_and_survives_one_down(gearmand: GearmandProcess) -> None:
+    from remote_executor.transports.gearman import status
+
+    info = status(f"gearman://127.0.0.1:{gearmand.port},127.0.0.1:1", None, 5)
+    servers = info["servers"]
+    assert isinstance(servers, list) and len(servers) == 2
+    assert "status" in servers[0] and "error" in servers[1]
+    with pytest.raises(TransportError, match="refused"):
+        status("gearman://127.0.0.1:1", None, 5)
