@@ -161,7 +161,7 @@ class GearmanCluster:
         from .gearmand import GearmandNotFoundError, GearmandProcess
 
         try:
-            self.gearmand = GearmandProcess(threads=2, job_retries=self.max_retries + 1).start()
+            self.gearmand = GearmandProcess(threads=0, job_retries=self.max_retries + 1).start()
         except GearmandNotFoundError as exc:
             self._error = TransportError(f'transport="gearman" needs gearmand: {exc}')
         except BaseException as exc:
