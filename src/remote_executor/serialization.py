@@ -45,11 +45,21 @@ def dumps(obj: object) -> Parts:
     try:
         _FastPickler(stream, PROTOCOL, buffer_callback=buffers.append).dump(obj)
     except Exception:
-        buffers.clear()
-        data = cloudpickle.dumps(obj, protocol=PROTOCOL, buffer_callback=buffers.append)
-    else:
-        data = stream.getvalue()
+        return _cloudpickle_dumps(obj)
+    return [stream.getvalue(), *(buf.raw() for buf in buffers)]
+
+
+def _cloudpickle_dumps(obj: object) -> Parts:
+    buffers: list[pickle.PickleBuffer] = []
+    data = cloudpickle.dumps(obj, protocol=PROTOCOL, buffer_callback=buffers.append)
     return [data, *(buf.raw() for buf in buffers)]
+
+
+def _by_value(fn: object) -> bool:
+    """Whether cloudpickle must pickle ``fn`` by value (so the stdlib pickler would fail on it)."""
+    module = getattr(fn, "__module__", None)
+    qualname = getattr(fn, "__qualname__", "")
+    return module == "__main__" or module in _by_value_modules() or "<" in qualname
 
 
 class _NeedsCloudpickle(Exception):
@@ -89,6 +99,8 @@ def describe(fn: object) -> str:
 def encode_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Parts:
     """Serialize one call; a :class:`SerializationError` names the argument that failed to pickle."""
     try:
+        if _by_value(fn):  # the fast pickler would only give up on it: skip the attempt
+            return _cloudpickle_dumps(("call", fn, args, kwargs))
         return dumps(("call", fn, args, kwargs))
     except Exception as exc:
         raise _pickling_error(exc, fn, args, kwargs) from exc
