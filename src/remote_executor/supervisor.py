@@ -88,14 +88,14 @@ class Supervisor:
 
     def drain(self, timeout: float | None = None) -> None:
         """SIGTERM every child (finish the running call, then exit) and wait for them."""
-        self._stopping.set()
+        self._halt_watcher()
         for child in self._snapshot():
             _signal(child.proc, signal.SIGTERM)
         self._reap_all(timeout)
 
     def stop(self, timeout: float = 5.0) -> None:
         """End every child now (lifeline closed, then SIGKILL after ``timeout``). Idempotent."""
-        self._stopping.set()
+        self._halt_watcher()
         for child in self._snapshot():
             child.cut_lifeline()
         self._reap_all(timeout)
@@ -169,6 +169,14 @@ class Supervisor:
             child.pidfd = None
         child.cut_lifeline()
 
+    def _halt_watcher(self) -> None:
+        """Stop restarting children; once this returns no child can be spawned any more."""
+        self._stopping.set()
+        if self._wake_w >= 0:
+            os.write(self._wake_w, b"x")
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+
     def _reap_all(self, timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
         for child in self._snapshot():
@@ -179,10 +187,6 @@ class Supervisor:
                 log.warning("worker %s-%d did not exit in time; killing it", self.name, child.slot)
                 child.proc.kill()
                 child.proc.wait()
-        os.write(self._wake_w, b"x")
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join()
-        for child in self._snapshot():
             self._forget(child)
         self._close_selector()
 
