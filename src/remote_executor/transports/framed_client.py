@@ -10,7 +10,8 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
 
 from ..errors import (
     AuthenticationError,
@@ -19,9 +20,11 @@ from ..errors import (
     TransportError,
     VersionMismatchError,
 )
-from ..protocol import Frame, Kind, Status, hello, parse_json
+from ..protocol import Frame, Kind, Limits, Status, hello, parse_json
 from ..serialization import Parts, decode_outcome
-from .base import Call, Listener, Session, worker_lost_parts
+from . import split_hostports
+from .base import Call, ClientTransport, Listener, Options, Session, worker_lost_parts
+from .stream import Waker
 
 log = logging.getLogger("remote_executor.client")
 
@@ -57,7 +60,6 @@ class FramedClient:
         self.server = server
         self._lock = threading.Lock()
         self._inflight: dict[int, Call] = {}  # accepted, no result yet
-        self._unsent: dict[int, Call] = {}  # accepted, not yet written to a live connection
 
     def hello(self, token: bytes | None = None) -> Frame:
         info = {
@@ -114,3 +116,39 @@ class FramedClient:
         if frame.kind != Kind.WELCOME:
             raise TransportError(f"expected WELCOME from {self.server}, got {frame.kind.name}")
         return parse_json(frame)
+
+
+class QueuedClientTransport(ClientTransport):
+    """What the tcp and zmq client transports share: one I/O thread that owns the socket, an outbox that
+    any caller thread appends SUBMIT frames to, and a :class:`Waker` to tell the thread about them."""
+
+    def __init__(self, url: str, options: Options) -> None:
+        self.url = url
+        self.address = split_hostports(url)[0]
+        self._options = options
+        self._limits = Limits(**options.extra.get("limits", {}))
+        self._client: FramedClient | None = None
+        self._outbox: deque[Frame] = deque()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._waker = Waker()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, calls: Sequence[Call]) -> None:
+        assert self._client is not None
+        frames = self._client.submit_frames(calls)
+        with self._lock:
+            self._outbox.extend(frames)
+        if threading.current_thread() is not self._thread:
+            self._waker.wake()
+
+    def _start_thread(self, target: Callable[[], None], name: str) -> None:
+        self._thread = threading.Thread(target=target, name=name, daemon=True)
+        self._thread.start()
+
+    def _stop_thread(self) -> None:
+        """Ask the I/O thread to finish and wait for it (unless called from it)."""
+        self._stop.set()
+        self._waker.wake()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()

@@ -11,8 +11,6 @@ import selectors
 import socket
 import threading
 import time
-from collections import deque
-from collections.abc import Sequence
 
 from ..errors import (
     AuthenticationError,
@@ -24,9 +22,9 @@ from ..errors import (
 from ..protocol import DEFAULT_LIMITS, Frame, Kind, Limits, hello, parse_json
 from ..worker import WorkerCore, WorkerSettings
 from . import split_hostports
-from .base import Call, ClientTransport, Listener, Options, Session
-from .framed_client import FramedClient, rejection
-from .stream import BlockingConnection, Connection, Waker, connect, retry_with_backoff
+from .base import ClientTransport, Listener, Options, Session
+from .framed_client import FramedClient, QueuedClientTransport, rejection
+from .stream import BlockingConnection, Connection, connect, retry_with_backoff
 
 log = logging.getLogger("remote_executor.tcp")
 
@@ -63,22 +61,13 @@ def handshake(
     return conn
 
 
-class TcpClientTransport(ClientTransport):
+class TcpClientTransport(QueuedClientTransport):
     """Connects an executor to ``remote-executor server tcp://host:port``."""
 
     def __init__(self, url: str, options: Options) -> None:
-        self.url = url
-        self.address = split_hostports(url)[0]
-        self._options = options
-        self._limits = Limits(**options.extra.get("limits", {}))
-        self._client: FramedClient | None = None
+        super().__init__(url, options)
         self._conn: Connection | None = None
-        self._outbox: deque[Frame] = deque()
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
         self._selector = selectors.DefaultSelector()
-        self._waker = Waker()
-        self._thread: threading.Thread | None = None
 
     # --- ClientTransport ------------------------------------------------------------------------------
 
@@ -86,22 +75,10 @@ class TcpClientTransport(ClientTransport):
         self._client = FramedClient(session, listener, self.url)
         self._conn = self._connect_once()  # the first connection fails loudly, in the constructor
         self._selector.register(self._waker.reader, selectors.EVENT_READ, None)
-        self._thread = threading.Thread(target=self._run, name="remote-executor-tcp-client", daemon=True)
-        self._thread.start()
-
-    def submit(self, calls: Sequence[Call]) -> None:
-        assert self._client is not None
-        frames = self._client.submit_frames(calls)
-        with self._lock:
-            self._outbox.extend(frames)
-        if threading.current_thread() is not self._thread:
-            self._waker.wake()
+        self._start_thread(self._run, "remote-executor-tcp-client")
 
     def close(self) -> None:
-        self._stop.set()
-        self._waker.wake()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join()
+        self._stop_thread()
         self._waker.close()
 
     # --- connection ---------------------------------------------------------------------------------

@@ -20,7 +20,6 @@ import logging
 import os
 import threading
 import time
-from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,9 +32,8 @@ from ..protocol import MAC_SIZE, Frame, Kind, Limits, decode_parts, encode, hell
 from ..serialization import Buffer
 from ..worker import WorkerCore, WorkerSettings
 from . import split_hostports
-from .base import Call, ClientTransport, Listener, Options, Session
-from .framed_client import FramedClient, rejection
-from .stream import Waker
+from .base import ClientTransport, Listener, Options, Session
+from .framed_client import FramedClient, QueuedClientTransport, rejection
 
 log = logging.getLogger("remote_executor.zmq")
 
@@ -208,23 +206,14 @@ def handshake(sock: zmq.Socket[Any], first: Frame, key: bytes | None, limits: Li
 # --- the client ----------------------------------------------------------------------------------------
 
 
-class ZmqClientTransport(ClientTransport):
+class ZmqClientTransport(QueuedClientTransport):
     """Connects an executor to ``remote-executor server zmq://host:port``."""
 
     def __init__(self, url: str, options: Options) -> None:
-        self.url = url
-        self.address = split_hostports(url)[0]
-        self._options = options
-        self._limits = Limits(**options.extra.get("limits", {}))
+        super().__init__(url, options)
         self._curve = Curve.from_options(options.extra)
         self._ctx: zmq.Context[Any] = zmq.Context()
-        self._client: FramedClient | None = None
         self._sock: zmq.Socket[Any] | None = None
-        self._outbox: deque[Frame] = deque()
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._waker = Waker()
-        self._thread: threading.Thread | None = None
         self._closed = False
 
     # --- ClientTransport --------------------------------------------------------------------------
@@ -236,22 +225,10 @@ class ZmqClientTransport(ClientTransport):
         except BaseException:
             self._release()
             raise
-        self._thread = threading.Thread(target=self._run, name="remote-executor-zmq-client", daemon=True)
-        self._thread.start()
-
-    def submit(self, calls: Sequence[Call]) -> None:
-        assert self._client is not None
-        frames = self._client.submit_frames(calls)
-        with self._lock:
-            self._outbox.extend(frames)
-        if threading.current_thread() is not self._thread:
-            self._waker.wake()
+        self._start_thread(self._run, "remote-executor-zmq-client")
 
     def close(self) -> None:
-        self._stop.set()
-        self._waker.wake()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join()
+        self._stop_thread()
         if self._thread is None or not self._thread.is_alive():
             self._release()
 
