@@ -185,7 +185,8 @@ def test_sigkilled_worker_call_is_requeued_within_the_heartbeat_timeout(
         killed = time.monotonic()
         os.kill(first, signal.SIGKILL)
         gate.wait_started(2)  # requeued, and running again on the other worker
-        assert time.monotonic() - killed < HEARTBEAT_TIMEOUT + 0.5
+        # Within the heartbeat timeout; the margin is for a loaded CI machine, not for the transport.
+        assert time.monotonic() - killed < HEARTBEAT_TIMEOUT + 2.0
         gate.release()
         assert future.result(timeout=30) not in (first, os.getpid())
 
@@ -219,7 +220,9 @@ def test_sigstopped_worker_call_is_requeued_after_the_heartbeat_timeout(
         try:
             gate.wait_started(2, timeout=30)
             elapsed = time.monotonic() - stopped
-            assert HEARTBEAT_TIMEOUT <= elapsed < HEARTBEAT_TIMEOUT + 1.0
+            # Silence is counted from the worker's last heartbeat, which may precede the SIGSTOP by up to
+            # one interval (0.2 s, polled every 0.05 s); the upper margin is for a loaded CI machine.
+            assert HEARTBEAT_TIMEOUT - 0.3 <= elapsed < HEARTBEAT_TIMEOUT + 2.0
             gate.release()
             assert future.result(timeout=30) != frozen
         finally:
