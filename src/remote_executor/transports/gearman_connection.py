@@ -130,6 +130,24 @@ def _shutdown(sock: socket.socket) -> None:
         sock.shutdown(socket.SHUT_RDWR)
 
 
+def _recv(sock: socket.socket, address: object, closed_by_us: Callable[[], bool]) -> bytes:
+    """Bytes from gearmand; an EOF or socket error becomes a connection error."""
+    try:
+        data = sock.recv(_RECV_SIZE)
+    except OSError as exc:
+        raise _lost(address, closed_by_us(), f"connection to gearmand at {address} failed: {exc}") from exc
+    if not data:
+        raise _lost(address, closed_by_us(), f"gearmand at {address} closed the connection")
+    return data
+
+
+def _lost(address: object, closed_by_us: bool, message: str) -> GearmanConnectionError:
+    """``GearmanConnectionClosed`` when our own ``close()`` ended the connection, else the given error."""
+    if closed_by_us:
+        return GearmanConnectionClosed(f"connection to gearmand at {address} closed by close()")
+    return GearmanConnectionError(message)
+
+
 def _send(sock: socket.socket, magic: bytes, type_: PacketType, *args: Buffer) -> None:
     for part in encode_parts(magic, type_, *args):
         sock.sendall(part)
@@ -273,18 +291,7 @@ class GearmanClientConnection(Generic[T]):
             self._end(GearmanConnectionError(f"gearman client reader crashed: {exc!r}"))
 
     def _recv(self) -> bytes:
-        try:
-            data = self._sock.recv(_RECV_SIZE)
-        except OSError as exc:
-            raise self._lost(f"connection to gearmand at {self.address} failed: {exc}") from exc
-        if not data:
-            raise self._lost(f"gearmand at {self.address} closed the connection")
-        return data
-
-    def _lost(self, message: str) -> GearmanConnectionError:
-        if self._closing:
-            return GearmanConnectionClosed(f"connection to gearmand at {self.address} closed by close()")
-        return GearmanConnectionError(message)
+        return _recv(self._sock, self.address, lambda: self._closing)
 
     def _end(self, exc: GearmanError) -> None:
         _shutdown(self._sock)  # unblocks a sender stuck on a stalled peer, so the send lock frees
@@ -512,18 +519,10 @@ class GearmanWorkerConnection:
         return bool(self._selector.select(max(deadline - time.monotonic(), 0.0)))
 
     def _recv(self) -> bytes:
-        try:
-            data = self._sock.recv(_RECV_SIZE)
-        except OSError as exc:
-            raise self._lost(f"connection to gearmand at {self.address} failed: {exc}") from exc
-        if not data:
-            raise self._lost(f"gearmand at {self.address} closed the connection")
-        return data
+        return _recv(self._sock, self.address, lambda: self._closed)
 
     def _lost(self, message: str) -> GearmanConnectionError:
-        if self._closed:
-            return GearmanConnectionClosed(f"connection to gearmand at {self.address} closed by close()")
-        return GearmanConnectionError(message)
+        return _lost(self.address, self._closed, message)
 
     def _send(self, type_: PacketType, *args: Buffer) -> None:
         parts = encode_parts(REQ, type_, *args)
