@@ -17,7 +17,7 @@ import pytest
 
 from remote_executor.conformance import ExecutorConformance, ExecutorFactory
 from remote_executor.supervisor import Supervisor
-from remote_executor.transports.gearmand import GearmandProcess
+from remote_executor.transports.gearman.gearmand import GearmandProcess
 
 pytestmark = pytest.mark.gearman
 

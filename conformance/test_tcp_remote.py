@@ -14,7 +14,7 @@ import pytest
 
 from remote_executor.conformance import ExecutorConformance, ExecutorFactory
 from remote_executor.supervisor import Supervisor
-from remote_executor.transports.tcp_server import TcpServer
+from remote_executor.transports.tcp.server import TcpServer
 
 URL_ENV = "REMOTE_EXECUTOR_CONFORMANCE_URL"
 

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from remote_executor.supervisor import Supervisor
-from remote_executor.transports.tcp_server import TcpServer
+from remote_executor.transports.tcp.server import TcpServer
 
 FAST_HEARTBEAT = ("--heartbeat-interval", "0.2", "--heartbeat-timeout", "1.5")
 

@@ -31,7 +31,6 @@ from remote_executor import (
     WorkerLostError,
 )
 from remote_executor import transports as transports_module
-from remote_executor.serialization import run_task
 from remote_executor.transports.base import (
     Call,
     ClientTransport,
@@ -42,6 +41,7 @@ from remote_executor.transports.base import (
     worker_lost_parts,
 )
 from remote_executor.transports.memory import MemoryTransport
+from remote_executor.wire.serialization import run_task
 
 GATE: dict[str, threading.Event] = {}
 RAN: list[Any] = []

@@ -21,13 +21,13 @@ import pytest
 from remote_executor import RemoteExecutor
 from remote_executor.conformance.gate import Gate, wait_at_gate
 from remote_executor.errors import InitializerFailed, ServerUnavailableError, TransportError, WorkerLostError
-from remote_executor.protocol import Frame, Kind, encode_bytes
 from remote_executor.supervisor import Supervisor
-from remote_executor.transports import gearmand as gearmand_module
 from remote_executor.transports.gearman import decode_job_frame, parse_url
-from remote_executor.transports.gearman_connection import ClientCallbacks, GearmanClientConnection, admin_status
-from remote_executor.transports.gearman_worker import GearmanWorker
-from remote_executor.transports.gearmand import GearmandProcess
+from remote_executor.transports.gearman import gearmand as gearmand_module
+from remote_executor.transports.gearman.connection import ClientCallbacks, GearmanClientConnection, admin_status
+from remote_executor.transports.gearman.gearmand import GearmandProcess
+from remote_executor.transports.gearman.worker import GearmanWorker
+from remote_executor.wire.frames import Frame, Kind, encode_bytes
 from remote_executor.worker import WorkerCore, WorkerSettings
 
 from .conftest import pid_alive, wait_for

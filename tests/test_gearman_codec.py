@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from remote_executor.transports.gearman_codec import (
+from remote_executor.transports.gearman.codec import (
     ARG_COUNTS,
     REQ,
     RES,

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from remote_executor.transports import gearmand as gearmand_module
-from remote_executor.transports.gearman_codec import AdminError, GearmanError
-from remote_executor.transports.gearman_connection import (
+from remote_executor.transports.gearman import gearmand as gearmand_module
+from remote_executor.transports.gearman.codec import AdminError, GearmanError
+from remote_executor.transports.gearman.connection import (
     ClientCallbacks,
     GearmanClientConnection,
     GearmanConnectionClosed,
@@ -31,7 +31,7 @@ from remote_executor.transports.gearman_connection import (
     admin_workers,
     cancel_job,
 )
-from remote_executor.transports.gearmand import GearmandNotFoundError, GearmandProcess
+from remote_executor.transports.gearman.gearmand import GearmandNotFoundError, GearmandProcess
 
 pytestmark = pytest.mark.gearman
 
@@ -483,7 +483,7 @@ def test_gearmand_dies_with_its_parent(tmp_path: Path) -> None:
     script = textwrap.dedent(
         """
         import sys
-        from remote_executor.transports.gearmand import GearmandProcess
+        from remote_executor.transports.gearman.gearmand import GearmandProcess
         server = GearmandProcess(threads=1).start()
         print(server.pid, server.log_path.parent, flush=True)
         sys.stdin.read()  # block until killed

@@ -9,11 +9,11 @@ from collections.abc import Iterator
 import pytest
 
 from remote_executor import InitializerFailed
-from remote_executor import serialization as s
 from remote_executor.errors import BrokenRemoteExecutor
 from remote_executor.transports import create
 from remote_executor.transports.base import Call, Options, Session, Status
 from remote_executor.transports.memory import DEFAULT_WORKERS, MemoryTransport
+from remote_executor.wire import serialization as s
 
 INIT_THREADS: list[int] = []
 

@@ -11,9 +11,9 @@ from collections.abc import Sequence
 
 import pytest
 
-from remote_executor.protocol import Frame, Kind, Status, hello
-from remote_executor.scheduler import Action, Close, ConnId, Scheduler, Send
-from remote_executor.serialization import Parts
+from remote_executor.jobserver.scheduler import Action, Close, ConnId, Scheduler, Send
+from remote_executor.wire.frames import Frame, Kind, Status, hello
+from remote_executor.wire.serialization import Parts
 
 EXEC = 7
 INTERVAL = 1.0

@@ -15,9 +15,9 @@ import hypothesis.strategies as st
 from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from remote_executor.protocol import Frame, Kind, Status, hello
-from remote_executor.scheduler import Action, Close, ConnId, Scheduler, Send
-from remote_executor.serialization import Parts
+from remote_executor.jobserver.scheduler import Action, Close, ConnId, Scheduler, Send
+from remote_executor.wire.frames import Frame, Kind, Status, hello
+from remote_executor.wire.serialization import Parts
 
 INTERVAL = 1.0
 TIMEOUT = 5.0

@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from remote_executor import RemoteError, RemoteTraceback, SerializationError
-from remote_executor import serialization as s
+from remote_executor.wire import serialization as s
 
 
 def divide(a: float, b: float) -> float:

@@ -18,7 +18,7 @@ from typing import Any
 import cloudpickle
 import pytest
 
-import remote_executor.transports.framed_client as framed_client
+import remote_executor.jobserver.client as framed_client
 from remote_executor import RemoteExecutor
 from remote_executor.conformance.gate import Gate, wait_at_gate
 from remote_executor.errors import (
@@ -28,9 +28,9 @@ from remote_executor.errors import (
     VersionMismatchError,
     WorkerLostError,
 )
-from remote_executor.protocol import HEADER, MAGIC, VERSION, Frame, Kind, encode_bytes, hello
 from remote_executor.supervisor import Supervisor
-from remote_executor.transports.tcp_server import TcpServer
+from remote_executor.transports.tcp.server import TcpServer
+from remote_executor.wire.frames import HEADER, MAGIC, VERSION, Frame, Kind, encode_bytes, hello
 
 from .conftest import FAST_HEARTBEAT, pid_alive, wait_for
 

@@ -32,13 +32,13 @@ from remote_executor.errors import (
     TransportError,
     WorkerLostError,
 )
-from remote_executor.protocol import HEADER, MAGIC, VERSION, Limits, encode, hello
-from remote_executor.serialization import Parts, encode_call
 from remote_executor.supervisor import Supervisor
 from remote_executor.transports import create
 from remote_executor.transports.base import Call, Options, Session, Status, decode_result
 from remote_executor.transports.zmq import CURVE_SERVER_KEY_ENV
-from remote_executor.transports.zmq_server import ZmqServer
+from remote_executor.transports.zmq.server import ZmqServer
+from remote_executor.wire.frames import HEADER, MAGIC, VERSION, Limits, encode, hello
+from remote_executor.wire.serialization import Parts, encode_call
 
 pytestmark = pytest.mark.zmq
 

@@ -25,10 +25,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from .errors import RemoteExecutorError
-from .protocol import Limits
 from .security import key_to_env, resolve_key
 from .supervisor import Supervisor
 from .transports import split_hostports
+from .wire.frames import Limits
 
 log = logging.getLogger("remote_executor.cli")
 
@@ -95,11 +95,11 @@ def _server(args: argparse.Namespace) -> int:
                                   heartbeat_interval=args.heartbeat_interval,
                                   heartbeat_timeout=args.heartbeat_timeout)
     if scheme == "tcp":
-        from .transports.tcp_server import TcpServer
+        from .transports.tcp.server import TcpServer
 
         server: Any = TcpServer(host, port, **kwargs)
     elif scheme == "zmq":
-        from .transports.zmq_server import ZmqServer
+        from .transports.zmq.server import ZmqServer
 
         server = ZmqServer(host, port, curve_secret_key=args.curve_secret_key, **kwargs)
     else:

@@ -12,12 +12,12 @@ import os
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from .protocol import Frame, Limits
+from .jobserver.client import FramedClient
+from .jobserver.server import LocalLink
 from .security import TOKEN_ENV, key_to_env, new_token
-from .server import LocalLink
 from .supervisor import Supervisor
 from .transports.base import Call, ClientTransport, Listener, Options, Session
-from .transports.framed_client import FramedClient
+from .wire.frames import Frame, Limits
 
 
 class EmbeddableServer(Protocol):
@@ -35,10 +35,10 @@ def _make_server(scheme: str, key: bytes | None, token: bytes | None, options: O
                                   heartbeat_interval=options.heartbeat_interval,
                                   heartbeat_timeout=options.heartbeat_timeout)
     if scheme == "zmq":
-        from .transports.zmq_server import ZmqServer
+        from .transports.zmq.server import ZmqServer
 
         return ZmqServer("127.0.0.1", 0, **kwargs)
-    from .transports.tcp_server import TcpServer
+    from .transports.tcp.server import TcpServer
 
     return TcpServer("127.0.0.1", 0, **kwargs)
 

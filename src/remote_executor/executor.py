@@ -49,8 +49,8 @@ from typing import Any, Generic, ParamSpec, TypeVar
 
 from . import transports
 from .errors import BrokenRemoteExecutor, SerializationError
-from .serialization import Parts, encode_call, encode_chunk, encode_initializer
 from .transports.base import Call, ClientTransport, Options, Session, Status, decode_result
+from .wire.serialization import Parts, encode_call, encode_chunk, encode_initializer
 
 __all__ = ["RemoteExecutor"]
 

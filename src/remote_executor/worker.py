@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from .errors import InitializerFailed
 from .security import TOKEN_ENV, key_from_env
-from .serialization import Parts, error_outcome, run_initializer, run_task
+from .wire.serialization import Parts, error_outcome, run_initializer, run_task
 
 log = logging.getLogger("remote_executor.worker")
 

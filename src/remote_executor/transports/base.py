@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ..errors import BrokenRemoteExecutor, WorkerLostError
-from ..protocol import Status
-from ..serialization import Parts, decode_outcome
+from ..wire.frames import Status
+from ..wire.serialization import Parts, decode_outcome
 
 __all__ = ["Call", "ClientTransport", "Listener", "Options", "Session", "Status", "decode_result"]
 

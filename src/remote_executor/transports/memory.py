@@ -13,7 +13,7 @@ import threading
 from collections.abc import Sequence
 
 from ..errors import InitializerFailed
-from ..serialization import Buffer, Parts, decode_outcome, run_initializer, run_task
+from ..wire.serialization import Buffer, Parts, decode_outcome, run_initializer, run_task
 from .base import Call, ClientTransport, Listener, Options, Session, Status
 
 __all__ = ["MemoryTransport", "create"]

@@ -1,4 +1,4 @@
-"""The zmq job server: a ROUTER socket and a zmq poll loop around :class:`~remote_executor.server.ServerCore`.
+"""The zmq job server: a ROUTER socket and a zmq poll loop around :class:`~remote_executor.jobserver.server.ServerCore`.
 
 Peers are DEALER sockets, each session with a random routing id. A routing id becomes a scheduler
 connection on its first valid frame, which must be HELLO; a frame from an id the server does not know (a
@@ -23,15 +23,15 @@ from typing import Any
 import zmq
 import zmq.auth
 
-from ..errors import ProtocolError, TransportError
-from ..protocol import Frame, Kind, Limits
-from ..scheduler import ConnId, Scheduler
-from ..security import check_bind
-from ..server import ServerCore
-from .stream import Waker
-from .zmq import HWM, endpoint, recv_frame, send_frame
+from ...errors import ProtocolError, TransportError
+from ...jobserver.scheduler import ConnId, Scheduler
+from ...jobserver.server import ServerCore
+from ...netio import Waker
+from ...security import check_bind
+from ...wire.frames import Frame, Kind, Limits
+from . import HWM, endpoint, recv_frame, send_frame
 
-log = logging.getLogger("remote_executor.server")
+log = logging.getLogger("remote_executor.jobserver.server")
 
 _READ_BATCH = 512  # messages read per loop turn before the scheduler's actions are applied
 _DEFAULT_LIMITS = Limits()

@@ -1,4 +1,4 @@
-"""The tcp job server: a selector loop around the shared :class:`~remote_executor.server.ServerCore`.
+"""The tcp job server: a selector loop around the shared :class:`~remote_executor.jobserver.server.ServerCore`.
 
 One thread does all socket I/O. A peer that sends a malformed, oversized or unauthenticated frame is
 logged and disconnected; everyone else is served on.
@@ -13,14 +13,15 @@ import socket
 import threading
 import time
 
-from ..errors import ProtocolError
-from ..protocol import DEFAULT_LIMITS, Frame, Limits
-from ..scheduler import ConnId, Scheduler
-from ..security import check_bind
-from ..server import ServerCore
-from .stream import Connection, Waker, tune
+from ...errors import ProtocolError
+from ...jobserver.scheduler import ConnId, Scheduler
+from ...jobserver.server import ServerCore
+from ...netio import Waker, tune
+from ...security import check_bind
+from ...wire.frames import DEFAULT_LIMITS, Frame, Limits
+from .stream import Connection
 
-log = logging.getLogger("remote_executor.server")
+log = logging.getLogger("remote_executor.jobserver.server")
 
 _LISTENER = "listener"
 _WAKER = "waker"

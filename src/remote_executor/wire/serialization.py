@@ -23,7 +23,7 @@ from typing import Any
 
 import cloudpickle
 
-from .errors import RemoteError, RemoteTraceback, SerializationError
+from ..errors import RemoteError, RemoteTraceback, SerializationError
 
 Buffer = bytes | bytearray | memoryview
 Parts = list[Buffer]

@@ -1,6 +1,6 @@
 """The zmq transport: ``zmq`` (embedded cluster) and ``zmq://host:port`` (a running job server).
 
-ZeroMQ carries the same frames as the tcp transport (:mod:`remote_executor.protocol`): each frame is one
+ZeroMQ carries the same frames as the tcp transport (:mod:`remote_executor.wire.frames`): each frame is one
 multipart message ``[prefix, *parts]``, so pickle protocol 5 buffers travel as their own message parts and
 large ones are sent and received without a copy. The job server is :mod:`.zmq_server` (a ROUTER socket);
 this module has the wire helpers, the client (a DEALER driven by one I/O thread) and the worker loop.
@@ -27,13 +27,13 @@ from typing import Any
 import zmq
 import zmq.auth
 
-from ..errors import ProtocolError, RemoteExecutorError, ServerUnavailableError, TransportError
-from ..protocol import MAC_SIZE, Frame, Kind, Limits, decode_parts, encode, hello, parse_json
-from ..serialization import Buffer
-from ..worker import WorkerCore, WorkerSettings
-from . import split_hostports
-from .base import ClientTransport, Listener, Options, Session
-from .framed_client import FramedClient, QueuedClientTransport, rejection
+from ...errors import ProtocolError, RemoteExecutorError, ServerUnavailableError, TransportError
+from ...jobserver.client import FramedClient, QueuedClientTransport, rejection
+from ...wire.frames import MAC_SIZE, Frame, Kind, Limits, decode_parts, encode, hello, parse_json
+from ...wire.serialization import Buffer
+from ...worker import WorkerCore, WorkerSettings
+from .. import split_hostports
+from ..base import ClientTransport, Listener, Options, Session
 
 log = logging.getLogger("remote_executor.zmq")
 
@@ -48,7 +48,7 @@ _POLL_SLICE = 0.05  # the longest a loop waits without checking its stop/drain f
 
 def create(url: str, embedded: bool, options: Options) -> ClientTransport:
     if embedded:
-        from ..cluster import EmbeddedTransport
+        from ...cluster import EmbeddedTransport
 
         return EmbeddedTransport("zmq", options)
     return ZmqClientTransport(url, options)

@@ -28,14 +28,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ..errors import AuthenticationError, ProtocolError, ServerUnavailableError, TransportError
-from ..protocol import Kind, Status
-from ..serialization import Parts
-from .base import Call, ClientTransport, Listener, Options, Session, worker_lost_parts
-from .framed_client import initializer_failed
-from .gearman import REFUSED, STARTED, decode_job_frame, encode_job, function_name, parse_url
-from .gearman_codec import GearmanError
-from .gearman_connection import (
+from ...errors import AuthenticationError, ProtocolError, ServerUnavailableError, TransportError
+from ...jobserver.client import initializer_failed
+from ...wire.frames import Kind, Status
+from ...wire.serialization import Parts
+from ..base import Call, ClientTransport, Listener, Options, Session, worker_lost_parts
+from . import REFUSED, STARTED, decode_job_frame, encode_job, function_name, parse_url
+from .codec import GearmanError
+from .connection import (
     ClientCallbacks,
     GearmanClientConnection,
     GearmanConnectionError,

@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Final, Generic, TypeVar
 
-from .gearman_codec import (
+from .codec import (
     DEFAULT_MAX_PACKET_SIZE,
     REQ,
     RES,

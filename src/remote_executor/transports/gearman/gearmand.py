@@ -23,7 +23,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Final
 
-from .gearman_codec import GearmanError
+from .codec import GearmanError
 
 __all__ = ["GearmandError", "GearmandNotFoundError", "GearmandProcess", "find_gearmand"]
 

@@ -25,12 +25,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ProtocolError, VersionMismatchError
-from .protocol import Frame, Kind, Status, check_versions, parse_json
-from .serialization import Parts
-from .transports.base import worker_lost_parts
+from ..errors import ProtocolError, VersionMismatchError
+from ..transports.base import worker_lost_parts
+from ..wire.frames import Frame, Kind, Status, check_versions, parse_json
+from ..wire.serialization import Parts
 
-log = logging.getLogger("remote_executor.server")
+log = logging.getLogger("remote_executor.jobserver.server")
 
 ConnId = int
 

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from ..errors import ProtocolError, TransportError
+from ...errors import ProtocolError, TransportError
 
 __all__ = [
     "ARG_COUNTS",

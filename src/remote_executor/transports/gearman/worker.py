@@ -26,14 +26,14 @@ import select
 import threading
 import time
 
-from ..errors import AuthenticationError, ProtocolError
-from ..protocol import Frame, Kind, encode
-from ..security import is_loopback
-from ..worker import WorkerCore, WorkerSettings
-from .gearman import REFUSED, STARTED, decode_job_frame, function_name, join, parse_url
-from .gearman_codec import GearmanError
-from .gearman_connection import GearmanWorkerConnection, Job
-from .stream import retry_with_backoff
+from ...errors import AuthenticationError, ProtocolError
+from ...netio import retry_with_backoff
+from ...security import is_loopback
+from ...wire.frames import Frame, Kind, encode
+from ...worker import WorkerCore, WorkerSettings
+from . import REFUSED, STARTED, decode_job_frame, function_name, join, parse_url
+from .codec import GearmanError
+from .connection import GearmanWorkerConnection, Job
 
 log = logging.getLogger("remote_executor.gearman")
 

@@ -29,11 +29,11 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any, Final
 
-from ..errors import ProtocolError, TransportError
-from ..protocol import DEFAULT_LIMITS, HEADER, MAC_SIZE, Frame, Kind, Limits, decode_parts, encode
-from ..serialization import Buffer
-from . import split_hostports
-from .base import Call, ClientTransport, Listener, Options, Session
+from ...errors import ProtocolError, TransportError
+from ...wire.frames import DEFAULT_LIMITS, HEADER, MAC_SIZE, Frame, Kind, Limits, decode_parts, encode
+from ...wire.serialization import Buffer
+from .. import split_hostports
+from ..base import Call, ClientTransport, Listener, Options, Session
 
 __all__ = ["DEFAULT_POOL", "create", "decode_job_frame", "function_name", "parse_url", "run_worker", "status"]
 
@@ -76,7 +76,7 @@ def encode_job(call: Call, session: Session, key: bytes | None) -> bytes:
 def decode_job_frame(payload: Buffer, key: bytes | None, limits: Limits = DEFAULT_LIMITS) -> Frame:
     """Validate one frame that fills a whole job payload; the HMAC is checked before anything is unpickled.
 
-    The same checks as :class:`~remote_executor.protocol.FrameReader` (it is :func:`decode_parts` once the
+    The same checks as :class:`~remote_executor.wire.frames.FrameReader` (it is :func:`decode_parts` once the
     payload is split), without a staging buffer per job: the parts are views of ``payload``, not copies.
     """
     view = memoryview(payload).cast("B")
@@ -106,7 +106,7 @@ def decode_job_frame(payload: Buffer, key: bytes | None, limits: Limits = DEFAUL
 def create(url: str, embedded: bool, options: Options) -> ClientTransport:
     if embedded:
         return EmbeddedGearmanTransport(options)
-    from .gearman_client import GearmanClientTransport
+    from .client import GearmanClientTransport
 
     return GearmanClientTransport(url, options)
 
@@ -142,8 +142,8 @@ class GearmanCluster:
         if self._error is not None:
             self._owner.join()
             raise self._error
-        from ..security import key_to_env
-        from ..supervisor import Supervisor
+        from ...security import key_to_env
+        from ...supervisor import Supervisor
 
         self.supervisor = Supervisor(self.url, self.workers, env=key_to_env(self.key), name="local-worker")
         self.supervisor.start()
@@ -182,7 +182,7 @@ class EmbeddedGearmanTransport(ClientTransport):
         self._client: ClientTransport | None = None
 
     def start(self, session: Session, listener: Listener) -> None:
-        from .gearman_client import GearmanClientTransport
+        from .client import GearmanClientTransport
 
         workers = self._options.max_workers or os.cpu_count() or 1
         self.cluster = GearmanCluster(workers, session.max_retries, self._options.key).start()
@@ -208,7 +208,7 @@ class EmbeddedGearmanTransport(ClientTransport):
 
 def run_worker(settings: Any, core: Any) -> int:
     """Serve every gearmand of ``settings.url`` until drained (0) or no server is reachable (1)."""
-    from .gearman_worker import GearmanWorker
+    from .worker import GearmanWorker
 
     return GearmanWorker(settings, core).run()
 
@@ -218,7 +218,7 @@ def status(url: str, key: bytes | None, timeout: float = 5.0) -> dict[str, objec
 
     ``key`` is unused: the admin protocol of gearmand has no authentication.
     """
-    from .gearman_connection import GearmanConnectionError, admin_command, admin_status, admin_workers
+    from .connection import GearmanConnectionError, admin_command, admin_status, admin_workers
 
     addresses, pool = parse_url(url)
     servers: list[dict[str, object]] = []

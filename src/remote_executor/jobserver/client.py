@@ -20,11 +20,11 @@ from ..errors import (
     TransportError,
     VersionMismatchError,
 )
-from ..protocol import Frame, Kind, Limits, Status, hello, parse_json
-from ..serialization import Parts, decode_outcome
-from . import split_hostports
-from .base import Call, ClientTransport, Listener, Options, Session, worker_lost_parts
-from .stream import Waker
+from ..netio import Waker
+from ..transports import split_hostports
+from ..transports.base import Call, ClientTransport, Listener, Options, Session, worker_lost_parts
+from ..wire.frames import Frame, Kind, Limits, Status, hello, parse_json
+from ..wire.serialization import Parts, decode_outcome
 
 log = logging.getLogger("remote_executor.client")
 

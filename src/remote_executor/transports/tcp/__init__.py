@@ -12,26 +12,27 @@ import socket
 import threading
 import time
 
-from ..errors import (
+from ...errors import (
     AuthenticationError,
     BrokenRemoteExecutor,
     RemoteExecutorError,
     ServerUnavailableError,
     TransportError,
 )
-from ..protocol import DEFAULT_LIMITS, Frame, Kind, Limits, hello, parse_json
-from ..worker import WorkerCore, WorkerSettings
-from . import split_hostports
-from .base import ClientTransport, Listener, Options, Session
-from .framed_client import FramedClient, QueuedClientTransport, rejection
-from .stream import BlockingConnection, Connection, connect, retry_with_backoff
+from ...jobserver.client import FramedClient, QueuedClientTransport, rejection
+from ...netio import connect, retry_with_backoff
+from ...wire.frames import DEFAULT_LIMITS, Frame, Kind, Limits, hello, parse_json
+from ...worker import WorkerCore, WorkerSettings
+from .. import split_hostports
+from ..base import ClientTransport, Listener, Options, Session
+from .stream import BlockingConnection, Connection
 
 log = logging.getLogger("remote_executor.tcp")
 
 
 def create(url: str, embedded: bool, options: Options) -> ClientTransport:
     if embedded:
-        from ..cluster import EmbeddedTransport
+        from ...cluster import EmbeddedTransport
 
         return EmbeddedTransport("tcp", options)
     return TcpClientTransport(url, options)

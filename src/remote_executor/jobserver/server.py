@@ -17,10 +17,10 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 
-from .protocol import Frame
+from ..wire.frames import Frame
 from .scheduler import Close, ConnId, Scheduler, Send
 
-log = logging.getLogger("remote_executor.server")
+log = logging.getLogger("remote_executor.jobserver.server")
 
 LOCAL_CONN_BASE = 1 << 40  # local links get ids that never collide with socket connections
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import cloudpickle
 
-from .errors import AuthenticationError, ProtocolError, VersionMismatchError
+from ..errors import AuthenticationError, ProtocolError, VersionMismatchError
 from .serialization import Buffer, Parts
 
 MAGIC = b"RE"
