@@ -30,7 +30,7 @@ from remote_executor import (
     TransportError,
     WorkerLostError,
 )
-from remote_executor import transports as transports_module
+from remote_executor import cluster as cluster_module
 from remote_executor.transports.base import (
     Call,
     ClientTransport,
@@ -38,9 +38,9 @@ from remote_executor.transports.base import (
     Options,
     Session,
     Status,
-    worker_lost_parts,
 )
 from remote_executor.transports.memory import MemoryTransport
+from remote_executor.wire.messages import worker_lost_parts
 from remote_executor.wire.serialization import run_task
 
 GATE: dict[str, threading.Event] = {}
@@ -228,7 +228,7 @@ def test_options_and_key_resolution(
         seen.append(options)
         return ScriptedTransport(1)
 
-    monkeypatch.setattr(transports_module, "create", create)
+    monkeypatch.setattr(cluster_module, "make_transport", create)
     if env is None:
         monkeypatch.delenv("REMOTE_EXECUTOR_KEY", raising=False)
     else:

@@ -22,13 +22,13 @@ from remote_executor import RemoteExecutor
 from remote_executor.conformance.gate import Gate, wait_at_gate
 from remote_executor.errors import InitializerFailed, ServerUnavailableError, TransportError, WorkerLostError
 from remote_executor.supervisor import Supervisor
-from remote_executor.transports.gearman import decode_job_frame, parse_url
+from remote_executor.transports.base import WorkerCore, WorkerSettings
 from remote_executor.transports.gearman import gearmand as gearmand_module
 from remote_executor.transports.gearman.connection import ClientCallbacks, GearmanClientConnection, admin_status
 from remote_executor.transports.gearman.gearmand import GearmandProcess
+from remote_executor.transports.gearman.jobs import decode_job_frame, parse_url
 from remote_executor.transports.gearman.worker import GearmanWorker
 from remote_executor.wire.frames import Frame, Kind, encode_bytes
-from remote_executor.worker import WorkerCore, WorkerSettings
 
 from .conftest import pid_alive, wait_for
 
@@ -352,8 +352,8 @@ def test_embedded_cluster_is_keyed_and_leaves_nothing_behind() -> None:
         ex = RemoteExecutor(max_workers=2, transport="gearman")
         assert ex.submit(pow, 2, 2).result() == 4
         cluster = ex.transport.cluster
-        assert cluster.key and len(cluster.key) == 32
-        print(cluster.gearmand.pid, *cluster.supervisor.pids(), flush=True)
+        assert cluster.server.key and len(cluster.server.key) == 32
+        print(cluster.server.gearmand.pid, *cluster.supervisor.pids(), flush=True)
         sys.stdin.read()
         """
     )
@@ -421,11 +421,15 @@ def test_cli_status_and_ping(pool_url: str, start_workers: Callable[..., Supervi
 
 
 def test_status_lists_every_server_and_survives_one_down(gearmand: GearmandProcess) -> None:
-    from remote_executor.transports.gearman import status
+    from remote_executor.transports import get_backend
+    from remote_executor.transports.base import Options
 
-    info = status(f"gearman://127.0.0.1:{gearmand.port},127.0.0.1:1", None, 5)
+    def status(url: str) -> dict[str, object]:
+        return get_backend("gearman").status(url, Options(connect_timeout=5))
+
+    info = status(f"gearman://127.0.0.1:{gearmand.port},127.0.0.1:1")
     servers = info["servers"]
     assert isinstance(servers, list) and len(servers) == 2
     assert "status" in servers[0] and "error" in servers[1]
     with pytest.raises(TransportError, match="refused"):
-        status("gearman://127.0.0.1:1", None, 5)
+        status("gearman://127.0.0.1:1")

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 import pytest
 
 from remote_executor import InitializerFailed
+from remote_executor.cluster import make_transport
 from remote_executor.errors import BrokenRemoteExecutor
-from remote_executor.transports import create
 from remote_executor.transports.base import Call, Options, Session, Status
 from remote_executor.transports.memory import DEFAULT_WORKERS, MemoryTransport
 from remote_executor.wire import serialization as s
@@ -147,7 +147,7 @@ def test_close_from_a_listener_callback_does_not_self_join() -> None:
     ("url", "max_workers", "workers"), [("memory", None, DEFAULT_WORKERS), ("memory://", 2, 2)]
 )
 def test_registry_creates_memory_transport(url: str, max_workers: int | None, workers: int) -> None:
-    transport = create(url, Options(max_workers=max_workers))
+    transport = make_transport(url, Options(max_workers=max_workers))
     assert isinstance(transport, MemoryTransport)
     assert transport.workers == workers
     assert transport.url == url

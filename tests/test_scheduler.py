@@ -12,7 +12,8 @@ from collections.abc import Sequence
 import pytest
 
 from remote_executor.jobserver.scheduler import Action, Close, ConnId, Scheduler, Send
-from remote_executor.wire.frames import Frame, Kind, Status, hello
+from remote_executor.wire.frames import Frame, Kind, Status
+from remote_executor.wire.messages import hello
 from remote_executor.wire.serialization import Parts
 
 EXEC = 7

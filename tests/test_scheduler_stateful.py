@@ -16,7 +16,8 @@ from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from remote_executor.jobserver.scheduler import Action, Close, ConnId, Scheduler, Send
-from remote_executor.wire.frames import Frame, Kind, Status, hello
+from remote_executor.wire.frames import Frame, Kind, Status
+from remote_executor.wire.messages import hello
 from remote_executor.wire.serialization import Parts
 
 INTERVAL = 1.0

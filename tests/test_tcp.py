@@ -18,7 +18,7 @@ from typing import Any
 import cloudpickle
 import pytest
 
-import remote_executor.jobserver.client as framed_client
+import remote_executor.jobserver.client as jobserver_client
 from remote_executor import RemoteExecutor
 from remote_executor.conformance.gate import Gate, wait_at_gate
 from remote_executor.errors import (
@@ -30,7 +30,8 @@ from remote_executor.errors import (
 )
 from remote_executor.supervisor import Supervisor
 from remote_executor.transports.tcp.server import TcpServer
-from remote_executor.wire.frames import HEADER, MAGIC, VERSION, Frame, Kind, encode_bytes, hello
+from remote_executor.wire.frames import HEADER, MAGIC, VERSION, Frame, Kind, encode_bytes
+from remote_executor.wire.messages import hello
 
 from .conftest import FAST_HEARTBEAT, pid_alive, wait_for
 
@@ -193,7 +194,7 @@ def test_version_mismatch_is_a_clear_error(tcp_server: TcpServer, monkeypatch: p
         frame.parts[0] = bytes(frame.parts[0]).replace(b'"python": "3.', b'"python": "2.')
         return frame
 
-    monkeypatch.setattr(framed_client, "hello", old_python_hello)
+    monkeypatch.setattr(jobserver_client, "hello", old_python_hello)
     with pytest.raises(VersionMismatchError, match="version mismatch: python 2"):
         RemoteExecutor(transport=tcp_server.url)
 

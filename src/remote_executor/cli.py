@@ -13,7 +13,6 @@ drains them (running calls finish, no new ones start).
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import os
@@ -27,7 +26,8 @@ from typing import Any
 from .errors import RemoteExecutorError
 from .security import key_to_env, resolve_key
 from .supervisor import Supervisor
-from .transports import split_hostports
+from .transports import get_backend, scheme_of
+from .transports.base import Backend, Options, ServerSettings
 from .wire.frames import Limits
 
 log = logging.getLogger("remote_executor.cli")
@@ -75,35 +75,28 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _scheme(url: str) -> str:
+def _backend(url: str) -> Backend:
+    """The backend of a URL given on the command line (a clear error for a missing ``scheme://``)."""
     if "://" not in url:
         raise ValueError(f"expected a URL like tcp://host:port, got {url!r}")
-    return url.split("://", 1)[0].lower()
+    return get_backend(scheme_of(url))
 
 
-def _transport_module(url: str) -> Any:
-    return importlib.import_module(f"remote_executor.transports.{_scheme(url)}")
+def _options(args: argparse.Namespace, **extra: Any) -> Options:
+    return Options(key=resolve_key(key_file=args.key_file), connect_timeout=args.timeout,
+                   extra={k: v for k, v in extra.items() if v is not None})
 
 
 def _server(args: argparse.Namespace) -> int:
-    scheme = _scheme(args.url)
-    if args.curve_secret_key and scheme != "zmq":
+    backend = _backend(args.url)
+    extra = {"curve_secret_key": args.curve_secret_key} if args.curve_secret_key else {}
+    if extra and backend.scheme != "zmq":
         raise ValueError("--curve-secret-key is for zmq:// servers only")
-    host, port = split_hostports(args.url)[0]
-    kwargs: dict[str, Any] = dict(key=resolve_key(key_file=args.key_file), insecure=args.insecure,
-                                  limits=Limits(max_frame=args.max_frame_size),
-                                  heartbeat_interval=args.heartbeat_interval,
-                                  heartbeat_timeout=args.heartbeat_timeout)
-    if scheme == "tcp":
-        from .transports.tcp.server import TcpServer
-
-        server: Any = TcpServer(host, port, **kwargs)
-    elif scheme == "zmq":
-        from .transports.zmq.server import ZmqServer
-
-        server = ZmqServer(host, port, curve_secret_key=args.curve_secret_key, **kwargs)
-    else:
-        raise ValueError(f"{scheme}:// has no server of ours (for gearman, run gearmand)")
+    settings = ServerSettings(key=resolve_key(key_file=args.key_file), insecure=args.insecure,
+                              limits=Limits(max_frame=args.max_frame_size),
+                              heartbeat_interval=args.heartbeat_interval,
+                              heartbeat_timeout=args.heartbeat_timeout, extra=extra)
+    server = backend.server(args.url, settings)
     _on_stop_signals(lambda: server.stop())
     log.info("serving %s", server.url)
     print(f"serving {server.url}", flush=True)
@@ -113,7 +106,7 @@ def _server(args: argparse.Namespace) -> int:
 
 def _worker(args: argparse.Namespace) -> int:
     key = resolve_key(key_file=args.key_file)
-    _transport_module(args.url)  # fail now, clearly, for an unknown scheme or a missing extra
+    _backend(args.url)  # fail now, clearly, for an unknown scheme or a missing extra
     worker_args = ("--heartbeat-interval", str(args.heartbeat_interval),
                    "--heartbeat-timeout", str(args.heartbeat_timeout))
     supervisor = Supervisor(args.url, args.processes, env=key_to_env(key), worker_args=worker_args,
@@ -129,14 +122,14 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    info = _transport_module(args.url).status(args.url, resolve_key(key_file=args.key_file), args.timeout)
+    info = _backend(args.url).status(args.url, _options(args))
     print(json.dumps(info, indent=2))
     return 0
 
 
 def _ping(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    _transport_module(args.url).status(args.url, resolve_key(key_file=args.key_file), args.timeout)
+    _backend(args.url).status(args.url, _options(args))
     print(f"{args.url} answered in {(time.perf_counter() - start) * 1e3:.1f} ms")
     return 0
 

@@ -1,57 +1,45 @@
-"""The embedded default: a job server in this process and N local worker processes on loopback.
+"""The embedded default: a job server started for one executor and N local worker processes, any backend.
 
-``RemoteExecutor()`` and ``RemoteExecutor(transport="tcp")`` run on a :class:`LocalCluster`; the executor
-talks to the in-process server without a socket hop, the workers connect over 127.0.0.1 and prove they
-belong to this cluster with a random per-cluster token (or, with a key, HMAC on every frame). Everything
-is torn down at shutdown, and the workers exit by themselves if this process dies.
+``RemoteExecutor()`` (tcp), ``transport="zmq"`` and ``transport="gearman"`` all run on a :class:`LocalCluster`:
+the backend supplies the server (our job server in this process, or a private gearmand) and what its
+workers need to join it; this module starts the supervised worker processes, hands the executor its
+transport, and tears everything down at shutdown. The workers exit by themselves if this process dies.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any, Protocol
 
-from .jobserver.client import FramedClient
-from .jobserver.server import LocalLink
-from .security import TOKEN_ENV, key_to_env, new_token
 from .supervisor import Supervisor
-from .transports.base import Call, ClientTransport, Listener, Options, Session
-from .wire.frames import Frame, Limits
+from .transports import get_backend, scheme_of
+from .transports.base import Backend, Call, ClientTransport, EmbeddedServer, Listener, Options, Session
+
+DEFAULT_SCHEME = "tcp"
 
 
-class EmbeddableServer(Protocol):
-    @property
-    def url(self) -> str: ...
-
-    def start(self) -> None: ...
-    def stop(self) -> None: ...
-    def attach_local(self, deliver: Any) -> LocalLink: ...
-
-
-def _make_server(scheme: str, key: bytes | None, token: bytes | None, options: Options) -> EmbeddableServer:
-    limits = Limits(**options.extra.get("limits", {}))
-    kwargs: dict[str, Any] = dict(key=key, token=token, limits=limits,
-                                  heartbeat_interval=options.heartbeat_interval,
-                                  heartbeat_timeout=options.heartbeat_timeout)
-    if scheme == "zmq":
-        from .transports.zmq.server import ZmqServer
-
-        return ZmqServer("127.0.0.1", 0, **kwargs)
-    from .transports.tcp.server import TcpServer
-
-    return TcpServer("127.0.0.1", 0, **kwargs)
+def make_transport(spec: str | ClientTransport | None, options: Options) -> ClientTransport:
+    """Resolve what ``RemoteExecutor(transport=...)`` was given: None or a bare scheme (an embedded local
+    cluster), a URL (a running cluster) or a transport object (used as it is)."""
+    if isinstance(spec, ClientTransport):
+        return spec
+    url = DEFAULT_SCHEME if spec is None else spec
+    if not isinstance(url, str):
+        raise TypeError(f"transport must be None, a URL string or a ClientTransport, not {type(url).__name__}")
+    backend = get_backend(scheme_of(url))
+    if "://" in url or backend.in_process:
+        return backend.client(url, options)
+    return EmbeddedTransport(backend, options)
 
 
 class LocalCluster:
-    """A job server (in this process) and ``workers`` worker processes, all on loopback."""
+    """A backend's embedded server and ``workers`` supervised worker processes, all on loopback."""
 
-    def __init__(self, scheme: str = "tcp", workers: int | None = None, options: Options | None = None) -> None:
-        self.scheme = scheme
-        self.options = options or Options()
+    def __init__(self, backend: Backend, workers: int | None, options: Options, session: Session) -> None:
+        self.backend = backend
+        self.options = options
         self.workers = workers or os.cpu_count() or 1
-        self.token = None if self.options.key is not None else new_token()
-        self.server = _make_server(scheme, self.options.key, self.token, self.options)
+        self.server: EmbeddedServer = backend.embedded_server(options, session, self.workers)
         self.supervisor: Supervisor | None = None
 
     @property
@@ -60,12 +48,13 @@ class LocalCluster:
 
     def start(self) -> LocalCluster:
         self.server.start()
-        env = {TOKEN_ENV: self.token.decode()} if self.token else {}
-        env.update(key_to_env(self.options.key))
-        args = ("--heartbeat-interval", str(self.options.heartbeat_interval),
-                "--heartbeat-timeout", str(self.options.heartbeat_timeout), "--reconnect-timeout", "0")
-        self.supervisor = Supervisor(self.url, self.workers, env=env, worker_args=args, name="local-worker")
-        self.supervisor.start()
+        try:
+            self.supervisor = Supervisor(self.server.url, self.workers, env=self.server.worker_env(),
+                                         worker_args=self.server.worker_args(), name="local-worker")
+            self.supervisor.start()
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def stop(self) -> None:
@@ -74,37 +63,28 @@ class LocalCluster:
             self.supervisor.stop()
         self.server.stop()
 
-    def __enter__(self) -> LocalCluster:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
 
 class EmbeddedTransport(ClientTransport):
-    """A client transport over an in-process :class:`LocalCluster`."""
+    """``RemoteExecutor(transport=SCHEME)``: a :class:`LocalCluster` and the executor's client of it."""
 
-    def __init__(self, scheme: str, options: Options) -> None:
-        self.url = scheme
-        self.cluster = LocalCluster(scheme, options.max_workers, options)
-        self._client: FramedClient | None = None
-        self._link: LocalLink | None = None
+    def __init__(self, backend: Backend, options: Options) -> None:
+        self.url = backend.scheme
+        self._backend = backend
+        self._options = options
+        self.cluster: LocalCluster | None = None
+        self._client: ClientTransport | None = None
 
     def start(self, session: Session, listener: Listener) -> None:
-        self.cluster.start()
-        self._client = FramedClient(session, listener, self.cluster.url)
-        self._link = self.cluster.server.attach_local(self._deliver)
-        self._link.send([self._client.hello(self.cluster.token)])
-
-    def _deliver(self, frame: Frame) -> None:
-        assert self._client is not None
-        self._client.handle(frame)
+        self.cluster = LocalCluster(self._backend, self._options.max_workers, self._options, session).start()
+        self._client = self.cluster.server.client(self._options)
+        self._client.start(session, listener)
 
     def submit(self, calls: Sequence[Call]) -> None:
-        assert self._client is not None and self._link is not None
-        self._link.send(self._client.submit_frames(calls))
+        assert self._client is not None
+        self._client.submit(calls)
 
     def close(self) -> None:
-        if self._link is not None:
-            self._link.close()
-        self.cluster.stop()
+        if self._client is not None:
+            self._client.close()
+        if self.cluster is not None:
+            self.cluster.stop()

@@ -65,6 +65,9 @@ class BrokenRemoteExecutor(BrokenExecutor, RemoteExecutorError):
     """The executor cannot run calls any more: a worker initializer failed or the job server is gone."""
 
 
+INITIALIZER_FAILED = "A worker initializer failed, the executor is not usable anymore"
+
+
 class InitializerFailed(BrokenRemoteExecutor):
     """A worker's initializer raised; the remote exception is the ``__cause__``."""
 
@@ -87,3 +90,14 @@ class VersionMismatchError(RemoteExecutorError):
 
 class TransportError(RemoteExecutorError):
     """A transport could not be created or reached (bad URL, missing extra, connection refused)."""
+
+
+class ConnectionFailedError(TransportError):
+    """Connecting to a peer failed, or a live connection broke: transient, so reconnect loops retry it.
+
+    The message names the URL; the socket's (or pyzmq's, or gearmand's) own error is the ``__cause__``."""
+
+
+class HandshakeClosedError(ConnectionFailedError, AuthenticationError):
+    """The job server hung up before answering HELLO: most likely a wrong key (a server drops a frame it
+    cannot authenticate without a word), possibly a server going down, so reconnect loops retry it."""

@@ -47,8 +47,8 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
 from typing import Any, Generic, ParamSpec, TypeVar
 
-from . import transports
 from .errors import BrokenRemoteExecutor, SerializationError
+from .security import resolve_key
 from .transports.base import Call, ClientTransport, Options, Session, Status, decode_result
 from .wire.serialization import Parts, encode_call, encode_chunk, encode_initializer
 
@@ -58,8 +58,6 @@ logger = logging.getLogger("remote_executor")
 
 P = ParamSpec("P")
 T = TypeVar("T")
-
-KEY_ENV = "REMOTE_EXECUTOR_KEY"
 
 # Interpreter exit: as in concurrent.futures.thread, the global flag is written under the global lock and
 # submit() checks it (and enqueues) under the same lock, so the exit hook never misses a late call.
@@ -317,6 +315,7 @@ class RemoteExecutor(Executor):
         initializer: Callable[..., object] | None = None,
         initargs: tuple[Any, ...] = (),
         key: bytes | str | None = None,
+        key_file: str | os.PathLike[str] | None = None,
         max_retries: int = 2,
         heartbeat_interval: float = 1.0,
         heartbeat_timeout: float = 10.0,
@@ -334,14 +333,16 @@ class RemoteExecutor(Executor):
         init_parts = encode_initializer(initializer, tuple(initargs)) if initializer is not None else None
         options = Options(
             max_workers=max_workers,
-            key=_resolve_key(key),
+            key=resolve_key(key, key_file),
             heartbeat_interval=heartbeat_interval,
             heartbeat_timeout=heartbeat_timeout,
             reconnect_timeout=reconnect_timeout,
             connect_timeout=connect_timeout,
             extra=dict(transport_options),
         )
-        client = transports.create(transport, options)
+        from .cluster import make_transport  # the embedded cluster's machinery, only when it is needed
+
+        client = make_transport(transport, options)
         self._core = core = _Core(client, max_workers)
         session = Session(executor_id=secrets.randbits(63), initializer=init_parts, max_retries=max_retries)
         try:
@@ -538,13 +539,3 @@ def _fresh(error: BrokenRemoteExecutor) -> BrokenRemoteExecutor:
         return error
     fresh.__cause__ = error.__cause__
     return fresh
-
-
-def _resolve_key(key: bytes | str | None) -> bytes | None:
-    if key is None:
-        key = os.environ.get(KEY_ENV) or None
-    if isinstance(key, str):
-        return key.encode("utf-8")
-    if key is None or isinstance(key, bytes):
-        return key
-    raise TypeError(f"key must be bytes, str or None, not {type(key).__name__}")

@@ -7,9 +7,10 @@ import contextlib
 import socket
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import TypeVar
+
+from .errors import ConnectionFailedError
 
 IOV_MAX = 512  # conservative: Linux allows 1024 iovecs per sendmsg
 
@@ -21,26 +22,34 @@ def tune(sock: socket.socket) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
 
 
-def send_all(sock: socket.socket, buffers: list[memoryview]) -> None:
-    """``sendall`` for a list of buffers, without joining them."""
-    pending = deque(buffers)
-    while pending:
-        sent = sock.sendmsg([pending[i] for i in range(min(len(pending), IOV_MAX))])
-        while sent:
-            head = pending[0]
-            if sent >= len(head):
-                sent -= len(head)
-                pending.popleft()
-            else:
-                pending[0] = head[sent:]
-                sent = 0
-
-
-def connect(address: tuple[str, int], timeout: float) -> socket.socket:
-    """A tuned TCP connection, or the ``OSError`` that prevented it."""
-    sock = socket.create_connection(address, timeout=timeout)
+def connect(address: tuple[str, int], timeout: float, url: str) -> socket.socket:
+    """A tuned TCP connection; :class:`ConnectionFailedError` naming ``url`` if there is none."""
+    try:
+        sock = socket.create_connection(address, timeout=timeout)
+    except socket.gaierror as exc:
+        raise ConnectionFailedError(f"cannot resolve the host of {url}: {exc.strerror or exc}") from exc
+    except OSError as exc:
+        raise ConnectionFailedError(f"cannot connect to {url}: {exc.strerror or exc}") from exc
     tune(sock)
     return sock
+
+
+class Backoff:
+    """Exponential delays for retrying: 0.05 s doubling up to ``ceiling``, back to the start on success."""
+
+    def __init__(self, first: float = 0.05, ceiling: float = 2.0) -> None:
+        self.first = first
+        self.ceiling = ceiling
+        self.delay = first
+
+    def next(self) -> float:
+        """The delay to wait now; the one after it is doubled."""
+        delay = self.delay
+        self.delay = min(delay * 2, self.ceiling)
+        return delay
+
+    def reset(self) -> None:
+        self.delay = self.first
 
 
 T = TypeVar("T")
@@ -50,22 +59,25 @@ def retry_with_backoff(
     attempt: Callable[[], T],
     give_up_after: float,
     stop: threading.Event,
-    on_failure: Callable[[OSError, float], None] = lambda exc, delay: None,
+    on_failure: Callable[[Exception, float], None] = lambda exc, delay: None,
+    transient: tuple[type[Exception], ...] = (ConnectionFailedError, OSError),
 ) -> T | None:
-    """Call ``attempt`` until it succeeds, with exponential backoff (0.05 s doubling to 2 s) and jitter-free
-    waits on ``stop``; ``None`` if ``stop`` is set or ``give_up_after`` seconds pass."""
+    """Call ``attempt`` until it succeeds, waiting on ``stop`` between tries with :class:`Backoff`.
+
+    ``None`` if ``stop`` is set first; the last ``transient`` error once ``give_up_after`` seconds have
+    passed; any other error at once."""
     deadline = time.monotonic() + give_up_after
-    delay = 0.05
+    backoff = Backoff()
     while not stop.is_set():
         try:
             return attempt()
-        except OSError as exc:
+        except transient as exc:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise
+            delay = backoff.next()
             on_failure(exc, delay)
             stop.wait(min(delay, remaining))
-            delay = min(delay * 2, 2.0)
     return None
 
 

@@ -14,17 +14,26 @@ KEY_HEX_ENV = "REMOTE_EXECUTOR_KEY_HEX"  # how a parent hands an arbitrary-bytes
 
 
 def resolve_key(key: bytes | str | None = None, key_file: str | os.PathLike[str] | None = None) -> bytes | None:
-    """The shared HMAC key: the argument, else the key file, else ``$REMOTE_EXECUTOR_KEY``, else None."""
+    """The shared HMAC key, the one rule for the Python API and the command line: the argument, else the
+    key file, else ``$REMOTE_EXECUTOR_KEY``, else None (no key).
+
+    Surrounding whitespace is stripped from every source alike (a key file ends in a newline); a key or
+    key file that is empty after that is an error, never a silent "no key". An empty environment
+    variable counts as unset."""
+    if key is not None and key_file is not None:
+        raise ValueError("pass key or key_file, not both")
     if key is not None:
-        raw = key.encode() if isinstance(key, str) else bytes(key)
+        if not isinstance(key, (bytes, bytearray, memoryview, str)):
+            raise TypeError(f"key must be bytes, str or None, not {type(key).__name__}")
+        raw, source = (key.encode() if isinstance(key, str) else bytes(key)), "the key"
     elif key_file is not None:
         with open(key_file, "rb") as f:
-            raw = f.read().strip()
+            raw, source = f.read(), f"key file {os.fspath(key_file)!r}"
     else:
-        env = os.environ.get(KEY_ENV)
-        raw = env.encode() if env else b""
-    if key is not None and len(raw) == 0:
-        raise ValueError("an empty key is no key: pass None to run without one")
+        raw, source = os.environ.get(KEY_ENV, "").encode(), ""
+    raw = raw.strip()
+    if not raw and source:
+        raise ValueError(f"{source} is empty: an empty key is no key (pass none to run without one)")
     return raw or None
 
 

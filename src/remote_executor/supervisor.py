@@ -18,6 +18,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from .netio import Backoff
 from .worker import LIFELINE_ENV
 
 log = logging.getLogger("remote_executor.supervisor")
@@ -28,7 +29,7 @@ MAX_RESTART_DELAY = 5.0
 
 @dataclass
 class Child:
-    slot: int
+    index: int
     proc: subprocess.Popen[bytes]
     lifeline: int  # write end; closing it makes the child exit
     started: float
@@ -65,7 +66,7 @@ class Supervisor:
         self._args = worker_args
         self._stderr = subprocess.DEVNULL if capture_output else None
         self._children: dict[int, Child] = {}
-        self._crash_delay: dict[int, float] = {}
+        self._crash_backoff: dict[int, Backoff] = {}  # per child index, while it crash-loops
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._selector = selectors.DefaultSelector()
@@ -77,8 +78,8 @@ class Supervisor:
     # --- public ------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        for slot in range(self.processes):
-            self._spawn(slot)
+        for index in range(self.processes):
+            self._spawn(index)
         self._thread = threading.Thread(target=self._watch, name="remote-executor-supervisor", daemon=True)
         self._thread.start()
 
@@ -102,12 +103,12 @@ class Supervisor:
 
     # --- internals -----------------------------------------------------------------------------------
 
-    def _spawn(self, slot: int) -> None:
+    def _spawn(self, index: int) -> None:
         if self._stopping.is_set():
             return
         read_end, write_end = os.pipe()
         command = [sys.executable, "-m", "remote_executor.worker", self.url,
-                   "--name", f"{self.name}-{slot}", *self._args]
+                   "--name", f"{self.name}-{index}", *self._args]
         proc = subprocess.Popen(
             command,
             env={**self._env, LIFELINE_ENV: str(read_end)},
@@ -117,11 +118,11 @@ class Supervisor:
         )
         os.close(read_end)
         pidfd = _pidfd(proc.pid)
-        child = Child(slot, proc, write_end, time.monotonic(), pidfd)
+        child = Child(index, proc, write_end, time.monotonic(), pidfd)
         with self._lock:
-            self._children[slot] = child
+            self._children[index] = child
         if pidfd is not None:
-            self._selector.register(pidfd, selectors.EVENT_READ, slot)
+            self._selector.register(pidfd, selectors.EVENT_READ, index)
         os.write(self._wake_w, b"x")  # re-arm the watcher's wait
 
     def _snapshot(self) -> list[Child]:
@@ -140,29 +141,27 @@ class Supervisor:
         self._forget(child)
         code = child.proc.returncode
         if not self.restart:
-            log.warning("worker %s-%d exited with %s", self.name, child.slot, code)
+            log.warning("worker %s-%d exited with %s", self.name, child.index, code)
             return
         lived = time.monotonic() - child.started
-        delay = self._backoff(child.slot, lived)
+        delay = self._backoff(child.index, lived)
         log.warning("worker %s-%d (pid %d) exited with %s; restarting in %.1fs",
-                    self.name, child.slot, child.proc.pid, code, delay)
+                    self.name, child.index, child.proc.pid, code, delay)
         if delay and self._stopping.wait(delay):
             return
         self.restarts += 1
-        self._spawn(child.slot)
+        self._spawn(child.index)
 
-    def _backoff(self, slot: int, lived: float) -> float:
+    def _backoff(self, index: int, lived: float) -> float:
         if lived >= CRASH_WINDOW:
-            self._crash_delay.pop(slot, None)
+            self._crash_backoff.pop(index, None)
             return 0.0
-        delay = min(self._crash_delay.get(slot, 0.05) * 2, MAX_RESTART_DELAY)
-        self._crash_delay[slot] = delay
-        return delay
+        return self._crash_backoff.setdefault(index, Backoff(0.1, MAX_RESTART_DELAY)).next()
 
     def _forget(self, child: Child) -> None:
         with self._lock:
-            if self._children.get(child.slot) is child:
-                del self._children[child.slot]
+            if self._children.get(child.index) is child:
+                del self._children[child.index]
         if child.pidfd is not None:
             self._selector.unregister(child.pidfd)
             os.close(child.pidfd)
@@ -184,7 +183,7 @@ class Supervisor:
             try:
                 child.proc.wait(remaining)
             except subprocess.TimeoutExpired:
-                log.warning("worker %s-%d did not exit in time; killing it", self.name, child.slot)
+                log.warning("worker %s-%d did not exit in time; killing it", self.name, child.index)
                 child.proc.kill()
                 child.proc.wait()
             self._forget(child)

@@ -1,66 +1,30 @@
 """The worker process, whatever the transport: run initializers and calls, report outcomes.
 
 ``python -m remote_executor.worker URL`` runs one worker process (the supervisor of
-``remote-executor worker --processes N`` and the embedded cluster start these). The transport module
-named by the URL's scheme provides the connection loop (``run_worker``); this module holds what every
-loop shares: :class:`WorkerCore` (initializers once per executor, calls, outcomes), the settings, the
-drain flag set by SIGTERM, and the lifeline that ends the process when its parent dies.
+``remote-executor worker --processes N`` and the embedded cluster start these). The backend of the URL's
+scheme provides the connection loop (``Backend.run_worker``); this module holds the process around it: the
+settings from the command line and environment, the drain flag set by SIGTERM, and the lifeline that ends
+the process when its parent dies.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import signal
-import socket
 import sys
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
-from .errors import InitializerFailed
+from .errors import RemoteExecutorError
 from .security import TOKEN_ENV, key_from_env
-from .wire.serialization import Parts, error_outcome, run_initializer, run_task
+from .transports import get_backend, scheme_of
+from .transports.base import WorkerCore, WorkerSettings
 
 log = logging.getLogger("remote_executor.worker")
 
 LIFELINE_ENV = "REMOTE_EXECUTOR_LIFELINE_FD"
-
-
-@dataclass
-class WorkerSettings:
-    url: str
-    name: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
-    key: bytes | None = None
-    token: bytes | None = None
-    heartbeat_interval: float = 1.0
-    heartbeat_timeout: float = 10.0
-    reconnect_timeout: float = float("inf")
-    connect_timeout: float = 10.0
-    drain: threading.Event = field(default_factory=threading.Event)
-
-
-class WorkerCore:
-    """Runs calls for any number of executors; remembers which initializers ran (and how)."""
-
-    def __init__(self) -> None:
-        self._init_failures: dict[int, Parts | None] = {}  # executor id -> None (ok) or error outcome
-
-    def initialize(self, executor_id: int, parts: Parts) -> Parts | None:
-        """Run an executor's initializer once per process; its error outcome if it raised."""
-        if executor_id not in self._init_failures:
-            self._init_failures[executor_id] = run_initializer(parts)
-            if self._init_failures[executor_id] is not None:
-                log.error("initializer of executor %x failed", executor_id)
-        return self._init_failures[executor_id]
-
-    def run(self, executor_id: int, parts: Parts) -> Parts:
-        """The serialized outcome of one call (or chunk); never raises."""
-        if self._init_failures.get(executor_id) is not None:
-            return error_outcome(InitializerFailed("A worker initializer failed, the executor is not usable anymore"))
-        return run_task(parts)
 
 
 def install_drain_handler(drain: threading.Event) -> None:
@@ -88,11 +52,8 @@ def watch_lifeline(fd: int) -> None:
 
 
 def run(settings: WorkerSettings) -> int:
-    """Serve ``settings.url`` with the worker loop of its transport until drained or fatally refused."""
-    scheme = settings.url.split("://", 1)[0]
-    module = importlib.import_module(f"remote_executor.transports.{scheme}")
-    code: int = module.run_worker(settings, WorkerCore())
-    return code
+    """Serve ``settings.url`` with the worker loop of its backend until drained or fatally refused."""
+    return get_backend(scheme_of(settings.url)).run_worker(settings, WorkerCore())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -119,7 +80,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         watch_lifeline(int(lifeline))
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the supervisor, which drains us
     install_drain_handler(settings.drain)
-    return run(settings)
+    try:
+        return run(settings)
+    except RemoteExecutorError as exc:  # an unknown scheme, a missing extra: restarting will not help
+        log.error("%s", exc)
+        return 2
 
 
 if __name__ == "__main__":

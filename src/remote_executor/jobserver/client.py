@@ -1,58 +1,172 @@
-"""The client half of the frame protocol, shared by every transport that talks to our job server.
+"""The client side of our job-server protocol, whatever carries it: one handshake, one reconnecting loop.
 
-It turns calls into SUBMIT frames, frames from the server into :class:`Listener` calls, and keeps the
-calls in flight so that a reconnecting transport can resubmit them (or fail them, for at-most-once).
+A backend (tcp, zmq) supplies a :class:`Channel` (one connection that carries frames) and a function that
+opens one; everything else lives here once::
+
+    caller threads ── submit() ──▶ outbox ─┐
+                                           ▼
+    I/O thread: JobServerClient._run ── channel.wait / frames / flush ──▶ job server
+        heartbeats both ways; on loss: reconnect with backoff, resubmit what was in flight (or fail it,
+        with max_retries=0), give up after reconnect_timeout (ServerUnavailableError)
+
+:class:`ClientSession` is the bookkeeping both this client and the embedded cluster's in-process link
+share: the HELLO, SUBMIT frames, the calls in flight, and what each frame from the server means.
 """
 
 from __future__ import annotations
 
+import abc
 import logging
 import os
 import socket
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from ..errors import (
-    AuthenticationError,
     BrokenRemoteExecutor,
-    InitializerFailed,
-    TransportError,
-    VersionMismatchError,
+    ConnectionFailedError,
+    HandshakeClosedError,
+    RemoteExecutorError,
+    ServerUnavailableError,
 )
-from ..netio import Waker
-from ..transports import split_hostports
-from ..transports.base import Call, ClientTransport, Listener, Options, Session, worker_lost_parts
-from ..wire.frames import Frame, Kind, Limits, Status, hello, parse_json
-from ..wire.serialization import Parts, decode_outcome
+from ..netio import Waker, retry_with_backoff
+from ..transports.base import Call, ClientTransport, Listener, Options, Session
+from ..wire.frames import Frame, Kind, Status
+from ..wire.messages import hello, initializer_failed, parse_json, rejection, worker_lost_parts
+from ..wire.serialization import Parts
 
 log = logging.getLogger("remote_executor.client")
+
+POLL_SLICE = 0.05  # the longest a blocking wait lasts before stop/drain flags are looked at again
+
+
+class Channel(abc.ABC):
+    """One connection to a job server that carries frames, used by one thread at a time.
+
+    A backend implements the four primitives; :meth:`send` and :meth:`next_frame` are built on them.
+    Every method raises :class:`ConnectionFailedError` when the connection is gone and
+    :class:`~remote_executor.errors.ProtocolError` for bad input from the peer."""
+
+    def __init__(self, peer: str) -> None:
+        self.peer = peer
+        self.ready: deque[Frame] = deque()  # received, not yet taken
+
+    @abc.abstractmethod
+    def queue(self, frame: Frame) -> None:
+        """Queue a frame for :meth:`flush`; never blocks."""
+
+    @abc.abstractmethod
+    def flush(self) -> bool:
+        """Send what the connection takes now, without blocking; True when nothing is left queued."""
+
+    @abc.abstractmethod
+    def receive(self) -> list[Frame]:
+        """The frames that have arrived, without blocking (maybe none)."""
+
+    @abc.abstractmethod
+    def wait(self, timeout: float, waker: Waker | None = None) -> None:
+        """Block until input may be there, queued output may go on, ``waker`` fires, or ``timeout``."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release the connection; idempotent."""
+
+    def frames(self) -> list[Frame]:
+        """Everything received so far, without blocking."""
+        frames = list(self.ready)
+        self.ready.clear()
+        frames.extend(self.receive())
+        return frames
+
+    def send(self, frame: Frame, timeout: float) -> None:
+        """Queue ``frame`` and flush until it is sent."""
+        self.queue(frame)
+        deadline = time.monotonic() + timeout
+        while not self.flush():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ConnectionFailedError(f"{self.peer} took no data for {timeout:g}s")
+            self.wait(min(remaining, POLL_SLICE))
+
+    def next_frame(self, timeout: float) -> Frame | None:
+        """The next frame, or None if none arrives within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while not self.ready:
+            self.ready.extend(self.receive())
+            if self.ready:
+                break
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            self.wait(remaining)
+        return self.ready.popleft()
+
+
+Connector = Callable[[float], Channel]  # opens a channel (connect, not yet HELLO) within a timeout
+
+
+def handshake(channel: Channel, first: Frame, timeout: float, stop: threading.Event | None = None) -> dict[str, Any]:
+    """Send HELLO and wait for the WELCOME; a REJECT, a silent close or silence becomes a clear error.
+
+    Frames the server sends right after WELCOME stay in ``channel.ready``. ``stop`` cuts the wait short."""
+    deadline = time.monotonic() + timeout
+    try:
+        channel.send(first, timeout)
+        reply = None
+        while reply is None and (remaining := deadline - time.monotonic()) > 0:
+            if stop is not None and stop.is_set():
+                raise ConnectionFailedError(f"stopped while waiting for {channel.peer}")
+            reply = channel.next_frame(min(remaining, POLL_SLICE))
+    except ConnectionFailedError as exc:
+        raise HandshakeClosedError(
+            f"{channel.peer} closed the connection during the handshake: a wrong key, or none where the "
+            f"server needs one? ({exc})") from exc
+    if reply is None:
+        raise ConnectionFailedError(
+            f"no answer from the job server {channel.peer} within {timeout:g}s: is it running there, and do "
+            f"this side's key (and CURVE server key) match the server's?")
+    if reply.kind == Kind.REJECT:
+        raise rejection(reply, channel.peer)
+    if reply.kind != Kind.WELCOME:
+        raise ConnectionFailedError(f"expected WELCOME from {channel.peer}, got {reply.kind.name}")
+    return parse_json(reply)
+
+
+def open_session(connect: Connector, first: Frame, timeout: float, stop: threading.Event | None = None) -> Channel:
+    """A connected channel that has been welcomed by the server."""
+    channel = connect(timeout)
+    try:
+        handshake(channel, first, timeout, stop)
+    except BaseException:
+        channel.close()
+        raise
+    return channel
+
+
+def fetch_status(connect: Connector, timeout: float) -> dict[str, Any]:
+    """The job server's view (workers, clients, queues), for ``remote-executor status|ping``."""
+    channel = open_session(connect, hello("admin", {"name": "admin"}), timeout)
+    try:
+        channel.send(Frame(Kind.STATUS), timeout)
+        deadline = time.monotonic() + timeout
+        while (frame := channel.next_frame(max(deadline - time.monotonic(), 0.0))) is not None:
+            if frame.kind == Kind.STATUS:
+                return parse_json(frame)
+        raise ConnectionFailedError(f"{channel.peer} did not answer STATUS within {timeout:g}s")
+    finally:
+        channel.close()
 
 
 def client_name() -> str:
     return f"client {socket.gethostname()}:{os.getpid()}"
 
 
-def initializer_failed(parts: Parts) -> InitializerFailed:
-    """The broken-executor error for a failed initializer, with the remote exception as its cause."""
-    _, remote = decode_outcome(parts)
-    error = InitializerFailed("A worker initializer failed, the executor is not usable anymore")
-    error.__cause__ = remote
-    return error
-
-
-def rejection(frame: Frame) -> Exception:
-    """The exception a REJECT frame means for a connecting client."""
-    reason = bytes(frame.parts[0]).decode(errors="replace") if frame.parts else "rejected"
-    if reason.startswith("VersionMismatchError"):
-        return VersionMismatchError(reason.split(": ", 1)[-1])
-    if "token" in reason:
-        return AuthenticationError(f"the job server refused this client: {reason}")
-    return TransportError(f"the job server refused this client: {reason}")
-
-
-class FramedClient:
-    """Session state of one executor's connection(s) to a job server."""
+class ClientSession:
+    """What one executor's connection to a job server means: its HELLO, its calls in flight, and the
+    meaning of each frame from the server. Shared by :class:`JobServerClient` and in-process links."""
 
     def __init__(self, session: Session, listener: Listener, server: str) -> None:
         self.session = session
@@ -62,7 +176,7 @@ class FramedClient:
         self._inflight: dict[int, Call] = {}  # accepted, no result yet
 
     def hello(self, token: bytes | None = None) -> Frame:
-        info = {
+        info: dict[str, Any] = {
             "name": client_name(),
             "executor_id": self.session.executor_id,
             "max_retries": self.session.max_retries,
@@ -91,8 +205,7 @@ class FramedClient:
         elif kind == Kind.BROKEN:
             self.listener.on_broken(initializer_failed(frame.parts))
         elif kind == Kind.REJECT:
-            error = rejection(frame)
-            self.listener.on_broken(BrokenRemoteExecutor(str(error)))
+            self.listener.on_broken(BrokenRemoteExecutor(str(rejection(frame, self.server))))
         elif kind not in (Kind.WELCOME, Kind.HEARTBEAT):
             log.warning("ignoring an unexpected %s frame from %s", kind.name, self.server)
 
@@ -104,51 +217,140 @@ class FramedClient:
             if self.session.max_retries > 0:
                 return calls
             self._inflight.clear()
-        parts = worker_lost_parts([f"{self.server} (connection lost)"], 1)
+        parts: Parts = worker_lost_parts([f"{self.server} (connection lost)"], 1)
         for call in calls:
             self.listener.on_result(call.task_id, Status.WORKER_LOST, parts)
         return []
 
-    def welcome(self, frame: Frame) -> dict[str, object]:
-        """Check the server's answer to HELLO; raise what a REJECT means."""
-        if frame.kind == Kind.REJECT:
-            raise rejection(frame)
-        if frame.kind != Kind.WELCOME:
-            raise TransportError(f"expected WELCOME from {self.server}, got {frame.kind.name}")
-        return parse_json(frame)
 
+class JobServerClient(ClientTransport):
+    """Connects an executor to a job server of ours over a backend's :class:`Channel`.
 
-class QueuedClientTransport(ClientTransport):
-    """What the tcp and zmq client transports share: one I/O thread that owns the socket, an outbox that
-    any caller thread appends SUBMIT frames to, and a :class:`Waker` to tell the thread about them."""
+    One I/O thread owns the channel; caller threads append SUBMIT frames to an outbox and wake it."""
 
-    def __init__(self, url: str, options: Options) -> None:
+    def __init__(self, url: str, options: Options, connect: Connector) -> None:
         self.url = url
-        self.address = split_hostports(url)[0]
         self._options = options
-        self._limits = Limits(**options.extra.get("limits", {}))
-        self._client: FramedClient | None = None
+        self._connect = connect
+        self._session: ClientSession | None = None
+        self._channel: Channel | None = None
         self._outbox: deque[Frame] = deque()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._waker = Waker()
         self._thread: threading.Thread | None = None
 
+    # --- ClientTransport ------------------------------------------------------------------------------
+
+    def start(self, session: Session, listener: Listener) -> None:
+        self._session = ClientSession(session, listener, self.url)
+        try:
+            self._channel = self._open(self._options.connect_timeout)  # the first failure is loud
+        except BaseException:
+            self._waker.close()
+            raise
+        self._thread = threading.Thread(target=self._run, name=f"remote-executor-client {self.url}", daemon=True)
+        self._thread.start()
+
     def submit(self, calls: Sequence[Call]) -> None:
-        assert self._client is not None
-        frames = self._client.submit_frames(calls)
+        assert self._session is not None
+        frames = self._session.submit_frames(calls)
         with self._lock:
             self._outbox.extend(frames)
         if threading.current_thread() is not self._thread:
             self._waker.wake()
 
-    def _start_thread(self, target: Callable[[], None], name: str) -> None:
-        self._thread = threading.Thread(target=target, name=name, daemon=True)
-        self._thread.start()
-
-    def _stop_thread(self) -> None:
-        """Ask the I/O thread to finish and wait for it (unless called from it)."""
+    def close(self) -> None:
         self._stop.set()
         self._waker.wake()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+        if thread is None:
+            self._waker.close()
+
+    # --- connection -------------------------------------------------------------------------------------
+
+    def _open(self, timeout: float) -> Channel:
+        assert self._session is not None
+        channel = open_session(self._connect, self._session.hello(), timeout, self._stop)
+        for frame in channel.frames():  # what the server sent right after WELCOME (CAPACITY, ...)
+            self._session.handle(frame)
+        return channel
+
+    def _reconnect(self) -> Channel | None:
+        """Reconnect with backoff; resubmit what was in flight. None if we gave up (or are closing)."""
+        assert self._session is not None
+        resubmit = self._session.connection_lost()
+        with self._lock:
+            self._outbox.clear()  # every accepted call is in `resubmit` (or was failed)
+        try:
+            channel = retry_with_backoff(
+                lambda: self._open(self._options.connect_timeout), self._options.reconnect_timeout, self._stop,
+                lambda exc, delay: log.info("reconnecting to %s: %s", self.url, exc))
+        except RemoteExecutorError as exc:
+            self._session.listener.on_broken(ServerUnavailableError(
+                f"lost the job server {self.url} and could not reconnect within "
+                f"{self._options.reconnect_timeout:g}s: {exc}"))
+            return None
+        if channel is not None and resubmit:
+            log.info("reconnected to %s; resubmitting %d call(s)", self.url, len(resubmit))
+            frames = self._session.submit_frames(resubmit)
+            with self._lock:
+                self._outbox.extendleft(reversed(frames))
+        return channel
+
+    # --- the I/O thread -------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set() and self._channel is not None:
+                if not self._serve(self._channel):
+                    self._channel.close()
+                    self._channel = self._reconnect()
+        except BaseException as exc:  # a bug here must fail the futures, not strand them
+            log.exception("the connection thread for %s failed", self.url)
+            assert self._session is not None
+            self._session.listener.on_broken(BrokenRemoteExecutor(f"the connection to {self.url} failed: {exc!r}"))
+        finally:
+            if self._channel is not None:
+                self._channel.close()
+            self._waker.close()
+
+    def _serve(self, channel: Channel) -> bool:
+        """Run one connection until it fails (False) or we are closing (True)."""
+        assert self._session is not None
+        interval, timeout = self._options.heartbeat_interval, self._options.heartbeat_timeout
+        last_recv = last_send = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                channel.wait(min(interval, timeout) / 2, self._waker)
+                self._waker.drain()
+                frames = channel.frames()
+                now = time.monotonic()
+                if frames:
+                    last_recv = now
+                for frame in frames:
+                    self._session.handle(frame)
+                if now - last_recv > timeout:
+                    log.warning("no heartbeat from %s for %.1fs; reconnecting", self.url, now - last_recv)
+                    return False
+                queued = self._take_outbox(channel)
+                if not queued and now - last_send >= interval:
+                    channel.queue(Frame(Kind.HEARTBEAT))
+                    queued = True
+                if queued:
+                    last_send = now
+                channel.flush()
+            return True
+        except RemoteExecutorError as exc:  # ConnectionFailedError, ProtocolError: this connection is done
+            log.warning("connection to %s failed: %s; reconnecting", self.url, exc)
+            return False
+
+    def _take_outbox(self, channel: Channel) -> bool:
+        with self._lock:
+            if not self._outbox:
+                return False
+            while self._outbox:
+                channel.queue(self._outbox.popleft())
+        return True

@@ -18,16 +18,14 @@ executor on each worker; an INIT_FAILED is forwarded (BROKEN) to the executor's 
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 from collections import deque
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import ProtocolError, VersionMismatchError
-from ..transports.base import worker_lost_parts
-from ..wire.frames import Frame, Kind, Status, check_versions, parse_json
+from ..errors import AuthenticationError, ProtocolError, VersionMismatchError
+from ..wire.frames import Frame, Kind, Status
+from ..wire.messages import RejectCode, check_versions, json_frame, parse_json, reject, worker_lost_parts
 from ..wire.serialization import Parts
 
 log = logging.getLogger("remote_executor.jobserver.server")
@@ -130,8 +128,12 @@ class Scheduler:
         peer.last_recv = now
         try:
             self._dispatch_frame(peer, frame)
-        except (ProtocolError, VersionMismatchError, KeyError, ValueError, TypeError) as exc:
-            self._reject(peer, f"{type(exc).__name__}: {exc}")
+        except AuthenticationError as exc:
+            self._reject(peer, RejectCode.AUTHENTICATION, str(exc))
+        except VersionMismatchError as exc:
+            self._reject(peer, RejectCode.VERSION, str(exc))
+        except (ProtocolError, KeyError, ValueError, TypeError) as exc:
+            self._reject(peer, RejectCode.PROTOCOL, f"{type(exc).__name__}: {exc}")
 
     def disconnected(self, conn: ConnId, now: float) -> None:
         self._now = now
@@ -230,7 +232,7 @@ class Scheduler:
             return
         offered = str(info.get("token", "")).encode()
         if not hmac.compare_digest(offered, self._token):
-            raise ProtocolError("missing or wrong cluster token")
+            raise AuthenticationError("missing or wrong cluster token")
 
     def _add_client(self, peer: Peer, state: ClientState, init_parts: Parts) -> None:
         self._clients[peer.conn] = state
@@ -363,9 +365,9 @@ class Scheduler:
         if conn in self._ready:
             self._ready.remove(conn)
 
-    def _reject(self, peer: Peer, reason: str) -> None:
+    def _reject(self, peer: Peer, code: RejectCode, reason: str) -> None:
         log.warning("rejecting %s: %s", peer.name or f"connection #{peer.conn}", reason)
-        self._send(peer.conn, Frame(Kind.REJECT, parts=[reason.encode()]))
+        self._send(peer.conn, reject(code, reason))
         self._actions.append(Close(peer.conn, reason))
         self.disconnected(peer.conn, peer.last_recv)
 
@@ -386,11 +388,7 @@ class Scheduler:
         self._actions.append(Send(conn, frame))
 
     def _send_json(self, conn: ConnId, kind: Kind, body: dict[str, Any]) -> None:
-        self._send(conn, Frame(kind, parts=[json.dumps(body).encode()]))
-
-    def running_tasks(self) -> Iterator[Task]:
-        for worker in self._workers.values():
-            yield from worker.running.values()
+        self._send(conn, json_frame(kind, body))
 
 
 _HANDLERS = {

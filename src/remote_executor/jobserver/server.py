@@ -16,8 +16,14 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..wire.frames import Frame
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+from ..netio import Waker
+from ..transports.base import ServerSettings
+from ..wire.frames import Frame, Limits
 from .scheduler import Close, ConnId, Scheduler, Send
 
 log = logging.getLogger("remote_executor.jobserver.server")
@@ -55,9 +61,18 @@ class ServerCore(abc.ABC):
     """
 
     caller_may_drive = False
+    scheme: ClassVar[str]
 
-    def __init__(self, scheduler: Scheduler) -> None:
-        self.scheduler = scheduler
+    def __init__(self, host: str, port: int, *, key: bytes | None, token: bytes | None, limits: Limits,
+                 heartbeat_interval: float, heartbeat_timeout: float) -> None:
+        """Called by a concrete server once it listens on ``host:port``."""
+        self.host, self.port = host, port
+        self._key = key
+        self._limits = limits
+        self._waker = Waker()
+        self._next_conn = 1  # socket connection ids; in-process links count from LOCAL_CONN_BASE
+        self.scheduler = Scheduler(name=self.url, heartbeat_interval=heartbeat_interval,
+                                   heartbeat_timeout=heartbeat_timeout, token=token)
         self._links: dict[ConnId, LocalLink] = {}
         self._inbox: deque[tuple[ConnId, Frame | str]] = deque()  # a frame, or "connect" / "close"
         self._inbox_lock = threading.Lock()
@@ -68,6 +83,30 @@ class ServerCore(abc.ABC):
         self.loop_thread: threading.Thread | None = None
         self.stopping = threading.Event()
 
+    @classmethod
+    def from_settings(cls, host: str, port: int, settings: ServerSettings, token: bytes | None = None) -> Self:
+        """A server listening on ``host:port`` as ``settings`` say (extra settings go to the constructor)."""
+        make: Any = cls  # concrete servers take (host, port, **settings); ServerCore itself takes a scheduler
+        server: Self = make(host, port, key=settings.key, token=token, insecure=settings.insecure,
+                            limits=settings.limits, heartbeat_interval=settings.heartbeat_interval,
+                            heartbeat_timeout=settings.heartbeat_timeout, **settings.extra)
+        return server
+
+    @property
+    def url(self) -> str:
+        """Where clients and workers connect."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}"
+
+    def wake(self) -> None:
+        """Make the loop run :meth:`pump` soon (called from other threads)."""
+        self._waker.wake()
+
+    def _new_conn_id(self) -> ConnId:
+        conn = self._next_conn
+        self._next_conn += 1
+        return conn
+
     # --- hooks for the concrete server ----------------------------------------------------------------
 
     @abc.abstractmethod
@@ -77,10 +116,6 @@ class ServerCore(abc.ABC):
     @abc.abstractmethod
     def _drop(self, conn: ConnId, reason: str) -> None:
         """Close a socket connection the scheduler gave up on (without telling the scheduler again)."""
-
-    @abc.abstractmethod
-    def wake(self) -> None:
-        """Make the loop run :meth:`pump` soon (called from other threads)."""
 
     @abc.abstractmethod
     def serve_forever(self) -> None:

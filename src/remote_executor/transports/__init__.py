@@ -1,62 +1,87 @@
-"""The transport registry: URL scheme -> transport factory, imported lazily.
+"""The backend registry: URL scheme -> :class:`~remote_executor.transports.base.Backend`, imported lazily.
 
-``create(None)`` and ``create("tcp")`` start an embedded local cluster; ``create("tcp://host:port")``
-connects to a running job server; a :class:`ClientTransport` instance is used as it is. Third parties
-register a scheme with an entry point in the ``remote_executor.transports`` group whose value is a callable
-``factory(url: str, embedded: bool, options: Options) -> ClientTransport``.
+:func:`get_backend` is the only place a scheme is looked up (by the executor, the embedded cluster, the
+worker process and the command line). Built-in schemes are tcp, zmq, gearman and memory; a third party
+registers another with an entry point in the ``remote_executor.transports`` group whose value is a
+``Backend`` subclass (or instance)::
+
+    [project.entry-points."remote_executor.transports"]
+    toy = "my_pkg.toy:ToyBackend"
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib
-from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from ..errors import TransportError
-from .base import ClientTransport, Options
+from .base import Backend
 
-Factory = Callable[[str, bool, Options], ClientTransport]
+__all__ = ["DEFAULT_SCHEME", "Backend", "get_backend", "scheme_of", "split_hostports"]
 
 DEFAULT_SCHEME = "tcp"
+ENTRY_POINT_GROUP = "remote_executor.transports"
 
-# scheme -> ("module:function", the pip extra that provides its dependencies or None)
+# scheme -> ("module:Backend class", the pip extra that provides its dependencies or None)
 _BUILTIN: dict[str, tuple[str, str | None]] = {
-    "tcp": ("remote_executor.transports.tcp:create", None),
-    "zmq": ("remote_executor.transports.zmq:create", "zmq"),
-    "gearman": ("remote_executor.transports.gearman:create", None),
-    "memory": ("remote_executor.transports.memory:create", None),
+    "tcp": ("remote_executor.transports.tcp:TcpBackend", None),
+    "zmq": ("remote_executor.transports.zmq:ZmqBackend", "zmq"),
+    "gearman": ("remote_executor.transports.gearman:GearmanBackend", None),
+    "memory": ("remote_executor.transports.memory:MemoryBackend", None),
 }
+_cache: dict[str, Backend] = {}
 
 
-def create(spec: str | ClientTransport | None, options: Options) -> ClientTransport:
-    """Resolve ``spec`` (None, a bare scheme, a URL or a transport object) to a client transport."""
-    if isinstance(spec, ClientTransport):
-        return spec
-    url = DEFAULT_SCHEME if spec is None else spec
-    if not isinstance(url, str):
-        raise TypeError(f"transport must be None, a URL string or a ClientTransport, not {type(url).__name__}")
-    scheme = url.split("://", 1)[0].lower() if "://" in url else url.lower()
-    embedded = "://" not in url
-    return resolve(scheme)(url, embedded, options)
+def scheme_of(url: str) -> str:
+    """The scheme of a URL (``TCP://h:1`` -> ``tcp``) or of a bare scheme (``zmq`` -> ``zmq``), lower-cased."""
+    return (url.split("://", 1)[0] if "://" in url else url).strip().lower()
 
 
-def resolve(scheme: str) -> Factory:
-    """The factory for a scheme; a clear error for an unknown scheme or a missing extra."""
+def get_backend(scheme: str) -> Backend:
+    """The backend of a scheme (case-insensitive); a clear error for an unknown scheme or a missing extra."""
+    scheme = scheme.lower()
+    backend = _cache.get(scheme)
+    if backend is None:
+        backend = _cache[scheme] = _load(scheme)
+    return backend
+
+
+def _load(scheme: str) -> Backend:
     if scheme in _BUILTIN:
         target, extra = _BUILTIN[scheme]
-        return _load(target, scheme, extra)
+        return _instantiate(_import(target, scheme, extra), target)
     from importlib.metadata import entry_points  # slow to import: only for schemes not built in
 
-    plugins = entry_points(group="remote_executor.transports")
+    plugins = entry_points(group=ENTRY_POINT_GROUP)
     for ep in plugins:
-        if ep.name == scheme:
-            factory: Factory = ep.load()
-            return factory
+        if ep.name.lower() == scheme:
+            return _instantiate(ep.load(), ep.value)
     known = sorted(set(_BUILTIN) | {ep.name for ep in plugins})
     close = difflib.get_close_matches(scheme, known, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     raise TransportError(f"unknown transport scheme {scheme!r} (known: {', '.join(known)}){hint}")
+
+
+def _import(target: str, scheme: str, extra: str | None) -> object:
+    module_name, attr = target.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        if extra is None or module_name in str(exc):
+            raise
+        raise TransportError(
+            f"the {scheme!r} transport needs an optional dependency ({exc.name}): "
+            f"pip install 'remote-executor[{extra}]'"
+        ) from exc
+    return getattr(module, attr)
+
+
+def _instantiate(obj: object, where: str) -> Backend:
+    backend = obj() if isinstance(obj, type) else obj
+    if not isinstance(backend, Backend):
+        raise TransportError(f"{where} is not a remote_executor Backend (got {type(backend).__name__})")
+    return backend
 
 
 def split_hostports(url: str) -> list[tuple[str, int]]:
@@ -69,18 +94,3 @@ def split_hostports(url: str) -> list[tuple[str, int]]:
             raise TransportError(f"malformed address {item!r} in {url!r}: expected host:port")
         result.append((host.strip("[]"), int(port)))
     return result
-
-
-def _load(target: str, scheme: str, extra: str | None) -> Factory:
-    module_name, attr = target.split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        if extra is None or module_name in str(exc):
-            raise
-        raise TransportError(
-            f"the {scheme!r} transport needs an optional dependency ({exc.name}): "
-            f"pip install 'remote-executor[{extra}]'"
-        ) from exc
-    factory: Factory = getattr(module, attr)
-    return factory

@@ -1,8 +1,8 @@
-"""The contract between :class:`RemoteExecutor` and a transport.
+"""The contracts: between :class:`RemoteExecutor` and a transport, and between a scheme and the rest.
 
 The executor owns futures, the pending queue, the in-flight window, cancellation, ``map`` and shutdown; a
-transport only moves serialized calls to workers and serialized outcomes back. The executor never touches
-a socket, and a transport never touches a ``Future``.
+:class:`ClientTransport` only moves serialized calls to workers and serialized outcomes back. The executor
+never touches a socket, and a transport never touches a ``Future``.
 
 Threading: :meth:`ClientTransport.submit` is called from any caller thread and must not block on the
 network. :class:`Listener` methods are called from the transport's own thread(s); they are quick and never
@@ -10,24 +10,48 @@ call back into the transport while holding a lock of the transport's.
 
 Guarantees a transport gives: every call it accepted gets exactly one :meth:`Listener.on_result` (a
 result, a worker-lost error or a rejection), unless :meth:`Listener.on_broken` is called, after which the
-executor fails every unfinished call itself. Non-guarantees: results arrive in any order; a call may run
-more than once when ``max_retries > 0`` (a worker can die after it ran the call but before the result came
-back).
+executor fails every unfinished call itself. An unexpected error on a transport's own thread must end in
+``on_broken``, never in silence. Non-guarantees: results arrive in any order; a call may run more than
+once when ``max_retries > 0`` (a worker can die after it ran the call but before the result came back).
+
+A :class:`Backend` is everything one URL scheme provides: the client transport, the embedded server of a
+local cluster, the standalone job server, the worker loop and the status query. ``get_backend(scheme)``
+in :mod:`remote_executor.transports` is the only place a scheme is looked up.
 """
 
 from __future__ import annotations
 
 import abc
-import json
+import logging
+import os
+import socket
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
-from ..errors import BrokenRemoteExecutor, WorkerLostError
-from ..wire.frames import Status
-from ..wire.serialization import Parts, decode_outcome
+from ..errors import INITIALIZER_FAILED, BrokenRemoteExecutor, InitializerFailed, TransportError
+from ..wire.frames import DEFAULT_LIMITS, Limits, Status
+from ..wire.messages import worker_lost_error
+from ..wire.serialization import Parts, decode_outcome, error_outcome, run_initializer, run_task
 
-__all__ = ["Call", "ClientTransport", "Listener", "Options", "Session", "Status", "decode_result"]
+__all__ = [
+    "Backend",
+    "Call",
+    "ClientTransport",
+    "EmbeddedServer",
+    "JobServer",
+    "Listener",
+    "Options",
+    "ServerSettings",
+    "Session",
+    "Status",
+    "WorkerCore",
+    "WorkerSettings",
+    "decode_result",
+]
+
+log = logging.getLogger("remote_executor.worker")
 
 
 @dataclass(slots=True)
@@ -58,6 +82,10 @@ class Options:
     reconnect_timeout: float = 30.0
     connect_timeout: float = 10.0
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def limits(self) -> Limits:
+        """Frame limits from ``limits={...}`` among the extra options (the defaults otherwise)."""
+        return Limits(**self.extra.get("limits", {}))
 
 
 class Listener(Protocol):
@@ -97,11 +125,6 @@ class ClientTransport(abc.ABC):
         running are abandoned (the executor has already decided what happens to their futures)."""
 
 
-def worker_lost_parts(workers: Sequence[str], attempts: int) -> Parts:
-    """The body of a ``Status.WORKER_LOST`` result."""
-    return [json.dumps({"workers": list(workers), "attempts": attempts}).encode()]
-
-
 def decode_result(status: Status, parts: Parts) -> tuple[bool, Any]:
     """``(True, value)`` or ``(False, exception)`` for a result a transport reported.
 
@@ -110,12 +133,134 @@ def decode_result(status: Status, parts: Parts) -> tuple[bool, Any]:
     if status == Status.DONE:
         return decode_outcome(parts)
     if status == Status.WORKER_LOST:
-        info = json.loads(bytes(parts[0]))
-        workers = tuple(str(w) for w in info["workers"])
-        attempts = int(info["attempts"])
-        return False, WorkerLostError(
-            f"the call was lost with its worker {attempts} time(s) and not retried further; "
-            f"worker(s) lost: {', '.join(workers)}",
-            workers,
-        )
+        return False, worker_lost_error(parts)
     return False, BrokenRemoteExecutor(bytes(parts[0]).decode(errors="replace") if parts else "rejected")
+
+
+# --- the worker side ------------------------------------------------------------------------------------
+
+
+@dataclass
+class WorkerSettings:
+    """What a backend's worker loop needs to know: where to connect, how, and when to stop."""
+
+    url: str
+    name: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+    key: bytes | None = None
+    token: bytes | None = None
+    heartbeat_interval: float = 1.0
+    heartbeat_timeout: float = 10.0
+    reconnect_timeout: float = float("inf")
+    connect_timeout: float = 10.0
+    drain: threading.Event = field(default_factory=threading.Event)  # set by SIGTERM: finish, then exit
+
+
+class WorkerCore:
+    """Runs calls for any number of executors; remembers which initializers ran (and how).
+
+    Every backend's worker loop hands it the parts of INIT and TASK messages; it never raises."""
+
+    def __init__(self) -> None:
+        self._init_failures: dict[int, Parts | None] = {}  # executor id -> None (ok) or error outcome
+
+    def initialize(self, executor_id: int, parts: Parts) -> Parts | None:
+        """Run an executor's initializer once per process; its error outcome if it raised."""
+        if executor_id not in self._init_failures:
+            self._init_failures[executor_id] = run_initializer(parts)
+            if self._init_failures[executor_id] is not None:
+                log.error("initializer of executor %x failed", executor_id)
+        return self._init_failures[executor_id]
+
+    def run(self, executor_id: int, parts: Parts) -> Parts:
+        """The serialized outcome of one call (or chunk); never raises."""
+        if self._init_failures.get(executor_id) is not None:
+            return error_outcome(InitializerFailed(INITIALIZER_FAILED))
+        return run_task(parts)
+
+
+# --- servers and backends -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    """How a standalone job server (``remote-executor server URL``) runs."""
+
+    key: bytes | None = None
+    insecure: bool = False  # listen on a non-loopback address without a key
+    limits: Limits = DEFAULT_LIMITS
+    heartbeat_interval: float = 1.0
+    heartbeat_timeout: float = 10.0
+    extra: dict[str, Any] = field(default_factory=dict)  # backend-specific (e.g. a CURVE secret key file)
+
+
+class JobServer(Protocol):
+    """A job server of ours, standalone or embedded."""
+
+    @property
+    def url(self) -> str: ...
+
+    def serve_forever(self) -> None:
+        """Serve in this thread until :meth:`stop`."""
+
+    def start(self) -> None:
+        """Serve on a thread of its own."""
+
+    def stop(self) -> None:
+        """Stop serving and release every socket; idempotent."""
+
+
+class EmbeddedServer(abc.ABC):
+    """The job server of one executor's local cluster, and what its local workers need to join it."""
+
+    url: str = ""
+
+    @abc.abstractmethod
+    def start(self) -> None:
+        """Start serving; return once workers can connect (raise TransportError if it cannot start)."""
+
+    @abc.abstractmethod
+    def stop(self) -> None:
+        """Stop serving; idempotent."""
+
+    @abc.abstractmethod
+    def client(self, options: Options) -> ClientTransport:
+        """The executor's transport to this server (not started yet)."""
+
+    def worker_env(self) -> dict[str, str]:
+        """Environment for the worker processes (secrets travel here, never on a command line)."""
+        return {}
+
+    def worker_args(self) -> tuple[str, ...]:
+        """Extra arguments for ``python -m remote_executor.worker URL``."""
+        return ()
+
+
+class Backend(abc.ABC):
+    """Everything one URL scheme provides. Subclass it and register it under the entry-point group
+    ``remote_executor.transports`` (``toy = "my_pkg.toy:ToyBackend"``): the executor, the embedded cluster,
+    ``remote-executor server|worker|status|ping`` and the worker process then all know the scheme.
+
+    Only :meth:`client` is required; the other methods raise :class:`TransportError` unless overridden."""
+
+    scheme: ClassVar[str]
+    in_process: ClassVar[bool] = False  # True: the bare scheme runs in this process (no cluster, no workers)
+
+    @abc.abstractmethod
+    def client(self, url: str, options: Options) -> ClientTransport:
+        """A transport that connects to the running cluster at ``url`` (not started yet)."""
+
+    def embedded_server(self, options: Options, session: Session, workers: int) -> EmbeddedServer:
+        """The server of a local cluster for ``RemoteExecutor(transport=SCHEME)`` (not started yet)."""
+        raise TransportError(f"the {self.scheme!r} transport has no embedded cluster: give a {self.scheme}:// URL")
+
+    def server(self, url: str, settings: ServerSettings) -> JobServer:
+        """A standalone job server listening at ``url`` (``remote-executor server URL``)."""
+        raise TransportError(f"{self.scheme}:// has no job server of ours")
+
+    def run_worker(self, settings: WorkerSettings, core: WorkerCore) -> int:
+        """Serve ``settings.url`` until drained (0), unreachable (1) or refused (2): the worker process."""
+        raise TransportError(f"{self.scheme}:// has no worker loop")
+
+    def status(self, url: str, options: Options) -> dict[str, Any]:
+        """The cluster's view (workers, clients, queues) for ``remote-executor status|ping``."""
+        raise TransportError(f"{self.scheme}:// has no status query")

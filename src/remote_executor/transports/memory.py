@@ -12,19 +12,23 @@ import queue
 import threading
 from collections.abc import Sequence
 
-from ..errors import InitializerFailed
-from ..wire.serialization import Buffer, Parts, decode_outcome, run_initializer, run_task
-from .base import Call, ClientTransport, Listener, Options, Session, Status
+from ..wire.messages import initializer_failed
+from ..wire.serialization import Buffer, Parts, run_initializer, run_task
+from .base import Backend, Call, ClientTransport, Listener, Options, Session, Status
 
-__all__ = ["MemoryTransport", "create"]
+__all__ = ["MemoryBackend", "MemoryTransport"]
 
 DEFAULT_WORKERS = 4
-INITIALIZER_FAILED = "A worker initializer failed, the executor is not usable anymore"
 
 
-def create(url: str, embedded: bool, options: Options) -> MemoryTransport:
-    """The registry's factory for the ``memory`` scheme (``memory`` and ``memory://`` are the same)."""
-    return MemoryTransport(options.max_workers or DEFAULT_WORKERS, url=url)
+class MemoryBackend(Backend):
+    """``memory`` and ``memory://`` are the same: threads of this process, no cluster, no worker processes."""
+
+    scheme = "memory"
+    in_process = True
+
+    def client(self, url: str, options: Options) -> MemoryTransport:
+        return MemoryTransport(options.max_workers or DEFAULT_WORKERS, url=url)
 
 
 class MemoryTransport(ClientTransport):
@@ -84,11 +88,8 @@ class MemoryTransport(ClientTransport):
         failure = run_initializer(_copy(session.initializer))
         if failure is None:
             return True
-        _, cause = decode_outcome(_copy(failure))
-        error = InitializerFailed(INITIALIZER_FAILED)
-        error.__cause__ = cause
         self._stop.set()  # a broken executor runs nothing more, on any worker
-        listener.on_broken(error)
+        listener.on_broken(initializer_failed(_copy(failure)))
         return False
 
 

@@ -15,23 +15,20 @@ from __future__ import annotations
 
 import enum
 import hmac
-import json
-import platform
 import struct
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
-import cloudpickle
-
-from ..errors import AuthenticationError, ProtocolError, VersionMismatchError
+from ..errors import AuthenticationError, ProtocolError
 from .serialization import Buffer, Parts
 
 MAGIC = b"RE"
 VERSION = 1
 HEADER = struct.Struct("!2sBBHHQQ")
 MAC_SIZE = 32
+# A flag bit every signed frame carries, so a reader knows from the header alone whether a MAC follows:
+# a key on one side only is a clear error at once, never a frame misparsed around a MAC.
+KEYED = 0x8000
 DEFAULT_MAX_FRAME = 1 << 32  # 4 GiB: a whole frame, header and parts
 DEFAULT_MAX_PARTS = 1024
 # Parts at least this big are received straight into their own buffer instead of the staging buffer.
@@ -83,7 +80,10 @@ class Limits:
 def encode(frame: Frame, key: bytes | None = None) -> list[Buffer]:
     """Buffers to send, in order: the prefix (header, lengths, mac) then the parts, uncopied."""
     lengths = [memoryview(p).nbytes for p in frame.parts]
-    prefix = HEADER.pack(MAGIC, VERSION, frame.kind, len(lengths), frame.flags, frame.a, frame.b)
+    if frame.flags & KEYED:
+        raise ValueError(f"frame flags {frame.flags:#x} claim the KEYED bit, which encode() alone sets")
+    flags = frame.flags | (KEYED if key is not None else 0)
+    prefix = HEADER.pack(MAGIC, VERSION, frame.kind, len(lengths), flags, frame.a, frame.b)
     prefix += struct.pack(f"!{len(lengths)}Q", *lengths)
     if key is not None:
         prefix += _mac(key, prefix, frame.parts)
@@ -143,22 +143,12 @@ class FrameReader:
             self._end += nbytes
         return self._parse()
 
-    def feed_bytes(self, data: bytes) -> list[Frame]:
-        """Convenience for callers that already hold bytes (zmq, tests)."""
-        frames: list[Frame] = []
-        view = memoryview(data)
-        while view:
-            target = self.buffer()
-            n = min(len(target), len(view))
-            target[:n] = view[:n]
-            view = view[n:]
-            frames.extend(self.feed(n))
-        return frames
-
     def _compact(self) -> None:
         used = self._end - self._start
         if self._start == 0 and used == len(self._staging):
-            self._staging.extend(bytes(len(self._staging)))  # a prefix bigger than staging: grow
+            # A prefix bigger than staging: grow into a new buffer (the caller may still hold a view of
+            # the old one, which a resize in place would refuse).
+            self._staging = self._staging + bytes(len(self._staging))
             return
         self._staging[:used] = self._staging[self._start : self._end]
         self._start, self._end = 0, used
@@ -190,32 +180,22 @@ class FrameReader:
     def _parse_prefix(self) -> Frame | _Partial | None:
         """The next frame if it is complete in staging, else its parsed prefix, else None."""
         start = self._start
-        available = self._end - start
-        if available < HEADER.size:
+        prefix = parse_prefix(memoryview(self._staging)[start : self._end], self._key is not None, self._limits)
+        if prefix is None:
             return None
-        magic, version, kind, nparts, flags, a, b = HEADER.unpack_from(self._staging, start)
-        _check_header(magic, version, kind, nparts, self._limits)
-        mac_size = MAC_SIZE if self._key is not None else 0
-        prefix_size = HEADER.size + 8 * nparts + mac_size
-        if available < prefix_size:
-            return None
-        lengths = struct.unpack_from(f"!{nparts}Q", self._staging, start + HEADER.size)
-        total = prefix_size + sum(lengths)
-        if total > self._limits.max_frame:
-            raise ProtocolError(f"frame of {total} bytes exceeds the limit of {self._limits.max_frame} bytes")
-        prefix = bytes(self._staging[start : start + prefix_size])
-        if available >= total:
-            offset = start + prefix_size
+        raw = bytes(self._staging[start : start + prefix.size])
+        if self._end - start >= prefix.total:
+            offset = start + prefix.size
             parts: Parts = []
-            for size in lengths:
+            for size in prefix.lengths:
                 parts.append(bytes(self._staging[offset : offset + size]))
                 offset += size
             self._start = offset
             if self._key is not None:
-                _verify(self._key, prefix, parts)
-            return Frame(_KINDS[kind], a, b, parts, flags)
-        self._start += prefix_size
-        return _Partial(Frame(_KINDS[kind], a, b, [], flags), prefix, mac_size, list(lengths))
+                _verify(self._key, raw, parts)
+            return prefix.frame(parts)
+        self._start += prefix.size
+        return _Partial(prefix.frame([]), raw, list(prefix.lengths))
 
     def _finish(self, partial: _Partial) -> Frame:
         if self._key is not None:
@@ -242,24 +222,84 @@ def decode_parts(prefix: Buffer, parts: Sequence[Buffer], key: bytes | None = No
     view = memoryview(prefix).cast("B")
     if view.nbytes < HEADER.size:
         raise ProtocolError(f"truncated frame header ({view.nbytes} bytes)")
-    magic, version, kind, nparts, flags, a, b = HEADER.unpack_from(view)
-    _check_header(magic, version, kind, nparts, limits)
-    mac_size = MAC_SIZE if key is not None else 0
-    prefix_size = HEADER.size + 8 * nparts + mac_size
-    if view.nbytes != prefix_size:
-        raise ProtocolError(f"frame prefix of {view.nbytes} bytes, expected {prefix_size} (key mismatch?)")
-    if len(parts) != nparts:
-        raise ProtocolError(f"frame announces {nparts} parts but {len(parts)} arrived")
-    lengths = struct.unpack_from(f"!{nparts}Q", view, HEADER.size)
+    parsed = parse_prefix(view, key is not None, limits)
+    if parsed is None or view.nbytes != parsed.size:
+        expected = "" if parsed is None else f", expected {parsed.size}"
+        raise ProtocolError(f"frame prefix of {view.nbytes} bytes{expected} (truncated, or a key mismatch?)")
+    if len(parts) != parsed.nparts:
+        raise ProtocolError(f"frame announces {parsed.nparts} parts but {len(parts)} arrived")
     sizes = [memoryview(p).nbytes for p in parts]
-    if list(lengths) != sizes:
-        raise ProtocolError(f"frame part lengths {sizes} differ from the announced {list(lengths)}")
-    total = prefix_size + sum(sizes)
-    if total > limits.max_frame:
-        raise ProtocolError(f"frame of {total} bytes exceeds the limit of {limits.max_frame} bytes")
+    if tuple(sizes) != parsed.lengths:
+        raise ProtocolError(f"frame part lengths {sizes} differ from the announced {list(parsed.lengths)}")
     if key is not None:
         _verify(key, view, parts)
-    return Frame(_KINDS[kind], a, b, list(parts), flags)
+    return parsed.frame(list(parts))
+
+
+def decode_whole(payload: Buffer, key: bytes | None = None, limits: Limits = DEFAULT_LIMITS) -> Frame:
+    """Validate one frame that fills ``payload`` exactly (a Gearman job); the parts are views, not copies."""
+    view = memoryview(payload).cast("B")
+    parsed = parse_prefix(view, key is not None, limits)
+    if parsed is None:
+        raise ProtocolError(f"truncated frame prefix ({view.nbytes} bytes)")
+    if parsed.total != view.nbytes:
+        hint = " (signed with a key on one side only?)"
+        raise ProtocolError(f"frame of {view.nbytes} bytes does not match its announced {parsed.total}{hint}")
+    parts: list[Buffer] = []
+    offset = parsed.size
+    for length in parsed.lengths:
+        parts.append(view[offset : offset + length])
+        offset += length
+    if key is not None:
+        _verify(key, view[: parsed.size], parts)
+    return parsed.frame(parts)
+
+
+@dataclass(frozen=True, slots=True)
+class Prefix:
+    """A validated frame prefix: the header fields and the announced part lengths."""
+
+    kind: Kind
+    flags: int
+    a: int
+    b: int
+    lengths: tuple[int, ...]
+    size: int  # bytes of the prefix itself: header, lengths and MAC
+
+    @property
+    def nparts(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def total(self) -> int:
+        return self.size + sum(self.lengths)
+
+    def frame(self, parts: Parts) -> Frame:
+        return Frame(self.kind, self.a, self.b, parts, self.flags)
+
+
+def parse_prefix(data: Buffer, keyed: bool, limits: Limits = DEFAULT_LIMITS) -> Prefix | None:
+    """The one frame-prefix parser: None until the whole prefix is in ``data``, else the checked prefix.
+
+    Raises :class:`ProtocolError` for a bad header, too many parts or a frame over ``limits.max_frame``, as
+    soon as the bytes that show it are there: nothing waits for, or allocates, the announced parts."""
+    view = memoryview(data).cast("B")
+    if view.nbytes < HEADER.size:
+        return None
+    magic, version, kind, nparts, flags, a, b = HEADER.unpack_from(view)
+    _check_header(magic, version, kind, nparts, limits)
+    if bool(flags & KEYED) != keyed:
+        raise ProtocolError("the peer signs its frames with a key but this side has none" if not keyed else
+                            "the peer sends unsigned frames but this side has a key: the keys differ")
+    flags &= ~KEYED
+    size = HEADER.size + 8 * nparts + (MAC_SIZE if keyed else 0)
+    if view.nbytes < size:
+        return None
+    lengths = struct.unpack_from(f"!{nparts}Q", view, HEADER.size)
+    total = size + sum(lengths)
+    if total > limits.max_frame:
+        raise ProtocolError(f"frame of {total} bytes exceeds the limit of {limits.max_frame} bytes")
+    return Prefix(_KINDS[kind], flags, a, b, lengths, size)
 
 
 def _check_header(magic: bytes, version: int, kind: int, nparts: int, limits: Limits) -> None:
@@ -276,7 +316,7 @@ def _check_header(magic: bytes, version: int, kind: int, nparts: int, limits: Li
 class _Partial:
     """A frame whose prefix is parsed and whose parts are being collected."""
 
-    def __init__(self, frame: Frame, prefix: bytes, mac_size: int, lengths: list[int]) -> None:
+    def __init__(self, frame: Frame, prefix: bytes, lengths: list[int]) -> None:
         self.frame = frame
         self.prefix = prefix
         self.lengths = lengths
@@ -315,48 +355,3 @@ class _Partial:
                 break
         self.consumed_from_staging = offset
         return self._direct is None and len(self.frame.parts) == len(self.lengths)
-
-
-# --- handshake ---------------------------------------------------------------------------------------
-
-
-def runtime_versions() -> dict[str, str]:
-    """What must match between a client, the job server and its workers."""
-    return {
-        "python": "{}.{}".format(*sys.version_info[:2]),
-        "cloudpickle": str(cloudpickle.__version__),
-        "protocol": str(VERSION),
-        "implementation": platform.python_implementation(),
-    }
-
-
-def hello(role: str, info: dict[str, Any], extra_parts: Parts | None = None) -> Frame:
-    """The first frame a client, worker or admin peer sends."""
-    body = {"role": role, **runtime_versions(), **info}
-    return Frame(Kind.HELLO, parts=[json.dumps(body).encode(), *(extra_parts or [])])
-
-
-def parse_json(frame: Frame) -> dict[str, Any]:
-    """Decode the JSON first part of a HELLO, WELCOME or STATUS frame, strictly."""
-    if not frame.parts:
-        raise ProtocolError(f"{frame.kind.name} frame without a body")
-    try:
-        body = json.loads(bytes(frame.parts[0]).decode())
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ProtocolError(f"{frame.kind.name} body is not valid JSON: {exc}") from exc
-    if not isinstance(body, dict):
-        raise ProtocolError(f"{frame.kind.name} body must be a JSON object")
-    return body
-
-
-def check_versions(peer: dict[str, Any], peer_name: str, local_name: str) -> None:
-    """Raise :class:`VersionMismatchError` unless the peer runs the versions this side runs."""
-    local = runtime_versions()
-    different = {k: (peer.get(k), v) for k, v in local.items() if peer.get(k) != v}
-    if different:
-        detail = ", ".join(f"{k} {theirs} on {peer_name} vs {ours} on {local_name}"
-                           for k, (theirs, ours) in different.items())
-        raise VersionMismatchError(
-            f"version mismatch: {detail}; clients, job server and workers must run the same Python "
-            f"(major.minor) and cloudpickle versions"
-        )

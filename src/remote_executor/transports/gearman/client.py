@@ -29,11 +29,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ...errors import AuthenticationError, ProtocolError, ServerUnavailableError, TransportError
-from ...jobserver.client import initializer_failed
+from ...netio import Backoff
 from ...wire.frames import Kind, Status
+from ...wire.messages import initializer_failed, worker_lost_parts
 from ...wire.serialization import Parts
-from ..base import Call, ClientTransport, Listener, Options, Session, worker_lost_parts
-from . import REFUSED, STARTED, decode_job_frame, encode_job, function_name, parse_url
+from ..base import Call, ClientTransport, Listener, Options, Session
 from .codec import GearmanError
 from .connection import (
     ClientCallbacks,
@@ -43,12 +43,12 @@ from .connection import (
     admin_status,
     cancel_job,
 )
+from .jobs import REFUSED, STARTED, decode_job_frame, encode_job, function_name, parse_url
 
 log = logging.getLogger("remote_executor.gearman")
 
 POLL_INTERVAL = 1.0  # admin status poll for the capacity (URL mode)
 POLL_INTERVAL_EMPTY = 0.1  # ... while no worker is registered, so the first calls do not wait a second
-MAX_BACKOFF = 2.0
 
 Ticket = tuple[int, int]  # (task id, submission number): callbacks about an older submission are stale
 
@@ -73,7 +73,7 @@ class _Server:
     conn: GearmanClientConnection[Ticket] | None = None
     generation: int = 0
     retry_at: float = 0.0
-    delay: float = 0.05
+    backoff: Backoff = field(default_factory=Backoff)
     dead: list[GearmanClientConnection[Ticket]] = field(default_factory=list)  # to close (join) off-thread
 
     @property
@@ -116,7 +116,7 @@ class GearmanClientTransport(ClientTransport):
                 self._connect(server)
             except GearmanConnectionError as exc:
                 errors.append(str(exc))
-                server.retry_at = time.monotonic() + server.delay
+                server.retry_at = time.monotonic() + server.backoff.next()
         if len(errors) == len(self._servers):
             raise TransportError(f"cannot reach any gearmand of {self.url}: {'; '.join(errors)}")
         for error in errors:
@@ -174,7 +174,8 @@ class GearmanClientTransport(ClientTransport):
         conn = GearmanClientConnection[Ticket](server.host, server.port, callbacks,
                                                connect_timeout=self._options.connect_timeout)
         with self._lock:
-            server.conn, server.delay = conn, 0.05
+            server.conn = conn
+            server.backoff.reset()
             self._all_down_since = None
             parked, self._parked = self._parked, []
             for job in parked:
@@ -260,7 +261,7 @@ class GearmanClientTransport(ClientTransport):
             if server.generation == generation and server.conn is not None:
                 server.dead.append(server.conn)
                 server.conn = None
-                server.retry_at = time.monotonic() + server.delay
+                server.retry_at = time.monotonic() + server.backoff.next()
                 if self._all_down_since is None and all(s.conn is None for s in self._servers):
                     self._all_down_since = time.monotonic()
                 self._wake.notify_all()
@@ -338,8 +339,7 @@ class GearmanClientTransport(ClientTransport):
             log.info("reconnected to gearmand %s", server.address)
         except GearmanConnectionError as exc:
             with self._lock:
-                server.delay = min(server.delay * 2, MAX_BACKOFF)
-                server.retry_at = time.monotonic() + server.delay
+                server.retry_at = time.monotonic() + server.backoff.next()
             log.info("reconnecting to gearmand %s: %s", server.address, exc)
 
     def _cancel(self, server: _Server, handle: bytes) -> None:

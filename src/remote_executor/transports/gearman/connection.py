@@ -31,6 +31,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Final, Generic, TypeVar
 
+from ...errors import ConnectionFailedError
+from ...netio import connect
 from .codec import (
     DEFAULT_MAX_PACKET_SIZE,
     REQ,
@@ -73,7 +75,7 @@ MAX_UNIQUE_SIZE: Final = 64  # gearmand answers ERROR ARGUMENT_TOO_LARGE above t
 _MULTILINE_ADMIN: Final = frozenset({"status", "workers", "prioritystatus", "show jobs", "show unique jobs"})
 
 
-class GearmanConnectionError(GearmanError, ConnectionError):
+class GearmanConnectionError(GearmanError, ConnectionFailedError, ConnectionError):
     """The connection to gearmand could not be made, or broke; the OS error is the ``__cause__``."""
 
 
@@ -113,14 +115,12 @@ class Job:
 
 def _connect(host: str, port: int, timeout: float) -> socket.socket:
     try:
-        sock = socket.create_connection((host, port), timeout=timeout)
-    except OSError as exc:
-        raise GearmanConnectionError(f"cannot connect to gearmand at {host}:{port}: {exc}") from exc
+        sock = connect((host, port), timeout, f"gearmand at {host}:{port}")
+    except ConnectionFailedError as exc:
+        raise GearmanConnectionError(str(exc)) from exc.__cause__
     # Blocking from now on: close() (via shutdown) is what interrupts a blocked call, not a timeout
     # that would also cut a slow but healthy 1 GB send short.
     sock.settimeout(None)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     return sock
 
 

@@ -30,10 +30,10 @@ from ...errors import AuthenticationError, ProtocolError
 from ...netio import retry_with_backoff
 from ...security import is_loopback
 from ...wire.frames import Frame, Kind, encode
-from ...worker import WorkerCore, WorkerSettings
-from . import REFUSED, STARTED, decode_job_frame, function_name, join, parse_url
+from ..base import WorkerCore, WorkerSettings
 from .codec import GearmanError
 from .connection import GearmanWorkerConnection, Job
+from .jobs import REFUSED, STARTED, decode_job_frame, function_name, join, parse_url
 
 log = logging.getLogger("remote_executor.gearman")
 
@@ -41,7 +41,7 @@ IDLE_WAIT = 0.25  # how long one wait for work lasts before the drain flag is lo
 DRAIN_GRAB = 0.05  # at drain, how long to wait for a job gearmand may already have assigned
 
 
-class _Slot:
+class _ServerLink:
     """One job server: its live connection (or None) and the thread that (re)connects it."""
 
     def __init__(self, worker: GearmanWorker, host: str, port: int) -> None:
@@ -93,29 +93,29 @@ class GearmanWorker:
         self.client_id = "".join(c if c.isprintable() and not c.isspace() else "_" for c in settings.name).encode()
         self.stop = threading.Event()
         self.changed = threading.Condition()
-        self.slots = [_Slot(self, host, port) for host, port in addresses]
+        self.servers = [_ServerLink(self, host, port) for host, port in addresses]
         self._turn = 0
         if settings.key is None and not all(is_loopback(host) for host, _ in addresses):
             log.warning("no key: anyone who can reach gearmand at %s can make this worker run code; "
                         "set $REMOTE_EXECUTOR_KEY (or --key-file) on clients and workers",
-                        ", ".join(s.address for s in self.slots))
+                        ", ".join(s.address for s in self.servers))
 
     def run(self) -> int:
         """Serve until drained (0) or no server was reachable for ``reconnect_timeout`` (1)."""
-        for slot in self.slots:
-            slot.thread.start()
+        for server in self.servers:
+            server.thread.start()
         watcher = threading.Thread(target=self._watch_drain, name="gearman-drain-watcher", daemon=True)
         watcher.start()
         try:
             return self._serve()
         finally:
             self.stop.set()
-            for slot in self.slots:
-                slot.wanted.set()
-                if slot.conn is not None:
-                    slot.conn.close()
-            for slot in self.slots:
-                slot.thread.join()
+            for server in self.servers:
+                server.wanted.set()
+                if server.conn is not None:
+                    server.conn.close()
+            for server in self.servers:
+                server.thread.join()
             watcher.join()
 
     def _watch_drain(self) -> None:
@@ -130,7 +130,7 @@ class GearmanWorker:
     def _serve(self) -> int:
         down_since: float | None = None
         while not self.settings.drain.is_set():
-            live = [s for s in self.slots if s.conn is not None]
+            live = [s for s in self.servers if s.conn is not None]
             if not live:
                 down_since = down_since or time.monotonic()
                 if time.monotonic() - down_since > self.settings.reconnect_timeout:
@@ -138,7 +138,7 @@ class GearmanWorker:
                               self.settings.reconnect_timeout)
                     return 1
                 with self.changed:
-                    if not any(s.conn is not None for s in self.slots):
+                    if not any(s.conn is not None for s in self.servers):
                         self.changed.wait(IDLE_WAIT)
                 continue
             down_since = None
@@ -147,20 +147,20 @@ class GearmanWorker:
                 self._run_job(*found)
         return self._drain()
 
-    def _grab_one(self, slot: _Slot, timeout: float) -> tuple[_Slot, Job] | None:
-        assert slot.conn is not None
+    def _grab_one(self, server: _ServerLink, timeout: float) -> tuple[_ServerLink, Job] | None:
+        assert server.conn is not None
         try:
-            job = slot.conn.grab_job(timeout)
+            job = server.conn.grab_job(timeout)
         except (GearmanError, OSError) as exc:
-            slot.lost(exc)
+            server.lost(exc)
             return None
-        return (slot, job) if job is not None else None
+        return (server, job) if job is not None else None
 
-    def _grab_any(self, live: list[_Slot]) -> tuple[_Slot, Job] | None:
+    def _grab_any(self, live: list[_ServerLink]) -> tuple[_ServerLink, Job] | None:
         self._turn += 1
         start = self._turn % len(live)
-        for slot in live[start:] + live[:start]:  # a fair turn: each server gets to go first in turn
-            found = self._grab_one(slot, 0)
+        for server in live[start:] + live[:start]:  # a fair turn: each server gets to go first in turn
+            found = self._grab_one(server, 0)
             if found is not None:
                 return found
         socks = [s.conn._sock for s in live if s.conn is not None]  # the connection has no fileno()
@@ -168,13 +168,13 @@ class GearmanWorker:
             select.select(socks, [], [], IDLE_WAIT)
         return None
 
-    def _run_job(self, slot: _Slot, job: Job) -> None:
-        conn = slot.conn
+    def _run_job(self, server: _ServerLink, job: Job) -> None:
+        conn = server.conn
         assert conn is not None
         try:
             self._reply(conn, job)
         except (GearmanError, OSError) as exc:  # the reply is lost; gearmand requeues the job if it still can
-            slot.lost(exc)
+            server.lost(exc)
 
     def _reply(self, conn: GearmanWorkerConnection, job: Job) -> None:
         key = self.settings.key
@@ -206,15 +206,15 @@ class GearmanWorker:
     def _drain(self) -> int:
         """SIGTERM: unregister, run a job gearmand had already assigned (if any), exit 0."""
         log.info("draining: no new jobs")
-        for slot in self.slots:
-            if slot.conn is None:
+        for server in self.servers:
+            if server.conn is None:
                 continue
             try:
-                slot.conn.cant_do(self.function)
+                server.conn.cant_do(self.function)
             except (GearmanError, OSError) as exc:
-                slot.lost(exc)
+                server.lost(exc)
                 continue
-            found = self._grab_one(slot, DRAIN_GRAB)
+            found = self._grab_one(server, DRAIN_GRAB)
             if found is not None:
                 self._run_job(*found)
         log.info("drained; exiting")

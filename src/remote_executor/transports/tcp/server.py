@@ -14,9 +14,9 @@ import threading
 import time
 
 from ...errors import ProtocolError
-from ...jobserver.scheduler import ConnId, Scheduler
+from ...jobserver.scheduler import ConnId
 from ...jobserver.server import ServerCore
-from ...netio import Waker, tune
+from ...netio import tune
 from ...security import check_bind
 from ...wire.frames import DEFAULT_LIMITS, Frame, Limits
 from .stream import Connection
@@ -31,6 +31,7 @@ class TcpServer(ServerCore):
     """``remote-executor server tcp://HOST:PORT``, or the embedded cluster's in-process job server."""
 
     caller_may_drive = True  # plain sockets: a submitting thread may send TASK frames itself
+    scheme = "tcp"
 
     def __init__(
         self,
@@ -47,31 +48,14 @@ class TcpServer(ServerCore):
         check_bind(host, key, insecure)
         self._listen = socket.create_server((host, port), family=_family(host), backlog=256)
         self._listen.setblocking(False)
-        bound = self._listen.getsockname()
-        self.host, self.port = host, int(bound[1])
-        super().__init__(
-            Scheduler(
-                name=self.url,
-                heartbeat_interval=heartbeat_interval,
-                heartbeat_timeout=heartbeat_timeout,
-                token=token,
-            )
-        )
-        self._key = key
-        self._limits = limits
+        super().__init__(host, int(self._listen.getsockname()[1]), key=key, token=token, limits=limits,
+                         heartbeat_interval=heartbeat_interval, heartbeat_timeout=heartbeat_timeout)
         self._selector = selectors.DefaultSelector()
-        self._waker = Waker()
         self._conns: dict[ConnId, Connection] = {}
         self._dirty: set[ConnId] = set()
-        self._next_conn = 1
         self._closed = False
         self._selector.register(self._listen, selectors.EVENT_READ, _LISTENER)
         self._selector.register(self._waker.reader, selectors.EVENT_READ, _WAKER)
-
-    @property
-    def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"tcp://{host}:{self.port}"
 
     # --- running -----------------------------------------------------------------------------------
 
@@ -95,9 +79,6 @@ class TcpServer(ServerCore):
                 self._close_all()
 
 
-    def wake(self) -> None:
-        self._waker.wake()
-
     # --- events ------------------------------------------------------------------------------------
 
     def _on_event(self, data: object, mask: int) -> None:
@@ -118,8 +99,7 @@ class TcpServer(ServerCore):
         except (BlockingIOError, InterruptedError):
             return
         tune(sock)
-        conn_id = self._next_conn
-        self._next_conn += 1
+        conn_id = self._new_conn_id()
         conn = Connection(sock, self._key, self._limits, f"{address[0]}:{address[1]}")
         self._conns[conn_id] = conn
         self._selector.register(conn.sock, selectors.EVENT_READ, conn_id)

@@ -1,4 +1,4 @@
-"""Frames over stream sockets: a non-blocking connection for event loops, blocking helpers for workers.
+"""Frames over stream sockets: a non-blocking connection for the server loop, and the client/worker channel.
 
 Both sides read with ``recv_into`` into the :class:`~remote_executor.wire.frames.FrameReader`'s buffers and
 write with ``sendmsg`` straight from the parts, so large payloads cross the socket without extra copies.
@@ -7,26 +7,26 @@ write with ``sendmsg`` straight from the parts, so large payloads cross the sock
 from __future__ import annotations
 
 import contextlib
+import selectors
 import socket
-import threading
-import time
 from collections import deque
 
-from ...netio import IOV_MAX, send_all
-from ...wire.frames import DEFAULT_LIMITS, Frame, FrameReader, Limits, encode
+from ...errors import ConnectionFailedError
+from ...jobserver.client import Channel
+from ...netio import IOV_MAX, Waker, connect
+from ...wire.frames import Frame, FrameReader, Limits, encode
 
 
 class Connection:
     """A non-blocking socket with a frame reader and an output queue, driven by a selector loop."""
 
     def __init__(
-        self, sock: socket.socket, key: bytes | None, limits: Limits, peer: str, reader: FrameReader | None = None
-    ) -> None:
+        self, sock: socket.socket, key: bytes | None, limits: Limits, peer: str) -> None:
         sock.setblocking(False)
         self.sock = sock
         self.peer = peer
         self._key = key
-        self._reader = reader or FrameReader(key, limits)
+        self._reader = FrameReader(key, limits)
         self._out: deque[memoryview] = deque()
         self.closed = False
         self.write_registered = False
@@ -85,44 +85,55 @@ class Connection:
             self.sock.close()
 
 
-class BlockingConnection:
-    """A blocking socket for one thread that reads and any threads that write (under a lock)."""
+class TcpChannel(Channel):
+    """A client's or worker's connection to a tcp job server: a :class:`Connection` plus a selector."""
 
-    def __init__(self, sock: socket.socket, key: bytes | None, limits: Limits = DEFAULT_LIMITS) -> None:
-        sock.setblocking(True)
-        self.sock = sock
-        self._key = key
-        self.reader = FrameReader(key, limits)
-        self.ready: deque[Frame] = deque()  # frames received but not yet returned by recv()
-        self._send_lock = threading.Lock()
-        self.last_send = time.monotonic()
+    def __init__(self, sock: socket.socket, key: bytes | None, limits: Limits, url: str) -> None:
+        super().__init__(url)
+        self._conn = Connection(sock, key, limits, url)
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(sock, selectors.EVENT_READ, None)
+        self._writing = False
+        self._waker: Waker | None = None
 
-    def send(self, frame: Frame) -> None:
-        buffers = [memoryview(b).cast("B") for b in encode(frame, self._key) if len(b)]
-        with self._send_lock:
-            send_all(self.sock, buffers)
-            self.last_send = time.monotonic()
+    @classmethod
+    def connect(cls, address: tuple[str, int], key: bytes | None, limits: Limits, url: str,
+                timeout: float) -> TcpChannel:
+        return cls(connect(address, timeout, url), key, limits, url)
 
-    def recv(self, timeout: float | None) -> Frame:
-        """The next frame; ``TimeoutError`` if none within ``timeout``; ``ConnectionError`` at EOF."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not self.ready:
-            remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-            if remaining == 0.0:
-                raise TimeoutError("no frame from the peer in time")
-            self.sock.settimeout(remaining)
-            try:
-                n = self.sock.recv_into(self.reader.buffer())
-            except TimeoutError as exc:
-                raise TimeoutError("no frame from the peer in time") from exc
-            if n == 0:
-                raise ConnectionResetError("the peer closed the connection")
-            self.ready.extend(self.reader.feed(n))
-        return self.ready.popleft()
+    def queue(self, frame: Frame) -> None:
+        self._conn.queue(frame)
+
+    def flush(self) -> bool:
+        try:
+            return self._conn.flush()
+        except OSError as exc:
+            raise ConnectionFailedError(f"lost the connection to {self.peer}: {exc}") from exc
+
+    def receive(self) -> list[Frame]:
+        try:
+            frames = self._conn.read()
+        except OSError as exc:
+            raise ConnectionFailedError(f"lost the connection to {self.peer}: {exc}") from exc
+        if frames is None:
+            truncated = " in the middle of a frame" if self._conn.mid_frame else ""
+            raise ConnectionFailedError(f"{self.peer} closed the connection{truncated}")
+        return frames
+
+    def wait(self, timeout: float, waker: Waker | None = None) -> None:
+        if waker is not self._waker and waker is not None:
+            self._selector.register(waker.reader, selectors.EVENT_READ, waker)
+            self._waker = waker
+        writing = self._conn.wants_write
+        if writing != self._writing:  # (un)register interest in writability only on change
+            self._writing = writing
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if writing else 0)
+            self._selector.modify(self._conn.sock, events, None)
+        self._selector.select(timeout)
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
-
-
+        if not self._conn.closed:
+            self._selector.close()
+            with contextlib.suppress(OSError):
+                self._conn.sock.shutdown(socket.SHUT_RDWR)
+            self._conn.close()

@@ -24,12 +24,11 @@ import zmq
 import zmq.auth
 
 from ...errors import ProtocolError, TransportError
-from ...jobserver.scheduler import ConnId, Scheduler
+from ...jobserver.scheduler import ConnId
 from ...jobserver.server import ServerCore
-from ...netio import Waker
 from ...security import check_bind
 from ...wire.frames import Frame, Kind, Limits
-from . import HWM, endpoint, recv_frame, send_frame
+from .sockets import HWM, endpoint, recv_frame, send_frame
 
 log = logging.getLogger("remote_executor.jobserver.server")
 
@@ -43,6 +42,8 @@ class ZmqServer(ServerCore):
 
     ``curve_secret_key``: a secret certificate file (``zmq.auth.create_certificates``) to encrypt every
     connection with CURVE; clients and workers then need the matching public certificate."""
+
+    scheme = "zmq"
 
     def __init__(
         self,
@@ -64,26 +65,14 @@ class ZmqServer(ServerCore):
         except BaseException:
             self._ctx.destroy(linger=0)
             raise
-        self.host = host
         bound = self._router.getsockopt(zmq.LAST_ENDPOINT)
         assert isinstance(bound, bytes)
-        self.port = int(bound.decode().rsplit(":", 1)[1])
-        super().__init__(
-            Scheduler(
-                name=self.url,
-                heartbeat_interval=heartbeat_interval,
-                heartbeat_timeout=heartbeat_timeout,
-                token=token,
-            )
-        )
-        self._key = key
-        self._limits = limits
-        self._waker = Waker()
+        super().__init__(host, int(bound.decode().rsplit(":", 1)[1]), key=key, token=token, limits=limits,
+                         heartbeat_interval=heartbeat_interval, heartbeat_timeout=heartbeat_timeout)
         self._ids: dict[bytes, ConnId] = {}  # routing id -> connection
         self._routes: dict[ConnId, bytes] = {}  # connection -> routing id
         self._backlog: dict[ConnId, deque[Frame]] = {}  # frames refused at a peer's high-water mark
         self._unreachable: set[ConnId] = set()
-        self._next_conn = 1
         self._closed = False
         self._close_lock = threading.Lock()
 
@@ -114,11 +103,6 @@ class ZmqServer(ServerCore):
             raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc}") from exc
         return router
 
-    @property
-    def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"zmq://{host}:{self.port}"
-
     # --- running -----------------------------------------------------------------------------------
 
 
@@ -144,9 +128,6 @@ class ZmqServer(ServerCore):
             self._close_all()
 
 
-    def wake(self) -> None:
-        self._waker.wake()
-
     # --- input ---------------------------------------------------------------------------------------
 
     def _read(self) -> None:
@@ -171,8 +152,7 @@ class ZmqServer(ServerCore):
                 log.debug("ignoring %s from unknown peer %s (a dropped session)",
                           frame.kind.name, route.hex())
                 return
-            conn = self._next_conn
-            self._next_conn += 1
+            conn = self._new_conn_id()
             self._ids[route] = conn
             self._routes[conn] = route
             self.scheduler.connected(conn, now)

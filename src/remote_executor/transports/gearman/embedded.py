@@ -1,0 +1,71 @@
+"""The embedded gearman cluster's server: a private gearmand on loopback, a free port and ``-j``.
+
+gearmand has no authentication, so the cluster always runs with a key (a random one unless the executor
+has its own): another local user who finds the port cannot make the workers run code. gearmand is started
+and stopped by an owner thread, because the kernel kills it when the thread that started it exits
+(PR_SET_PDEATHSIG) and the executor may be created on a short-lived thread.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+from dataclasses import replace
+
+from ...errors import TransportError
+from ...security import key_to_env
+from ..base import ClientTransport, EmbeddedServer, Options, Session
+from .gearmand import GearmandNotFoundError, GearmandProcess
+
+
+class EmbeddedGearmand(EmbeddedServer):
+    """A gearmand whose ``-j`` fails a job after ``max_retries + 1`` lost workers."""
+
+    def __init__(self, options: Options, session: Session, workers: int) -> None:
+        self.options = options
+        self.workers = workers
+        self.job_retries = session.max_retries + 1
+        self.key = options.key if options.key is not None else secrets.token_bytes(32)
+        self.gearmand: GearmandProcess | None = None
+        self._started = threading.Event()
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._owner: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._owner = threading.Thread(target=self._own_gearmand, name="remote-executor-gearmand", daemon=True)
+        self._owner.start()
+        self._started.wait()
+        if self._error is not None:
+            self._owner.join()
+            raise self._error
+        assert self.gearmand is not None
+        self.url = self.gearmand.url
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._owner is not None and self._owner is not threading.current_thread():
+            self._owner.join()
+
+    def client(self, options: Options) -> ClientTransport:
+        from .client import GearmanClientTransport
+
+        # gearmand queues the jobs until the workers register; its -j already fails a job after
+        # max_retries + 1 lost workers (starts are counted client-side too).
+        return GearmanClientTransport(self.url, replace(options, key=self.key), capacity=self.workers)
+
+    def worker_env(self) -> dict[str, str]:
+        return key_to_env(self.key)
+
+    def _own_gearmand(self) -> None:
+        try:
+            self.gearmand = GearmandProcess(threads=0, job_retries=self.job_retries).start()
+        except GearmandNotFoundError as exc:
+            self._error = TransportError(f'transport="gearman" needs gearmand: {exc}')
+        except BaseException as exc:
+            self._error = exc
+        self._started.set()
+        if self._error is None:
+            assert self.gearmand is not None
+            self._stop.wait()
+            self.gearmand.stop()

@@ -1,0 +1,216 @@
+"""ZeroMQ plumbing of the zmq backend: frames as multipart messages, DEALER sockets, CURVE, the channel.
+
+ZeroMQ carries the same frames as the tcp backend (:mod:`remote_executor.wire.frames`): each frame is one
+multipart message ``[prefix, *parts]``, so pickle protocol 5 buffers travel as their own message parts and
+large ones are sent and received without a copy.
+
+ZeroMQ reconnects TCP by itself and hides disconnects, so liveness is decided by heartbeats in both
+directions. Every logical connection (a client session, a worker session) is a new DEALER socket with a
+random routing id: after a server restart or a heartbeat timeout the peer says HELLO again as a new peer,
+and frames of an old session reaching a server that does not know it are ignored.
+
+Optional CURVE encryption: the server loads its secret certificate, clients and workers the server's
+public certificate (files made with :func:`zmq.auth.create_certificates`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+import zmq.auth
+
+from ...errors import ConnectionFailedError, ProtocolError, TransportError
+from ...jobserver.client import Channel
+from ...netio import Waker
+from ...wire.frames import Frame, Limits, decode_parts, encode, parse_prefix
+from ...wire.serialization import Buffer
+
+# Parts at least this big are sent and received without a copy (pyzmq's own default threshold).
+COPY_THRESHOLD = 64 * 1024
+# High-water marks, in messages (one frame = one message) per peer and direction. The executor's
+# in-flight window bounds what is on the wire long before these are reached; they are the backstop.
+HWM = 1000
+CURVE_SERVER_KEY_ENV = "REMOTE_EXECUTOR_CURVE_SERVER_KEY"  # worker side: the server's public key file
+
+
+def endpoint(host: str, port: int | str) -> str:
+    """The libzmq endpoint for a host and port (IPv6 addresses in brackets)."""
+    return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
+
+
+def send_frame(sock: zmq.Socket[Any], frame: Frame, key: bytes | None, route: bytes | None = None,
+               flags: int = 0) -> None:
+    """Send one frame as one multipart message, large parts uncopied.
+
+    With ``zmq.NOBLOCK`` in ``flags``, ``zmq.Again`` means nothing was sent (libzmq queues a multipart
+    message atomically once its first part is accepted)."""
+    buffers = encode(frame, key)
+    if route is not None:
+        sock.send(route, flags | zmq.SNDMORE)
+    last = len(buffers) - 1
+    for i, buf in enumerate(buffers):
+        more = zmq.SNDMORE if i < last else 0
+        if i == 0 or memoryview(buf).nbytes < COPY_THRESHOLD:
+            sock.send(buf, flags | more)
+        else:
+            sock.send(buf, flags | more, copy=False)
+
+
+def recv_frame(sock: zmq.Socket[Any], key: bytes | None, limits: Limits, flags: int = 0) -> Frame:
+    """Receive and validate one frame (the routing id, on a ROUTER, must have been read already).
+
+    The whole message is always consumed, so a malformed one (``ProtocolError``) leaves the socket at the
+    start of the next message."""
+    prefix = sock.recv(flags)
+    return decode_parts(prefix, recv_rest(sock, prefix, limits, key is not None), key, limits)
+
+
+def recv_rest(sock: zmq.Socket[Any], prefix: bytes, limits: Limits, keyed: bool = False) -> list[Buffer]:
+    """The remaining parts of a message; the ones the prefix announces as large are not copied."""
+    try:
+        parsed = parse_prefix(prefix, keyed, limits)
+    except ProtocolError:
+        parsed = None  # still consume the whole message; decode_parts says what is wrong with it
+    sizes = parsed.lengths if parsed is not None else ()
+    parts: list[Buffer] = []
+    excess = 0
+    while sock.rcvmore:
+        index = len(parts)
+        if index >= limits.max_parts:
+            sock.recv()  # drain the message, then refuse it
+            excess += 1
+        elif index < len(sizes) and sizes[index] >= COPY_THRESHOLD:
+            parts.append(sock.recv(copy=False).buffer)
+        else:
+            parts.append(sock.recv())
+    if excess:
+        raise ProtocolError(f"message of more than {limits.max_parts} parts")
+    return parts
+
+
+@dataclass(frozen=True, slots=True)
+class Curve:
+    """CURVE settings of a client or worker: the server's public key and this side's key pair."""
+
+    server_public: bytes
+    public: bytes
+    secret: bytes
+
+    @classmethod
+    def from_files(cls, server_key_file: str | os.PathLike[str],
+                   own_key_file: str | os.PathLike[str] | None = None) -> Curve:
+        server_public, _ = zmq.auth.load_certificate(os.fspath(server_key_file))
+        if own_key_file is not None:
+            public, secret = zmq.auth.load_certificate(os.fspath(own_key_file))
+            if secret is None:
+                raise TransportError(f"{own_key_file} holds no secret key (use the .key_secret file)")
+        else:
+            public, secret = zmq.curve_keypair()  # an ephemeral identity: the server checks none
+        return cls(server_public, public, secret)
+
+    @classmethod
+    def from_options(cls, extra: Mapping[str, Any]) -> Curve | None:
+        """From ``curve_server_key`` (and optionally ``curve_client_key``) in the options, else from
+        ``$REMOTE_EXECUTOR_CURVE_SERVER_KEY``; None without either."""
+        server_key = extra.get("curve_server_key") or os.environ.get(CURVE_SERVER_KEY_ENV)
+        if not server_key:
+            return None
+        return cls.from_files(server_key, extra.get("curve_client_key"))
+
+    def apply(self, sock: zmq.Socket[Any]) -> None:
+        sock.curve_serverkey = self.server_public
+        sock.curve_publickey = self.public
+        sock.curve_secretkey = self.secret
+
+
+def dealer(
+    ctx: zmq.Context[Any], address: tuple[str, int], limits: Limits, curve: Curve | None
+) -> zmq.Socket[Any]:
+    """A DEALER with a fresh random routing id, connecting (asynchronously) to the server."""
+    sock: zmq.Socket[Any] = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.ROUTING_ID, b"\0" + os.urandom(15))  # leading zero: never a libzmq-made id
+    sock.setsockopt(zmq.SNDHWM, HWM)
+    sock.setsockopt(zmq.RCVHWM, HWM)
+    sock.setsockopt(zmq.MAXMSGSIZE, limits.max_frame)
+    sock.setsockopt(zmq.RECONNECT_IVL, 100)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+    sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+    if ":" in address[0]:
+        sock.setsockopt(zmq.IPV6, 1)
+    if curve is not None:
+        curve.apply(sock)
+    sock.connect(endpoint(*address))
+    return sock
+
+
+class ZmqChannel(Channel):
+    """A client's or worker's session with a zmq job server: one DEALER socket with a fresh routing id.
+
+    Frames refused at the high-water mark wait in a backlog until the socket is writable again."""
+
+    def __init__(self, sock: zmq.Socket[Any], key: bytes | None, limits: Limits, url: str) -> None:
+        super().__init__(url)
+        self._sock = sock
+        self._key = key
+        self._limits = limits
+        self._backlog: deque[Frame] = deque()
+        self._poller = zmq.Poller()
+        self._poller.register(sock, zmq.POLLIN)
+        self._events = zmq.POLLIN
+        self._waker: Waker | None = None
+        self._closed = False
+
+    @classmethod
+    def connect(cls, address: tuple[str, int], key: bytes | None, limits: Limits, curve: Curve | None,
+                url: str) -> ZmqChannel:
+        """A new session; ZeroMQ connects (and retries the TCP connection) in the background."""
+        try:
+            sock = dealer(zmq.Context.instance(), address, limits, curve)
+        except zmq.ZMQError as exc:
+            raise ConnectionFailedError(f"cannot connect to {url}: {exc}") from exc
+        return cls(sock, key, limits, url)
+
+    def queue(self, frame: Frame) -> None:
+        self._backlog.append(frame)
+
+    def flush(self) -> bool:
+        try:
+            while self._backlog:
+                send_frame(self._sock, self._backlog[0], self._key, flags=zmq.NOBLOCK)
+                self._backlog.popleft()
+        except zmq.Again:
+            return False
+        except zmq.ZMQError as exc:
+            raise ConnectionFailedError(f"lost the session with {self.peer}: {exc}") from exc
+        return True
+
+    def receive(self) -> list[Frame]:
+        frames: list[Frame] = []
+        try:
+            while True:
+                frames.append(recv_frame(self._sock, self._key, self._limits, zmq.NOBLOCK))
+        except zmq.Again:
+            return frames
+        except zmq.ZMQError as exc:
+            raise ConnectionFailedError(f"lost the session with {self.peer}: {exc}") from exc
+
+    def wait(self, timeout: float, waker: Waker | None = None) -> None:
+        if waker is not self._waker and waker is not None:
+            self._poller.register(waker.reader, zmq.POLLIN)
+            self._waker = waker
+        events = zmq.POLLIN | (zmq.POLLOUT if self._backlog else 0)
+        if events != self._events:
+            self._poller.modify(self._sock, events)
+            self._events = events
+        self._poller.poll(int(timeout * 1000) + 1)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._sock.close(linger=0)

@@ -1,0 +1,122 @@
+"""The bodies of the control frames, sans I/O: HELLO/WELCOME/REJECT/STATUS, and a lost call's report.
+
+A HELLO says who a peer is (its role, name and the runtime versions that must match); a REJECT carries a
+:class:`RejectCode` in its ``a`` field, so a peer learns *why* it was refused without parsing prose, and
+:func:`rejection` turns it into the package's exception.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import platform
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import cloudpickle
+
+from ..errors import (
+    INITIALIZER_FAILED,
+    AuthenticationError,
+    InitializerFailed,
+    ProtocolError,
+    TransportError,
+    VersionMismatchError,
+    WorkerLostError,
+)
+from .frames import VERSION, Frame, Kind
+from .serialization import Buffer, Parts, decode_outcome
+
+
+class RejectCode(enum.IntEnum):
+    """Why a job server refused a peer: the ``a`` field of a REJECT frame."""
+
+    PROTOCOL = 1  # a malformed or unexpected frame
+    AUTHENTICATION = 2  # a missing or wrong cluster token
+    VERSION = 3  # Python, cloudpickle or protocol versions differ
+
+
+def reject(code: RejectCode, reason: str) -> Frame:
+    """The REJECT frame a server sends before it closes the connection."""
+    return Frame(Kind.REJECT, a=code, parts=[reason.encode()])
+
+
+def rejection(frame: Frame, peer: str) -> Exception:
+    """The exception a REJECT frame from ``peer`` means."""
+    reason = bytes(frame.parts[0]).decode(errors="replace") if frame.parts else "no reason given"
+    if frame.a == RejectCode.VERSION:
+        return VersionMismatchError(reason)
+    if frame.a == RejectCode.AUTHENTICATION:
+        return AuthenticationError(f"{peer} refused this peer's credentials: {reason}")
+    return TransportError(f"{peer} refused this peer: {reason}")
+
+
+def runtime_versions() -> dict[str, str]:
+    """What must match between a client, the job server and its workers."""
+    return {
+        "python": "{}.{}".format(*sys.version_info[:2]),
+        "cloudpickle": str(cloudpickle.__version__),
+        "protocol": str(VERSION),
+        "implementation": platform.python_implementation(),
+    }
+
+
+def hello(role: str, info: dict[str, Any], extra_parts: Parts | None = None) -> Frame:
+    """The first frame a client, worker or admin peer sends."""
+    body = {"role": role, **runtime_versions(), **info}
+    return Frame(Kind.HELLO, parts=[json.dumps(body).encode(), *(extra_parts or [])])
+
+
+def json_frame(kind: Kind, body: dict[str, Any]) -> Frame:
+    return Frame(kind, parts=[json.dumps(body).encode()])
+
+
+def parse_json(frame: Frame) -> dict[str, Any]:
+    """Decode the JSON first part of a HELLO, WELCOME or STATUS frame, strictly."""
+    if not frame.parts:
+        raise ProtocolError(f"{frame.kind.name} frame without a body")
+    try:
+        body = json.loads(bytes(frame.parts[0]).decode())
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ProtocolError(f"{frame.kind.name} body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise ProtocolError(f"{frame.kind.name} body must be a JSON object")
+    return body
+
+
+def check_versions(peer: dict[str, Any], peer_name: str, local_name: str) -> None:
+    """Raise :class:`VersionMismatchError` unless the peer runs the versions this side runs."""
+    local = runtime_versions()
+    different = {k: (peer.get(k), v) for k, v in local.items() if peer.get(k) != v}
+    if different:
+        detail = ", ".join(f"{k} {theirs} on {peer_name} vs {ours} on {local_name}"
+                           for k, (theirs, ours) in different.items())
+        raise VersionMismatchError(
+            f"version mismatch: {detail}; clients, job server and workers must run the same Python "
+            f"(major.minor) and cloudpickle versions"
+        )
+
+
+def worker_lost_parts(workers: Sequence[str], attempts: int) -> Parts:
+    """The body of a ``Status.WORKER_LOST`` result: who was lost, and how often the call was tried."""
+    return [json.dumps({"workers": list(workers), "attempts": attempts}).encode()]
+
+
+def worker_lost_error(parts: Sequence[Buffer]) -> WorkerLostError:
+    info = json.loads(bytes(parts[0]))
+    workers = tuple(str(w) for w in info["workers"])
+    attempts = int(info["attempts"])
+    return WorkerLostError(
+        f"the call was lost with its worker {attempts} time(s) and not retried further; "
+        f"worker(s) lost: {', '.join(workers)}",
+        workers,
+    )
+
+
+def initializer_failed(outcome: Sequence[Buffer]) -> InitializerFailed:
+    """The broken-executor error for an initializer's error outcome, with the remote exception as cause."""
+    _, remote = decode_outcome(outcome)
+    error = InitializerFailed(INITIALIZER_FAILED)
+    error.__cause__ = remote
+    return error
