@@ -1,4 +1,8 @@
-"""The gearman transport against a real gearmand and real worker processes: faults, keys, servers, CLI."""
+"""The gearman transport against a real gearmand and real worker processes: -j, keys, servers, CLI.
+
+The fault scenarios every remote transport shares (SIGKILL mid-call, poison call, gearmand restart, giving
+up on reconnection, drain on SIGTERM) run from ``conformance/test_faults_gearman.py``.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ import pytest
 
 from remote_executor import RemoteExecutor
 from remote_executor.conformance.gate import Gate, wait_at_gate
-from remote_executor.errors import InitializerFailed, ServerUnavailableError, TransportError, WorkerLostError
+from remote_executor.errors import InitializerFailed, TransportError, WorkerLostError
 from remote_executor.supervisor import Supervisor
 from remote_executor.transports.base import WorkerCore, WorkerSettings
 from remote_executor.transports.gearman import gearmand as gearmand_module
@@ -132,30 +136,14 @@ def test_unreachable_gearmand_is_a_clear_error() -> None:
 # --- worker loss and max_retries ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("max_retries", [1, 3])
-def test_sigkilled_worker_call_is_retried_on_another(
-    pool_url: str, start_workers: Callable[..., Supervisor], tmp_path: Path, max_retries: int
-) -> None:
-    start_workers(pool_url, 2)
-    log = tmp_path / "pids"
-    with Gate() as gate, RemoteExecutor(transport=pool_url, max_retries=max_retries) as ex:
-        future = ex.submit(record_pid_then_wait, str(log), gate.address, "held")
-        gate.wait_started(1)
-        first = pids_in(log)[0]
-        os.kill(first, signal.SIGKILL)
-        gate.wait_started(2)  # gearmand requeued it; running again somewhere
-        gate.release()
-        second = future.result(timeout=30)
-        assert second != first
-        assert pids_in(log) == [first, second]
+# The client-enforced cases (gearmand without -j) are fault scenarios of conformance/test_faults_gearman.py.
 
 
-@pytest.mark.parametrize("job_retries", [None, 1], ids=["client-enforced", "gearmand-j1"])
-def test_sigkilled_worker_without_retries_fails_with_worker_lost(
-    start_workers: Callable[..., Supervisor], tmp_path: Path, job_retries: int | None
+def test_sigkilled_worker_without_retries_runs_at_most_once_under_gearmand_j(
+    start_workers: Callable[..., Supervisor], tmp_path: Path
 ) -> None:
     log = tmp_path / "pids"
-    with GearmandProcess(threads=2, job_retries=job_retries) as server:
+    with GearmandProcess(threads=2, job_retries=1) as server:
         start_workers(server.url, 2)
         with Gate() as gate, RemoteExecutor(transport=server.url, max_retries=0) as ex:
             doomed = ex.submit(record_pid_then_wait, str(log), gate.address, "held")
@@ -164,19 +152,13 @@ def test_sigkilled_worker_without_retries_fails_with_worker_lost(
             with pytest.raises(WorkerLostError) as info:
                 doomed.result(timeout=30)
             assert info.value.workers and "test-worker" in info.value.workers[0]
-            gate.release()  # without -j gearmand had already handed it to the other worker (documented)
+            gate.release()
             assert ex.submit(pow, 3, 3).result(timeout=30) == 27  # the executor goes on
-            if job_retries is not None:
-                assert len(pids_in(log)) == 1  # with -j, at most once
+            assert len(pids_in(log)) == 1  # with -j, at most once
 
 
-@pytest.mark.parametrize("embedded", [False, True], ids=["url-client-enforced", "embedded-gearmand-j"])
-def test_poison_call_fails_after_max_retries(
-    pool_url: str, start_workers: Callable[..., Supervisor], embedded: bool
-) -> None:
-    if not embedded:
-        start_workers(pool_url, 2)
-    with RemoteExecutor(max_workers=2, transport="gearman" if embedded else pool_url, max_retries=2) as ex:
+def test_poison_call_fails_after_max_retries_on_the_embedded_gearmand_j() -> None:
+    with RemoteExecutor(max_workers=2, transport="gearman", max_retries=2) as ex:
         with pytest.raises(WorkerLostError) as info:
             ex.submit(crash).result(timeout=60)
         assert len(info.value.workers) == 3  # ran three times, lost three workers
@@ -184,27 +166,7 @@ def test_poison_call_fails_after_max_retries(
         assert list(ex.map(abs, [-1, -2, -3])) == [1, 2, 3]  # the fleet was restored
 
 
-# --- gearmand restarts, several job servers, giving up -----------------------------------------------
-
-
-def test_gearmand_restart_client_and_workers_reconnect(
-    start_workers: Callable[..., Supervisor], tmp_path: Path
-) -> None:
-    log = tmp_path / "pids"
-    with GearmandProcess(threads=2) as server:
-        start_workers(server.url, 2)
-        with Gate() as gate, RemoteExecutor(transport=server.url, max_retries=2) as ex:
-            held = ex.submit(record_pid_then_wait, str(log), gate.address, "held")
-            gate.wait_started(1)
-            queued = [ex.submit(pow, 2, i) for i in range(10)]
-            server.restart()  # the queue is lost with it: the client resubmits what was in flight
-            gate.release()  # the first run's result goes nowhere
-            assert held.result(timeout=60) in pids_in(log)
-            assert [f.result(timeout=60) for f in queued] == [2**i for i in range(10)]
-            assert [f.result(timeout=60) for f in [ex.submit(pow, 3, i) for i in range(20)]] == [
-                3**i for i in range(20)
-            ]
-            wait_for_workers(server.url, 2)
+# --- several job servers --------------------------------------------------------------------------------
 
 
 def test_two_job_servers_one_stopped_mid_run(start_workers: Callable[..., Supervisor], tmp_path: Path) -> None:
@@ -223,23 +185,6 @@ def test_two_job_servers_one_stopped_mid_run(start_workers: Callable[..., Superv
             first.restart()  # on the same port again: client and workers reconnect to it
             wait_for_workers(first.url, 2)
             assert list(ex.map(abs, range(-30, 0))) == list(range(30, 0, -1))
-
-
-def test_client_gives_up_after_reconnect_timeout(start_workers: Callable[..., Supervisor]) -> None:
-    with GearmandProcess(threads=2) as server:
-        start_workers(server.url, 1)
-        with Gate() as gate:
-            ex = RemoteExecutor(transport=server.url, reconnect_timeout=0.5)
-            held = ex.submit(wait_at_gate, gate.address, "held")
-            gate.wait_started(1)
-            server.stop()
-            with pytest.raises(ServerUnavailableError, match="could not reconnect"):
-                held.result(timeout=30)
-            assert isinstance(held.exception(), BrokenExecutor)
-            with pytest.raises(BrokenExecutor):
-                ex.submit(pow, 2, 2)
-            ex.shutdown()
-            gate.release()
 
 
 # --- keys -----------------------------------------------------------------------------------------------
@@ -371,38 +316,6 @@ def test_embedded_cluster_is_keyed_and_leaves_nothing_behind() -> None:
         assert client.stdin is not None and client.stdout is not None
         client.stdin.close()
         client.stdout.close()
-
-
-def test_cli_worker_drains_on_sigterm(pool_url: str, start_workers: Callable[..., Supervisor]) -> None:
-    cli = subprocess.Popen(
-        [sys.executable, "-m", "remote_executor.cli", "worker", pool_url, "--processes", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
-    try:
-        with Gate() as gate, RemoteExecutor(transport=pool_url) as ex:
-            held = ex.submit(wait_at_gate, gate.address, "held", "finished")
-            gate.wait_started(1)
-            cli.send_signal(signal.SIGTERM)
-            assert cli.stderr is not None
-            while "SIGTERM: draining" not in cli.stderr.readline():
-                pass
-            later = ex.submit(pow, 2, 5)  # must not start on the draining worker
-            gate.release()
-            assert held.result(timeout=30) == "finished"
-            assert cli.wait(timeout=30) == 0
-            assert not later.done() and _workers(pool_url) == 0
-            start_workers(pool_url, 1)
-            assert later.result(timeout=30) == 32
-    finally:
-        cli.kill()
-        cli.wait()
-        assert cli.stderr is not None
-        cli.stderr.close()
-
-
-def _workers(url: str) -> int:
-    (host, port), pool = parse_url(url)[0][0], parse_url(url)[1]
-    return sum(s.workers for s in admin_status(host, port) if s.function == f"remote_executor.{pool}")
 
 
 def test_cli_status_and_ping(pool_url: str, start_workers: Callable[..., Supervisor]) -> None:

@@ -1,17 +1,19 @@
-"""The tcp transport against a real job server and real worker processes: faults, keys, reconnection."""
+"""The tcp transport against a real job server and real worker processes: keys, versions, bad input, CLI.
+
+The fault scenarios every remote transport shares (SIGKILL and SIGSTOP mid-call, poison call, server
+restart, giving up on reconnection, drain on SIGTERM) run from ``conformance/test_faults_tcp.py``.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
-import signal
 import socket
 import struct
 import subprocess
 import sys
 import textwrap
 from collections.abc import Callable
-from concurrent.futures import BrokenExecutor
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +22,10 @@ import pytest
 
 import remote_executor.jobserver.client as jobserver_client
 from remote_executor import RemoteExecutor
-from remote_executor.conformance.gate import Gate, wait_at_gate
 from remote_executor.errors import (
     AuthenticationError,
-    ServerUnavailableError,
     TransportError,
     VersionMismatchError,
-    WorkerLostError,
 )
 from remote_executor.supervisor import Supervisor
 from remote_executor.transports.tcp.server import TcpServer
@@ -40,134 +39,11 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot im
 FAST = {"heartbeat_interval": 0.2, "heartbeat_timeout": 1.5}
 
 
-def record_pid_then_wait(path: str, address: tuple[str, int], token: str) -> int:
-    with open(path, "a") as f:
-        f.write(f"{os.getpid()}\n")
-    wait_at_gate(address, token)
-    return os.getpid()
-
-
-def pids_in(path: Path) -> list[int]:
-    return [int(line) for line in path.read_text().split()] if path.exists() else []
-
-
-def crash() -> None:
-    import ctypes
-
-    ctypes.string_at(0)  # a segfault: the worker process dies mid-call
-
-
 def test_remote_server_round_trip(tcp_server: TcpServer, start_workers: Callable[..., Supervisor]) -> None:
     start_workers(2)
     with RemoteExecutor(transport=tcp_server.url, **FAST) as ex:
         assert list(ex.map(pow, range(50), [2] * 50, chunksize=7)) == [i * i for i in range(50)]
         assert ex.submit(lambda: os.getpid()).result() != os.getpid()
-
-
-@pytest.mark.parametrize("max_retries", [1, 3])
-def test_sigkilled_worker_call_is_retried_on_another(
-    tcp_server: TcpServer, start_workers: Callable[..., Supervisor], tmp_path: Path, max_retries: int
-) -> None:
-    start_workers(2)
-    log = tmp_path / "pids"
-    with Gate() as gate, RemoteExecutor(transport=tcp_server.url, max_retries=max_retries, **FAST) as ex:
-        future = ex.submit(record_pid_then_wait, str(log), gate.address, "held")
-        gate.wait_started(1)
-        first = pids_in(log)[0]
-        os.kill(first, signal.SIGKILL)
-        gate.wait_started(2)  # resubmitted, and running again somewhere
-        gate.release()
-        second = future.result(timeout=30)
-        assert second != first
-        assert pids_in(log) == [first, second]
-
-
-def test_sigkilled_worker_without_retries_fails_with_worker_lost(
-    tcp_server: TcpServer, start_workers: Callable[..., Supervisor], tmp_path: Path
-) -> None:
-    start_workers(2)
-    log = tmp_path / "pids"
-    with Gate() as gate, RemoteExecutor(transport=tcp_server.url, max_retries=0, **FAST) as ex:
-        doomed = ex.submit(record_pid_then_wait, str(log), gate.address, "held")
-        gate.wait_started(1)
-        os.kill(pids_in(log)[0], signal.SIGKILL)
-        with pytest.raises(WorkerLostError) as info:
-            doomed.result(timeout=30)
-        assert info.value.workers and "test-worker" in info.value.workers[0]
-        assert ex.submit(pow, 3, 3).result(timeout=30) == 27  # the executor goes on
-
-
-def test_poison_call_fails_after_max_retries_and_workers_are_replaced(
-    tcp_server: TcpServer, start_workers: Callable[..., Supervisor]
-) -> None:
-    supervisor = start_workers(2)
-    with RemoteExecutor(transport=tcp_server.url, max_retries=2, **FAST) as ex:
-        with pytest.raises(WorkerLostError) as info:
-            ex.submit(crash).result(timeout=60)
-        assert len(info.value.workers) == 3  # ran three times, lost three workers
-        assert "3 time(s)" in str(info.value)
-        assert list(ex.map(abs, [-1, -2, -3])) == [1, 2, 3]  # the fleet was restored
-    wait_for(lambda: supervisor.restarts >= 3, what="three crashed workers to be replaced")
-
-
-def test_sigstopped_worker_is_declared_lost_after_heartbeat_timeout(
-    tcp_server: TcpServer, start_workers: Callable[..., Supervisor], tmp_path: Path
-) -> None:
-    start_workers(2)
-    log = tmp_path / "pids"
-    with Gate() as gate, RemoteExecutor(transport=tcp_server.url, max_retries=1, **FAST) as ex:
-        future = ex.submit(record_pid_then_wait, str(log), gate.address, "held")
-        gate.wait_started(1)
-        frozen = pids_in(log)[0]
-        os.kill(frozen, signal.SIGSTOP)  # no disconnect: only the missing heartbeats tell
-        try:
-            gate.wait_started(2, timeout=30)
-            gate.release()
-            assert future.result(timeout=30) != frozen
-        finally:
-            os.kill(frozen, signal.SIGCONT)
-
-
-def test_server_restart_client_and_workers_reconnect(
-    tcp_server: TcpServer, start_workers: Callable[..., Supervisor], tmp_path: Path
-) -> None:
-    start_workers(2)
-    port = tcp_server.port
-    log = tmp_path / "pids"
-    with Gate() as gate, RemoteExecutor(transport=tcp_server.url, max_retries=2, **FAST) as ex:
-        held = ex.submit(record_pid_then_wait, str(log), gate.address, "held")
-        gate.wait_started(1)
-        tcp_server.stop()
-        restarted = TcpServer("127.0.0.1", port, **FAST)
-        restarted.start()
-        try:
-            gate.release()  # the first run's result goes nowhere; the client resubmits the call
-            assert held.result(timeout=60) in pids_in(log)
-            assert [f.result(timeout=60) for f in [ex.submit(pow, 2, i) for i in range(20)]] == [
-                2**i for i in range(20)
-            ]
-            wait_for(lambda: restarted.scheduler.capacity == 2, what="both workers to reconnect")
-        finally:
-            ex.shutdown()
-            restarted.stop()
-
-
-def test_client_gives_up_after_reconnect_timeout(
-    tcp_server: TcpServer, start_workers: Callable[..., Supervisor]
-) -> None:
-    start_workers(1)
-    with Gate() as gate:
-        ex = RemoteExecutor(transport=tcp_server.url, reconnect_timeout=0.5, **FAST)
-        held = ex.submit(wait_at_gate, gate.address, "held")
-        gate.wait_started(1)
-        tcp_server.stop()
-        with pytest.raises(ServerUnavailableError, match="could not reconnect"):
-            held.result(timeout=30)
-        assert isinstance(held.exception(), BrokenExecutor)
-        with pytest.raises(BrokenExecutor):
-            ex.submit(pow, 2, 2)
-        ex.shutdown()
-        gate.release()
 
 
 def test_keyed_cluster_round_trip_and_wrong_key_refused(tmp_path: Path) -> None:
@@ -300,28 +176,6 @@ def test_embedded_workers_exit_when_the_client_is_killed(tmp_path: Path) -> None
         assert client.stdin is not None and client.stdout is not None
         client.stdin.close()
         client.stdout.close()
-
-
-def test_cli_worker_drains_on_sigterm(tcp_server: TcpServer) -> None:
-    cli = subprocess.Popen(
-        [sys.executable, "-m", "remote_executor.cli", "worker", tcp_server.url, "--processes", "1",
-         *FAST_HEARTBEAT],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-    )
-    try:
-        with Gate() as gate, RemoteExecutor(transport=tcp_server.url, **FAST) as ex:
-            held = ex.submit(wait_at_gate, gate.address, "held", "finished")
-            gate.wait_started(1)
-            cli.send_signal(signal.SIGTERM)
-            wait_for(lambda: tcp_server.scheduler.capacity == 0, what="the worker to announce its drain")
-            gate.release()
-            assert held.result(timeout=30) == "finished"
-            assert cli.wait(timeout=30) == 0
-    finally:
-        cli.kill()
-        cli.wait()
-        assert cli.stdout is not None
-        cli.stdout.close()
 
 
 def test_cli_status_and_ping(tcp_server: TcpServer, start_workers: Callable[..., Supervisor]) -> None:

@@ -14,6 +14,10 @@ Behaviour mixins, one per area, combined with a candidate that a subclass descri
         def make_executor(self):
             return lambda max_workers=2, **kwargs: MyExecutor(max_workers=max_workers, **kwargs)
 
+For remote executors there are fault scenarios too (workers killed, frozen or poisoned, the job server
+restarted or gone): :class:`FaultTests`, run against a :class:`FaultCluster` (see
+:mod:`remote_executor.conformance.faults`).
+
 The scenarios submit functions of :mod:`remote_executor.conformance.tasks` (importable by workers) and
 synchronise with a :class:`~remote_executor.conformance.gate.Gate` rather than sleeps. Every scenario shuts
 down what it created. Pytest is needed (it is not a dependency of the package). For readable assertion
@@ -33,6 +37,7 @@ from ._map import MapTests
 from ._shutdown import ShutdownTests
 from ._submit import SubmitTests
 from ._waiting import WaitTests
+from .faults import FaultCluster, FaultTests
 from .gate import Gate, GateError, wait_at_gate
 from .oracle import OracleExecutor
 
@@ -45,6 +50,8 @@ __all__ = [
     "ExceptionTests",
     "ExecutorConformance",
     "ExecutorFactory",
+    "FaultCluster",
+    "FaultTests",
     "Gate",
     "GateError",
     "InitializerTests",

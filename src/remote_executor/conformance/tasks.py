@@ -8,7 +8,10 @@ be imported there. Lambdas and closures, shipped by value, are exercised by the 
 from __future__ import annotations
 
 import hashlib
+import os
 import random
+import signal
+import socket
 import threading
 from pathlib import Path
 from typing import Any
@@ -27,13 +30,16 @@ __all__ = [
     "gated_get_state",
     "gated_write_file",
     "get_state",
+    "hold_reporting_sigterm",
     "identity",
+    "kill_own_process",
     "make_blob",
     "make_lock",
     "raise_custom",
     "raise_if_negative",
     "raise_unpicklable",
     "raise_value_error",
+    "report_pid_at_gate",
     "set_state",
     "square",
     "takes_fn_and_self",
@@ -150,3 +156,43 @@ def make_blob(size: int, seed: int) -> bytes:
 def digest_and_blob(data: bytes, size: int, seed: int) -> tuple[str, bytes]:
     """The SHA-256 of a large argument, and a large result that the caller can rebuild from ``seed``."""
     return hashlib.sha256(data).hexdigest(), make_blob(size, seed)
+
+
+# --- faults (used by the fault scenarios; they run in the worker processes) -----------------------------
+
+
+def report_pid_at_gate(address: tuple[str, int], token: str) -> int:
+    """Report ``"<token> <pid>"`` to the gate, wait to be released, return this process's pid."""
+    wait_at_gate(address, f"{token} {os.getpid()}")
+    return os.getpid()
+
+
+def kill_own_process() -> None:
+    """A poison call: SIGKILL the process running it, as a call that crashes its worker does."""
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def hold_reporting_sigterm(address: tuple[str, int], token: str, result: Any = None) -> Any:
+    """Wait at the gate like :func:`wait_at_gate`; if this process gets SIGTERM meanwhile, run its own
+    SIGTERM handler first, then report ``"<token>:sigterm"`` to the gate.
+
+    The test thereby knows, without sleeping, that the worker's drain began while this call was running.
+    Calls must run on the worker's main thread (where Python runs signal handlers).
+    """
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        if callable(previous):
+            previous(signum, frame)
+        with socket.create_connection(address, timeout=30) as sock:
+            sock.sendall(f"{token}:sigterm\n".encode())
+        if previous == signal.SIG_DFL:  # nobody handles SIGTERM here: let it end the process as it would
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        return wait_at_gate(address, token, result)
+    finally:
+        if previous is not None:  # None: a handler not installed from Python, which cannot be put back
+            signal.signal(signal.SIGTERM, previous)
