@@ -31,9 +31,6 @@ class GearmanFaultCluster:
     def start_server(self) -> None:
         self.gearmand = GearmandProcess(port=self.gearmand.port, threads=2).start()
 
-    def wait_drain_announced(self) -> None:
-        """Nothing to wait for: a draining gearman worker simply grabs no more jobs."""
-
 
 class TestGearmanFaults(FaultTests):
     unsupported = {"sigstop": "Gearman has no heartbeat: a hung worker keeps its job and is never declared lost"}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -30,12 +29,6 @@ class TcpFaultCluster:
     def start_server(self) -> None:
         self.server = TcpServer("127.0.0.1", self.server.port, **FAST)
         self.server.start()
-
-    def wait_drain_announced(self) -> None:
-        deadline = time.monotonic() + 30
-        while self.server.scheduler.capacity != 0:  # the draining worker's slot is no longer offered
-            assert time.monotonic() < deadline, "the worker never announced its drain"
-            time.sleep(0.01)
 
 
 class TestTcpFaults(FaultTests):

@@ -29,7 +29,6 @@ from remote_executor.conformance.gate import Gate, wait_at_gate
 from remote_executor.errors import (
     BrokenRemoteExecutor,
     ConnectionFailedError,
-    ServerUnavailableError,
     TransportError,
 )
 from remote_executor.supervisor import Supervisor

@@ -120,6 +120,11 @@ class _Session:
                 self.busy = False
         if parts is not None:
             with self.lock:
+                if self.settings.drain.is_set() and not self.drain_sent:
+                    # DRAIN before the result: the server marks us draining before our slot frees, so no
+                    # queued call can be handed to a worker that is about to exit.
+                    self._send(Frame(Kind.DRAIN))
+                    self.drain_sent = True
                 self._send(Frame(kind, a=a, parts=parts))
 
     def _send(self, frame: Frame) -> None:
