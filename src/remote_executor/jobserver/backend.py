@@ -11,6 +11,7 @@ import abc
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
+from ..errors import ConnectionFailedError, RemoteExecutorError, TransportError
 from ..transports import split_hostports
 from ..transports.base import (
     Backend,
@@ -36,21 +37,44 @@ class JobServerBackend(Backend):
 
     @abc.abstractmethod
     def connector(self, url: str, key: bytes | None, extra: Mapping[str, Any], limits: Limits) -> Connector:
-        """Opens channels to the first job server of ``url``."""
+        """Opens channels to the job server at ``url`` (one ``scheme://host:port``)."""
+
+    def servers(self, url: str, key: bytes | None, extra: Mapping[str, Any],
+                limits: Limits = DEFAULT_LIMITS) -> list[tuple[str, Connector]]:
+        """Each job server of ``scheme://h1:p1,h2:p2``: its own URL and how to open a channel to it."""
+        urls = [f"{self.scheme}://[{host}]:{port}" if ":" in host else f"{self.scheme}://{host}:{port}"
+                for host, port in split_hostports(url)]
+        return [(one, self.connector(one, key, extra, limits)) for one in urls]
 
     def client(self, url: str, options: Options) -> ClientTransport:
-        return JobServerClient(url, options, self.connector(url, options.key, options.extra, options.limits()))
+        return JobServerClient(url, options, self.servers(url, options.key, options.extra, options.limits()))
 
     def embedded_server(self, options: Options, session: Session, workers: int) -> EmbeddedServer:
         return EmbeddedJobServer(options, lambda settings, token: self.server_class.from_settings(
             "127.0.0.1", 0, settings, token))
 
     def server(self, url: str, settings: ServerSettings) -> ServerCore:
-        host, port = split_hostports(url)[0]
+        addresses = split_hostports(url)
+        if len(addresses) > 1:
+            raise TransportError(f"a job server listens on one address, not {len(addresses)}: start one "
+                                 f"`remote-executor server` per address of {url}")
+        host, port = addresses[0]
         return self.server_class.from_settings(host, port, settings)
 
     def run_worker(self, settings: WorkerSettings, core: WorkerCore) -> int:
-        return run_worker(self.connector(settings.url, settings.key, {}, DEFAULT_LIMITS), settings, core)
+        return run_worker(self.servers(settings.url, settings.key, {}), settings, core)
 
     def status(self, url: str, options: Options) -> dict[str, Any]:
-        return fetch_status(self.connector(url, options.key, options.extra, DEFAULT_LIMITS), options.connect_timeout)
+        """One server's status; with several, each one's (or its error) under ``servers``."""
+        servers = self.servers(url, options.key, options.extra)
+        if len(servers) == 1:
+            return fetch_status(servers[0][1], options.connect_timeout)
+        found: list[dict[str, Any]] = []
+        for one, connect in servers:
+            try:
+                found.append(fetch_status(connect, options.connect_timeout))
+            except RemoteExecutorError as exc:
+                found.append({"server": one, "error": str(exc)})
+        if all("error" in entry for entry in found):
+            raise ConnectionFailedError("; ".join(entry["error"] for entry in found))
+        return {"url": url, "servers": found}

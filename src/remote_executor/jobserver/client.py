@@ -166,7 +166,10 @@ def client_name() -> str:
 
 class ClientSession:
     """What one executor's connection to a job server means: its HELLO, its calls in flight, and the
-    meaning of each frame from the server. Shared by :class:`JobServerClient` and in-process links."""
+    meaning of each frame from the server. Shared by :class:`JobServerClient` and in-process links.
+
+    Every call carries how many times it may already have run (a lost worker, a lost server), across
+    reconnections and servers, so no call runs more than ``max_retries + 1`` times."""
 
     def __init__(self, session: Session, listener: Listener, server: str) -> None:
         self.session = session
@@ -174,6 +177,7 @@ class ClientSession:
         self.server = server
         self._lock = threading.Lock()
         self._inflight: dict[int, Call] = {}  # accepted, no result yet
+        self._attempts: dict[int, int] = {}  # task id -> times it may have run (absent: never)
 
     def hello(self, token: bytes | None = None) -> Frame:
         info: dict[str, Any] = {
@@ -187,10 +191,13 @@ class ClientSession:
 
     def submit_frames(self, calls: Sequence[Call]) -> list[Frame]:
         """Record calls as in flight and return their SUBMIT frames."""
+        frames = []
         with self._lock:
             for call in calls:
                 self._inflight[call.task_id] = call
-        return [Frame(Kind.SUBMIT, a=call.task_id, parts=call.parts) for call in calls]
+                attempts = self._attempts.get(call.task_id, 0)
+                frames.append(Frame(Kind.SUBMIT, a=call.task_id, b=attempts, parts=call.parts))
+        return frames
 
     def handle(self, frame: Frame) -> None:
         """React to one frame from the server (on the transport's thread)."""
@@ -198,10 +205,15 @@ class ClientSession:
         if kind == Kind.RESULT:
             with self._lock:
                 known = self._inflight.pop(frame.a, None) is not None
+                self._attempts.pop(frame.a, None)
             if known:
                 self.listener.on_result(frame.a, Status(frame.b), frame.parts)
         elif kind == Kind.CAPACITY:
             self.listener.on_capacity(frame.a)
+        elif kind == Kind.REQUEUED:
+            with self._lock:
+                if frame.a in self._inflight:
+                    self._attempts[frame.a] = max(self._attempts.get(frame.a, 0), frame.b)
         elif kind == Kind.BROKEN:
             self.listener.on_broken(initializer_failed(frame.parts))
         elif kind == Kind.REJECT:
@@ -209,29 +221,46 @@ class ClientSession:
         elif kind not in (Kind.WELCOME, Kind.HEARTBEAT):
             log.warning("ignoring an unexpected %s frame from %s", kind.name, self.server)
 
-    def connection_lost(self) -> list[Call]:
-        """The calls to resubmit after reconnecting; with ``max_retries=0`` the ones that may have run
-        fail instead (at-most-once)."""
+    def connection_lost(self, unsent: set[int]) -> list[Call]:
+        """The server is gone: what to resubmit to the next one.
+
+        A call in ``unsent`` never left this process: it is simply sent later. Any other call may have run
+        there, so it counts one attempt: resubmitted while within ``max_retries``, else it fails with a
+        worker-lost result (``max_retries=0``: at most once)."""
+        resubmit: list[Call] = []
+        lost: list[tuple[int, int]] = []
         with self._lock:
-            calls = list(self._inflight.values())
-            if self.session.max_retries > 0:
-                return calls
-            self._inflight.clear()
-        parts: Parts = worker_lost_parts([f"{self.server} (connection lost)"], 1)
-        for call in calls:
-            self.listener.on_result(call.task_id, Status.WORKER_LOST, parts)
-        return []
+            for task_id, call in list(self._inflight.items()):
+                if task_id in unsent:
+                    continue
+                attempts = self._attempts.get(task_id, 0) + 1
+                if attempts <= self.session.max_retries:
+                    self._attempts[task_id] = attempts
+                    resubmit.append(call)
+                else:
+                    del self._inflight[task_id]
+                    self._attempts.pop(task_id, None)
+                    lost.append((task_id, attempts))
+        for task_id, attempts in lost:
+            parts: Parts = worker_lost_parts([f"{self.server} (connection lost)"], attempts)
+            self.listener.on_result(task_id, Status.WORKER_LOST, parts)
+        return resubmit
 
 
 class JobServerClient(ClientTransport):
     """Connects an executor to a job server of ours over a backend's :class:`Channel`.
 
-    One I/O thread owns the channel; caller threads append SUBMIT frames to an outbox and wake it."""
+    One I/O thread owns the channel; caller threads append SUBMIT frames to an outbox and wake it. With
+    several servers (``tcp://h1:p,h2:p``) it uses one at a time, in order, and fails over to the next when
+    its server is lost; job servers hold nothing the client cannot resubmit."""
 
-    def __init__(self, url: str, options: Options, connect: Connector) -> None:
+    def __init__(self, url: str, options: Options, servers: Sequence[tuple[str, Connector]]) -> None:
+        if not servers:
+            raise ValueError("a job-server client needs at least one server")
         self.url = url
         self._options = options
-        self._connect = connect
+        self._servers = list(servers)  # (the one server's URL, how to open a channel to it)
+        self._current = 0
         self._session: ClientSession | None = None
         self._channel: Channel | None = None
         self._outbox: deque[Frame] = deque()
@@ -271,30 +300,48 @@ class JobServerClient(ClientTransport):
 
     # --- connection -------------------------------------------------------------------------------------
 
-    def _open(self, timeout: float) -> Channel:
+    def _open(self, timeout: float, start: int = 0) -> Channel:
+        """A welcomed channel to the first server that answers, trying them in order from ``start``."""
         assert self._session is not None
-        channel = open_session(self._connect, self._session.hello(), timeout, self._stop)
-        for frame in channel.frames():  # what the server sent right after WELCOME (CAPACITY, ...)
-            self._session.handle(frame)
-        return channel
+        failures: list[ConnectionFailedError] = []
+        for offset in range(len(self._servers)):
+            index = (start + offset) % len(self._servers)
+            url, connect = self._servers[index]
+            try:
+                channel = open_session(connect, self._session.hello(), timeout, self._stop)
+            except ConnectionFailedError as exc:
+                failures.append(exc)
+                continue
+            if index != self._current:
+                log.warning("failed over from job server %s to %s", self._servers[self._current][0], url)
+            self._current = index
+            self._session.server = url
+            for frame in channel.frames():  # what the server sent right after WELCOME (CAPACITY, ...)
+                self._session.handle(frame)
+            return channel
+        if len(failures) == 1:
+            raise failures[0]
+        raise ConnectionFailedError("no job server of " + self.url + " answered: " + "; ".join(map(str, failures)))
 
     def _reconnect(self) -> Channel | None:
         """Reconnect with backoff; resubmit what was in flight. None if we gave up (or are closing)."""
         assert self._session is not None
-        resubmit = self._session.connection_lost()
-        with self._lock:
-            self._outbox.clear()  # every accepted call is in `resubmit` (or was failed)
+        with self._lock:  # calls still in the outbox never reached the lost server: they stay queued
+            unsent = {frame.a for frame in self._outbox}
+        resubmit = self._session.connection_lost(unsent)
         try:
+            # Start with the next server: the lost one may take a whole handshake timeout to say it is gone.
+            start = (self._current + 1) % len(self._servers)
             channel = retry_with_backoff(
-                lambda: self._open(self._options.connect_timeout), self._options.reconnect_timeout, self._stop,
-                lambda exc, delay: log.info("reconnecting to %s: %s", self.url, exc))
+                lambda: self._open(self._options.connect_timeout, start), self._options.reconnect_timeout,
+                self._stop, lambda exc, delay: log.info("reconnecting to %s: %s", self.url, exc))
         except RemoteExecutorError as exc:
             self._session.listener.on_broken(ServerUnavailableError(
                 f"lost the job server {self.url} and could not reconnect within "
                 f"{self._options.reconnect_timeout:g}s: {exc}"))
             return None
         if channel is not None and resubmit:
-            log.info("reconnected to %s; resubmitting %d call(s)", self.url, len(resubmit))
+            log.info("reconnected to %s; resubmitting %d call(s)", self._session.server, len(resubmit))
             frames = self._session.submit_frames(resubmit)
             with self._lock:
                 self._outbox.extendleft(reversed(frames))

@@ -10,8 +10,9 @@ Who is who::
     client  <-- RESULT --  task table (server task id -> client, client task id)  <-- RESULT --  worker
 
 Worker loss (disconnect, or silence past ``heartbeat_timeout``) requeues the calls it ran at the head of
-their client's queue until they have been lost ``max_retries + 1`` times; then the client gets a
-WORKER_LOST result naming every worker lost. Initializers are sent (INIT) before the first task of an
+their client's queue (and tells the client, REQUEUED) until they have been lost ``max_retries + 1`` times,
+counting the losses a client reports when it resubmits a call after losing another server; then the
+client gets a WORKER_LOST result naming every worker lost here. Initializers are sent (INIT) before the first task of an
 executor on each worker; an INIT_FAILED is forwarded (BROKEN) to the executor's clients.
 """
 
@@ -248,7 +249,11 @@ class Scheduler:
 
     def _on_submit(self, peer: Peer, frame: Frame) -> None:
         state = self._clients[peer.conn]
-        task = Task(self._next_tid, peer.conn, frame.a, state.executor_id, frame.parts)
+        if frame.b > state.max_retries:
+            raise ValueError(f"a call that ran {frame.b} time(s) is beyond max_retries={state.max_retries}")
+        # frame.b: how often the call may already have run (on servers this client lost): counted here too,
+        # so that max_retries bounds its executions across servers.
+        task = Task(self._next_tid, peer.conn, frame.a, state.executor_id, frame.parts, attempts=frame.b)
         self._next_tid += 1
         state.tasks[task.tid] = task
         if not state.queue:
@@ -347,6 +352,8 @@ class Scheduler:
             if not client.queue:
                 self._ready.append(task.client)
             client.queue.appendleft(task)
+            # The client keeps the count too, for when it must resubmit the call to another server.
+            self._send(task.client, Frame(Kind.REQUEUED, a=task.client_tid, b=task.attempts))
             return
         del client.tasks[task.tid]
         parts = worker_lost_parts(task.lost_on, task.attempts)

@@ -13,9 +13,11 @@ The channel is shared under one lock: the main thread holds it while it waits fo
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from typing import Any
 
 from ..errors import ConnectionFailedError, RemoteExecutorError
@@ -31,31 +33,94 @@ log = logging.getLogger("remote_executor.worker")
 FOREVER = float("inf")
 
 
-def run_worker(connect: Connector, settings: WorkerSettings, core: WorkerCore) -> int:
-    """Serve a job server until drained (0), unreachable for ``reconnect_timeout`` (1) or refused (2),
-    reconnecting in between. SIGTERM (``settings.drain``) ends it whether connected or not."""
+def run_worker(servers: Sequence[tuple[str, Connector]], settings: WorkerSettings, core: WorkerCore) -> int:
+    """Serve the job servers of a URL until drained (0), unreachable for ``reconnect_timeout`` (1) or
+    refused (2), reconnecting in between. SIGTERM (``settings.drain``) ends it whether connected or not.
+
+    With several servers (``tcp://h1:p,h2:p``) the worker serves every one of them, each connection on a
+    thread of its own; the calls still run one at a time on the main thread (a worker process is one
+    slot, and user code may expect the main thread: signal handlers, some GUI and C libraries)."""
+    if len(servers) == 1:
+        url, connect = servers[0]
+        return _serve(url, connect, settings, core, _run_here)
+    runner = _MainThreadRunner()
+    codes: list[int | None] = [None] * len(servers)
+
+    def serve(index: int) -> None:
+        url, connect = servers[index]
+        try:
+            codes[index] = _serve(url, connect, settings, core, runner)
+        finally:
+            runner.wake()
+
+    threads = [threading.Thread(target=serve, args=(i,), name=f"remote-executor-server {url}", daemon=True)
+               for i, (url, _) in enumerate(servers)]
+    for thread in threads:
+        thread.start()
+    runner.run_until(lambda: all(code is not None for code in codes))
+    for thread in threads:
+        thread.join()
+    return next((code for code in codes if code), 0)
+
+
+Runner = Callable[..., Any]  # runner(work, *args) -> work(*args), on whichever thread runs calls
+
+
+def _run_here(work: Callable[..., Any], *args: Any) -> Any:
+    return work(*args)
+
+
+class _MainThreadRunner:
+    """Runs the calls that the server threads receive, one at a time, on the thread of :meth:`run_until`."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]] | None] = (
+            queue.SimpleQueue())
+
+    def __call__(self, work: Callable[..., Any], *args: Any) -> Any:
+        done: Future[Any] = Future()
+        self._queue.put((done, work, args))
+        return done.result()
+
+    def wake(self) -> None:
+        self._queue.put(None)
+
+    def run_until(self, finished: Callable[[], bool]) -> None:
+        while not finished():
+            item = self._queue.get()
+            if item is None:
+                continue
+            done, work, args = item
+            try:
+                done.set_result(work(*args))
+            except BaseException as exc:  # WorkerCore never raises; this is for KeyboardInterrupt and bugs
+                done.set_exception(exc)
+
+
+def _serve(url: str, connect: Connector, settings: WorkerSettings, core: WorkerCore, runner: Runner) -> int:
+    """Serve one job server: connect with backoff, run a session, reconnect; the exit code at the end."""
     info: dict[str, Any] = {"name": settings.name, "slots": 1}
     if settings.token is not None:
         info["token"] = settings.token.decode()
     first = hello("worker", info)
     while True:
-        log.info("connecting to %s", settings.url)
+        log.info("connecting to %s", url)
         try:
             channel = retry_with_backoff(
                 lambda: open_session(connect, first, settings.connect_timeout, settings.drain),
                 settings.reconnect_timeout, settings.drain,
-                lambda exc, delay: log.info("connecting to %s: %s", settings.url, exc),
+                lambda exc, delay: log.info("connecting to %s: %s", url, exc),
                 transient=(ConnectionFailedError,))
         except ConnectionFailedError as exc:
-            log.error("cannot reach %s: %s", settings.url, exc)
+            log.error("cannot reach %s: %s", url, exc)
             return 1
         except RemoteExecutorError as exc:
-            log.error("%s refused this worker: %s", settings.url, exc)
+            log.error("%s refused this worker: %s", url, exc)
             return 2
         if channel is None:
-            log.info("drained while not connected to %s; exiting", settings.url)
+            log.info("drained while not connected to %s; exiting", url)
             return 0
-        code = _Session(channel, settings, core).run()
+        code = _Session(url, channel, settings, core, runner).run()
         if code is not None:
             return code
 
@@ -63,7 +128,10 @@ def run_worker(connect: Connector, settings: WorkerSettings, core: WorkerCore) -
 class _Session:
     """One connection's life: None from :meth:`run` means reconnect, a number is the exit code."""
 
-    def __init__(self, channel: Channel, settings: WorkerSettings, core: WorkerCore) -> None:
+    def __init__(self, url: str, channel: Channel, settings: WorkerSettings, core: WorkerCore,
+                 runner: Runner) -> None:
+        self.url = url
+        self.runner = runner
         self.channel = channel
         self.settings = settings
         self.core = core
@@ -79,7 +147,7 @@ class _Session:
         try:
             return self._work()
         except RemoteExecutorError as exc:  # the connection failed or the server sent garbage
-            log.warning("lost %s: %s; reconnecting", self.settings.url, exc)
+            log.warning("lost %s: %s; reconnecting", self.url, exc)
             return None
         finally:
             self.stopped.set()
@@ -94,7 +162,7 @@ class _Session:
                 now = time.monotonic()
                 if frame is None:
                     if now - self.last_recv > settings.heartbeat_timeout:
-                        log.warning("no heartbeat from %s for %.1fs; reconnecting", settings.url, now - self.last_recv)
+                        log.warning("no heartbeat from %s for %.1fs; reconnecting", self.url, now - self.last_recv)
                         return None
                     self._keep_alive()
                     continue
@@ -107,14 +175,14 @@ class _Session:
                 log.info("drained; exiting")
                 return 0
             elif frame.kind == Kind.REJECT:
-                log.error("%s closed this worker: %s", settings.url, rejection(frame, settings.url))
+                log.error("%s closed this worker: %s", self.url, rejection(frame, self.url))
                 return 2
 
     def _reply(self, kind: Kind, a: int, work: Callable[..., Parts | None], *args: Any) -> None:
         """Run ``work`` with the heartbeat thread covering for us; send its parts (if any) as ``kind``."""
         self.busy = True
         try:
-            parts = work(*args)
+            parts = self.runner(work, *args)
         finally:
             with self.lock:
                 self.busy = False

@@ -23,7 +23,7 @@ from ..errors import AuthenticationError, ProtocolError
 from .serialization import Buffer, Parts
 
 MAGIC = b"RE"
-VERSION = 1
+VERSION = 2  # 2: the KEYED flag, attempt counts in SUBMIT, REQUEUED
 HEADER = struct.Struct("!2sBBHHQQ")
 MAC_SIZE = 32
 # A flag bit every signed frame carries, so a reader knows from the header alone whether a MAC follows:
@@ -42,7 +42,7 @@ class Kind(enum.IntEnum):
     HELLO = 1  # peer -> server: parts [json info, *initializer parts]
     WELCOME = 2  # server -> peer: parts [json info]
     REJECT = 3  # server -> peer: parts [utf-8 reason]; the server then closes
-    SUBMIT = 4  # client -> server: a=client task id, parts=call
+    SUBMIT = 4  # client -> server: a=client task id, b=times it may already have run, parts=call
     TASK = 5  # server -> worker: a=server task id, b=executor id, parts=call
     RESULT = 6  # worker -> server: a=server task id; server -> client: a=client task id, b=Status
     INIT = 7  # server -> worker: a=executor id, parts=initializer
@@ -52,6 +52,7 @@ class Kind(enum.IntEnum):
     HEARTBEAT = 11  # any direction: "I am alive"
     DRAIN = 12  # worker -> server: finish what I run, send me nothing new
     STATUS = 13  # admin -> server: request; server -> admin: parts [json status]
+    REQUEUED = 14  # server -> client: a=client task id, b=times it may have run (its worker was lost)
 
 
 class Status(enum.IntEnum):

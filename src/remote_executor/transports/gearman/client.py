@@ -43,7 +43,7 @@ from .connection import (
     admin_status,
     cancel_job,
 )
-from .jobs import REFUSED, STARTED, decode_job_frame, encode_job, function_name, parse_url
+from .jobs import ALIVE, REFUSED, STARTED, decode_job_frame, encode_job, function_name, parse_url
 
 log = logging.getLogger("remote_executor.gearman")
 
@@ -61,6 +61,7 @@ class _Job:
     server: int = -1
     handle: bytes | None = None
     started_here: bool = False  # a worker started the current submission
+    last_heard: float = 0.0  # when its worker last said it started or is alive (monotonic)
     starts: list[str] = field(default_factory=list)  # every worker that started it, over all submissions
     refusal: str | None = None  # a worker refused it (bad HMAC, malformed) before a WORK_FAIL
 
@@ -200,6 +201,9 @@ class GearmanClientTransport(ClientTransport):
             job = self.job_for(ticket)
             if job is None:
                 return
+            job.last_heard = time.monotonic()
+            if payload == ALIVE:
+                return
             if payload.startswith(REFUSED):
                 job.refusal = payload.decode(errors="replace")
                 return
@@ -311,6 +315,8 @@ class GearmanClientTransport(ClientTransport):
                     self._cancel(server, handle)
                 for server in due:
                     self._reconnect(server)
+                for task_id, parts in self._check_liveness():
+                    self._settle(task_id, Status.WORKER_LOST, parts)
                 if self._fixed_capacity is None and time.monotonic() >= next_poll:
                     self._poll_capacity()
                     next_poll = time.monotonic() + (POLL_INTERVAL if self._capacity > 0 else POLL_INTERVAL_EMPTY)
@@ -331,7 +337,33 @@ class GearmanClientTransport(ClientTransport):
             times.append(next_poll)
         if self._all_down_since is not None:
             times.append(self._all_down_since + self._options.reconnect_timeout)
+        if any(job.started_here for job in self._jobs.values()):
+            times.append(now + self._options.heartbeat_interval)  # the next liveness check
         return max(min(times, default=now + POLL_INTERVAL) - now, 0.0)
+
+    def _check_liveness(self) -> list[tuple[int, Parts]]:
+        """Running jobs whose worker fell silent for ``heartbeat_timeout`` (hung, stopped, cut off with its
+        connection to gearmand still up): resubmitted while within ``max_retries`` (the old job is cancelled
+        and its late result ignored), else settled as worker-lost; returns the latter."""
+        assert self._session is not None
+        now, timeout = time.monotonic(), self._options.heartbeat_timeout
+        lost: list[tuple[int, Parts]] = []
+        with self._lock:
+            for job in list(self._jobs.values()):
+                if not job.started_here or now - job.last_heard <= timeout:
+                    continue
+                worker = job.starts[-1] if job.starts else "unknown"
+                log.warning("the worker %s running call %d has been silent for %.1fs: taking the call as lost",
+                            worker, job.call.task_id, now - job.last_heard)
+                if job.handle is not None and job.server >= 0:
+                    self._cancels.append((self._servers[job.server], job.handle))
+                if len(job.starts) <= self._session.max_retries:
+                    self._send(job)  # a new submission: callbacks about the old one are stale from now on
+                else:
+                    del self._jobs[job.call.task_id]
+                    lost.append((job.call.task_id, worker_lost_parts([*job.starts[:-1], f"{worker} (silent)"],
+                                                                     len(job.starts))))
+        return lost
 
     def _reconnect(self, server: _Server) -> None:
         try:

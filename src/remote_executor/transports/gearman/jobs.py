@@ -24,6 +24,7 @@ DEFAULT_POOL: Final = "default"
 FUNCTION_PREFIX: Final = "remote_executor."
 STARTED: Final = b"started by "  # WORK_DATA a worker sends as it starts a job: "started by <worker name>"
 REFUSED: Final = b"refused by "  # WORK_DATA before a WORK_FAIL for a job the worker would not run
+ALIVE: Final = b"alive"  # WORK_DATA every heartbeat interval while the job runs: Gearman has no heartbeat
 _POOL_RE: Final = re.compile(r"[A-Za-z0-9_.\-]{1,200}")
 
 

@@ -25,6 +25,7 @@ import logging
 import select
 import threading
 import time
+from collections.abc import Iterator
 
 from ...errors import AuthenticationError, ProtocolError
 from ...netio import retry_with_backoff
@@ -33,7 +34,7 @@ from ...wire.frames import Frame, Kind, encode
 from ..base import WorkerCore, WorkerSettings
 from .codec import GearmanError
 from .connection import GearmanWorkerConnection, Job
-from .jobs import REFUSED, STARTED, decode_job_frame, function_name, join, parse_url
+from .jobs import ALIVE, REFUSED, STARTED, decode_job_frame, function_name, join, parse_url
 
 log = logging.getLogger("remote_executor.gearman")
 
@@ -106,9 +107,11 @@ class GearmanWorker:
             server.thread.start()
         watcher = threading.Thread(target=self._watch_drain, name="gearman-drain-watcher", daemon=True)
         watcher.start()
+        self.alive = _Alive(self.settings.heartbeat_interval)
         try:
             return self._serve()
         finally:
+            self.alive.stop()
             self.stop.set()
             for server in self.servers:
                 server.wanted.set()
@@ -189,14 +192,18 @@ class GearmanWorker:
             self._refuse(conn, job, "refused a malformed job", exc)
             return
         conn.send_data(job.handle, STARTED + self.settings.name.encode())
+        with self.alive.beating(conn, job.handle):
+            reply = self._run(frame)
+        conn.complete(job.handle, join(encode(reply, key)))
+
+    def _run(self, frame: Frame) -> Frame:
+        """The initializer (once per executor) and the call: the RESULT frame, or BROKEN."""
         executor_id, init = frame.b, frame.flags
         if init:
             failure = self.core.initialize(executor_id, frame.parts[:init])
             if failure is not None:
-                conn.complete(job.handle, join(encode(Frame(Kind.BROKEN, a=executor_id, parts=failure), key)))
-                return
-        outcome = self.core.run(executor_id, frame.parts[init:])
-        conn.complete(job.handle, join(encode(Frame(Kind.RESULT, a=frame.a, parts=outcome), key)))
+                return Frame(Kind.BROKEN, a=executor_id, parts=failure)
+        return Frame(Kind.RESULT, a=frame.a, parts=self.core.run(executor_id, frame.parts[init:]))
 
     def _refuse(self, conn: GearmanWorkerConnection, job: Job, what: str, exc: Exception) -> None:
         log.error("%s from gearmand %s (job %s): %s", what, conn.address, job.handle.decode(errors="replace"), exc)
@@ -219,3 +226,42 @@ class GearmanWorker:
                 self._run_job(*found)
         log.info("drained; exiting")
         return 0
+
+
+class _Alive:
+    """While a job runs, WORK_DATA "alive" every ``interval`` through gearmand to its client: the client's
+    liveness check for a worker that hangs (a deadlock, SIGSTOP) with its connection still up. One thread
+    for the worker's life; a job only sets and clears what it beats for."""
+
+    def __init__(self, interval: float) -> None:
+        self._interval = interval
+        self._lock = threading.Lock()
+        self._current: tuple[GearmanWorkerConnection, bytes] | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="remote-executor-gearman-alive", daemon=True)
+        self._thread.start()
+
+    @contextlib.contextmanager
+    def beating(self, conn: GearmanWorkerConnection, handle: bytes) -> Iterator[None]:
+        with self._lock:
+            self._current = (conn, handle)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._current = None
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self._interval):
+            with self._lock:  # held while sending, so no beat for a job follows its WORK_COMPLETE
+                if self._current is None:
+                    continue
+                conn, handle = self._current
+                try:
+                    conn.send_data(handle, ALIVE)
+                except (GearmanError, OSError):
+                    pass  # the connection is gone; the main thread finds out when it replies

@@ -1,0 +1,196 @@
+"""Delivery guarantees across job-server loss, on our job server (tcp, zmq): every future resolves, no call
+runs more than ``max_retries + 1`` times (counted by a side effect, not by our own logs), and with two job
+servers losing one loses nothing.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, wait
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+import pytest
+
+from remote_executor import RemoteExecutor
+from remote_executor.errors import WorkerLostError
+from remote_executor.supervisor import Supervisor
+from remote_executor.transports.tcp.server import TcpServer
+from remote_executor.transports.zmq.server import ZmqServer
+
+from .conftest import FAST_HEARTBEAT, wait_for
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
+
+FAST = {"heartbeat_interval": 0.2, "heartbeat_timeout": 1.5}
+SERVERS = {"tcp": TcpServer, "zmq": ZmqServer}
+
+
+def record_then_sleep(path: str, tag: int, seconds: float) -> int:
+    """The side effect that counts executions: one line per start, appended atomically."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, f"{tag}\n".encode())
+    finally:
+        os.close(fd)
+    time.sleep(seconds)
+    return tag * 2
+
+
+def executions(path: Path) -> collections.Counter[int]:
+    lines = path.read_text().split() if path.exists() else []
+    return collections.Counter(int(line) for line in lines)
+
+
+class Servers:
+    """Job servers of one scheme on loopback that a test can kill and start again on the same port."""
+
+    def __init__(self, scheme: str, count: int) -> None:
+        self.cls: Any = SERVERS[scheme]
+        self.live: list[Any] = [self.cls("127.0.0.1", 0, **FAST) for _ in range(count)]
+        self.ports = [server.port for server in self.live]
+        for server in self.live:
+            server.start()
+        self.url = f"{scheme}://" + ",".join(f"127.0.0.1:{port}" for port in self.ports)
+
+    def restart(self, index: int = 0) -> None:
+        self.live[index].stop()
+        self.live[index] = self.cls("127.0.0.1", self.ports[index], **FAST)
+        self.live[index].start()
+
+    def stop(self) -> None:
+        for server in self.live:
+            server.stop()
+
+
+@pytest.fixture(params=["tcp", pytest.param("zmq", marks=pytest.mark.zmq)])
+def scheme(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def cluster(scheme: str) -> Iterator[Callable[..., tuple[Servers, Supervisor]]]:
+    made: list[tuple[Servers, Supervisor]] = []
+
+    def make(servers: int = 1, workers: int = 2) -> tuple[Servers, Supervisor]:
+        group = Servers(scheme, servers)
+        supervisor = Supervisor(group.url, workers, worker_args=FAST_HEARTBEAT, name="delivery-worker")
+        supervisor.start()
+        made.append((group, supervisor))
+        return group, supervisor
+
+    yield make
+    for group, supervisor in made:
+        supervisor.stop()
+        group.stop()
+
+
+def settle(futures: list[Future[int]], bound: float) -> tuple[int, int]:
+    """(results, worker-lost errors); fails if a future is unresolved after ``bound`` s or wrong."""
+    _, pending = wait(futures, timeout=bound)
+    assert not pending, f"{len(pending)} future(s) unresolved after {bound}s"
+    results = lost = 0
+    for future in futures:
+        error = future.exception()
+        if error is None:
+            results += 1
+        else:
+            assert isinstance(error, WorkerLostError), repr(error)
+            lost += 1
+    return results, lost
+
+
+def test_max_retries_zero_and_a_server_restart_resolve_every_future(
+    cluster: Callable[..., tuple[Servers, Supervisor]], tmp_path: Path
+) -> None:
+    """The executor keeps submitting while the server restarts: nothing is stranded, nothing runs twice."""
+    servers, _ = cluster()
+    log = tmp_path / "runs"
+    with RemoteExecutor(transport=servers.url, max_retries=0, reconnect_timeout=30, **FAST) as ex:
+        futures = [ex.submit(record_then_sleep, str(log), i, 0.05) for i in range(60)]
+        wait_for(lambda: sum(executions(log).values()) >= 5, what="the first calls to run")
+        servers.restart()
+        futures += [ex.submit(record_then_sleep, str(log), i, 0.05) for i in range(60, 120)]
+        results, lost = settle(futures, bound=120)
+    assert results + lost == 120 and results > 0
+    assert max(executions(log).values()) == 1  # at most once
+    for i, future in enumerate(futures):
+        if future.exception() is None:
+            assert future.result() == 2 * i
+
+
+def test_server_restarts_do_not_reset_the_attempt_count(
+    cluster: Callable[..., tuple[Servers, Supervisor]], tmp_path: Path
+) -> None:
+    """Restarted four times during 2-second calls, with max_retries=2: no call runs more than 3 times."""
+    servers, _ = cluster(workers=4)
+    log = tmp_path / "runs"
+    with RemoteExecutor(transport=servers.url, max_retries=2, reconnect_timeout=30, **FAST) as ex:
+        futures = [ex.submit(record_then_sleep, str(log), i, 2.0) for i in range(4)]
+        for restart in range(4):
+            started = sum(executions(log).values())
+            wait_for(lambda started=started: sum(executions(log).values()) > started, timeout=60,  # type: ignore[misc]
+                     what=f"a call to (re)start before restart {restart + 1}")
+            servers.restart()
+        _, lost = settle(futures, bound=120)
+    counts = executions(log)
+    assert max(counts.values()) <= 3, counts
+    assert lost > 0, counts  # four losses of a call that may run three times: some ran out of retries
+
+
+def test_two_job_servers_survive_losing_one(
+    cluster: Callable[..., tuple[Servers, Supervisor]], tmp_path: Path
+) -> None:
+    servers, _ = cluster(servers=2, workers=2)
+    log = tmp_path / "runs"
+    with RemoteExecutor(transport=servers.url, max_retries=2, **FAST) as ex:
+        futures = [ex.submit(record_then_sleep, str(log), i, 0.05) for i in range(80)]
+        wait_for(lambda: sum(executions(log).values()) >= 10, what="calls to run through the first server")
+        servers.live[0].stop()  # the server the client and the workers were using
+        start = time.monotonic()
+        futures += [ex.submit(record_then_sleep, str(log), i, 0.05) for i in range(80, 160)]
+        results, lost = settle(futures, bound=120)
+        elapsed = time.monotonic() - start
+    assert (results, lost) == (160, 0)
+    assert [f.result() for f in futures] == [2 * i for i in range(160)]
+    assert max(executions(log).values()) <= 2  # a call lost with its server ran at most once more
+    assert elapsed < 60
+
+
+def test_a_worker_serves_every_listed_server(cluster: Callable[..., tuple[Servers, Supervisor]]) -> None:
+    servers, _ = cluster(servers=2, workers=1)
+    for port in servers.ports:
+        with RemoteExecutor(transport=f"{servers.url.split('://')[0]}://127.0.0.1:{port}", **FAST) as ex:
+            assert ex.submit(pow, 2, 8).result(timeout=60) == 256
+
+
+def test_a_worker_whose_server_is_down_exits_promptly_on_sigterm(scheme: str) -> None:
+    """Connected first, then the job server dies: SIGTERM still ends the worker command at once."""
+    servers = Servers(scheme, 1)
+    cli = [sys.executable, "-m", "remote_executor.cli", "worker", servers.url, "--processes", "1", *FAST_HEARTBEAT]
+    proc = subprocess.Popen(cli, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: servers.live[0].scheduler.capacity == 1, what="the worker to attach")
+        servers.stop()
+        assert proc.stderr is not None
+        for line in proc.stderr:  # the worker noticed and is reconnecting (the per-test timeout bounds this)
+            if "connecting to" in line:
+                break
+        start = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+        elapsed = time.monotonic() - start
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        servers.stop()
+    assert proc.returncode == 0
+    assert elapsed < 10, f"{elapsed:.1f}s from SIGTERM to exit"
