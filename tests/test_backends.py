@@ -104,16 +104,6 @@ def test_reject_frames_carry_a_code_not_prose_to_parse(code: RejectCode, error: 
     assert type(rejection(frame, "tcp://h:1")) is error
 
 
-def test_a_client_with_a_wrong_token_gets_an_authentication_error() -> None:
-    server = TcpServer("127.0.0.1", 0, token=b"right", **FAST)
-    server.start()
-    try:
-        with pytest.raises(AuthenticationError, match="token"):
-            RemoteExecutor(transport=server.url, **FAST)
-    finally:
-        server.stop()
-
-
 # --- one key resolver ------------------------------------------------------------------------------------
 
 

@@ -171,21 +171,6 @@ def test_bad_json_hello_is_rejected() -> None:
     assert_rejected(actions, 1, "JSON")
 
 
-@pytest.mark.parametrize("token", [None, "wrong", ""])
-def test_wrong_or_missing_token_is_rejected(token: str | None) -> None:
-    h = Harness(token=b"s3cret")
-    extra = {} if token is None else {"token": token}
-    actions = h.connect(1, worker_hello(**extra))  # type: ignore[arg-type]
-    assert_rejected(actions, 1, "token")
-    assert h.s.capacity == 0
-
-
-def test_right_token_is_welcome() -> None:
-    h = Harness(token=b"s3cret")
-    actions = h.connect(1, worker_hello(token="s3cret"))
-    assert [f.kind for f in sent(actions)] == [Kind.WELCOME]
-
-
 @pytest.mark.parametrize("role", ["client", "worker"])
 def test_version_mismatch_is_rejected_with_a_clear_reason(role: str) -> None:
     h = Harness()

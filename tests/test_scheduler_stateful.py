@@ -226,6 +226,13 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert conn in self.clients, f"CAPACITY sent to worker {conn}"
         self.clients[conn].capacity = frame.a
 
+    def _on_requeued(self, conn: ConnId, frame: Frame) -> None:
+        """The client is told how often its call was lost, the count it resubmits with elsewhere."""
+        assert conn in self.clients, f"REQUEUED sent to worker {conn}"
+        client = self.clients[conn]
+        assert frame.a in client.outstanding
+        assert frame.b == len(client.losses.get(frame.a, [])) <= client.max_retries
+
     def _on_quiet(self, conn: ConnId, frame: Frame) -> None:
         """WELCOME, HEARTBEAT, DRAIN: nothing for the model."""
 
@@ -279,6 +286,7 @@ _APPLY = {
     Kind.INIT: SchedulerMachine._on_init,
     Kind.RESULT: SchedulerMachine._on_result,
     Kind.CAPACITY: SchedulerMachine._on_capacity,
+    Kind.REQUEUED: SchedulerMachine._on_requeued,
     Kind.WELCOME: SchedulerMachine._on_quiet,
     Kind.HEARTBEAT: SchedulerMachine._on_quiet,
     Kind.DRAIN: SchedulerMachine._on_quiet,

@@ -101,7 +101,7 @@ _EXPECTED_LOG = {
     "unknown type": "unknown frame type",
     "too many parts": "more than the limit",
     "truncated frame": "in the middle of a frame",
-    "frame before hello": "expected HELLO first",
+    "frame before hello": "expected OPEN",
 }
 
 

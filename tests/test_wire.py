@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from remote_executor.errors import AuthenticationError, ProtocolError
 from remote_executor.wire.frames import (
     DIRECT_READ_THRESHOLD,
+    FIRST_DIRECT_SIZE,
     HEADER,
     KEYED,
     MAC_SIZE,
@@ -494,3 +495,21 @@ def test_decode_parts_rejects_a_bad_header(case: str, key: bytes | None) -> None
     prefix = data + bytes(8 * nparts) + (bytes(MAC_SIZE) if key is not None else b"")
     with pytest.raises(ProtocolError):
         decode_parts(prefix, [b""] * nparts, key, limits)
+
+
+def test_a_large_part_grows_with_the_bytes_that_arrive() -> None:
+    """A part announced as 1 GiB makes the reader hold about what arrived, not what was announced."""
+    payload = bytes(range(256)) * 8  # 2 KiB actually sent
+    prefix = HEADER.pack(MAGIC, VERSION, Kind.SUBMIT, 1, 0, 1, 0) + (1 << 30).to_bytes(8, "big")
+    reader = FrameReader(limits=Limits(max_frame=1 << 31))
+    assert feed(reader, [prefix + payload]) == []
+    assert len(reader.buffer()) <= FIRST_DIRECT_SIZE  # what the next receive may fill: not a gigabyte
+
+
+def test_a_growing_part_arrives_whole_whatever_the_chunks() -> None:
+    big = random.Random(7).randbytes(5 * FIRST_DIRECT_SIZE + 123)
+    for key in (None, KEY):
+        stream = encode_bytes(Frame(Kind.RESULT, 3, 4, [b"head", big, b"tail"]), key)
+        for chunk in (4096, 65536, FIRST_DIRECT_SIZE + 17):
+            frames = feed(FrameReader(key), every(stream, chunk))
+            assert [shape(f) for f in frames] == [(Kind.RESULT, 3, 4, 0, [b"head", big, b"tail"])]

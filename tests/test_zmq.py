@@ -36,7 +36,7 @@ from remote_executor.transports import get_backend
 from remote_executor.transports.base import Call, Options, Session, Status, decode_result
 from remote_executor.transports.zmq.server import ZmqServer
 from remote_executor.transports.zmq.sockets import CURVE_SERVER_KEY_ENV
-from remote_executor.wire.frames import HEADER, MAGIC, VERSION, Limits, encode
+from remote_executor.wire.frames import HEADER, MAGIC, VERSION, Frame, Kind, Limits, encode
 from remote_executor.wire.messages import hello
 from remote_executor.wire.serialization import Parts, encode_call
 
@@ -277,6 +277,9 @@ def test_malformed_message_mid_session_drops_that_session(
     peer = ctx.socket(zmq.DEALER)
     try:
         peer.connect(server.url.replace("zmq://", "tcp://"))
+        peer.send_multipart([bytes(b) for b in encode(Frame(Kind.OPEN, parts=[os.urandom(32)]))])
+        assert peer.poll(10_000)
+        peer.recv_multipart()  # the CHALLENGE: a keyless server opens the session without keys
         peer.send_multipart([bytes(b) for b in encode(hello("client", {"executor_id": 5}))])
         assert peer.poll(10_000)
         wait_for(lambda: len(server.scheduler.status()["clients"]) == 1, what="the client to register")

@@ -9,7 +9,6 @@ import socket
 from .errors import TransportError
 
 KEY_ENV = "REMOTE_EXECUTOR_KEY"
-TOKEN_ENV = "REMOTE_EXECUTOR_TOKEN"
 KEY_HEX_ENV = "REMOTE_EXECUTOR_KEY_HEX"  # how a parent hands an arbitrary-bytes key to its workers
 
 
@@ -35,13 +34,6 @@ def resolve_key(key: bytes | str | None = None, key_file: str | os.PathLike[str]
     if not raw and source:
         raise ValueError(f"{source} is empty: an empty key is no key (pass none to run without one)")
     return raw or None
-
-
-def new_token() -> bytes:
-    """A per-cluster secret that embedded workers present when they connect."""
-    import secrets  # imported here: worker processes never need it, and it is slow to import
-
-    return secrets.token_hex(16).encode()
 
 
 def is_loopback(host: str) -> bool:

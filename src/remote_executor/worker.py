@@ -18,7 +18,7 @@ import threading
 from collections.abc import Sequence
 
 from .errors import RemoteExecutorError
-from .security import TOKEN_ENV, key_from_env
+from .security import key_from_env
 from .transports import get_backend, scheme_of
 from .transports.base import WorkerCore, WorkerSettings
 
@@ -63,12 +63,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--heartbeat-interval", type=float, default=1.0)
     parser.add_argument("--heartbeat-timeout", type=float, default=10.0)
     parser.add_argument("--reconnect-timeout", type=float, default=float("inf"))
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(process)d %(levelname)s %(message)s")
+    logging.basicConfig(level=args.log_level, format="%(asctime)s worker %(process)d %(levelname)s %(message)s")
     settings = WorkerSettings(
         url=args.url,
         key=key_from_env(),
-        token=(os.environ.get(TOKEN_ENV) or "").encode() or None,
         heartbeat_interval=args.heartbeat_interval,
         heartbeat_timeout=args.heartbeat_timeout,
         reconnect_timeout=args.reconnect_timeout,

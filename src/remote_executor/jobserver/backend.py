@@ -50,8 +50,7 @@ class JobServerBackend(Backend):
         return JobServerClient(url, options, self.servers(url, options.key, options.extra, options.limits()))
 
     def embedded_server(self, options: Options, session: Session, workers: int) -> EmbeddedServer:
-        return EmbeddedJobServer(options, lambda settings, token: self.server_class.from_settings(
-            "127.0.0.1", 0, settings, token))
+        return EmbeddedJobServer(options, lambda settings: self.server_class.from_settings("127.0.0.1", 0, settings))
 
     def server(self, url: str, settings: ServerSettings) -> ServerCore:
         addresses = split_hostports(url)
@@ -68,11 +67,11 @@ class JobServerBackend(Backend):
         """One server's status; with several, each one's (or its error) under ``servers``."""
         servers = self.servers(url, options.key, options.extra)
         if len(servers) == 1:
-            return fetch_status(servers[0][1], options.connect_timeout)
+            return fetch_status(servers[0][1], options.key, options.connect_timeout)
         found: list[dict[str, Any]] = []
         for one, connect in servers:
             try:
-                found.append(fetch_status(connect, options.connect_timeout))
+                found.append(fetch_status(connect, options.key, options.connect_timeout))
             except RemoteExecutorError as exc:
                 found.append({"server": one, "error": str(exc)})
         if all("error" in entry for entry in found):

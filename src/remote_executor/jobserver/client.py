@@ -37,6 +37,7 @@ from ..transports.base import Call, ClientTransport, Listener, Options, Session
 from ..wire.frames import Frame, Kind, Status
 from ..wire.messages import hello, initializer_failed, parse_json, rejection, worker_lost_parts
 from ..wire.serialization import Parts
+from ..wire.session import NONCE_SIZE, Mac, new_nonce, session_macs
 
 log = logging.getLogger("remote_executor.client")
 
@@ -74,6 +75,11 @@ class Channel(abc.ABC):
     def close(self) -> None:
         """Release the connection; idempotent."""
 
+    @abc.abstractmethod
+    def authenticate(self, send: Mac | None, receive: Mac | None) -> None:
+        """Sign the frames queued from now on with ``send``, verify the frames parsed from now on with
+        ``receive`` (see :mod:`remote_executor.wire.session`)."""
+
     def frames(self) -> list[Frame]:
         """Everything received so far, without blocking."""
         frames = list(self.ready)
@@ -108,47 +114,72 @@ class Channel(abc.ABC):
 Connector = Callable[[float], Channel]  # opens a channel (connect, not yet HELLO) within a timeout
 
 
-def handshake(channel: Channel, first: Frame, timeout: float, stop: threading.Event | None = None) -> dict[str, Any]:
-    """Send HELLO and wait for the WELCOME; a REJECT, a silent close or silence becomes a clear error.
+def handshake(channel: Channel, key: bytes | None, first: Frame, timeout: float,
+              stop: threading.Event | None = None) -> dict[str, Any]:
+    """Open a session: OPEN/CHALLENGE under the shared key, then HELLO and WELCOME under the session keys.
 
-    Frames the server sends right after WELCOME stay in ``channel.ready``. ``stop`` cuts the wait short."""
+    A REJECT, a silent close or silence becomes a clear error. Frames the server sends right after
+    WELCOME stay in ``channel.ready``. ``stop`` cuts the waits short."""
     deadline = time.monotonic() + timeout
+    nonce = new_nonce()
     try:
+        channel.send(Frame(Kind.OPEN, parts=[nonce]), timeout)
+        if key is not None:
+            channel.authenticate(Mac(key), Mac(key, bind=nonce))  # the CHALLENGE must answer this OPEN
+        challenge = _expect(channel, Kind.CHALLENGE, deadline, stop)
+        if key is not None:
+            server_nonce = bytes(challenge.parts[0]) if len(challenge.parts) == 1 else b""
+            if len(server_nonce) != NONCE_SIZE:
+                raise ConnectionFailedError(f"{channel.peer} sent a malformed CHALLENGE")
+            channel.authenticate(*session_macs(key, nonce, server_nonce, server=False))
         channel.send(first, timeout)
-        reply = None
-        while reply is None and (remaining := deadline - time.monotonic()) > 0:
-            if stop is not None and stop.is_set():
-                raise ConnectionFailedError(f"stopped while waiting for {channel.peer}")
-            reply = channel.next_frame(min(remaining, POLL_SLICE))
+        welcome = _expect(channel, Kind.WELCOME, deadline, stop)
     except ConnectionFailedError as exc:
+        if isinstance(exc, _Silent):
+            raise ConnectionFailedError(
+                f"no answer from the job server {channel.peer} within {timeout:g}s: is it running there, and "
+                f"do this side's key (and CURVE server key) match the server's?") from None
         raise HandshakeClosedError(
             f"{channel.peer} closed the connection during the handshake: a wrong key, or none where the "
             f"server needs one? ({exc})") from exc
-    if reply is None:
-        raise ConnectionFailedError(
-            f"no answer from the job server {channel.peer} within {timeout:g}s: is it running there, and do "
-            f"this side's key (and CURVE server key) match the server's?")
-    if reply.kind == Kind.REJECT:
-        raise rejection(reply, channel.peer)
-    if reply.kind != Kind.WELCOME:
-        raise ConnectionFailedError(f"expected WELCOME from {channel.peer}, got {reply.kind.name}")
-    return parse_json(reply)
+    return parse_json(welcome)
 
 
-def open_session(connect: Connector, first: Frame, timeout: float, stop: threading.Event | None = None) -> Channel:
-    """A connected channel that has been welcomed by the server."""
+class _Silent(ConnectionFailedError):
+    """No answer within the handshake's deadline."""
+
+
+def _expect(channel: Channel, kind: Kind, deadline: float, stop: threading.Event | None) -> Frame:
+    """The next frame, which must be ``kind``: a REJECT raises what it means."""
+    while (remaining := deadline - time.monotonic()) > 0:
+        if stop is not None and stop.is_set():
+            raise ConnectionFailedError(f"stopped while waiting for {channel.peer}")
+        reply = channel.next_frame(min(remaining, POLL_SLICE))
+        if reply is None:
+            continue
+        if reply.kind == Kind.REJECT:
+            raise rejection(reply, channel.peer)
+        if reply.kind != kind:
+            raise ConnectionFailedError(f"expected {kind.name} from {channel.peer}, got {reply.kind.name}")
+        return reply
+    raise _Silent(f"no {kind.name} from {channel.peer}")
+
+
+def open_session(connect: Connector, key: bytes | None, first: Frame, timeout: float,
+                 stop: threading.Event | None = None) -> Channel:
+    """A connected channel whose session the server has opened and whose HELLO it has welcomed."""
     channel = connect(timeout)
     try:
-        handshake(channel, first, timeout, stop)
+        handshake(channel, key, first, timeout, stop)
     except BaseException:
         channel.close()
         raise
     return channel
 
 
-def fetch_status(connect: Connector, timeout: float) -> dict[str, Any]:
+def fetch_status(connect: Connector, key: bytes | None, timeout: float) -> dict[str, Any]:
     """The job server's view (workers, clients, queues), for ``remote-executor status|ping``."""
-    channel = open_session(connect, hello("admin", {"name": "admin"}), timeout)
+    channel = open_session(connect, key, hello("admin", {"name": "admin"}), timeout)
     try:
         channel.send(Frame(Kind.STATUS), timeout)
         deadline = time.monotonic() + timeout
@@ -179,14 +210,12 @@ class ClientSession:
         self._inflight: dict[int, Call] = {}  # accepted, no result yet
         self._attempts: dict[int, int] = {}  # task id -> times it may have run (absent: never)
 
-    def hello(self, token: bytes | None = None) -> Frame:
+    def hello(self) -> Frame:
         info: dict[str, Any] = {
             "name": client_name(),
             "executor_id": self.session.executor_id,
             "max_retries": self.session.max_retries,
         }
-        if token is not None:
-            info["token"] = token.decode()
         return hello("client", info, self.session.initializer)
 
     def submit_frames(self, calls: Sequence[Call]) -> list[Frame]:
@@ -308,7 +337,8 @@ class JobServerClient(ClientTransport):
             index = (start + offset) % len(self._servers)
             url, connect = self._servers[index]
             try:
-                channel = open_session(connect, self._session.hello(), timeout, self._stop)
+                channel = open_session(connect, self._options.key, self._session.hello(), timeout,
+                                       self._stop)
             except ConnectionFailedError as exc:
                 failures.append(exc)
                 continue

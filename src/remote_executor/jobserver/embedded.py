@@ -1,15 +1,17 @@
 """Our job server as the embedded server of a local cluster, and the executor's in-process link to it.
 
-The server listens on 127.0.0.1 (a free port) for the local workers, which prove they belong to this
-cluster with a random per-cluster token (or, with a key, the HMAC on every frame); the executor talks to
-the server in-process, without a socket hop.
+The server listens on 127.0.0.1 (a free port) for the local workers. The cluster always has a key (the
+executor's, else a random one made for this cluster and handed to the workers through their environment),
+so another local user who finds the port can neither attach nor send anything that gets parsed. The
+executor talks to the server in-process, without a socket hop.
 """
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable, Sequence
 
-from ..security import TOKEN_ENV, key_to_env, new_token
+from ..security import key_to_env
 from ..transports.base import (
     Call,
     ClientTransport,
@@ -23,7 +25,7 @@ from ..wire.frames import Frame
 from .client import ClientSession
 from .server import LocalLink, ServerCore
 
-ServerFactory = Callable[[ServerSettings, "bytes | None"], ServerCore]  # (settings, token) -> unstarted server
+ServerFactory = Callable[[ServerSettings], ServerCore]  # settings -> an unstarted server on 127.0.0.1
 
 
 class EmbeddedJobServer(EmbeddedServer):
@@ -31,11 +33,11 @@ class EmbeddedJobServer(EmbeddedServer):
 
     def __init__(self, options: Options, make_server: ServerFactory) -> None:
         self.options = options
-        self.token = None if options.key is not None else new_token()
-        settings = ServerSettings(key=options.key, limits=options.limits(),
+        self.key = options.key if options.key is not None else secrets.token_bytes(32)
+        settings = ServerSettings(key=self.key, limits=options.limits(),
                                   heartbeat_interval=options.heartbeat_interval,
                                   heartbeat_timeout=options.heartbeat_timeout)
-        self.server = make_server(settings, self.token)
+        self.server = make_server(settings)
         self.url = self.server.url
 
     def start(self) -> None:
@@ -45,33 +47,31 @@ class EmbeddedJobServer(EmbeddedServer):
         self.server.stop()
 
     def client(self, options: Options) -> ClientTransport:
-        return LocalClient(self.server, self.token)
+        return LocalClient(self.server)
 
     def worker_env(self) -> dict[str, str]:
-        env = {TOKEN_ENV: self.token.decode()} if self.token is not None else {}
-        env.update(key_to_env(self.options.key))
-        return env
+        return key_to_env(self.key)
 
     def worker_args(self) -> tuple[str, ...]:
         # Local workers never outlive the cluster: no reconnecting to a server that is gone.
         return ("--heartbeat-interval", str(self.options.heartbeat_interval),
-                "--heartbeat-timeout", str(self.options.heartbeat_timeout), "--reconnect-timeout", "0")
+                "--heartbeat-timeout", str(self.options.heartbeat_timeout), "--reconnect-timeout", "0",
+                "--log-level", "WARNING")  # the executor's own terminal: only what needs attention
 
 
 class LocalClient(ClientTransport):
     """The executor's transport to a job server in the same process: frames, but no socket."""
 
-    def __init__(self, server: ServerCore, token: bytes | None) -> None:
+    def __init__(self, server: ServerCore) -> None:
         self.url = server.url
         self._server = server
-        self._token = token
         self._session: ClientSession | None = None
         self._link: LocalLink | None = None
 
     def start(self, session: Session, listener: Listener) -> None:
         self._session = ClientSession(session, listener, self.url)
         self._link = self._server.attach_local(self._deliver)
-        self._link.send([self._session.hello(self._token)])
+        self._link.send([self._session.hello()])
 
     def _deliver(self, frame: Frame) -> None:
         assert self._session is not None

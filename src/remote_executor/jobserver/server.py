@@ -16,14 +16,17 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
     from typing_extensions import Self
 
+from ..errors import ProtocolError
 from ..netio import Waker
 from ..transports.base import ServerSettings
-from ..wire.frames import Frame, Limits
+from ..wire.frames import Frame, Kind, Limits
+from ..wire.session import NONCE_SIZE, Mac, new_nonce, session_macs
 from .scheduler import Close, ConnId, Scheduler, Send
 
 log = logging.getLogger("remote_executor.jobserver.server")
@@ -50,6 +53,20 @@ class LocalLink:
             self._server.inject_close(self.conn)
 
 
+# The first frame of a connection (OPEN) is all a peer may send before it proves it holds the key.
+PRE_SESSION_LIMITS = Limits(max_frame=64 * 1024, max_parts=4)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionOpening:
+    """How a server answers OPEN: the CHALLENGE, the MAC to sign it with, then the session's MACs."""
+
+    challenge: Frame
+    challenge_mac: Mac | None
+    send: Mac | None
+    receive: Mac | None
+
+
 class ServerCore(abc.ABC):
     """Scheduler + in-process clients + action plumbing; subclasses add sockets and a loop.
 
@@ -63,7 +80,7 @@ class ServerCore(abc.ABC):
     caller_may_drive = False
     scheme: ClassVar[str]
 
-    def __init__(self, host: str, port: int, *, key: bytes | None, token: bytes | None, limits: Limits,
+    def __init__(self, host: str, port: int, *, key: bytes | None, limits: Limits,
                  heartbeat_interval: float, heartbeat_timeout: float) -> None:
         """Called by a concrete server once it listens on ``host:port``."""
         self.host, self.port = host, port
@@ -72,7 +89,7 @@ class ServerCore(abc.ABC):
         self._waker = Waker()
         self._next_conn = 1  # socket connection ids; in-process links count from LOCAL_CONN_BASE
         self.scheduler = Scheduler(name=self.url, heartbeat_interval=heartbeat_interval,
-                                   heartbeat_timeout=heartbeat_timeout, token=token)
+                                   heartbeat_timeout=heartbeat_timeout)
         self._links: dict[ConnId, LocalLink] = {}
         self._inbox: deque[tuple[ConnId, Frame | str]] = deque()  # a frame, or "connect" / "close"
         self._inbox_lock = threading.Lock()
@@ -84,10 +101,10 @@ class ServerCore(abc.ABC):
         self.stopping = threading.Event()
 
     @classmethod
-    def from_settings(cls, host: str, port: int, settings: ServerSettings, token: bytes | None = None) -> Self:
+    def from_settings(cls, host: str, port: int, settings: ServerSettings) -> Self:
         """A server listening on ``host:port`` as ``settings`` say (extra settings go to the constructor)."""
         make: Any = cls  # concrete servers take (host, port, **settings); ServerCore itself takes a scheduler
-        server: Self = make(host, port, key=settings.key, token=token, insecure=settings.insecure,
+        server: Self = make(host, port, key=settings.key, insecure=settings.insecure,
                             limits=settings.limits, heartbeat_interval=settings.heartbeat_interval,
                             heartbeat_timeout=settings.heartbeat_timeout, **settings.extra)
         return server
@@ -101,6 +118,20 @@ class ServerCore(abc.ABC):
     def wake(self) -> None:
         """Make the loop run :meth:`pump` soon (called from other threads)."""
         self._waker.wake()
+
+    def open_session(self, frame: Frame) -> SessionOpening:
+        """Answer a new connection's first frame, which must be OPEN (see :mod:`remote_executor.wire.session`).
+
+        Raises :class:`ProtocolError` for anything else: the caller closes that connection."""
+        nonce = bytes(frame.parts[0]) if frame.kind == Kind.OPEN and len(frame.parts) == 1 else b""
+        if len(nonce) != NONCE_SIZE:
+            raise ProtocolError(f"expected OPEN with a {NONCE_SIZE}-byte nonce first, got {frame.kind.name}")
+        server_nonce = new_nonce()
+        challenge = Frame(Kind.CHALLENGE, parts=[server_nonce])
+        if self._key is None:
+            return SessionOpening(challenge, None, None, None)
+        send, receive = session_macs(self._key, nonce, server_nonce, server=True)
+        return SessionOpening(challenge, Mac(self._key, bind=nonce), send, receive)
 
     def _new_conn_id(self) -> ConnId:
         conn = self._next_conn

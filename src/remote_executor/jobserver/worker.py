@@ -99,15 +99,12 @@ class _MainThreadRunner:
 
 def _serve(url: str, connect: Connector, settings: WorkerSettings, core: WorkerCore, runner: Runner) -> int:
     """Serve one job server: connect with backoff, run a session, reconnect; the exit code at the end."""
-    info: dict[str, Any] = {"name": settings.name, "slots": 1}
-    if settings.token is not None:
-        info["token"] = settings.token.decode()
-    first = hello("worker", info)
+    first = hello("worker", {"name": settings.name, "slots": 1})
     while True:
         log.info("connecting to %s", url)
         try:
             channel = retry_with_backoff(
-                lambda: open_session(connect, first, settings.connect_timeout, settings.drain),
+                lambda: open_session(connect, settings.key, first, settings.connect_timeout, settings.drain),
                 settings.reconnect_timeout, settings.drain,
                 lambda exc, delay: log.info("connecting to %s: %s", url, exc),
                 transient=(ConnectionFailedError,))

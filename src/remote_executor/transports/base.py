@@ -147,7 +147,6 @@ class WorkerSettings:
     url: str
     name: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
     key: bytes | None = None
-    token: bytes | None = None
     heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 10.0
     reconnect_timeout: float = float("inf")

@@ -1,31 +1,31 @@
-"""The wire protocol of the tcp and zmq transports, sans I/O: frames, validation, HMAC and the handshake.
+"""The frame format of the tcp and zmq transports (and of Gearman job payloads), sans I/O.
 
 A frame is a fixed 24-byte header, one uint64 length per part, an optional 32-byte HMAC-SHA256, then the
 parts themselves::
 
     magic "RE" | version u8 | type u8 | nparts u16 | flags u16 | a u64 | b u64 | lengths u64 * nparts | mac | parts
 
-``a`` and ``b`` are two integers whose meaning depends on the type (a task id, a status, a capacity).
-Everything is validated before anything is allocated for the parts, and the HMAC (over header, lengths and
-parts) is checked before a frame is handed on, so nothing is ever unpickled unauthenticated. The job
-server forwards parts as opaque bytes.
+``a`` and ``b`` are two integers whose meaning depends on the type (a task id, a status, a capacity); the
+``KEYED`` flag says a MAC follows. The header is validated before anything is allocated for the parts,
+and the HMAC (over header, lengths and parts, and within a session the frame's sequence number: see
+:mod:`.session`) is checked before a frame is handed on, so nothing is ever unpickled unauthenticated.
+The job server forwards parts as opaque bytes.
 """
 
 from __future__ import annotations
 
 import enum
-import hmac
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ..errors import AuthenticationError, ProtocolError
+from ..errors import ProtocolError
 from .serialization import Buffer, Parts
+from .session import MAC_SIZE, Mac, as_mac
 
 MAGIC = b"RE"
 VERSION = 2  # 2: the KEYED flag, attempt counts in SUBMIT, REQUEUED
 HEADER = struct.Struct("!2sBBHHQQ")
-MAC_SIZE = 32
 # A flag bit every signed frame carries, so a reader knows from the header alone whether a MAC follows:
 # a key on one side only is a clear error at once, never a frame misparsed around a MAC.
 KEYED = 0x8000
@@ -34,12 +34,13 @@ DEFAULT_MAX_PARTS = 1024
 # Parts at least this big are received straight into their own buffer instead of the staging buffer.
 DIRECT_READ_THRESHOLD = 256 * 1024
 STAGING_SIZE = 512 * 1024
+FIRST_DIRECT_SIZE = 1 << 20  # a large part's buffer starts here and doubles as its bytes arrive
 
 
 class Kind(enum.IntEnum):
     """Frame types. Direction and the meaning of ``a``/``b`` are given per type."""
 
-    HELLO = 1  # peer -> server: parts [json info, *initializer parts]
+    HELLO = 1  # peer -> server, first under the session keys: parts [json info, *initializer parts]
     WELCOME = 2  # server -> peer: parts [json info]
     REJECT = 3  # server -> peer: parts [utf-8 reason]; the server then closes
     SUBMIT = 4  # client -> server: a=client task id, b=times it may already have run, parts=call
@@ -53,6 +54,8 @@ class Kind(enum.IntEnum):
     DRAIN = 12  # worker -> server: finish what I run, send me nothing new
     STATUS = 13  # admin -> server: request; server -> admin: parts [json status]
     REQUEUED = 14  # server -> client: a=client task id, b=times it may have run (its worker was lost)
+    OPEN = 15  # peer -> server, first frame: parts [nonce]; signed with the shared key (wire.session)
+    CHALLENGE = 16  # server -> peer: parts [nonce]; signed with the shared key, bound to the peer's nonce
 
 
 class Status(enum.IntEnum):
@@ -78,29 +81,26 @@ class Limits:
     max_parts: int = DEFAULT_MAX_PARTS
 
 
-def encode(frame: Frame, key: bytes | None = None) -> list[Buffer]:
-    """Buffers to send, in order: the prefix (header, lengths, mac) then the parts, uncopied."""
+def encode(frame: Frame, key: bytes | Mac | None = None) -> list[Buffer]:
+    """Buffers to send, in order: the prefix (header, lengths, mac) then the parts, uncopied.
+
+    With a session's :class:`Mac`, the frame takes the next sequence number: encode exactly the frames
+    that are sent, in the order they are sent."""
     lengths = [memoryview(p).nbytes for p in frame.parts]
     if frame.flags & KEYED:
         raise ValueError(f"frame flags {frame.flags:#x} claim the KEYED bit, which encode() alone sets")
-    flags = frame.flags | (KEYED if key is not None else 0)
+    mac = as_mac(key)
+    flags = frame.flags | (KEYED if mac is not None else 0)
     prefix = HEADER.pack(MAGIC, VERSION, frame.kind, len(lengths), flags, frame.a, frame.b)
     prefix += struct.pack(f"!{len(lengths)}Q", *lengths)
-    if key is not None:
-        prefix += _mac(key, prefix, frame.parts)
+    if mac is not None:
+        prefix += mac.sign(prefix, frame.parts)
     return [prefix, *frame.parts]
 
 
-def encode_bytes(frame: Frame, key: bytes | None = None) -> bytes:
+def encode_bytes(frame: Frame, key: bytes | Mac | None = None) -> bytes:
     """The whole frame as one bytes object (small frames, tests)."""
     return b"".join(bytes(b) if not isinstance(b, bytes) else b for b in encode(frame, key))
-
-
-def _mac(key: bytes, prefix: bytes | bytearray | memoryview, parts: Sequence[Buffer]) -> bytes:
-    digest = hmac.new(key, prefix, "sha256")
-    for part in parts:
-        digest.update(part)
-    return digest.digest()
 
 
 DEFAULT_LIMITS = Limits()
@@ -114,9 +114,10 @@ class FrameReader:
     reads into directly, so a 100 MB argument is copied once (kernel to its final buffer).
     """
 
-    def __init__(self, key: bytes | None = None, limits: Limits = DEFAULT_LIMITS) -> None:
-        self._key = key
-        self._limits = limits
+    def __init__(self, key: bytes | Mac | None = None, limits: Limits = DEFAULT_LIMITS) -> None:
+        self.mac = as_mac(key)  # replaced by the session's once the handshake has derived it
+        self.limits = limits  # raised once the peer has authenticated
+        self.limits = limits
         self._staging = bytearray(STAGING_SIZE)
         self._start = 0  # first unparsed byte in staging
         self._end = 0  # end of received bytes in staging
@@ -181,7 +182,7 @@ class FrameReader:
     def _parse_prefix(self) -> Frame | _Partial | None:
         """The next frame if it is complete in staging, else its parsed prefix, else None."""
         start = self._start
-        prefix = parse_prefix(memoryview(self._staging)[start : self._end], self._key is not None, self._limits)
+        prefix = parse_prefix(memoryview(self._staging)[start : self._end], self.mac is not None, self.limits)
         if prefix is None:
             return None
         raw = bytes(self._staging[start : start + prefix.size])
@@ -192,29 +193,28 @@ class FrameReader:
                 parts.append(bytes(self._staging[offset : offset + size]))
                 offset += size
             self._start = offset
-            if self._key is not None:
-                _verify(self._key, raw, parts)
+            if self.mac is not None:
+                _verify(self.mac, raw, parts)
             return prefix.frame(parts)
         self._start += prefix.size
         return _Partial(prefix.frame([]), raw, list(prefix.lengths))
 
     def _finish(self, partial: _Partial) -> Frame:
-        if self._key is not None:
-            _verify(self._key, partial.prefix, partial.frame.parts)
+        if self.mac is not None:
+            _verify(self.mac, partial.prefix, partial.frame.parts)
         return partial.frame
 
 
-def _verify(key: bytes, prefix: Buffer, parts: Sequence[Buffer]) -> None:
+def _verify(mac: Mac, prefix: Buffer, parts: Sequence[Buffer]) -> None:
     """Check the HMAC at the end of ``prefix`` against the rest of the prefix and the parts."""
     view = memoryview(prefix).cast("B")
-    if not hmac.compare_digest(_mac(key, view[:-MAC_SIZE], parts), view[-MAC_SIZE:]):
-        raise AuthenticationError("frame HMAC does not verify: wrong key or tampered frame")
+    mac.verify(view[:-MAC_SIZE], parts, view[-MAC_SIZE:])
 
 
 _KINDS = {int(kind): kind for kind in Kind}
 
 
-def decode_parts(prefix: Buffer, parts: Sequence[Buffer], key: bytes | None = None,
+def decode_parts(prefix: Buffer, parts: Sequence[Buffer], key: bytes | Mac | None = None,
                  limits: Limits = DEFAULT_LIMITS) -> Frame:
     """Validate a frame that arrived already split into its prefix and parts (a zmq multipart message).
 
@@ -223,7 +223,8 @@ def decode_parts(prefix: Buffer, parts: Sequence[Buffer], key: bytes | None = No
     view = memoryview(prefix).cast("B")
     if view.nbytes < HEADER.size:
         raise ProtocolError(f"truncated frame header ({view.nbytes} bytes)")
-    parsed = parse_prefix(view, key is not None, limits)
+    mac = as_mac(key)
+    parsed = parse_prefix(view, mac is not None, limits)
     if parsed is None or view.nbytes != parsed.size:
         expected = "" if parsed is None else f", expected {parsed.size}"
         raise ProtocolError(f"frame prefix of {view.nbytes} bytes{expected} (truncated, or a key mismatch?)")
@@ -232,15 +233,16 @@ def decode_parts(prefix: Buffer, parts: Sequence[Buffer], key: bytes | None = No
     sizes = [memoryview(p).nbytes for p in parts]
     if tuple(sizes) != parsed.lengths:
         raise ProtocolError(f"frame part lengths {sizes} differ from the announced {list(parsed.lengths)}")
-    if key is not None:
-        _verify(key, view, parts)
+    if mac is not None:
+        _verify(mac, view, parts)
     return parsed.frame(list(parts))
 
 
-def decode_whole(payload: Buffer, key: bytes | None = None, limits: Limits = DEFAULT_LIMITS) -> Frame:
+def decode_whole(payload: Buffer, key: bytes | Mac | None = None, limits: Limits = DEFAULT_LIMITS) -> Frame:
     """Validate one frame that fills ``payload`` exactly (a Gearman job); the parts are views, not copies."""
     view = memoryview(payload).cast("B")
-    parsed = parse_prefix(view, key is not None, limits)
+    mac = as_mac(key)
+    parsed = parse_prefix(view, mac is not None, limits)
     if parsed is None:
         raise ProtocolError(f"truncated frame prefix ({view.nbytes} bytes)")
     if parsed.total != view.nbytes:
@@ -251,8 +253,8 @@ def decode_whole(payload: Buffer, key: bytes | None = None, limits: Limits = DEF
     for length in parsed.lengths:
         parts.append(view[offset : offset + length])
         offset += length
-    if key is not None:
-        _verify(key, view[: parsed.size], parts)
+    if mac is not None:
+        _verify(mac, view[: parsed.size], parts)
     return parsed.frame(parts)
 
 
@@ -315,7 +317,11 @@ def _check_header(magic: bytes, version: int, kind: int, nparts: int, limits: Li
 
 
 class _Partial:
-    """A frame whose prefix is parsed and whose parts are being collected."""
+    """A frame whose prefix is parsed and whose parts are being collected.
+
+    A large part is received in place, into a buffer that grows with the bytes that actually arrive
+    (doubling from :data:`FIRST_DIRECT_SIZE`), never straight to the length the peer announced: a peer
+    that announces a gigabyte and sends nothing makes us hold nothing."""
 
     def __init__(self, frame: Frame, prefix: bytes, lengths: list[int]) -> None:
         self.frame = frame
@@ -323,17 +329,26 @@ class _Partial:
         self.lengths = lengths
         self.consumed_from_staging = 0
         self._direct: bytearray | None = None  # the large part being received in place
+        self._direct_size = 0  # its announced length
         self._direct_filled = 0
 
     def direct_target(self) -> memoryview | None:
         if self._direct is None:
             return None
+        if self._direct_filled == len(self._direct):
+            self._grow()
         return memoryview(self._direct)[self._direct_filled :]
+
+    def _grow(self) -> None:
+        assert self._direct is not None
+        bigger = bytearray(min(self._direct_size, 2 * len(self._direct)))
+        bigger[: self._direct_filled] = self._direct  # a new buffer: the caller may hold a view of the old
+        self._direct = bigger
 
     def advance_direct(self, nbytes: int) -> None:
         self._direct_filled += nbytes
         assert self._direct is not None
-        if self._direct_filled == len(self._direct):
+        if self._direct_filled == self._direct_size:
             self.frame.parts.append(self._direct)
             self._direct = None
 
@@ -348,9 +363,9 @@ class _Partial:
                 self.frame.parts.append(bytes(staged[offset : offset + size]))
                 offset += size
             elif size >= DIRECT_READ_THRESHOLD:
-                self._direct = bytearray(size)
+                self._direct = bytearray(min(size, max(available, FIRST_DIRECT_SIZE)))
                 self._direct[:available] = staged[offset:]
-                self._direct_filled = available
+                self._direct_size, self._direct_filled = size, available
                 offset += available
             else:
                 break

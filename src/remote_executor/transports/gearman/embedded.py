@@ -57,6 +57,11 @@ class EmbeddedGearmand(EmbeddedServer):
     def worker_env(self) -> dict[str, str]:
         return key_to_env(self.key)
 
+    def worker_args(self) -> tuple[str, ...]:
+        return ("--heartbeat-interval", str(self.options.heartbeat_interval),
+                "--heartbeat-timeout", str(self.options.heartbeat_timeout),
+                "--log-level", "WARNING")  # the executor's own terminal: only what needs attention
+
     def _own_gearmand(self) -> None:
         try:
             self.gearmand = GearmandProcess(threads=0, job_retries=self.job_retries).start()

@@ -15,7 +15,7 @@ import time
 
 from ...errors import ProtocolError
 from ...jobserver.scheduler import ConnId
-from ...jobserver.server import ServerCore
+from ...jobserver.server import PRE_SESSION_LIMITS, ServerCore
 from ...netio import tune
 from ...security import check_bind
 from ...wire.frames import DEFAULT_LIMITS, Frame, Limits
@@ -39,7 +39,6 @@ class TcpServer(ServerCore):
         port: int = 0,
         *,
         key: bytes | None = None,
-        token: bytes | None = None,
         insecure: bool = False,
         limits: Limits = DEFAULT_LIMITS,
         heartbeat_interval: float = 1.0,
@@ -48,7 +47,7 @@ class TcpServer(ServerCore):
         check_bind(host, key, insecure)
         self._listen = socket.create_server((host, port), family=_family(host), backlog=256)
         self._listen.setblocking(False)
-        super().__init__(host, int(self._listen.getsockname()[1]), key=key, token=token, limits=limits,
+        super().__init__(host, int(self._listen.getsockname()[1]), key=key, limits=limits,
                          heartbeat_interval=heartbeat_interval, heartbeat_timeout=heartbeat_timeout)
         self._selector = selectors.DefaultSelector()
         self._conns: dict[ConnId, Connection] = {}
@@ -100,7 +99,8 @@ class TcpServer(ServerCore):
             return
         tune(sock)
         conn_id = self._new_conn_id()
-        conn = Connection(sock, self._key, self._limits, f"{address[0]}:{address[1]}")
+        # Until its OPEN (signed with the shared key) is in, a connection gets the small limits.
+        conn = Connection(sock, self._key, PRE_SESSION_LIMITS, f"{address[0]}:{address[1]}")
         self._conns[conn_id] = conn
         self._selector.register(conn.sock, selectors.EVENT_READ, conn_id)
         self.scheduler.connected(conn_id, time.monotonic())
@@ -124,7 +124,20 @@ class TcpServer(ServerCore):
             return
         now = time.monotonic()
         for frame in frames:
-            self.scheduler.received(conn_id, frame, now)
+            if conn.opened:
+                self.scheduler.received(conn_id, frame, now)
+                continue
+            try:
+                opening = self.open_session(frame)
+            except ProtocolError as exc:
+                log.warning("closing connection from %s: %s", conn.peer, exc)
+                self._lost(conn_id)
+                return
+            conn.send_mac = opening.challenge_mac
+            self._transmit(conn_id, opening.challenge)
+            conn.send_mac, conn.reader.mac = opening.send, opening.receive
+            conn.reader.limits = self._limits
+            conn.opened = True
 
     # --- output ------------------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from ...errors import ConnectionFailedError
 from ...jobserver.client import Channel
 from ...netio import IOV_MAX, Waker, connect
 from ...wire.frames import Frame, FrameReader, Limits, encode
+from ...wire.session import Mac, as_mac
 
 
 class Connection:
@@ -25,22 +26,23 @@ class Connection:
         sock.setblocking(False)
         self.sock = sock
         self.peer = peer
-        self._key = key
-        self._reader = FrameReader(key, limits)
+        self.send_mac = as_mac(key)  # replaced by the session's after the handshake
+        self.reader = FrameReader(key, limits)
         self._out: deque[memoryview] = deque()
         self.closed = False
         self.write_registered = False
+        self.opened = False  # the server has answered this peer's OPEN: the session keys are in use
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
     def queue(self, frame: Frame) -> None:
         """Queue a frame; :meth:`flush` sends it."""
-        self._out.extend(memoryview(b).cast("B") for b in encode(frame, self._key) if len(b))
+        self._out.extend(memoryview(b).cast("B") for b in encode(frame, self.send_mac) if len(b))
 
     @property
     def mid_frame(self) -> bool:
-        return self._reader.mid_frame
+        return self.reader.mid_frame
 
     @property
     def wants_write(self) -> bool:
@@ -49,14 +51,14 @@ class Connection:
     def read(self) -> list[Frame] | None:
         """Frames now complete; ``None`` at end of stream. Raises ProtocolError on bad input."""
         try:
-            n = self.sock.recv_into(self._reader.buffer())
+            n = self.sock.recv_into(self.reader.buffer())
         except (BlockingIOError, InterruptedError):
             return []
         except ConnectionError:
             return None
         if n == 0:
             return None
-        return self._reader.feed(n)
+        return self.reader.feed(n)
 
     def flush(self) -> bool:
         """Send as much as the socket takes; True when everything queued is sent."""
@@ -103,6 +105,9 @@ class TcpChannel(Channel):
 
     def queue(self, frame: Frame) -> None:
         self._conn.queue(frame)
+
+    def authenticate(self, send: Mac | None, receive: Mac | None) -> None:
+        self._conn.send_mac, self._conn.reader.mac = send, receive
 
     def flush(self) -> bool:
         try:

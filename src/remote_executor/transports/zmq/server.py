@@ -25,9 +25,11 @@ import zmq.auth
 
 from ...errors import ProtocolError, TransportError
 from ...jobserver.scheduler import ConnId
-from ...jobserver.server import ServerCore
+from ...jobserver.server import PRE_SESSION_LIMITS, ServerCore
 from ...security import check_bind
-from ...wire.frames import Frame, Kind, Limits
+from ...wire.frames import Frame, Kind, Limits, encode
+from ...wire.serialization import Buffer
+from ...wire.session import Mac, as_mac
 from .sockets import HWM, endpoint, recv_frame, send_frame
 
 log = logging.getLogger("remote_executor.jobserver.server")
@@ -51,7 +53,6 @@ class ZmqServer(ServerCore):
         port: int = 0,
         *,
         key: bytes | None = None,
-        token: bytes | None = None,
         insecure: bool = False,
         limits: Limits = _DEFAULT_LIMITS,
         heartbeat_interval: float = 1.0,
@@ -67,11 +68,14 @@ class ZmqServer(ServerCore):
             raise
         bound = self._router.getsockopt(zmq.LAST_ENDPOINT)
         assert isinstance(bound, bytes)
-        super().__init__(host, int(bound.decode().rsplit(":", 1)[1]), key=key, token=token, limits=limits,
+        super().__init__(host, int(bound.decode().rsplit(":", 1)[1]), key=key, limits=limits,
                          heartbeat_interval=heartbeat_interval, heartbeat_timeout=heartbeat_timeout)
         self._ids: dict[bytes, ConnId] = {}  # routing id -> connection
         self._routes: dict[ConnId, bytes] = {}  # connection -> routing id
-        self._backlog: dict[ConnId, deque[Frame]] = {}  # frames refused at a peer's high-water mark
+        self._backlog: dict[ConnId, deque[list[Buffer]]] = {}  # encoded frames refused at a peer's HWM
+        self._open_mac = as_mac(key)  # what an OPEN is signed with: the shared key
+        self._send_macs: dict[ConnId, Mac | None] = {}  # each session's own keys
+        self._receive_macs: dict[ConnId, Mac | None] = {}
         self._unreachable: set[ConnId] = set()
         self._closed = False
         self._close_lock = threading.Lock()
@@ -137,26 +141,28 @@ class ZmqServer(ServerCore):
                 route = router.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
+            conn = self._ids.get(route)
             try:
-                frame = recv_frame(router, self._key, self._limits)
+                if conn is None:  # a new session: only its OPEN, signed with the shared key, is read
+                    self._open(route, recv_frame(router, self._open_mac, PRE_SESSION_LIMITS))
+                else:
+                    frame = recv_frame(router, self._receive_macs[conn], self._limits)
+                    self.scheduler.received(conn, frame, time.monotonic())
             except ProtocolError as exc:
                 self._malformed(route, exc)
-                continue
-            self._received(route, frame)
 
-    def _received(self, route: bytes, frame: Frame) -> None:
-        now = time.monotonic()
-        conn = self._ids.get(route)
-        if conn is None:
-            if frame.kind != Kind.HELLO:
-                log.debug("ignoring %s from unknown peer %s (a dropped session)",
-                          frame.kind.name, route.hex())
-                return
-            conn = self._new_conn_id()
-            self._ids[route] = conn
-            self._routes[conn] = route
-            self.scheduler.connected(conn, now)
-        self.scheduler.received(conn, frame, now)
+    def _open(self, route: bytes, frame: Frame) -> None:
+        if frame.kind != Kind.OPEN:
+            log.debug("ignoring %s from unknown peer %s (a dropped session)", frame.kind.name, route.hex())
+            return
+        opening = self.open_session(frame)
+        conn = self._new_conn_id()
+        self._ids[route] = conn
+        self._routes[conn] = route
+        self._receive_macs[conn] = opening.receive
+        self.scheduler.connected(conn, time.monotonic())
+        self._enqueue(conn, encode(opening.challenge, opening.challenge_mac))
+        self._send_macs[conn] = opening.send
 
     def _malformed(self, route: bytes, exc: ProtocolError) -> None:
         conn = self._ids.get(route)
@@ -180,18 +186,21 @@ class ZmqServer(ServerCore):
                     self._lost(conn)
 
     def _transmit(self, conn: ConnId, frame: Frame) -> None:
-        if conn not in self._routes:
-            return
+        if conn in self._routes:
+            self._enqueue(conn, encode(frame, self._send_macs.get(conn)))
+
+    def _enqueue(self, conn: ConnId, buffers: list[Buffer]) -> None:
+        """Send an encoded frame now, or after the frames already waiting for this peer."""
         backlog = self._backlog.get(conn)
         if backlog is not None:
-            backlog.append(frame)
-        elif not self._send(conn, frame):
-            self._backlog[conn] = deque([frame])
+            backlog.append(buffers)
+        elif not self._send(conn, buffers):
+            self._backlog[conn] = deque([buffers])
 
-    def _send(self, conn: ConnId, frame: Frame) -> bool:
+    def _send(self, conn: ConnId, buffers: list[Buffer]) -> bool:
         """False if the peer is at its high-water mark (try again later)."""
         try:
-            send_frame(self._router, frame, self._key, self._routes[conn], zmq.NOBLOCK)
+            send_frame(self._router, buffers, self._routes[conn], zmq.NOBLOCK)
         except zmq.Again:
             return False
         except zmq.ZMQError as exc:
@@ -219,6 +228,8 @@ class ZmqServer(ServerCore):
         self._forget(conn)
 
     def _forget(self, conn: ConnId) -> None:
+        self._send_macs.pop(conn, None)
+        self._receive_macs.pop(conn, None)
         route = self._routes.pop(conn, None)
         if route is not None:
             self._ids.pop(route, None)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +29,7 @@ from ...jobserver.client import Channel
 from ...netio import Waker
 from ...wire.frames import Frame, Limits, decode_parts, encode, parse_prefix
 from ...wire.serialization import Buffer
+from ...wire.session import Mac, as_mac
 
 # Parts at least this big are sent and received without a copy (pyzmq's own default threshold).
 COPY_THRESHOLD = 64 * 1024
@@ -43,13 +44,13 @@ def endpoint(host: str, port: int | str) -> str:
     return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
 
 
-def send_frame(sock: zmq.Socket[Any], frame: Frame, key: bytes | None, route: bytes | None = None,
+def send_frame(sock: zmq.Socket[Any], buffers: Sequence[Buffer], route: bytes | None = None,
                flags: int = 0) -> None:
-    """Send one frame as one multipart message, large parts uncopied.
+    """Send one encoded frame (:func:`~remote_executor.wire.frames.encode`) as one multipart message, large
+    parts uncopied. Frames are encoded once, when queued: a session's MAC numbers them in sending order.
 
     With ``zmq.NOBLOCK`` in ``flags``, ``zmq.Again`` means nothing was sent (libzmq queues a multipart
     message atomically once its first part is accepted)."""
-    buffers = encode(frame, key)
     if route is not None:
         sock.send(route, flags | zmq.SNDMORE)
     last = len(buffers) - 1
@@ -61,7 +62,7 @@ def send_frame(sock: zmq.Socket[Any], frame: Frame, key: bytes | None, route: by
             sock.send(buf, flags | more, copy=False)
 
 
-def recv_frame(sock: zmq.Socket[Any], key: bytes | None, limits: Limits, flags: int = 0) -> Frame:
+def recv_frame(sock: zmq.Socket[Any], key: Mac | None, limits: Limits, flags: int = 0) -> Frame:
     """Receive and validate one frame (the routing id, on a ROUTER, must have been read already).
 
     The whole message is always consumed, so a malformed one (``ProtocolError``) leaves the socket at the
@@ -157,9 +158,10 @@ class ZmqChannel(Channel):
     def __init__(self, sock: zmq.Socket[Any], key: bytes | None, limits: Limits, url: str) -> None:
         super().__init__(url)
         self._sock = sock
-        self._key = key
+        self._send_mac = as_mac(key)
+        self._recv_mac = as_mac(key)
         self._limits = limits
-        self._backlog: deque[Frame] = deque()
+        self._backlog: deque[list[Buffer]] = deque()  # encoded frames
         self._poller = zmq.Poller()
         self._poller.register(sock, zmq.POLLIN)
         self._events = zmq.POLLIN
@@ -177,12 +179,15 @@ class ZmqChannel(Channel):
         return cls(sock, key, limits, url)
 
     def queue(self, frame: Frame) -> None:
-        self._backlog.append(frame)
+        self._backlog.append(encode(frame, self._send_mac))
+
+    def authenticate(self, send: Mac | None, receive: Mac | None) -> None:
+        self._send_mac, self._recv_mac = send, receive
 
     def flush(self) -> bool:
         try:
             while self._backlog:
-                send_frame(self._sock, self._backlog[0], self._key, flags=zmq.NOBLOCK)
+                send_frame(self._sock, self._backlog[0], flags=zmq.NOBLOCK)
                 self._backlog.popleft()
         except zmq.Again:
             return False
@@ -194,7 +199,7 @@ class ZmqChannel(Channel):
         frames: list[Frame] = []
         try:
             while True:
-                frames.append(recv_frame(self._sock, self._key, self._limits, zmq.NOBLOCK))
+                frames.append(recv_frame(self._sock, self._recv_mac, self._limits, zmq.NOBLOCK))
         except zmq.Again:
             return frames
         except zmq.ZMQError as exc:
