@@ -31,10 +31,6 @@ DEADLINE = 60.0  # every future of a client resolves within this many seconds of
 FAULT_AT = 60  # inject the fault once the first client has this many results (well before its end)
 PROGRESS_TIMEOUT = 60.0
 
-MULTI_SERVER = "needs multi-server tcp/zmq (in progress)"
-GEARMAN_NO_LIVENESS = "gearman has no liveness for a SIGSTOPped worker: its call waits until the worker resumes"
-RESTART_UNRESOLVED = "with max_retries=0 a job-server restart can leave futures unresolved on tcp/zmq (being fixed)"
-RESTART_OVERRUN = "after server restarts a call can run more than max_retries+1 times on tcp/zmq (being fixed)"
 GEARMAN_RESTART_AT_MOST_ONCE = (
     "found by this suite: with max_retries=0 a gearmand crash can run a call twice: a worker's 'started by' "
     "report dies with gearmand, the client takes the call for not started and resubmits it")
@@ -122,7 +118,7 @@ def freeze_a_busy_worker(cluster: ChaosCluster, rng: random.Random) -> tuple[int
     raise AssertionError("never caught a worker in the middle of a call")
 
 
-@pytest.mark.parametrize("transport", transports(gearman=GEARMAN_NO_LIVENESS))
+@pytest.mark.parametrize("transport", transports())
 def test_worker_sigstop(chaos: Callable[..., ChaosCluster], transport: str) -> None:
     cluster = chaos(transport)
     rng = random.Random(2)
@@ -168,10 +164,7 @@ def test_server_restart(chaos: Callable[..., ChaosCluster], transport: str, max_
                         request: pytest.FixtureRequest) -> None:
     """SIGKILL the job server and start a new one, three times, each as soon as calls run again: calls of
     0.2 s are caught in flight by several restarts, so a resubmission that is not counted shows."""
-    if transport != "gearman":
-        reason = RESTART_OVERRUN if max_retries else RESTART_UNRESOLVED
-        request.applymarker(pytest.mark.xfail(strict=False, reason=reason))
-    elif max_retries == 0:
+    if transport == "gearman" and max_retries == 0:
         request.applymarker(pytest.mark.xfail(strict=False, reason=GEARMAN_RESTART_AT_MOST_ONCE))
     cluster = chaos(transport, max_retries=max_retries)
     # The server is back within a second or two: 30 s is several times what the calls need.
@@ -262,7 +255,7 @@ def test_lossy_link(chaos: Callable[..., ChaosCluster], transport: str) -> None:
 # --- 8. two job servers, one killed -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("transport", transports(tcp=MULTI_SERVER, zmq=MULTI_SERVER))
+@pytest.mark.parametrize("transport", transports())
 def test_two_servers_one_killed(chaos: Callable[..., ChaosCluster], transport: str) -> None:
     cluster = chaos(transport, servers=2)
     runs = cluster.start_clients(calls=CALLS, seconds=SECONDS, deadline=DEADLINE, reconnect_timeout=10.0)
