@@ -17,7 +17,7 @@ import remote_executor
 
 PACKAGE = Path(remote_executor.__file__).parent
 TOP = ("cluster", "executor", "worker", "supervisor", "cli")
-BOTTOM = ("errors", "security", "netio")
+BOTTOM = ("errors", "security", "netio", "tls")
 
 
 def module_name(path: Path) -> str:
@@ -100,10 +100,11 @@ ALLOWED = {
     "errors": set(),
     "security": {"errors"},
     "netio": {"errors"},
+    "tls": {"errors"},
     "wire": {"errors", "wire"},
     "contracts": {"errors", "wire"},
-    "jobserver": {"errors", "security", "netio", "wire", "contracts", "jobserver", "transports"},
-    "scheme": {"errors", "security", "netio", "wire", "contracts", "jobserver", "scheme", "transports"},
+    "jobserver": {"errors", "security", "netio", "tls", "wire", "contracts", "jobserver", "transports"},
+    "scheme": {"errors", "security", "netio", "tls", "wire", "contracts", "jobserver", "scheme", "transports"},
     "transports": {"errors", "contracts"},
 }
 

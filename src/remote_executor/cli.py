@@ -4,10 +4,11 @@
     remote-executor worker tcp://host:5555 --processes 4   N worker processes, restarted if they crash
     remote-executor status tcp://host:5555                 workers, clients and queues
     remote-executor ping tcp://host:5555                   is it up, and how far away
+    remote-executor tls-keygen DIR --host NAME_OR_IP       a private CA and certificates for TLS (tcp://)
 
 A key (``--key-file`` or ``$REMOTE_EXECUTOR_KEY``) turns on HMAC for every frame; without one, servers
-only listen on loopback unless given ``--insecure``. SIGTERM or Ctrl-C stops a server; for workers it
-drains them (running calls finish, no new ones start).
+only listen on loopback unless given ``--insecure`` or mutual TLS (``--tls-ca``). SIGTERM or Ctrl-C stops
+a server; for workers it drains them (running calls finish, no new ones start).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import logging
 import os
 import signal
 import sys
+import textwrap
 import threading
 import time
 from collections.abc import Sequence
@@ -26,6 +28,7 @@ from typing import Any
 from .errors import RemoteExecutorError
 from .security import key_to_env, resolve_key
 from .supervisor import Supervisor
+from .tls import TlsConfig, make_cluster_material
 from .transports import get_backend, scheme_of
 from .transports.base import Backend, Options, ServerSettings
 from .wire.frames import Limits
@@ -63,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
         if name in ("server", "worker"):
             sub.add_argument("--heartbeat-interval", type=float, default=1.0)
             sub.add_argument("--heartbeat-timeout", type=float, default=10.0)
+        TlsConfig.add_arguments(sub, server=name == "server")
     server = commands.choices["server"]
     server.add_argument("--insecure", action="store_true",
                         help="allow a non-loopback address without a key (trusted networks only)")
@@ -72,6 +76,13 @@ def _parser() -> argparse.ArgumentParser:
                         help="zmq only: encrypt with CURVE using this secret certificate (zmq.auth)")
     worker = commands.choices["worker"]
     worker.add_argument("--processes", type=int, default=os.cpu_count() or 1)
+    keygen = commands.add_parser("tls-keygen", help="write a private CA and TLS certificates for a tcp:// cluster",
+                                 description=make_cluster_material.__doc__)
+    keygen.set_defaults(func=_tls_keygen)
+    keygen.add_argument("directory", help="where to write ca.pem, server.pem/.key and client.pem/.key")
+    keygen.add_argument("--host", action="append", required=True, metavar="NAME_OR_IP",
+                        help="a name or IP address clients and workers reach the server by (repeat for more)")
+    keygen.add_argument("--days", type=int, default=825, help="how long the certificates are valid")
     return parser
 
 
@@ -87,11 +98,20 @@ def _options(args: argparse.Namespace, **extra: Any) -> Options:
                    extra={k: v for k, v in extra.items() if v is not None})
 
 
+def _tls_options(args: argparse.Namespace, backend: Backend) -> dict[str, Any]:
+    """The TLS options of the command line (TLS is an option of tcp:// only)."""
+    options = TlsConfig.options_from_args(args)
+    if options and backend.scheme != "tcp":
+        raise ValueError(f"the --tls options are for tcp:// only, not {backend.scheme}://")
+    return options
+
+
 def _server(args: argparse.Namespace) -> int:
     backend = _backend(args.url)
-    extra = {"curve_secret_key": args.curve_secret_key} if args.curve_secret_key else {}
+    extra: dict[str, Any] = {"curve_secret_key": args.curve_secret_key} if args.curve_secret_key else {}
     if extra and backend.scheme != "zmq":
         raise ValueError("--curve-secret-key is for zmq:// servers only")
+    extra.update(_tls_options(args, backend))
     settings = ServerSettings(key=resolve_key(key_file=args.key_file), insecure=args.insecure,
                               limits=Limits(max_frame=args.max_frame_size),
                               heartbeat_interval=args.heartbeat_interval,
@@ -106,9 +126,13 @@ def _server(args: argparse.Namespace) -> int:
 
 def _worker(args: argparse.Namespace) -> int:
     key = resolve_key(key_file=args.key_file)
-    _backend(args.url)  # fail now, clearly, for an unknown scheme or a missing extra
-    worker_args = ("--heartbeat-interval", str(args.heartbeat_interval),
-                   "--heartbeat-timeout", str(args.heartbeat_timeout))
+    backend = _backend(args.url)  # fail now, clearly, for an unknown scheme or a missing extra
+    worker_args: tuple[str, ...] = ("--heartbeat-interval", str(args.heartbeat_interval),
+                                    "--heartbeat-timeout", str(args.heartbeat_timeout))
+    tls = TlsConfig.from_options(_tls_options(args, backend))
+    if tls is not None:
+        tls.client_context()  # a file that cannot be loaded fails here, once, not in every worker process
+        worker_args += tls.to_args()
     supervisor = Supervisor(args.url, args.processes, env=key_to_env(key), worker_args=worker_args,
                             name=f"{os.uname().nodename}-{os.getpid()}")
     stop = threading.Event()
@@ -122,15 +146,37 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    info = _backend(args.url).status(args.url, _options(args))
+    backend = _backend(args.url)
+    info = backend.status(args.url, _options(args, **_tls_options(args, backend)))
     print(json.dumps(info, indent=2))
     return 0
 
 
 def _ping(args: argparse.Namespace) -> int:
+    backend = _backend(args.url)
+    options = _options(args, **_tls_options(args, backend))
     start = time.perf_counter()
-    _backend(args.url).status(args.url, _options(args))
+    backend.status(args.url, options)
     print(f"{args.url} answered in {(time.perf_counter() - start) * 1e3:.1f} ms")
+    return 0
+
+
+def _tls_keygen(args: argparse.Namespace) -> int:
+    material = make_cluster_material(args.directory, args.host, days=args.days)
+    hosts = ", ".join(args.host)
+    print(textwrap.dedent(f"""\
+        wrote a private CA and certificates for {hosts} (keys readable by you only):
+          {material.ca}            the CA: every side trusts it
+          {material.server_cert}, {material.server_key}    the job server's
+          {material.client_cert}, {material.client_key}    every client's and worker's
+        the CA's own key was not kept: to add a server host, make new material.
+
+          remote-executor server tcp://HOST:PORT --tls-cert {material.server_cert} --tls-key {material.server_key} \\
+              --tls-ca {material.ca}
+          remote-executor worker tcp://HOST:PORT --tls-ca {material.ca} --tls-cert {material.client_cert} \\
+              --tls-key {material.client_key}
+          RemoteExecutor(transport="tcp://HOST:PORT", tls_ca="{material.ca}", tls_cert="{material.client_cert}",
+                         tls_key="{material.client_key}")"""))
     return 0
 
 

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 from .errors import RemoteExecutorError
 from .security import key_from_env
+from .tls import TlsConfig
 from .transports import get_backend, scheme_of
 from .transports.base import WorkerCore, WorkerSettings
 
@@ -64,6 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--heartbeat-timeout", type=float, default=10.0)
     parser.add_argument("--reconnect-timeout", type=float, default=float("inf"))
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    TlsConfig.add_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s worker %(process)d %(levelname)s %(message)s")
     settings = WorkerSettings(
@@ -72,6 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         heartbeat_interval=args.heartbeat_interval,
         heartbeat_timeout=args.heartbeat_timeout,
         reconnect_timeout=args.reconnect_timeout,
+        extra=TlsConfig.options_from_args(args),
     )
     if args.name:
         settings.name = args.name

@@ -1,9 +1,10 @@
 """The tcp backend: ``tcp`` (embedded cluster) and ``tcp://host:port`` (a running job server). Standard
 library only.
 
-Our job-server protocol (:mod:`remote_executor.jobserver`) over plain TCP sockets: the job server is
+Our job-server protocol (:mod:`remote_executor.jobserver`) over plain TCP sockets, or TLS when the options
+say so (``tls_ca``, ``tls_cert``, ``tls_key``, ``tls``; see :mod:`remote_executor.tls`): the job server is
 :class:`.server.TcpServer` (one selector loop); clients and workers talk to it through
-:class:`.stream.TcpChannel`.
+:class:`.stream.TcpChannel` (:class:`.stream.TlsChannel`).
 """
 
 from __future__ import annotations
@@ -14,13 +15,18 @@ from typing import Any
 from ...errors import TransportError
 from ...jobserver.backend import JobServerBackend
 from ...jobserver.client import Channel, Connector
+from ...jobserver.worker import run_worker
+from ...tls import TlsConfig
 from ...wire.frames import Limits
 from .. import split_hostports
-from ..base import ServerSettings
+from ..base import EmbeddedServer, Options, ServerSettings, Session, WorkerCore, WorkerSettings
 from .server import TcpServer
 from .stream import TcpChannel
 
 __all__ = ["TcpBackend", "TcpServer"]
+
+# What ServerSettings.extra may hold for a tcp:// server (TcpServer's keyword arguments).
+SERVER_OPTIONS = frozenset({"tls", "tls_cert", "tls_key", "tls_ca", "max_handshaking", "handshake_timeout"})
 
 
 class TcpBackend(JobServerBackend):
@@ -29,15 +35,36 @@ class TcpBackend(JobServerBackend):
 
     def connector(self, url: str, key: bytes | None, extra: Mapping[str, Any], limits: Limits) -> Connector:
         address = split_hostports(url)[0]
+        tls = TlsConfig.from_options(extra)
+        if tls is None:
+            def connect(timeout: float) -> Channel:
+                return TcpChannel.connect(address, key, limits, url, timeout)
 
-        def connect(timeout: float) -> Channel:
-            return TcpChannel.connect(address, key, limits, url, timeout)
+            return connect
 
-        return connect
+        from .tlsstream import TlsChannel  # ssl only for TLS
+
+        context = tls.client_context()  # loads the files now: a bad one fails the executor's construction
+
+        def connect_tls(timeout: float) -> Channel:
+            return TlsChannel.connect_tls(address, key, limits, url, timeout, context)
+
+        return connect_tls
+
+    def embedded_server(self, options: Options, session: Session, workers: int) -> EmbeddedServer:
+        if TlsConfig.from_options(options.extra) is not None:
+            raise TransportError("TLS is for a running cluster (tcp://HOST:PORT); the embedded cluster's server "
+                                 "and workers talk over loopback only")
+        return super().embedded_server(options, session, workers)
 
     def server(self, url: str, settings: ServerSettings) -> TcpServer:
-        if settings.extra:
-            raise TransportError(f"tcp:// servers take no option {', '.join(map(repr, settings.extra))}")
+        unknown = sorted(set(settings.extra) - SERVER_OPTIONS)
+        if unknown:
+            raise TransportError(f"tcp:// servers take no option {', '.join(map(repr, unknown))}")
         server = super().server(url, settings)
         assert isinstance(server, TcpServer)
         return server
+
+    def run_worker(self, settings: WorkerSettings, core: WorkerCore) -> int:
+        # The worker's TLS options (settings.extra) reach its connections.
+        return run_worker(self.servers(settings.url, settings.key, settings.extra), settings, core)

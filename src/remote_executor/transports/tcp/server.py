@@ -2,33 +2,92 @@
 
 One thread does all socket I/O. A peer that sends a malformed, oversized or unauthenticated frame is
 logged and disconnected; everyone else is served on.
+
+Peers that have not completed the handshake (TLS if on, then HELLO/WELCOME) cannot starve the others:
+at most ``max_handshaking`` of them at once, each for at most ``handshake_timeout`` seconds. Beyond the
+cap a newcomer takes the place of the oldest connection of the address with the most (at once if the
+newcomer's address has fewer, else once that one has had a fair chance), or is closed at once. Running
+out of file descriptors or memory in ``accept()`` makes room the same way, or pauses accepting briefly;
+it never ends the server.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import selectors
 import socket
 import threading
 import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ...errors import ProtocolError
 from ...jobserver.scheduler import ConnId
 from ...jobserver.server import PRE_SESSION_LIMITS, ServerCore
 from ...netio import tune
 from ...security import check_bind
-from ...wire.frames import DEFAULT_LIMITS, Frame, Limits
-from .stream import Connection
+from ...tls import TlsConfig
+from ...wire.frames import DEFAULT_LIMITS, Frame, Kind, Limits
+from ...wire.messages import RejectCode, reject
+from .stream import Connection, NotTlsError
+
+if TYPE_CHECKING:
+    import ssl
+
+    from .tlsstream import TlsConnection
 
 log = logging.getLogger("remote_executor.jobserver.server")
 
 _LISTENER = "listener"
 _WAKER = "waker"
 
+ACCEPT_BATCH = 32  # connections taken per readable event of the listener
+ACCEPT_PAUSE = 0.1  # seconds without accept() after it failed for lack of descriptors or memory
+# accept() errors that mean "this process or the system is short of resources", not "this connection"
+RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# accept() errors that concern one connection only (gone before it was taken): take the next one
+CONNECTION_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR, errno.EAGAIN})
+LOG_EVERY = 10.0  # seconds between two log lines of the same kind about a flood
+
+
+@dataclass(slots=True)
+class _Handshaking:
+    """A connection that has not been welcomed yet."""
+
+    host: str
+    since: float
+
+
+class _Throttled:
+    """Log lines about floods (failed accepts, evictions, failed handshakes): at most one per kind every
+    ``LOG_EVERY`` seconds, saying how many were left out."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, float] = {}
+        self._skipped: Counter[str] = Counter()
+
+    def log(self, kind: str, level: int, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._last.get(kind, -LOG_EVERY) < LOG_EVERY:
+            self._skipped[kind] += 1
+            return
+        self._last[kind] = now
+        skipped = self._skipped.pop(kind, 0)
+        if skipped:
+            message += " (and %d more like it in the last %.0fs)"
+            args = (*args, skipped, LOG_EVERY)
+        log.log(level, message, *args)
+
 
 class TcpServer(ServerCore):
-    """``remote-executor server tcp://HOST:PORT``, or the embedded cluster's in-process job server."""
+    """``remote-executor server tcp://HOST:PORT``, or the embedded cluster's in-process job server.
+
+    TLS with ``tls_cert``/``tls_key`` (and client certificates required with ``tls_ca``; or ``tls``, a
+    :class:`~remote_executor.tls.TlsConfig`). Mutual TLS authenticates every peer, so it allows a
+    non-loopback address without a key, as a key does."""
 
     caller_may_drive = True  # plain sockets: a submitting thread may send TASK frames itself
     scheme = "tcp"
@@ -43,8 +102,23 @@ class TcpServer(ServerCore):
         limits: Limits = DEFAULT_LIMITS,
         heartbeat_interval: float = 1.0,
         heartbeat_timeout: float = 10.0,
+        tls: TlsConfig | bool | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        tls_ca: str | None = None,
+        max_handshaking: int = 64,
+        handshake_timeout: float | None = None,
     ) -> None:
-        check_bind(host, key, insecure)
+        if max_handshaking < 1:
+            raise ValueError("max_handshaking must be at least 1")
+        config = TlsConfig.from_options({"tls": tls, "tls_cert": tls_cert, "tls_key": tls_key, "tls_ca": tls_ca})
+        self._tls = config.server_context() if config is not None else None  # before binding: a clear error
+        self._tls_connection: type[TlsConnection] | None = None
+        if self._tls is not None:
+            from .tlsstream import TlsConnection  # ssl only for a TLS server
+
+            self._tls_connection = TlsConnection
+        check_bind(host, key, insecure or (config is not None and config.ca is not None))
         self._listen = socket.create_server((host, port), family=_family(host), backlog=256)
         self._listen.setblocking(False)
         super().__init__(host, int(self._listen.getsockname()[1]), key=key, limits=limits,
@@ -53,24 +127,48 @@ class TcpServer(ServerCore):
         self._conns: dict[ConnId, Connection] = {}
         self._dirty: set[ConnId] = set()
         self._closed = False
+        # Connections not welcomed yet, oldest first, and how many each peer address has.
+        self._handshaking: dict[ConnId, _Handshaking] = {}
+        self._handshaking_per_host: Counter[str] = Counter()
+        self._max_handshaking = max_handshaking
+        self._handshake_timeout = heartbeat_timeout if handshake_timeout is None else handshake_timeout
+        # How long a connection in handshake has had for a fair chance: after that it may make room for a
+        # newcomer from the same address (a burst of legitimate peers connecting at once is not churned).
+        self._evictable_after = min(1.0, self._handshake_timeout / 4)
+        self._accepting_again: float | None = None  # accepting paused until then
+        self._throttled = _Throttled()
         self._selector.register(self._listen, selectors.EVENT_READ, _LISTENER)
         self._selector.register(self._waker.reader, selectors.EVENT_READ, _WAKER)
+
+    @property
+    def tls(self) -> bool:
+        """True if peers must speak TLS."""
+        return self._tls is not None
+
+    @property
+    def handshaking(self) -> int:
+        """How many connections have not completed the handshake (TLS, then HELLO/WELCOME) yet."""
+        return len(self._handshaking)
 
     # --- running -----------------------------------------------------------------------------------
 
 
     def serve_forever(self) -> None:
         self.loop_thread = threading.current_thread()
-        next_tick = 0.0
+        next_tick = next_timer = 0.0
         try:
             while not self.stopping.is_set():
-                events = self._selector.select(max(next_tick - time.monotonic(), 0.0))
+                wake_at = min(next_tick, next_timer)
+                if self._accepting_again is not None:  # (brought forward when a place became free)
+                    wake_at = min(wake_at, self._accepting_again)
+                events = self._selector.select(max(wake_at - time.monotonic(), 0.0))
                 with self.drive_lock:
                     now = time.monotonic()
                     if now >= next_tick:
                         next_tick = self.scheduler.tick(now)
                     for key, mask in events:
                         self._on_event(key.data, mask)
+                    next_timer = self._timers(time.monotonic())
                     self.pump()
                     self._flush_dirty()
         finally:
@@ -89,32 +187,149 @@ class TcpServer(ServerCore):
             assert isinstance(data, int)
             if mask & selectors.EVENT_READ:
                 self._read(data)
-            if mask & selectors.EVENT_WRITE and data in self._conns:
+            if mask & selectors.EVENT_WRITE:
+                conn = self._conns.get(data)
+                if conn is None:
+                    return
+                if conn.read_needs_write:  # TLS: a read (or handshake step) waited for this
+                    self._read(data)
                 self._dirty.add(data)
 
+    def _timers(self, now: float) -> float:
+        """Close connections past their handshake deadline, resume accepting; when to look again."""
+        while self._handshaking:
+            conn_id, entry = next(iter(self._handshaking.items()))  # the oldest
+            if now - entry.since < self._handshake_timeout:
+                break
+            conn = self._conns.get(conn_id)
+            self._throttled.log("deadline", logging.WARNING, "closing connection from %s: no handshake within %gs",
+                                conn.peer if conn is not None else entry.host, self._handshake_timeout)
+            self._lost(conn_id)
+        if self._accepting_again is not None and now >= self._accepting_again:
+            self._resume_accepting()
+        next_timer = float("inf")
+        if self._handshaking:
+            next_timer = next(iter(self._handshaking.values())).since + self._handshake_timeout
+        if self._accepting_again is not None:
+            next_timer = min(next_timer, self._accepting_again)
+        return next_timer
+
+    # --- accepting -----------------------------------------------------------------------------------
+
     def _accept(self) -> None:
+        for _ in range(ACCEPT_BATCH):
+            if self._accepting_again is not None:
+                return
+            try:
+                sock, address = self._listen.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in CONNECTION_ERRNOS:
+                    continue
+                if exc.errno in RESOURCE_ERRNOS and self._make_room(None, f"accept() failed: {exc.strerror}"):
+                    continue  # a descriptor is free again: the connection waiting in the backlog can come in
+                self._throttled.log("accept", logging.ERROR, "accept() failed: %s; pausing accepting for %gs",
+                                    exc, ACCEPT_PAUSE)
+                self._pause_accepting(time.monotonic() + ACCEPT_PAUSE)
+                return
+            if len(self._handshaking) >= self._max_handshaking and not self._make_room(
+                    address[0], "too many connections in handshake"):
+                self._throttled.log("refuse", logging.WARNING, "closing the connection from %s at once: %d "
+                                    "connections in handshake, none waiting for long", _peer(address),
+                                    len(self._handshaking))
+                sock.close()
+                continue
+            self._admit(sock, address)
+
+    def _make_room(self, newcomer: str | None, why: str) -> bool:
+        """Close one connection in handshake to make room for a new one (from address ``newcomer``, if
+        known); True if one was closed.
+
+        The victim is the oldest connection of the address with the most of them. It goes at once if the
+        newcomer's address has fewer (one address cannot hold out the others); otherwise only once it has
+        had a fair chance to finish (a burst of peers connecting at the same time is not churned)."""
+        if not self._handshaking:
+            return False
+        counts = self._handshaking_per_host
+        host = max(counts, key=counts.__getitem__)
+        victim, entry = next((c, e) for c, e in self._handshaking.items() if e.host == host)
+        fair = newcomer is not None and counts.get(newcomer, 0) < counts[host]
+        if not fair and time.monotonic() - entry.since < self._evictable_after:
+            return False
+        conn = self._conns.get(victim)
+        self._throttled.log("evict", logging.WARNING, "%s: closing the connection from %s that has waited "
+                            "longest for its handshake (%d in handshake, %d from %s)", why,
+                            conn.peer if conn is not None else host, len(self._handshaking), counts[host], host)
+        self._lost(victim)
+        return True
+
+    def _admit(self, sock: socket.socket, address: tuple[str, int]) -> None:
         try:
-            sock, address = self._listen.accept()
-        except (BlockingIOError, InterruptedError):
+            tune(sock)
+            # Until its OPEN (signed with the shared key) is in, a connection gets the small limits.
+            conn = (Connection(sock, self._key, PRE_SESSION_LIMITS, _peer(address)) if self._tls_connection is None
+                    else self._tls_connection(sock, self._key, PRE_SESSION_LIMITS, _peer(address), self._tls))
+            conn_id = self._new_conn_id()
+            self._selector.register(conn.sock, selectors.EVENT_READ, conn_id)
+        except OSError as exc:  # reset already, or the selector is out of memory
+            log.info("dropping connection from %s: %s", _peer(address), exc)
+            sock.close()
             return
-        tune(sock)
-        conn_id = self._new_conn_id()
-        # Until its OPEN (signed with the shared key) is in, a connection gets the small limits.
-        conn = Connection(sock, self._key, PRE_SESSION_LIMITS, f"{address[0]}:{address[1]}")
+        now = time.monotonic()
         self._conns[conn_id] = conn
-        self._selector.register(conn.sock, selectors.EVENT_READ, conn_id)
-        self.scheduler.connected(conn_id, time.monotonic())
+        self._handshaking[conn_id] = _Handshaking(address[0], now)
+        self._handshaking_per_host[address[0]] += 1
+        self.scheduler.connected(conn_id, now)
+
+    def _pause_accepting(self, until: float) -> None:
+        if self._accepting_again is None:
+            self._selector.unregister(self._listen)
+        self._accepting_again = until
+
+    def _resume_accepting(self) -> None:
+        if self._accepting_again is not None:
+            self._accepting_again = None
+            self._selector.register(self._listen, selectors.EVENT_READ, _LISTENER)
+
+    def _accept_soon(self) -> None:
+        """A place in handshake or a descriptor became free: if accepting is paused, the loop resumes it
+        when it next looks at its timers (it alone changes the listener's registration)."""
+        if self._accepting_again is not None:
+            self._accepting_again = 0.0
+
+    def _welcomed(self, conn_id: ConnId) -> None:
+        entry = self._handshaking.pop(conn_id, None)
+        if entry is not None:
+            self._release_host(entry.host)
+            self._accept_soon()
+
+    def _release_host(self, host: str) -> None:
+        self._handshaking_per_host[host] -= 1
+        if not self._handshaking_per_host[host]:
+            del self._handshaking_per_host[host]
+
+    # --- input -----------------------------------------------------------------------------------------
 
     def _read(self, conn_id: ConnId) -> None:
-        conn = self._conns[conn_id]
+        conn = self._conns.get(conn_id)
+        if conn is None:  # closed earlier in this round of events (made room for another)
+            return
         try:
             frames = conn.read()
-        except ProtocolError as exc:
-            log.warning("closing connection from %s: %s", conn.peer, exc)
+        except NotTlsError as exc:
+            self._throttled.log("plaintext", logging.WARNING, "closing connection from %s: %s", conn.peer, exc)
+            if exc.ours:
+                conn.refuse_plaintext(reject(RejectCode.PROTOCOL, "this job server requires TLS: connect with "
+                                             "tls_ca=... (--tls-ca), and a client certificate if it asks for one"))
             self._lost(conn_id)
             return
-        except OSError as exc:
-            log.info("connection from %s failed: %s", conn.peer, exc)
+        except ProtocolError as exc:
+            log.warning("closing connection from %s: %s%s", conn.peer, exc, _tls_hint(exc, self._tls))
+            self._lost(conn_id)
+            return
+        except OSError as exc:  # ssl.SSLError among them
+            self._failed(conn, exc)
             self._lost(conn_id)
             return
         if frames is None:
@@ -122,6 +337,8 @@ class TcpServer(ServerCore):
                 log.warning("connection from %s closed in the middle of a frame (truncated)", conn.peer)
             self._lost(conn_id)
             return
+        if conn.read_needs_write:
+            self._dirty.add(conn_id)  # registers interest in writability; read() runs again then
         now = time.monotonic()
         for frame in frames:
             if conn.opened:
@@ -139,6 +356,16 @@ class TcpServer(ServerCore):
             conn.reader.limits = self._limits
             conn.opened = True
 
+    def _failed(self, conn: Connection, exc: OSError) -> None:
+        if self._tls is None:
+            log.info("connection from %s failed: %s", conn.peer, exc)
+            return
+        reason = getattr(exc, "reason", None) or exc  # an ssl.SSLError's short reason
+        if getattr(conn, "handshaking", False):  # scanners, wrong or missing client certificates: a flood
+            self._throttled.log("tls", logging.WARNING, "TLS handshake with %s failed: %s", conn.peer, reason)
+        else:
+            log.info("TLS connection from %s failed: %s", conn.peer, reason)
+
     # --- output ------------------------------------------------------------------------------------
 
     def _transmit(self, conn: ConnId, frame: Frame) -> None:
@@ -146,6 +373,8 @@ class TcpServer(ServerCore):
         if connection is not None:
             connection.queue(frame)
             self._dirty.add(conn)
+            if self._handshaking and frame.kind == Kind.WELCOME:
+                self._welcomed(conn)
 
     def _flush_dirty(self) -> None:
         dirty, self._dirty = self._dirty, set()
@@ -199,9 +428,13 @@ class TcpServer(ServerCore):
     def _forget(self, conn_id: ConnId) -> None:
         conn = self._conns.pop(conn_id, None)
         self._dirty.discard(conn_id)
+        entry = self._handshaking.pop(conn_id, None)
+        if entry is not None:
+            self._release_host(entry.host)
         if conn is not None:
             self._selector.unregister(conn.sock)
             conn.close()
+            self._accept_soon()
 
     def _close_all(self) -> None:
         if self._closed:
@@ -215,6 +448,17 @@ class TcpServer(ServerCore):
         self._listen.close()
         self._waker.close()
         self._selector.close()
+
+
+def _peer(address: tuple[str, int]) -> str:
+    return f"[{address[0]}]:{address[1]}" if ":" in address[0] else f"{address[0]}:{address[1]}"
+
+
+def _tls_hint(exc: ProtocolError, tls: ssl.SSLContext | None) -> str:
+    """A hint for a TLS client talking to a plaintext server (its handshake record is no frame)."""
+    if tls is None and repr(bytes([0x16, 0x03])) in str(exc):
+        return " (a TLS client? this server has no TLS: start it with --tls-cert and --tls-key)"
+    return ""
 
 
 def _family(host: str) -> socket.AddressFamily:

@@ -2,6 +2,7 @@
 
 Both sides read with ``recv_into`` into the :class:`~remote_executor.wire.frames.FrameReader`'s buffers and
 write with ``sendmsg`` straight from the parts, so large payloads cross the socket without extra copies.
+The same over TLS is in :mod:`.tlsstream`, which only a TLS client, worker or server imports.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import selectors
 import socket
 from collections import deque
 
-from ...errors import ConnectionFailedError
+from ...errors import ConnectionFailedError, ProtocolError
 from ...jobserver.client import Channel
 from ...netio import IOV_MAX, Waker, connect
 from ...wire.frames import Frame, FrameReader, Limits, encode
@@ -20,6 +21,10 @@ from ...wire.session import Mac, as_mac
 
 class Connection:
     """A non-blocking socket with a frame reader and an output queue, driven by a selector loop."""
+
+    # A TLS connection's read may need the socket to be writable first (then the loop calls read() again
+    # once it is); a plain socket's never does.
+    read_needs_write = False
 
     def __init__(
         self, sock: socket.socket, key: bytes | None, limits: Limits, peer: str) -> None:
@@ -81,18 +86,31 @@ class Connection:
                 self._out[0] = head[sent:]
                 sent = 0
 
+    def refuse_plaintext(self, frame: Frame) -> None:
+        """A TLS connection's answer to a plaintext peer (a plaintext connection never needs one)."""
+
     def close(self) -> None:
         if not self.closed:
             self.closed = True
             self.sock.close()
 
 
+class NotTlsError(ProtocolError):
+    """A peer spoke something other than TLS to a TLS server; ``ours``: it looks like our plaintext protocol."""
+
+    def __init__(self, message: str, ours: bool) -> None:
+        super().__init__(message)
+        self.ours = ours
+
+
 class TcpChannel(Channel):
     """A client's or worker's connection to a tcp job server: a :class:`Connection` plus a selector."""
 
+    connection_class: type[Connection] = Connection
+
     def __init__(self, sock: socket.socket, key: bytes | None, limits: Limits, url: str) -> None:
         super().__init__(url)
-        self._conn = Connection(sock, key, limits, url)
+        self._conn = self.connection_class(sock, key, limits, url)
         self._selector = selectors.DefaultSelector()
         self._selector.register(sock, selectors.EVENT_READ, None)
         self._writing = False
