@@ -68,10 +68,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="allow a non-loopback address without a key (trusted networks only)")
     server.add_argument("--max-frame-size", type=int, default=Limits().max_frame,
                         help="largest frame accepted, in bytes")
-    server.add_argument("--curve-secret-key", metavar="FILE",
-                        help="zmq only: encrypt with CURVE using this secret certificate (zmq.auth)")
     worker = commands.choices["worker"]
     worker.add_argument("--processes", type=int, default=os.cpu_count() or 1)
+    _add_curve_flags(commands.choices)
     return parser
 
 
@@ -89,9 +88,7 @@ def _options(args: argparse.Namespace, **extra: Any) -> Options:
 
 def _server(args: argparse.Namespace) -> int:
     backend = _backend(args.url)
-    extra = {"curve_secret_key": args.curve_secret_key} if args.curve_secret_key else {}
-    if extra and backend.scheme != "zmq":
-        raise ValueError("--curve-secret-key is for zmq:// servers only")
+    extra = _curve_server_extra(args, backend)
     settings = ServerSettings(key=resolve_key(key_file=args.key_file), insecure=args.insecure,
                               limits=Limits(max_frame=args.max_frame_size),
                               heartbeat_interval=args.heartbeat_interval,
@@ -106,9 +103,10 @@ def _server(args: argparse.Namespace) -> int:
 
 def _worker(args: argparse.Namespace) -> int:
     key = resolve_key(key_file=args.key_file)
-    _backend(args.url)  # fail now, clearly, for an unknown scheme or a missing extra
+    backend = _backend(args.url)  # fail now, clearly, for an unknown scheme or a missing extra
     worker_args = ("--heartbeat-interval", str(args.heartbeat_interval),
-                   "--heartbeat-timeout", str(args.heartbeat_timeout))
+                   "--heartbeat-timeout", str(args.heartbeat_timeout),
+                   *_curve_worker_args(_curve_client_extra(args, backend)))
     supervisor = Supervisor(args.url, args.processes, env=key_to_env(key), worker_args=worker_args,
                             name=f"{os.uname().nodename}-{os.getpid()}")
     stop = threading.Event()
@@ -122,16 +120,70 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    info = _backend(args.url).status(args.url, _options(args))
+    backend = _backend(args.url)
+    info = backend.status(args.url, _options(args, **_curve_client_extra(args, backend)))
     print(json.dumps(info, indent=2))
     return 0
 
 
 def _ping(args: argparse.Namespace) -> int:
+    backend = _backend(args.url)
+    options = _options(args, **_curve_client_extra(args, backend))
     start = time.perf_counter()
-    _backend(args.url).status(args.url, _options(args))
+    backend.status(args.url, options)
     print(f"{args.url} answered in {(time.perf_counter() - start) * 1e3:.1f} ms")
     return 0
+
+
+# --- zmq:// CURVE ---------------------------------------------------------------------------------------
+
+
+def _add_curve_flags(commands: dict[str, argparse.ArgumentParser]) -> None:
+    server = commands["server"]
+    server.add_argument("--curve-secret-key", metavar="FILE",
+                        help="zmq only: encrypt with CURVE using this secret certificate (zmq.auth)")
+    server.add_argument("--curve-allow", metavar="DIR",
+                        help="zmq only: admit only clients and workers whose public certificate (*.key) is in "
+                             "DIR (needs --curve-secret-key; default: anyone with the server's public key)")
+    for name in ("worker", "status", "ping"):
+        commands[name].add_argument(
+            "--curve-server-key", metavar="FILE",
+            help="zmq only: the server's public CURVE certificate (default: $REMOTE_EXECUTOR_CURVE_SERVER_KEY)")
+        commands[name].add_argument(
+            "--curve-client-key", metavar="FILE",
+            help="zmq only: this side's secret CURVE certificate, for a server with --curve-allow "
+                 "(default: an ephemeral key)")
+
+
+def _curve_server_extra(args: argparse.Namespace, backend: Backend) -> dict[str, str]:
+    extra = {name: value for name, value in (("curve_secret_key", args.curve_secret_key),
+                                             ("curve_allow", args.curve_allow)) if value}
+    if extra and backend.scheme != "zmq":
+        raise ValueError("--curve-secret-key and --curve-allow are for zmq:// servers only")
+    if "curve_allow" in extra and "curve_secret_key" not in extra:
+        raise ValueError("--curve-allow needs --curve-secret-key: the allow-list checks the keys of "
+                         "CURVE connections, and without a secret key the server does not speak CURVE")
+    return extra
+
+
+def _curve_client_extra(args: argparse.Namespace, backend: Backend) -> dict[str, str]:
+    """``--curve-server-key`` / ``--curve-client-key`` as transport options; the key files (and
+    ``$REMOTE_EXECUTOR_CURVE_SERVER_KEY``) are read now, so a bad one fails before any process starts."""
+    extra = {name: value for name, value in (("curve_server_key", args.curve_server_key),
+                                             ("curve_client_key", args.curve_client_key)) if value}
+    if backend.scheme != "zmq":
+        if extra:
+            raise ValueError("--curve-server-key and --curve-client-key are for zmq:// only")
+        return extra
+    from .transports.zmq.sockets import Curve  # pyzmq is installed: the zmq backend loaded
+
+    Curve.from_options(extra)
+    return extra
+
+
+def _curve_worker_args(extra: dict[str, str]) -> tuple[str, ...]:
+    """The same options as ``python -m remote_executor.worker`` arguments."""
+    return tuple(arg for name, value in extra.items() for arg in (f"--{name.replace('_', '-')}", value))
 
 
 def _on_stop_signals(callback: Any) -> None:

@@ -153,6 +153,7 @@ class WorkerSettings:
     reconnect_timeout: float = float("inf")
     connect_timeout: float = 10.0
     drain: threading.Event = field(default_factory=threading.Event)  # set by SIGTERM: finish, then exit
+    extra: dict[str, Any] = field(default_factory=dict)  # backend-specific (e.g. CURVE key files), as Options.extra
 
 
 class WorkerCore:
