@@ -31,10 +31,13 @@ from zmq.auth.thread import AuthenticationThread
 
 from remote_executor import RemoteExecutor
 from remote_executor.errors import ConnectionFailedError, TransportError
+from remote_executor.jobserver.client import handshake
 from remote_executor.supervisor import Supervisor
 from remote_executor.transports.zmq.allowlist import RefusalLog
 from remote_executor.transports.zmq.server import ZmqServer
-from remote_executor.transports.zmq.sockets import CURVE_SERVER_KEY_ENV
+from remote_executor.transports.zmq.sockets import CURVE_SERVER_KEY_ENV, Curve, ZmqChannel
+from remote_executor.wire.frames import Limits
+from remote_executor.wire.messages import hello
 
 pytestmark = pytest.mark.zmq
 
@@ -319,6 +322,7 @@ def test_each_refused_key_is_logged_once_not_per_attempt(certs: Certs, caplog: p
         srv.stop()
     assert caplog.text.count(Certs.public(stranger)) == 1
     assert caplog.text.count(Certs.public(other)) == 1
+    assert "3 more refused CURVE handshake(s) were not logged" in caplog.text  # said when the server stops
 
 
 def test_refusal_log_limits_per_key_and_in_all(caplog: pytest.LogCaptureFixture) -> None:
@@ -333,6 +337,11 @@ def test_refusal_log_limits_per_key_and_in_all(caplog: pytest.LogCaptureFixture)
     refusals.refused(b"A", "10.0.0.1", "allow")
     logged = [record.getMessage() for record in caplog.records]
     assert "3 more refused" in logged[3] and "public key A" in logged[4]
+    refusals.refused(b"A", "10.0.0.1", "allow")
+    refusals.flush()
+    assert "1 more refused" in caplog.records[-1].getMessage()
+    refusals.flush()  # nothing left out since: nothing to say
+    assert len(caplog.records) == 6
 
 
 # --- the wire ------------------------------------------------------------------------------------------------
@@ -485,3 +494,22 @@ def test_client_key_without_a_server_key_is_an_error(certs: Certs, monkeypatch: 
     with pytest.raises(TransportError, match="needs the server's public key"):
         RemoteExecutor(transport="zmq://127.0.0.1:1", curve_client_key=str(client_key))
 
+
+
+def test_a_refusal_before_the_first_send_is_reported_too(certs: Certs) -> None:
+    """libzmq may refuse the handshake before this side sends anything: the DEALER then takes no frame at
+    all, and the error must still say why (not "took no data")."""
+    certs.make("client", listed=True)
+    srv = ZmqServer("127.0.0.1", 0, curve_secret_key=certs.server_secret, curve_allow=certs.allow, **FAST)
+    srv.start()
+    try:
+        curve = Curve.from_files(certs.server_public)  # an ephemeral key
+        channel = ZmqChannel.connect(("127.0.0.1", srv.port), None, Limits(), curve, srv.url)
+        try:
+            channel.wait(20)  # returns once the refusal is reported (nothing else can wake it)
+            with pytest.raises(ConnectionFailedError, match="not on the server's allow-list"):
+                handshake(channel, hello("client", {"name": "refused"}), 20)
+        finally:
+            channel.close()
+    finally:
+        srv.stop()

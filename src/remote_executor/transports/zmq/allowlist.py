@@ -72,13 +72,17 @@ class RefusalLog:
                     "(each key is logged at most once every %gs)", address or "?", key.decode(errors="replace"),
                     directory, self._interval)
 
-    def _new_window(self, now: float) -> None:
+    def flush(self) -> None:
+        """Log how many refusals were left out so far (the server is stopping, or a new interval began)."""
         if self._unlogged:
-            log.warning("%d more refused CURVE handshake(s) in the last %gs were not logged",
-                        self._unlogged, self._interval)
+            log.warning("%d more refused CURVE handshake(s) were not logged (at most one line per key and "
+                        "%d in all every %gs)", self._unlogged, self._burst, self._interval)
+        self._unlogged = 0
+
+    def _new_window(self, now: float) -> None:
+        self.flush()
         self._window = now
         self._lines = 0
-        self._unlogged = 0
         self._logged = {k: t for k, t in self._logged.items() if now - t < self._interval}
 
 
@@ -122,4 +126,5 @@ class CurveAllowList:
     def stop(self) -> None:
         """Stop the authenticator's thread and close its sockets; idempotent."""
         self._auth.stop()
+        self._refusals.flush()  # after the thread has ended: nothing else touches the log now
 

@@ -238,6 +238,9 @@ class ZmqChannel(Channel):
                 send_frame(self._sock, self._backlog[0], self._key, flags=zmq.NOBLOCK)
                 self._backlog.popleft()
         except zmq.Again:
+            # A refused handshake can end the connection before the first send: the DEALER then has
+            # nowhere to queue a frame, and only the monitor says why.
+            self._check_refused()
             return False
         except zmq.ZMQError as exc:
             raise ConnectionFailedError(f"lost the session with {self.peer}: {exc}") from exc
