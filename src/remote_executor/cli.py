@@ -72,8 +72,6 @@ def _parser() -> argparse.ArgumentParser:
                         help="allow a non-loopback address without a key (trusted networks only)")
     server.add_argument("--max-frame-size", type=int, default=Limits().max_frame,
                         help="largest frame accepted, in bytes")
-    server.add_argument("--curve-secret-key", metavar="FILE",
-                        help="zmq only: encrypt with CURVE using this secret certificate (zmq.auth)")
     worker = commands.choices["worker"]
     worker.add_argument("--processes", type=int, default=os.cpu_count() or 1)
     keygen = commands.add_parser("tls-keygen", help="write a private CA and TLS certificates for a tcp:// cluster",
@@ -83,6 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     keygen.add_argument("--host", action="append", required=True, metavar="NAME_OR_IP",
                         help="a name or IP address clients and workers reach the server by (repeat for more)")
     keygen.add_argument("--days", type=int, default=825, help="how long the certificates are valid")
+    _add_curve_flags(commands.choices)
     return parser
 
 
@@ -98,6 +97,11 @@ def _options(args: argparse.Namespace, **extra: Any) -> Options:
                    extra={k: v for k, v in extra.items() if v is not None})
 
 
+def _client_options(args: argparse.Namespace, backend: Backend) -> Options:
+    """Options of a client command (status, ping): the key, the timeout, TLS or CURVE files."""
+    return _options(args, **_tls_options(args, backend), **_curve_client_extra(args, backend))
+
+
 def _tls_options(args: argparse.Namespace, backend: Backend) -> dict[str, Any]:
     """The TLS options of the command line (TLS is an option of tcp:// only)."""
     options = TlsConfig.options_from_args(args)
@@ -108,10 +112,7 @@ def _tls_options(args: argparse.Namespace, backend: Backend) -> dict[str, Any]:
 
 def _server(args: argparse.Namespace) -> int:
     backend = _backend(args.url)
-    extra: dict[str, Any] = {"curve_secret_key": args.curve_secret_key} if args.curve_secret_key else {}
-    if extra and backend.scheme != "zmq":
-        raise ValueError("--curve-secret-key is for zmq:// servers only")
-    extra.update(_tls_options(args, backend))
+    extra = {**_curve_server_extra(args, backend), **_tls_options(args, backend)}
     settings = ServerSettings(key=resolve_key(key_file=args.key_file), insecure=args.insecure,
                               limits=Limits(max_frame=args.max_frame_size),
                               heartbeat_interval=args.heartbeat_interval,
@@ -128,7 +129,8 @@ def _worker(args: argparse.Namespace) -> int:
     key = resolve_key(key_file=args.key_file)
     backend = _backend(args.url)  # fail now, clearly, for an unknown scheme or a missing extra
     worker_args: tuple[str, ...] = ("--heartbeat-interval", str(args.heartbeat_interval),
-                                    "--heartbeat-timeout", str(args.heartbeat_timeout))
+                                    "--heartbeat-timeout", str(args.heartbeat_timeout),
+                                    *_curve_worker_args(_curve_client_extra(args, backend)))
     tls = TlsConfig.from_options(_tls_options(args, backend))
     if tls is not None:
         tls.client_context()  # a file that cannot be loaded fails here, once, not in every worker process
@@ -147,14 +149,14 @@ def _worker(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     backend = _backend(args.url)
-    info = backend.status(args.url, _options(args, **_tls_options(args, backend)))
+    info = backend.status(args.url, _client_options(args, backend))
     print(json.dumps(info, indent=2))
     return 0
 
 
 def _ping(args: argparse.Namespace) -> int:
     backend = _backend(args.url)
-    options = _options(args, **_tls_options(args, backend))
+    options = _client_options(args, backend)
     start = time.perf_counter()
     backend.status(args.url, options)
     print(f"{args.url} answered in {(time.perf_counter() - start) * 1e3:.1f} ms")
@@ -178,6 +180,57 @@ def _tls_keygen(args: argparse.Namespace) -> int:
           RemoteExecutor(transport="tcp://HOST:PORT", tls_ca="{material.ca}", tls_cert="{material.client_cert}",
                          tls_key="{material.client_key}")"""))
     return 0
+
+
+# --- zmq:// CURVE ---------------------------------------------------------------------------------------
+
+
+def _add_curve_flags(commands: dict[str, argparse.ArgumentParser]) -> None:
+    server = commands["server"]
+    server.add_argument("--curve-secret-key", metavar="FILE",
+                        help="zmq only: encrypt with CURVE using this secret certificate (zmq.auth)")
+    server.add_argument("--curve-allow", metavar="DIR",
+                        help="zmq only: admit only clients and workers whose public certificate (*.key) is in "
+                             "DIR (needs --curve-secret-key; default: anyone with the server's public key)")
+    for name in ("worker", "status", "ping"):
+        commands[name].add_argument(
+            "--curve-server-key", metavar="FILE",
+            help="zmq only: the server's public CURVE certificate (default: $REMOTE_EXECUTOR_CURVE_SERVER_KEY)")
+        commands[name].add_argument(
+            "--curve-client-key", metavar="FILE",
+            help="zmq only: this side's secret CURVE certificate, for a server with --curve-allow "
+                 "(default: an ephemeral key)")
+
+
+def _curve_server_extra(args: argparse.Namespace, backend: Backend) -> dict[str, str]:
+    extra = {name: value for name, value in (("curve_secret_key", args.curve_secret_key),
+                                             ("curve_allow", args.curve_allow)) if value}
+    if extra and backend.scheme != "zmq":
+        raise ValueError("--curve-secret-key and --curve-allow are for zmq:// servers only")
+    if "curve_allow" in extra and "curve_secret_key" not in extra:
+        raise ValueError("--curve-allow needs --curve-secret-key: the allow-list checks the keys of "
+                         "CURVE connections, and without a secret key the server does not speak CURVE")
+    return extra
+
+
+def _curve_client_extra(args: argparse.Namespace, backend: Backend) -> dict[str, str]:
+    """``--curve-server-key`` / ``--curve-client-key`` as transport options; the key files (and
+    ``$REMOTE_EXECUTOR_CURVE_SERVER_KEY``) are read now, so a bad one fails before any process starts."""
+    extra = {name: value for name, value in (("curve_server_key", args.curve_server_key),
+                                             ("curve_client_key", args.curve_client_key)) if value}
+    if backend.scheme != "zmq":
+        if extra:
+            raise ValueError("--curve-server-key and --curve-client-key are for zmq:// only")
+        return extra
+    from .transports.zmq.sockets import Curve  # pyzmq is installed: the zmq backend loaded
+
+    Curve.from_options(extra)
+    return extra
+
+
+def _curve_worker_args(extra: dict[str, str]) -> tuple[str, ...]:
+    """The same options as ``python -m remote_executor.worker`` arguments."""
+    return tuple(arg for name, value in extra.items() for arg in (f"--{name.replace('_', '-')}", value))
 
 
 def _on_stop_signals(callback: Any) -> None:

@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 from .errors import RemoteExecutorError
 from .security import key_from_env
@@ -66,6 +67,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--reconnect-timeout", type=float, default=float("inf"))
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     TlsConfig.add_arguments(parser)
+    parser.add_argument("--curve-server-key", metavar="FILE",
+                        help="zmq:// only: the server's public CURVE certificate "
+                             "(default: $REMOTE_EXECUTOR_CURVE_SERVER_KEY)")
+    parser.add_argument("--curve-client-key", metavar="FILE",
+                        help="zmq:// only: this worker's secret CURVE certificate (default: an ephemeral key)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s worker %(process)d %(levelname)s %(message)s")
     settings = WorkerSettings(
@@ -74,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         heartbeat_interval=args.heartbeat_interval,
         heartbeat_timeout=args.heartbeat_timeout,
         reconnect_timeout=args.reconnect_timeout,
-        extra=TlsConfig.options_from_args(args),
+        extra={**TlsConfig.options_from_args(args), **_backend_extra(args)},
     )
     if args.name:
         settings.name = args.name
@@ -88,6 +94,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RemoteExecutorError as exc:  # an unknown scheme, a missing extra: restarting will not help
         log.error("%s", exc)
         return 2
+
+
+def _backend_extra(args: argparse.Namespace) -> dict[str, Any]:
+    """Backend-specific options given on the command line (key file paths: never secrets themselves)."""
+    given = {"curve_server_key": args.curve_server_key, "curve_client_key": args.curve_client_key}
+    return {name: value for name, value in given.items() if value}
 
 
 if __name__ == "__main__":

@@ -152,7 +152,7 @@ class WorkerSettings:
     reconnect_timeout: float = float("inf")
     connect_timeout: float = 10.0
     drain: threading.Event = field(default_factory=threading.Event)  # set by SIGTERM: finish, then exit
-    extra: dict[str, Any] = field(default_factory=dict)  # backend-specific (e.g. tcp's TLS certificate files)
+    extra: dict[str, Any] = field(default_factory=dict)  # backend-specific (TLS or CURVE files), as Options.extra
 
 
 class WorkerCore:

@@ -12,8 +12,10 @@ from typing import Any
 
 from ...jobserver.backend import JobServerBackend
 from ...jobserver.client import Channel, Connector
+from ...jobserver.worker import run_worker
 from ...wire.frames import Limits
 from .. import split_hostports
+from ..base import WorkerCore, WorkerSettings
 from .server import ZmqServer
 from .sockets import Curve, ZmqChannel
 
@@ -25,7 +27,9 @@ class ZmqBackend(JobServerBackend):
     server_class = ZmqServer
 
     def connector(self, url: str, key: bytes | None, extra: Mapping[str, Any], limits: Limits) -> Connector:
-        """CURVE from ``curve_server_key`` in ``extra``, or from ``$REMOTE_EXECUTOR_CURVE_SERVER_KEY``."""
+        """CURVE from ``curve_server_key`` in ``extra`` (else ``$REMOTE_EXECUTOR_CURVE_SERVER_KEY``), with
+        this side's key pair from ``curve_client_key`` (else an ephemeral one). Key files are read here,
+        once, so a bad one fails at construction."""
         address = split_hostports(url)[0]
         curve = Curve.from_options(extra)
 
@@ -33,3 +37,8 @@ class ZmqBackend(JobServerBackend):
             return ZmqChannel.connect(address, key, limits, curve, url)
 
         return connect
+
+    def run_worker(self, settings: WorkerSettings, core: WorkerCore) -> int:
+        """The worker loop, with the CURVE key files of ``settings.extra`` (``--curve-server-key``,
+        ``--curve-client-key`` of ``python -m remote_executor.worker``)."""
+        return run_worker(self.servers(settings.url, settings.key, settings.extra), settings, core)

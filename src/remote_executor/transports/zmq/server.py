@@ -8,7 +8,9 @@ when a peer is gone, helped by ``ZMQ_ROUTER_MANDATORY`` (a send to a peer whose 
 fails at once, so a killed worker is noticed at the next heartbeat, not after the timeout).
 
 One thread does all socket I/O. A malformed, oversized or unauthenticated message is logged and its peer
-dropped; everyone else is served on.
+dropped; everyone else is served on. With a CURVE allow-list, pyzmq's ZAP authenticator runs on a thread
+of its own in the server's context and refuses unlisted keys inside libzmq's handshake
+(:mod:`.allowlist`): such a peer never reaches this loop.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from collections import deque
 from typing import Any
 
 import zmq
-import zmq.auth
 
 from ...errors import ProtocolError, TransportError
 from ...jobserver.scheduler import ConnId
@@ -30,7 +31,8 @@ from ...security import check_bind
 from ...wire.frames import Frame, Kind, Limits, encode
 from ...wire.serialization import Buffer
 from ...wire.session import Mac, as_mac
-from .sockets import HWM, endpoint, recv_frame, send_frame
+from .allowlist import CurveAllowList
+from .sockets import HWM, endpoint, load_certificate, recv_frame, send_frame
 
 log = logging.getLogger("remote_executor.jobserver.server")
 
@@ -43,7 +45,11 @@ class ZmqServer(ServerCore):
     """``remote-executor server zmq://HOST:PORT``, or the embedded cluster's in-process job server.
 
     ``curve_secret_key``: a secret certificate file (``zmq.auth.create_certificates``) to encrypt every
-    connection with CURVE; clients and workers then need the matching public certificate."""
+    connection with CURVE; clients and workers then need the matching public certificate. Without
+    ``curve_allow`` any holder of that public certificate gets a session.
+
+    ``curve_allow``: a directory of public certificates (``*.key``); only clients and workers whose own
+    CURVE key is there get a session (read once, here)."""
 
     scheme = "zmq"
 
@@ -58,12 +64,22 @@ class ZmqServer(ServerCore):
         heartbeat_interval: float = 1.0,
         heartbeat_timeout: float = 10.0,
         curve_secret_key: str | os.PathLike[str] | None = None,
+        curve_allow: str | os.PathLike[str] | None = None,
     ) -> None:
         check_bind(host, key, insecure)
+        if curve_allow is not None and curve_secret_key is None:
+            raise TransportError("a CURVE allow-list (curve_allow, --curve-allow) needs the server's CURVE "
+                                 "secret key too (curve_secret_key, --curve-secret-key)")
         self._ctx: zmq.Context[Any] = zmq.Context()
+        self._allow: CurveAllowList | None = None
         try:
+            if curve_allow is not None:  # the ZAP handler must be there before the first handshake
+                self._allow = CurveAllowList(self._ctx, curve_allow)
+                self._allow.start()
             self._router = self._bind(host, port, limits, curve_secret_key)
         except BaseException:
+            if self._allow is not None:
+                self._allow.stop()  # its thread owns sockets of this context: stop it before destroying
             self._ctx.destroy(linger=0)
             raise
         bound = self._router.getsockopt(zmq.LAST_ENDPOINT)
@@ -93,7 +109,11 @@ class ZmqServer(ServerCore):
         if ":" in host:
             router.setsockopt(zmq.IPV6, 1)
         if curve_secret_key is not None:
-            public, secret = zmq.auth.load_certificate(os.fspath(curve_secret_key))
+            try:
+                public, secret = load_certificate(curve_secret_key, "the CURVE secret key")
+            except TransportError:
+                router.close()
+                raise
             if secret is None:
                 router.close()
                 raise TransportError(f"{curve_secret_key} holds no secret key (use the .key_secret file)")
@@ -242,5 +262,7 @@ class ZmqServer(ServerCore):
                 return
             self._closed = True
         self._router.close(linger=0)
+        if self._allow is not None:
+            self._allow.stop()
         self._ctx.term()
         self._waker.close()

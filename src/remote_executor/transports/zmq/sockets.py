@@ -10,12 +10,16 @@ random routing id: after a server restart or a heartbeat timeout the peer says H
 and frames of an old session reaching a server that does not know it are ignored.
 
 Optional CURVE encryption: the server loads its secret certificate, clients and workers the server's
-public certificate (files made with :func:`zmq.auth.create_certificates`).
+public certificate and, to pass a server's allow-list, a secret certificate of their own (files made with
+:func:`zmq.auth.create_certificates`). A server that refuses this side's key answers the CURVE handshake
+with a ZAP error, which libzmq reports only on a socket monitor: the channel watches for it, so a refused
+key is a clear error at once rather than a silent server.
 """
 
 from __future__ import annotations
 
 import os
+import struct
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -96,32 +100,46 @@ def recv_rest(sock: zmq.Socket[Any], prefix: bytes, limits: Limits, keyed: bool 
 
 @dataclass(frozen=True, slots=True)
 class Curve:
-    """CURVE settings of a client or worker: the server's public key and this side's key pair."""
+    """CURVE settings of a client or worker: the server's public key and this side's key pair (z85 text,
+    as in certificate files and logs).
+
+    ``own_key_file`` is None for an ephemeral key pair (made here, known to no allow-list)."""
 
     server_public: bytes
     public: bytes
     secret: bytes
+    own_key_file: str | None = None
 
     @classmethod
     def from_files(cls, server_key_file: str | os.PathLike[str],
                    own_key_file: str | os.PathLike[str] | None = None) -> Curve:
-        server_public, _ = zmq.auth.load_certificate(os.fspath(server_key_file))
-        if own_key_file is not None:
-            public, secret = zmq.auth.load_certificate(os.fspath(own_key_file))
-            if secret is None:
-                raise TransportError(f"{own_key_file} holds no secret key (use the .key_secret file)")
-        else:
-            public, secret = zmq.curve_keypair()  # an ephemeral identity: the server checks none
-        return cls(server_public, public, secret)
+        server_public, _ = load_certificate(server_key_file, "the CURVE server key")
+        if own_key_file is None:
+            public, secret = zmq.curve_keypair()  # ephemeral: a server with an allow-list refuses it
+            return cls(server_public, public, secret)
+        public, own_secret = load_certificate(own_key_file, "the CURVE client key")
+        if own_secret is None:
+            raise TransportError(f"the CURVE client key {os.fspath(own_key_file)} holds no secret key "
+                                 f"(give the .key_secret file; its .key half goes on the server's allow-list)")
+        return cls(server_public, public, own_secret, os.fspath(own_key_file))
 
     @classmethod
     def from_options(cls, extra: Mapping[str, Any]) -> Curve | None:
-        """From ``curve_server_key`` (and optionally ``curve_client_key``) in the options, else from
-        ``$REMOTE_EXECUTOR_CURVE_SERVER_KEY``; None without either."""
+        """From ``curve_server_key`` (and optionally ``curve_client_key``) in the options, the server key
+        falling back to ``$REMOTE_EXECUTOR_CURVE_SERVER_KEY``; None without a server key."""
         server_key = extra.get("curve_server_key") or os.environ.get(CURVE_SERVER_KEY_ENV)
+        own_key = extra.get("curve_client_key")
         if not server_key:
+            if own_key:  # a client key alone would silently mean "no CURVE": say so instead
+                raise TransportError(f"curve_client_key needs the server's public key too (curve_server_key, "
+                                     f"--curve-server-key or ${CURVE_SERVER_KEY_ENV})")
             return None
-        return cls.from_files(server_key, extra.get("curve_client_key"))
+        return cls.from_files(server_key, own_key or None)
+
+    def describe(self) -> str:
+        """This side's key, as a server's log and allow-list name it."""
+        own = f"from {self.own_key_file}" if self.own_key_file else "ephemeral: no curve_client_key given"
+        return f"{self.public.decode()} ({own})"  # zmq.auth keys are z85 text already
 
     def apply(self, sock: zmq.Socket[Any]) -> None:
         sock.curve_serverkey = self.server_public
@@ -129,10 +147,16 @@ class Curve:
         sock.curve_secretkey = self.secret
 
 
-def dealer(
-    ctx: zmq.Context[Any], address: tuple[str, int], limits: Limits, curve: Curve | None
-) -> zmq.Socket[Any]:
-    """A DEALER with a fresh random routing id, connecting (asynchronously) to the server."""
+def load_certificate(path: str | os.PathLike[str], what: str) -> tuple[bytes, bytes | None]:
+    """``(public, secret or None)`` from a certificate file; a clear error naming ``what`` otherwise."""
+    try:
+        return zmq.auth.load_certificate(os.fspath(path))
+    except (OSError, ValueError) as exc:
+        raise TransportError(f"cannot read {what} {os.fspath(path)}: {exc}") from exc
+
+
+def dealer(ctx: zmq.Context[Any], address: tuple[str, int], limits: Limits, curve: Curve | None) -> zmq.Socket[Any]:
+    """A DEALER with a fresh random routing id, configured but not connected yet."""
     sock: zmq.Socket[Any] = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.ROUTING_ID, b"\0" + os.urandom(15))  # leading zero: never a libzmq-made id
@@ -146,24 +170,44 @@ def dealer(
         sock.setsockopt(zmq.IPV6, 1)
     if curve is not None:
         curve.apply(sock)
-    sock.connect(endpoint(*address))
     return sock
+
+
+def refusal(monitor: zmq.Socket[Any]) -> int | None:
+    """The ZAP status code (400: key not allowed) of a refused CURVE handshake reported on ``monitor``
+    since the last look, or None."""
+    while True:
+        try:
+            event = monitor.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return None
+        if len(event) == 2 and len(event[0]) == 6:
+            kind, value = struct.unpack("=Hi", event[0])
+            if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                return int(value)
 
 
 class ZmqChannel(Channel):
     """A client's or worker's session with a zmq job server: one DEALER socket with a fresh routing id.
 
-    Frames refused at the high-water mark wait in a backlog until the socket is writable again."""
+    Frames refused at the high-water mark wait in a backlog until the socket is writable again. With
+    CURVE, ``monitor`` reports a handshake the server refused (this side's key is not on its allow-list).
+    """
 
-    def __init__(self, sock: zmq.Socket[Any], key: bytes | None, limits: Limits, url: str) -> None:
+    def __init__(self, sock: zmq.Socket[Any], key: bytes | None, limits: Limits, url: str,
+                 curve: Curve | None = None, monitor: zmq.Socket[Any] | None = None) -> None:
         super().__init__(url)
         self._sock = sock
+        self._curve = curve
+        self._monitor = monitor
         self._send_mac = as_mac(key)
         self._recv_mac = as_mac(key)
         self._limits = limits
         self._backlog: deque[list[Buffer]] = deque()  # encoded frames
         self._poller = zmq.Poller()
         self._poller.register(sock, zmq.POLLIN)
+        if monitor is not None:
+            self._poller.register(monitor, zmq.POLLIN)
         self._events = zmq.POLLIN
         self._waker: Waker | None = None
         self._closed = False
@@ -172,11 +216,20 @@ class ZmqChannel(Channel):
     def connect(cls, address: tuple[str, int], key: bytes | None, limits: Limits, curve: Curve | None,
                 url: str) -> ZmqChannel:
         """A new session; ZeroMQ connects (and retries the TCP connection) in the background."""
+        sock: zmq.Socket[Any] | None = None
+        monitor: zmq.Socket[Any] | None = None
         try:
             sock = dealer(zmq.Context.instance(), address, limits, curve)
+            if curve is not None:  # before connect(), so no handshake goes unwatched
+                monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+                monitor.setsockopt(zmq.LINGER, 0)
+            sock.connect(endpoint(*address))
         except zmq.ZMQError as exc:
+            for opened in (monitor, sock):
+                if opened is not None:
+                    opened.close(linger=0)
             raise ConnectionFailedError(f"cannot connect to {url}: {exc}") from exc
-        return cls(sock, key, limits, url)
+        return cls(sock, key, limits, url, curve, monitor)
 
     def queue(self, frame: Frame) -> None:
         self._backlog.append(encode(frame, self._send_mac))
@@ -190,12 +243,16 @@ class ZmqChannel(Channel):
                 send_frame(self._sock, self._backlog[0], flags=zmq.NOBLOCK)
                 self._backlog.popleft()
         except zmq.Again:
+            # A refused handshake can end the connection before the first send: the DEALER then has
+            # nowhere to queue a frame, and only the monitor says why.
+            self._check_refused()
             return False
         except zmq.ZMQError as exc:
             raise ConnectionFailedError(f"lost the session with {self.peer}: {exc}") from exc
         return True
 
     def receive(self) -> list[Frame]:
+        self._check_refused()
         frames: list[Frame] = []
         try:
             while True:
@@ -215,7 +272,18 @@ class ZmqChannel(Channel):
             self._events = events
         self._poller.poll(int(timeout * 1000) + 1)
 
+    def _check_refused(self) -> None:
+        if self._monitor is None or self._curve is None:
+            return
+        status = refusal(self._monitor)
+        if status is not None:
+            raise ConnectionFailedError(
+                f"the job server {self.peer} refused this side's CURVE key {self._curve.describe()} "
+                f"(ZAP status {status}): its public key is not on the server's allow-list")
+
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            if self._monitor is not None:
+                self._monitor.close(linger=0)
             self._sock.close(linger=0)
