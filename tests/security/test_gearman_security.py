@@ -351,6 +351,16 @@ def test_what_gearmand_relays_both_ways_is_ciphertext(
         assert seen == {marker: 4, marker.upper(): 4} and b"shout_back" in recorded
 
 
+def test_a_large_call_and_result_cross_encrypted_in_segments(
+    pool_url: str, key: bytes, start_workers: Callable[..., Supervisor]
+) -> None:
+    """3 MB each way: several 1 MiB segments, a part spanning two of them, in the job and in the result."""
+    blob = os.urandom(3 * 1024 * 1024 + 123)
+    start_workers(pool_url, key)
+    with RemoteExecutor(transport=pool_url, key=key) as ex:
+        assert ex.submit(shout_back, blob).result(timeout=60) == blob
+
+
 # --- replay --------------------------------------------------------------------------------------------------
 
 

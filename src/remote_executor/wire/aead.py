@@ -130,7 +130,7 @@ class Sealer:
             pos = end
         return out
 
-    def open(self, sealed: Buffer, associated: bytes) -> bytearray:
+    def open(self, sealed: Buffer, associated: bytes) -> bytes | bytearray:
         """The plaintext of a sealed message, once every segment has verified; raises
         :class:`AuthenticationError` for anything else (another key, purpose or associated data, a
         tampered, truncated or extended message, or no sealed message at all)."""
@@ -154,6 +154,8 @@ class Sealer:
                                    ad, 0, count)
         if not known:
             self._remember(salt, aead)
+        if count == 1:  # the common case, a small message: no second copy
+            return first
         out = bytearray(body - TAG_SIZE * count)
         out[: len(first)] = first
         out_view, pos_in, pos_out = memoryview(out), HEADER_SIZE + stride, len(first)

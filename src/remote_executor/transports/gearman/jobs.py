@@ -134,13 +134,10 @@ class JobCodec:
 
     Every ``decode`` method authenticates before it parses, and nothing it returns has been unpickled."""
 
-    def __init__(self, key: bytes | None, function: bytes, *, limits: Limits = DEFAULT_LIMITS,
-                 segment_size: int | None = None) -> None:
+    def __init__(self, key: bytes | None, function: bytes, *, limits: Limits = DEFAULT_LIMITS) -> None:
         self.function = function
         self.limits = limits
-        extra = {} if segment_size is None else {"segment_size": segment_size}
-        self._sealer = None if key is None else Sealer(key, AEAD_PURPOSE, what="a gearman key (encrypted jobs)",
-                                                       **extra)
+        self._sealer = None if key is None else Sealer(key, AEAD_PURPOSE, what="a gearman key (encrypted jobs)")
 
     @property
     def encrypted(self) -> bool:
