@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import BrokenExecutor
 from pathlib import Path
@@ -24,13 +25,13 @@ import pytest
 
 from remote_executor import RemoteExecutor
 from remote_executor.conformance.gate import Gate, wait_at_gate
-from remote_executor.errors import InitializerFailed, TransportError, WorkerLostError
+from remote_executor.errors import AuthenticationError, InitializerFailed, TransportError, WorkerLostError
 from remote_executor.supervisor import Supervisor
-from remote_executor.transports.base import WorkerCore, WorkerSettings
+from remote_executor.transports.base import Call, Session, WorkerCore, WorkerSettings
 from remote_executor.transports.gearman import gearmand as gearmand_module
 from remote_executor.transports.gearman.connection import ClientCallbacks, GearmanClientConnection, admin_status
 from remote_executor.transports.gearman.gearmand import GearmandProcess
-from remote_executor.transports.gearman.jobs import decode_job_frame, parse_url
+from remote_executor.transports.gearman.jobs import JobCodec, JobIdentity, parse_url
 from remote_executor.transports.gearman.worker import GearmanWorker
 from remote_executor.wire.frames import Frame, Kind, encode_bytes
 
@@ -221,11 +222,11 @@ class _Outcomes(ClientCallbacks[int]):
         self.done.set()
 
 
-@pytest.mark.parametrize("forger_key", [b"not the key", None], ids=["wrong-key", "unsigned"])
+@pytest.mark.parametrize("forger_key", [b"not the key", None], ids=["wrong-key", "unencrypted"])
 def test_job_with_a_wrong_key_is_refused_before_unpickling(
     pool_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture, forger_key: bytes | None
 ) -> None:
-    key = os.urandom(32)
+    key = os.urandom(32).hex().encode()  # no surrounding whitespace: the executor strips it, WorkerSettings not
     settings = WorkerSettings(url=pool_url, key=key, name="keyed-worker")
     worker = threading.Thread(target=GearmanWorker(settings, WorkerCore()).run, name="test-gearman-worker")
     trap = tmp_path / "unpickled"
@@ -233,14 +234,21 @@ def test_job_with_a_wrong_key_is_refused_before_unpickling(
         worker.start()
         try:
             (host, port), pool = parse_url(pool_url)[0][0], parse_url(pool_url)[1]
+            function = f"remote_executor.{pool}".encode()
             forged = Frame(Kind.TASK, a=1, b=7, parts=[pickle.dumps(_Trap(str(trap)))])
+            if forger_key is None:
+                payload: bytes | bytearray = encode_bytes(forged)
+            else:  # a well-formed encrypted job, under another key
+                call = Call(1, forged.parts)
+                payload = JobCodec(forger_key, function).encode_job(call, Session(7, None, 0), time.time() + 60).payload
             outcomes = _Outcomes()
             with GearmanClientConnection(host, port, outcomes) as rogue:
-                rogue.submit(1, f"remote_executor.{pool}".encode(), encode_bytes(forged, forger_key))
+                rogue.submit(1, function, payload)
                 assert outcomes.done.wait(30)
             assert outcomes.outcome == "fail"
             assert outcomes.data and outcomes.data[0].startswith(b"refused by keyed-worker")
-            expected = "refused a job with a bad HMAC" if forger_key else "refused a malformed job"
+            assert "refused a job it cannot authenticate" in caplog.text
+            expected = "does not verify" if forger_key else "the job is not encrypted"
             assert expected in caplog.text
             assert not trap.exists()
             with RemoteExecutor(transport=pool_url, key=key) as ex:  # the worker serves the rightful client
@@ -256,15 +264,16 @@ def test_client_with_another_key_gets_a_clear_rejection(
 ) -> None:
     start_workers(pool_url, 1, env={"REMOTE_EXECUTOR_KEY_HEX": os.urandom(32).hex()})
     with RemoteExecutor(transport=pool_url, key=b"another key") as ex, pytest.raises(
-        BrokenExecutor, match="refused a job with a bad HMAC"
+        BrokenExecutor, match="refused a job it cannot authenticate"
     ):
         ex.submit(pow, 2, 2).result(timeout=30)
 
 
-def test_result_signed_with_another_key_is_refused() -> None:
-    payload = encode_bytes(Frame(Kind.RESULT, a=1, parts=[b"x"]), b"rogue")
-    with pytest.raises(Exception, match="HMAC does not verify"):
-        decode_job_frame(payload, b"rightful")
+def test_result_encrypted_with_another_key_is_refused() -> None:
+    identity = JobIdentity(b"remote_executor.default", 7, 1, bytes(16))
+    payload = JobCodec(b"rogue", identity.function).encode_result(Frame(Kind.RESULT, a=1, parts=[b"x"]), identity)
+    with pytest.raises(AuthenticationError, match="does not verify"):
+        JobCodec(b"rightful", identity.function).decode_result(payload, identity)
 
 
 # --- initializer, embedded cluster, CLI ----------------------------------------------------------------------

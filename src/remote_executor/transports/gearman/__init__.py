@@ -4,14 +4,17 @@ gearmand is the job server; this transport maps calls to Gearman jobs and speaks
 our own small codec (the PyPI Gearman libraries do not work on Python 3.10-3.13)::
 
     client (.client)                           gearmand (1..n)                 worker (.worker)
-    SUBMIT_JOB remote_executor.<POOL>   ──▶    queue per function     ──▶    GRAB_JOB_UNIQ; verify the HMAC
-      payload: TASK frame (HMAC)                                              WORK_DATA "started by <name>"
+    SUBMIT_JOB remote_executor.<POOL>   ──▶    queue per function     ──▶    GRAB_JOB_UNIQ; decrypt and verify,
+      payload: TASK frame, encrypted                                           refuse expired or replayed jobs
+      with a job id and expiry (key)                                          WORK_DATA "started by <name>"
     WORK_COMPLETE: RESULT/BROKEN frame  ◀──                           ◀──    initializer (once), call
-    WORK_FAIL: worker lost / refused                                          WORK_COMPLETE (or WORK_FAIL)
+      encrypted for this job only                                             WORK_COMPLETE (or WORK_FAIL)
+    WORK_FAIL: worker lost / refused
 
 Modules: :mod:`.codec` (packets, sans I/O), :mod:`.connection` (client, worker and admin connections),
-:mod:`.jobs` (URLs, pools and job payloads), :mod:`.client`, :mod:`.worker`, :mod:`.gearmand` (a private
-gearmand process) and :mod:`.embedded` (the local cluster's gearmand).
+:mod:`.jobs` (URLs, pools and job payloads, encrypted with a key), :mod:`.replay` (what a worker refuses to
+run twice), :mod:`.client`, :mod:`.worker`, :mod:`.gearmand` (a private gearmand process) and
+:mod:`.embedded` (the local cluster's gearmand).
 """
 
 

@@ -17,6 +17,13 @@ that worker, bounded by ``max_retries``) and is reconnected in the background.
 ran it and how often. Where gearmand runs without ``-j`` it requeues a job whose worker died, for ever; the
 client settles the call as worker-lost at the start beyond ``max_retries + 1`` and drops the job with the
 admin ``cancel job``. Where gearmand has ``-j`` (the embedded cluster), its WORK_FAIL ends the call first.
+
+With a key every submission is sealed anew (:mod:`.jobs`): a new job id, expiring ``job_ttl`` seconds
+(``RemoteExecutor(..., job_ttl=...)``, default 300) from now, so a worker never takes a resubmission for a
+replay; a result is accepted only if it opens as the answer to the current submission of its call, and is
+refused unread (that future fails, nothing is unpickled) otherwise. A worker that refuses this very
+submission as a replay means gearmand handed the job out again after losing that worker's connection: the
+call is resubmitted as after any lost worker, within ``max_retries``.
 """
 
 from __future__ import annotations
@@ -43,7 +50,19 @@ from .connection import (
     admin_status,
     cancel_job,
 )
-from .jobs import ALIVE, REFUSED, STARTED, decode_job_frame, encode_job, function_name, parse_url
+from .jobs import (
+    ALIVE,
+    DEFAULT_JOB_TTL,
+    REFUSED,
+    STARTED,
+    JobCodec,
+    JobIdentity,
+    SealedJob,
+    check_job_ttl,
+    function_name,
+    parse_url,
+)
+from .replay import REPLAYED
 
 log = logging.getLogger("remote_executor.gearman")
 
@@ -56,7 +75,8 @@ Ticket = tuple[int, int]  # (task id, submission number): callbacks about an old
 @dataclass(eq=False)
 class _Job:
     call: Call
-    payload: bytes
+    prepared: SealedJob | None  # the payload for the next submission, if made already (off the lock)
+    job_id: bytes = b""  # the id the current submission carries: its result must name it
     submission: int = 0
     server: int = -1
     handle: bytes | None = None
@@ -90,7 +110,8 @@ class GearmanClientTransport(ClientTransport):
         addresses, pool = parse_url(url, options.extra.get("pool"))
         self.function = function_name(pool)
         self._options = options
-        self._key = options.key
+        self._job_ttl = check_job_ttl(options.extra.get("job_ttl", DEFAULT_JOB_TTL))
+        self._codec = JobCodec(options.key, self.function, limits=options.limits())  # fails early without cryptography
         self._fixed_capacity = capacity
         self._servers = [_Server(i, host, port) for i, (host, port) in enumerate(addresses)]
         self._session: Session | None = None
@@ -130,8 +151,7 @@ class GearmanClientTransport(ClientTransport):
         self._thread.start()
 
     def submit(self, calls: Sequence[Call]) -> None:
-        assert self._session is not None
-        jobs = [_Job(call, encode_job(call, self._session, self._key)) for call in calls]
+        jobs = [_Job(call, self._prepare(call)) for call in calls]
         with self._lock:
             for job in jobs:
                 self._jobs[job.call.task_id] = job
@@ -152,20 +172,27 @@ class GearmanClientTransport(ClientTransport):
 
     # --- submitting (lock held) -------------------------------------------------------------------------
 
+    def _prepare(self, call: Call) -> SealedJob:
+        """The payload of one submission: a new job id, expiring ``job_ttl`` from now."""
+        assert self._session is not None
+        return self._codec.encode_job(call, self._session, time.time() + self._job_ttl)
+
     def _send(self, job: _Job) -> None:
-        """Write ``job`` to the next live server; park it if there is none."""
+        """Write ``job`` to the next live server; park it if there is none. A resubmission is sealed anew
+        here (under the lock: resubmissions are rare): a new job id, so workers do not take it for a replay."""
         live = [s for s in self._servers if s.conn is not None]
+        sealed, job.prepared = job.prepared or self._prepare(job.call), None
         while live:
             server = live[next(self._round_robin) % len(live)]
             job.submission += 1
-            job.server, job.handle, job.started_here = server.index, None, False
+            job.server, job.handle, job.started_here, job.job_id = server.index, None, False, sealed.job_id
             assert server.conn is not None
             try:
-                server.conn.submit((job.call.task_id, job.submission), self.function, job.payload)
+                server.conn.submit((job.call.task_id, job.submission), self.function, sealed.payload)
                 return
             except GearmanConnectionError:  # ended under us: its reader reports it; try another
                 live.remove(server)
-        self._parked.append(job)
+        self._parked.append(job)  # sealed again when it leaves: it may wait past its expiry
 
     # --- connection events (reader threads) ----------------------------------------------------------------
 
@@ -205,7 +232,7 @@ class GearmanClientTransport(ClientTransport):
             if payload == ALIVE:
                 return
             if payload.startswith(REFUSED):
-                job.refusal = payload.decode(errors="replace")
+                job.refusal = payload[len(REFUSED):].decode(errors="replace")
                 return
             if not payload.startswith(STARTED):
                 return
@@ -228,11 +255,14 @@ class GearmanClientTransport(ClientTransport):
             if job is None:
                 return
             del self._jobs[job.call.task_id]
+            identity = self._identity(job)
         try:
-            frame = decode_job_frame(payload, self._key)
+            frame = self._codec.decode_result(payload, identity)
         except (AuthenticationError, ProtocolError) as exc:
             log.error("refused the result of call %d: %s", ticket[0], exc)
-            reason = f"the result of this call failed verification (a rogue worker, or a key mismatch): {exc}"
+            reason = (f"the result of this call was refused, unread: it does not verify as the answer to the job "
+                      f"this client submitted (a rogue worker, the result of another job, tampering, or "
+                      f"another key): {exc}")
             self._settle(ticket[0], Status.REJECTED, [reason.encode()])
             return
         if frame.kind == Kind.RESULT and frame.a == ticket[0]:
@@ -245,14 +275,23 @@ class GearmanClientTransport(ClientTransport):
             log.error("%s", reason)
             self._settle(ticket[0], Status.REJECTED, [reason.encode()])
 
+    def _identity(self, job: _Job) -> JobIdentity:
+        assert self._session is not None
+        return JobIdentity(self.function, self._session.executor_id, job.call.task_id, job.job_id)
+
     def on_fail(self, ticket: Ticket, why: str) -> None:
         with self._lock:
             job = self.job_for(ticket)
             if job is None:
                 return
+            if job.refusal is not None and REPLAYED in job.refusal and self._replayed(job):
+                return
             del self._jobs[job.call.task_id]
-        if job.refusal is not None:
-            self._settle(ticket[0], Status.REJECTED, [f"a worker would not run this call: {job.refusal}".encode()])
+        if job.refusal is not None and REPLAYED in job.refusal:
+            self._settle(ticket[0], Status.WORKER_LOST, worker_lost_parts(job.starts, len(job.starts)))
+        elif job.refusal is not None:
+            self._settle(ticket[0], Status.REJECTED, [f"a worker would not run this call: refused by "
+                                                      f"{job.refusal}".encode()])
         elif why:
             self._settle(ticket[0], Status.REJECTED, [why.encode()])
         else:  # gearmand's -j retries exhausted (or an admin cancel by someone): the workers were lost
@@ -283,6 +322,21 @@ class GearmanClientTransport(ClientTransport):
             log.warning("lost gearmand %s (%s); %d call(s) in flight there", server.address, exc, len(in_flight))
         for task_id, parts in lost:
             self._settle(task_id, Status.WORKER_LOST, parts)
+
+    def _replayed(self, job: _Job) -> bool:
+        """This very submission was refused as a copy of a job its worker had accepted before: gearmand
+        handed it out again after losing that worker's connection (the worker may have run it). A loss of
+        that worker, not an error of the call: resubmitted (sealed anew) within ``max_retries``, and True;
+        False when the call must fail as lost (lock held)."""
+        assert self._session is not None and job.refusal is not None
+        if not job.started_here:  # the worker accepted it unseen by us: count that start
+            job.starts.append(job.refusal[: job.refusal.find(f": {REPLAYED}")])  # "<worker>: <REPLAYED> ..."
+        if len(job.starts) > self._session.max_retries:
+            return False
+        log.warning("call %d: refused by %s; resubmitting it", job.call.task_id, job.refusal)
+        job.refusal = None
+        self._send(job)
+        return True
 
     def _may_resubmit(self, job: _Job) -> bool:
         """After a server loss: a job nobody had started is simply resubmitted; one that was running counts

@@ -1,7 +1,9 @@
 """The embedded gearman cluster's server: a private gearmand on loopback, a free port and ``-j``.
 
 gearmand has no authentication, so the cluster always runs with a key (a random one unless the executor
-has its own): another local user who finds the port cannot make the workers run code. gearmand is started
+has its own), and with a key every job and result is encrypted (:mod:`.jobs`): another local user who finds
+the port can neither make the workers run code nor read a call or its result, so the cluster needs the
+``cryptography`` package, checked before anything starts. gearmand is started
 and stopped by an owner thread, because the kernel kills it when the thread that started it exits
 (PR_SET_PDEATHSIG) and the executor may be created on a short-lived thread.
 """
@@ -14,6 +16,7 @@ from dataclasses import replace
 
 from ...errors import TransportError
 from ...security import key_to_env
+from ...wire.aead import require_cryptography
 from ..base import ClientTransport, EmbeddedServer, Options, Session
 from .gearmand import GearmandNotFoundError, GearmandProcess
 
@@ -22,6 +25,7 @@ class EmbeddedGearmand(EmbeddedServer):
     """A gearmand whose ``-j`` fails a job after ``max_retries + 1`` lost workers."""
 
     def __init__(self, options: Options, session: Session, workers: int) -> None:
+        require_cryptography('transport="gearman" (its jobs are always encrypted)')
         self.options = options
         self.workers = workers
         self.job_retries = session.max_retries + 1

@@ -12,8 +12,10 @@ connection's grab/sleep state without blocking) and waits on all their sockets a
 server wakes it at once.
 
 Before running a job the worker sends ``WORK_DATA "started by <name>"`` (the client counts starts to enforce
-``max_retries`` and names lost workers). A job whose frame does not verify with the key is refused before
-anything is unpickled: ``WORK_DATA "refused by <name>: ..."``, then ``WORK_FAIL``, and a log line.
+``max_retries`` and names lost workers). A job that does not verify with the key (or is not encrypted while
+the worker has one) is refused before anything is parsed or unpickled, and so is an authenticated job that
+expired or whose job id this process has already accepted (a replay, :mod:`.replay`): ``WORK_DATA "refused
+by <name>: ..."``, then ``WORK_FAIL``, and a log line. The result is sealed for exactly the job it answers.
 SIGTERM drains: no new grabs, the running call finishes, then ``CANT_DO`` and exit 0 (not ``CANT_DO`` at
 once: gearmand 1.1.20 would take the running job away from the worker).
 """
@@ -30,11 +32,12 @@ from collections.abc import Iterator
 from ...errors import AuthenticationError, ProtocolError
 from ...netio import retry_with_backoff
 from ...security import is_loopback
-from ...wire.frames import Frame, Kind, encode
+from ...wire.frames import Frame, Kind
 from ..base import WorkerCore, WorkerSettings
 from .codec import GearmanError
 from .connection import GearmanWorkerConnection, Job
-from .jobs import ALIVE, REFUSED, STARTED, decode_job_frame, function_name, join, parse_url
+from .jobs import ALIVE, REFUSED, STARTED, JobCodec, OpenedJob, function_name, parse_url
+from .replay import ReplayGuard
 
 log = logging.getLogger("remote_executor.gearman")
 
@@ -91,6 +94,8 @@ class GearmanWorker:
         self.settings = settings
         self.core = core
         self.function = function_name(pool)
+        self.codec = JobCodec(settings.key, self.function)  # with a key: fails here without cryptography
+        self.replays = ReplayGuard()
         self.client_id = "".join(c if c.isprintable() and not c.isspace() else "_" for c in settings.name).encode()
         self.stop = threading.Event()
         self.changed = threading.Condition()
@@ -180,21 +185,29 @@ class GearmanWorker:
             server.lost(exc)
 
     def _reply(self, conn: GearmanWorkerConnection, job: Job) -> None:
-        key = self.settings.key
         try:
-            frame = decode_job_frame(job.payload, key)
-            if frame.kind != Kind.TASK or frame.flags > len(frame.parts):
-                raise ProtocolError(f"expected a TASK frame, got {frame.kind.name} with {frame.flags} init parts")
+            opened = self.codec.decode_job(job.payload)
         except AuthenticationError as exc:
-            self._refuse(conn, job, "refused a job with a bad HMAC (wrong key, or a rogue client)", exc)
+            self._refuse(conn, job, "refused a job it cannot authenticate (another key, or a rogue client)", exc)
             return
         except ProtocolError as exc:
             self._refuse(conn, job, "refused a malformed job", exc)
             return
+        refusal = self._admit(opened)
+        if refusal is not None:
+            self._refuse(conn, job, refusal, None)
+            return
         conn.send_data(job.handle, STARTED + self.settings.name.encode())
         with self.alive.beating(conn, job.handle):
-            reply = self._run(frame)
-        conn.complete(job.handle, join(encode(reply, key)))
+            reply = self._run(opened.frame)
+        conn.complete(job.handle, self.codec.encode_result(reply, opened.identity(self.function)))
+
+    def _admit(self, opened: OpenedJob) -> str | None:
+        """Why an authenticated job must not run (expired, or a copy of one this process accepted), or None.
+        Jobs without a key carry no id: whoever reaches gearmand can submit anything anyway."""
+        if opened.expiry is None:
+            return None
+        return self.replays.admit(opened.job_id, opened.expiry, time.time())
 
     def _run(self, frame: Frame) -> Frame:
         """The initializer (once per executor) and the call: the RESULT frame, or BROKEN."""
@@ -205,9 +218,10 @@ class GearmanWorker:
                 return Frame(Kind.BROKEN, a=executor_id, parts=failure)
         return Frame(Kind.RESULT, a=frame.a, parts=self.core.run(executor_id, frame.parts[init:]))
 
-    def _refuse(self, conn: GearmanWorkerConnection, job: Job, what: str, exc: Exception) -> None:
-        log.error("%s from gearmand %s (job %s): %s", what, conn.address, job.handle.decode(errors="replace"), exc)
-        conn.send_data(job.handle, REFUSED + f"{self.settings.name}: {what}: {exc}".encode())
+    def _refuse(self, conn: GearmanWorkerConnection, job: Job, what: str, exc: Exception | None) -> None:
+        why = what if exc is None else f"{what}: {exc}"
+        log.error("%s (job %s from gearmand %s)", why, job.handle.decode(errors="replace"), conn.address)
+        conn.send_data(job.handle, REFUSED + f"{self.settings.name}: {why}".encode())
         conn.fail(job.handle)
 
     def _drain(self) -> int:
