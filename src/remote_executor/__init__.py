@@ -28,6 +28,7 @@ __all__ = [
     "RemoteExecutor",
     "RemoteExecutorError",
     "RemoteTraceback",
+    "SSHCluster",
     "SerializationError",
     "ServerUnavailableError",
     "TransportError",
@@ -38,6 +39,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .executor import RemoteExecutor
+    from .ssh import SSHCluster
 
 
 def __getattr__(name: str) -> Any:
@@ -46,4 +48,8 @@ def __getattr__(name: str) -> Any:
         from .executor import RemoteExecutor
 
         return RemoteExecutor
+    if name == "SSHCluster":
+        from .ssh import SSHCluster
+
+        return SSHCluster
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -5,6 +5,7 @@
     remote-executor status tcp://host:5555                 workers, clients and queues
     remote-executor ping tcp://host:5555                   is it up, and how far away
     remote-executor tls-keygen DIR --host NAME_OR_IP       a private CA and certificates for TLS (tcp://)
+    remote-executor cluster up --hosts n1,n2 --processes 4 a job server here, workers on n1 and n2 over SSH
 
 A key (``--key-file`` or ``$REMOTE_EXECUTOR_KEY``) turns on HMAC for every frame; without one, servers
 only listen on loopback unless given ``--insecure`` or mutual TLS (``--tls-ca``). SIGTERM or Ctrl-C stops
@@ -32,6 +33,7 @@ from .tls import TlsConfig, make_cluster_material
 from .transports import get_backend, scheme_of
 from .transports.base import Backend, Options, ServerSettings
 from .wire.frames import Limits
+from .worker import read_stdin_line, watch_stdin
 
 log = logging.getLogger("remote_executor.cli")
 
@@ -61,7 +63,8 @@ def _parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=helptext)
         sub.set_defaults(func=func)
         sub.add_argument("url", help="tcp://HOST:PORT, zmq://HOST:PORT or gearman://HOST:PORT[,HOST:PORT]")
-        sub.add_argument("--key-file", help="file holding the shared HMAC key (default: $REMOTE_EXECUTOR_KEY)")
+        sub.add_argument("--key-file", help="file holding the shared HMAC key (default: $REMOTE_EXECUTOR_KEY); "
+                                            "- reads it from the first line of standard input")
         sub.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer")
         if name in ("server", "worker"):
             sub.add_argument("--heartbeat-interval", type=float, default=1.0)
@@ -82,6 +85,13 @@ def _parser() -> argparse.ArgumentParser:
                         help="a name or IP address clients and workers reach the server by (repeat for more)")
     keygen.add_argument("--days", type=int, default=825, help="how long the certificates are valid")
     _add_curve_flags(commands.choices)
+    worker.add_argument("--name", help="name of the worker processes in status (default: HOSTNAME-PID)")
+    worker.add_argument("--exit-on-stdin-eof", action="store_true",
+                        help="exit at once when standard input closes (a 'drain' line on it drains): "
+                             "workers that end with the SSH session that started them")
+    from .cli_cluster import add_cluster_command  # the subcommands live there; their work is imported lazily
+
+    add_cluster_command(commands)
     return parser
 
 
@@ -92,8 +102,15 @@ def _backend(url: str) -> Backend:
     return get_backend(scheme_of(url))
 
 
+def _key(args: argparse.Namespace) -> bytes | None:
+    """The key of ``--key-file`` (``-``: the first line of standard input, so it is on no command line)."""
+    if args.key_file == "-":
+        return resolve_key(key=read_stdin_line())
+    return resolve_key(key_file=args.key_file)
+
+
 def _options(args: argparse.Namespace, **extra: Any) -> Options:
-    return Options(key=resolve_key(key_file=args.key_file), connect_timeout=args.timeout,
+    return Options(key=_key(args), connect_timeout=args.timeout,
                    extra={k: v for k, v in extra.items() if v is not None})
 
 
@@ -113,7 +130,7 @@ def _tls_options(args: argparse.Namespace, backend: Backend) -> dict[str, Any]:
 def _server(args: argparse.Namespace) -> int:
     backend = _backend(args.url)
     extra = {**_curve_server_extra(args, backend), **_tls_options(args, backend)}
-    settings = ServerSettings(key=resolve_key(key_file=args.key_file), insecure=args.insecure,
+    settings = ServerSettings(key=_key(args), insecure=args.insecure,
                               limits=Limits(max_frame=args.max_frame_size),
                               heartbeat_interval=args.heartbeat_interval,
                               heartbeat_timeout=args.heartbeat_timeout, extra=extra)
@@ -126,7 +143,7 @@ def _server(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    key = resolve_key(key_file=args.key_file)
+    key = _key(args)
     backend = _backend(args.url)  # fail now, clearly, for an unknown scheme or a missing extra
     worker_args: tuple[str, ...] = ("--heartbeat-interval", str(args.heartbeat_interval),
                                     "--heartbeat-timeout", str(args.heartbeat_timeout),
@@ -136,9 +153,11 @@ def _worker(args: argparse.Namespace) -> int:
         tls.client_context()  # a file that cannot be loaded fails here, once, not in every worker process
         worker_args += tls.to_args()
     supervisor = Supervisor(args.url, args.processes, env=key_to_env(key), worker_args=worker_args,
-                            name=f"{os.uname().nodename}-{os.getpid()}")
+                            name=args.name or f"{os.uname().nodename}-{os.getpid()}")
     stop = threading.Event()
     _on_stop_signals(stop.set)
+    if args.exit_on_stdin_eof:
+        watch_stdin(stop)
     supervisor.start()
     print(f"{args.processes} worker process(es) serving {args.url}", flush=True)
     stop.wait()

@@ -53,6 +53,42 @@ def watch_lifeline(fd: int) -> None:
     threading.Thread(target=wait_for_eof, name="remote-executor-lifeline", daemon=True).start()
 
 
+def read_stdin_line(fd: int = 0) -> bytes:
+    """One line of standard input, read without a buffer: what follows it stays for :func:`watch_stdin`."""
+    line = bytearray()
+    while not line.endswith(b"\n"):
+        chunk = os.read(fd, 1)
+        if not chunk:
+            break
+        line += chunk
+    return bytes(line)
+
+
+def watch_stdin(drain: threading.Event, fd: int = 0) -> None:
+    """``--exit-on-stdin-eof``: standard input is the line to whoever started this command (an SSH session).
+
+    A ``drain`` line drains (as SIGTERM does); end of file ends the process at once, so a session that ends,
+    however it ends (the client exited, was killed, lost its network), leaves nothing running here. The
+    supervisor's worker processes follow through their lifelines. Plain ``os.read``: a daemon thread
+    blocked in a buffered ``sys.stdin`` would abort the interpreter's exit after a drain."""
+
+    def read_until_eof() -> None:
+        pending = b""
+        try:
+            while chunk := os.read(fd, 4096):
+                *lines, pending = (pending + chunk).split(b"\n")
+                if any(line.strip() == b"drain" for line in lines):
+                    log.info("asked to drain on standard input")
+                    drain.set()
+        except OSError:
+            pass
+        log.info("standard input closed: exiting now")
+        logging.shutdown()
+        os._exit(0)
+
+    threading.Thread(target=read_until_eof, name="remote-executor-stdin", daemon=True).start()
+
+
 def run(settings: WorkerSettings) -> int:
     """Serve ``settings.url`` with the worker loop of its backend until drained or fatally refused."""
     return get_backend(scheme_of(settings.url)).run_worker(settings, WorkerCore())
@@ -72,6 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "(default: $REMOTE_EXECUTOR_CURVE_SERVER_KEY)")
     parser.add_argument("--curve-client-key", metavar="FILE",
                         help="zmq:// only: this worker's secret CURVE certificate (default: an ephemeral key)")
+    parser.add_argument("--exit-on-stdin-eof", action="store_true",
+                        help="exit when standard input closes; a 'drain' line on it drains")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s worker %(process)d %(levelname)s %(message)s")
     settings = WorkerSettings(
@@ -89,6 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         watch_lifeline(int(lifeline))
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the supervisor, which drains us
     install_drain_handler(settings.drain)
+    if args.exit_on_stdin_eof:
+        watch_stdin(settings.drain)
     try:
         return run(settings)
     except RemoteExecutorError as exc:  # an unknown scheme, a missing extra: restarting will not help

@@ -1,0 +1,291 @@
+"""Hosts for the SSH tests: Linux network namespaces on a private bridge, each with a real sshd.
+
+    namespace PREFIX-br:  bridge br0, one veth per machine (v-client, v-node1, ...)
+    namespace PREFIX-client   10.214.0.2    the client (the executor, `remote-executor cluster`)
+    namespace PREFIX-node1    10.214.0.11   sshd on port 22 (node2: .12, node3: .13)
+
+Every address exists only inside these namespaces (no default route, nothing in or attached to the root
+namespace); the names start with ``ressh<pid>-``, so a later run can remove what a crashed run left behind
+and nothing of anyone else's is touched. The sshd of each host is a real ``/usr/sbin/sshd -D`` with a host
+key, an authorized key and its pid file in a temporary directory; the client uses an ssh config file written
+here (host aliases node1.., a known_hosts file with the hosts' keys, the test's identity).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PREFIX_BASE = "ressh"
+SUBNET = "10.214.0"
+CLIENT_ADDRESS = f"{SUBNET}.2"
+UNREACHABLE_ADDRESS = f"{SUBNET}.99"  # on the bridge's subnet, but no machine answers there
+SRC = str(Path(__file__).resolve().parents[2] / "src")
+
+
+def run(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, check=check, timeout=60)
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll a condition no event announces (processes in another namespace ending), with a deadline."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.1)
+
+
+def missing_tools() -> list[str]:
+    return [tool for tool in ("ip", "ssh", "ssh-keygen", "/usr/sbin/sshd") if shutil.which(tool) is None]
+
+
+def remove_stale_namespaces() -> None:
+    """Remove namespaces of earlier runs of this suite whose process is gone (a crashed or killed run)."""
+    for name in namespaces():
+        found = re.match(rf"^{PREFIX_BASE}(\d+)-", name)
+        if found and not _pid_alive(int(found.group(1))):
+            _delete_namespace(name)
+
+
+def namespaces() -> list[str]:
+    return [line.split()[0] for line in run("ip", "netns", "list").stdout.splitlines() if line.strip()]
+
+
+def namespace_pids(namespace: str) -> list[int]:
+    result = run("ip", "netns", "pids", namespace, check=False)
+    return [int(p) for p in result.stdout.split()] if result.returncode == 0 else []
+
+
+def command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _delete_namespace(name: str) -> None:
+    for pid in namespace_pids(name):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    run("ip", "netns", "del", name, check=False)  # its veth ends go with it, and their peers too
+
+
+@dataclass
+class Host:
+    name: str  # the ssh alias: node1
+    namespace: str
+    address: str
+    veth: str  # its cable's end on the bridge (set down: the host is off the network)
+    sshd: subprocess.Popen[bytes] | None = None
+    sshd_log: list[str] = field(default_factory=list)
+
+
+class NetLab:
+    """The namespaces, the bridge, the hosts' sshd and the client's ssh configuration; :meth:`destroy` it."""
+
+    def __init__(self, tmp: Path, hosts: int = 3) -> None:
+        self.tmp = tmp
+        self.prefix = f"{PREFIX_BASE}{os.getpid()}"
+        self.bridge = f"{self.prefix}-br"
+        self.client = f"{self.prefix}-client"
+        self.hosts = {f"node{i}": Host(f"node{i}", f"{self.prefix}-node{i}", f"{SUBNET}.{10 + i}", f"v-node{i}")
+                      for i in range(1, hosts + 1)}
+        self.ssh_config = tmp / "ssh_config"
+        self.identity = tmp / "id_ed25519"
+        self.known_hosts = tmp / "known_hosts"
+        self.created: list[str] = []
+
+    # --- building ------------------------------------------------------------------------------------
+
+    def build(self) -> NetLab:
+        remove_stale_namespaces()
+        try:
+            self._namespace(self.bridge)
+            run("ip", "-n", self.bridge, "link", "add", "br0", "type", "bridge")
+            run("ip", "-n", self.bridge, "link", "set", "br0", "up")
+            self._machine(self.client, "v-client", CLIENT_ADDRESS)
+            for host in self.hosts.values():
+                self._machine(host.namespace, host.veth, host.address)
+            self._keys()
+            for host in self.hosts.values():
+                self._start_sshd(host)
+        except BaseException:
+            self.destroy()
+            raise
+        return self
+
+    def _namespace(self, name: str) -> None:
+        run("ip", "netns", "add", name)
+        self.created.append(name)
+        run("ip", "-n", name, "link", "set", "lo", "up")
+
+    def _machine(self, namespace: str, veth: str, address: str) -> None:
+        """A namespace with one interface, eth0, cabled to the bridge (created inside the bridge namespace)."""
+        self._namespace(namespace)
+        run("ip", "-n", self.bridge, "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", namespace)
+        run("ip", "-n", self.bridge, "link", "set", veth, "master", "br0")
+        run("ip", "-n", self.bridge, "link", "set", veth, "up")
+        run("ip", "-n", namespace, "addr", "add", f"{address}/24", "dev", "eth0")
+        run("ip", "-n", namespace, "link", "set", "eth0", "up")
+
+    def _keys(self) -> None:
+        run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "ssh-test-client", "-f", str(self.identity))
+        (self.tmp / "authorized_keys").write_text(self.identity.with_suffix(".pub").read_text())
+        known, config = [], []
+        for host in self.hosts.values():
+            key = self.tmp / f"host_key_{host.name}"
+            run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", host.name, "-f", str(key))
+            kind, blob = key.with_suffix(".pub").read_text().split()[:2]
+            known.append(f"{host.address} {kind} {blob}")
+            config.append(f"Host {host.name}\n    HostName {host.address}\n")
+        self.known_hosts.write_text("\n".join(known) + "\n")
+        config.append(f"Host nodeX\n    HostName {UNREACHABLE_ADDRESS}\n")
+        config.append(
+            "Host *\n"
+            "    User root\n"
+            f"    IdentityFile {self.identity}\n"
+            "    IdentitiesOnly yes\n"
+            f"    UserKnownHostsFile {self.known_hosts}\n"
+            "    GlobalKnownHostsFile /dev/null\n"
+            "    StrictHostKeyChecking yes\n"  # known_hosts is complete: a host not in it must fail
+            "    ConnectTimeout 3\n"
+            "    ServerAliveInterval 1\n"
+            "    ServerAliveCountMax 3\n"
+            "    LogLevel ERROR\n")
+        self.ssh_config.write_text("".join(config))
+
+    def _start_sshd(self, host: Host) -> None:
+        config = self.tmp / f"sshd_config_{host.name}"
+        config.write_text(
+            f"ListenAddress {host.address}:22\n"
+            f"HostKey {self.tmp / f'host_key_{host.name}'}\n"
+            f"PidFile {self.tmp / f'sshd_{host.name}.pid'}\n"
+            f"AuthorizedKeysFile {self.tmp / 'authorized_keys'}\n"
+            "PermitRootLogin prohibit-password\n"
+            "PasswordAuthentication no\n"
+            "KbdInteractiveAuthentication no\n"
+            "UsePAM no\n"
+            "StrictModes no\n"  # the temporary directory is not root-owned 0700 all the way up
+            "ClientAliveInterval 1\n"  # a session whose client vanished ends within seconds
+            "ClientAliveCountMax 3\n"
+            "LogLevel INFO\n")
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation directory
+        host.sshd = subprocess.Popen(["ip", "netns", "exec", host.namespace, "/usr/sbin/sshd", "-D", "-e",
+                                      "-f", str(config)], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        listening = threading.Event()
+
+        def read_log() -> None:
+            assert host.sshd is not None and host.sshd.stderr is not None
+            for raw in host.sshd.stderr:
+                host.sshd_log.append(raw.decode(errors="replace").rstrip())
+                if "Server listening on" in host.sshd_log[-1]:
+                    listening.set()
+            host.sshd.stderr.close()
+            listening.set()
+
+        threading.Thread(target=read_log, name=f"sshd {host.name}", daemon=True).start()
+        if not listening.wait(30) or host.sshd.poll() is not None:
+            raise RuntimeError(f"sshd on {host.name} did not start: {host.sshd_log}")
+
+    # --- using ---------------------------------------------------------------------------------------
+
+    @property
+    def ssh_options(self) -> list[str]:
+        return ["-F", str(self.ssh_config)]
+
+    def client_command(self, *argv: str) -> list[str]:
+        """``argv`` run in the client's namespace, with this checkout's sources first on the import path."""
+        return ["ip", "netns", "exec", self.client, "env", f"PYTHONPATH={SRC}", *argv]
+
+    def python(self, *argv: str) -> list[str]:
+        return self.client_command(sys.executable, *argv)
+
+    def remote_command(self) -> str:
+        """How the hosts run ``remote-executor``: this interpreter, this checkout (they share our disk)."""
+        return f"{sys.executable} -m remote_executor.cli"
+
+    def leftovers(self, namespace: str) -> dict[int, str]:
+        """Processes in a namespace other than the host's listening sshd (pid -> command line)."""
+        keep = {h.sshd.pid for h in self.hosts.values() if h.namespace == namespace and h.sshd is not None}
+        return {pid: command_line(pid) for pid in namespace_pids(namespace) if pid not in keep}
+
+    def wait_empty(self, namespaces: list[str], timeout: float = 30.0) -> None:
+        """Wait until nothing but the listening sshd runs in each of ``namespaces``."""
+        try:
+            wait_until(lambda: not any(self.leftovers(ns) for ns in namespaces), timeout,
+                       "the namespaces to empty")
+        except AssertionError:
+            raise AssertionError(f"left running: { {ns: self.leftovers(ns) for ns in namespaces} }") from None
+
+    def workers_in(self, namespace: str) -> list[int]:
+        return [pid for pid, command in self.leftovers(namespace).items() if "remote_executor" in command]
+
+    def set_link(self, host: str, up: bool) -> None:
+        run("ip", "-n", self.bridge, "link", "set", self.hosts[host].veth, "up" if up else "down")
+
+    def stop_sshd(self, host: str) -> None:
+        """sshd goes down on ``host``: the listener this lab started and every session it forked."""
+        namespace = self.hosts[host].namespace
+        for pid in namespace_pids(namespace):
+            if _comm(pid) == "sshd":
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        sshd = self.hosts[host].sshd
+        if sshd is not None:
+            sshd.wait()
+
+    def start_sshd(self, host: str) -> None:
+        self._start_sshd(self.hosts[host])
+
+    # --- tearing down ----------------------------------------------------------------------------------
+
+    def destroy(self) -> None:
+        """Stop every sshd, kill whatever still runs in the namespaces, delete them (and their links)."""
+        for host in self.hosts.values():
+            if host.sshd is not None and host.sshd.poll() is None:
+                host.sshd.terminate()
+                try:
+                    host.sshd.wait(10)
+                except subprocess.TimeoutExpired:
+                    host.sshd.kill()
+                    host.sshd.wait()
+        for name in reversed(self.created):
+            _delete_namespace(name)
+        self.created.clear()
+
+
+@contextlib.contextmanager
+def netlab(tmp: Path) -> Iterator[NetLab]:
+    lab = NetLab(tmp).build()
+    try:
+        yield lab
+    finally:
+        lab.destroy()
