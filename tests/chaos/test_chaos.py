@@ -31,9 +31,6 @@ DEADLINE = 60.0  # every future of a client resolves within this many seconds of
 FAULT_AT = 60  # inject the fault once the first client has this many results (well before its end)
 PROGRESS_TIMEOUT = 60.0
 
-GEARMAN_RESTART_AT_MOST_ONCE = (
-    "found by this suite: with max_retries=0 a gearmand crash can run a call twice: a worker's 'started by' "
-    "report dies with gearmand, the client takes the call for not started and resubmits it")
 
 
 def transports(**xfail: str) -> list[object]:
@@ -160,12 +157,9 @@ def wait_for_work_after(cluster: ChaosCluster, since: float, runs: list[ClientRu
     pytest.param(0, id="retries0"),
 ])
 @pytest.mark.parametrize("transport", transports())
-def test_server_restart(chaos: Callable[..., ChaosCluster], transport: str, max_retries: int,
-                        request: pytest.FixtureRequest) -> None:
+def test_server_restart(chaos: Callable[..., ChaosCluster], transport: str, max_retries: int) -> None:
     """SIGKILL the job server and start a new one, three times, each as soon as calls run again: calls of
     0.2 s are caught in flight by several restarts, so a resubmission that is not counted shows."""
-    if transport == "gearman" and max_retries == 0:
-        request.applymarker(pytest.mark.xfail(strict=False, reason=GEARMAN_RESTART_AT_MOST_ONCE))
     cluster = chaos(transport, max_retries=max_retries)
     # The server is back within a second or two: 30 s is several times what the calls need.
     runs = cluster.start_clients(calls=60, seconds=0.2, deadline=30.0, progress_every=5)

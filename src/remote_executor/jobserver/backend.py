@@ -61,7 +61,8 @@ class JobServerBackend(Backend):
         return self.server_class.from_settings(host, port, settings)
 
     def run_worker(self, settings: WorkerSettings, core: WorkerCore) -> int:
-        return run_worker(self.servers(settings.url, settings.key, {}), settings, core)
+        """The worker loop, with the backend's options from ``settings.extra`` (TLS or CURVE files)."""
+        return run_worker(self.servers(settings.url, settings.key, settings.extra), settings, core)
 
     def status(self, url: str, options: Options) -> dict[str, Any]:
         """One server's status; with several, each one's (or its error) under ``servers``."""

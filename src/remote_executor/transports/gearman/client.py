@@ -312,12 +312,16 @@ class GearmanClientTransport(ClientTransport):
                 return
             for ticket in in_flight:
                 job = self.job_for(ticket)
-                if job is not None and not self._may_resubmit(job):
+                if job is None:
+                    continue
+                if not job.started_here:  # a worker's "started by" report may have died with gearmand
+                    job.starts.append(f"a worker of gearmand {server.address} (its start report was lost)")
+                if self._may_resubmit(job):
+                    self._send(job)
+                else:
                     del self._jobs[job.call.task_id]
                     workers = [*job.starts[:-1], f"{job.starts[-1]} (with gearmand {server.address})"]
                     lost.append((job.call.task_id, worker_lost_parts(workers, len(job.starts))))
-                elif job is not None:
-                    self._send(job)
         if not self._closing:
             log.warning("lost gearmand %s (%s); %d call(s) in flight there", server.address, exc, len(in_flight))
         for task_id, parts in lost:
@@ -339,10 +343,10 @@ class GearmanClientTransport(ClientTransport):
         return True
 
     def _may_resubmit(self, job: _Job) -> bool:
-        """After a server loss: a job nobody had started is simply resubmitted; one that was running counts
-        as a loss of its worker (it may have run), bounded by ``max_retries``."""
+        """After a server loss every job that was there counts as possibly run (a start report can die with
+        gearmand): resubmitted while within ``max_retries``."""
         assert self._session is not None
-        return not job.started_here or len(job.starts) <= self._session.max_retries
+        return len(job.starts) <= self._session.max_retries
 
     def _settle(self, task_id: int, status: Status, parts: Parts) -> None:
         assert self._listener is not None

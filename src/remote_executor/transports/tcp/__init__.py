@@ -15,11 +15,10 @@ from typing import Any
 from ...errors import TransportError
 from ...jobserver.backend import JobServerBackend
 from ...jobserver.client import Channel, Connector
-from ...jobserver.worker import run_worker
 from ...tls import TlsConfig
 from ...wire.frames import Limits
 from .. import split_hostports
-from ..base import EmbeddedServer, Options, ServerSettings, Session, WorkerCore, WorkerSettings
+from ..base import EmbeddedServer, Options, ServerSettings, Session
 from .server import TcpServer
 from .stream import TcpChannel
 
@@ -65,6 +64,3 @@ class TcpBackend(JobServerBackend):
         assert isinstance(server, TcpServer)
         return server
 
-    def run_worker(self, settings: WorkerSettings, core: WorkerCore) -> int:
-        # The worker's TLS options (settings.extra) reach its connections.
-        return run_worker(self.servers(settings.url, settings.key, settings.extra), settings, core)

@@ -12,10 +12,8 @@ from typing import Any
 
 from ...jobserver.backend import JobServerBackend
 from ...jobserver.client import Channel, Connector
-from ...jobserver.worker import run_worker
 from ...wire.frames import Limits
 from .. import split_hostports
-from ..base import WorkerCore, WorkerSettings
 from .server import ZmqServer
 from .sockets import Curve, ZmqChannel
 
@@ -38,7 +36,3 @@ class ZmqBackend(JobServerBackend):
 
         return connect
 
-    def run_worker(self, settings: WorkerSettings, core: WorkerCore) -> int:
-        """The worker loop, with the CURVE key files of ``settings.extra`` (``--curve-server-key``,
-        ``--curve-client-key`` of ``python -m remote_executor.worker``)."""
-        return run_worker(self.servers(settings.url, settings.key, settings.extra), settings, core)
