@@ -202,6 +202,10 @@ class GearmanClientTransport(ClientTransport):
         conn = GearmanClientConnection[Ticket](server.host, server.port, callbacks,
                                                connect_timeout=self._options.connect_timeout)
         with self._lock:
+            if conn.ended:  # reset before we took it (a proxy in front of a dead gearmand): its report came
+                dead = GearmanConnectionError(f"gearmand {server.address} closed the connection at once")
+                server.dead.append(conn)  # while it was not ours yet, so it is retried like a failed connect
+                raise dead
             server.conn = conn
             server.backoff.reset()
             self._all_down_since = None

@@ -293,6 +293,11 @@ class GearmanClientConnection(Generic[T]):
     def _recv(self) -> bytes:
         return _recv(self._sock, self.address, lambda: self._closing)
 
+    @property
+    def ended(self) -> bool:
+        """The connection broke (``on_disconnect`` is reported, or about to be)."""
+        return self._ended
+
     def _end(self, exc: GearmanError) -> None:
         _shutdown(self._sock)  # unblocks a sender stuck on a stalled peer, so the send lock frees
         with self._send_lock, self._state_lock:
