@@ -12,6 +12,7 @@ Known defects being fixed elsewhere are ``xfail(strict=False)`` with the reason.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -35,6 +36,9 @@ MULTI_SERVER = "needs multi-server tcp/zmq (in progress)"
 GEARMAN_NO_LIVENESS = "gearman has no liveness for a SIGSTOPped worker: its call waits until the worker resumes"
 RESTART_UNRESOLVED = "with max_retries=0 a job-server restart can leave futures unresolved on tcp/zmq (being fixed)"
 RESTART_OVERRUN = "after server restarts a call can run more than max_retries+1 times on tcp/zmq (being fixed)"
+GEARMAN_DEAD_CONNECTION = (
+    "found by this suite: a gearman client whose connection is accepted and reset at once (a proxy in front "
+    "of a gearmand that is down) can keep the dead connection as live: it never reconnects, futures hang")
 GEARMAN_RESTART_AT_MOST_ONCE = (
     "found by this suite: with max_retries=0 a gearmand crash can run a call twice: a worker's 'started by' "
     "report dies with gearmand, the client takes the call for not started and resubmits it")
@@ -257,6 +261,26 @@ def test_lossy_link(chaos: Callable[..., ChaosCluster], transport: str) -> None:
     stats = cluster.proxy_command("stats", "stats ")
     verdict(cluster, runs, note=f"resets: commanded={commanded} proxy {stats}")
     assert commanded >= 1
+
+
+@pytest.mark.parametrize("transport", transports(gearman=GEARMAN_DEAD_CONNECTION))
+def test_server_outage_behind_proxy(chaos: Callable[..., ChaosCluster], transport: str) -> None:
+    """The server is down for a while behind the proxy: the proxy accepts each reconnection and resets it
+    at once (as a load balancer does); once the server is back every future resolves."""
+    cluster = chaos(transport, proxy=True)
+    runs = cluster.start_clients(calls=CALLS, seconds=SECONDS, deadline=30.0)
+    reach(runs[0])
+    cluster.kill_server(0)
+    down_since = time.monotonic()
+    refused = 0
+    # Down for 4 s (two heartbeat timeouts), and until the clients have come back (and been reset) a few times.
+    while refused < 4 or time.monotonic() - down_since < 4.0:
+        assert time.monotonic() - down_since < 30, f"only {refused} reconnections reached the proxy within 30s"
+        stats = cluster.proxy_command("stats", "stats ")
+        refused = json.loads(stats.split(" ", 1)[1])["refused"] if stats else 0
+        time.sleep(0.1)
+    cluster.start_server(0)
+    verdict(cluster, runs, note=f"reconnections reset while down: {refused}", then=cluster.wait_attached)
 
 
 # --- 8. two job servers, one killed -----------------------------------------------------------------------
