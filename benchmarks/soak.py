@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         ("max executions per call", f"{max(counted_executions.values(), default=0)} (limit {limit}; "
                                     f"{over} call(s) over it)"),
         ("calls run more than once", sum(1 for n in counted_executions.values() if n > 1)),
-        ("killed clients' calls run", sum(n for c, n in executions.items() if c.startswith(killed_prefixes))
+        ("executions of killed clients' calls", sum(n for c, n in executions.items() if c.startswith(killed_prefixes))
          if killed_prefixes else 0),
         ("clients that failed", len(broken)),
         ("servers still holding work", held.split("\n")[0] if held else "none"),

@@ -7,7 +7,7 @@ every failure is an expected type (``WorkerLostError``, ``ServerUnavailableError
 scenario allows fewer); clients shut down; and afterwards the servers hold no leftover work and nothing
 runs in the namespaces once the cluster is stopped the way an operator would stop it.
 
-Known defects being fixed elsewhere are ``xfail(strict=False)`` with the reason.
+Known defects (being fixed elsewhere, or found by this suite) are ``xfail(strict=False)`` with the reason.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ pytestmark = [pytest.mark.chaos, pytest.mark.slow, pytest.mark.timeout(300)]
 
 CALLS = 300  # per client; two clients
 SECONDS = 0.02  # per call
-DEADLINE = 60.0  # every future of a client resolves within this many seconds of its start
+DEADLINE = 60.0  # every future of a client resolves within this many seconds of its (instant) submission
 FAULT_AT = 60  # inject the fault once the first client has this many results (well before its end)
 PROGRESS_TIMEOUT = 60.0
 
@@ -136,15 +136,15 @@ def test_worker_sigstop(chaos: Callable[..., ChaosCluster], transport: str) -> N
     frozen_at = time.monotonic()
     bound = 20.0  # ten times the heartbeat timeout
     try:
-        while not any(e.call_id == call and e.pid != pid for e in cluster.executions()):
+        while not any(e.call_id == call and e.pid != pid for e in cluster.executions(mark="E")):
             assert time.monotonic() - frozen_at < bound, (
-                f"call {call} of the frozen worker {pid} did not run elsewhere within {bound}s "
+                f"call {call} of the frozen worker {pid} did not complete elsewhere within {bound}s "
                 f"(heartbeat timeout 2s)")
             time.sleep(0.1)
         rerun_after = time.monotonic() - frozen_at
     finally:
         os.kill(pid, signal.SIGCONT)
-    verdict(cluster, runs, note=f"frozen call {call} re-ran elsewhere after {rerun_after:.1f}s")
+    verdict(cluster, runs, note=f"frozen call {call} completed elsewhere after {rerun_after:.1f}s")
     owner = next(r for r in runs if call.startswith(r.prefix + "-"))
     assert owner.summary is not None and call not in owner.summary["failed"], owner.summary["failed"].get(call)
 
