@@ -70,12 +70,14 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--grace", type=float, default=120.0,
                         help="seconds after its last submission within which every future must resolve")
     parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--quick", action="store_true", help="a 1-2 minute run: --duration 45 --calls 2000")
+    parser.add_argument("--quick", action="store_true",
+                        help="a 1-2 minute run: --duration 75 --calls 5000 --fault-every 3 --grace 60")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, execution log)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.duration = 45.0 if args.duration is None else args.duration
-        args.calls = min(args.calls, 2000)
+        args.duration = 75.0 if args.duration is None else args.duration
+        args.calls = min(args.calls, 5000)
+        args.fault_every = min(args.fault_every, 3.0)
         args.grace = min(args.grace, 60.0)
     args.faults = [f.strip() for f in args.faults.split(",") if f.strip()]
     unknown = set(args.faults) - set(FAULTS)
@@ -124,8 +126,15 @@ class Soak:
             if not self.live():
                 break
             kind = self.rng.choice(self.args.faults)
-            self.inject(kind)
+            self.note(f"{kind} ...")
+            detail = self.inject(kind)
+            self.note(f"{kind} done {detail or ''}")
             self.faults[kind] += 1
+
+    def note(self, text: str) -> None:
+        """A line of the fault log (work directory, faults.log), with the time as the other logs show it."""
+        with open(self.cluster.workdir / "faults.log", "a") as f:
+            f.write(f"{time.strftime('%H:%M:%S')}.{int(time.time() * 1000) % 1000:03d} {text}\n")
 
     def _pause(self, seconds: float) -> bool:
         """Wait up to ``seconds``; True if every client finished meanwhile."""
@@ -136,12 +145,15 @@ class Soak:
             time.sleep(0.1)
         return False
 
-    def inject(self, kind: str) -> None:
+    def inject(self, kind: str) -> str | None:
+        """Inject one fault (and heal it); what it hit."""
         c = self.cluster
         if kind == "worker_sigkill":
             pids = c.worker_pids()
             if pids:
-                os.kill(self.rng.choice(pids), signal.SIGKILL)
+                pid = self.rng.choice(pids)
+                os.kill(pid, signal.SIGKILL)
+                return f"pid {pid}"
         elif kind == "worker_sigstop":
             pids = c.worker_pids()
             if pids:
@@ -151,16 +163,16 @@ class Soak:
                     self._pause(OUTAGE)
                 finally:
                     os.kill(pid, signal.SIGCONT)
-        elif kind == "worker_partition":
-            with c.net.partitioned(self.rng.choice(c.worker_hosts)):
+                return f"pid {pid}"
+        elif kind in ("worker_partition", "client_partition"):
+            host = self.rng.choice(c.worker_hosts if kind == "worker_partition" else c.client_hosts)
+            with c.net.partitioned(host):
                 self._pause(OUTAGE)
-        elif kind == "client_partition":
-            with c.net.partitioned(self.rng.choice(c.client_hosts)):
-                self._pause(OUTAGE)
+            return host.name
         elif kind == "server_restart":
             c.restart_server(0)
         elif kind == "link_reset":
-            c.proxy_command("reset", "reset ")
+            return c.proxy_command("reset", "reset ")
         elif kind == "slow_link":
             c.proxy_command("delay 0.02")
             try:
@@ -174,6 +186,8 @@ class Soak:
                 victim.proc.kill()
                 self.killed.append(victim)
                 self.start_client().proc.wait_line("connected", 60.0)
+                return victim.prefix
+        return None
 
 
 def table(rows: list[tuple[str, object]]) -> str:
@@ -240,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         ("max executions per call", f"{max(counted_executions.values(), default=0)} (limit {limit}; "
                                     f"{over} call(s) over it)"),
         ("calls run more than once", sum(1 for n in counted_executions.values() if n > 1)),
-        ("killed clients' calls run", sum(n for c, n in executions.items() if c.startswith(killed_prefixes))
+        ("executions of killed clients' calls", sum(n for c, n in executions.items() if c.startswith(killed_prefixes))
          if killed_prefixes else 0),
         ("clients that failed", len(broken)),
         ("servers still holding work", held.split("\n")[0] if held else "none"),

@@ -19,6 +19,7 @@ interpreter's exit would wait for them for ever.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import threading
@@ -31,6 +32,7 @@ from typing import Any
 def main() -> int:
     with open(sys.argv[1]) as f:
         cfg: dict[str, Any] = json.load(f)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s client %(process)d %(name)s %(levelname)s %(message)s")
     from chaos_task import expected, work
 
     from remote_executor import RemoteExecutor

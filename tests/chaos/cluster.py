@@ -376,11 +376,12 @@ class ChaosCluster:
                     pids.append(pid)
         return pids
 
-    def executions(self) -> list[Execution]:
+    def executions(self, mark: str = "S") -> list[Execution]:
+        """Every start of a call (``mark="E"``: every completion) recorded in the execution log."""
         found = []
         for line in self.exec_log.read_text().splitlines():
             fields = line.split()
-            if len(fields) == 4 and fields[0] == "S":
+            if len(fields) == 4 and fields[0] == mark:
                 found.append(Execution(fields[1], int(fields[2]), float(fields[3])))
         return found
 
