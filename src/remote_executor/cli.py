@@ -5,9 +5,10 @@
     remote-executor status tcp://host:5555                 workers, clients and queues
     remote-executor ping tcp://host:5555                   is it up, and how far away
 
-A key (``--key-file`` or ``$REMOTE_EXECUTOR_KEY``) turns on HMAC for every frame; without one, servers
-only listen on loopback unless given ``--insecure``. SIGTERM or Ctrl-C stops a server; for workers it
-drains them (running calls finish, no new ones start).
+Every frame carries an HMAC with the key from ``--key-file``, else ``$REMOTE_EXECUTOR_KEY``, else this
+user's key file (``$REMOTE_EXECUTOR_KEY_FILE``, default ``~/.config/remote_executor/key``, made on first
+use). ``--insecure`` runs without a key when none is given (a server then listens anywhere). SIGTERM or
+Ctrl-C stops a server; for workers it drains them (running calls finish, no new ones start).
 """
 
 from __future__ import annotations
@@ -58,14 +59,14 @@ def _parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=helptext)
         sub.set_defaults(func=func)
         sub.add_argument("url", help="tcp://HOST:PORT, zmq://HOST:PORT or gearman://HOST:PORT[,HOST:PORT]")
-        sub.add_argument("--key-file", help="file holding the shared HMAC key (default: $REMOTE_EXECUTOR_KEY)")
+        sub.add_argument("--key-file", help="file holding the shared HMAC key, mode 600 (default: "
+                         "$REMOTE_EXECUTOR_KEY, else this user's key file)")
+        sub.add_argument("--insecure", action="store_true", help=_INSECURE_HELP[name])
         sub.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer")
         if name in ("server", "worker"):
             sub.add_argument("--heartbeat-interval", type=float, default=1.0)
             sub.add_argument("--heartbeat-timeout", type=float, default=10.0)
     server = commands.choices["server"]
-    server.add_argument("--insecure", action="store_true",
-                        help="allow a non-loopback address without a key (trusted networks only)")
     server.add_argument("--max-frame-size", type=int, default=Limits().max_frame,
                         help="largest frame accepted, in bytes")
     server.add_argument("--curve-secret-key", metavar="FILE",
@@ -73,6 +74,15 @@ def _parser() -> argparse.ArgumentParser:
     worker = commands.choices["worker"]
     worker.add_argument("--processes", type=int, default=os.cpu_count() or 1)
     return parser
+
+
+_INSECURE_HELP = {
+    "server": "no key unless one is given, on any address: anyone who can connect runs code as the "
+              "workers' user (trusted networks only)",
+    "worker": "no key unless one is given: whoever can reach the server runs code as this user",
+    "status": "no key unless one is given (for a server started with --insecure)",
+    "ping": "no key unless one is given (for a server started with --insecure)",
+}
 
 
 def _backend(url: str) -> Backend:
@@ -83,7 +93,8 @@ def _backend(url: str) -> Backend:
 
 
 def _options(args: argparse.Namespace, **extra: Any) -> Options:
-    return Options(key=resolve_key(key_file=args.key_file), connect_timeout=args.timeout,
+    return Options(key=resolve_key(key_file=args.key_file, insecure=args.insecure), insecure=args.insecure,
+                   connect_timeout=args.timeout,
                    extra={k: v for k, v in extra.items() if v is not None})
 
 
@@ -92,10 +103,13 @@ def _server(args: argparse.Namespace) -> int:
     extra = {"curve_secret_key": args.curve_secret_key} if args.curve_secret_key else {}
     if extra and backend.scheme != "zmq":
         raise ValueError("--curve-secret-key is for zmq:// servers only")
-    settings = ServerSettings(key=resolve_key(key_file=args.key_file), insecure=args.insecure,
+    key = resolve_key(key_file=args.key_file, insecure=args.insecure)
+    settings = ServerSettings(key=key, insecure=args.insecure,
                               limits=Limits(max_frame=args.max_frame_size),
                               heartbeat_interval=args.heartbeat_interval,
                               heartbeat_timeout=args.heartbeat_timeout, extra=extra)
+    if key is None:
+        log.warning("no key (--insecure): anyone who can connect can run code as the workers' user")
     server = backend.server(args.url, settings)
     _on_stop_signals(lambda: server.stop())
     log.info("serving %s", server.url)
@@ -105,10 +119,12 @@ def _server(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    key = resolve_key(key_file=args.key_file)
+    key = resolve_key(key_file=args.key_file, insecure=args.insecure)
     _backend(args.url)  # fail now, clearly, for an unknown scheme or a missing extra
     worker_args = ("--heartbeat-interval", str(args.heartbeat_interval),
-                   "--heartbeat-timeout", str(args.heartbeat_timeout))
+                   "--heartbeat-timeout", str(args.heartbeat_timeout), *(["--insecure"] if key is None else []))
+    if key is None:
+        log.warning("no key (--insecure): whoever can reach %s can make these workers run code", args.url)
     supervisor = Supervisor(args.url, args.processes, env=key_to_env(key), worker_args=worker_args,
                             name=f"{os.uname().nodename}-{os.getpid()}")
     stop = threading.Event()

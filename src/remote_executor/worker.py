@@ -18,7 +18,7 @@ import threading
 from collections.abc import Sequence
 
 from .errors import RemoteExecutorError
-from .security import TOKEN_ENV, key_from_env
+from .security import take_worker_secrets
 from .transports import get_backend, scheme_of
 from .transports.base import WorkerCore, WorkerSettings
 
@@ -63,12 +63,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--heartbeat-interval", type=float, default=1.0)
     parser.add_argument("--heartbeat-timeout", type=float, default=10.0)
     parser.add_argument("--reconnect-timeout", type=float, default=float("inf"))
+    parser.add_argument("--insecure", action="store_true", help="no key unless one is handed down")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(process)d %(levelname)s %(message)s")
+    try:
+        # Read once and removed from os.environ before any initializer or call runs.
+        key, token = take_worker_secrets(insecure=args.insecure)
+    except (OSError, ValueError) as exc:  # an unreadable or unsafe key file: restarting will not help
+        log.error("%s", exc)
+        return 2
     settings = WorkerSettings(
         url=args.url,
-        key=key_from_env(),
-        token=(os.environ.get(TOKEN_ENV) or "").encode() or None,
+        key=key,
+        token=token,
+        insecure=args.insecure,
         heartbeat_interval=args.heartbeat_interval,
         heartbeat_timeout=args.heartbeat_timeout,
         reconnect_timeout=args.reconnect_timeout,

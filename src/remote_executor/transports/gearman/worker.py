@@ -28,8 +28,9 @@ import time
 from collections.abc import Iterator
 
 from ...errors import AuthenticationError, ProtocolError
+from ...logsafe import limited, printable
 from ...netio import retry_with_backoff
-from ...security import is_loopback
+from ...security import check_connect, is_loopback
 from ...wire.frames import Frame, Kind, encode
 from ..base import WorkerCore, WorkerSettings
 from .codec import GearmanError
@@ -81,7 +82,7 @@ class _ServerLink:
         conn, self.conn = self.conn, None
         if conn is not None:
             conn.close()
-            log.warning("lost gearmand %s: %s; reconnecting", self.address, exc)
+            log.warning("lost gearmand %s: %s; reconnecting", self.address, printable(exc))
         self.wanted.set()
 
 
@@ -96,9 +97,9 @@ class GearmanWorker:
         self.changed = threading.Condition()
         self.servers = [_ServerLink(self, host, port) for host, port in addresses]
         self._turn = 0
+        check_connect([host for host, _ in addresses], settings.key, settings.insecure, "worker")
         if settings.key is None and not all(is_loopback(host) for host, _ in addresses):
-            log.warning("no key: anyone who can reach gearmand at %s can make this worker run code; "
-                        "set $REMOTE_EXECUTOR_KEY (or --key-file) on clients and workers",
+            log.warning("no key (insecure): anyone who can reach gearmand at %s can make this worker run code",
                         ", ".join(s.address for s in self.servers))
 
     def run(self) -> int:
@@ -206,7 +207,8 @@ class GearmanWorker:
         return Frame(Kind.RESULT, a=frame.a, parts=self.core.run(executor_id, frame.parts[init:]))
 
     def _refuse(self, conn: GearmanWorkerConnection, job: Job, what: str, exc: Exception) -> None:
-        log.error("%s from gearmand %s (job %s): %s", what, conn.address, job.handle.decode(errors="replace"), exc)
+        limited(log, logging.ERROR, (id(self), "refused", what), "%s from gearmand %s (job %s): %s", what,
+                conn.address, printable(job.handle), printable(exc))
         conn.send_data(job.handle, REFUSED + f"{self.settings.name}: {what}: {exc}".encode())
         conn.fail(job.handle)
 

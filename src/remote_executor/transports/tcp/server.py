@@ -16,8 +16,9 @@ import time
 from ...errors import ProtocolError
 from ...jobserver.scheduler import ConnId
 from ...jobserver.server import ServerCore
+from ...logsafe import limited, printable
 from ...netio import tune
-from ...security import check_bind
+from ...security import server_key
 from ...wire.frames import DEFAULT_LIMITS, Frame, Limits
 from .stream import Connection
 
@@ -45,7 +46,7 @@ class TcpServer(ServerCore):
         heartbeat_interval: float = 1.0,
         heartbeat_timeout: float = 10.0,
     ) -> None:
-        check_bind(host, key, insecure)
+        key = server_key(host, key, token, insecure)  # the per-user key unless given one or insecure
         self._listen = socket.create_server((host, port), family=_family(host), backlog=256)
         self._listen.setblocking(False)
         super().__init__(host, int(self._listen.getsockname()[1]), key=key, token=token, limits=limits,
@@ -110,16 +111,19 @@ class TcpServer(ServerCore):
         try:
             frames = conn.read()
         except ProtocolError as exc:
-            log.warning("closing connection from %s: %s", conn.peer, exc)
+            limited(log, logging.WARNING, (id(self), "bad frame"), "closing connection from %s: %s", conn.peer,
+                    printable(exc))
             self._lost(conn_id)
             return
         except OSError as exc:
-            log.info("connection from %s failed: %s", conn.peer, exc)
+            limited(log, logging.INFO, (id(self), "failed"), "connection from %s failed: %s", conn.peer,
+                    printable(exc))
             self._lost(conn_id)
             return
         if frames is None:
             if conn.mid_frame:
-                log.warning("connection from %s closed in the middle of a frame (truncated)", conn.peer)
+                limited(log, logging.WARNING, (id(self), "truncated"),
+                        "connection from %s closed in the middle of a frame (truncated)", conn.peer)
             self._lost(conn_id)
             return
         now = time.monotonic()
@@ -143,7 +147,8 @@ class TcpServer(ServerCore):
             try:
                 done = conn.flush()
             except OSError as exc:
-                log.info("connection from %s lost while sending: %s", conn.peer, exc)
+                limited(log, logging.INFO, (id(self), "lost"), "connection from %s lost while sending: %s",
+                        conn.peer, printable(exc))
                 self._lost(conn_id)
                 continue
             if conn.write_registered == done:  # (un)register interest in writability only on change

@@ -26,7 +26,8 @@ import zmq.auth
 from ...errors import ProtocolError, TransportError
 from ...jobserver.scheduler import ConnId
 from ...jobserver.server import ServerCore
-from ...security import check_bind
+from ...logsafe import limited, printable
+from ...security import server_key
 from ...wire.frames import Frame, Kind, Limits
 from .sockets import HWM, endpoint, recv_frame, send_frame
 
@@ -58,7 +59,7 @@ class ZmqServer(ServerCore):
         heartbeat_timeout: float = 10.0,
         curve_secret_key: str | os.PathLike[str] | None = None,
     ) -> None:
-        check_bind(host, key, insecure)
+        key = server_key(host, key, token, insecure)  # the per-user key unless given one or insecure
         self._ctx: zmq.Context[Any] = zmq.Context()
         try:
             self._router = self._bind(host, port, limits, curve_secret_key)
@@ -149,8 +150,8 @@ class ZmqServer(ServerCore):
         conn = self._ids.get(route)
         if conn is None:
             if frame.kind != Kind.HELLO:
-                log.debug("ignoring %s from unknown peer %s (a dropped session)",
-                          frame.kind.name, route.hex())
+                limited(log, logging.DEBUG, (id(self), "unknown peer"), "ignoring %s from unknown peer %s "
+                        "(a dropped session)", frame.kind.name, printable(route.hex()))
                 return
             conn = self._new_conn_id()
             self._ids[route] = conn
@@ -160,7 +161,8 @@ class ZmqServer(ServerCore):
 
     def _malformed(self, route: bytes, exc: ProtocolError) -> None:
         conn = self._ids.get(route)
-        log.warning("dropping zmq peer %s: %s", route.hex() if conn is None else f"#{conn}", exc)
+        limited(log, logging.WARNING, (id(self), "bad frame"), "dropping zmq peer %s: %s",
+                printable(route.hex()) if conn is None else f"#{conn}", printable(exc))
         if conn is not None:
             self._lost(conn)
 
