@@ -1,11 +1,13 @@
-"""What TLS costs on tcp://: a standalone job server and one worker process, plaintext against mutual TLS.
+"""What security costs on tcp://: a standalone job server and one worker process, without a key (--insecure),
+with a key (an HMAC per frame over fresh per-connection keys and its sequence number), and with a key over
+mutual TLS.
 
 Run from the repository root::
 
     .venv/bin/python benchmarks/tls_cost.py [--calls 2000] [--payload-mb 100] [--runs 3] [--rounds 2]
 
 Each round starts a fresh ``remote-executor server`` and ``remote-executor worker --processes 1`` per mode
-(plaintext, then TLS, interleaved round by round) on 127.0.0.1; this process is the client. It prints one
+(the modes interleaved round by round) on 127.0.0.1; this process is the client. It prints one
 markdown table: sequential round-trip latency (p50 and p99 over all timed calls) and the MB/s of a
 ``--payload-mb`` round trip ((bytes sent + bytes received) / time, MB = 10^6 bytes, median of the runs).
 The certificates are made with ``remote-executor tls-keygen`` (needs ``cryptography``).
@@ -33,7 +35,7 @@ from remote_executor import RemoteExecutor
 from remote_executor.tls import TlsMaterial, make_cluster_material
 
 MB = 1_000_000
-MODES = ("plaintext", "TLS")
+MODES = ("no key", "key", "key + TLS")
 
 
 def echo(payload: object) -> object:
@@ -47,14 +49,15 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def cluster(tls: TlsMaterial | None) -> Iterator[str]:
+def cluster(tls: TlsMaterial | None, key_file: Path | None) -> Iterator[str]:
     """A standalone server and one worker process (as a user starts them); the URL."""
     cli = [sys.executable, "-m", "remote_executor.cli", "--log-level", "WARNING"]
     url = f"tcp://127.0.0.1:{_free_port()}"
-    server_tls = client_tls = []
+    server_tls: list[str] = ["--insecure"] if key_file is None else ["--key-file", str(key_file)]
+    client_tls = list(server_tls)
     if tls is not None:
-        server_tls = ["--tls-cert", str(tls.server_cert), "--tls-key", str(tls.server_key), "--tls-ca", str(tls.ca)]
-        client_tls = ["--tls-ca", str(tls.ca), "--tls-cert", str(tls.client_cert), "--tls-key", str(tls.client_key)]
+        server_tls += ["--tls-cert", str(tls.server_cert), "--tls-key", str(tls.server_key), "--tls-ca", str(tls.ca)]
+        client_tls += ["--tls-ca", str(tls.ca), "--tls-cert", str(tls.client_cert), "--tls-key", str(tls.client_key)]
     server = subprocess.Popen([*cli, "server", url, *server_tls], stdout=subprocess.PIPE, text=True)
     worker = None
     try:
@@ -71,10 +74,12 @@ def cluster(tls: TlsMaterial | None) -> Iterator[str]:
             server.stdout.close()
 
 
-def measure(url: str, tls: TlsMaterial | None, calls: int, payload_mb: int,
+def measure(url: str, tls: TlsMaterial | None, key_file: Path | None, calls: int, payload_mb: int,
             runs: int) -> tuple[list[float], list[float]]:
     """(latencies in µs, MB/s samples) against one running cluster."""
-    options: dict[str, Any] = {} if tls is None else {"tls": tls.client()}
+    options: dict[str, Any] = {"insecure": True} if key_file is None else {"key_file": str(key_file)}
+    if tls is not None:
+        options["tls"] = tls.client()
     with RemoteExecutor(transport=url, max_workers=1, **options) as ex:
         deadline = time.monotonic() + 60
         while ex.submit(echo, 0).result(timeout=60) != 0 and time.monotonic() < deadline:
@@ -116,11 +121,15 @@ def main() -> int:
     began = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         material = make_cluster_material(Path(tmp) / "tls", ["127.0.0.1"])
+        key_file = Path(tmp) / "cluster.key"
+        key_file.write_text(os.urandom(32).hex() + "\n")
+        key_file.chmod(0o600)
         for _ in range(args.rounds):
             for mode in MODES:
-                tls = material if mode == "TLS" else None
-                with cluster(tls) as url:
-                    lat, mbs = measure(url, tls, args.calls, args.payload_mb, args.runs)
+                tls = material if "TLS" in mode else None
+                key = key_file if "key" in mode and mode != "no key" else None
+                with cluster(tls, key) as url:
+                    lat, mbs = measure(url, tls, key, args.calls, args.payload_mb, args.runs)
                 latencies[mode] += lat
                 throughput[mode] += mbs
 
@@ -132,17 +141,21 @@ def main() -> int:
         (f"{args.payload_mb} MB round trip (median of {args.runs} x {args.rounds})", "MB/s",
          {m: statistics.median(throughput[m]) for m in MODES}, True),
     ]
-    print("| metric | unit | plaintext | TLS | TLS vs plaintext |")
-    print("|---|---|---:|---:|---:|")
+    print("| metric | unit | no key | key | key + TLS | key vs no key | key + TLS vs no key |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     for label, unit, values, higher_is_better in rows:
-        plain, tls_value = values["plaintext"], values["TLS"]
-        change = (tls_value / plain - 1) * 100
-        cost = -change if higher_is_better else change
-        print(f"| {label} | {unit} | {plain:,.0f} | {tls_value:,.0f} | {cost:+.0f}% cost |")
+        base = values["no key"]
+        costs = []
+        for mode in ("key", "key + TLS"):
+            change = (values[mode] / base - 1) * 100
+            costs.append(f"{-change if higher_is_better else change:+.0f}% cost")
+        print(f"| {label} | {unit} | {base:,.0f} | {values['key']:,.0f} | {values['key + TLS']:,.0f} | "
+              f"{costs[0]} | {costs[1]} |")
     print()
     print(f"- Standalone `remote-executor server` + `remote-executor worker --processes 1` on 127.0.0.1, this "
           f"process the client; TLS = mutual TLS ({ssl.OPENSSL_VERSION}), certificates from tls-keygen (ECDSA "
-          f"P-256). No HMAC key in either mode. MB/s = (bytes sent + bytes received) / time, MB = 10^6 bytes.")
+          f"P-256). key = HMAC-SHA256 per frame over per-connection keys and sequence numbers. "
+          f"MB/s = (bytes sent + bytes received) / time, MB = 10^6 bytes.")
     print(f"- Machine: nproc={os.cpu_count()}, Python {platform.python_version()}, {platform.platform()}; "
           f"run took {time.perf_counter() - began:.0f} s.")
     return 0
