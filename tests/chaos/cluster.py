@@ -175,6 +175,7 @@ class ChaosCluster:
         for name in ("chaos_task.py", "chaos_client.py", "probe.py", "proxy.py"):
             shutil.copy(HERE / name, self.app / name)
         self.key_file.write_text(os.urandom(32).hex() + "\n")
+        self.key_file.chmod(0o600)  # key files others can read are refused
         self.exec_log.touch()
         self.probe = self.net.exec_in(self.servers[0], [sys.executable, str(self.app / "probe.py"),
                                                         str(self.key_file)],
