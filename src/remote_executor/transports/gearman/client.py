@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ...errors import AuthenticationError, ProtocolError, ServerUnavailableError, TransportError
-from ...logsafe import limited, printable
+from ...logsafe import limited, owner, printable
 from ...netio import Backoff
 from ...security import check_connect, is_loopback
 from ...wire.frames import Kind, Status
@@ -237,7 +237,7 @@ class GearmanClientTransport(ClientTransport):
         try:
             frame = decode_job_frame(payload, self._key)
         except (AuthenticationError, ProtocolError) as exc:
-            limited(log, logging.ERROR, (id(self), "refused result"), "refused the result of call %d: %s", ticket[0],
+            limited(log, logging.ERROR, (owner(self), "refused result"), "refused the result of call %d: %s", ticket[0],
                     printable(exc))
             reason = f"the result of this call failed verification (a rogue worker, or a key mismatch): {exc}"
             self._settle(ticket[0], Status.REJECTED, [reason.encode()])

@@ -28,7 +28,7 @@ import time
 from collections.abc import Iterator
 
 from ...errors import AuthenticationError, ProtocolError
-from ...logsafe import limited, printable
+from ...logsafe import limited, owner, printable
 from ...netio import retry_with_backoff
 from ...security import check_connect, is_loopback
 from ...wire.frames import Frame, Kind, encode
@@ -207,7 +207,7 @@ class GearmanWorker:
         return Frame(Kind.RESULT, a=frame.a, parts=self.core.run(executor_id, frame.parts[init:]))
 
     def _refuse(self, conn: GearmanWorkerConnection, job: Job, what: str, exc: Exception) -> None:
-        limited(log, logging.ERROR, (id(self), "refused", what), "%s from gearmand %s (job %s): %s", what,
+        limited(log, logging.ERROR, (owner(self), "refused", what), "%s from gearmand %s (job %s): %s", what,
                 conn.address, printable(job.handle), printable(exc))
         conn.send_data(job.handle, REFUSED + f"{self.settings.name}: {what}: {exc}".encode())
         conn.fail(job.handle)

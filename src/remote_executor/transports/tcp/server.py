@@ -16,7 +16,7 @@ import time
 from ...errors import ProtocolError
 from ...jobserver.scheduler import ConnId
 from ...jobserver.server import ServerCore
-from ...logsafe import limited, printable
+from ...logsafe import limited, owner, printable
 from ...netio import tune
 from ...security import server_key
 from ...wire.frames import DEFAULT_LIMITS, Frame, Limits
@@ -111,18 +111,18 @@ class TcpServer(ServerCore):
         try:
             frames = conn.read()
         except ProtocolError as exc:
-            limited(log, logging.WARNING, (id(self), "bad frame"), "closing connection from %s: %s", conn.peer,
+            limited(log, logging.WARNING, (owner(self), "bad frame"), "closing connection from %s: %s", conn.peer,
                     printable(exc))
             self._lost(conn_id)
             return
         except OSError as exc:
-            limited(log, logging.INFO, (id(self), "failed"), "connection from %s failed: %s", conn.peer,
+            limited(log, logging.INFO, (owner(self), "failed"), "connection from %s failed: %s", conn.peer,
                     printable(exc))
             self._lost(conn_id)
             return
         if frames is None:
             if conn.mid_frame:
-                limited(log, logging.WARNING, (id(self), "truncated"),
+                limited(log, logging.WARNING, (owner(self), "truncated"),
                         "connection from %s closed in the middle of a frame (truncated)", conn.peer)
             self._lost(conn_id)
             return
@@ -147,7 +147,7 @@ class TcpServer(ServerCore):
             try:
                 done = conn.flush()
             except OSError as exc:
-                limited(log, logging.INFO, (id(self), "lost"), "connection from %s lost while sending: %s",
+                limited(log, logging.INFO, (owner(self), "lost"), "connection from %s lost while sending: %s",
                         conn.peer, printable(exc))
                 self._lost(conn_id)
                 continue

@@ -26,7 +26,7 @@ import zmq.auth
 from ...errors import ProtocolError, TransportError
 from ...jobserver.scheduler import ConnId
 from ...jobserver.server import ServerCore
-from ...logsafe import limited, printable
+from ...logsafe import limited, owner, printable
 from ...security import server_key
 from ...wire.frames import Frame, Kind, Limits
 from .sockets import HWM, endpoint, recv_frame, send_frame
@@ -150,7 +150,7 @@ class ZmqServer(ServerCore):
         conn = self._ids.get(route)
         if conn is None:
             if frame.kind != Kind.HELLO:
-                limited(log, logging.DEBUG, (id(self), "unknown peer"), "ignoring %s from unknown peer %s "
+                limited(log, logging.DEBUG, (owner(self), "unknown peer"), "ignoring %s from unknown peer %s "
                         "(a dropped session)", frame.kind.name, printable(route.hex()))
                 return
             conn = self._new_conn_id()
@@ -161,7 +161,7 @@ class ZmqServer(ServerCore):
 
     def _malformed(self, route: bytes, exc: ProtocolError) -> None:
         conn = self._ids.get(route)
-        limited(log, logging.WARNING, (id(self), "bad frame"), "dropping zmq peer %s: %s",
+        limited(log, logging.WARNING, (owner(self), "bad frame"), "dropping zmq peer %s: %s",
                 printable(route.hex()) if conn is None else f"#{conn}", printable(exc))
         if conn is not None:
             self._lost(conn)
