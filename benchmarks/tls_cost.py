@@ -52,16 +52,23 @@ def _free_port() -> int:
 def cluster(tls: TlsMaterial | None, key_file: Path | None) -> Iterator[str]:
     """A standalone server and one worker process (as a user starts them); the URL."""
     cli = [sys.executable, "-m", "remote_executor.cli", "--log-level", "WARNING"]
-    url = f"tcp://127.0.0.1:{_free_port()}"
     server_tls: list[str] = [] if key_file is None else ["--key-file", str(key_file)]
     client_tls = list(server_tls)
     if tls is not None:
         server_tls += ["--tls-cert", str(tls.server_cert), "--tls-key", str(tls.server_key), "--tls-ca", str(tls.ca)]
         client_tls += ["--tls-ca", str(tls.ca), "--tls-cert", str(tls.client_cert), "--tls-key", str(tls.client_key)]
-    server = subprocess.Popen([*cli, "server", url, *server_tls], stdout=subprocess.PIPE, text=True)
+    for _ in range(5):  # the free port may be taken by someone else before the server binds it
+        url = f"tcp://127.0.0.1:{_free_port()}"
+        server = subprocess.Popen([*cli, "server", url, *server_tls], stdout=subprocess.PIPE, text=True)
+        assert server.stdout is not None
+        if server.stdout.readline().startswith("serving"):
+            break
+        server.wait()
+        server.stdout.close()
+    else:
+        raise RuntimeError("could not start a job server")
     worker = None
     try:
-        assert server.stdout is not None and server.stdout.readline().startswith("serving")
         worker = subprocess.Popen([*cli, "worker", url, "--processes", "1", *client_tls], stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL)
         yield url

@@ -187,9 +187,9 @@ def _tls_keygen(args: argparse.Namespace) -> int:
     hosts = ", ".join(args.host)
     print(textwrap.dedent(f"""\
         wrote a private CA and certificates for {hosts} (keys readable by you only):
-          {material.ca}            the CA: every side trusts it
-          {material.server_cert}, {material.server_key}    the job server's
-          {material.client_cert}, {material.client_key}    every client's and worker's
+          the CA, trusted by every side:   {material.ca}
+          the job server's:                {material.server_cert}, {material.server_key}
+          every client's and worker's:     {material.client_cert}, {material.client_key}
         the CA's own key was not kept: to add a server host, make new material.
 
           remote-executor server tcp://HOST:PORT --tls-cert {material.server_cert} --tls-key {material.server_key} \\
