@@ -32,25 +32,23 @@ LIFELINE_ENV = "REMOTE_EXECUTOR_LIFELINE_FD"
 def install_drain_handler(drain: threading.Event) -> None:
     """SIGTERM: finish the running call, take no new ones, then exit (dist-gearman's exit-all-workers).
 
-    The handler only writes a byte to a pipe; a thread sets the event. A handler that set the event itself
-    could be interrupted inside ``Event.set`` by a second SIGTERM (systemd signals the whole group) and
-    deadlock on the event's own lock."""
+    The flag is set in the handler itself, so the worker sees it before it sends its next result. A second
+    SIGTERM (systemd signals the whole group) that interrupts the first handler inside ``Event.set`` returns
+    at once instead of waiting, for ever, on the event's own lock."""
     if threading.current_thread() is not threading.main_thread():
         return
-    read_end, write_end = os.pipe()
-    os.set_blocking(write_end, False)
+    busy = False
 
     def on_sigterm(signum: int, frame: object) -> None:
+        nonlocal busy
+        if busy or drain.is_set():
+            return
+        busy = True
         try:
-            os.write(write_end, b"x")
-        except OSError:  # the pipe is full: a SIGTERM is already on its way
-            pass
+            drain.set()
+        finally:
+            busy = False
 
-    def relay() -> None:
-        os.read(read_end, 1)
-        drain.set()
-
-    threading.Thread(target=relay, name="remote-executor-sigterm", daemon=True).start()
     signal.signal(signal.SIGTERM, on_sigterm)
 
 
