@@ -1,6 +1,6 @@
 """A whole cluster on namespaced hosts, for the chaos tests and ``benchmarks/soak.py``.
 
-Topology (one :class:`~.netns.Network`, addresses in 10.213.0.0/24)::
+Topology (one :class:`tests.netns.Network`, addresses in 10.213.0.0/24)::
 
     srv1 .1 [srv2 .2]      job server(s): ``remote-executor server tcp|zmq://ADDR:5555`` or gearmand :4730,
                            the probe (status questions) and the fault proxy (:6000 -> the server) on srv1
@@ -9,7 +9,7 @@ Topology (one :class:`~.netns.Network`, addresses in 10.213.0.0/24)::
 
 Every call is counted by its side effect: :mod:`chaos_task` appends ``S <call id> <pid> <time>`` to one
 execution log (the namespaces share the file system). Every process is started with
-:meth:`~.netns.Network.exec_in` (its own process group); :meth:`ChaosCluster.stop` stops them the way an
+:meth:`tests.netns.Network.exec_in` (its own process group); :meth:`ChaosCluster.stop` stops them the way an
 operator would (SIGTERM: workers drain, servers stop) and reports what did not exit and what is still
 running in the namespaces; :meth:`ChaosCluster.close` kills whatever is left and deletes the namespaces.
 """
@@ -31,7 +31,7 @@ from typing import Any
 
 import remote_executor
 
-from .netns import Host, Network, Proc
+from ..netns import Host, Network, Proc
 
 HERE = Path(__file__).resolve().parent
 SRC = Path(remote_executor.__file__).resolve().parent.parent

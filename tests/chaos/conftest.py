@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
+from ..netns import cleanup_stale, unavailable_reason
 from .cluster import ChaosCluster, find_gearmand
-from .netns import cleanup_stale, unavailable_reason
 
 
 def cannot_run(reason: str) -> None:
