@@ -1,4 +1,5 @@
-"""Hosts for the chaos tests: Linux network namespaces on one private bridge, nothing in the root namespace.
+"""Hosts for the chaos and SSH tests: Linux network namespaces on one private bridge, nothing in the root
+namespace.
 
 A :class:`Network` is a "switch" namespace holding a bridge, and one namespace per host, each joined to the
 bridge by a veth pair that is created *inside* the switch namespace (its other end moved straight into the
@@ -11,8 +12,9 @@ default route, so a host can reach the other hosts of its network and nothing el
         net.link_down(server)                           # a partition: the host's cable is pulled
         net.link_up(server)
 
-Every name starts with :data:`PREFIX` followed by the owning process id, so :func:`cleanup_stale` can delete
-what a crashed run left behind without touching a concurrent run's namespaces. :meth:`Network.close` kills
+Every name starts with a prefix (:data:`PREFIX` unless a suite chooses its own) followed by the owning process
+id, so :func:`cleanup_stale` can delete what a crashed run left behind without touching a concurrent run's
+namespaces. :meth:`Network.close` kills
 every process still inside its namespaces and deletes them (and with them every link).
 
 Needs root and ``ip`` (iproute2).
@@ -38,7 +40,6 @@ PREFIX = "rexc-"
 SUBNET = "10.213.0"  # /24, inside the namespaces only
 BRIDGE = "br0"
 _counter = itertools.count(1)
-_NAME = re.compile(rf"^{re.escape(PREFIX)}(\d+)-")
 
 
 class NetnsError(RuntimeError):
@@ -96,7 +97,7 @@ def delete_namespace(ns: str) -> None:
     ip("netns", "delete", ns, check=False)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -106,16 +107,17 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def cleanup_stale(include_own: bool = False) -> list[str]:
-    """Delete namespaces named ``rexc-<pid>-...`` whose owner process is gone (or is us, if
+def cleanup_stale(include_own: bool = False, prefix: str = PREFIX) -> list[str]:
+    """Delete namespaces named ``<prefix><pid>-...`` whose owner process is gone (or is us, if
     ``include_own``). Returns the names deleted."""
     deleted = []
+    name = re.compile(rf"^{re.escape(prefix)}(\d+)-")
     for ns in namespaces():
-        match = _NAME.match(ns)
+        match = name.match(ns)
         if match is None:
             continue
         owner = int(match.group(1))
-        if (owner == os.getpid() and include_own) or (owner != os.getpid() and not _alive(owner)):
+        if (owner == os.getpid() and include_own) or (owner != os.getpid() and not pid_alive(owner)):
             delete_namespace(ns)
             deleted.append(ns)
     return deleted
@@ -229,8 +231,8 @@ class Proc:
 class Network:
     """A switch namespace with a bridge, and host namespaces plugged into it. A context manager."""
 
-    def __init__(self, subnet: str = SUBNET) -> None:
-        self.tag = f"{PREFIX}{os.getpid()}-{next(_counter)}"
+    def __init__(self, subnet: str = SUBNET, prefix: str = PREFIX) -> None:
+        self.tag = f"{prefix}{os.getpid()}-{next(_counter)}"
         self.subnet = subnet
         self.switch = f"{self.tag}-sw"
         self.hosts: dict[str, Host] = {}
@@ -314,6 +316,10 @@ class Network:
 
     def link_up(self, host: Host) -> None:
         ip("-n", self.switch, "link", "set", host.port, "up")
+
+    def namespaces(self) -> list[str]:
+        """This network's namespaces, the switch first."""
+        return list(self._created)
 
     @contextlib.contextmanager
     def partitioned(self, host: Host) -> Iterator[None]:

@@ -1,8 +1,9 @@
-"""Hosts for the SSH tests: Linux network namespaces on a private bridge, each with a real sshd.
+"""Hosts for the SSH tests: Linux network namespaces on a private bridge (:class:`tests.netns.Network`), each
+with a real sshd.
 
-    namespace PREFIX-br:  bridge br0, one veth per machine (v-client, v-node1, ...)
-    namespace PREFIX-client   10.214.0.2    the client (the executor, `remote-executor cluster`)
-    namespace PREFIX-node1    10.214.0.11   sshd on port 22 (node2: .12, node3: .13)
+    switch namespace:          bridge br0, one veth per machine (v-client, v-node1, ...)
+    host namespace client      10.214.0.2    the client (the executor, `remote-executor cluster`)
+    host namespace node1       10.214.0.11   sshd on port 22 (node2: .12, node3: .13)
 
 Every address exists only inside these namespaces (no default route, nothing in or attached to the root
 namespace); the names start with ``ressh<pid>-``, so a later run can remove what a crashed run left behind
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -26,7 +26,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-PREFIX_BASE = "ressh"
+from ..netns import Network, cleanup_stale, ns_pids
+
+PREFIX = "ressh"
 SUBNET = "10.214.0"
 CLIENT_ADDRESS = f"{SUBNET}.2"
 UNREACHABLE_ADDRESS = f"{SUBNET}.99"  # on the bridge's subnet, but no machine answers there
@@ -50,23 +52,6 @@ def missing_tools() -> list[str]:
     return [tool for tool in ("ip", "ssh", "ssh-keygen", "/usr/sbin/sshd") if shutil.which(tool) is None]
 
 
-def remove_stale_namespaces() -> None:
-    """Remove namespaces of earlier runs of this suite whose process is gone (a crashed or killed run)."""
-    for name in namespaces():
-        found = re.match(rf"^{PREFIX_BASE}(\d+)-", name)
-        if found and not _pid_alive(int(found.group(1))):
-            _delete_namespace(name)
-
-
-def namespaces() -> list[str]:
-    return [line.split()[0] for line in run("ip", "netns", "list").stdout.splitlines() if line.strip()]
-
-
-def namespace_pids(namespace: str) -> list[int]:
-    result = run("ip", "netns", "pids", namespace, check=False)
-    return [int(p) for p in result.stdout.split()] if result.returncode == 0 else []
-
-
 def command_line(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
@@ -81,29 +66,11 @@ def _comm(pid: int) -> str:
         return ""
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _delete_namespace(name: str) -> None:
-    for pid in namespace_pids(name):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    run("ip", "netns", "del", name, check=False)  # its veth ends go with it, and their peers too
-
-
 @dataclass
 class Host:
     name: str  # the ssh alias: node1
     namespace: str
     address: str
-    veth: str  # its cable's end on the bridge (set down: the host is off the network)
     sshd: subprocess.Popen[bytes] | None = None
     sshd_log: list[str] = field(default_factory=list)
 
@@ -113,27 +80,24 @@ class NetLab:
 
     def __init__(self, tmp: Path, hosts: int = 3) -> None:
         self.tmp = tmp
-        self.prefix = f"{PREFIX_BASE}{os.getpid()}"
-        self.bridge = f"{self.prefix}-br"
-        self.client = f"{self.prefix}-client"
-        self.hosts = {f"node{i}": Host(f"node{i}", f"{self.prefix}-node{i}", f"{SUBNET}.{10 + i}", f"v-node{i}")
-                      for i in range(1, hosts + 1)}
+        self.count = hosts
+        self.network: Network | None = None
+        self.client = ""
+        self.hosts: dict[str, Host] = {}
         self.ssh_config = tmp / "ssh_config"
         self.identity = tmp / "id_ed25519"
         self.known_hosts = tmp / "known_hosts"
-        self.created: list[str] = []
 
     # --- building ------------------------------------------------------------------------------------
 
     def build(self) -> NetLab:
-        remove_stale_namespaces()
+        cleanup_stale(prefix=PREFIX)
         try:
-            self._namespace(self.bridge)
-            run("ip", "-n", self.bridge, "link", "add", "br0", "type", "bridge")
-            run("ip", "-n", self.bridge, "link", "set", "br0", "up")
-            self._machine(self.client, "v-client", CLIENT_ADDRESS)
-            for host in self.hosts.values():
-                self._machine(host.namespace, host.veth, host.address)
+            self.network = Network(SUBNET, prefix=PREFIX)
+            self.client = self.network.add_host("client", 2).ns
+            for i in range(1, self.count + 1):
+                made = self.network.add_host(f"node{i}", 10 + i)
+                self.hosts[made.name] = Host(made.name, made.ns, made.addr)
             self._keys()
             for host in self.hosts.values():
                 self._start_sshd(host)
@@ -141,20 +105,6 @@ class NetLab:
             self.destroy()
             raise
         return self
-
-    def _namespace(self, name: str) -> None:
-        run("ip", "netns", "add", name)
-        self.created.append(name)
-        run("ip", "-n", name, "link", "set", "lo", "up")
-
-    def _machine(self, namespace: str, veth: str, address: str) -> None:
-        """A namespace with one interface, eth0, cabled to the bridge (created inside the bridge namespace)."""
-        self._namespace(namespace)
-        run("ip", "-n", self.bridge, "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", namespace)
-        run("ip", "-n", self.bridge, "link", "set", veth, "master", "br0")
-        run("ip", "-n", self.bridge, "link", "set", veth, "up")
-        run("ip", "-n", namespace, "addr", "add", f"{address}/24", "dev", "eth0")
-        run("ip", "-n", namespace, "link", "set", "eth0", "up")
 
     def _keys(self) -> None:
         run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "ssh-test-client", "-f", str(self.identity))
@@ -235,7 +185,7 @@ class NetLab:
     def leftovers(self, namespace: str) -> dict[int, str]:
         """Processes in a namespace other than the host's listening sshd (pid -> command line)."""
         keep = {h.sshd.pid for h in self.hosts.values() if h.namespace == namespace and h.sshd is not None}
-        return {pid: command_line(pid) for pid in namespace_pids(namespace) if pid not in keep}
+        return {pid: command_line(pid) for pid in ns_pids(namespace) if pid not in keep}
 
     def wait_empty(self, namespaces: list[str], timeout: float = 30.0) -> None:
         """Wait until nothing but the listening sshd runs in each of ``namespaces``."""
@@ -249,12 +199,17 @@ class NetLab:
         return [pid for pid, command in self.leftovers(namespace).items() if "remote_executor" in command]
 
     def set_link(self, host: str, up: bool) -> None:
-        run("ip", "-n", self.bridge, "link", "set", self.hosts[host].veth, "up" if up else "down")
+        assert self.network is not None
+        cable = self.network.hosts[host]
+        if up:
+            self.network.link_up(cable)
+        else:
+            self.network.link_down(cable)
 
     def stop_sshd(self, host: str) -> None:
         """sshd goes down on ``host``: the listener this lab started and every session it forked."""
         namespace = self.hosts[host].namespace
-        for pid in namespace_pids(namespace):
+        for pid in ns_pids(namespace):
             if _comm(pid) == "sshd":
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
@@ -277,9 +232,9 @@ class NetLab:
                 except subprocess.TimeoutExpired:
                     host.sshd.kill()
                     host.sshd.wait()
-        for name in reversed(self.created):
-            _delete_namespace(name)
-        self.created.clear()
+        if self.network is not None:
+            self.network.close()  # kills what still runs inside, deletes the namespaces and their links
+            self.network = None
 
 
 @contextlib.contextmanager
