@@ -423,7 +423,7 @@ def _cell_na(reason: str) -> str:
     return f"n/a ({reason.replace('|', '/')})"
 
 
-# Targets from the issues (2: tcp, 3: zmq, 4: gearman). Each returns (description, met?) or None.
+# The targets per transport. Each returns (description, met?) or None.
 GEARMAN_BARE_SEQ_MS = (0.19, 0.29)
 GEARMAN_BARE_RATE = (8_000, 17_000)
 
@@ -471,7 +471,7 @@ def render(columns: list[Column], params: Params, command: str, started: _dt.dat
     ppe = columns[0]
     transports = columns[1:]
     header = ["metric", "unit", PPE, *(c.name for c in transports), *(f"{c.name} x PPE" for c in transports),
-              "targets (issues 2/3/4)"]
+              "targets"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---", "---"] + ["---:"] * (len(header) - 3) + ["---"])
              + "|"]
     for metric in METRICS:
@@ -525,9 +525,9 @@ def render(columns: list[Column], params: Params, command: str, started: _dt.dat
         f"- Executors: `ProcessPoolExecutor(max_workers={WORKERS})` and `RemoteExecutor(max_workers={WORKERS}, "
         "transport=...)` (embedded: job server in the client process + 2 local worker processes). Clock: "
         "`time.perf_counter`.",
-        "- Targets: tcp (issue 2) sequential p50 and submit-all ≥ 1.0x PPE, 100 MB ≥ 0.8x, cold start-up ≤ 0.3 s; "
-        "zmq (issue 3) submit-all ≥ 2x, sequential p50 ≤ 0.8x PPE's latency (≥ 1.25x here), 100 MB ≥ 1.2x; "
-        "gearman (issue 4) within 1.5x of a bare gearmand client/worker (0.19-0.29 ms sequential, 8-17k jobs/s).",
+        "- Targets: tcp sequential p50 and submit-all ≥ 1.0x PPE, 100 MB ≥ 0.8x, cold start-up ≤ 0.3 s; "
+        "zmq submit-all ≥ 2x, sequential p50 ≤ 0.8x PPE's latency (≥ 1.25x here), 100 MB ≥ 1.2x; "
+        "gearman within 1.5x of a bare gearmand client/worker (0.19-0.29 ms sequential, 8-17k jobs/s).",
         f"- Machine: nproc={_nproc()}, Python {platform.python_version()} ({platform.python_implementation()}), "
         f"`{platform.platform()}`; {_versions()}.",
         *(f"- {c.name} did not start: {c.down}" for c in columns if c.down),

@@ -77,4 +77,4 @@ class ExecutorConformance(
     AsyncioTests,
     LoadTests,
 ):
-    """Every behaviour of DESIGN §2; subclass it, set :attr:`remote` and provide ``make_executor``."""
+    """Every behaviour of the executor contract; subclass it, set :attr:`remote` and provide ``make_executor``."""

@@ -1,6 +1,6 @@
 """The oracle: ``ThreadPoolExecutor``, with the ``map`` of Python 3.14 on older versions.
 
-DESIGN §2 promises ``map(..., buffersize=)`` "as in Python 3.14, on every Python version", so the oracle
+The contract promises ``map(..., buffersize=)`` "as in Python 3.14, on every Python version", so the oracle
 that the suite compares against must have it too. :class:`OracleExecutor` is ``ThreadPoolExecutor`` with
 nothing changed but ``map``, which is CPython 3.14's ``Executor.map`` line for line. On 3.14 and later it
 is ``ThreadPoolExecutor`` itself.
