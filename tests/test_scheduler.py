@@ -6,12 +6,15 @@ step returns the actions (``Send``/``Close``) the scheduler asked for, which the
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 
-from remote_executor.jobserver.scheduler import Action, Close, ConnId, Scheduler, Send
+from remote_executor.jobserver.scheduler import Action, Close, ConnId, Scheduler, Send, WorkerState
 from remote_executor.wire.frames import Frame, Kind, Status
 from remote_executor.wire.messages import hello
 from remote_executor.wire.serialization import Parts
@@ -599,3 +602,44 @@ def test_connection_that_never_says_hello_is_closed_after_the_timeout() -> None:
     h = Harness()
     h.s.connected(1, 0.0)
     assert [a.conn for a in h.tick(TIMEOUT + 1) if isinstance(a, Close)] == [1]
+
+
+def test_assignment_does_not_scan_the_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With 1,000 busy workers, one result and the next submit look at a handful of workers, not all of
+    them (counted, so it holds on a loaded machine): the per-call cost stays flat as a cluster grows."""
+    h = Harness()
+    h.client(1)
+    for conn in range(2, 1002):
+        h.worker(conn, f"w{conn}")
+    tids = {}
+    for i in range(1000):
+        (send,) = [a for a in h.submit(1, i) if isinstance(a, Send) and a.frame.kind == Kind.TASK]
+        tids[send.conn] = send.frame.a
+    looked_at = 0
+    original = WorkerState.free
+
+    def counting_free(self: WorkerState) -> int:
+        nonlocal looked_at
+        looked_at += 1
+        return original(self)
+
+    monkeypatch.setattr(WorkerState, "free", counting_free)
+    h.submit(1, 1000)  # queued: every worker is busy
+    actions = h.result(500, tids[500])
+    assert [a.frame.kind for a in actions if isinstance(a, Send)] == [Kind.RESULT, Kind.TASK]
+    assert looked_at <= 4, looked_at
+
+
+def test_fair_shares_between_many_clients_on_many_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scale simulation of benchmarks/scheduler_scale.py, small: 200 workers, 7 clients that keep their
+    queues full; every call completes and each client's share of results is within 10% of the others'."""
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "scheduler_scale.py"
+    spec = importlib.util.spec_from_file_location("scheduler_scale", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    messages, _, fairness = module.simulate(200, 7, 5000)
+    assert messages == 2 * 5000  # one SUBMIT and one RESULT in per call, nothing resent
+    assert fairness <= 1.1
+    assert module.queued_call_bytes(3, 3000) < 1024  # bounded memory per queued call

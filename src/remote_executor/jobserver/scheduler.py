@@ -106,6 +106,9 @@ class Scheduler:
         self._workers: dict[ConnId, WorkerState] = {}
         self._initializers: dict[int, Parts] = {}  # executor id -> initializer parts
         self._ready: deque[ConnId] = deque()  # clients with queued tasks, in round-robin order
+        # Workers with a free slot, least recently freed first (a dict as an ordered set): assignment costs
+        # the same with 10 workers or 10,000, where scanning every worker per call grew with their number.
+        self._free: dict[ConnId, None] = {}
         self._next_tid = 1
         self._capacity = 0
         self._actions: list[Action] = []
@@ -235,6 +238,7 @@ class Scheduler:
 
     def _add_worker(self, peer: Peer, state: WorkerState) -> None:
         self._workers[peer.conn] = state
+        self._free[peer.conn] = None
         log.info("worker %s attached with %d slot(s)", peer.name, state.slots)
         self._capacity_changed()
         self._assign()
@@ -262,6 +266,8 @@ class Scheduler:
         if client is not None:
             del client.tasks[task.tid]
             self._send(task.client, Frame(Kind.RESULT, a=task.client_tid, b=Status.DONE, parts=frame.parts))
+        if worker.free() > 0:
+            self._free[peer.conn] = None
         if worker.draining and not worker.running:
             log.info("worker %s drained", peer.name)
         self._assign()
@@ -276,6 +282,7 @@ class Scheduler:
 
     def _on_drain(self, peer: Peer, frame: Frame) -> None:
         self._workers[peer.conn].draining = True
+        self._free.pop(peer.conn, None)
         log.info("worker %s is draining", peer.name)
         self._send(peer.conn, Frame(Kind.DRAIN))  # after this, no TASK can be on its way to the worker
         self._capacity_changed()
@@ -290,11 +297,12 @@ class Scheduler:
 
     def _assign(self) -> None:
         """Hand queued tasks to free worker slots, one client at a time in round-robin order."""
-        if not self._ready:
-            return
-        for conn, worker in self._workers.items():
-            while worker.free() > 0 and self._ready:
-                self._start(conn, worker, self._next_task())
+        while self._ready and self._free:
+            conn = next(iter(self._free))
+            worker = self._workers[conn]
+            self._start(conn, worker, self._next_task())
+            if worker.free() <= 0:
+                del self._free[conn]
 
     def _next_task(self) -> Task:
         conn = self._ready.popleft()
@@ -328,6 +336,7 @@ class Scheduler:
 
     def _lose_worker(self, peer: Peer, reason: str) -> None:
         worker = self._workers.pop(peer.conn)
+        self._free.pop(peer.conn, None)
         if worker.running:
             log.warning("worker %s lost with %d call(s) running: %s", peer.name, len(worker.running), reason)
         for task in worker.running.values():
