@@ -9,7 +9,9 @@ its queue full (a client submits one more call for every result). It prints, per
 - fairness: the share of results each client got while every client had calls queued (max/min, 1.00 is
   perfectly even);
 - memory per queued call (tracemalloc, calls queued with no worker attached), which should not grow with the
-  number of clients.
+  number of clients;
+- worker checks per frame: how many times the scheduler looked at a worker's free slots per frame handled (a
+  count, so it does not depend on the machine's load), which must not grow with the number of workers.
 
     python benchmarks/scheduler_scale.py                 # the full table (a few million calls, minutes)
     python benchmarks/scheduler_scale.py --quick         # a smaller table (seconds)
@@ -24,7 +26,7 @@ import time
 import tracemalloc
 from dataclasses import dataclass
 
-from remote_executor.jobserver.scheduler import Scheduler, Send
+from remote_executor.jobserver.scheduler import Scheduler, Send, WorkerState
 from remote_executor.wire.frames import Frame, Kind
 from remote_executor.wire.messages import hello
 
@@ -40,6 +42,7 @@ class Row:
     seconds: float
     fairness: float
     bytes_per_queued_call: float
+    checks_per_frame: float
 
     @property
     def us_per_message(self) -> float:
@@ -128,6 +131,24 @@ def queued_call_bytes(clients: int, calls: int) -> float:
     return (after - before) / calls
 
 
+def worker_checks_per_frame(workers: int, clients: int, calls: int) -> float:
+    """Times ``WorkerState.free`` runs per frame in, over a short simulation (counted, not timed)."""
+    original = WorkerState.free
+    checks = 0
+
+    def counting(self: WorkerState) -> int:
+        nonlocal checks
+        checks += 1
+        return original(self)
+
+    WorkerState.free = counting  # type: ignore[method-assign]
+    try:
+        messages, _, _ = simulate(workers, clients, calls)
+    finally:
+        WorkerState.free = original  # type: ignore[method-assign]
+    return checks / messages
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer calls per row (seconds, not minutes)")
@@ -138,13 +159,14 @@ def main() -> None:
     for workers, clients in configs:
         messages, seconds, fairness = simulate(workers, clients, calls)
         memory = queued_call_bytes(clients, 20_000)
-        rows.append(Row(workers, clients, calls, messages, seconds, fairness, memory))
-    print("| workers | clients | calls | frames in | µs per frame in | fairness (max/min share) "
-          "| bytes per queued call |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+        checks = worker_checks_per_frame(workers, clients, 10_000)
+        rows.append(Row(workers, clients, calls, messages, seconds, fairness, memory, checks))
+    print("| workers | clients | calls | frames in | µs per frame in | worker checks per frame "
+          "| fairness (max/min share) | bytes per queued call |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         print(f"| {row.workers:,} | {row.clients:,} | {row.calls:,} | {row.messages:,} | {row.us_per_message:.2f} "
-              f"| {row.fairness:.3f} | {row.bytes_per_queued_call:.0f} |")
+              f"| {row.checks_per_frame:.2f} | {row.fairness:.3f} | {row.bytes_per_queued_call:.0f} |")
     flat = max(r.us_per_message for r in rows) / min(r.us_per_message for r in rows)
     print(f"\nTotal calls: {sum(r.calls for r in rows):,}. Cost per frame, slowest row / fastest row: {flat:.2f}x.")
 

@@ -643,3 +643,19 @@ def test_fair_shares_between_many_clients_on_many_workers(monkeypatch: pytest.Mo
     assert messages == 2 * 5000  # one SUBMIT and one RESULT in per call, nothing resent
     assert fairness <= 1.1
     assert module.queued_call_bytes(3, 3000) < 1024  # bounded memory per queued call
+
+
+def test_the_worker_freed_longest_ago_gets_the_next_call() -> None:
+    h = Harness()
+    h.client(1)
+    for conn in (2, 3, 4):
+        h.worker(conn, f"w{conn}")
+    started = {}
+    for i in range(3):
+        (send,) = [a for a in h.submit(1, i) if isinstance(a, Send) and a.frame.kind == Kind.TASK]
+        started[send.conn] = send.frame.a
+    assert sorted(started) == [2, 3, 4]  # one call per idle worker
+    h.result(3, started[3])  # w3 frees first, then w2
+    h.result(2, started[2])
+    order = [a.conn for i in (3, 4) for a in h.submit(1, i) if isinstance(a, Send) and a.frame.kind == Kind.TASK]
+    assert order == [3, 2]

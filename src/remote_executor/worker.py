@@ -10,6 +10,7 @@ the process when its parent dies.
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
 import os
 import signal
@@ -52,8 +53,16 @@ def install_drain_handler(drain: threading.Event) -> None:
     signal.signal(signal.SIGTERM, on_sigterm)
 
 
+ATEXIT_GRACE = 2.0
+"""Seconds the user's ``atexit`` handlers get when the lifeline closes, before the process ends regardless."""
+
+
 def watch_lifeline(fd: int) -> None:
-    """Exit at once when the parent (which holds the pipe's other end) dies: no orphaned workers."""
+    """Exit when the parent (which holds the pipe's other end) dies or closes it: no orphaned workers.
+
+    The embedded cluster stops its idle workers this way, so the ``atexit`` handlers of user code (an
+    initializer's database connection, a flushed file) run first, as at a normal exit; a watchdog ends the
+    process after :data:`ATEXIT_GRACE` seconds even if one of them hangs."""
 
     def wait_for_eof() -> None:
         try:
@@ -61,7 +70,13 @@ def watch_lifeline(fd: int) -> None:
                 pass
         except OSError:
             pass
-        os._exit(3)
+        watchdog = threading.Timer(ATEXIT_GRACE, os._exit, (3,))
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            atexit._run_exitfuncs()
+        finally:
+            os._exit(3)
 
     threading.Thread(target=wait_for_eof, name="remote-executor-lifeline", daemon=True).start()
 
