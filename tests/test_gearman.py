@@ -125,7 +125,7 @@ def test_pools_share_one_gearmand(gearmand: GearmandProcess, start_workers: Call
 
 
 def test_bad_pool_name_is_a_clear_error(gearmand: GearmandProcess) -> None:
-    with pytest.raises(TransportError, match="bad gearman pool name"):
+    with pytest.raises(TransportError, match="bad pool name"):
         RemoteExecutor(transport=f"{gearmand.url}/no spaces")
 
 

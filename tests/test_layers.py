@@ -17,7 +17,7 @@ import remote_executor
 
 PACKAGE = Path(remote_executor.__file__).parent
 TOP = ("cluster", "executor", "worker", "supervisor", "cli")
-BOTTOM = ("errors", "security", "netio", "tls")
+BOTTOM = ("errors", "security", "netio", "tls", "pools")
 
 
 def module_name(path: Path) -> str:
@@ -101,10 +101,12 @@ ALLOWED = {
     "security": {"errors"},
     "netio": {"errors"},
     "tls": {"errors"},
+    "pools": {"errors"},
     "wire": {"errors", "wire"},
     "contracts": {"errors", "wire"},
-    "jobserver": {"errors", "security", "netio", "tls", "wire", "contracts", "jobserver", "transports"},
-    "scheme": {"errors", "security", "netio", "tls", "wire", "contracts", "jobserver", "scheme", "transports"},
+    "jobserver": {"errors", "security", "netio", "tls", "pools", "wire", "contracts", "jobserver", "transports"},
+    "scheme": {"errors", "security", "netio", "tls", "pools", "wire", "contracts", "jobserver", "scheme",
+               "transports"},
     "transports": {"errors", "contracts"},
 }
 
@@ -121,10 +123,10 @@ def test_jobserver_reaches_no_scheme_except_through_the_registry() -> None:
             assert not {t for t in targets if layer(t) == "scheme"}, name
 
 
-def test_the_scheduler_imports_only_the_wire_format() -> None:
+def test_the_scheduler_imports_only_the_wire_format_and_names() -> None:
     targets = GRAPH["remote_executor.jobserver.scheduler"]
     assert targets, "the scheduler imports the wire format"
-    assert {layer(t) for t in targets} <= {"wire", "errors"}, sorted(targets)
+    assert {layer(t) for t in targets} <= {"wire", "errors", "pools"}, sorted(targets)
 
 
 def test_every_module_imports_alone() -> None:

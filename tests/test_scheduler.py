@@ -503,7 +503,8 @@ def test_drain_acks_stops_new_tasks_drops_capacity_and_still_forwards_results() 
     actions = h.result(10, tid)
     assert [(f.a, f.b) for f in sent(actions, 1, Kind.RESULT)] == [(1, Status.DONE)]
     assert tasks_to(actions, 10) == []
-    assert h.s.status()["workers"][0] == {"name": "worker#10", "slots": 2, "running": 0, "draining": True}
+    assert h.s.status()["workers"][0] == {"name": "worker#10", "pool": "default", "slots": 2, "running": 0,
+                                          "draining": True}
     actions = h.worker(11, slots=1)
     assert tasks_to(actions, 11) == [b"call queued"]
     assert capacities(actions, 1) == [1]
@@ -560,13 +561,14 @@ def test_status_content() -> None:
         "server": "js-7",
         "capacity": 2,
         "workers": [
-            {"name": "w1#10", "slots": 2, "running": 2, "draining": False},
-            {"name": "w2#11", "slots": 1, "running": 1, "draining": True},
+            {"name": "w1#10", "pool": "default", "slots": 2, "running": 2, "draining": False},
+            {"name": "w2#11", "pool": "default", "slots": 1, "running": 1, "draining": True},
         ],
         "clients": [
-            {"name": "alice#1", "queued": 1, "running": 2},
-            {"name": "bob#2", "queued": 1, "running": 1},
+            {"name": "alice#1", "pool": "default", "queued": 1, "running": 2},
+            {"name": "bob#2", "pool": "default", "queued": 1, "running": 1},
         ],
+        "pools": {"default": {"workers": 2, "capacity": 2, "clients": 2, "queued": 2}},
     }
 
 
@@ -659,3 +661,54 @@ def test_the_worker_freed_longest_ago_gets_the_next_call() -> None:
     h.result(2, started[2])
     order = [a.conn for i in (3, 4) for a in h.submit(1, i) if isinstance(a, Send) and a.frame.kind == Kind.TASK]
     assert order == [3, 2]
+
+
+# --- pools ---------------------------------------------------------------------------------------------
+
+
+def test_calls_go_only_to_workers_of_their_pool() -> None:
+    h = Harness()
+    h.client(1, name="cpu-client")
+    h.connect(2, client_hello("gpu-client", executor_id=8, pool="gpu"), local=True)
+    h.worker(10, "cpu-worker")
+    actions = h.connect(11, worker_hello("gpu-worker", pool="gpu"))
+    assert capacities(actions, 2) == [1] and capacities(actions, 1) == []  # only the gpu pool grew
+    assert tasks_to(h.submit(2, 1, "g1"), 11) == [b"call g1"]
+    assert tasks_to(h.submit(2, 2, "g2"), 10) == []  # the cpu worker is idle, but not of the pool
+    assert tasks_to(h.submit(1, 1, "c1"), 10) == [b"call c1"]
+    pools = h.s.status()["pools"]
+    assert pools == {"default": {"workers": 1, "capacity": 1, "clients": 1, "queued": 0},
+                     "gpu": {"workers": 1, "capacity": 1, "clients": 1, "queued": 1}}
+
+
+def test_a_call_waits_for_a_worker_of_its_pool_and_a_lost_one_is_retried_there() -> None:
+    h = Harness()
+    h.connect(1, client_hello(pool="gpu", max_retries=1), local=True)
+    h.worker(10, "cpu-worker")
+    assert tasks_to(h.submit(1, 1, "g"), 10) == []
+    assert h.s.status()["pools"]["gpu"] == {"workers": 0, "capacity": 0, "clients": 1, "queued": 1}
+    (tid,) = tids_to(h.connect(11, worker_hello("gpu-1", pool="gpu")), 11)
+    actions = h.disconnect(11)
+    assert [f.b for f in sent(actions, 1, Kind.REQUEUED)] == [1]
+    assert tasks_to(actions, 10) == []  # requeued in its pool, not given to the idle cpu worker
+    assert tasks_to(h.connect(12, worker_hello("gpu-2", pool="gpu")), 12) == [b"call g"]
+    assert tid != 0
+
+
+def test_pools_nobody_uses_are_forgotten() -> None:
+    h = Harness()
+    for i in range(50):
+        h.connect(100 + i, client_hello(f"c{i}", executor_id=i, pool=f"p{i}"), local=True)
+        h.connect(200 + i, worker_hello(f"w{i}", pool=f"p{i}"))
+    assert len(h.s.status()["pools"]) == 50
+    for i in range(50):
+        h.disconnect(100 + i)
+        h.disconnect(200 + i)
+    assert h.s.status()["pools"] == {}
+
+
+@pytest.mark.parametrize("pool", ["", "a/b", "x" * 201, 7, None, "gpu pool"])
+def test_a_bad_pool_name_is_rejected(pool: object) -> None:
+    h = Harness()
+    assert_rejected(h.connect(1, worker_hello(pool=pool)), 1, "pool")
+    assert h.s.status()["pools"] == {}

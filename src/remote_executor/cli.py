@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .errors import RemoteExecutorError
+from .pools import pool_of_url
 from .security import key_to_env, resolve_key
 from .supervisor import Supervisor
 from .tls import TlsConfig, make_cluster_material
@@ -86,6 +87,8 @@ def _parser() -> argparse.ArgumentParser:
     keygen.add_argument("--days", type=int, default=825, help="how long the certificates are valid")
     _add_curve_flags(commands.choices)
     worker.add_argument("--name", help="name of the worker processes in status (default: HOSTNAME-PID)")
+    worker.add_argument("--pool", help="the worker pool to serve: only calls of executors of that pool come "
+                                       "here (default: the URL's /POOL, else 'default')")
     worker.add_argument("--exit-on-stdin-eof", action="store_true",
                         help="exit at once when standard input closes (a 'drain' line on it drains): "
                              "workers that end with the SSH session that started them")
@@ -145,7 +148,8 @@ def _server(args: argparse.Namespace) -> int:
 def _worker(args: argparse.Namespace) -> int:
     key = _key(args)
     backend = _backend(args.url)  # fail now, clearly, for an unknown scheme or a missing extra
-    worker_args: tuple[str, ...] = ("--heartbeat-interval", str(args.heartbeat_interval),
+    pool = pool_of_url(args.url, args.pool)  # and for a bad pool name
+    worker_args: tuple[str, ...] = ("--pool", pool, "--heartbeat-interval", str(args.heartbeat_interval),
                                     "--heartbeat-timeout", str(args.heartbeat_timeout),
                                     *_curve_worker_args(_curve_client_extra(args, backend)))
     tls = TlsConfig.from_options(_tls_options(args, backend))
@@ -159,7 +163,7 @@ def _worker(args: argparse.Namespace) -> int:
     if args.exit_on_stdin_eof:
         watch_stdin(stop)
     supervisor.start()
-    print(f"{args.processes} worker process(es) serving {args.url}", flush=True)
+    print(f"{args.processes} worker process(es) serving {args.url} (pool {pool})", flush=True)
     stop.wait()
     log.info("draining workers")
     supervisor.drain(timeout=None)

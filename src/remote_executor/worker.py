@@ -126,6 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m remote_executor.worker", description=__doc__)
     parser.add_argument("url")
     parser.add_argument("--name", default=None)
+    parser.add_argument("--pool", default=None, help="the worker pool to serve (default: the URL's /POOL)")
     parser.add_argument("--heartbeat-interval", type=float, default=1.0)
     parser.add_argument("--heartbeat-timeout", type=float, default=10.0)
     parser.add_argument("--reconnect-timeout", type=float, default=float("inf"))
@@ -150,6 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.name:
         settings.name = args.name
+    settings.pool = args.pool
     lifeline = os.environ.get(LIFELINE_ENV)
     if lifeline:
         watch_lifeline(int(lifeline))

@@ -33,6 +33,7 @@ from ..errors import (
     ServerUnavailableError,
 )
 from ..netio import Waker, retry_with_backoff
+from ..pools import DEFAULT_POOL, pool_of_url
 from ..transports.base import Call, ClientTransport, Listener, Options, Session
 from ..wire.frames import Frame, Kind, Status
 from ..wire.messages import hello, initializer_failed, parse_json, rejection, worker_lost_parts
@@ -202,10 +203,11 @@ class ClientSession:
     Every call carries how many times it may already have run (a lost worker, a lost server), across
     reconnections and servers, so no call runs more than ``max_retries + 1`` times."""
 
-    def __init__(self, session: Session, listener: Listener, server: str) -> None:
+    def __init__(self, session: Session, listener: Listener, server: str, pool: str = DEFAULT_POOL) -> None:
         self.session = session
         self.listener = listener
         self.server = server
+        self.pool = pool
         self._lock = threading.Lock()
         self._inflight: dict[int, Call] = {}  # accepted, no result yet
         self._attempts: dict[int, int] = {}  # task id -> times it may have run (absent: never)
@@ -215,6 +217,7 @@ class ClientSession:
             "name": client_name(),
             "executor_id": self.session.executor_id,
             "max_retries": self.session.max_retries,
+            "pool": self.pool,
         }
         return hello("client", info, self.session.initializer)
 
@@ -287,6 +290,7 @@ class JobServerClient(ClientTransport):
         if not servers:
             raise ValueError("a job-server client needs at least one server")
         self.url = url
+        self.pool = pool_of_url(url, options.extra.get("pool"))  # a bad name fails here, at construction
         self._options = options
         self._servers = list(servers)  # (the one server's URL, how to open a channel to it)
         self._current = 0
@@ -301,7 +305,7 @@ class JobServerClient(ClientTransport):
     # --- ClientTransport ------------------------------------------------------------------------------
 
     def start(self, session: Session, listener: Listener) -> None:
-        self._session = ClientSession(session, listener, self.url)
+        self._session = ClientSession(session, listener, self.url, self.pool)
         try:
             self._channel = self._open(self._options.connect_timeout)  # the first failure is loud
         except BaseException:

@@ -9,6 +9,10 @@ Who is who::
     client  -- SUBMIT -->  queue (one deque per client, served round-robin)  -- TASK -->  worker
     client  <-- RESULT --  task table (server task id -> client, client task id)  <-- RESULT --  worker
 
+Pools: every client and worker names one (the default pool unless it says otherwise); a client's calls go
+only to workers of its pool, and the queues, the free workers and the capacity a client is told are kept per
+pool.
+
 Worker loss (disconnect, or silence past ``heartbeat_timeout``) requeues the calls it ran at the head of
 their client's queue (and tells the client, REQUEUED) until they have been lost ``max_retries + 1`` times,
 counting the losses a client reports when it resubmits a call after losing another server; then the
@@ -24,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import AuthenticationError, ProtocolError, VersionMismatchError
+from ..pools import DEFAULT_POOL, is_pool_name
 from ..wire.frames import Frame, Kind, Status
 from ..wire.messages import RejectCode, check_versions, json_frame, parse_json, reject, worker_lost_parts
 from ..wire.serialization import Parts
@@ -73,6 +78,7 @@ class Peer:
 class ClientState:
     executor_id: int
     max_retries: int
+    pool: str = DEFAULT_POOL
     queue: deque[Task] = field(default_factory=deque)
     tasks: dict[int, Task] = field(default_factory=dict)  # server tid -> task, queued or running
 
@@ -80,12 +86,26 @@ class ClientState:
 @dataclass(slots=True)
 class WorkerState:
     slots: int
+    pool: str = DEFAULT_POOL
     running: dict[int, Task] = field(default_factory=dict)
     initialized: set[int] = field(default_factory=set)
     draining: bool = False
 
     def free(self) -> int:
         return 0 if self.draining else self.slots - len(self.running)
+
+
+@dataclass(slots=True)
+class Pool:
+    """One pool's share of the scheduler: whose calls wait, which workers have room, what clients are told."""
+
+    ready: deque[ConnId] = field(default_factory=deque)  # clients with queued tasks, in round-robin order
+    # Workers with a free slot, least recently freed first (a dict as an ordered set): assignment costs the
+    # same with 10 workers or 10,000, where scanning every worker per call grew with their number.
+    free: dict[ConnId, None] = field(default_factory=dict)
+    capacity: int = 0  # slots of its workers that are not draining
+    clients: int = 0
+    workers: int = 0
 
 
 class Scheduler:
@@ -105,12 +125,8 @@ class Scheduler:
         self._clients: dict[ConnId, ClientState] = {}
         self._workers: dict[ConnId, WorkerState] = {}
         self._initializers: dict[int, Parts] = {}  # executor id -> initializer parts
-        self._ready: deque[ConnId] = deque()  # clients with queued tasks, in round-robin order
-        # Workers with a free slot, least recently freed first (a dict as an ordered set): assignment costs
-        # the same with 10 workers or 10,000, where scanning every worker per call grew with their number.
-        self._free: dict[ConnId, None] = {}
+        self._pools: dict[str, Pool] = {}  # only pools with a client or a worker attached
         self._next_tid = 1
-        self._capacity = 0
         self._actions: list[Action] = []
         self._now = 0.0
 
@@ -148,7 +164,6 @@ class Scheduler:
             self._lose_worker(peer, "connection closed")
         elif conn in self._clients:
             self._drop_client(conn)
-        self._assign()
 
     def tick(self, now: float) -> float:
         """Check heartbeats; returns when the next check is due."""
@@ -170,19 +185,28 @@ class Scheduler:
 
     @property
     def capacity(self) -> int:
-        return self._capacity
+        """Free-or-busy slots of every attached worker that is not draining, all pools together."""
+        return sum(pool.capacity for pool in self._pools.values())
 
     def status(self) -> dict[str, Any]:
         """What ``remote-executor status`` shows."""
         workers = [
-            {"name": self._peers[c].name, "slots": w.slots, "running": len(w.running), "draining": w.draining}
+            {"name": self._peers[c].name, "pool": w.pool, "slots": w.slots, "running": len(w.running),
+             "draining": w.draining}
             for c, w in self._workers.items()
         ]
         clients = [
-            {"name": self._peers[c].name, "queued": len(s.queue), "running": len(s.tasks) - len(s.queue)}
+            {"name": self._peers[c].name, "pool": s.pool, "queued": len(s.queue),
+             "running": len(s.tasks) - len(s.queue)}
             for c, s in self._clients.items()
         ]
-        return {"server": self.name, "capacity": self._capacity, "workers": workers, "clients": clients}
+        pools = {
+            name: {"workers": pool.workers, "capacity": pool.capacity, "clients": pool.clients,
+                   "queued": sum(len(self._clients[c].queue) for c in pool.ready)}
+            for name, pool in sorted(self._pools.items())
+        }
+        return {"server": self.name, "capacity": self.capacity, "workers": workers, "clients": clients,
+                "pools": pools}
 
     # --- frames ----------------------------------------------------------------------------------
 
@@ -221,27 +245,43 @@ class Scheduler:
         max_retries = _integer(info, "max_retries", 0)
         if not 0 <= executor_id < 1 << 64 or not 0 <= max_retries < 1 << 16:
             raise ValueError("executor_id must be a uint64 and max_retries in 0..65535")
-        return ClientState(executor_id, max_retries)
+        return ClientState(executor_id, max_retries, _pool_name(info))
 
     @staticmethod
     def _worker_state(info: dict[str, Any]) -> WorkerState:
         slots = _integer(info, "slots", 1)
         if not 0 < slots < 1 << 16:
             raise ValueError(f"a worker must offer 1..65535 slots, not {slots}")
-        return WorkerState(slots)
+        return WorkerState(slots, _pool_name(info))
+
+    def _pool(self, name: str) -> Pool:
+        pool = self._pools.get(name)
+        if pool is None:
+            pool = self._pools[name] = Pool()
+        return pool
+
+    def _forget_if_unused(self, name: str) -> None:
+        """Drop a pool nobody is attached to: pool names come from peers and must not pile up."""
+        pool = self._pools.get(name)
+        if pool is not None and pool.clients == 0 and pool.workers == 0:
+            del self._pools[name]
 
     def _add_client(self, peer: Peer, state: ClientState, init_parts: Parts) -> None:
         self._clients[peer.conn] = state
+        pool = self._pool(state.pool)
+        pool.clients += 1
         if init_parts:
             self._initializers[state.executor_id] = list(init_parts)
-        self._send(peer.conn, Frame(Kind.CAPACITY, a=self._capacity))
+        self._send(peer.conn, Frame(Kind.CAPACITY, a=pool.capacity))
 
     def _add_worker(self, peer: Peer, state: WorkerState) -> None:
         self._workers[peer.conn] = state
-        self._free[peer.conn] = None
-        log.info("worker %s attached with %d slot(s)", peer.name, state.slots)
-        self._capacity_changed()
-        self._assign()
+        pool = self._pool(state.pool)
+        pool.workers += 1
+        pool.free[peer.conn] = None
+        log.info("worker %s attached to pool %s with %d slot(s)", peer.name, state.pool, state.slots)
+        self._capacity_changed(state.pool)
+        self._assign(pool)
 
     def _on_submit(self, peer: Peer, frame: Frame) -> None:
         state = self._clients[peer.conn]
@@ -252,10 +292,11 @@ class Scheduler:
         task = Task(self._next_tid, peer.conn, frame.a, state.executor_id, frame.parts, attempts=frame.b)
         self._next_tid += 1
         state.tasks[task.tid] = task
+        pool = self._pools[state.pool]
         if not state.queue:
-            self._ready.append(peer.conn)
+            pool.ready.append(peer.conn)
         state.queue.append(task)
-        self._assign()
+        self._assign(pool)
 
     def _on_result(self, peer: Peer, frame: Frame) -> None:
         worker = self._workers[peer.conn]
@@ -266,11 +307,12 @@ class Scheduler:
         if client is not None:
             del client.tasks[task.tid]
             self._send(task.client, Frame(Kind.RESULT, a=task.client_tid, b=Status.DONE, parts=frame.parts))
+        pool = self._pools[worker.pool]
         if worker.free() > 0:
-            self._free[peer.conn] = None
+            pool.free[peer.conn] = None
         if worker.draining and not worker.running:
             log.info("worker %s drained", peer.name)
-        self._assign()
+        self._assign(pool)
 
     def _on_init_failed(self, peer: Peer, frame: Frame) -> None:
         executor_id = frame.a
@@ -281,11 +323,12 @@ class Scheduler:
                 self._clear_queue(conn, state)
 
     def _on_drain(self, peer: Peer, frame: Frame) -> None:
-        self._workers[peer.conn].draining = True
-        self._free.pop(peer.conn, None)
+        worker = self._workers[peer.conn]
+        worker.draining = True
+        self._pools[worker.pool].free.pop(peer.conn, None)
         log.info("worker %s is draining", peer.name)
         self._send(peer.conn, Frame(Kind.DRAIN))  # after this, no TASK can be on its way to the worker
-        self._capacity_changed()
+        self._capacity_changed(worker.pool)
 
     def _on_status(self, peer: Peer, frame: Frame) -> None:
         self._send_json(peer.conn, Kind.STATUS, self.status())
@@ -295,21 +338,21 @@ class Scheduler:
 
     # --- assignment --------------------------------------------------------------------------------
 
-    def _assign(self) -> None:
-        """Hand queued tasks to free worker slots, one client at a time in round-robin order."""
-        while self._ready and self._free:
-            conn = next(iter(self._free))
+    def _assign(self, pool: Pool) -> None:
+        """Hand a pool's queued tasks to its free worker slots, one client at a time in round-robin order."""
+        while pool.ready and pool.free:
+            conn = next(iter(pool.free))
             worker = self._workers[conn]
-            self._start(conn, worker, self._next_task())
+            self._start(conn, worker, self._next_task(pool))
             if worker.free() <= 0:
-                del self._free[conn]
+                del pool.free[conn]
 
-    def _next_task(self) -> Task:
-        conn = self._ready.popleft()
+    def _next_task(self, pool: Pool) -> Task:
+        conn = pool.ready.popleft()
         state = self._clients[conn]
         task = state.queue.popleft()
         if state.queue:
-            self._ready.append(conn)
+            pool.ready.append(conn)
         return task
 
     def _start(self, conn: ConnId, worker: WorkerState, task: Task) -> None:
@@ -332,16 +375,19 @@ class Scheduler:
             self._lose_worker(peer, reason)
         elif peer.conn in self._clients:
             self._drop_client(peer.conn)
-        self._assign()
 
     def _lose_worker(self, peer: Peer, reason: str) -> None:
         worker = self._workers.pop(peer.conn)
-        self._free.pop(peer.conn, None)
+        pool = self._pools[worker.pool]
+        pool.free.pop(peer.conn, None)
+        pool.workers -= 1
         if worker.running:
             log.warning("worker %s lost with %d call(s) running: %s", peer.name, len(worker.running), reason)
         for task in worker.running.values():
             self._requeue_or_fail(task, peer.name)
-        self._capacity_changed()
+        self._capacity_changed(worker.pool)
+        self._assign(pool)
+        self._forget_if_unused(worker.pool)
 
     def _requeue_or_fail(self, task: Task, worker_name: str) -> None:
         client = self._clients.get(task.client)
@@ -351,7 +397,7 @@ class Scheduler:
         task.lost_on.append(worker_name)
         if task.attempts <= client.max_retries:
             if not client.queue:
-                self._ready.append(task.client)
+                self._pools[client.pool].ready.append(task.client)
             client.queue.appendleft(task)
             # The client keeps the count too, for when it must resubmit the call to another server.
             self._send(task.client, Frame(Kind.REQUEUED, a=task.client_tid, b=task.attempts))
@@ -363,6 +409,8 @@ class Scheduler:
     def _drop_client(self, conn: ConnId) -> None:
         state = self._clients.pop(conn)
         self._clear_queue(conn, state)
+        self._pools[state.pool].clients -= 1
+        self._forget_if_unused(state.pool)
         if not any(s.executor_id == state.executor_id for s in self._clients.values()):
             self._initializers.pop(state.executor_id, None)
 
@@ -370,8 +418,9 @@ class Scheduler:
         for task in state.queue:
             state.tasks.pop(task.tid, None)
         state.queue.clear()
-        if conn in self._ready:
-            self._ready.remove(conn)
+        ready = self._pools[state.pool].ready
+        if conn in ready:
+            ready.remove(conn)
 
     def _reject(self, peer: Peer, code: RejectCode, reason: str) -> None:
         log.warning("rejecting %s: %s", peer.name or f"connection #{peer.conn}", reason)
@@ -381,13 +430,16 @@ class Scheduler:
 
     # --- output --------------------------------------------------------------------------------------
 
-    def _capacity_changed(self) -> None:
-        capacity = sum(0 if w.draining else w.slots for w in self._workers.values())
-        if capacity == self._capacity:
+    def _capacity_changed(self, name: str) -> None:
+        """Recount a pool's slots after a worker came, went or began draining; tell its clients if it moved."""
+        pool = self._pools[name]
+        capacity = sum(0 if w.draining else w.slots for w in self._workers.values() if w.pool == name)
+        if capacity == pool.capacity:
             return
-        self._capacity = capacity
-        for conn in self._clients:
-            self._send(conn, Frame(Kind.CAPACITY, a=capacity))
+        pool.capacity = capacity
+        for conn, state in self._clients.items():
+            if state.pool == name:
+                self._send(conn, Frame(Kind.CAPACITY, a=capacity))
 
     def _send(self, conn: ConnId, frame: Frame) -> None:
         peer = self._peers.get(conn)
@@ -409,6 +461,14 @@ _HANDLERS = {
     ("admin", Kind.STATUS): Scheduler._on_status,
     ("admin", Kind.HEARTBEAT): Scheduler._on_heartbeat,
 }
+
+
+def _pool_name(info: dict[str, Any]) -> str:
+    """The pool a HELLO names (the default pool if it names none); checked, since it comes from a peer."""
+    name = info.get("pool", DEFAULT_POOL)
+    if not is_pool_name(name):
+        raise ValueError(f"HELLO field 'pool' must be 1 to 200 letters, digits, '.', '_' or '-', not {name!r}")
+    return str(name)
 
 
 def _integer(info: dict[str, Any], name: str, default: int | None) -> int:

@@ -22,6 +22,7 @@ from typing import Any
 
 from ..errors import ConnectionFailedError, RemoteExecutorError
 from ..netio import retry_with_backoff
+from ..pools import pool_of_url
 from ..transports.base import WorkerCore, WorkerSettings
 from ..wire.frames import Frame, Kind
 from ..wire.messages import hello, rejection
@@ -99,7 +100,7 @@ class _MainThreadRunner:
 
 def _serve(url: str, connect: Connector, settings: WorkerSettings, core: WorkerCore, runner: Runner) -> int:
     """Serve one job server: connect with backoff, run a session, reconnect; the exit code at the end."""
-    first = hello("worker", {"name": settings.name, "slots": 1})
+    first = hello("worker", {"name": settings.name, "slots": 1, "pool": pool_of_url(settings.url, settings.pool)})
     while True:
         log.info("connecting to %s", url)
         try:

@@ -153,6 +153,7 @@ class WorkerSettings:
     connect_timeout: float = 10.0
     drain: threading.Event = field(default_factory=threading.Event)  # set by SIGTERM: finish, then exit
     extra: dict[str, Any] = field(default_factory=dict)  # backend-specific (TLS or CURVE files), as Options.extra
+    pool: str | None = None  # the worker pool to serve (None: the URL's path, else the default pool)
 
 
 class WorkerCore:

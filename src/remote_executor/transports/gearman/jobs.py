@@ -30,13 +30,13 @@ code on the workers anyway, so there is nothing left to protect.
 from __future__ import annotations
 
 import os
-import re
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from ...errors import AuthenticationError, ProtocolError, TransportError
+from ...errors import AuthenticationError, ProtocolError
+from ...pools import DEFAULT_POOL, pool_of_url
 from ...wire.aead import Sealer, is_sealed
 from ...wire.frames import DEFAULT_LIMITS, Frame, Kind, Limits, decode_whole, encode
 from ...wire.serialization import Buffer
@@ -54,7 +54,6 @@ __all__ = [
     "parse_url",
 ]
 
-DEFAULT_POOL: Final = "default"
 FUNCTION_PREFIX: Final = "remote_executor."
 STARTED: Final = b"started by "  # WORK_DATA a worker sends as it starts a job: "started by <worker name>"
 REFUSED: Final = b"refused by "  # WORK_DATA before a WORK_FAIL for a job the worker would not run
@@ -67,17 +66,11 @@ _JOB_AD: Final = b"remote_executor gearman job\0"
 _RESULT_AD: Final = b"remote_executor gearman result\0"
 _JOB_HEADER: Final = struct.Struct("!16sQ")  # job id, expiry in milliseconds since the epoch
 _RESULT_IDS: Final = struct.Struct("!QQ16s")  # executor id, task id, job id
-_POOL_RE: Final = re.compile(r"[A-Za-z0-9_.\-]{1,200}")
 
 
 def parse_url(url: str, pool: str | None = None) -> tuple[list[tuple[str, int]], str]:
     """``gearman://h1:p1,h2:p2[/POOL]`` -> ([(h1, p1), (h2, p2)], pool); ``pool`` overrides the path."""
-    addresses = split_hostports(url)
-    path = url.split("://", 1)[1].partition("/")[2].strip("/")
-    chosen = pool or path or DEFAULT_POOL
-    if not _POOL_RE.fullmatch(chosen):
-        raise TransportError(f"bad gearman pool name {chosen!r} in {url!r}: use letters, digits, '.', '_' or '-'")
-    return addresses, chosen
+    return split_hostports(url), pool_of_url(url, pool)
 
 
 def function_name(pool: str) -> bytes:

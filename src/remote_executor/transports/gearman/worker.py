@@ -90,7 +90,7 @@ class _ServerLink:
 
 class GearmanWorker:
     def __init__(self, settings: WorkerSettings, core: WorkerCore) -> None:
-        addresses, pool = parse_url(settings.url)
+        addresses, pool = parse_url(settings.url, settings.pool)
         self.settings = settings
         self.core = core
         self.function = function_name(pool)
