@@ -15,11 +15,15 @@ a server; for workers it drains them (running calls finish, no new ones start).
 from __future__ import annotations
 
 import argparse
+import atexit
+import base64
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -147,6 +151,8 @@ def _server(args: argparse.Namespace) -> int:
 
 def _worker(args: argparse.Namespace) -> int:
     key = _key(args)
+    if getattr(args, "tls_ca", None) == "-":  # after the key's line: the SSH cluster sends both on stdin
+        args.tls_ca = _tls_ca_from_stdin()
     backend = _backend(args.url)  # fail now, clearly, for an unknown scheme or a missing extra
     pool = pool_of_url(args.url, args.pool)  # and for a bad pool name
     worker_args: tuple[str, ...] = ("--pool", pool, "--heartbeat-interval", str(args.heartbeat_interval),
@@ -168,6 +174,24 @@ def _worker(args: argparse.Namespace) -> int:
     log.info("draining workers")
     supervisor.drain(timeout=None)
     return 0
+
+
+def _tls_ca_from_stdin() -> str:
+    """``--tls-ca -``: the CA certificate as one line of standard input (base64 of its PEM), kept in a
+    private file for the worker processes while this command runs."""
+    line = read_stdin_line().strip()
+    try:
+        pem = base64.b64decode(line, validate=True)
+    except ValueError:
+        pem = b""
+    if not pem.startswith(b"-----BEGIN CERTIFICATE-----"):
+        raise ValueError("--tls-ca -: standard input did not carry a CA certificate (one line, base64 of its PEM)")
+    directory = tempfile.mkdtemp(prefix="remote-executor-ca-")
+    atexit.register(shutil.rmtree, directory, True)
+    path = os.path.join(directory, "ca.pem")
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as file:
+        file.write(pem)
+    return path
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -7,9 +7,9 @@
     remote-executor cluster run --hosts ...                         as `up`, in the foreground (systemd)
 
 `up` records the cluster in $XDG_CONFIG_HOME/remote_executor/ (default ~/.config/remote_executor/):
-cluster.json (its URL and key file) and cluster.key, both readable by you only, and cluster.log. Connect with
-RemoteExecutor(transport=URL, key_file=KEY_FILE), or RemoteExecutor(**running_cluster().executor_options())
-from remote_executor.ssh.
+cluster.json (its URL, key file and the file that verifies the job server) and cluster.key, both readable by
+you only, and cluster.log. Connect with RemoteExecutor(**running_cluster().executor_options()) (from
+remote_executor.ssh). --transport tcp (TLS, the default) or zmq (CURVE) encrypts the wire.
 
 A hosts file (--hosts-file) has one `host [processes] [pool] [command=...] [workdir=...] [env.NAME=...]` per
 line; `#` starts a comment.
@@ -68,6 +68,8 @@ def _launch_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hosts", help="comma-separated hosts, as ssh takes them (node1,user@node2,alias)")
     parser.add_argument("--hosts-file", help="one `host [processes] [pool] [option=value ...]` per line")
     parser.add_argument("--processes", type=int, help="worker processes per host (default: its CPU count)")
+    parser.add_argument("--transport", choices=("tcp", "zmq"), default="tcp",
+                        help="the job server's transport: tcp (with TLS) or zmq (with CURVE; pyzmq on every host)")
     parser.add_argument("--scheduler-host", help="address of this machine the hosts connect to "
                                                  "(default: the one that routes to the first host)")
     parser.add_argument("--port", type=int, default=0, help="the job server's port (default: any free one)")
@@ -131,7 +133,8 @@ def _up(args: argparse.Namespace) -> int:
     print(f"cluster up: {report['url']}, worker processes on {hosts}\n"
           f"key file:   {report['key_file']}\n"
           f"state:      {report['state_file']} (log: {log_path})\n"
-          f"use it:     RemoteExecutor(transport={report['url']!r}, key_file={report['key_file']!r})\n"
+          f"use it:     RemoteExecutor(**running_cluster().executor_options())   "
+          f"(from remote_executor.ssh import running_cluster)\n"
           f"stop it:    remote-executor cluster down", flush=True)
     return 0
 
@@ -145,7 +148,7 @@ def _run(args: argparse.Namespace) -> int:
         _refuse_if_running()
         hosts = _hosts(args)
         cluster = SSHJobServer(
-            hosts, args.processes, scheduler_host=args.scheduler_host, port=args.port,
+            hosts, args.processes, scheduler_host=args.scheduler_host, port=args.port, transport=args.transport,
             ssh_options=_ssh_options(args), remote_command=args.remote_command, env=_env(args),
             workdir=args.workdir, allow_partial=args.allow_partial, start_timeout=args.timeout,
             heartbeat_interval=args.heartbeat_interval, heartbeat_timeout=args.heartbeat_timeout)
@@ -172,7 +175,8 @@ def _run(args: argparse.Namespace) -> int:
         attached = cluster.workers_attached()
         running = [h.name for h in cluster.hosts if h.name not in cluster.failures]
         state = {"url": cluster.url, "key_file": str(key_file), "pid": os.getpid(), "hosts": running,
-                 "failed": cluster.failures, "log_file": str(config_dir() / LOG_NAME), "started": time.time()}
+                 "options": cluster.client_options, "failed": cluster.failures,
+                 "log_file": str(config_dir() / LOG_NAME), "started": time.time()}
         write_private(state_file, json.dumps(state, indent=2).encode() + b"\n")
         _report(ready_fd, {"ok": True, "url": cluster.url, "key_file": str(key_file), "state_file": str(state_file),
                            "workers": {h: attached.get(h, 0) for h in running}, "failed": cluster.failures})
@@ -228,7 +232,7 @@ def _read_report(fd: int, timeout: float) -> dict[str, Any] | None:
 def _status(args: argparse.Namespace) -> int:
     from .security import resolve_key
     from .ssh import host_of_worker, running_cluster, state_path
-    from .transports import get_backend
+    from .transports import get_backend, scheme_of
     from .transports.base import Options
 
     info = running_cluster()
@@ -236,8 +240,8 @@ def _status(args: argparse.Namespace) -> int:
         print(f"remote-executor: the cluster in {state_path()} is not running (process {info.pid} is gone); "
               f"`remote-executor cluster down` forgets it", file=sys.stderr)
         return 1
-    server = get_backend("tcp").status(info.url, Options(key=resolve_key(key_file=info.key_file),
-                                                         connect_timeout=args.timeout))
+    server = get_backend(scheme_of(info.url)).status(
+        info.url, Options(key=resolve_key(key_file=info.key_file), connect_timeout=args.timeout, extra=info.options))
     workers: dict[str, int] = dict.fromkeys(info.hosts, 0)
     for worker in server.get("workers", []):
         host = host_of_worker(str(worker.get("name", "")))
@@ -297,7 +301,8 @@ def _ssh_options(args: argparse.Namespace) -> list[str]:
 
 def _run_arguments(args: argparse.Namespace) -> list[str]:
     """``up``'s arguments for the ``run`` it starts (paths made absolute: same meaning, any directory)."""
-    argv = ["--port", str(args.port), "--remote-command", args.remote_command, "--timeout", str(args.timeout),
+    argv = ["--port", str(args.port), "--transport", args.transport, "--remote-command", args.remote_command,
+            "--timeout", str(args.timeout),
             "--heartbeat-interval", str(args.heartbeat_interval), "--heartbeat-timeout", str(args.heartbeat_timeout)]
     if args.hosts:
         argv += ["--hosts", args.hosts]

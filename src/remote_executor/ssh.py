@@ -29,8 +29,10 @@ import os
 import re
 import secrets
 import shlex
+import shutil
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 import warnings
@@ -42,6 +44,8 @@ from typing import IO, Any
 
 from .errors import TransportError
 from .netio import Backoff
+from .pools import DEFAULT_POOL, is_pool_name
+from .ssh_servers import SCHEMES, ClusterServer, start_cluster_server
 from .transports.base import Call, ClientTransport, Listener, Session
 
 __all__ = [
@@ -86,7 +90,8 @@ class SSHHost:
     ``label`` names the host's workers in ``status`` (default: ``host``); ``remote_command`` is shell text
     that runs ``remote-executor`` there (``/opt/venv/bin/remote-executor``, ``python3 -m remote_executor.cli``);
     ``env`` is set for the workers (it is visible on the remote command line: never put a secret there);
-    ``workdir`` is where they start."""
+    ``workdir`` is where they start; ``pool``: the worker pool they serve (default: the default pool), so that
+    ``RemoteExecutor(transport=URL + "/POOL")`` sends calls to this host's workers only."""
 
     host: str
     processes: int | None = None
@@ -94,6 +99,7 @@ class SSHHost:
     remote_command: str | None = None
     env: Mapping[str, str] = field(default_factory=dict)
     workdir: str | None = None
+    pool: str | None = None
 
     def __post_init__(self) -> None:
         if not self.host or self.host.startswith("-") or any(c.isspace() for c in self.host):
@@ -103,6 +109,9 @@ class SSHHost:
         for name in self.env:
             if not _ENV_NAME.match(name):
                 raise ValueError(f"{self.host}: not an environment variable name: {name!r}")
+        if self.pool is not None and not is_pool_name(self.pool):
+            raise ValueError(f"{self.host}: bad pool name {self.pool!r}: use 1 to 200 letters, digits, '.', '_' "
+                             f"or '-'")
 
     @property
     def name(self) -> str:
@@ -115,9 +124,10 @@ class SSHHost:
 def parse_hosts(text: str, source: str = "hosts") -> list[SSHHost]:
     """Hosts from the lines of a hosts file: ``host [processes] [pool] [option=value ...]``, ``#`` comments.
 
-    ``processes`` is a number (``-`` or absent: the cluster's default); ``pool`` labels the host's workers in
-    ``status``. Options: ``command=`` (the remote command), ``workdir=``, ``env.NAME=VALUE``; quote a value
-    that holds spaces as a shell would."""
+    ``processes`` is a number (``-`` or absent: the cluster's default); ``pool`` is the worker pool the host's
+    workers serve. Options: ``command=`` (the remote command), ``workdir=``, ``label=`` (the host's name in
+    ``status``, needed when one host appears twice), ``env.NAME=VALUE``; quote a value that holds spaces as a
+    shell would."""
     hosts: list[SSHHost] = []
     for number, line in enumerate(text.splitlines(), 1):
         try:
@@ -150,11 +160,11 @@ def _host_from_tokens(tokens: list[str]) -> SSHHost:
             raise ValueError(f"processes must be a number or -, not {positional[0]!r}")
         processes = int(positional[0])
     env = {name[4:]: value for name, value in options.items() if name.startswith("env.")}
-    unknown = sorted(set(options) - {"command", "workdir"} - {f"env.{n}" for n in env})
+    unknown = sorted(set(options) - {"command", "workdir", "label"} - {f"env.{n}" for n in env})
     if unknown:
-        raise ValueError(f"unknown option(s) {', '.join(unknown)} (known: command=, workdir=, env.NAME=)")
-    return SSHHost(host, processes, positional[1] if len(positional) > 1 else None,
-                   options.get("command"), env, options.get("workdir"))
+        raise ValueError(f"unknown option(s) {', '.join(unknown)} (known: command=, workdir=, label=, env.NAME=)")
+    return SSHHost(host, processes, options.get("label"), options.get("command"), env, options.get("workdir"),
+                   positional[1] if len(positional) > 1 else None)
 
 
 def as_hosts(hosts: Iterable[str | SSHHost]) -> list[SSHHost]:
@@ -216,13 +226,13 @@ def route_address(host: str, ssh_options: Sequence[str] = ()) -> str:
 class _HostSession:
     """One host's SSH session running the worker command, restarted (if asked) after it is lost."""
 
-    def __init__(self, host: SSHHost, argv: list[str], command: str, key: bytes, restart: bool,
+    def __init__(self, host: SSHHost, argv: list[str], command: str, secrets: Sequence[bytes], restart: bool,
                  changed: threading.Event) -> None:
         self.host = host
         self.name = host.name
         self.argv = argv
         self.command = command  # the remote command, for the error when it is not found
-        self._key = key
+        self._secrets = list(secrets)  # the key, then what the transport sends (a CA certificate), a line each
         self._restart = restart
         self._changed = changed  # set whenever something the cluster waits for happened
         self._lock = threading.Lock()
@@ -262,7 +272,7 @@ class _HostSession:
             stdin = self.proc.stdin
             assert stdin is not None
             try:
-                stdin.write(self._key + b"\n")  # the key: never on a command line
+                stdin.write(b"".join(line + b"\n" for line in self._secrets))  # never on a command line
                 stdin.flush()
             except OSError:
                 pass  # ssh already exited: its output says why
@@ -419,6 +429,7 @@ class SSHJobServer:
         heartbeat_timeout: float = 10.0,
         restart_hosts: bool = True,
         key: bytes | None = None,
+        transport: str = "tcp",
     ) -> None:
         if processes is not None and processes < 1:
             raise ValueError("processes must be at least 1")
@@ -441,33 +452,46 @@ class SSHJobServer:
         self.heartbeat_timeout = heartbeat_timeout
         self.restart_hosts = restart_hosts
         self.key = key if key is not None else secrets.token_hex(32).encode()
+        if transport not in SCHEMES:
+            raise ValueError(f"an SSH cluster's transport is one of {', '.join(SCHEMES)}, not {transport!r}")
+        self.transport = transport
         self.url = ""
         self.failures: dict[str, str] = {}  # hosts left out (allow_partial)
-        self.server: Any = None  # the TcpServer, once launched
+        self.server: Any = None  # the job server (a ServerCore), once launched
+        self._launched: ClusterServer | None = None
         self._sessions: dict[str, _HostSession] = {}
         self._changed = threading.Event()
         self._stopped = False
 
     # --- starting ------------------------------------------------------------------------------------------
 
+    @property
+    def client_options(self) -> dict[str, str]:
+        """What a client in another process passes besides the URL and the key: the files that let it verify
+        the job server (the cluster CA for tcp's TLS, the server's public CURVE key for zmq)."""
+        return dict(self._launched.client_options) if self._launched is not None else {}
+
     def launch(self) -> None:
         """Start the server and every host's workers; return once they are attached."""
-        from .transports.tcp.server import TcpServer
-
         address = self.scheduler_host or route_address(self.hosts[0].host, self.ssh_options)
+        material = Path(tempfile.mkdtemp(prefix="remote-executor-cluster-"))  # 0700: keys and certificates
         try:
-            self.server = TcpServer(address, self.port, key=self.key, heartbeat_interval=self.heartbeat_interval,
-                                    heartbeat_timeout=self.heartbeat_timeout)
+            self._launched = start_cluster_server(self.transport, address, self.port, self.key, material,
+                                                  self.heartbeat_interval, self.heartbeat_timeout)
         except OSError as exc:
+            shutil.rmtree(material, ignore_errors=True)
             raise TransportError(f"cannot listen on {address} port {self.port} for the SSH cluster's job server: "
                                  f"{exc.strerror or exc} (scheduler_host must be an address of this machine)") from exc
-        self.server.start()
-        self.url = self.server.url
+        except BaseException:
+            shutil.rmtree(material, ignore_errors=True)
+            raise
+        self.server = self._launched.core
+        self.url = self._launched.url
         log.info("job server for the SSH cluster at %s", self.url)
         try:
             for host in self.hosts:
                 session = _HostSession(host, self.ssh_argv(host), host.remote_command or self.remote_command,
-                                       self.key, self.restart_hosts, self._changed)
+                                       [self.key, *self._launched.stdin_lines], self.restart_hosts, self._changed)
                 self._sessions[host.name] = session
                 session.start()
             failures = self._wait_attached(time.monotonic() + self.start_timeout)
@@ -493,8 +517,12 @@ class SSHJobServer:
         args = ["worker", self.url, "--key-file", "-", "--exit-on-stdin-eof", "--name", host.name,
                 "--heartbeat-interval", str(self.heartbeat_interval),
                 "--heartbeat-timeout", str(self.heartbeat_timeout)]
+        if self._launched is not None:
+            args += self._launched.worker_args
         if processes is not None:
             args += ["--processes", str(processes)]
+        if host.pool is not None:
+            args += ["--pool", host.pool]
         env = {**self.env, **host.env}
         words = [host.remote_command or self.remote_command, *map(shlex.quote, args)]
         if env:
@@ -603,9 +631,9 @@ class SSHJobServer:
         deadline = None if timeout is None else time.monotonic() + timeout
         for session in sessions:
             session.finish(deadline)
-        if self.server is not None and not self._stopped:
+        if self._launched is not None and not self._stopped:
             self._stopped = True
-            self.server.stop()
+            self._launched.stop()
 
 
 def host_of_worker(name: str) -> str:
@@ -635,19 +663,27 @@ class SSHCluster(SSHJobServer, ClientTransport):
     ``start_timeout``: how long every host's workers have to attach; ``heartbeat_interval`` and
     ``heartbeat_timeout``: how soon a silent worker counts as lost (its calls then run elsewhere).
 
+    ``transport``: ``"tcp"`` (the default: TLS with a certificate made for the cluster) or ``"zmq"`` (CURVE
+    with a key pair made for the cluster; pyzmq on every host). ``pool``: the worker pool this executor's calls
+    go to (hosts serve the pool of their :class:`SSHHost`; default: the default pool).
+
     The job server's key is fresh and random for each cluster, and reaches the hosts on the SSH sessions'
     standard input; the workers exit when their session ends, so nothing outlives this process.
     """
 
-    def __init__(self, hosts: Iterable[str | SSHHost], processes: int | None = None, **options: Any) -> None:
+    def __init__(self, hosts: Iterable[str | SSHHost], processes: int | None = None, *, pool: str | None = None,
+                 **options: Any) -> None:
         SSHJobServer.__init__(self, hosts, processes, **options)
+        if pool is not None and not is_pool_name(pool):
+            raise ValueError(f"bad pool name {pool!r}: use 1 to 200 letters, digits, '.', '_' or '-'")
+        self.pool = pool or DEFAULT_POOL
         self._client: ClientTransport | None = None
 
     def start(self, session: Session, listener: Listener) -> None:
         from .jobserver.embedded import LocalClient
 
         self.launch()
-        self._client = LocalClient(self.server)  # in-process: no socket hop
+        self._client = LocalClient(self.server, self.pool)  # in-process: no socket hop
         self._client.start(session, listener)
 
     def submit(self, calls: Sequence[Call]) -> None:
@@ -683,10 +719,12 @@ class ClusterInfo:
     pid: int
     hosts: list[str]
     log_file: str = ""
+    options: dict[str, str] = field(default_factory=dict)  # how to verify the server: tls_ca, curve_server_key
 
     def executor_options(self) -> dict[str, str]:
-        """``RemoteExecutor(**info.executor_options())``: its URL and key file."""
-        return {"transport": self.url, "key_file": self.key_file}
+        """``RemoteExecutor(**info.executor_options())``: its URL, key file, and the file that verifies the
+        job server (the cluster's CA for tcp, its public CURVE key for zmq)."""
+        return {"transport": self.url, "key_file": self.key_file, **self.options}
 
 
 def running_cluster() -> ClusterInfo:
@@ -701,7 +739,8 @@ def running_cluster() -> ClusterInfo:
     except ValueError as exc:
         raise TransportError(f"{path} is not a cluster file: {exc}") from exc
     return ClusterInfo(url=str(data["url"]), key_file=str(data["key_file"]), pid=int(data["pid"]),
-                       hosts=[str(h) for h in data.get("hosts", [])], log_file=str(data.get("log_file", "")))
+                       hosts=[str(h) for h in data.get("hosts", [])], log_file=str(data.get("log_file", "")),
+                       options={str(k): str(v) for k, v in data.get("options", {}).items()})
 
 
 def write_private(path: Path, data: bytes) -> None:

@@ -57,6 +57,17 @@ ATEXIT_GRACE = 2.0
 """Seconds the user's ``atexit`` handlers get when the lifeline closes, before the process ends regardless."""
 
 
+def exit_now(code: int) -> None:
+    """End the process from any thread: ``atexit`` handlers first, bounded by :data:`ATEXIT_GRACE`."""
+    watchdog = threading.Timer(ATEXIT_GRACE, os._exit, (code,))
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        atexit._run_exitfuncs()  # logging.shutdown is one of them
+    finally:
+        os._exit(code)
+
+
 def watch_lifeline(fd: int) -> None:
     """Exit when the parent (which holds the pipe's other end) dies or closes it: no orphaned workers.
 
@@ -70,13 +81,7 @@ def watch_lifeline(fd: int) -> None:
                 pass
         except OSError:
             pass
-        watchdog = threading.Timer(ATEXIT_GRACE, os._exit, (3,))
-        watchdog.daemon = True
-        watchdog.start()
-        try:
-            atexit._run_exitfuncs()
-        finally:
-            os._exit(3)
+        exit_now(3)
 
     threading.Thread(target=wait_for_eof, name="remote-executor-lifeline", daemon=True).start()
 
@@ -111,8 +116,7 @@ def watch_stdin(drain: threading.Event, fd: int = 0) -> None:
         except OSError:
             pass
         log.info("standard input closed: exiting now")
-        logging.shutdown()
-        os._exit(0)
+        exit_now(0)
 
     threading.Thread(target=read_until_eof, name="remote-executor-stdin", daemon=True).start()
 

@@ -82,7 +82,7 @@ def cluster(config: dict[str, Any], hosts: list[str | SSHHost] | None = None, **
     settings: dict[str, Any] = {
         "ssh_options": config["ssh_options"], "remote_command": config["remote_command"],
         "env": {"PYTHONPATH": config["src"]}, "heartbeat_interval": 0.5, "heartbeat_timeout": 3.0,
-        "start_timeout": 60.0, **options}
+        "start_timeout": 60.0, "transport": config.get("transport", "tcp"), **options}
     return SSHCluster(chosen, config.get("processes", 2), **settings)
 
 
@@ -98,9 +98,28 @@ def key_on_any_command_line(key: bytes) -> bool:
     return False
 
 
+def where_am_i() -> str:
+    return os.environ["TEST_HOST"]
+
+
+def plain_connection_refused(transport: SSHCluster) -> bool:
+    """Whether a client that has the key but not the cluster's TLS CA / CURVE key is kept out: the wire is
+    encrypted, not only signed."""
+    from remote_executor.transports import get_backend, scheme_of
+    from remote_executor.transports.base import Options
+
+    try:
+        get_backend(scheme_of(transport.url)).status(transport.url, Options(key=transport.key, connect_timeout=3))
+    except Exception:
+        return True
+    return False
+
+
 def basic(config: dict[str, Any]) -> None:
     markers = config["markers"]
-    with RemoteExecutor(transport=cluster(config)) as ex:
+    hosts: list[str | SSHHost] = [SSHHost(name, env={"TEST_HOST": name}) for name in config["hosts"]]
+    hosts.append(SSHHost("node3", processes=1, pool="gpu", env={"TEST_HOST": "node3"}))
+    with RemoteExecutor(transport=cluster(config, hosts=hosts)) as ex:
         transport = ex.transport
         assert isinstance(transport, SSHCluster)
         out: dict[str, Any] = {"url": transport.url, "square": ex.submit(square, 7).result(TIMEOUT),
@@ -114,6 +133,11 @@ def basic(config: dict[str, Any]) -> None:
         out["where"] = sorted(f.result(TIMEOUT) for f in futures)
         out["key_on_command_line"] = key_on_any_command_line(transport.key)
         out["hosts"] = transport.host_states()
+        out["plain_refused"] = plain_connection_refused(transport)
+        # A second executor, over the network this time, for the pool "gpu": only node3 serves it.
+        with RemoteExecutor(transport=f"{transport.url}/gpu", key=transport.key, **transport.client_options) as gpu:
+            out["gpu_where"] = sorted({gpu.submit(where_am_i).result(TIMEOUT) for _ in range(6)})
+        out["default_where"] = sorted({ex.submit(where_am_i).result(TIMEOUT) for _ in range(12)})
     emit(**out)
 
 

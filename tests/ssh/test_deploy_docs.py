@@ -39,6 +39,6 @@ def test_the_hosts_file_example_reads_as_described() -> None:
     assert parse_hosts(example) == [
         SSHHost("node1"),
         SSHHost("node2", 16),
-        SSHHost("gpu@node3", 4, "gpu", "/opt/venv/bin/remote-executor", {"CUDA_VISIBLE_DEVICES": "0,1,2,3"},
-                "/scratch"),
+        SSHHost("gpu@node3", 4, None, "/opt/venv/bin/remote-executor", {"CUDA_VISIBLE_DEVICES": "0,1,2,3"},
+                "/scratch", pool="gpu"),
     ]

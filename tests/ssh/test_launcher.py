@@ -52,20 +52,23 @@ def test_a_hosts_file_gives_processes_pool_and_per_host_options() -> None:
         "node1\n"
         "node2 8            # eight workers\n"
         "user@node3 - gpu command=/opt/venv/bin/remote-executor workdir='/scratch/my jobs' env.OMP_NUM_THREADS=1\n"
+        "node1 2 cpu label=node1-cpu\n"
         "\n")
     assert hosts == [
         SSHHost("node1"),
         SSHHost("node2", processes=8),
-        SSHHost("user@node3", label="gpu", remote_command="/opt/venv/bin/remote-executor",
+        SSHHost("user@node3", pool="gpu", remote_command="/opt/venv/bin/remote-executor",
                 workdir="/scratch/my jobs", env={"OMP_NUM_THREADS": "1"}),
+        SSHHost("node1", processes=2, pool="cpu", label="node1-cpu"),
     ]
-    assert [h.name for h in hosts] == ["node1", "node2", "gpu"]
+    assert [h.name for h in hosts] == ["node1", "node2", "user@node3", "node1-cpu"]
 
 
 @pytest.mark.parametrize(("line", "error"), [
     ("node1 four", "processes must be a number or -, not 'four'"),
     ("node1 2 gpu extra", "expected `host [processes] [pool]"),
     ("node1 color=blue", "unknown option(s) color"),
+    ("node1 2 'gpu pool'", "bad pool name 'gpu pool'"),
     ("node1 0", "processes must be at least 1"),
     ("node1 env.1BAD=x", "not an environment variable name"),
     ("-oProxyCommand=evil", "not a host for ssh"),
@@ -212,7 +215,7 @@ def test_the_key_on_stdin_lets_workers_in_and_the_end_of_stdin_ends_them_all(
     assert proc.stdin is not None and proc.stdout is not None
     proc.stdin.write(b"k" * 32 + b"\n")
     proc.stdin.flush()
-    assert proc.stdout.readline() == f"2 worker process(es) serving {keyed_server.url}\n".encode()
+    assert proc.stdout.readline() == f"2 worker process(es) serving {keyed_server.url} (pool default)\n".encode()
     wait_for(lambda: capacity(keyed_server) == 2, what="both workers to attach")
     workers = children_of(proc.pid)
     assert len(workers) == 2

@@ -89,18 +89,23 @@ def assert_nothing_left(lab: NetLab) -> None:
     lab.wait_empty([lab.client, *(lab.hosts[n].namespace for n in NODES)])
 
 
+@pytest.mark.parametrize("transport", ["tcp", pytest.param("zmq", marks=pytest.mark.zmq)])
 def test_a_cluster_on_two_hosts_runs_calls_and_leaves_nothing_behind(lab: NetLab, tmp_path: Path,
-                                                                     markers: Path) -> None:
-    with scenario(lab, "basic", config(lab, tmp_path, markers), tmp_path) as client:
+                                                                     markers: Path, transport: str) -> None:
+    """Two hosts in the default pool and a third in the pool "gpu", over tcp (TLS) or zmq (CURVE)."""
+    with scenario(lab, "basic", config(lab, tmp_path, markers, transport=transport), tmp_path) as client:
         result = client.next()
         assert client.finish() == 0, client.log()
-    assert result["url"].startswith(f"tcp://{CLIENT_ADDRESS}:")  # the address that routes to node1
+    assert result["url"].startswith(f"{transport}://{CLIENT_ADDRESS}:")  # the address that routes to node1
     assert result["square"] == 49
     assert result["map"] == [x * x for x in range(20)]
     assert result["error"] == {"type": "CustomError", "code": 7, "message": "(7, 'boom')", "remote_traceback": True}
     assert result["where"] == ["node1", "node1", "node2", "node2"]  # four calls at once: two per host
     assert result["key_on_command_line"] is False
-    assert {h: s["workers"] for h, s in result["hosts"].items()} == {"node1": 2, "node2": 2}
+    assert {h: s["workers"] for h, s in result["hosts"].items()} == {"node1": 2, "node2": 2, "node3": 1}
+    assert result["plain_refused"] is True  # the key alone does not get a session: the wire is encrypted
+    assert result["gpu_where"] == ["node3"]
+    assert result["default_where"] == ["node1", "node2"]  # never node3: it serves the pool "gpu" only
     assert_nothing_left(lab)
 
 
@@ -188,7 +193,7 @@ def test_cluster_up_status_down_from_the_command_line(lab: NetLab, tmp_path: Pat
     env = {"XDG_CONFIG_HOME": str(home)}
     hosts_file = tmp_path / "hosts"
     hosts_file.write_text("# the lab\n"
-                          "node1 2 alpha env.TEST_HOST=node1\n"
+                          "node1 2 label=alpha env.TEST_HOST=node1\n"
                           "node2 1 env.TEST_HOST=node2   # one worker here\n")
 
     def cli(*argv: str) -> subprocess.CompletedProcess[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable, Sequence
 
+from ..pools import DEFAULT_POOL
 from ..security import key_to_env
 from ..transports.base import (
     Call,
@@ -62,14 +63,15 @@ class EmbeddedJobServer(EmbeddedServer):
 class LocalClient(ClientTransport):
     """The executor's transport to a job server in the same process: frames, but no socket."""
 
-    def __init__(self, server: ServerCore) -> None:
+    def __init__(self, server: ServerCore, pool: str = DEFAULT_POOL) -> None:
         self.url = server.url
+        self.pool = pool
         self._server = server
         self._session: ClientSession | None = None
         self._link: LocalLink | None = None
 
     def start(self, session: Session, listener: Listener) -> None:
-        self._session = ClientSession(session, listener, self.url)
+        self._session = ClientSession(session, listener, self.url, self.pool)
         self._link = self._server.attach_local(self._deliver)
         self._link.send([self._session.hello()])
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import zmq
 import zmq.auth
+import zmq.utils.z85
 
 from ...errors import ConnectionFailedError, ProtocolError, TransportError
 from ...jobserver.client import Channel
@@ -113,7 +114,7 @@ class Curve:
     @classmethod
     def from_files(cls, server_key_file: str | os.PathLike[str],
                    own_key_file: str | os.PathLike[str] | None = None) -> Curve:
-        server_public, _ = load_certificate(server_key_file, "the CURVE server key")
+        server_public = server_public_key(server_key_file)
         if own_key_file is None:
             public, secret = zmq.curve_keypair()  # ephemeral: a server with an allow-list refuses it
             return cls(server_public, public, secret)
@@ -145,6 +146,27 @@ class Curve:
         sock.curve_serverkey = self.server_public
         sock.curve_publickey = self.public
         sock.curve_secretkey = self.secret
+
+
+INLINE_KEY_PREFIX = "z85:"
+"""A server key given as ``z85:<40 characters>`` is the public key itself, not a certificate file."""
+
+
+def server_public_key(value: str | os.PathLike[str]) -> bytes:
+    """The server's public key from a certificate file, or inline as ``z85:KEY`` (a public key may sit on a
+    command line; a secret one never does)."""
+    text = os.fspath(value)
+    if text.startswith(INLINE_KEY_PREFIX):
+        key = text[len(INLINE_KEY_PREFIX):].encode()
+        try:
+            if len(key) != 40 or len(zmq.utils.z85.decode(key)) != 32:
+                raise ValueError("not 40 characters")
+        except (ValueError, KeyError, IndexError, TypeError) as exc:  # z85.decode's errors on bad text
+            raise TransportError(f"the CURVE server key {text!r} is not a z85 public key (40 characters): "
+                                 f"{exc}") from exc
+        return key
+    public, _ = load_certificate(text, "the CURVE server key")
+    return public
 
 
 def load_certificate(path: str | os.PathLike[str], what: str) -> tuple[bytes, bytes | None]:
