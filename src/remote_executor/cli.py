@@ -99,6 +99,9 @@ def _parser() -> argparse.ArgumentParser:
     from .cli_cluster import add_cluster_command  # the subcommands live there; their work is imported lazily
 
     add_cluster_command(commands)
+    from .cli_gearmand import add_gearmand_command
+
+    add_gearmand_command(commands)
     return parser
 
 

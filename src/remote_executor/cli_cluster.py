@@ -68,8 +68,11 @@ def _launch_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hosts", help="comma-separated hosts, as ssh takes them (node1,user@node2,alias)")
     parser.add_argument("--hosts-file", help="one `host [processes] [pool] [option=value ...]` per line")
     parser.add_argument("--processes", type=int, help="worker processes per host (default: its CPU count)")
-    parser.add_argument("--transport", choices=("tcp", "zmq"), default="tcp",
-                        help="the job server's transport: tcp (with TLS) or zmq (with CURVE; pyzmq on every host)")
+    parser.add_argument("--transport", choices=("tcp", "zmq", "gearman"), default="tcp",
+                        help="tcp: our job server here, with TLS; zmq: with CURVE (pyzmq on every host); "
+                             "gearman: gearmand, jobs sealed with the key (default: %(default)s)")
+    parser.add_argument("--gearmand-host", help="with --transport gearman: start gearmand on this host over SSH "
+                                                "(default: here)")
     parser.add_argument("--scheduler-host", help="address of this machine the hosts connect to "
                                                  "(default: the one that routes to the first host)")
     parser.add_argument("--port", type=int, default=0, help="the job server's port (default: any free one)")
@@ -149,6 +152,7 @@ def _run(args: argparse.Namespace) -> int:
         hosts = _hosts(args)
         cluster = SSHJobServer(
             hosts, args.processes, scheduler_host=args.scheduler_host, port=args.port, transport=args.transport,
+            gearmand_host=args.gearmand_host,
             ssh_options=_ssh_options(args), remote_command=args.remote_command, env=_env(args),
             workdir=args.workdir, allow_partial=args.allow_partial, start_timeout=args.timeout,
             heartbeat_interval=args.heartbeat_interval, heartbeat_timeout=args.heartbeat_timeout)
@@ -308,7 +312,7 @@ def _run_arguments(args: argparse.Namespace) -> list[str]:
         argv += ["--hosts", args.hosts]
     if args.hosts_file:
         argv += ["--hosts-file", os.path.abspath(args.hosts_file)]
-    for name in ("processes", "scheduler_host", "workdir"):
+    for name in ("processes", "scheduler_host", "workdir", "gearmand_host"):
         if getattr(args, name) is not None:
             argv += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     argv += [f"--env={item}" for item in args.env] + [f"--ssh-option={item}" for item in args.ssh_option]

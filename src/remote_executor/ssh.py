@@ -45,8 +45,15 @@ from typing import IO, Any
 from .errors import TransportError
 from .netio import Backoff
 from .pools import DEFAULT_POOL, is_pool_name
-from .ssh_servers import SCHEMES, ClusterServer, start_cluster_server
-from .transports.base import Call, ClientTransport, Listener, Session
+from .ssh_servers import (
+    GEARMAND_PORT,
+    SCHEMES,
+    ClusterServer,
+    RemoteGearmand,
+    gearmand_command,
+    start_cluster_server,
+)
+from .transports.base import Call, ClientTransport, Listener, Options, Session
 
 __all__ = [
     "ClusterInfo",
@@ -430,6 +437,7 @@ class SSHJobServer:
         restart_hosts: bool = True,
         key: bytes | None = None,
         transport: str = "tcp",
+        gearmand_host: str | None = None,
     ) -> None:
         if processes is not None and processes < 1:
             raise ValueError("processes must be at least 1")
@@ -455,6 +463,9 @@ class SSHJobServer:
         if transport not in SCHEMES:
             raise ValueError(f"an SSH cluster's transport is one of {', '.join(SCHEMES)}, not {transport!r}")
         self.transport = transport
+        if gearmand_host is not None and transport != "gearman":
+            raise ValueError("gearmand_host is for transport='gearman'")
+        self.gearmand_host = gearmand_host
         self.url = ""
         self.failures: dict[str, str] = {}  # hosts left out (allow_partial)
         self.server: Any = None  # the job server (a ServerCore), once launched
@@ -476,8 +487,9 @@ class SSHJobServer:
         address = self.scheduler_host or route_address(self.hosts[0].host, self.ssh_options)
         material = Path(tempfile.mkdtemp(prefix="remote-executor-cluster-"))  # 0700: keys and certificates
         try:
-            self._launched = start_cluster_server(self.transport, address, self.port, self.key, material,
-                                                  self.heartbeat_interval, self.heartbeat_timeout)
+            self._launched = start_cluster_server(
+                self.transport, address, self.port, self.key, material, heartbeat_interval=self.heartbeat_interval,
+                heartbeat_timeout=self.heartbeat_timeout, gearmand=self._remote_gearmand())
         except OSError as exc:
             shutil.rmtree(material, ignore_errors=True)
             raise TransportError(f"cannot listen on {address} port {self.port} for the SSH cluster's job server: "
@@ -485,7 +497,7 @@ class SSHJobServer:
         except BaseException:
             shutil.rmtree(material, ignore_errors=True)
             raise
-        self.server = self._launched.core
+        self.server = getattr(self._launched, "core", None)  # our job server; None for gearmand
         self.url = self._launched.url
         log.info("job server for the SSH cluster at %s", self.url)
         try:
@@ -501,15 +513,28 @@ class SSHJobServer:
             raise
 
     def ssh_argv(self, host: SSHHost) -> list[str]:
-        """The ssh command line that runs ``host``'s workers (the key is not on it).
+        """The ssh command line that runs ``host``'s workers (the key is not on it)."""
+        return self._ssh_argv(host.host, self.remote_command_line(host))
 
-        Options on a command line win over ssh's configuration files, so a default of ours is added only
-        where the user's configuration leaves the setting at ssh's own default."""
-        config = ssh_config(host.host, self.ssh_options)
+    def _ssh_argv(self, target: str, command: str) -> list[str]:
+        """``ssh ... TARGET COMMAND``. Options on a command line win over ssh's configuration files, so a
+        default of ours is added only where the user's configuration leaves the setting at ssh's own default."""
+        config = ssh_config(target, self.ssh_options)
         defaults = [*(CONNECT_TIMEOUT if config.get("connecttimeout", "none") == "none" else ()),
                     *(SERVER_ALIVE if config.get("serveraliveinterval", "0") == "0" else ())]
-        return ["ssh", "-o", "BatchMode=yes", *self.ssh_options, *defaults, "-T", "--", host.host,
-                self.remote_command_line(host)]
+        return ["ssh", "-o", "BatchMode=yes", *self.ssh_options, *defaults, "-T", "--", target, command]
+
+    def _remote_gearmand(self) -> RemoteGearmand | None:
+        """Where to start gearmand over SSH (``gearmand_host``), or None (ours, or gearmand here)."""
+        if self.gearmand_host is None:
+            return None
+        port = self.port or GEARMAND_PORT
+        address = ssh_config(self.gearmand_host, self.ssh_options).get("hostname", self.gearmand_host)
+        command = gearmand_command(self.remote_command, port)
+        if self.env:  # the cluster's environment (PYTHONPATH, PATH): what finds remote-executor there
+            command = " ".join(["env", *(shlex.quote(f"{k}={v}") for k, v in self.env.items()), command])
+        argv = self._ssh_argv(self.gearmand_host, command)
+        return RemoteGearmand(self.gearmand_host, argv, address, port)
 
     def remote_command_line(self, host: SSHHost) -> str:
         """The shell command the host runs: ``[cd DIR &&] [env K=V ...] REMOTE-COMMAND worker URL ...``."""
@@ -592,17 +617,13 @@ class SSHJobServer:
     # --- running -------------------------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        """The job server's view (``remote-executor status``), read in this process."""
-        if self.server is None:
-            return {}
-        with self.server.drive_lock:
-            status: dict[str, Any] = self.server.scheduler.status()
-        return status
+        """The job server's view (``remote-executor status``), read in this process (gearmand: asked)."""
+        return self._launched.status() if self._launched is not None else {}
 
     def workers_attached(self) -> dict[str, int]:
         """How many worker processes of each host are attached now (draining ones do not count)."""
         counts: dict[str, int] = {}
-        for worker in self.status().get("workers", []):
+        for worker in self._launched.workers() if self._launched is not None else []:
             if worker.get("draining"):
                 continue
             label = host_of_worker(str(worker.get("name", "")))
@@ -680,10 +701,11 @@ class SSHCluster(SSHJobServer, ClientTransport):
         self._client: ClientTransport | None = None
 
     def start(self, session: Session, listener: Listener) -> None:
-        from .jobserver.embedded import LocalClient
-
         self.launch()
-        self._client = LocalClient(self.server, self.pool)  # in-process: no socket hop
+        assert self._launched is not None
+        # Our job server: linked in-process, no socket hop; gearmand: a client of it, jobs sealed with the key.
+        self._client = self._launched.client(self.pool, Options(
+            key=self.key, heartbeat_interval=self.heartbeat_interval, heartbeat_timeout=self.heartbeat_timeout))
         self._client.start(session, listener)
 
     def submit(self, calls: Sequence[Call]) -> None:

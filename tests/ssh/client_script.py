@@ -83,6 +83,8 @@ def cluster(config: dict[str, Any], hosts: list[str | SSHHost] | None = None, **
         "ssh_options": config["ssh_options"], "remote_command": config["remote_command"],
         "env": {"PYTHONPATH": config["src"]}, "heartbeat_interval": 0.5, "heartbeat_timeout": 3.0,
         "start_timeout": 60.0, "transport": config.get("transport", "tcp"), **options}
+    if config.get("gearmand_host"):
+        settings["gearmand_host"] = config["gearmand_host"]
     return SSHCluster(chosen, config.get("processes", 2), **settings)
 
 
@@ -104,10 +106,18 @@ def where_am_i() -> str:
 
 def plain_connection_refused(transport: SSHCluster) -> bool:
     """Whether a client that has the key but not the cluster's TLS CA / CURVE key is kept out: the wire is
-    encrypted, not only signed."""
+    encrypted, not only signed. On gearman (gearmand lets anyone in): whether the workers refuse a call that
+    is not sealed with the key."""
     from remote_executor.transports import get_backend, scheme_of
     from remote_executor.transports.base import Options
 
+    if transport.transport == "gearman":
+        try:
+            with RemoteExecutor(transport=transport.url, max_workers=1, insecure=True) as keyless:
+                keyless.submit(where_am_i).result(TIMEOUT)
+        except Exception:
+            return True
+        return False
     try:
         get_backend(scheme_of(transport.url)).status(transport.url, Options(key=transport.key, connect_timeout=3))
     except Exception:
