@@ -98,6 +98,12 @@ def encode(frame: Frame, key: bytes | Mac | None = None) -> list[Buffer]:
     return [prefix, *frame.parts]
 
 
+def frame_size(frame: Frame, keyed: bool) -> int:
+    """The bytes ``frame`` takes on the wire, as a reader's ``limits.max_frame`` counts them."""
+    parts = sum(memoryview(p).nbytes for p in frame.parts)
+    return HEADER.size + 8 * len(frame.parts) + (MAC_SIZE if keyed else 0) + parts
+
+
 def encode_bytes(frame: Frame, key: bytes | Mac | None = None) -> bytes:
     """The whole frame as one bytes object (small frames, tests)."""
     return b"".join(bytes(b) if not isinstance(b, bytes) else b for b in encode(frame, key))
