@@ -169,8 +169,16 @@ def _worker(args: argparse.Namespace) -> int:
     if args.exit_on_stdin_eof:
         watch_stdin(stop)
     supervisor.start()
-    print(f"{args.processes} worker process(es) serving {args.url} (pool {pool})", flush=True)
-    stop.wait()
+    announced = False
+    while not stop.wait(0.1):  # the supervisor's events, and a signal's: whichever comes first
+        if supervisor.refused.is_set():  # every process's log line above says why
+            supervisor.stop()
+            raise RemoteExecutorError(f"the job server {args.url} refused every worker process (see above): "
+                                      f"check --key-file (or $REMOTE_EXECUTOR_KEY) and the versions")
+        if not announced and supervisor.serving.is_set():
+            # Only now: "serving" means one process has been welcomed by the job server, not just started.
+            print(f"{args.processes} worker process(es) serving {args.url} (pool {pool})", flush=True)
+            announced = True
     log.info("draining workers")
     supervisor.drain(timeout=None)
     return 0

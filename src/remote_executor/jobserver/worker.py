@@ -118,6 +118,9 @@ def _serve(url: str, connect: Connector, settings: WorkerSettings, core: WorkerC
         if channel is None:
             log.info("drained while not connected to %s; exiting", url)
             return 0
+        if not settings.serving.is_set():
+            log.info("serving %s", url)  # only now: a worker that never got in never said it serves
+            settings.serving.set()
         code = _Session(url, channel, settings, core, runner).run()
         if code is not None:
             return code

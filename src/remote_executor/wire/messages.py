@@ -26,7 +26,7 @@ from ..errors import (
     VersionMismatchError,
     WorkerLostError,
 )
-from .frames import VERSION, Frame, Kind, frame_size
+from .frames import KEY_REJECTED, VERSION, Frame, Kind, frame_size
 from .serialization import Buffer, Parts, decode_outcome
 
 
@@ -43,13 +43,19 @@ def reject(code: RejectCode, reason: str) -> Frame:
     return Frame(Kind.REJECT, a=code, parts=[reason.encode()])
 
 
+def key_rejected() -> Frame:
+    """The REJECT a server sends, unsigned, to a peer whose first frame was not signed with its key."""
+    return reject(RejectCode.AUTHENTICATION, KEY_REJECTED)
+
+
 def rejection(frame: Frame, peer: str) -> Exception:
     """The exception a REJECT frame from ``peer`` means."""
     reason = bytes(frame.parts[0]).decode(errors="replace") if frame.parts else "no reason given"
     if frame.a == RejectCode.VERSION:
         return VersionMismatchError(reason)
     if frame.a == RejectCode.AUTHENTICATION:
-        return AuthenticationError(f"{peer} refused this peer's credentials: {reason}")
+        return AuthenticationError(f"{peer}: {reason}" if reason == KEY_REJECTED else
+                                   f"{peer} refused this peer's credentials: {reason}")
     return TransportError(f"{peer} refused this peer: {reason}")
 
 

@@ -75,6 +75,7 @@ class _ServerLink:
                 self.wanted.clear()
                 worker.changed.notify_all()
             log.info("registered %s with gearmand %s", worker.function.decode(), self.address)
+            worker.settings.serving.set()
 
     def _attempt(self) -> GearmanWorkerConnection:
         worker = self._worker
