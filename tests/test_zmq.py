@@ -27,6 +27,7 @@ import zmq.auth
 from remote_executor import RemoteExecutor
 from remote_executor.conformance.gate import Gate, wait_at_gate
 from remote_executor.errors import (
+    AuthenticationError,
     BrokenRemoteExecutor,
     ConnectionFailedError,
     TransportError,
@@ -326,8 +327,8 @@ def test_bad_hmac_drops_the_peer_and_others_are_served(
             rogue.send_multipart([bytes(b) for b in encode(hello("client", {"executor_id": 9}), os.urandom(32))])
             wait_for(lambda: "HMAC does not verify" in caplog.text, what="the HMAC rejection")
             assert ex.submit(pow, 2, 7).result(timeout=30) == 128
-        with pytest.raises(ConnectionFailedError, match="no answer"):
-            RemoteExecutor(transport=srv.url, key=os.urandom(32), connect_timeout=0.5)
+        with pytest.raises(AuthenticationError, match="the job server rejected our key"):
+            RemoteExecutor(transport=srv.url, key=os.urandom(32), connect_timeout=10)
     finally:
         rogue.close(linger=0)
         ctx.term()
@@ -423,7 +424,7 @@ def test_cli_server_and_worker_commands(tmp_path: Path, curve: bool) -> None:
 def test_cli_curve_flag_is_for_zmq_only(tmp_path: Path) -> None:
     run = subprocess.run([sys.executable, "-m", "remote_executor.cli", "server", "tcp://127.0.0.1:0",
                           "--curve-secret-key", str(tmp_path / "x")], capture_output=True, text=True, timeout=60)
-    assert run.returncode == 1 and "zmq:// servers only" in run.stderr
+    assert run.returncode == 2 and "zmq:// servers only" in run.stderr
 
 
 @contextlib.contextmanager

@@ -20,6 +20,7 @@ import base64
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
@@ -30,12 +31,13 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from . import __version__
 from .errors import RemoteExecutorError
 from .pools import pool_of_url
 from .security import key_to_env, resolve_key
 from .supervisor import Supervisor
 from .tls import TlsConfig, make_cluster_material
-from .transports import get_backend, scheme_of
+from .transports import UnknownSchemeError, get_backend, scheme_of
 from .transports.base import Backend, Options, ServerSettings
 from .wire.frames import Limits
 from .worker import read_stdin_line, watch_stdin
@@ -43,21 +45,55 @@ from .worker import read_stdin_line, watch_stdin
 log = logging.getLogger("remote_executor.cli")
 
 
+USAGE, RUNTIME = 2, 1  # exit codes: a mistake in the command line; a failure while doing what it asked
+LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
+
+
+class UsageError(ValueError):
+    """A mistake in the command line that argparse cannot see (a URL's scheme, an option for another scheme)."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         code: int = args.func(args)
-    except (RemoteExecutorError, OSError, ValueError) as exc:
-        print(f"remote-executor: {exc}", file=sys.stderr)
-        return 1
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # one line for the user; the traceback only when asked for (--log-level DEBUG)
+        log.debug("the command failed", exc_info=True)
+        known = isinstance(exc, (RemoteExecutorError, OSError, ValueError))
+        message = str(exc) if known else f"unexpected error: {type(exc).__name__}: {exc}"
+        hint = "" if known or args.log_level == "DEBUG" else " (--log-level DEBUG shows the traceback)"
+        print(f"remote-executor: {message}{hint}", file=sys.stderr)
+        return USAGE if isinstance(exc, UsageError) else RUNTIME
     return code
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written; "(default: X)" after every option that has a default and does not say it
+    already; reST markup of the docstrings the descriptions come from shown as plain text."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default is None or isinstance(action.default, bool) or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+    def format_help(self) -> str:
+        return _plain(super().format_help())
+
+
+def _plain(text: str) -> str:
+    """``x`` and :role:`x` (reST, in the docstrings the descriptions come from) as x."""
+    return re.sub(r"(?::[\w.]+:)?`{1,2}([^`]+)`{1,2}", r"\1", text)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="remote-executor", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser = argparse.ArgumentParser(prog="remote-executor", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--log-level", default="INFO", choices=LOG_LEVELS,
+                        help="how much to log on standard error (DEBUG also shows tracebacks of errors)")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
     for name, func, helptext in (
         ("server", _server, "run a job server (tcp://, zmq://)"),
@@ -65,23 +101,28 @@ def _parser() -> argparse.ArgumentParser:
         ("status", _status, "show workers, clients and queues of a job server"),
         ("ping", _ping, "check that a job server answers"),
     ):
-        sub = commands.add_parser(name, help=helptext)
+        sub = commands.add_parser(name, help=helptext, description=textwrap.fill(_DESCRIPTIONS[name], 100))
         sub.set_defaults(func=func)
         sub.add_argument("url", help="tcp://HOST:PORT, zmq://HOST:PORT or gearman://HOST:PORT[,HOST:PORT]")
         sub.add_argument("--key-file", help="file holding the shared HMAC key (default: $REMOTE_EXECUTOR_KEY); "
                                             "- reads it from the first line of standard input")
-        sub.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer")
+        if name in ("status", "ping"):
+            sub.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer")
         if name in ("server", "worker"):
-            sub.add_argument("--heartbeat-interval", type=float, default=1.0)
-            sub.add_argument("--heartbeat-timeout", type=float, default=10.0)
+            sub.add_argument("--heartbeat-interval", type=float, default=1.0,
+                             help="seconds between heartbeats while nothing else is sent")
+            sub.add_argument("--heartbeat-timeout", type=float, default=10.0,
+                             help="seconds of silence after which the other side counts as lost")
         TlsConfig.add_arguments(sub, server=name == "server")
     server = commands.choices["server"]
     server.add_argument("--insecure", action="store_true",
                         help="allow a non-loopback address without a key (trusted networks only)")
     server.add_argument("--max-frame-size", type=int, default=Limits().max_frame,
-                        help="largest frame accepted, in bytes")
+                        help="largest frame accepted, in bytes: a larger call or result fails with "
+                             "FrameTooLargeError")
     worker = commands.choices["worker"]
-    worker.add_argument("--processes", type=int, default=os.cpu_count() or 1)
+    worker.add_argument("--processes", type=int, default=os.cpu_count() or 1,
+                        help="how many worker processes to run (default: the number of CPUs)")
     keygen = commands.add_parser("tls-keygen", help="write a private CA and TLS certificates for a tcp:// cluster",
                                  description=make_cluster_material.__doc__)
     keygen.set_defaults(func=_tls_keygen)
@@ -102,14 +143,46 @@ def _parser() -> argparse.ArgumentParser:
     from .cli_gearmand import add_gearmand_command
 
     add_gearmand_command(commands)
+    _everywhere(parser)
     return parser
+
+
+_DESCRIPTIONS = {
+    "server": "Run the job server for tcp:// or zmq:// in the foreground, until SIGTERM or Ctrl-C. Without a "
+              "key it listens on loopback only (unless --insecure).",
+    "worker": "Run worker processes for a job server (tcp://, zmq://) or gearmand (gearman://), restarting "
+              "any that crash. It says it serves once the job server has let a worker in; SIGTERM or Ctrl-C "
+              "drains (running calls finish, then the processes exit).",
+    "status": "Print, as JSON, the workers, clients and queues of a running job server (or gearmand).",
+    "ping": "Check that a job server answers, and how fast.",
+}
+
+
+def _everywhere(parser: argparse.ArgumentParser, top: bool = True) -> None:
+    """The same help formatter, and ``--log-level`` (after the subcommand too), for every (sub)command."""
+    parser.formatter_class = _HelpFormatter
+    if not top and not any("--log-level" in a.option_strings for a in parser._actions):
+        # SUPPRESS: given after the subcommand it wins; not given there, it leaves the top level's value alone
+        parser.add_argument("--log-level", default=argparse.SUPPRESS, choices=LOG_LEVELS,
+                            help="how much to log on standard error (default: INFO)")
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {choice.dest: choice.help for choice in action._choices_actions}
+            for name, sub in action.choices.items():
+                line = helps.get(name)
+                if sub.description is None and line:  # the one line of the command list, at least
+                    sub.description = f"{line[:1].upper()}{line[1:]}."
+                _everywhere(sub, top=False)
 
 
 def _backend(url: str) -> Backend:
     """The backend of a URL given on the command line (a clear error for a missing ``scheme://``)."""
     if "://" not in url:
-        raise ValueError(f"expected a URL like tcp://host:port, got {url!r}")
-    return get_backend(scheme_of(url))
+        raise UsageError(f"expected a URL like tcp://host:port, got {url!r}")
+    try:
+        return get_backend(scheme_of(url))
+    except UnknownSchemeError as exc:  # a typo in the command line ("did you mean 'tcp'?")
+        raise UsageError(str(exc)) from exc
 
 
 def _key(args: argparse.Namespace) -> bytes | None:
@@ -133,7 +206,7 @@ def _tls_options(args: argparse.Namespace, backend: Backend) -> dict[str, Any]:
     """The TLS options of the command line (TLS is an option of tcp:// only)."""
     options = TlsConfig.options_from_args(args)
     if options and backend.scheme != "tcp":
-        raise ValueError(f"the --tls options are for tcp:// only, not {backend.scheme}://")
+        raise UsageError(f"the --tls options are for tcp:// only, not {backend.scheme}://")
     return options
 
 
@@ -172,8 +245,16 @@ def _worker(args: argparse.Namespace) -> int:
     if args.exit_on_stdin_eof:
         watch_stdin(stop)
     supervisor.start()
-    print(f"{args.processes} worker process(es) serving {args.url} (pool {pool})", flush=True)
-    stop.wait()
+    announced = False
+    while not stop.wait(0.1):  # the supervisor's events, and a signal's: whichever comes first
+        if supervisor.refused.is_set():  # every process's log line above says why
+            supervisor.stop()
+            raise RemoteExecutorError(f"the job server {args.url} refused every worker process (see above): "
+                                      f"check --key-file (or $REMOTE_EXECUTOR_KEY) and the versions")
+        if not announced and supervisor.serving.is_set():
+            # Only now: "serving" means one process has been welcomed by the job server, not just started.
+            print(f"{args.processes} worker process(es) serving {args.url} (pool {pool})", flush=True)
+            announced = True
     log.info("draining workers")
     supervisor.drain(timeout=None)
     return 0
@@ -256,9 +337,9 @@ def _curve_server_extra(args: argparse.Namespace, backend: Backend) -> dict[str,
     extra = {name: value for name, value in (("curve_secret_key", args.curve_secret_key),
                                              ("curve_allow", args.curve_allow)) if value}
     if extra and backend.scheme != "zmq":
-        raise ValueError("--curve-secret-key and --curve-allow are for zmq:// servers only")
+        raise UsageError("--curve-secret-key and --curve-allow are for zmq:// servers only")
     if "curve_allow" in extra and "curve_secret_key" not in extra:
-        raise ValueError("--curve-allow needs --curve-secret-key: the allow-list checks the keys of "
+        raise UsageError("--curve-allow needs --curve-secret-key: the allow-list checks the keys of "
                          "CURVE connections, and without a secret key the server does not speak CURVE")
     return extra
 
@@ -270,7 +351,7 @@ def _curve_client_extra(args: argparse.Namespace, backend: Backend) -> dict[str,
                                              ("curve_client_key", args.curve_client_key)) if value}
     if backend.scheme != "zmq":
         if extra:
-            raise ValueError("--curve-server-key and --curve-client-key are for zmq:// only")
+            raise UsageError("--curve-server-key and --curve-client-key are for zmq:// only")
         return extra
     from .transports.zmq.sockets import Curve  # pyzmq is installed: the zmq backend loaded
 

@@ -87,8 +87,10 @@ def _launch_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-partial", action="store_true",
                         help="start on the hosts that work (a warning names the others)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds for every host's workers to attach")
-    parser.add_argument("--heartbeat-interval", type=float, default=1.0)
-    parser.add_argument("--heartbeat-timeout", type=float, default=10.0)
+    parser.add_argument("--heartbeat-interval", type=float, default=1.0,
+                        help="seconds between heartbeats while nothing else is sent")
+    parser.add_argument("--heartbeat-timeout", type=float, default=10.0,
+                        help="seconds of silence after which the other side counts as lost")
 
 
 # --- up / run --------------------------------------------------------------------------------------------

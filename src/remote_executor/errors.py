@@ -61,6 +61,15 @@ class WorkerLostError(RemoteExecutorError):
         return (type(self), (str(self), self.workers))
 
 
+class FrameTooLargeError(RemoteExecutorError):
+    """A call (its function and arguments) or its result is larger than the job server accepts.
+
+    Only that call fails, at once and without a retry: sending it again could never succeed. The job
+    server's limit is its ``--max-frame-size``; pass large data another way (a file or store that the
+    workers can read) or raise the limit.
+    """
+
+
 class BrokenRemoteExecutor(BrokenExecutor, RemoteExecutorError):
     """The executor cannot run calls any more: a worker initializer failed or the job server is gone."""
 

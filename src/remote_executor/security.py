@@ -16,14 +16,18 @@ def resolve_key(key: bytes | str | None = None, key_file: str | os.PathLike[str]
     """The shared HMAC key, the one rule for the Python API and the command line: the argument, else the
     key file, else ``$REMOTE_EXECUTOR_KEY``, else None (no key).
 
-    Surrounding whitespace is stripped from every source alike (a key file ends in a newline); a key or
-    key file that is empty after that is an error, never a silent "no key". An empty environment
-    variable counts as unset."""
+    Surrounding whitespace is stripped from every source alike, here and nowhere else (a key file ends in
+    a newline); a key or key file that is empty after that is an error, never a silent "no key", and so is
+    a ``key`` string that names an existing file (``key_file`` reads one). An empty environment variable
+    counts as unset."""
     if key is not None and key_file is not None:
         raise ValueError("pass key or key_file, not both")
     if key is not None:
         if not isinstance(key, (bytes, bytearray, memoryview, str)):
             raise TypeError(f"key must be bytes, str or None, not {type(key).__name__}")
+        if isinstance(key, str) and key.strip() and os.path.isfile(key):  # never a file's name taken as the key
+            raise ValueError(f"key={key!r} names a file: pass key_file={key!r} to read the key from it "
+                             f"(or the key itself, as key=...)")
         raw, source = (key.encode() if isinstance(key, str) else bytes(key)), "the key"
     elif key_file is not None:
         with open(key_file, "rb") as f:

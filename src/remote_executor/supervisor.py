@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .netio import Backoff
-from .worker import LIFELINE_ENV
+from .worker import LIFELINE_ENV, REFUSED, SERVING_ENV
 
 log = logging.getLogger("remote_executor.supervisor")
 
@@ -73,6 +73,12 @@ class Supervisor:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._serving_r, self._serving_w = os.pipe()  # each child writes a byte here once it serves
+        os.set_blocking(self._serving_r, False)
+        self._selector.register(self._serving_r, selectors.EVENT_READ, None)
+        self._refused: set[int] = set()  # indexes of children the job server refused: not restarted
+        self.serving = threading.Event()  # set once any child has completed its first handshake
+        self.refused = threading.Event()  # set once every child was refused (a wrong key, other versions)
         self._thread: threading.Thread | None = None
 
     # --- public ------------------------------------------------------------------------------------
@@ -111,8 +117,8 @@ class Supervisor:
                    "--name", f"{self.name}-{index}", *self._args]
         proc = subprocess.Popen(
             command,
-            env={**self._env, LIFELINE_ENV: str(read_end)},
-            pass_fds=(read_end,),
+            env={**self._env, LIFELINE_ENV: str(read_end), SERVING_ENV: str(self._serving_w)},
+            pass_fds=(read_end, self._serving_w),
             stdin=subprocess.DEVNULL,
             stderr=self._stderr,
         )
@@ -133,6 +139,8 @@ class Supervisor:
         while not self._stopping.is_set():
             self._selector.select(timeout=None if _HAVE_PIDFD else 0.2)
             _drain_pipe(self._wake_r)
+            if _drain_pipe(self._serving_r):
+                self.serving.set()
             for child in self._snapshot():
                 if child.proc.poll() is not None and not self._stopping.is_set():
                     self._replace(child)
@@ -140,6 +148,12 @@ class Supervisor:
     def _replace(self, child: Child) -> None:
         self._forget(child)
         code = child.proc.returncode
+        if code == REFUSED:  # restarting cannot help: its log says why (the key, the versions)
+            log.error("worker %s-%d was refused by the job server; not restarting it", self.name, child.index)
+            self._refused.add(child.index)
+            if len(self._refused) == self.processes:
+                self.refused.set()
+            return
         if not self.restart:
             log.warning("worker %s-%d exited with %s", self.name, child.index, code)
             return
@@ -193,9 +207,9 @@ class Supervisor:
         if self._wake_r < 0:
             return
         self._selector.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
-        self._wake_r = self._wake_w = -1
+        for fd in (self._wake_r, self._wake_w, self._serving_r, self._serving_w):
+            os.close(fd)
+        self._wake_r = self._wake_w = self._serving_r = self._serving_w = -1
 
 
 def _python_path() -> str:
@@ -227,9 +241,12 @@ def _close(fd: int) -> None:
         os.close(fd)
 
 
-def _drain_pipe(fd: int) -> None:
+def _drain_pipe(fd: int) -> bool:
+    """Read all that is there; True if anything was."""
+    got = False
     try:
         while os.read(fd, 4096):
-            pass
+            got = True
     except (BlockingIOError, OSError):
         pass
+    return got

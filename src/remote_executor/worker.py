@@ -28,6 +28,8 @@ from .transports.base import WorkerCore, WorkerSettings
 log = logging.getLogger("remote_executor.worker")
 
 LIFELINE_ENV = "REMOTE_EXECUTOR_LIFELINE_FD"
+SERVING_ENV = "REMOTE_EXECUTOR_SERVING_FD"  # a pipe to the supervisor: one byte once this worker serves
+REFUSED = 2  # the exit code of a worker the job server refused (a wrong key, other versions): not restarted
 
 
 def install_drain_handler(drain: threading.Event) -> None:
@@ -84,6 +86,20 @@ def watch_lifeline(fd: int) -> None:
         exit_now(3)
 
     threading.Thread(target=wait_for_eof, name="remote-executor-lifeline", daemon=True).start()
+
+
+def announce_serving(serving: threading.Event, fd: int) -> None:
+    """Write one byte to ``fd`` once ``serving`` is set (the first handshake), so the supervisor knows."""
+
+    def wait_and_tell() -> None:
+        serving.wait()
+        try:
+            os.write(fd, b"s")
+            os.close(fd)
+        except OSError:
+            pass  # the supervisor is gone: the lifeline ends us
+
+    threading.Thread(target=wait_and_tell, name="remote-executor-serving", daemon=True).start()
 
 
 def read_stdin_line(fd: int = 0) -> bytes:
@@ -160,6 +176,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if lifeline:
         watch_lifeline(int(lifeline))
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the supervisor, which drains us
+    serving_fd = os.environ.get(SERVING_ENV)
+    if serving_fd:
+        announce_serving(settings.serving, int(serving_fd))
     install_drain_handler(settings.drain)
     if args.exit_on_stdin_eof:
         watch_stdin(settings.drain)
@@ -167,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run(settings)
     except RemoteExecutorError as exc:  # an unknown scheme, a missing extra: restarting will not help
         log.error("%s", exc)
-        return 2
+        return REFUSED
 
 
 def _backend_extra(args: argparse.Namespace) -> dict[str, Any]:

@@ -209,7 +209,7 @@ def test_cli_tls_flags_are_for_tcp_only(pki: Pki, tmp_path: Path) -> None:
     for command in (["server", "zmq://127.0.0.1:5999", "--tls-cert", pki.server_cert, "--tls-key", pki.server_key],
                     ["ping", "gearman://127.0.0.1:5999", "--tls-ca", pki.ca]):
         run = subprocess.run([*CLI, *command], capture_output=True, text=True, timeout=60)
-        assert run.returncode == 1 and "for tcp:// only" in run.stderr, run.stderr
+        assert run.returncode == 2 and "for tcp:// only" in run.stderr, run.stderr
     missing = subprocess.run([*CLI, "worker", "tcp://127.0.0.1:5999", "--tls-ca", str(tmp_path / "nope.pem")],
                              capture_output=True, text=True, timeout=60)
     assert missing.returncode == 1 and "nope.pem" in missing.stderr

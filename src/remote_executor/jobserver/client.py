@@ -36,8 +36,16 @@ from ..netio import Waker, retry_with_backoff
 from ..pools import DEFAULT_POOL, pool_of_url
 from ..transports.base import Call, ClientTransport, Listener, Options, Session
 from ..wire.frames import Frame, Kind, Status
-from ..wire.messages import hello, initializer_failed, parse_json, rejection, worker_lost_parts
-from ..wire.serialization import Parts
+from ..wire.messages import (
+    announced_limit,
+    hello,
+    initializer_failed,
+    oversize,
+    parse_json,
+    rejection,
+    worker_lost_parts,
+)
+from ..wire.serialization import Parts, error_outcome
 from ..wire.session import NONCE_SIZE, Mac, new_nonce, session_macs
 
 log = logging.getLogger("remote_executor.client")
@@ -55,6 +63,7 @@ class Channel(abc.ABC):
     def __init__(self, peer: str) -> None:
         self.peer = peer
         self.ready: deque[Frame] = deque()  # received, not yet taken
+        self.welcome: dict[str, Any] = {}  # the server's WELCOME, once the handshake is done
 
     @abc.abstractmethod
     def queue(self, frame: Frame) -> None:
@@ -171,7 +180,7 @@ def open_session(connect: Connector, key: bytes | None, first: Frame, timeout: f
     """A connected channel whose session the server has opened and whose HELLO it has welcomed."""
     channel = connect(timeout)
     try:
-        handshake(channel, key, first, timeout, stop)
+        channel.welcome = handshake(channel, key, first, timeout, stop)
     except BaseException:
         channel.close()
         raise
@@ -252,6 +261,14 @@ class ClientSession:
             self.listener.on_broken(BrokenRemoteExecutor(str(rejection(frame, self.server))))
         elif kind not in (Kind.WELCOME, Kind.HEARTBEAT):
             log.warning("ignoring an unexpected %s frame from %s", kind.name, self.server)
+
+    def refuse(self, frame: Frame, error: Exception) -> None:
+        """Fail the call of a SUBMIT frame that was never sent, with ``error``: it is not retried."""
+        with self._lock:
+            known = self._inflight.pop(frame.a, None) is not None
+            self._attempts.pop(frame.a, None)
+        if known:
+            self.listener.on_result(frame.a, Status.DONE, error_outcome(error))
 
     def connection_lost(self, unsent: set[int]) -> list[Call]:
         """The server is gone: what to resubmit to the next one.
@@ -429,9 +446,22 @@ class JobServerClient(ClientTransport):
             return False
 
     def _take_outbox(self, channel: Channel) -> bool:
+        """Queue the outbox's frames on ``channel``; a call larger than its server accepts fails here,
+        at once: sent, it would only break the connection, again on every reconnection."""
+        assert self._session is not None
+        limit = announced_limit(channel.welcome)
+        keyed = self._options.key is not None
+        refused: list[tuple[Frame, Exception]] = []
         with self._lock:
             if not self._outbox:
                 return False
             while self._outbox:
-                channel.queue(self._outbox.popleft())
+                frame = self._outbox.popleft()
+                error = oversize(frame, keyed, limit, "the call (its function and arguments)")
+                if error is None:
+                    channel.queue(frame)
+                else:
+                    refused.append((frame, error))
+        for frame, why in refused:
+            self._session.refuse(frame, why)
         return True

@@ -117,8 +117,10 @@ class Scheduler:
         name: str = "job server",
         heartbeat_interval: float = 1.0,
         heartbeat_timeout: float = 10.0,
+        max_frame: int | None = None,
     ) -> None:
         self.name = name
+        self.max_frame = max_frame  # announced in WELCOME, so peers fail an oversized frame before sending it
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
         self._peers: dict[ConnId, Peer] = {}
@@ -233,6 +235,8 @@ class Scheduler:
         peer.role = str(role)  # validated: from here on the peer is welcome
         welcome = {"server": self.name, "heartbeat_interval": self.heartbeat_interval,
                    "heartbeat_timeout": self.heartbeat_timeout}
+        if self.max_frame is not None:
+            welcome["max_frame"] = self.max_frame
         self._send_json(peer.conn, Kind.WELCOME, welcome)
         if isinstance(state, ClientState):
             self._add_client(peer, state, frame.parts[1:])

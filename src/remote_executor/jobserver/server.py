@@ -89,7 +89,7 @@ class ServerCore(abc.ABC):
         self._waker = Waker()
         self._next_conn = 1  # socket connection ids; in-process links count from LOCAL_CONN_BASE
         self.scheduler = Scheduler(name=self.url, heartbeat_interval=heartbeat_interval,
-                                   heartbeat_timeout=heartbeat_timeout)
+                                   heartbeat_timeout=heartbeat_timeout, max_frame=limits.max_frame)
         self._links: dict[ConnId, LocalLink] = {}
         self._inbox: deque[tuple[ConnId, Frame | str]] = deque()  # a frame, or "connect" / "close"
         self._inbox_lock = threading.Lock()

@@ -25,8 +25,8 @@ from ..netio import retry_with_backoff
 from ..pools import pool_of_url
 from ..transports.base import WorkerCore, WorkerSettings
 from ..wire.frames import Frame, Kind
-from ..wire.messages import hello, rejection
-from ..wire.serialization import Parts
+from ..wire.messages import announced_limit, hello, oversize, rejection
+from ..wire.serialization import Parts, error_outcome
 from .client import POLL_SLICE, Channel, Connector, open_session
 
 log = logging.getLogger("remote_executor.worker")
@@ -118,6 +118,9 @@ def _serve(url: str, connect: Connector, settings: WorkerSettings, core: WorkerC
         if channel is None:
             log.info("drained while not connected to %s; exiting", url)
             return 0
+        if not settings.serving.is_set():
+            log.info("serving %s", url)  # only now: a worker that never got in never said it serves
+            settings.serving.set()
         code = _Session(url, channel, settings, core, runner).run()
         if code is not None:
             return code
@@ -185,13 +188,19 @@ class _Session:
             with self.lock:
                 self.busy = False
         if parts is not None:
+            reply = Frame(kind, a=a, parts=parts)
+            error = oversize(reply, self.settings.key is not None, announced_limit(self.channel.welcome),
+                             "the result" if kind == Kind.RESULT else "the initializer's error")
+            if error is not None:  # sent, it would only cost this connection, and the call its retries
+                log.warning("%s", error)
+                reply.parts = error_outcome(error)
             with self.lock:
                 if self.settings.drain.is_set() and not self.drain_sent:
                     # DRAIN before the result: the server marks us draining before our slot frees, so no
                     # queued call can be handed to a worker that is about to exit.
                     self._send(Frame(Kind.DRAIN))
                     self.drain_sent = True
-                self._send(Frame(kind, a=a, parts=parts))
+                self._send(reply)
 
     def _send(self, frame: Frame) -> None:
         """Lock held."""

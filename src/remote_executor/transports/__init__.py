@@ -38,6 +38,10 @@ def scheme_of(url: str) -> str:
     return (url.split("://", 1)[0] if "://" in url else url).strip().lower()
 
 
+class UnknownSchemeError(TransportError):
+    """No backend for a URL's scheme (the message suggests the closest known one)."""
+
+
 def get_backend(scheme: str) -> Backend:
     """The backend of a scheme (case-insensitive); a clear error for an unknown scheme or a missing extra."""
     scheme = scheme.lower()
@@ -60,7 +64,7 @@ def _load(scheme: str) -> Backend:
     known = sorted(set(_BUILTIN) | {ep.name for ep in plugins})
     close = difflib.get_close_matches(scheme, known, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
-    raise TransportError(f"unknown transport scheme {scheme!r} (known: {', '.join(known)}){hint}")
+    raise UnknownSchemeError(f"unknown transport scheme {scheme!r} (known: {', '.join(known)}){hint}")
 
 
 def _import(target: str, scheme: str, extra: str | None) -> object:

@@ -152,6 +152,7 @@ class WorkerSettings:
     reconnect_timeout: float = float("inf")
     connect_timeout: float = 10.0
     drain: threading.Event = field(default_factory=threading.Event)  # set by SIGTERM: finish, then exit
+    serving: threading.Event = field(default_factory=threading.Event)  # set by the loop at its first handshake
     extra: dict[str, Any] = field(default_factory=dict)  # backend-specific (TLS or CURVE files), as Options.extra
     pool: str | None = None  # the worker pool to serve (None: the URL's path, else the default pool)
 

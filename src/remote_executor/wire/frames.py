@@ -19,7 +19,7 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ..errors import ProtocolError
+from ..errors import AuthenticationError, ProtocolError
 from .serialization import Buffer, Parts
 from .session import MAC_SIZE, Mac, as_mac
 
@@ -29,6 +29,9 @@ HEADER = struct.Struct("!2sBBHHQQ")
 # A flag bit every signed frame carries, so a reader knows from the header alone whether a MAC follows:
 # a key on one side only is a clear error at once, never a frame misparsed around a MAC.
 KEYED = 0x8000
+# What a job server answers, unsigned, to a first frame signed with another key (or with none where it needs
+# one, or with one where it has none), and what a peer that reads such an answer is told.
+KEY_REJECTED = "the job server rejected our key: a wrong key, or none where it needs one (or one where it has none)"
 DEFAULT_MAX_FRAME = 1 << 32  # 4 GiB: a whole frame, header and parts
 DEFAULT_MAX_PARTS = 1024
 # Parts at least this big are received straight into their own buffer instead of the staging buffer.
@@ -96,6 +99,12 @@ def encode(frame: Frame, key: bytes | Mac | None = None) -> list[Buffer]:
     if mac is not None:
         prefix += mac.sign(prefix, frame.parts)
     return [prefix, *frame.parts]
+
+
+def frame_size(frame: Frame, keyed: bool) -> int:
+    """The bytes ``frame`` takes on the wire, as a reader's ``limits.max_frame`` counts them."""
+    parts = sum(memoryview(p).nbytes for p in frame.parts)
+    return HEADER.size + 8 * len(frame.parts) + (MAC_SIZE if keyed else 0) + parts
 
 
 def encode_bytes(frame: Frame, key: bytes | Mac | None = None) -> bytes:
@@ -292,8 +301,10 @@ def parse_prefix(data: Buffer, keyed: bool, limits: Limits = DEFAULT_LIMITS) -> 
     magic, version, kind, nparts, flags, a, b = HEADER.unpack_from(view)
     _check_header(magic, version, kind, nparts, limits)
     if bool(flags & KEYED) != keyed:
-        raise ProtocolError("the peer signs its frames with a key but this side has none" if not keyed else
-                            "the peer sends unsigned frames but this side has a key: the keys differ")
+        if keyed and kind == Kind.REJECT:  # a server cannot sign for a key it does not share with us
+            raise AuthenticationError(KEY_REJECTED)
+        raise AuthenticationError("the peer signs its frames with a key but this side has none" if not keyed else
+                                  "the peer sends unsigned frames but this side has a key: the keys differ")
     flags &= ~KEYED
     size = HEADER.size + 8 * nparts + (MAC_SIZE if keyed else 0)
     if view.nbytes < size:

@@ -19,13 +19,14 @@ import cloudpickle
 from ..errors import (
     INITIALIZER_FAILED,
     AuthenticationError,
+    FrameTooLargeError,
     InitializerFailed,
     ProtocolError,
     TransportError,
     VersionMismatchError,
     WorkerLostError,
 )
-from .frames import VERSION, Frame, Kind
+from .frames import KEY_REJECTED, VERSION, Frame, Kind, frame_size
 from .serialization import Buffer, Parts, decode_outcome
 
 
@@ -42,13 +43,19 @@ def reject(code: RejectCode, reason: str) -> Frame:
     return Frame(Kind.REJECT, a=code, parts=[reason.encode()])
 
 
+def key_rejected() -> Frame:
+    """The REJECT a server sends, unsigned, to a peer whose first frame was not signed with its key."""
+    return reject(RejectCode.AUTHENTICATION, KEY_REJECTED)
+
+
 def rejection(frame: Frame, peer: str) -> Exception:
     """The exception a REJECT frame from ``peer`` means."""
     reason = bytes(frame.parts[0]).decode(errors="replace") if frame.parts else "no reason given"
     if frame.a == RejectCode.VERSION:
         return VersionMismatchError(reason)
     if frame.a == RejectCode.AUTHENTICATION:
-        return AuthenticationError(f"{peer} refused this peer's credentials: {reason}")
+        return AuthenticationError(f"{peer}: {reason}" if reason == KEY_REJECTED else
+                                   f"{peer} refused this peer's credentials: {reason}")
     return TransportError(f"{peer} refused this peer: {reason}")
 
 
@@ -96,6 +103,30 @@ def check_versions(peer: dict[str, Any], peer_name: str, local_name: str) -> Non
             f"version mismatch: {detail}; clients, job server and workers must run the same Python "
             f"(major.minor) and cloudpickle versions"
         )
+
+
+def announced_limit(welcome: dict[str, Any]) -> int | None:
+    """The largest frame a job server accepts, as its WELCOME announces it (None: not announced)."""
+    limit = welcome.get("max_frame")
+    return limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else None
+
+
+def oversize(frame: Frame, keyed: bool, limit: int | None, what: str) -> FrameTooLargeError | None:
+    """The error for a frame the job server would refuse for its size (None if it fits, or no limit)."""
+    size = frame_size(frame, keyed)
+    if limit is None or size <= limit:
+        return None
+    return FrameTooLargeError(too_large_message(what, size, limit))
+
+
+def too_large_message(what: str, size: int, limit: int) -> str:
+    return (f"{what} is too large to send: {_megabytes(size)} exceeds the job server's limit of "
+            f"{_megabytes(limit)} (--max-frame-size, or the transport option limits={{'max_frame': N}}); "
+            f"pass large data another way (a file or store the workers can read) or raise the limit")
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:.1f} MB"
 
 
 def worker_lost_parts(workers: Sequence[str], attempts: int) -> Parts:

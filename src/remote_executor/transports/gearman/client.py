@@ -35,11 +35,17 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ...errors import AuthenticationError, ProtocolError, ServerUnavailableError, TransportError
+from ...errors import (
+    AuthenticationError,
+    FrameTooLargeError,
+    ProtocolError,
+    ServerUnavailableError,
+    TransportError,
+)
 from ...netio import Backoff
 from ...wire.frames import Kind, Status
-from ...wire.messages import initializer_failed, worker_lost_parts
-from ...wire.serialization import Parts
+from ...wire.messages import initializer_failed, too_large_message, worker_lost_parts
+from ...wire.serialization import Parts, error_outcome
 from ..base import Call, ClientTransport, Listener, Options, Session
 from .codec import GearmanError
 from .connection import (
@@ -53,6 +59,7 @@ from .connection import (
 from .jobs import (
     ALIVE,
     DEFAULT_JOB_TTL,
+    MAX_JOB_SIZE,
     REFUSED,
     STARTED,
     JobCodec,
@@ -112,6 +119,10 @@ class GearmanClientTransport(ClientTransport):
         self._options = options
         self._job_ttl = check_job_ttl(options.extra.get("job_ttl", DEFAULT_JOB_TTL))
         self._codec = JobCodec(options.key, self.function, limits=options.limits())  # fails early without cryptography
+        # gearmand announces no limit of its own: a job must fit the packets a worker (and, for its
+        # result, this client) accepts, or the limit a user set with limits={"max_frame": N}.
+        self._max_job = min(options.limits().max_frame, MAX_JOB_SIZE)
+        self._too_large: list[tuple[int, FrameTooLargeError]] = []  # settled by the manager thread
         self._fixed_capacity = capacity
         self._servers = [_Server(i, host, port) for i, (host, port) in enumerate(addresses)]
         self._session: Session | None = None
@@ -152,7 +163,13 @@ class GearmanClientTransport(ClientTransport):
 
     def submit(self, calls: Sequence[Call]) -> None:
         jobs = [_Job(call, self._prepare(call)) for call in calls]
+        refused = [(job.call.task_id, error) for job in jobs if (error := self._oversize(job)) is not None]
+        if refused:
+            jobs = [job for job in jobs if job.call.task_id not in dict(refused)]
         with self._lock:
+            if refused:
+                self._too_large.extend(refused)
+                self._wake.notify_all()
             for job in jobs:
                 self._jobs[job.call.task_id] = job
             for job in jobs:
@@ -176,6 +193,14 @@ class GearmanClientTransport(ClientTransport):
         """The payload of one submission: a new job id, expiring ``job_ttl`` from now."""
         assert self._session is not None
         return self._codec.encode_job(call, self._session, time.time() + self._job_ttl)
+
+    def _oversize(self, job: _Job) -> FrameTooLargeError | None:
+        """The error for a job gearmand's workers could not take: it fails at once and is not retried."""
+        assert job.prepared is not None
+        size = memoryview(job.prepared.payload).nbytes
+        if size <= self._max_job:
+            return None
+        return FrameTooLargeError(too_large_message("the call (its function and arguments)", size, self._max_job))
 
     def _send(self, job: _Job) -> None:
         """Write ``job`` to the next live server; park it if there is none. A resubmission is sealed anew
@@ -366,6 +391,7 @@ class GearmanClientTransport(ClientTransport):
                     if self._closing:
                         return
                     cancels, self._cancels = self._cancels, []
+                    too_large, self._too_large = self._too_large, []
                     dead = [(s, s.dead) for s in self._servers if s.dead]
                     for server, _ in dead:
                         server.dead = []
@@ -375,6 +401,8 @@ class GearmanClientTransport(ClientTransport):
                         conn.close()  # joins its reader thread: never on that thread itself
                 for server, handle in cancels:
                     self._cancel(server, handle)
+                for task_id, error in too_large:
+                    self._settle(task_id, Status.DONE, error_outcome(error))
                 for server in due:
                     self._reconnect(server)
                 for task_id, parts in self._check_liveness():
@@ -385,7 +413,7 @@ class GearmanClientTransport(ClientTransport):
                 if self._check_give_up():
                     return
                 with self._lock:
-                    if not (self._closing or self._cancels or any(s.dead for s in self._servers)):
+                    if not (self._closing or self._cancels or self._too_large or any(s.dead for s in self._servers)):
                         self._wake.wait(self._next_wakeup(next_poll))
         except BaseException as exc:  # a bug here must fail the futures, not strand them
             log.exception("the gearman client thread for %s failed", self.url)

@@ -42,6 +42,7 @@ from ...wire.frames import DEFAULT_LIMITS, Frame, Kind, Limits, decode_whole, en
 from ...wire.serialization import Buffer
 from .. import split_hostports
 from ..base import Call, Session
+from .codec import DEFAULT_MAX_PACKET_SIZE
 
 __all__ = [
     "DEFAULT_JOB_TTL",
@@ -54,6 +55,9 @@ __all__ = [
     "parse_url",
 ]
 
+# gearmand announces no size limit; a job (or its result) must fit in one packet our worker (or client)
+# accepts, with room for the job handle and function name around the payload.
+MAX_JOB_SIZE: Final = DEFAULT_MAX_PACKET_SIZE - 64 * 1024
 FUNCTION_PREFIX: Final = "remote_executor."
 STARTED: Final = b"started by "  # WORK_DATA a worker sends as it starts a job: "started by <worker name>"
 REFUSED: Final = b"refused by "  # WORK_DATA before a WORK_FAIL for a job the worker would not run

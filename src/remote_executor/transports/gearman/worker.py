@@ -29,14 +29,16 @@ import threading
 import time
 from collections.abc import Iterator
 
-from ...errors import AuthenticationError, ProtocolError
+from ...errors import AuthenticationError, FrameTooLargeError, ProtocolError
 from ...netio import retry_with_backoff
 from ...security import is_loopback
 from ...wire.frames import Frame, Kind
+from ...wire.messages import too_large_message
+from ...wire.serialization import error_outcome
 from ..base import WorkerCore, WorkerSettings
 from .codec import GearmanError
 from .connection import GearmanWorkerConnection, Job
-from .jobs import ALIVE, REFUSED, STARTED, JobCodec, OpenedJob, function_name, parse_url
+from .jobs import ALIVE, MAX_JOB_SIZE, REFUSED, STARTED, JobCodec, OpenedJob, function_name, parse_url
 from .replay import ReplayGuard
 
 log = logging.getLogger("remote_executor.gearman")
@@ -73,6 +75,7 @@ class _ServerLink:
                 self.wanted.clear()
                 worker.changed.notify_all()
             log.info("registered %s with gearmand %s", worker.function.decode(), self.address)
+            worker.settings.serving.set()
 
     def _attempt(self) -> GearmanWorkerConnection:
         worker = self._worker
@@ -200,7 +203,13 @@ class GearmanWorker:
         conn.send_data(job.handle, STARTED + self.settings.name.encode())
         with self.alive.beating(conn, job.handle):
             reply = self._run(opened.frame)
-        conn.complete(job.handle, self.codec.encode_result(reply, opened.identity(self.function)))
+        identity = opened.identity(self.function)
+        payload = self.codec.encode_result(reply, identity)
+        if (size := memoryview(payload).nbytes) > MAX_JOB_SIZE:  # it could never reach the client
+            error = FrameTooLargeError(too_large_message("the result", size, MAX_JOB_SIZE))
+            log.warning("%s", error)
+            payload = self.codec.encode_result(Frame(reply.kind, a=reply.a, parts=error_outcome(error)), identity)
+        conn.complete(job.handle, payload)
 
     def _admit(self, opened: OpenedJob) -> str | None:
         """Why an authenticated job must not run (expired, or a copy of one this process accepted), or None.

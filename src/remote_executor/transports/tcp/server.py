@@ -24,14 +24,14 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ...errors import ProtocolError
+from ...errors import AuthenticationError, ProtocolError
 from ...jobserver.scheduler import ConnId
 from ...jobserver.server import PRE_SESSION_LIMITS, ServerCore
 from ...netio import tune
 from ...security import check_bind
 from ...tls import TlsConfig
 from ...wire.frames import DEFAULT_LIMITS, Frame, Kind, Limits
-from ...wire.messages import RejectCode, reject
+from ...wire.messages import RejectCode, key_rejected, reject
 from .stream import Connection, NotTlsError
 
 if TYPE_CHECKING:
@@ -326,6 +326,8 @@ class TcpServer(ServerCore):
             return
         except ProtocolError as exc:
             log.warning("closing connection from %s: %s%s", conn.peer, exc, _tls_hint(exc, self._tls))
+            if isinstance(exc, AuthenticationError) and not conn.opened:
+                self._refuse_key(conn)
             self._lost(conn_id)
             return
         except OSError as exc:  # ssl.SSLError among them
@@ -355,6 +357,15 @@ class TcpServer(ServerCore):
             conn.send_mac, conn.reader.mac = opening.send, opening.receive
             conn.reader.limits = self._limits
             conn.opened = True
+
+    @staticmethod
+    def _refuse_key(conn: Connection) -> None:
+        """Tell a peer whose OPEN was not signed with our key why it is closed, so a worker stops instead of
+        retrying for ever. Unsigned: we share no key with it (a forged one can do no more than a reset)."""
+        conn.send_mac = None
+        conn.queue(key_rejected())
+        with contextlib.suppress(OSError):
+            conn.flush()
 
     def _failed(self, conn: Connection, exc: OSError) -> None:
         if self._tls is None:

@@ -15,6 +15,7 @@ of its own in the server's context and refuses unlisted keys inside libzmq's han
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -24,11 +25,12 @@ from typing import Any
 
 import zmq
 
-from ...errors import ProtocolError, TransportError
+from ...errors import AuthenticationError, ProtocolError, TransportError
 from ...jobserver.scheduler import ConnId
 from ...jobserver.server import PRE_SESSION_LIMITS, ServerCore
 from ...security import check_bind
 from ...wire.frames import Frame, Kind, Limits, encode
+from ...wire.messages import key_rejected
 from ...wire.serialization import Buffer
 from ...wire.session import Mac, as_mac
 from .allowlist import CurveAllowList
@@ -189,6 +191,11 @@ class ZmqServer(ServerCore):
         log.warning("dropping zmq peer %s: %s", route.hex() if conn is None else f"#{conn}", exc)
         if conn is not None:
             self._lost(conn)
+        elif isinstance(exc, AuthenticationError):
+            # An OPEN not signed with our key: say so (unsigned: we share no key with this peer), so a
+            # worker stops instead of retrying for ever; a forged one can do no more than a dropped session.
+            with contextlib.suppress(zmq.ZMQError):
+                send_frame(self._router, encode(key_rejected()), route, zmq.NOBLOCK)
 
     # --- output --------------------------------------------------------------------------------------
 

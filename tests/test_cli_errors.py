@@ -1,0 +1,120 @@
+"""The command line's answers to the commonest mistakes: one line on standard error, exit code 2 for a
+mistake in the command line and 1 for a failure, a traceback only with ``--log-level DEBUG``; and a help
+text that explains every subcommand and option."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import remote_executor
+from remote_executor.cli import _parser
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def run_cli(*args: str, code: str = "") -> subprocess.CompletedProcess[str]:
+    """``remote-executor ARGS`` in a fresh interpreter (after ``code``, which may hide a dependency)."""
+    program = f"import sys\n{code}\nfrom remote_executor.cli import main\nsys.exit(main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", program, *args], capture_output=True, text=True, timeout=60,
+                          env={"PYTHONPATH": SRC, "PATH": "/usr/bin:/bin"})
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])  # nothing listens there once the socket is closed
+
+
+def one_line(stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert "Traceback" not in stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", ["status", "ping", "worker", "server"])
+def test_a_misspelt_scheme_is_a_usage_error_that_suggests_the_right_one(command: str) -> None:
+    done = run_cli(command, "tpc://127.0.0.1:5555")
+    assert done.returncode == 2
+    assert one_line(done.stderr).endswith("did you mean 'tcp'?")
+
+
+def test_a_url_without_a_scheme_is_a_usage_error() -> None:
+    done = run_cli("ping", "127.0.0.1:5555")
+    assert done.returncode == 2
+    assert "expected a URL like tcp://host:port" in one_line(done.stderr)
+
+
+def test_zmq_without_pyzmq_names_the_extra_to_install() -> None:
+    done = run_cli("ping", "zmq://127.0.0.1:5555", code="sys.modules['zmq'] = None  # as if not installed")
+    assert done.returncode == 1
+    assert "pip install 'remote-executor[zmq]'" in one_line(done.stderr)
+
+
+def test_a_runtime_error_is_one_line_and_debug_adds_the_traceback() -> None:
+    url = f"tcp://127.0.0.1:{closed_port()}"
+    done = run_cli("ping", url, "--timeout", "2")
+    assert done.returncode == 1
+    assert one_line(done.stderr) == f"remote-executor: cannot connect to {url}: Connection refused"
+    debug = run_cli("ping", url, "--timeout", "2", "--log-level", "DEBUG")  # a global option after the command
+    assert debug.returncode == 1
+    assert "Traceback" in debug.stderr
+    assert debug.stderr.rstrip().endswith(f"remote-executor: cannot connect to {url}: Connection refused")
+
+
+def test_log_level_is_accepted_before_and_after_the_subcommand() -> None:
+    assert _parser().parse_args(["--log-level", "ERROR", "ping", "tcp://h:1"]).log_level == "ERROR"
+    assert _parser().parse_args(["ping", "tcp://h:1", "--log-level", "DEBUG"]).log_level == "DEBUG"
+    assert _parser().parse_args(["ping", "tcp://h:1"]).log_level == "INFO"
+    assert _parser().parse_args(["cluster", "status", "--log-level", "WARNING"]).log_level == "WARNING"
+
+
+def test_version() -> None:
+    done = run_cli("--version")
+    assert (done.returncode, done.stdout.strip()) == (0, f"remote-executor {remote_executor.__version__}")
+
+
+def test_an_option_parse_error_exits_2() -> None:
+    done = run_cli("ping", "tcp://127.0.0.1:1", "--timeout", "soon")
+    assert done.returncode == 2
+    assert "invalid float value: 'soon'" in done.stderr
+
+
+def _parsers(parser: argparse.ArgumentParser,
+             path: str = "remote-executor") -> list[tuple[str, argparse.ArgumentParser]]:
+    found = [(path, parser)]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found += _parsers(sub, f"{path} {name}")
+    return found
+
+
+def test_every_subcommand_and_option_explains_itself() -> None:
+    for path, parser in _parsers(_parser()):
+        text = parser.format_help()
+        assert parser.description, f"{path} has no description"
+        assert not re.search(r"``|:\w+:`", text), f"{path} --help shows reST markup:\n{text}"
+        for action in parser._actions:
+            if action.help == argparse.SUPPRESS or isinstance(action, argparse._SubParsersAction):
+                continue
+            assert action.help, f"{path} {action.option_strings or action.dest} has no help text"
+            shown = action.default not in (None, False, argparse.SUPPRESS) and action.option_strings
+            if shown and action.dest not in ("help", "version"):
+                assert "default" in (parser._get_formatter()._get_help_string(action) or ""), (
+                    f"{path} {action.option_strings} does not show its default")
+        assert "(default: None)" not in text
+
+
+def test_timeout_is_offered_only_where_it_does_something() -> None:
+    parsers = dict(_parsers(_parser()))
+    for command in ("server", "worker"):
+        assert "--timeout" not in parsers[f"remote-executor {command}"].format_help()
+    assert "--timeout" in parsers["remote-executor ping"].format_help()

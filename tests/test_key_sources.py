@@ -1,0 +1,47 @@
+"""A key read from a file works the same whichever way it is given; a file's name is never taken as the key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from remote_executor import RemoteExecutor
+from remote_executor.supervisor import Supervisor
+from remote_executor.transports.tcp.server import TcpServer
+
+from .conftest import FAST_HEARTBEAT
+
+FAST = {"heartbeat_interval": 0.2, "heartbeat_timeout": 1.5}
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def test_key_bytes_from_a_file_work_like_key_file(tmp_path: Path) -> None:
+    key_file = tmp_path / "cluster.key"
+    key_file.write_bytes(b"s3cret-cluster-key\n")  # as `... | base64 > cluster.key` writes it
+    server = TcpServer("127.0.0.1", 0, key=b"s3cret-cluster-key", **FAST)
+    server.start()
+    workers = Supervisor(server.url, 1, env={"REMOTE_EXECUTOR_KEY_HEX": b"s3cret-cluster-key".hex()},
+                         worker_args=FAST_HEARTBEAT, name="key-worker")
+    workers.start()
+    try:
+        with open(key_file, "rb") as f, RemoteExecutor(transport=server.url, key=f.read(), **FAST) as ex:
+            assert ex.submit(pow, 2, 5).result(timeout=60) == 32
+        with RemoteExecutor(transport=server.url, key_file=key_file, **FAST) as ex:
+            assert ex.submit(pow, 2, 6).result(timeout=60) == 64
+        ping = subprocess.run([sys.executable, "-m", "remote_executor.cli", "ping", server.url, "--key-file",
+                               str(key_file)], env={"PYTHONPATH": SRC}, capture_output=True, text=True, timeout=60)
+        assert ping.returncode == 0, ping.stderr
+    finally:
+        workers.stop()
+        server.stop()
+
+
+def test_a_key_that_names_a_file_is_an_error_that_says_key_file(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "cluster.key").write_bytes(b"s3cret\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"key='cluster.key' names a file: pass key_file='cluster.key'"):
+        RemoteExecutor(transport="tcp://127.0.0.1:1", key="cluster.key")
