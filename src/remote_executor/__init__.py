@@ -5,6 +5,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import (
     AuthenticationError,
     BrokenRemoteExecutor,
+    CallTimeoutError,
     InitializerFailed,
     ProtocolError,
     RemoteError,
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AuthenticationError",
     "BrokenRemoteExecutor",
+    "CallTimeoutError",
     "InitializerFailed",
     "ProtocolError",
     "RemoteError",

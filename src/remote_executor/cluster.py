@@ -78,6 +78,7 @@ class EmbeddedTransport(ClientTransport):
         self.cluster = LocalCluster(self._backend, self._options.max_workers, self._options, session).start()
         self._client = self.cluster.server.client(self._options)
         self._client.start(session, listener)
+        self.time_limits = self._client.time_limits
 
     def submit(self, calls: Sequence[Call]) -> None:
         assert self._client is not None

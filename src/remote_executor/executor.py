@@ -24,6 +24,8 @@ Transport threads (the listener, _Core.on_*):
 - on_result: take the item out of "in_flight", dispatch more, decode the outcome, settle the future
 - on_capacity: the window follows the attached workers; dispatch more
 - on_broken: fail every pending and in-flight future with the error; submit() raises it from then on
+- on_started: a worker took a call with a time limit; if no result comes long after the limit (the worker
+  stops the call itself, the server reports it), the deadline thread fails the future itself
 
 Shutdown:
 - shutdown(wait=True) waits until every accepted call settled, then closes the transport
@@ -35,6 +37,7 @@ Shutdown:
 from __future__ import annotations
 
 import contextlib
+import heapq
 import itertools
 import logging
 import os
@@ -47,9 +50,10 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
 from typing import Any, Generic, ParamSpec, TypeVar
 
-from .errors import BrokenRemoteExecutor, SerializationError
+from .errors import BrokenRemoteExecutor, CallTimeoutError, SerializationError
 from .security import resolve_key
 from .transports.base import Call, ClientTransport, Options, Session, Status, decode_result
+from .wire.messages import check_limit
 from .wire.serialization import Parts, encode_call, encode_chunk, encode_initializer
 
 __all__ = ["RemoteExecutor"]
@@ -80,11 +84,51 @@ threading._register_atexit(_python_exit)  # type: ignore[attr-defined]
 
 
 class _WorkItem:
-    __slots__ = ("future", "parts")
+    __slots__ = ("future", "limit", "parts")
 
-    def __init__(self, future: Future[Any], parts: Parts) -> None:
+    def __init__(self, future: Future[Any], parts: Parts, limit: float | None) -> None:
         self.future = future
         self.parts = parts
+        self.limit = limit
+
+
+class _Deadlines:
+    """One lazily started thread that calls ``expire(task_id)`` at the times it was armed with."""
+
+    def __init__(self, expire: Callable[[int], None]) -> None:
+        self._expire = expire
+        self._heap: list[tuple[float, int]] = []
+        self._changed = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def arm(self, when: float, task_id: int) -> None:
+        with self._changed:
+            if self._closed:
+                return
+            heapq.heappush(self._heap, (when, task_id))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="remote_executor-deadlines", daemon=True)
+                self._thread.start()
+            self._changed.notify()
+
+    def close(self) -> None:
+        with self._changed:
+            self._closed = True
+            self._changed.notify()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                while not self._closed and (not self._heap or self._heap[0][0] > time.monotonic()):
+                    self._changed.wait(self._heap[0][0] - time.monotonic() if self._heap else None)
+                if self._closed:
+                    return
+                _, task_id = heapq.heappop(self._heap)
+            self._expire(task_id)
 
 
 class _Core:
@@ -95,9 +139,13 @@ class _Core:
     Futures are never settled while ``lock`` is held: done-callbacks may call ``submit()``.
     """
 
-    def __init__(self, transport: ClientTransport, max_workers: int | None) -> None:
+    def __init__(self, transport: ClientTransport, max_workers: int | None, heartbeat_timeout: float = 10.0) -> None:
         self.transport = transport
         self.max_workers = max_workers
+        # How long after its limit a started call may stay silent before it is failed here: the worker and
+        # the job server each act well before this; this is for when neither can.
+        self.limit_slack = 2 * heartbeat_timeout
+        self.deadlines = _Deadlines(self._expire)
         self.lock = threading.RLock()
         self.idle = threading.Condition(self.lock)
         self.closed = threading.Event()
@@ -123,12 +171,12 @@ class _Core:
         if _global_shutdown:
             raise RuntimeError("cannot schedule new futures after interpreter shutdown")
 
-    def enqueue(self, parts: Parts) -> Future[Any]:
+    def enqueue(self, parts: Parts, limit: float | None = None) -> Future[Any]:
         future: Future[Any] = Future()
         future.add_done_callback(self._on_done)
         with self.lock, _global_shutdown_lock:
             self.check_open()
-            self.pending.append(_WorkItem(future, parts))
+            self.pending.append(_WorkItem(future, parts, limit))
             self.unclaimed.add(future)
             self.outstanding += 1
         self.dispatch()
@@ -164,7 +212,7 @@ class _Core:
                 continue
             task_id = next(self.task_ids)
             self.in_flight[task_id] = head
-            calls.append(Call(task_id, head.parts))
+            calls.append(Call(task_id, head.parts, head.limit))
         return calls, dropped
 
     def _claim(self, future: Future[Any]) -> bool | None:
@@ -216,6 +264,26 @@ class _Core:
                 item.future.set_result(value)
             else:
                 item.future.set_exception(value)
+        self._settled(1)
+
+    def on_started(self, task_id: int) -> None:
+        with self.lock:
+            item = self.in_flight.get(task_id)
+        if item is not None and item.limit is not None:
+            self.deadlines.arm(time.monotonic() + item.limit + self.limit_slack, task_id)
+
+    def _expire(self, task_id: int) -> None:
+        """No result long after a call's limit: neither its worker nor the job server reported it."""
+        with self.lock:
+            item = self.in_flight.pop(task_id, None)
+        if item is None:
+            return  # it settled in time
+        assert item.limit is not None
+        self.dispatch()
+        error = CallTimeoutError(f"the call ran past its time limit of {item.limit:g}s and no worker answered "
+                                 f"for {self.limit_slack:g}s more; it was not retried", item.limit)
+        with _settling(self):
+            item.future.set_exception(error)
         self._settled(1)
 
     def on_capacity(self, slots: int) -> None:
@@ -289,6 +357,7 @@ class _Core:
             threading.Thread(target=self._close, name="remote_executor-closer").start()
 
     def _close(self) -> None:
+        self.deadlines.close()
         try:
             self.transport.close()
         except Exception:
@@ -305,6 +374,11 @@ class RemoteExecutor(Executor):
     over it), a URL (``"zmq://host:5555"``: workers started elsewhere) or a ``ClientTransport`` object.
     ``max_workers`` is the number of worker processes of an embedded cluster, and for a URL the most calls
     in flight at once. Extra keyword arguments go to the transport (``Options.extra``).
+
+    ``call_timeout`` (seconds) limits how long each call may run: past it, the call's future fails with
+    :class:`~remote_executor.errors.CallTimeoutError` (a ``concurrent.futures.TimeoutError``), the worker
+    process running it is stopped and replaced, and the call is not retried. :meth:`with_options` sets
+    another limit for some calls only.
     """
 
     def __init__(
@@ -321,6 +395,7 @@ class RemoteExecutor(Executor):
         heartbeat_timeout: float = 10.0,
         reconnect_timeout: float = 30.0,
         connect_timeout: float = 10.0,
+        call_timeout: float | None = None,
         **transport_options: Any,
     ) -> None:
         if max_workers is not None and max_workers <= 0:
@@ -330,6 +405,8 @@ class RemoteExecutor(Executor):
         if max_retries < 0:
             raise ValueError("max_retries must be >= 0")
         self._max_workers = max_workers
+        self._call_timeout = check_limit(call_timeout)
+        self._parent: RemoteExecutor | None = None  # a view (with_options) holds the executor it views
         init_parts = encode_initializer(initializer, tuple(initargs)) if initializer is not None else None
         options = Options(
             max_workers=max_workers,
@@ -343,10 +420,12 @@ class RemoteExecutor(Executor):
         from .cluster import make_transport  # the embedded cluster's machinery, only when it is needed
 
         client = make_transport(transport, options)
-        self._core = core = _Core(client, max_workers)
+        self._core = core = _Core(client, max_workers, heartbeat_timeout)
         session = Session(executor_id=secrets.randbits(63), initializer=init_parts, max_retries=max_retries)
         try:
             client.start(session, core)
+            if self._call_timeout is not None:
+                self._check_time_limits()
         except BaseException:
             client.close()  # release whatever it started before failing
             raise
@@ -359,13 +438,40 @@ class RemoteExecutor(Executor):
         """The client transport this executor talks to."""
         return self._core.transport
 
+    def with_options(self, *, timeout: float | None) -> RemoteExecutor:
+        """A view of this executor whose calls have another time limit (None: none).
+
+        ``executor.with_options(timeout=5).submit(fn, *args, **kwargs)`` passes every argument on to
+        ``fn`` untouched. The view shares everything else with this executor (workers, queue, shutdown),
+        and has ``submit`` and ``map`` like it; keep it as long as you like.
+        """
+        limit = check_limit(timeout)
+        if limit is not None:
+            self._check_time_limits()
+        view = object.__new__(type(self))
+        view.__dict__.update(self.__dict__)
+        view._call_timeout = limit
+        view._parent = self  # keeps the executor (and its clean-up when dropped) alive as long as the view
+        return view
+
+    @property
+    def call_timeout(self) -> float | None:
+        """The time limit of this executor's (or view's) calls, in seconds; None for no limit."""
+        return self._call_timeout
+
+    def _check_time_limits(self) -> None:
+        transport = self._core.transport
+        if not transport.time_limits:
+            raise ValueError(f"the transport {transport.url or type(transport).__name__!r} cannot enforce call "
+                             f"time limits (it cannot stop a call that runs too long)")
+
     def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
         self._core.check_open()
         try:
             parts = encode_call(fn, args, kwargs)
         except SerializationError as exc:
             return _failed(exc)
-        return self._core.enqueue(parts)
+        return self._core.enqueue(parts, self._call_timeout)
 
     submit.__doc__ = Executor.submit.__doc__
 
@@ -422,7 +528,7 @@ class RemoteExecutor(Executor):
             parts = encode_chunk(fn, items)
         except SerializationError as exc:
             return _failed(exc)
-        return self._core.enqueue(parts)
+        return self._core.enqueue(parts, self._call_timeout)
 
 
 class _MapResults(Iterator[T], Generic[T]):

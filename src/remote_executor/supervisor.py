@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .netio import Backoff
+from .transports.base import EXIT_TIMED_OUT
 from .worker import LIFELINE_ENV
 
 log = logging.getLogger("remote_executor.supervisor")
@@ -142,6 +143,12 @@ class Supervisor:
         code = child.proc.returncode
         if not self.restart:
             log.warning("worker %s-%d exited with %s", self.name, child.index, code)
+            return
+        if code == EXIT_TIMED_OUT:  # it stopped a call at its time limit, as asked: no crash, no backoff
+            log.info("worker %s-%d (pid %d) stopped a call at its time limit; restarting it",
+                     self.name, child.index, child.proc.pid)
+            self.restarts += 1
+            self._spawn(child.index)
             return
         lived = time.monotonic() - child.started
         delay = self._backoff(child.index, lived)

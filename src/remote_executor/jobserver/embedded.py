@@ -62,6 +62,8 @@ class EmbeddedJobServer(EmbeddedServer):
 class LocalClient(ClientTransport):
     """The executor's transport to a job server in the same process: frames, but no socket."""
 
+    time_limits = True
+
     def __init__(self, server: ServerCore) -> None:
         self.url = server.url
         self._server = server
