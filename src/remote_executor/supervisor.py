@@ -63,6 +63,7 @@ class Supervisor:
         self.name = name
         self.restart = restart
         self.restarts = 0
+        self.exits: list[tuple[str, int | None]] = []  # (worker name, exit status) of every child that ended
         self._env = {**os.environ, **(env or {}), "PYTHONPATH": _python_path()}
         self._args = worker_args
         self._stderr = subprocess.DEVNULL if capture_output else None
@@ -141,6 +142,7 @@ class Supervisor:
     def _replace(self, child: Child) -> None:
         self._forget(child)
         code = child.proc.returncode
+        self.exits.append((f"{self.name}-{child.index}", code))
         if not self.restart:
             log.warning("worker %s-%d exited with %s", self.name, child.index, code)
             return

@@ -52,6 +52,9 @@ class EmbeddedJobServer(EmbeddedServer):
     def worker_env(self) -> dict[str, str]:
         return key_to_env(self.key)
 
+    def attached_workers(self) -> int:
+        return self.server.scheduler.capacity  # one slot per local worker process
+
     def worker_args(self) -> tuple[str, ...]:
         # Local workers never outlive the cluster: no reconnecting to a server that is gone.
         return ("--heartbeat-interval", str(self.options.heartbeat_interval),

@@ -293,6 +293,11 @@ class EmbeddedServer(abc.ABC):
         """Environment for the worker processes (secrets travel here, never on a command line)."""
         return {}
 
+    def attached_workers(self) -> int | None:
+        """How many local workers can take calls now; None if this server cannot tell (the executor's
+        constructor then returns without waiting for them)."""
+        return None
+
     def worker_args(self) -> tuple[str, ...]:
         """Extra arguments for ``python -m remote_executor.worker URL``."""
         return ()
