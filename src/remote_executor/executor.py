@@ -93,20 +93,20 @@ class _WorkItem:
 
 
 class _Deadlines:
-    """One lazily started thread that calls ``expire(task_id)`` at the times it was armed with."""
+    """One lazily started thread that runs callbacks at the times they were armed for."""
 
-    def __init__(self, expire: Callable[[int], None]) -> None:
-        self._expire = expire
-        self._heap: list[tuple[float, int]] = []
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, Callable[[], None]]] = []
+        self._seq = itertools.count()  # ties never compare the callbacks
         self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False
 
-    def arm(self, when: float, task_id: int) -> None:
+    def arm(self, when: float, callback: Callable[[], None]) -> None:
         with self._changed:
             if self._closed:
                 return
-            heapq.heappush(self._heap, (when, task_id))
+            heapq.heappush(self._heap, (when, next(self._seq), callback))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="remote_executor-deadlines", daemon=True)
                 self._thread.start()
@@ -127,8 +127,11 @@ class _Deadlines:
                     self._changed.wait(self._heap[0][0] - time.monotonic() if self._heap else None)
                 if self._closed:
                     return
-                _, task_id = heapq.heappop(self._heap)
-            self._expire(task_id)
+                _, _, callback = heapq.heappop(self._heap)
+            try:
+                callback()
+            except Exception:  # a bug in one callback must not stop the others
+                logger.exception("a deadline callback failed")
 
 
 class _Core:
@@ -139,14 +142,18 @@ class _Core:
     Futures are never settled while ``lock`` is held: done-callbacks may call ``submit()``.
     """
 
-    def __init__(self, transport: ClientTransport, max_workers: int | None, heartbeat_timeout: float = 10.0) -> None:
+    def __init__(self, transport: ClientTransport, max_workers: int | None, heartbeat_timeout: float = 10.0,
+                 starved_warning: float | None = None) -> None:
         self.transport = transport
         self.max_workers = max_workers
         # How long after its limit a started call may stay silent before it is failed here: the worker and
         # the job server each act well before this; this is for when neither can.
         self.limit_slack = 2 * heartbeat_timeout
-        self.deadlines = _Deadlines(self._expire)
+        self.deadlines = _Deadlines()
+        self.starved_warning = starved_warning  # warn when calls waited this long with no worker attached
+        self.starved_since: float | None = None
         self.lock = threading.RLock()
+        self.capacity_changed = threading.Condition(self.lock)
         self.idle = threading.Condition(self.lock)
         self.closed = threading.Event()
         self.pending: deque[_WorkItem] = deque()
@@ -179,6 +186,7 @@ class _Core:
             self.pending.append(_WorkItem(future, parts, limit))
             self.unclaimed.add(future)
             self.outstanding += 1
+            self._check_starved()
         self.dispatch()
         return future
 
@@ -270,7 +278,7 @@ class _Core:
         with self.lock:
             item = self.in_flight.get(task_id)
         if item is not None and item.limit is not None:
-            self.deadlines.arm(time.monotonic() + item.limit + self.limit_slack, task_id)
+            self.deadlines.arm(time.monotonic() + item.limit + self.limit_slack, lambda: self._expire(task_id))
 
     def _expire(self, task_id: int) -> None:
         """No result long after a call's limit: neither its worker nor the job server reported it."""
@@ -289,13 +297,52 @@ class _Core:
     def on_capacity(self, slots: int) -> None:
         with self.lock:
             self.capacity = slots
+            self.capacity_changed.notify_all()
+            self._check_starved()
         self.dispatch()
+
+    # --- calls waiting with no worker ----------------------------------------------------------------
+
+    def _check_starved(self) -> None:
+        """Lock held: start (or stop) timing how long calls wait with no worker attached."""
+        starved = self.capacity <= 0 and bool(self.pending)
+        if not starved:
+            self.starved_since = None
+        elif self.starved_since is None and self.starved_warning is not None:
+            since = self.starved_since = time.monotonic()
+            self.deadlines.arm(since + self.starved_warning, lambda: self._warn_starved(since))
+
+    def _warn_starved(self, since: float) -> None:
+        with self.lock:
+            if not self.pending:
+                self.starved_since = None
+            if self.starved_since != since or self.broken is not None or self.closing:
+                return  # a worker came, the calls were cancelled, or the executor ended meanwhile
+            waiting = len(self.pending)
+            assert self.starved_warning is not None
+            self.deadlines.arm(time.monotonic() + self.starved_warning, lambda: self._warn_starved(since))
+        logger.warning("0 workers attached to %s, %d call(s) waiting for %.0fs", self.transport.url or "the transport",
+                       waiting, time.monotonic() - since)
+
+    def wait_for_workers(self, n: int, timeout: float | None) -> int:
+        end = None if timeout is None else time.monotonic() + timeout
+        with self.lock:
+            while self.capacity < n:
+                if self.broken is not None:
+                    raise _fresh(self.broken)
+                remaining = None if end is None else end - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError(f"{self.capacity} of {n} worker(s) attached to "
+                                       f"{self.transport.url or 'the transport'} after {timeout:g}s")
+                self.capacity_changed.wait(remaining)
+            return self.capacity
 
     def on_broken(self, error: BrokenRemoteExecutor) -> None:
         with self.lock:
             if self.broken is not None:
                 return
             self.broken = error
+            self.capacity_changed.notify_all()
             claims = [(item, self._claim(item.future)) for item in self.pending]
             failed = [item for item, claimed in claims if claimed] + list(self.in_flight.values())
             dropped = sum(claimed is False for _, claimed in claims)
@@ -379,6 +426,9 @@ class RemoteExecutor(Executor):
     :class:`~remote_executor.errors.CallTimeoutError` (a ``concurrent.futures.TimeoutError``), the worker
     process running it is stopped and replaced, and the call is not retried. :meth:`with_options` sets
     another limit for some calls only.
+
+    ``no_workers_warning`` (seconds, None for never): log a warning when calls have waited that long with
+    no worker attached to take them, and again every as long while it lasts.
     """
 
     def __init__(
@@ -396,6 +446,7 @@ class RemoteExecutor(Executor):
         reconnect_timeout: float = 30.0,
         connect_timeout: float = 10.0,
         call_timeout: float | None = None,
+        no_workers_warning: float | None = 30.0,
         **transport_options: Any,
     ) -> None:
         if max_workers is not None and max_workers <= 0:
@@ -404,6 +455,8 @@ class RemoteExecutor(Executor):
             raise TypeError("initializer must be a callable")
         if max_retries < 0:
             raise ValueError("max_retries must be >= 0")
+        if no_workers_warning is not None and not no_workers_warning > 0:
+            raise ValueError("no_workers_warning must be None or a positive number of seconds")
         self._max_workers = max_workers
         self._call_timeout = check_limit(call_timeout)
         self._parent: RemoteExecutor | None = None  # a view (with_options) holds the executor it views
@@ -420,7 +473,7 @@ class RemoteExecutor(Executor):
         from .cluster import make_transport  # the embedded cluster's machinery, only when it is needed
 
         client = make_transport(transport, options)
-        self._core = core = _Core(client, max_workers, heartbeat_timeout)
+        self._core = core = _Core(client, max_workers, heartbeat_timeout, no_workers_warning)
         session = Session(executor_id=secrets.randbits(63), initializer=init_parts, max_retries=max_retries)
         try:
             client.start(session, core)
@@ -453,6 +506,17 @@ class RemoteExecutor(Executor):
         view._call_timeout = limit
         view._parent = self  # keeps the executor (and its clean-up when dropped) alive as long as the view
         return view
+
+    def wait_for_workers(self, n: int = 1, timeout: float | None = None) -> int:
+        """Block until at least ``n`` workers (worker slots) are attached; return how many are.
+
+        Raises ``TimeoutError`` (the built-in) naming how many came if they are not there within ``timeout``
+        seconds, and the executor's error if it breaks meanwhile. The embedded cluster is ready when its
+        constructor returns; this is for a cluster started elsewhere.
+        """
+        if n < 1:
+            raise ValueError("n must be at least 1")
+        return self._core.wait_for_workers(n, timeout)
 
     @property
     def call_timeout(self) -> float | None:
