@@ -7,6 +7,8 @@ from __future__ import annotations
 import concurrent.futures as cf
 import math
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -214,3 +216,11 @@ def test_scheduler_rejects_a_malformed_limit() -> None:
     h.client(1)
     actions = h.recv(1, Frame(Kind.SUBMIT, a=1, parts=[b"short"], flags=LIMITED))
     assert [a.conn for a in actions if isinstance(a, Close)] == [1]
+
+
+def test_the_documented_example_runs() -> None:
+    example = Path(__file__).parent.parent / "examples" / "timeouts.py"
+    src = Path(__file__).parent.parent / "src"
+    done = subprocess.run([sys.executable, str(example)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(src)}, check=True)
+    assert "stopped after 0." in done.stdout and "the next call runs at once" in done.stdout

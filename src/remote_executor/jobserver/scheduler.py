@@ -283,7 +283,7 @@ class Scheduler:
         if client is not None:
             del client.tasks[task.tid]
             if frame.b == Status.TIMED_OUT and task.limit is not None:
-                log.warning("worker %s stopped a call at its time limit of %gs", peer.name, task.limit)
+                log.info("worker %s stopped a call at its time limit of %gs", peer.name, task.limit)
                 self._send_timed_out(task, peer.name)
                 worker.draining = True  # it is exiting: no new call may go to it
                 self._capacity_changed()

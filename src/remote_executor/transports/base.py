@@ -230,7 +230,7 @@ class _Watchdog:
         with self._lock:
             if self._finished:
                 return
-            log.warning("a call ran past its time limit of %gs: stopping this worker process", self._limit)
+            log.info("a call ran past its time limit of %gs: stopping this worker process", self._limit)
             try:
                 if self._on_timeout is not None:
                     self._on_timeout()
