@@ -526,8 +526,8 @@ class RemoteExecutor(Executor):
     def _check_time_limits(self) -> None:
         transport = self._core.transport
         if not transport.time_limits:
-            raise ValueError(f"the transport {transport.url or type(transport).__name__!r} cannot enforce call "
-                             f"time limits (it cannot stop a call that runs too long)")
+            raise ValueError(f"the transport {transport.url or type(transport).__name__!r} does not support call "
+                             f"time limits (tcp and zmq do)")
 
     def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
         self._core.check_open()
