@@ -5,6 +5,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import (
     AuthenticationError,
     BrokenRemoteExecutor,
+    CallTimeoutError,
     FrameTooLargeError,
     InitializerFailed,
     ProtocolError,
@@ -23,6 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AuthenticationError",
     "BrokenRemoteExecutor",
+    "CallTimeoutError",
     "FrameTooLargeError",
     "InitializerFailed",
     "ProtocolError",

@@ -9,11 +9,15 @@ transport, and tears everything down at shutdown. The workers exit by themselves
 from __future__ import annotations
 
 import os
+import threading
+import time
 from collections.abc import Sequence
 
+from .errors import BrokenRemoteExecutor, TransportError
 from .supervisor import Supervisor
 from .transports import get_backend, scheme_of
-from .transports.base import Backend, Call, ClientTransport, EmbeddedServer, Listener, Options, Session
+from .transports.base import Backend, Call, ClientTransport, EmbeddedServer, Listener, Options, Session, Status
+from .wire.serialization import Parts
 
 DEFAULT_SCHEME = "tcp"
 
@@ -52,16 +56,57 @@ class LocalCluster:
             self.supervisor = Supervisor(self.server.url, self.workers, env=self.server.worker_env(),
                                          worker_args=self.server.worker_args(), name="local-worker")
             self.supervisor.start()
+            self._wait_ready(self.options.connect_timeout)
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _wait_ready(self, timeout: float) -> None:
+        """Return once every worker can take calls, so the first calls run at once (and
+        ``shutdown(cancel_futures=True)`` right after them cancels only what a thread pool would have);
+        a clear error if they cannot start. The wait is the workers' own start-up, nothing added."""
+        assert self.supervisor is not None
+        deadline = time.monotonic() + timeout
+        pause = threading.Event()  # never set: a wait that only ends at its timeout, between two looks
+        while (attached := self.server.attached_workers()) is not None and attached < self.workers:
+            exits = [(name, code) for name, code in self.supervisor.exits if code != 0]
+            if exits or time.monotonic() > deadline:
+                why = ("; ".join(f"{name} exited with status {code}" for name, code in exits[:3])
+                       + " (its error output is above)") if exits else f"not within {timeout:g}s"
+                raise TransportError(f"the local {self.backend.scheme} cluster's worker processes did not start: "
+                                     f"{attached} of {self.workers} attached, {why}")
+            pause.wait(0.01)
 
     def stop(self) -> None:
         """Stop the workers, then the server. Idempotent."""
         if self.supervisor is not None:
             self.supervisor.stop()
         self.server.stop()
+
+
+class _CapacityWatch:
+    """The executor's listener, passed through; ``reached`` is set once the capacity reported is ``wanted``."""
+
+    def __init__(self, listener: Listener, wanted: int) -> None:
+        self._listener = listener
+        self._wanted = wanted
+        self.reached = threading.Event()
+
+    def on_capacity(self, slots: int) -> None:
+        self._listener.on_capacity(slots)
+        if slots >= self._wanted:
+            self.reached.set()
+
+    def on_result(self, task_id: int, status: Status, parts: Parts) -> None:
+        self._listener.on_result(task_id, status, parts)
+
+    def on_broken(self, error: BrokenRemoteExecutor) -> None:
+        self._listener.on_broken(error)
+        self.reached.set()
+
+    def on_started(self, task_id: int) -> None:
+        self._listener.on_started(task_id)
 
 
 class EmbeddedTransport(ClientTransport):
@@ -77,7 +122,14 @@ class EmbeddedTransport(ClientTransport):
     def start(self, session: Session, listener: Listener) -> None:
         self.cluster = LocalCluster(self._backend, self._options.max_workers, self._options, session).start()
         self._client = self.cluster.server.client(self._options)
-        self._client.start(session, listener)
+        ready = _CapacityWatch(listener, self.cluster.workers)
+        self._client.start(session, ready)
+        # The workers are attached; the executor learns so from the server asynchronously: wait for that
+        # too, else its first calls would still find no capacity.
+        if not ready.reached.wait(self._options.connect_timeout):
+            raise TransportError(f"the local {self._backend.scheme} cluster's server did not report its "
+                                 f"{self.cluster.workers} worker(s) within {self._options.connect_timeout:g}s")
+        self.time_limits = self._client.time_limits
 
     def submit(self, calls: Sequence[Call]) -> None:
         assert self._client is not None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 from concurrent.futures import BrokenExecutor
+from concurrent.futures import TimeoutError as FuturesTimeoutError
 
 
 class RemoteExecutorError(Exception):
@@ -68,6 +69,24 @@ class FrameTooLargeError(RemoteExecutorError):
     server's limit is its ``--max-frame-size``; pass large data another way (a file or store that the
     workers can read) or raise the limit.
     """
+
+class CallTimeoutError(RemoteExecutorError, FuturesTimeoutError):
+    """A call ran past its time limit (``call_timeout``, ``with_options(timeout=...)``) and was stopped.
+
+    The worker process running it was ended (and replaced); the call is never retried. It is a
+    ``concurrent.futures.TimeoutError`` (on Python 3.11+ that is the built-in ``TimeoutError``), so
+    ``except TimeoutError`` catches it there; ``except CallTimeoutError`` tells it apart from a
+    ``future.result(timeout)`` that merely stopped waiting. ``limit`` is the limit in seconds, ``worker``
+    the worker that ran the call (empty if unknown).
+    """
+
+    def __init__(self, message: str, limit: float = 0.0, worker: str = "") -> None:
+        super().__init__(message)
+        self.limit = limit
+        self.worker = worker
+
+    def __reduce__(self) -> tuple[type[CallTimeoutError], tuple[str, float, str]]:
+        return (type(self), (str(self), self.limit, self.worker))
 
 
 class BrokenRemoteExecutor(BrokenExecutor, RemoteExecutorError):

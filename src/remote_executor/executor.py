@@ -24,6 +24,8 @@ Transport threads (the listener, _Core.on_*):
 - on_result: take the item out of "in_flight", dispatch more, decode the outcome, settle the future
 - on_capacity: the window follows the attached workers; dispatch more
 - on_broken: fail every pending and in-flight future with the error; submit() raises it from then on
+- on_started: a worker took a call with a time limit; if no result comes long after the limit (the worker
+  stops the call itself, the server reports it), the deadline thread fails the future itself
 
 Shutdown:
 - shutdown(wait=True) waits until every accepted call settled, then closes the transport
@@ -35,6 +37,7 @@ Shutdown:
 from __future__ import annotations
 
 import contextlib
+import heapq
 import itertools
 import logging
 import os
@@ -47,9 +50,10 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
 from typing import Any, Generic, ParamSpec, TypeVar
 
-from .errors import BrokenRemoteExecutor, SerializationError
+from .errors import BrokenRemoteExecutor, CallTimeoutError, SerializationError
 from .security import resolve_key
 from .transports.base import Call, ClientTransport, Options, Session, Status, decode_result
+from .wire.messages import check_limit
 from .wire.serialization import Parts, encode_call, encode_chunk, encode_initializer
 
 __all__ = ["RemoteExecutor"]
@@ -80,11 +84,54 @@ threading._register_atexit(_python_exit)  # type: ignore[attr-defined]
 
 
 class _WorkItem:
-    __slots__ = ("future", "parts")
+    __slots__ = ("future", "limit", "parts")
 
-    def __init__(self, future: Future[Any], parts: Parts) -> None:
+    def __init__(self, future: Future[Any], parts: Parts, limit: float | None) -> None:
         self.future = future
         self.parts = parts
+        self.limit = limit
+
+
+class _Deadlines:
+    """One lazily started thread that runs callbacks at the times they were armed for."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, Callable[[], None]]] = []
+        self._seq = itertools.count()  # ties never compare the callbacks
+        self._changed = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def arm(self, when: float, callback: Callable[[], None]) -> None:
+        with self._changed:
+            if self._closed:
+                return
+            heapq.heappush(self._heap, (when, next(self._seq), callback))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="remote_executor-deadlines", daemon=True)
+                self._thread.start()
+            self._changed.notify()
+
+    def close(self) -> None:
+        with self._changed:
+            self._closed = True
+            self._changed.notify()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                while not self._closed and (not self._heap or self._heap[0][0] > time.monotonic()):
+                    self._changed.wait(self._heap[0][0] - time.monotonic() if self._heap else None)
+                if self._closed:
+                    return
+                _, _, callback = heapq.heappop(self._heap)
+            try:
+                callback()
+            except Exception:  # a bug in one callback must not stop the others
+                logger.exception("a deadline callback failed")
 
 
 class _Core:
@@ -95,10 +142,18 @@ class _Core:
     Futures are never settled while ``lock`` is held: done-callbacks may call ``submit()``.
     """
 
-    def __init__(self, transport: ClientTransport, max_workers: int | None) -> None:
+    def __init__(self, transport: ClientTransport, max_workers: int | None, heartbeat_timeout: float = 10.0,
+                 starved_warning: float | None = None) -> None:
         self.transport = transport
         self.max_workers = max_workers
+        # How long after its limit a started call may stay silent before it is failed here: the worker and
+        # the job server each act well before this; this is for when neither can.
+        self.limit_slack = 2 * heartbeat_timeout
+        self.deadlines = _Deadlines()
+        self.starved_warning = starved_warning  # warn when calls waited this long with no worker attached
+        self.starved_since: float | None = None
         self.lock = threading.RLock()
+        self.capacity_changed = threading.Condition(self.lock)
         self.idle = threading.Condition(self.lock)
         self.closed = threading.Event()
         self.pending: deque[_WorkItem] = deque()
@@ -123,14 +178,15 @@ class _Core:
         if _global_shutdown:
             raise RuntimeError("cannot schedule new futures after interpreter shutdown")
 
-    def enqueue(self, parts: Parts) -> Future[Any]:
+    def enqueue(self, parts: Parts, limit: float | None = None) -> Future[Any]:
         future: Future[Any] = Future()
         future.add_done_callback(self._on_done)
         with self.lock, _global_shutdown_lock:
             self.check_open()
-            self.pending.append(_WorkItem(future, parts))
+            self.pending.append(_WorkItem(future, parts, limit))
             self.unclaimed.add(future)
             self.outstanding += 1
+            self._check_starved()
         self.dispatch()
         return future
 
@@ -164,7 +220,7 @@ class _Core:
                 continue
             task_id = next(self.task_ids)
             self.in_flight[task_id] = head
-            calls.append(Call(task_id, head.parts))
+            calls.append(Call(task_id, head.parts, head.limit))
         return calls, dropped
 
     def _claim(self, future: Future[Any]) -> bool | None:
@@ -218,16 +274,75 @@ class _Core:
                 item.future.set_exception(value)
         self._settled(1)
 
+    def on_started(self, task_id: int) -> None:
+        with self.lock:
+            item = self.in_flight.get(task_id)
+        if item is not None and item.limit is not None:
+            self.deadlines.arm(time.monotonic() + item.limit + self.limit_slack, lambda: self._expire(task_id))
+
+    def _expire(self, task_id: int) -> None:
+        """No result long after a call's limit: neither its worker nor the job server reported it."""
+        with self.lock:
+            item = self.in_flight.pop(task_id, None)
+        if item is None:
+            return  # it settled in time
+        assert item.limit is not None
+        self.dispatch()
+        error = CallTimeoutError(f"the call ran past its time limit of {item.limit:g}s and no worker answered "
+                                 f"for {self.limit_slack:g}s more; it was not retried", item.limit)
+        with _settling(self):
+            item.future.set_exception(error)
+        self._settled(1)
+
     def on_capacity(self, slots: int) -> None:
         with self.lock:
             self.capacity = slots
+            self.capacity_changed.notify_all()
+            self._check_starved()
         self.dispatch()
+
+    # --- calls waiting with no worker ----------------------------------------------------------------
+
+    def _check_starved(self) -> None:
+        """Lock held: start (or stop) timing how long calls wait with no worker attached."""
+        starved = self.capacity <= 0 and bool(self.pending)
+        if not starved:
+            self.starved_since = None
+        elif self.starved_since is None and self.starved_warning is not None:
+            since = self.starved_since = time.monotonic()
+            self.deadlines.arm(since + self.starved_warning, lambda: self._warn_starved(since))
+
+    def _warn_starved(self, since: float) -> None:
+        with self.lock:
+            if not self.pending:
+                self.starved_since = None
+            if self.starved_since != since or self.broken is not None or self.closing:
+                return  # a worker came, the calls were cancelled, or the executor ended meanwhile
+            waiting = len(self.pending)
+            assert self.starved_warning is not None
+            self.deadlines.arm(time.monotonic() + self.starved_warning, lambda: self._warn_starved(since))
+        logger.warning("0 workers attached to %s, %d call(s) waiting for %.0fs", self.transport.url or "the transport",
+                       waiting, time.monotonic() - since)
+
+    def wait_for_workers(self, n: int, timeout: float | None) -> int:
+        end = None if timeout is None else time.monotonic() + timeout
+        with self.lock:
+            while self.capacity < n:
+                if self.broken is not None:
+                    raise _fresh(self.broken)
+                remaining = None if end is None else end - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError(f"{self.capacity} of {n} worker(s) attached to "
+                                       f"{self.transport.url or 'the transport'} after {timeout:g}s")
+                self.capacity_changed.wait(remaining)
+            return self.capacity
 
     def on_broken(self, error: BrokenRemoteExecutor) -> None:
         with self.lock:
             if self.broken is not None:
                 return
             self.broken = error
+            self.capacity_changed.notify_all()
             claims = [(item, self._claim(item.future)) for item in self.pending]
             failed = [item for item, claimed in claims if claimed] + list(self.in_flight.values())
             dropped = sum(claimed is False for _, claimed in claims)
@@ -289,6 +404,7 @@ class _Core:
             threading.Thread(target=self._close, name="remote_executor-closer").start()
 
     def _close(self) -> None:
+        self.deadlines.close()
         try:
             self.transport.close()
         except Exception:
@@ -305,6 +421,14 @@ class RemoteExecutor(Executor):
     over it), a URL (``"zmq://host:5555"``: workers started elsewhere) or a ``ClientTransport`` object.
     ``max_workers`` is the number of worker processes of an embedded cluster, and for a URL the most calls
     in flight at once. Extra keyword arguments go to the transport (``Options.extra``).
+
+    ``call_timeout`` (seconds) limits how long each call may run: past it, the call's future fails with
+    :class:`~remote_executor.errors.CallTimeoutError` (a ``concurrent.futures.TimeoutError``), the worker
+    process running it is stopped and replaced, and the call is not retried. :meth:`with_options` sets
+    another limit for some calls only.
+
+    ``no_workers_warning`` (seconds, None for never): log a warning when calls have waited that long with
+    no worker attached to take them, and again every as long while it lasts.
     """
 
     def __init__(
@@ -321,6 +445,8 @@ class RemoteExecutor(Executor):
         heartbeat_timeout: float = 10.0,
         reconnect_timeout: float = 30.0,
         connect_timeout: float = 10.0,
+        call_timeout: float | None = None,
+        no_workers_warning: float | None = 30.0,
         **transport_options: Any,
     ) -> None:
         if max_workers is not None and max_workers <= 0:
@@ -329,7 +455,11 @@ class RemoteExecutor(Executor):
             raise TypeError("initializer must be a callable")
         if max_retries < 0:
             raise ValueError("max_retries must be >= 0")
+        if no_workers_warning is not None and not no_workers_warning > 0:
+            raise ValueError("no_workers_warning must be None or a positive number of seconds")
         self._max_workers = max_workers
+        self._call_timeout = check_limit(call_timeout)
+        self._parent: RemoteExecutor | None = None  # a view (with_options) holds the executor it views
         init_parts = encode_initializer(initializer, tuple(initargs)) if initializer is not None else None
         options = Options(
             max_workers=max_workers,
@@ -343,10 +473,12 @@ class RemoteExecutor(Executor):
         from .cluster import make_transport  # the embedded cluster's machinery, only when it is needed
 
         client = make_transport(transport, options)
-        self._core = core = _Core(client, max_workers)
+        self._core = core = _Core(client, max_workers, heartbeat_timeout, no_workers_warning)
         session = Session(executor_id=secrets.randbits(63), initializer=init_parts, max_retries=max_retries)
         try:
             client.start(session, core)
+            if self._call_timeout is not None:
+                self._check_time_limits()
         except BaseException:
             client.close()  # release whatever it started before failing
             raise
@@ -359,13 +491,51 @@ class RemoteExecutor(Executor):
         """The client transport this executor talks to."""
         return self._core.transport
 
+    def with_options(self, *, timeout: float | None) -> RemoteExecutor:
+        """A view of this executor whose calls have another time limit (None: none).
+
+        ``executor.with_options(timeout=5).submit(fn, *args, **kwargs)`` passes every argument on to
+        ``fn`` untouched. The view shares everything else with this executor (workers, queue, shutdown),
+        and has ``submit`` and ``map`` like it; keep it as long as you like.
+        """
+        limit = check_limit(timeout)
+        if limit is not None:
+            self._check_time_limits()
+        view = object.__new__(type(self))
+        view.__dict__.update(self.__dict__)
+        view._call_timeout = limit
+        view._parent = self  # keeps the executor (and its clean-up when dropped) alive as long as the view
+        return view
+
+    def wait_for_workers(self, n: int = 1, timeout: float | None = None) -> int:
+        """Block until at least ``n`` workers (worker slots) are attached; return how many are.
+
+        Raises ``TimeoutError`` (the built-in) naming how many came if they are not there within ``timeout``
+        seconds, and the executor's error if it breaks meanwhile. The embedded cluster is ready when its
+        constructor returns; this is for a cluster started elsewhere.
+        """
+        if n < 1:
+            raise ValueError("n must be at least 1")
+        return self._core.wait_for_workers(n, timeout)
+
+    @property
+    def call_timeout(self) -> float | None:
+        """The time limit of this executor's (or view's) calls, in seconds; None for no limit."""
+        return self._call_timeout
+
+    def _check_time_limits(self) -> None:
+        transport = self._core.transport
+        if not transport.time_limits:
+            raise ValueError(f"the transport {transport.url or type(transport).__name__!r} does not support call "
+                             f"time limits (tcp and zmq do)")
+
     def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
         self._core.check_open()
         try:
             parts = encode_call(fn, args, kwargs)
         except SerializationError as exc:
             return _failed(exc)
-        return self._core.enqueue(parts)
+        return self._core.enqueue(parts, self._call_timeout)
 
     submit.__doc__ = Executor.submit.__doc__
 
@@ -422,7 +592,7 @@ class RemoteExecutor(Executor):
             parts = encode_chunk(fn, items)
         except SerializationError as exc:
             return _failed(exc)
-        return self._core.enqueue(parts)
+        return self._core.enqueue(parts, self._call_timeout)
 
 
 class _MapResults(Iterator[T], Generic[T]):

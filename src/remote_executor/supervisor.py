@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .netio import Backoff
+from .transports.base import EXIT_TIMED_OUT
 from .worker import LIFELINE_ENV, REFUSED, SERVING_ENV
 
 log = logging.getLogger("remote_executor.supervisor")
@@ -62,6 +63,7 @@ class Supervisor:
         self.name = name
         self.restart = restart
         self.restarts = 0
+        self.exits: list[tuple[str, int | None]] = []  # (worker name, exit status) of every child that ended
         self._env = {**os.environ, **(env or {}), "PYTHONPATH": _python_path()}
         self._args = worker_args
         self._stderr = subprocess.DEVNULL if capture_output else None
@@ -148,6 +150,7 @@ class Supervisor:
     def _replace(self, child: Child) -> None:
         self._forget(child)
         code = child.proc.returncode
+        self.exits.append((f"{self.name}-{child.index}", code))
         if code == REFUSED:  # restarting cannot help: its log says why (the key, the versions)
             log.error("worker %s-%d was refused by the job server; not restarting it", self.name, child.index)
             self._refused.add(child.index)
@@ -156,6 +159,12 @@ class Supervisor:
             return
         if not self.restart:
             log.warning("worker %s-%d exited with %s", self.name, child.index, code)
+            return
+        if code == EXIT_TIMED_OUT:  # it stopped a call at its time limit, as asked: no crash, no backoff
+            log.info("worker %s-%d (pid %d) stopped a call at its time limit; restarting it",
+                     self.name, child.index, child.proc.pid)
+            self.restarts += 1
+            self._spawn(child.index)
             return
         lived = time.monotonic() - child.started
         delay = self._backoff(child.index, lived)

@@ -40,6 +40,7 @@ from ..wire.messages import (
     announced_limit,
     hello,
     initializer_failed,
+    limited,
     oversize,
     parse_json,
     rejection,
@@ -237,7 +238,7 @@ class ClientSession:
             for call in calls:
                 self._inflight[call.task_id] = call
                 attempts = self._attempts.get(call.task_id, 0)
-                frames.append(Frame(Kind.SUBMIT, a=call.task_id, b=attempts, parts=call.parts))
+                frames.append(limited(Kind.SUBMIT, call.task_id, attempts, call.parts, call.limit))
         return frames
 
     def handle(self, frame: Frame) -> None:
@@ -251,6 +252,11 @@ class ClientSession:
                 self.listener.on_result(frame.a, Status(frame.b), frame.parts)
         elif kind == Kind.CAPACITY:
             self.listener.on_capacity(frame.a)
+        elif kind == Kind.STARTED:
+            with self._lock:
+                known = frame.a in self._inflight
+            if known:
+                self.listener.on_started(frame.a)
         elif kind == Kind.REQUEUED:
             with self._lock:
                 if frame.a in self._inflight:
@@ -302,6 +308,8 @@ class JobServerClient(ClientTransport):
     One I/O thread owns the channel; caller threads append SUBMIT frames to an outbox and wake it. With
     several servers (``tcp://h1:p,h2:p``) it uses one at a time, in order, and fails over to the next when
     its server is lost; job servers hold nothing the client cannot resubmit."""
+
+    time_limits = True
 
     def __init__(self, url: str, options: Options, servers: Sequence[tuple[str, Connector]]) -> None:
         if not servers:

@@ -53,6 +53,9 @@ class EmbeddedJobServer(EmbeddedServer):
     def worker_env(self) -> dict[str, str]:
         return key_to_env(self.key)
 
+    def attached_workers(self) -> int:
+        return self.server.scheduler.capacity  # one slot per local worker process
+
     def worker_args(self) -> tuple[str, ...]:
         # Local workers never outlive the cluster: no reconnecting to a server that is gone.
         return ("--heartbeat-interval", str(self.options.heartbeat_interval),
@@ -62,6 +65,8 @@ class EmbeddedJobServer(EmbeddedServer):
 
 class LocalClient(ClientTransport):
     """The executor's transport to a job server in the same process: frames, but no socket."""
+
+    time_limits = True
 
     def __init__(self, server: ServerCore, pool: str = DEFAULT_POOL) -> None:
         self.url = server.url

@@ -16,7 +16,10 @@ pool.
 Worker loss (disconnect, or silence past ``heartbeat_timeout``) requeues the calls it ran at the head of
 their client's queue (and tells the client, REQUEUED) until they have been lost ``max_retries + 1`` times,
 counting the losses a client reports when it resubmits a call after losing another server; then the
-client gets a WORKER_LOST result naming every worker lost here. Initializers are sent (INIT) before the first task of an
+client gets a WORKER_LOST result naming every worker lost here. A call with a time limit is never
+requeued once its limit has passed: its worker stops it by exiting (and says so first, RESULT with
+TIMED_OUT); a worker lost after the deadline, or still silent about it a heartbeat timeout later, settles
+the call as TIMED_OUT too. Initializers are sent (INIT) before the first task of an
 executor on each worker; an INIT_FAILED is forwarded (BROKEN) to the executor's clients.
 """
 
@@ -30,7 +33,17 @@ from typing import Any
 from ..errors import AuthenticationError, ProtocolError, VersionMismatchError
 from ..pools import DEFAULT_POOL, is_pool_name
 from ..wire.frames import Frame, Kind, Status
-from ..wire.messages import RejectCode, check_versions, json_frame, parse_json, reject, worker_lost_parts
+from ..wire.messages import (
+    RejectCode,
+    check_versions,
+    json_frame,
+    limited,
+    parse_json,
+    reject,
+    split_limit,
+    timed_out_parts,
+    worker_lost_parts,
+)
 from ..wire.serialization import Parts
 
 log = logging.getLogger("remote_executor.jobserver.server")
@@ -62,6 +75,11 @@ class Task:
     parts: Parts
     attempts: int = 0
     lost_on: list[str] = field(default_factory=list)
+    limit: float | None = None  # run-time limit in seconds
+    deadline: float | None = None  # when the limit runs out, once a worker has it
+
+    def expired(self, now: float) -> bool:
+        return self.deadline is not None and now >= self.deadline
 
 
 @dataclass(slots=True)
@@ -175,6 +193,8 @@ class Scheduler:
                 continue
             if now - peer.last_recv > self.heartbeat_timeout:  # also a connection that never said HELLO
                 self._silent(peer, now)
+            elif self._overdue(peer.conn, now):
+                self._close_peer(peer, f"a call is {self.heartbeat_timeout:g}s past its time limit")
             elif peer.role and now - peer.last_send >= self.heartbeat_interval:
                 self._send(peer.conn, Frame(Kind.HEARTBEAT))
         return now + min(self.heartbeat_interval, self.heartbeat_timeout) / 2
@@ -293,7 +313,8 @@ class Scheduler:
             raise ValueError(f"a call that ran {frame.b} time(s) is beyond max_retries={state.max_retries}")
         # frame.b: how often the call may already have run (on servers this client lost): counted here too,
         # so that max_retries bounds its executions across servers.
-        task = Task(self._next_tid, peer.conn, frame.a, state.executor_id, frame.parts, attempts=frame.b)
+        limit, parts = split_limit(frame)
+        task = Task(self._next_tid, peer.conn, frame.a, state.executor_id, parts, attempts=frame.b, limit=limit)
         self._next_tid += 1
         state.tasks[task.tid] = task
         pool = self._pools[state.pool]
@@ -310,10 +331,18 @@ class Scheduler:
         client = self._clients.get(task.client)
         if client is not None:
             del client.tasks[task.tid]
-            self._send(task.client, Frame(Kind.RESULT, a=task.client_tid, b=Status.DONE, parts=frame.parts))
+            if frame.b == Status.TIMED_OUT and task.limit is not None:
+                log.info("worker %s stopped a call at its time limit of %gs", peer.name, task.limit)
+                self._send_timed_out(task, peer.name)
+                worker.draining = True  # it is exiting: no new call may go to it
+                self._capacity_changed(worker.pool)
+            else:
+                self._send(task.client, Frame(Kind.RESULT, a=task.client_tid, b=Status.DONE, parts=frame.parts))
         pool = self._pools[worker.pool]
         if worker.free() > 0:
             pool.free[peer.conn] = None
+        else:
+            pool.free.pop(peer.conn, None)  # full, or draining since it timed a call out
         if worker.draining and not worker.running:
             log.info("worker %s drained", peer.name)
         self._assign(pool)
@@ -366,12 +395,23 @@ class Scheduler:
             if init is not None:
                 self._send(conn, Frame(Kind.INIT, a=task.executor_id, parts=init))
         worker.running[task.tid] = task
-        self._send(conn, Frame(Kind.TASK, a=task.tid, b=task.executor_id, parts=task.parts))
+        if task.limit is not None:
+            task.deadline = self._now + task.limit
+            self._send(task.client, Frame(Kind.STARTED, a=task.client_tid))
+        self._send(conn, limited(Kind.TASK, task.tid, task.executor_id, task.parts, task.limit))
 
     # --- loss --------------------------------------------------------------------------------------
 
+    def _overdue(self, conn: ConnId, now: float) -> bool:
+        """A worker that neither answered nor went away a heartbeat timeout after a call's deadline."""
+        worker = self._workers.get(conn)
+        return worker is not None and any(t.expired(now - self.heartbeat_timeout) for t in worker.running.values())
+
     def _silent(self, peer: Peer, now: float) -> None:
-        reason = f"no heartbeat for {now - peer.last_recv:.1f}s"
+        self._close_peer(peer, f"no heartbeat for {now - peer.last_recv:.1f}s")
+
+    def _close_peer(self, peer: Peer, reason: str) -> None:
+        """Close a peer that failed us (a silent one, a worker past a call's limit); requeue its calls."""
         log.warning("%s %s: %s, closing", peer.role or "connection", peer.name or f"#{peer.conn}", reason)
         self._actions.append(Close(peer.conn, reason))
         del self._peers[peer.conn]
@@ -397,6 +437,10 @@ class Scheduler:
         client = self._clients.get(task.client)
         if client is None:
             return
+        if task.expired(self._now):  # lost because it ran out of time (or just after): never run again
+            del client.tasks[task.tid]
+            self._send_timed_out(task, worker_name)
+            return
         task.attempts += 1
         task.lost_on.append(worker_name)
         if task.attempts <= client.max_retries:
@@ -409,6 +453,11 @@ class Scheduler:
         del client.tasks[task.tid]
         parts = worker_lost_parts(task.lost_on, task.attempts)
         self._send(task.client, Frame(Kind.RESULT, a=task.client_tid, b=Status.WORKER_LOST, parts=parts))
+
+    def _send_timed_out(self, task: Task, worker_name: str) -> None:
+        assert task.limit is not None
+        parts = timed_out_parts(worker_name, task.limit)
+        self._send(task.client, Frame(Kind.RESULT, a=task.client_tid, b=Status.TIMED_OUT, parts=parts))
 
     def _drop_client(self, conn: ConnId) -> None:
         state = self._clients.pop(conn)

@@ -24,8 +24,8 @@ from ..errors import ConnectionFailedError, RemoteExecutorError
 from ..netio import retry_with_backoff
 from ..pools import pool_of_url
 from ..transports.base import WorkerCore, WorkerSettings
-from ..wire.frames import Frame, Kind
-from ..wire.messages import announced_limit, hello, oversize, rejection
+from ..wire.frames import Frame, Kind, Status
+from ..wire.messages import announced_limit, hello, oversize, rejection, split_limit
 from ..wire.serialization import Parts, error_outcome
 from .client import POLL_SLICE, Channel, Connector, open_session
 
@@ -169,7 +169,9 @@ class _Session:
                     continue
                 self.last_recv = now
             if frame.kind == Kind.TASK:
-                self._reply(Kind.RESULT, frame.a, self.core.run, frame.b, frame.parts)
+                limit, parts = split_limit(frame)
+                self._reply(Kind.RESULT, frame.a, self.core.run, frame.b, parts, limit,
+                            lambda tid=frame.a: self._report_timeout(tid))
             elif frame.kind == Kind.INIT:
                 self._reply(Kind.INIT_FAILED, frame.a, self.core.initialize, frame.a, frame.parts)
             elif frame.kind == Kind.DRAIN:
@@ -201,6 +203,14 @@ class _Session:
                     self._send(Frame(Kind.DRAIN))
                     self.drain_sent = True
                 self._send(reply)
+
+    def _report_timeout(self, tid: int) -> None:
+        """From the watchdog thread, just before this process exits: the call ``tid`` ran out of time."""
+        if self.lock.acquire(timeout=1.0):  # the main thread is in the call, the lock is free but briefly
+            try:
+                self.channel.send(Frame(Kind.RESULT, a=tid, b=Status.TIMED_OUT), 1.0)
+            finally:
+                self.lock.release()
 
     def _send(self, frame: Frame) -> None:
         """Lock held."""

@@ -22,17 +22,19 @@ in :mod:`remote_executor.transports` is the only place a scheme is looked up.
 from __future__ import annotations
 
 import abc
+import contextlib
+import faulthandler
 import logging
 import os
 import socket
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 from ..errors import INITIALIZER_FAILED, BrokenRemoteExecutor, InitializerFailed, TransportError
 from ..wire.frames import DEFAULT_LIMITS, Limits, Status
-from ..wire.messages import worker_lost_error
+from ..wire.messages import timed_out_error, worker_lost_error
 from ..wire.serialization import Parts, decode_outcome, error_outcome, run_initializer, run_task
 
 __all__ = [
@@ -51,6 +53,11 @@ __all__ = [
     "decode_result",
 ]
 
+EXIT_TIMED_OUT = 4  # a worker process's exit status after it stopped a call at its time limit
+# A call that holds the GIL (a long C loop) starves the watchdog thread; faulthandler's own C thread ends
+# the process this long after the limit all the same (and prints where the call was stuck).
+HARD_STOP_GRACE = 2.0
+
 log = logging.getLogger("remote_executor.worker")
 
 
@@ -60,6 +67,7 @@ class Call:
 
     task_id: int
     parts: Parts
+    limit: float | None = None  # seconds it may run before its worker process is stopped
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,11 +108,18 @@ class Listener(Protocol):
     def on_broken(self, error: BrokenRemoteExecutor) -> None:
         """The executor cannot go on (an initializer failed, the server is gone for good)."""
 
+    def on_started(self, task_id: int) -> None:
+        """A worker has taken a call that has a time limit (its clock starts now). Optional: the executor
+        uses it to fail the call itself if no result comes well after the limit."""
+
 
 class ClientTransport(abc.ABC):
     """The client side of a transport. Instances are used by one executor, once."""
 
     url: str = ""
+    # True if it enforces ``Call.limit``: the call's worker process is stopped at the limit and the call is
+    # reported as ``Status.TIMED_OUT``, never retried. The executor refuses time limits otherwise.
+    time_limits: bool = False
 
     @abc.abstractmethod
     def start(self, session: Session, listener: Listener) -> None:
@@ -134,6 +149,8 @@ def decode_result(status: Status, parts: Parts) -> tuple[bool, Any]:
         return decode_outcome(parts)
     if status == Status.WORKER_LOST:
         return False, worker_lost_error(parts)
+    if status == Status.TIMED_OUT:
+        return False, timed_out_error(parts)
     return False, BrokenRemoteExecutor(bytes(parts[0]).decode(errors="replace") if parts else "rejected")
 
 
@@ -173,11 +190,57 @@ class WorkerCore:
                 log.error("initializer of executor %x failed", executor_id)
         return self._init_failures[executor_id]
 
-    def run(self, executor_id: int, parts: Parts) -> Parts:
-        """The serialized outcome of one call (or chunk); never raises."""
+    def run(self, executor_id: int, parts: Parts, limit: float | None = None,
+            on_timeout: Callable[[], object] | None = None) -> Parts:
+        """The serialized outcome of one call (or chunk); never raises.
+
+        With a ``limit`` (seconds), a call still running then is stopped by ending this process: first
+        ``on_timeout()`` reports it (from another thread), then the process exits with
+        :data:`EXIT_TIMED_OUT` and its supervisor starts a fresh one. A thread cannot be stopped from outside
+        in Python; a process can, and the call's leftovers (locks, half-written state) go with it."""
         if self._init_failures.get(executor_id) is not None:
             return error_outcome(InitializerFailed(INITIALIZER_FAILED))
-        return run_task(parts)
+        if limit is None:
+            return run_task(parts)
+        with _Watchdog(limit, on_timeout):
+            return run_task(parts)
+
+
+class _Watchdog:
+    """Ends this process if the block it guards is still running after ``limit`` seconds."""
+
+    def __init__(self, limit: float, on_timeout: Callable[[], object] | None) -> None:
+        self._limit = limit
+        self._on_timeout = on_timeout
+        self._lock = threading.Lock()  # the block's end and the timer's firing: exactly one of them wins
+        self._finished = False
+        self._timer = threading.Timer(limit, self._fire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> None:
+        self._timer.start()
+        with contextlib.suppress(Exception):  # no usable stderr: the watchdog thread alone will do
+            faulthandler.dump_traceback_later(self._limit + HARD_STOP_GRACE, exit=True)
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:  # blocks for good if the timer fired: the process is exiting
+            self._finished = True
+        self._timer.cancel()
+        faulthandler.cancel_dump_traceback_later()
+
+    def _fire(self) -> None:
+        with self._lock:
+            if self._finished:
+                return
+            log.info("a call ran past its time limit of %gs: stopping this worker process", self._limit)
+            try:
+                if self._on_timeout is not None:
+                    self._on_timeout()
+            except BaseException:  # the exit below matters more than a report that could not be sent
+                log.exception("could not report the timed-out call")
+            finally:
+                logging.shutdown()
+                os._exit(EXIT_TIMED_OUT)
 
 
 # --- servers and backends -----------------------------------------------------------------------------------
@@ -231,6 +294,11 @@ class EmbeddedServer(abc.ABC):
     def worker_env(self) -> dict[str, str]:
         """Environment for the worker processes (secrets travel here, never on a command line)."""
         return {}
+
+    def attached_workers(self) -> int | None:
+        """How many local workers can take calls now; None if this server cannot tell (the executor's
+        constructor then returns without waiting for them)."""
+        return None
 
     def worker_args(self) -> tuple[str, ...]:
         """Extra arguments for ``python -m remote_executor.worker URL``."""

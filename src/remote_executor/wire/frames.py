@@ -24,7 +24,7 @@ from .serialization import Buffer, Parts
 from .session import MAC_SIZE, Mac, as_mac
 
 MAGIC = b"RE"
-VERSION = 2  # 2: the KEYED flag, attempt counts in SUBMIT, REQUEUED
+VERSION = 3  # 2: the KEYED flag, attempt counts in SUBMIT, REQUEUED; 3: time limits (LIMITED), TIMED_OUT
 HEADER = struct.Struct("!2sBBHHQQ")
 # A flag bit every signed frame carries, so a reader knows from the header alone whether a MAC follows:
 # a key on one side only is a clear error at once, never a frame misparsed around a MAC.
@@ -32,6 +32,9 @@ KEYED = 0x8000
 # What a job server answers, unsigned, to a first frame signed with another key (or with none where it needs
 # one, or with one where it has none), and what a peer that reads such an answer is told.
 KEY_REJECTED = "the job server rejected our key: a wrong key, or none where it needs one (or one where it has none)"
+# SUBMIT and TASK: the call has a run-time limit, carried as the first part (wire.messages.split_limit).
+# A flag rather than a field, so a call without a limit costs nothing on the wire.
+LIMITED = 0x4000
 DEFAULT_MAX_FRAME = 1 << 32  # 4 GiB: a whole frame, header and parts
 DEFAULT_MAX_PARTS = 1024
 # Parts at least this big are received straight into their own buffer instead of the staging buffer.
@@ -46,9 +49,10 @@ class Kind(enum.IntEnum):
     HELLO = 1  # peer -> server, first under the session keys: parts [json info, *initializer parts]
     WELCOME = 2  # server -> peer: parts [json info]
     REJECT = 3  # server -> peer: parts [utf-8 reason]; the server then closes
-    SUBMIT = 4  # client -> server: a=client task id, b=times it may already have run, parts=call
-    TASK = 5  # server -> worker: a=server task id, b=executor id, parts=call
-    RESULT = 6  # worker -> server: a=server task id; server -> client: a=client task id, b=Status
+    SUBMIT = 4  # client -> server: a=client task id, b=times it may already have run, parts=[limit?, *call]
+    TASK = 5  # server -> worker: a=server task id, b=executor id, parts=[limit?, *call]
+    RESULT = 6  # worker -> server: a=server task id, b=DONE or TIMED_OUT; server -> client: a=client task id,
+    #             b=Status
     INIT = 7  # server -> worker: a=executor id, parts=initializer
     INIT_FAILED = 8  # worker -> server: a=executor id, parts=error outcome
     BROKEN = 9  # server -> client: parts=error outcome of the initializer
@@ -59,6 +63,7 @@ class Kind(enum.IntEnum):
     REQUEUED = 14  # server -> client: a=client task id, b=times it may have run (its worker was lost)
     OPEN = 15  # peer -> server, first frame: parts [nonce]; signed with the shared key (wire.session)
     CHALLENGE = 16  # server -> peer: parts [nonce]; signed with the shared key, bound to the peer's nonce
+    STARTED = 17  # server -> client: a=client task id: a worker has the call (sent for calls with a limit)
 
 
 class Status(enum.IntEnum):
@@ -67,6 +72,7 @@ class Status(enum.IntEnum):
     DONE = 0  # parts: an outcome envelope from the worker (serialization.decode_outcome)
     WORKER_LOST = 1  # parts: [json {"workers": [...], "attempts": n}]
     REJECTED = 2  # parts: [utf-8 reason]: the server refused the task (executor broken, bad input)
+    TIMED_OUT = 3  # parts: [json {"worker": name, "limit": seconds}]: stopped at its time limit, not retried
 
 
 @dataclass(slots=True)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 import platform
+import struct
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -19,6 +21,7 @@ import cloudpickle
 from ..errors import (
     INITIALIZER_FAILED,
     AuthenticationError,
+    CallTimeoutError,
     FrameTooLargeError,
     InitializerFailed,
     ProtocolError,
@@ -26,7 +29,7 @@ from ..errors import (
     VersionMismatchError,
     WorkerLostError,
 )
-from .frames import KEY_REJECTED, VERSION, Frame, Kind, frame_size
+from .frames import KEY_REJECTED, LIMITED, VERSION, Frame, Kind, frame_size
 from .serialization import Buffer, Parts, decode_outcome
 
 
@@ -151,3 +154,52 @@ def initializer_failed(outcome: Sequence[Buffer]) -> InitializerFailed:
     error = InitializerFailed(INITIALIZER_FAILED)
     error.__cause__ = remote
     return error
+
+
+# --- run-time limits (SUBMIT and TASK with the LIMITED flag) -----------------------------------------------
+
+_LIMIT = struct.Struct("!Q")  # microseconds
+MAX_LIMIT = 365 * 86400.0  # a year: anything longer is a mistake, not a limit
+
+
+def check_limit(limit: object) -> float | None:
+    """A call's time limit as a caller gave it: None (no limit) or a positive number of seconds."""
+    if limit is None:
+        return None
+    if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not 0 < limit <= MAX_LIMIT \
+            or math.isnan(limit):
+        raise ValueError(f"a call timeout must be None or a number of seconds in (0, {MAX_LIMIT:.0f}], "
+                         f"not {limit!r}")
+    return float(limit)
+
+
+def limited(kind: Kind, a: int, b: int, parts: Parts, limit: float | None) -> Frame:
+    """A SUBMIT or TASK frame; with a limit, the LIMITED flag and the limit as the first part."""
+    if limit is None:
+        return Frame(kind, a=a, b=b, parts=parts)
+    return Frame(kind, a=a, b=b, parts=[_LIMIT.pack(max(1, round(limit * 1e6))), *parts], flags=LIMITED)
+
+
+def split_limit(frame: Frame) -> tuple[float | None, Parts]:
+    """The time limit (seconds, None without one) and the call's parts of a SUBMIT or TASK frame."""
+    if not frame.flags & LIMITED:
+        return None, frame.parts
+    if not frame.parts or memoryview(frame.parts[0]).nbytes != _LIMIT.size:
+        raise ProtocolError(f"a LIMITED {frame.kind.name} frame must start with an {_LIMIT.size}-byte limit")
+    (micros,) = _LIMIT.unpack(bytes(frame.parts[0]))
+    if micros == 0:
+        raise ProtocolError(f"a LIMITED {frame.kind.name} frame has a limit of 0")
+    return micros / 1e6, list(frame.parts[1:])
+
+
+def timed_out_parts(worker: str, limit: float) -> Parts:
+    """The body of a ``Status.TIMED_OUT`` result: which worker stopped the call, at which limit."""
+    return [json.dumps({"worker": worker, "limit": limit}).encode()]
+
+
+def timed_out_error(parts: Sequence[Buffer]) -> CallTimeoutError:
+    info = json.loads(bytes(parts[0])) if parts else {}
+    limit, worker = float(info.get("limit", 0.0)), str(info.get("worker", ""))
+    where = f" on worker {worker}" if worker else ""
+    return CallTimeoutError(f"the call ran past its time limit of {limit:g}s{where}; its worker process was "
+                            f"stopped and the call was not retried", limit, worker)

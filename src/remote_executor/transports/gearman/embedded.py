@@ -18,7 +18,10 @@ from ...errors import TransportError
 from ...security import key_to_env
 from ...wire.aead import require_cryptography
 from ..base import ClientTransport, EmbeddedServer, Options, Session
+from .codec import GearmanError
+from .connection import admin_status
 from .gearmand import GearmandNotFoundError, GearmandProcess
+from .jobs import DEFAULT_POOL, function_name
 
 
 class EmbeddedGearmand(EmbeddedServer):
@@ -60,6 +63,14 @@ class EmbeddedGearmand(EmbeddedServer):
 
     def worker_env(self) -> dict[str, str]:
         return key_to_env(self.key)
+
+    def attached_workers(self) -> int | None:
+        assert self.gearmand is not None
+        try:
+            statuses = admin_status(*self.gearmand.address, timeout=self.options.connect_timeout)
+        except (GearmanError, OSError):
+            return 0
+        return sum(s.workers for s in statuses if s.function.encode() == function_name(DEFAULT_POOL))
 
     def worker_args(self) -> tuple[str, ...]:
         return ("--heartbeat-interval", str(self.options.heartbeat_interval),

@@ -1,0 +1,227 @@
+"""Per-call time limits: the future fails with CallTimeoutError, the worker process that ran the call is
+gone (and replaced), the call is never retried; on real processes over tcp and zmq, and the scheduler's
+and the executor's own backstops on their own."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import math
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+
+from remote_executor import CallTimeoutError, RemoteExecutor
+from remote_executor.jobserver.scheduler import Close
+from remote_executor.supervisor import Supervisor
+from remote_executor.transports.base import Call, ClientTransport, Listener, Session
+from remote_executor.transports.tcp.server import TcpServer
+from remote_executor.wire.frames import LIMITED, Frame, Kind, Status
+from remote_executor.wire.messages import limited, split_limit
+from tests.conftest import pid_alive, wait_for
+from tests.test_scheduler import Harness, call, sent
+
+FAST = {"heartbeat_interval": 0.2, "heartbeat_timeout": 1.5}
+
+
+def count_start_and_sleep(path: str, seconds: float) -> int:
+    with open(path, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def starts(path: Path) -> list[int]:
+    return [int(line) for line in path.read_text().split()]
+
+
+def takes_keyword(*, timeout: float) -> float:
+    return timeout
+
+
+def spin_in_c() -> int:
+    """Holds the GIL for a very long time: sum() over a range never lets another thread run."""
+    return sum(range(10**13))
+
+
+@pytest.mark.parametrize("transport", [None, "zmq"], ids=["tcp", "zmq"])
+def test_timed_out_call_fails_fast_frees_its_slot_and_its_process_is_gone(
+        transport: str | None, tmp_path: Path) -> None:
+    log = tmp_path / "starts"
+    with RemoteExecutor(1, transport=transport, max_retries=2, **FAST) as executor:  # type: ignore[arg-type]
+        # The limit covers unpickling the call too: import this module in the worker first.
+        executor.submit(count_start_and_sleep, str(tmp_path / "warm-up"), 0).result(timeout=10)
+        started = time.monotonic()
+        future = executor.with_options(timeout=0.5).submit(count_start_and_sleep, str(log), 60)
+        with pytest.raises(CallTimeoutError) as info:
+            future.result(timeout=10)
+        elapsed = time.monotonic() - started
+        assert elapsed < 2.0, f"the timed-out call took {elapsed:.2f}s to fail"
+        assert isinstance(info.value, cf.TimeoutError) and info.value.limit == 0.5
+        [pid] = starts(log)
+        wait_for(lambda: not pid_alive(pid), 5.0, "the process that ran the call to exit")
+        # The slot is free again (a fresh process), and the call was not retried: a requeued call would
+        # have gone ahead of this one.
+        assert executor.submit(os.getpid).result(timeout=10) != pid
+        assert starts(log) == [pid]
+
+
+def test_executor_wide_limit_and_per_call_views(tcp_server: TcpServer,
+                                                start_workers: Callable[..., Supervisor]) -> None:
+    start_workers(1)
+    with RemoteExecutor(transport=tcp_server.url, call_timeout=0.5, **FAST) as executor:  # type: ignore[arg-type]
+        assert executor.call_timeout == 0.5
+        with pytest.raises(CallTimeoutError):
+            executor.submit(time.sleep, 30).result(timeout=10)
+        # The view passes every keyword on, even one named "timeout"; its own limit is not the user's.
+        relaxed = executor.with_options(timeout=None)
+        assert relaxed.call_timeout is None and executor.call_timeout == 0.5
+        assert relaxed.submit(takes_keyword, timeout=3.0).result(timeout=10) == 3.0
+        assert relaxed.submit(time.sleep, 0.7).result(timeout=10) is None
+        assert list(executor.with_options(timeout=5).map(abs, [-1, -2], chunksize=2)) == [1, 2]
+        with pytest.raises(CallTimeoutError):  # map's calls get the view's limit too
+            list(executor.map(time.sleep, [30]))
+
+
+def test_a_call_that_holds_the_gil_is_stopped_all_the_same(tcp_server: TcpServer,
+                                                           start_workers: Callable[..., Supervisor]) -> None:
+    supervisor = start_workers(1)
+    with RemoteExecutor(transport=tcp_server.url, **FAST) as executor:  # type: ignore[arg-type]
+        [pid] = supervisor.pids()
+        started = time.monotonic()
+        with pytest.raises(CallTimeoutError):
+            executor.with_options(timeout=0.5).submit(spin_in_c).result(timeout=15)
+        assert time.monotonic() - started < 5.0
+        wait_for(lambda: not pid_alive(pid), 10.0, "the process stuck in C code to be ended")
+        assert executor.submit(os.getpid).result(timeout=15) != pid
+
+
+def test_bad_limits_are_refused_clearly() -> None:
+    with RemoteExecutor(transport="memory") as executor:
+        for bad in (0, -1, math.nan, "5", True, 10**9):
+            with pytest.raises(ValueError, match="call timeout"):
+                executor.with_options(timeout=bad)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="does not support call time limits"):
+            executor.with_options(timeout=1)
+        assert executor.submit(abs, -1).result() == 1  # nothing was lost
+    for transport in ("memory", "gearman"):
+        with pytest.raises(ValueError, match="does not support call time limits"):
+            RemoteExecutor(1, transport=transport, call_timeout=1)
+
+
+# --- the backstops, on their own -----------------------------------------------------------------------------
+
+
+class SilentTransport(ClientTransport):
+    """Says every call started, then never answers: the executor must fail timed calls by itself."""
+
+    time_limits = True
+
+    def __init__(self) -> None:
+        self.url = "silent://"
+        self.listener: Listener | None = None
+
+    def start(self, session: Session, listener: Listener) -> None:
+        self.listener = listener
+        listener.on_capacity(4)
+
+    def submit(self, calls: Sequence[Call]) -> None:
+        assert self.listener is not None
+        for c in calls:
+            if c.limit is not None:
+                self.listener.on_started(c.task_id)
+
+    def close(self) -> None:
+        pass
+
+
+def test_the_executor_fails_a_started_call_nobody_answers_for() -> None:
+    executor = RemoteExecutor(transport=SilentTransport(), heartbeat_timeout=0.2)
+    started = time.monotonic()
+    future = executor.with_options(timeout=0.1).submit(abs, 1)
+    with pytest.raises(CallTimeoutError, match="no worker answered"):
+        future.result(timeout=5)
+    assert time.monotonic() - started < 2.0
+    untimed = executor.submit(abs, 1)
+    assert not untimed.done()
+    executor.shutdown(wait=False, cancel_futures=True)
+
+
+def test_limits_round_trip_on_the_wire() -> None:
+    frame = limited(Kind.SUBMIT, 3, 1, [b"x", b"y"], 0.25)
+    assert frame.flags == LIMITED
+    assert split_limit(frame) == (0.25, [b"x", b"y"])
+    assert split_limit(limited(Kind.TASK, 3, 1, [b"x"], None)) == (None, [b"x"])
+
+
+def limited_submit(tid: int, limit: float) -> Frame:
+    return limited(Kind.SUBMIT, tid, 0, call(str(tid)), limit)
+
+
+@pytest.mark.parametrize("how", ["disconnect", "silence"])
+def test_scheduler_a_worker_lost_after_the_deadline_times_the_call_out(how: str) -> None:
+    h = Harness()
+    h.client(1, max_retries=3)
+    h.worker(2)
+    actions = h.recv(1, limited_submit(10, 2.0))
+    [task] = sent(actions, 2, Kind.TASK)
+    assert split_limit(task) == (2.0, call("10"))
+    assert [f.a for f in sent(actions, 1, Kind.STARTED)] == [10]
+    h.worker(3)
+    h.now = 2.5  # past the deadline (silence jumps further still)
+    h.recv(3, Frame(Kind.HEARTBEAT))
+    actions = h.lose(2, how)
+    [result] = sent(actions, 1, Kind.RESULT)
+    assert (result.a, result.b) == (10, Status.TIMED_OUT)
+    assert sent(actions, 3, Kind.TASK) == []  # never retried
+
+
+def test_scheduler_a_worker_lost_before_the_deadline_is_requeued() -> None:
+    h = Harness()
+    h.client(1, max_retries=1)
+    h.worker(2)
+    h.recv(1, limited_submit(10, 60.0))
+    h.worker(3)
+    actions = h.disconnect(2)
+    assert [f.a for f in sent(actions, 1, Kind.REQUEUED)] == [10]
+    assert len(sent(actions, 3, Kind.TASK)) == 1
+
+
+def test_scheduler_worker_report_and_overdue_backstop() -> None:
+    h = Harness()
+    h.client(1)
+    h.worker(2)
+    h.worker(3)
+    actions = h.recv(1, limited_submit(10, 1.0)) + h.recv(1, limited_submit(11, 1.0))
+    tid_on_2 = sent(actions, 2, Kind.TASK)[0].a
+    # The worker says it stopped the call: the client hears TIMED_OUT, the exiting worker gets nothing new.
+    actions = h.recv(2, Frame(Kind.RESULT, a=tid_on_2, b=Status.TIMED_OUT))
+    assert [(f.a, f.b) for f in sent(actions, 1, Kind.RESULT)] == [(10, Status.TIMED_OUT)]
+    h.recv(1, limited_submit(12, 1.0))
+    assert sent(h.s.take_actions(), 2, Kind.TASK) == []
+    # Worker 3 keeps beating but never answers: a heartbeat timeout after the deadline it is closed.
+    h.now = 1.0 + 5.0 + 0.1
+    h.recv(3, Frame(Kind.HEARTBEAT))
+    h.recv(2, Frame(Kind.HEARTBEAT))
+    actions = h.tick(h.now)
+    assert [a.conn for a in actions if isinstance(a, Close)] == [3]
+    assert (11, Status.TIMED_OUT) in [(f.a, f.b) for f in sent(actions, 1, Kind.RESULT)]
+
+
+def test_scheduler_rejects_a_malformed_limit() -> None:
+    h = Harness()
+    h.client(1)
+    actions = h.recv(1, Frame(Kind.SUBMIT, a=1, parts=[b"short"], flags=LIMITED))
+    assert [a.conn for a in actions if isinstance(a, Close)] == [1]
+
+
+def test_the_documented_example_runs() -> None:
+    example = Path(__file__).parent.parent / "examples" / "timeouts.py"
+    src = Path(__file__).parent.parent / "src"
+    done = subprocess.run([sys.executable, str(example)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(src)}, check=True)
+    assert "stopped after 0." in done.stdout and "the next call runs at once" in done.stdout
