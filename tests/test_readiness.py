@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator
 
@@ -30,9 +32,8 @@ def test_submit_then_cancel_runs_some_calls_like_a_thread_pool(transport: str | 
 
 
 def test_workers_that_cannot_start_are_a_clear_error_at_construction(monkeypatch: pytest.MonkeyPatch) -> None:
-    # A worker process that cannot import this package exits at once.
-    monkeypatch.setenv("PYTHONSAFEPATH", "1")
-    monkeypatch.setattr("remote_executor.supervisor._python_path", lambda: "/nonexistent")
+    # A worker process that exits at once, as one whose interpreter or environment is broken does.
+    monkeypatch.setattr(sys, "executable", shutil.which("false") or "/bin/false")
     started = time.monotonic()
     with pytest.raises(TransportError, match=r"worker processes did not start: 0 of 2 attached, local-worker-\d "
                                              r"exited with status 1"):
