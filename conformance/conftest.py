@@ -7,6 +7,7 @@ the candidate: never skip or xfail it here.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 
@@ -15,6 +16,18 @@ import pytest
 pytest.register_assert_rewrite("remote_executor.conformance")
 
 _GRACE = 10.0
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _per_user_key_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Clients, servers and workers given no key share the per-user key file: a temporary one for the whole
+    session (session-wide, so module-scoped clusters use it too), never the real home directory's."""
+    if os.environ.get("REMOTE_EXECUTOR_KEY_FILE", "").startswith(str(tmp_path_factory.getbasetemp())):
+        yield  # the other test tree's conftest already did it for this session: one key file for all
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("REMOTE_EXECUTOR_KEY_FILE", str(tmp_path_factory.mktemp("user-key") / "key"))
+        yield
 
 
 @pytest.fixture(autouse=True)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import AuthenticationError, ProtocolError, VersionMismatchError
+from ..logsafe import limited, printable
 from ..wire.frames import Frame, Kind, Status
 from ..wire.messages import RejectCode, check_versions, json_frame, parse_json, reject, worker_lost_parts
 from ..wire.serialization import Parts
@@ -235,7 +236,7 @@ class Scheduler:
 
     def _add_worker(self, peer: Peer, state: WorkerState) -> None:
         self._workers[peer.conn] = state
-        log.info("worker %s attached with %d slot(s)", peer.name, state.slots)
+        log.info("worker %s attached with %d slot(s)", printable(peer.name), state.slots)
         self._capacity_changed()
         self._assign()
 
@@ -263,12 +264,12 @@ class Scheduler:
             del client.tasks[task.tid]
             self._send(task.client, Frame(Kind.RESULT, a=task.client_tid, b=Status.DONE, parts=frame.parts))
         if worker.draining and not worker.running:
-            log.info("worker %s drained", peer.name)
+            log.info("worker %s drained", printable(peer.name))
         self._assign()
 
     def _on_init_failed(self, peer: Peer, frame: Frame) -> None:
         executor_id = frame.a
-        log.error("initializer of executor %x failed on worker %s", executor_id, peer.name)
+        log.error("initializer of executor %x failed on worker %s", executor_id, printable(peer.name))
         for conn, state in list(self._clients.items()):
             if state.executor_id == executor_id:
                 self._send(conn, Frame(Kind.BROKEN, a=executor_id, parts=frame.parts))
@@ -276,7 +277,7 @@ class Scheduler:
 
     def _on_drain(self, peer: Peer, frame: Frame) -> None:
         self._workers[peer.conn].draining = True
-        log.info("worker %s is draining", peer.name)
+        log.info("worker %s is draining", printable(peer.name))
         self._send(peer.conn, Frame(Kind.DRAIN))  # after this, no TASK can be on its way to the worker
         self._capacity_changed()
 
@@ -317,7 +318,8 @@ class Scheduler:
 
     def _silent(self, peer: Peer, now: float) -> None:
         reason = f"no heartbeat for {now - peer.last_recv:.1f}s"
-        log.warning("%s %s: %s, closing", peer.role or "connection", peer.name or f"#{peer.conn}", reason)
+        limited(log, logging.WARNING, (id(self), "silent", peer.role), "%s %s: %s, closing", peer.role or "connection",
+                printable(peer.name or f"#{peer.conn}"), reason, now=now)
         self._actions.append(Close(peer.conn, reason))
         del self._peers[peer.conn]
         if peer.conn in self._workers:
@@ -329,7 +331,8 @@ class Scheduler:
     def _lose_worker(self, peer: Peer, reason: str) -> None:
         worker = self._workers.pop(peer.conn)
         if worker.running:
-            log.warning("worker %s lost with %d call(s) running: %s", peer.name, len(worker.running), reason)
+            log.warning("worker %s lost with %d call(s) running: %s", printable(peer.name), len(worker.running),
+                        printable(reason))
         for task in worker.running.values():
             self._requeue_or_fail(task, peer.name)
         self._capacity_changed()
@@ -365,7 +368,8 @@ class Scheduler:
             self._ready.remove(conn)
 
     def _reject(self, peer: Peer, code: RejectCode, reason: str) -> None:
-        log.warning("rejecting %s: %s", peer.name or f"connection #{peer.conn}", reason)
+        limited(log, logging.WARNING, (id(self), "reject", code), "rejecting %s: %s",
+                printable(peer.name or f"connection #{peer.conn}"), printable(reason), now=self._now)
         self._send(peer.conn, reject(code, reason))
         self._actions.append(Close(peer.conn, reason))
         self.disconnected(peer.conn, peer.last_recv)

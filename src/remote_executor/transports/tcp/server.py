@@ -27,8 +27,9 @@ from typing import TYPE_CHECKING
 from ...errors import ProtocolError
 from ...jobserver.scheduler import ConnId
 from ...jobserver.server import PRE_SESSION_LIMITS, ServerCore
+from ...logsafe import limited, printable
 from ...netio import tune
-from ...security import check_bind
+from ...security import server_key
 from ...tls import TlsConfig
 from ...wire.frames import DEFAULT_LIMITS, Frame, Kind, Limits
 from ...wire.messages import RejectCode, reject
@@ -118,7 +119,8 @@ class TcpServer(ServerCore):
             from .tlsstream import TlsConnection  # ssl only for a TLS server
 
             self._tls_connection = TlsConnection
-        check_bind(host, key, insecure or (config is not None and config.ca is not None))
+        # The per-user key unless given one or insecure; mutual TLS authenticates peers on its own.
+        key = server_key(host, key, insecure or (config is not None and config.ca is not None))
         self._listen = socket.create_server((host, port), family=_family(host), backlog=256)
         self._listen.setblocking(False)
         super().__init__(host, int(self._listen.getsockname()[1]), key=key, limits=limits,
@@ -325,7 +327,8 @@ class TcpServer(ServerCore):
             self._lost(conn_id)
             return
         except ProtocolError as exc:
-            log.warning("closing connection from %s: %s%s", conn.peer, exc, _tls_hint(exc, self._tls))
+            limited(log, logging.WARNING, (id(self), "bad frame"), "closing connection from %s: %s%s", conn.peer,
+                    printable(exc), _tls_hint(exc, self._tls))
             self._lost(conn_id)
             return
         except OSError as exc:  # ssl.SSLError among them
@@ -334,7 +337,8 @@ class TcpServer(ServerCore):
             return
         if frames is None:
             if conn.mid_frame:
-                log.warning("connection from %s closed in the middle of a frame (truncated)", conn.peer)
+                limited(log, logging.WARNING, (id(self), "truncated"),
+                        "connection from %s closed in the middle of a frame (truncated)", conn.peer)
             self._lost(conn_id)
             return
         if conn.read_needs_write:
@@ -385,7 +389,8 @@ class TcpServer(ServerCore):
             try:
                 done = conn.flush()
             except OSError as exc:
-                log.info("connection from %s lost while sending: %s", conn.peer, exc)
+                limited(log, logging.INFO, (id(self), "lost"), "connection from %s lost while sending: %s",
+                        conn.peer, printable(exc))
                 self._lost(conn_id)
                 continue
             if conn.write_registered == done:  # (un)register interest in writability only on change
