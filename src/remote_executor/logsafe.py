@@ -12,14 +12,16 @@ Standard library only: every layer may import this module, the scheduler include
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass
 
-__all__ = ["LogLimiter", "limited", "printable"]
+__all__ = ["LogLimiter", "limited", "owner", "printable"]
 
 MAX_TEXT = 200  # characters of peer text kept in one log line
 
@@ -119,10 +121,23 @@ class LogLimiter:
 
 
 _shared = LogLimiter()
+_owners: weakref.WeakKeyDictionary[object, int] = weakref.WeakKeyDictionary()
+_serials = itertools.count(1)
+_owners_lock = threading.Lock()
+
+
+def owner(obj: object) -> int:
+    """A number for ``obj`` that no other object ever gets (unlike ``id()``, which a new object reuses once
+    the old one is gone): put it in a limiter key, so a new server never inherits an old one's silence."""
+    with _owners_lock:
+        serial = _owners.get(obj)
+        if serial is None:
+            serial = _owners[obj] = next(_serials)
+        return serial
 
 
 def limited(logger: logging.Logger, level: int, key: Hashable, msg: str, *args: object,
             now: float | None = None) -> bool:
     """:meth:`LogLimiter.log` on the process-wide limiter (5 lines per key per minute). Put the emitting
-    object in the key (``(id(self), "bad frame")``) so that one server's flood does not silence another."""
+    object in the key (``(owner(self), "bad frame")``) so that one server's flood does not silence another."""
     return _shared.log(logger, level, key, msg, *args, now=now, stacklevel=2)

@@ -27,7 +27,7 @@ import zmq
 
 from remote_executor import RemoteExecutor
 from remote_executor.errors import WorkerLostError
-from remote_executor.logsafe import LogLimiter, printable
+from remote_executor.logsafe import LogLimiter, owner, printable
 from remote_executor.security import resolve_key
 from remote_executor.transports.base import WorkerCore, WorkerSettings
 from remote_executor.transports.gearman.connection import ClientCallbacks, GearmanClientConnection
@@ -124,6 +124,19 @@ def test_the_limiter_remembers_a_bounded_number_of_keys() -> None:
     assert len(limiter._windows) == 10
 
 
+def test_an_owner_number_is_never_reused_as_id_is() -> None:
+    class Server:
+        pass
+
+    seen = set()
+    for _ in range(100):
+        server = Server()
+        seen.add((id(server), owner(server)))
+        assert owner(server) == owner(server)
+        del server
+    assert len({number for _, number in seen}) == 100 > len({ident for ident, _ in seen})
+
+
 # --- names from HELLO cannot forge a line -------------------------------------------------------------------------
 
 
@@ -149,7 +162,8 @@ def test_a_worker_name_with_a_newline_does_not_forge_a_log_line(scheme: str) -> 
         worker = subprocess.Popen([sys.executable, "-m", "remote_executor.worker", server.url, "--name", HOSTILE_NAME,
                                    *FAST_HEARTBEAT], stderr=subprocess.DEVNULL)
         try:
-            wait_for(lambda: bool(lines.matching("attached")), what="the worker to attach")
+            with RemoteExecutor(transport=server.url, **FAST) as ex:  # the worker is past its handshake
+                assert ex.submit(pow, 2, 2).result(timeout=60) == 4
             worker.send_signal(signal.SIGTERM)  # drains: "is draining" names it too
             assert worker.wait(timeout=30) == 0
         finally:

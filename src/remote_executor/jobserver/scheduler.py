@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import AuthenticationError, ProtocolError, VersionMismatchError
-from ..logsafe import limited, printable
+from ..logsafe import limited, owner, printable
 from ..wire.frames import Frame, Kind, Status
 from ..wire.messages import RejectCode, check_versions, json_frame, parse_json, reject, worker_lost_parts
 from ..wire.serialization import Parts
@@ -318,8 +318,8 @@ class Scheduler:
 
     def _silent(self, peer: Peer, now: float) -> None:
         reason = f"no heartbeat for {now - peer.last_recv:.1f}s"
-        limited(log, logging.WARNING, (id(self), "silent", peer.role), "%s %s: %s, closing", peer.role or "connection",
-                printable(peer.name or f"#{peer.conn}"), reason, now=now)
+        limited(log, logging.WARNING, (owner(self), "silent", peer.role), "%s %s: %s, closing",
+                peer.role or "connection", printable(peer.name or f"#{peer.conn}"), reason, now=now)
         self._actions.append(Close(peer.conn, reason))
         del self._peers[peer.conn]
         if peer.conn in self._workers:
@@ -368,7 +368,7 @@ class Scheduler:
             self._ready.remove(conn)
 
     def _reject(self, peer: Peer, code: RejectCode, reason: str) -> None:
-        limited(log, logging.WARNING, (id(self), "reject", code), "rejecting %s: %s",
+        limited(log, logging.WARNING, (owner(self), "reject", code), "rejecting %s: %s",
                 printable(peer.name or f"connection #{peer.conn}"), printable(reason), now=self._now)
         self._send(peer.conn, reject(code, reason))
         self._actions.append(Close(peer.conn, reason))

@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ...errors import AuthenticationError, ProtocolError, ServerUnavailableError, TransportError
-from ...logsafe import limited, printable
+from ...logsafe import limited, owner, printable
 from ...netio import Backoff
 from ...security import check_connect, is_loopback
 from ...wire.frames import Kind, Status
@@ -269,7 +269,7 @@ class GearmanClientTransport(ClientTransport):
         try:
             frame = self._codec.decode_result(payload, identity)
         except (AuthenticationError, ProtocolError) as exc:
-            limited(log, logging.ERROR, (id(self), "refused result"), "refused the result of call %d: %s", ticket[0],
+            limited(log, logging.ERROR, (owner(self), "refused result"), "refused the result of call %d: %s", ticket[0],
                     printable(exc))
             reason = (f"the result of this call was refused, unread: it does not verify as the answer to the job "
                       f"this client submitted (a rogue worker, the result of another job, tampering, or "

@@ -30,7 +30,7 @@ import time
 from collections.abc import Iterator
 
 from ...errors import AuthenticationError, ProtocolError
-from ...logsafe import limited, printable
+from ...logsafe import limited, owner, printable
 from ...netio import retry_with_backoff
 from ...security import check_connect, is_loopback
 from ...wire.frames import Frame, Kind
@@ -221,7 +221,7 @@ class GearmanWorker:
 
     def _refuse(self, conn: GearmanWorkerConnection, job: Job, what: str, exc: Exception | None) -> None:
         why = what if exc is None else f"{what}: {exc}"
-        limited(log, logging.ERROR, (id(self), "refused", what), "%s (job %s from gearmand %s)", printable(why),
+        limited(log, logging.ERROR, (owner(self), "refused", what), "%s (job %s from gearmand %s)", printable(why),
                 printable(job.handle), conn.address)
         conn.send_data(job.handle, REFUSED + f"{self.settings.name}: {why}".encode())
         conn.fail(job.handle)

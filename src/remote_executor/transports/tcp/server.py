@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 from ...errors import ProtocolError
 from ...jobserver.scheduler import ConnId
 from ...jobserver.server import PRE_SESSION_LIMITS, ServerCore
-from ...logsafe import limited, printable
+from ...logsafe import limited, owner, printable
 from ...netio import tune
 from ...security import server_key
 from ...tls import TlsConfig
@@ -327,7 +327,7 @@ class TcpServer(ServerCore):
             self._lost(conn_id)
             return
         except ProtocolError as exc:
-            limited(log, logging.WARNING, (id(self), "bad frame"), "closing connection from %s: %s%s", conn.peer,
+            limited(log, logging.WARNING, (owner(self), "bad frame"), "closing connection from %s: %s%s", conn.peer,
                     printable(exc), _tls_hint(exc, self._tls))
             self._lost(conn_id)
             return
@@ -337,7 +337,7 @@ class TcpServer(ServerCore):
             return
         if frames is None:
             if conn.mid_frame:
-                limited(log, logging.WARNING, (id(self), "truncated"),
+                limited(log, logging.WARNING, (owner(self), "truncated"),
                         "connection from %s closed in the middle of a frame (truncated)", conn.peer)
             self._lost(conn_id)
             return
@@ -389,7 +389,7 @@ class TcpServer(ServerCore):
             try:
                 done = conn.flush()
             except OSError as exc:
-                limited(log, logging.INFO, (id(self), "lost"), "connection from %s lost while sending: %s",
+                limited(log, logging.INFO, (owner(self), "lost"), "connection from %s lost while sending: %s",
                         conn.peer, printable(exc))
                 self._lost(conn_id)
                 continue

@@ -27,7 +27,7 @@ import zmq
 from ...errors import ProtocolError, TransportError
 from ...jobserver.scheduler import ConnId
 from ...jobserver.server import PRE_SESSION_LIMITS, ServerCore
-from ...logsafe import limited, printable
+from ...logsafe import limited, owner, printable
 from ...security import server_key
 from ...wire.frames import Frame, Kind, Limits, encode
 from ...wire.serialization import Buffer
@@ -174,7 +174,7 @@ class ZmqServer(ServerCore):
 
     def _open(self, route: bytes, frame: Frame) -> None:
         if frame.kind != Kind.OPEN:
-            limited(log, logging.DEBUG, (id(self), "unknown peer"), "ignoring %s from unknown peer %s "
+            limited(log, logging.DEBUG, (owner(self), "unknown peer"), "ignoring %s from unknown peer %s "
                     "(a dropped session)", frame.kind.name, printable(route.hex()))
             return
         opening = self.open_session(frame)
@@ -188,7 +188,7 @@ class ZmqServer(ServerCore):
 
     def _malformed(self, route: bytes, exc: ProtocolError) -> None:
         conn = self._ids.get(route)
-        limited(log, logging.WARNING, (id(self), "bad frame"), "dropping zmq peer %s: %s",
+        limited(log, logging.WARNING, (owner(self), "bad frame"), "dropping zmq peer %s: %s",
                 printable(route.hex()) if conn is None else f"#{conn}", printable(exc))
         if conn is not None:
             self._lost(conn)
