@@ -119,8 +119,9 @@ class TcpServer(ServerCore):
             from .tlsstream import TlsConnection  # ssl only for a TLS server
 
             self._tls_connection = TlsConnection
-        # The per-user key unless given one or insecure; mutual TLS authenticates peers on its own.
-        key = server_key(host, key, insecure or (config is not None and config.ca is not None))
+        # The per-user key unless given one or insecure, with mutual TLS too: its clients and workers, given
+        # no key, bring the per-user key (mutual TLS without any key takes --insecure on every side).
+        key = server_key(host, key, insecure)
         self._listen = socket.create_server((host, port), family=_family(host), backlog=256)
         self._listen.setblocking(False)
         super().__init__(host, int(self._listen.getsockname()[1]), key=key, limits=limits,
@@ -322,8 +323,7 @@ class TcpServer(ServerCore):
         except NotTlsError as exc:
             self._throttled.log("plaintext", logging.WARNING, "closing connection from %s: %s", conn.peer, exc)
             if exc.ours:
-                conn.refuse_plaintext(reject(RejectCode.PROTOCOL, "this job server requires TLS: connect with "
-                                             "tls_ca=... (--tls-ca), and a client certificate if it asks for one"))
+                self._refuse_plaintext(conn)
             self._lost(conn_id)
             return
         except ProtocolError as exc:
@@ -359,6 +359,18 @@ class TcpServer(ServerCore):
             conn.send_mac, conn.reader.mac = opening.send, opening.receive
             conn.reader.limits = self._limits
             conn.opened = True
+
+    def _refuse_plaintext(self, conn: Connection) -> None:
+        """Tell a peer of ours that speaks plaintext to this TLS server what it must do, signed as it expects
+        the answer to its OPEN to be (bound to that OPEN's nonce), so that a peer with the key reads the
+        reason rather than a bad HMAC. Best effort: only if its OPEN has already arrived whole, as it does
+        when sent in one write; otherwise the refusal goes out signed with the shared key alone."""
+        with contextlib.suppress(ProtocolError, OSError):
+            frames = conn.read_plaintext()
+            if frames:
+                conn.send_mac = self.open_session(frames[0]).challenge_mac
+        conn.refuse_plaintext(reject(RejectCode.PROTOCOL, "this job server requires TLS: connect with tls_ca=... "
+                                     "(--tls-ca), and a client certificate if it asks for one"))
 
     def _failed(self, conn: Connection, exc: OSError) -> None:
         if self._tls is None:
