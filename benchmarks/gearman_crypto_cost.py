@@ -105,15 +105,16 @@ def run(rounds: int, calls: int, size: int) -> str:
             for index, mode in enumerate(MODES):
                 key = os.urandom(32).hex().encode() if index == 0 else None
                 pool = f"crypto-cost-{index}"
+                # No key means no key at all (--insecure): else both sides would share the per-user key.
                 workers = Supervisor(f"{gearmand.url}/{pool}", WORKERS, env=key_to_env(key), name=f"bench-{index}",
-                                     capture_output=True)
+                                     worker_args=() if key else ("--insecure",), capture_output=True)
                 workers.start()
                 clusters[mode] = (f"{gearmand.url}/{pool}", key, workers)
                 wait_registered("127.0.0.1", gearmand.port, pool, WORKERS)
             for round_ in range(rounds):
                 for mode in (MODES if round_ % 2 == 0 else MODES[::-1]):
                     url, key, _ = clusters[mode]
-                    with RemoteExecutor(transport=url, key=key, max_workers=WORKERS) as ex:
+                    with RemoteExecutor(transport=url, key=key, insecure=key is None, max_workers=WORKERS) as ex:
                         p50, p99 = sequential(ex, calls)
                         rate, seconds = payload_round_trip(ex, size)
                     results[mode].append({"p50": p50, "p99": p99, "rate": rate, "seconds": seconds})

@@ -1,4 +1,4 @@
-"""What security costs on tcp://: a standalone job server and one worker process, without a key (loopback),
+"""What security costs on tcp://: a standalone job server and one worker process, without a key (--insecure),
 with a key (an HMAC per frame over fresh per-connection keys and its sequence number), and with a key over
 mutual TLS.
 
@@ -52,7 +52,7 @@ def _free_port() -> int:
 def cluster(tls: TlsMaterial | None, key_file: Path | None) -> Iterator[str]:
     """A standalone server and one worker process (as a user starts them); the URL."""
     cli = [sys.executable, "-m", "remote_executor.cli", "--log-level", "WARNING"]
-    server_tls: list[str] = [] if key_file is None else ["--key-file", str(key_file)]
+    server_tls: list[str] = ["--insecure"] if key_file is None else ["--key-file", str(key_file)]
     client_tls = list(server_tls)
     if tls is not None:
         server_tls += ["--tls-cert", str(tls.server_cert), "--tls-key", str(tls.server_key), "--tls-ca", str(tls.ca)]
@@ -84,7 +84,7 @@ def cluster(tls: TlsMaterial | None, key_file: Path | None) -> Iterator[str]:
 def measure(url: str, tls: TlsMaterial | None, key_file: Path | None, calls: int, payload_mb: int,
             runs: int) -> tuple[list[float], list[float]]:
     """(latencies in µs, MB/s samples) against one running cluster."""
-    options: dict[str, Any] = {} if key_file is None else {"key_file": str(key_file)}
+    options: dict[str, Any] = {"insecure": True} if key_file is None else {"key_file": str(key_file)}
     if tls is not None:
         options["tls"] = tls.client()
     with RemoteExecutor(transport=url, max_workers=1, **options) as ex:

@@ -125,6 +125,7 @@ def test_empty_key_is_an_error_everywhere(tmp_path: Path, monkeypatch: pytest.Mo
 def test_key_argument_and_key_file_strip_alike(tmp_path: Path) -> None:
     path = tmp_path / "cluster.key"
     path.write_bytes(b"s3cret\n")
+    path.chmod(0o600)
     assert resolve_key(key=path.read_bytes()) == resolve_key(key_file=path) == resolve_key(key="s3cret") == b"s3cret"
     ex = RemoteExecutor(transport="memory", key_file=path)
     ex.shutdown()

@@ -31,6 +31,7 @@ from remote_executor import (
     WorkerLostError,
 )
 from remote_executor import cluster as cluster_module
+from remote_executor.security import user_key
 from remote_executor.transports.base import (
     Call,
     ClientTransport,
@@ -216,11 +217,11 @@ def test_max_retries_must_not_be_negative() -> None:
         ("sekrit", None, b"sekrit"),
         (b"raw", "env", b"raw"),
         (None, "from-env", b"from-env"),
-        (None, None, None),
+        (None, None, "this user's key"),  # a URL with no key given anywhere: the per-user key
     ],
 )
 def test_options_and_key_resolution(
-    monkeypatch: pytest.MonkeyPatch, key: str | bytes | None, env: str | None, expected: bytes | None
+    monkeypatch: pytest.MonkeyPatch, key: str | bytes | None, env: str | None, expected: bytes | str
 ) -> None:
     seen: list[Options] = []
 
@@ -235,7 +236,7 @@ def test_options_and_key_resolution(
         monkeypatch.setenv("REMOTE_EXECUTOR_KEY", env)
     ex = RemoteExecutor(3, "x://y", key=key, heartbeat_timeout=5.0, workers_hint=7)
     ex.shutdown()
-    assert seen[0].key == expected
+    assert seen[0].key == (user_key() if expected == "this user's key" else expected)
     assert seen[0].max_workers == 3
     assert seen[0].heartbeat_timeout == 5.0
     assert seen[0].extra == {"workers_hint": 7}

@@ -25,7 +25,13 @@ import pytest
 
 from remote_executor import RemoteExecutor
 from remote_executor.conformance.gate import Gate, wait_at_gate
-from remote_executor.errors import AuthenticationError, InitializerFailed, TransportError, WorkerLostError
+from remote_executor.errors import (
+    AuthenticationError,
+    InitializerFailed,
+    SerializationError,
+    TransportError,
+    WorkerLostError,
+)
 from remote_executor.supervisor import Supervisor
 from remote_executor.transports.base import Call, Session, WorkerCore, WorkerSettings
 from remote_executor.transports.gearman import gearmand as gearmand_module
@@ -34,6 +40,7 @@ from remote_executor.transports.gearman.gearmand import GearmandProcess
 from remote_executor.transports.gearman.jobs import JobCodec, JobIdentity, parse_url
 from remote_executor.transports.gearman.worker import GearmanWorker
 from remote_executor.wire.frames import Frame, Kind, encode_bytes
+from remote_executor.wire.serialization import decode_outcome
 
 from .conftest import pid_alive, wait_for
 
@@ -206,12 +213,14 @@ class _Outcomes(ClientCallbacks[int]):
         self.done = threading.Event()
         self.data: list[bytes] = []
         self.outcome = ""
+        self.result = b""
 
     def on_data(self, token: int, payload: bytes) -> None:
         self.data.append(payload)
 
     def on_complete(self, token: int, payload: bytes) -> None:
         self.outcome = "complete"
+        self.result = payload
         self.done.set()
 
     def on_fail(self, token: int) -> None:
@@ -256,6 +265,37 @@ def test_job_with_a_wrong_key_is_refused_before_unpickling(
         finally:
             settings.drain.set()
             worker.join(30)
+    assert not worker.is_alive()
+
+
+def test_an_authenticated_call_of_the_wrong_shape_gets_an_error_and_the_worker_serves_on(pool_url: str) -> None:
+    """A job under the right key whose pickle is not a call (another program's, another version's): the
+    worker answers that job with a clear error and goes on serving (it raised out of its loop before)."""
+    key = os.urandom(32).hex().encode()
+    settings = WorkerSettings(url=pool_url, key=key, name="shape-worker")
+    worker = threading.Thread(target=GearmanWorker(settings, WorkerCore()).run, name="test-gearman-worker")
+    worker.start()
+    try:
+        (host, port), pool = parse_url(pool_url)[0][0], parse_url(pool_url)[1]
+        function = f"remote_executor.{pool}".encode()
+        codec = JobCodec(key, function)
+        for task_id, shape in enumerate([5, ("call", pow), ("chunk", pow, 5), ("call", "pow", (2, 3), {})], 1):
+            sealed = codec.encode_job(Call(task_id, [pickle.dumps(shape)]), Session(7, None, 0), time.time() + 60)
+            outcomes = _Outcomes()
+            with GearmanClientConnection(host, port, outcomes) as client:
+                client.submit(task_id, function, sealed.payload)
+                assert outcomes.done.wait(30), f"no answer to {shape!r}"
+            assert outcomes.outcome == "complete", (shape, outcomes.data)
+            frame = codec.decode_result(outcomes.result, JobIdentity(function, 7, task_id, sealed.job_id))
+            ok, error = decode_outcome(frame.parts)
+            assert frame.kind == Kind.RESULT and not ok and isinstance(error, SerializationError), (shape, error)
+            assert "the worker received no call it can run" in str(error)
+            assert worker.is_alive()
+        with RemoteExecutor(transport=pool_url, key=key) as ex:  # the same (only) worker serves on
+            assert ex.submit(pow, 2, 8).result(timeout=30) == 256
+    finally:
+        settings.drain.set()
+        worker.join(30)
     assert not worker.is_alive()
 
 

@@ -161,6 +161,42 @@ def test_garbage_call_is_reported_not_raised_by_the_worker() -> None:
     assert "on the worker" in str(exc)
 
 
+class _Tag(str):
+    """A str whose comparison would run code: a call envelope's tag must be a plain str."""
+
+    def __eq__(self, other: object) -> bool:
+        raise AssertionError("the worker ran code from the envelope's tag")
+
+    __hash__ = str.__hash__
+
+
+WRONG_SHAPES = [
+    5, None, "call", [], (), ["call", divide, (1, 2), {}], {"call": divide}, ("call",), ("call", divide),
+    ("call", divide, (1, 2)), ("call", divide, (1, 2), {}, "extra"), ("call", divide, [1, 2], {}),
+    ("call", divide, (1, 2), [("b", 1)]), ("call", "not callable", (), {}), ("chunk", divide),
+    ("chunk", divide, 5), ("chunk", divide, [1, 2]), ("chunk", 7, [(1, 2)]), ("raise", None), ("ok", 1),
+    (_Tag("call"), divide, (1, 2), {}), (b"call", divide, (1, 2), {}),
+]
+
+
+@pytest.mark.parametrize("envelope", WRONG_SHAPES, ids=[f"shape{i}" for i in range(len(WRONG_SHAPES))])
+def test_a_pickle_of_the_wrong_shape_is_an_error_outcome_not_an_exception(envelope: object) -> None:
+    """An authenticated call can still be the wrong object (another program's, another version's): the
+    worker answers it with a clear error instead of raising out of its loop."""
+    ok, exc = s.decode_outcome(s.run_task([pickle.dumps(envelope)]))
+    assert not ok
+    assert isinstance(exc, SerializationError)
+    assert "no call it can run" in str(exc)
+
+
+def test_the_shape_check_lets_every_real_envelope_through() -> None:
+    assert s.decode_outcome(s.run_task(s.encode_call(divide, (1, 4), {}))) == (True, 0.25)
+    assert s.decode_outcome(s.run_task(s.encode_call(divide, (), {"a": 1, "b": 2}))) == (True, 0.5)
+    assert s.decode_outcome(s.run_task(s.encode_chunk(divide, [(1, 2), (3, 4)]))) == (True, ([0.5, 0.75], None))
+    assert s.decode_outcome(s.run_task(s.encode_chunk(divide, []))) == (True, ([], None))
+    assert s.run_initializer(s.encode_initializer(divide, (1, 1))) is None
+
+
 def test_run_initializer_none_on_success_outcome_on_failure() -> None:
     assert s.run_initializer(s.encode_initializer(divide, (1, 1))) is None
     failure = s.run_initializer(s.encode_initializer(divide, (1, 0)))

@@ -21,7 +21,7 @@ from remote_executor.supervisor import Supervisor
 from remote_executor.transports.base import Call, ClientTransport, Listener, Session
 from remote_executor.transports.tcp.server import TcpServer
 from remote_executor.wire.frames import LIMITED, Frame, Kind, Status
-from remote_executor.wire.messages import limited, split_limit
+from remote_executor.wire.messages import call_frame, split_limit
 from tests.conftest import pid_alive, wait_for
 from tests.test_scheduler import Harness, call, sent
 
@@ -152,14 +152,14 @@ def test_the_executor_fails_a_started_call_nobody_answers_for() -> None:
 
 
 def test_limits_round_trip_on_the_wire() -> None:
-    frame = limited(Kind.SUBMIT, 3, 1, [b"x", b"y"], 0.25)
+    frame = call_frame(Kind.SUBMIT, 3, 1, [b"x", b"y"], 0.25)
     assert frame.flags == LIMITED
     assert split_limit(frame) == (0.25, [b"x", b"y"])
-    assert split_limit(limited(Kind.TASK, 3, 1, [b"x"], None)) == (None, [b"x"])
+    assert split_limit(call_frame(Kind.TASK, 3, 1, [b"x"], None)) == (None, [b"x"])
 
 
 def limited_submit(tid: int, limit: float) -> Frame:
-    return limited(Kind.SUBMIT, tid, 0, call(str(tid)), limit)
+    return call_frame(Kind.SUBMIT, tid, 0, call(str(tid)), limit)
 
 
 @pytest.mark.parametrize("how", ["disconnect", "silence"])

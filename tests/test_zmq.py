@@ -32,14 +32,16 @@ from remote_executor.errors import (
     ConnectionFailedError,
     TransportError,
 )
+from remote_executor.security import resolve_key
 from remote_executor.supervisor import Supervisor
 from remote_executor.transports import get_backend
 from remote_executor.transports.base import Call, Options, Session, Status, decode_result
 from remote_executor.transports.zmq.server import ZmqServer
 from remote_executor.transports.zmq.sockets import CURVE_SERVER_KEY_ENV
-from remote_executor.wire.frames import HEADER, MAGIC, VERSION, Frame, Kind, Limits, encode
+from remote_executor.wire.frames import HEADER, MAGIC, VERSION, Frame, Kind, Limits, decode_parts, encode
 from remote_executor.wire.messages import hello
 from remote_executor.wire.serialization import Parts, encode_call
+from remote_executor.wire.session import Mac, session_macs
 
 pytestmark = pytest.mark.zmq
 
@@ -123,7 +125,7 @@ def test_transport_round_trip_through_the_client_interface(
     server: ZmqServer, start_workers: Callable[..., Supervisor]
 ) -> None:
     start_workers(server.url, 1)
-    options = Options(heartbeat_interval=0.2, heartbeat_timeout=HEARTBEAT_TIMEOUT)
+    options = Options(key=resolve_key(), heartbeat_interval=0.2, heartbeat_timeout=HEARTBEAT_TIMEOUT)  # this user's
     transport = get_backend("zmq").client(server.url, options)
     listener = Recorder()
     transport.start(Session(executor_id=7, initializer=None, max_retries=1), listener)
@@ -192,7 +194,8 @@ def test_window_bounds_what_the_server_holds(start_workers: Callable[..., Superv
     srv = ProbedServer("127.0.0.1", 0, **FAST)
     srv.start()
     start_workers(srv.url, 2)
-    transport = get_backend("zmq").client(srv.url, Options(heartbeat_interval=0.2, heartbeat_timeout=HEARTBEAT_TIMEOUT))
+    options = Options(key=resolve_key(), heartbeat_interval=0.2, heartbeat_timeout=HEARTBEAT_TIMEOUT)  # this user's
+    transport = get_backend("zmq").client(srv.url, options)
     listener = Recorder()
     # Retries on: a worker starved past its heartbeat on a loaded machine is not what this test is about.
     transport.start(Session(executor_id=3, initializer=None, max_retries=2), listener)
@@ -263,7 +266,7 @@ def test_malformed_multipart_message_drops_the_peer_and_others_are_served(
         with RemoteExecutor(transport=server.url, **FAST) as ex, caplog.at_level(logging.INFO):
             assert ex.submit(pow, 2, 5).result(timeout=30) == 32
             rogue.connect(server.url.replace("zmq://", "tcp://"))
-            rogue.send_multipart(_rogue_messages(None)[case])
+            rogue.send_multipart(_rogue_messages(resolve_key())[case])  # signed with the server's key
             wait_for(lambda: _EXPECTED_LOG[case] in caplog.text, what=f"the log line for {case}")
             assert "dropping zmq peer" in caplog.text
             assert rogue.poll(200) == 0  # no WELCOME for the rogue
@@ -280,10 +283,14 @@ def test_malformed_message_mid_session_drops_that_session(
     peer = ctx.socket(zmq.DEALER)
     try:
         peer.connect(server.url.replace("zmq://", "tcp://"))
-        peer.send_multipart([bytes(b) for b in encode(Frame(Kind.OPEN, parts=[os.urandom(32)]))])
+        key = resolve_key()  # the server's: this user's key file
+        nonce = os.urandom(32)
+        peer.send_multipart([bytes(b) for b in encode(Frame(Kind.OPEN, parts=[nonce]), key)])
         assert peer.poll(10_000)
-        peer.recv_multipart()  # the CHALLENGE: a keyless server opens the session without keys
-        peer.send_multipart([bytes(b) for b in encode(hello("client", {"executor_id": 5}))])
+        prefix, *parts = peer.recv_multipart()
+        challenge = decode_parts(prefix, parts, Mac(key, bind=nonce))
+        send, _ = session_macs(key, nonce, bytes(challenge.parts[0]), server=False)
+        peer.send_multipart([bytes(b) for b in encode(hello("client", {"executor_id": 5}), send)])
         assert peer.poll(10_000)
         wait_for(lambda: len(server.scheduler.status()["clients"]) == 1, what="the client to register")
         with caplog.at_level(logging.INFO):
@@ -333,11 +340,6 @@ def test_bad_hmac_drops_the_peer_and_others_are_served(
         rogue.close(linger=0)
         ctx.term()
         srv.stop()
-
-
-def test_non_loopback_bind_needs_a_key_or_insecure() -> None:
-    with pytest.raises(TransportError, match="without a key"):
-        ZmqServer("0.0.0.0", 0)
 
 
 @pytest.fixture
@@ -394,6 +396,7 @@ def test_cli_server_and_worker_commands(tmp_path: Path, curve: bool) -> None:
     """``remote-executor server zmq://...`` and ``remote-executor worker zmq://...`` end to end."""
     key_file = tmp_path / "key"
     key_file.write_text(os.urandom(16).hex())
+    key_file.chmod(0o600)
     public, secret = zmq.auth.create_certificates(tmp_path, "server")
     server_args = ["--curve-secret-key", str(secret)] if curve else []
     worker_env = {**os.environ, CURVE_SERVER_KEY_ENV: str(public)} if curve else None

@@ -7,9 +7,10 @@
     remote-executor tls-keygen DIR --host NAME_OR_IP       a private CA and certificates for TLS (tcp://)
     remote-executor cluster up --hosts n1,n2 --processes 4 a job server here, workers on n1 and n2 over SSH
 
-A key (``--key-file`` or ``$REMOTE_EXECUTOR_KEY``) turns on HMAC for every frame; without one, servers
-only listen on loopback unless given ``--insecure`` or mutual TLS (``--tls-ca``). SIGTERM or Ctrl-C stops
-a server; for workers it drains them (running calls finish, no new ones start).
+Every frame carries an HMAC with the key from ``--key-file``, else ``$REMOTE_EXECUTOR_KEY``, else this
+user's key file (``$REMOTE_EXECUTOR_KEY_FILE``, default ``~/.config/remote_executor/key``, made on first
+use). ``--insecure`` runs without a key when none is given (a server then listens anywhere). SIGTERM or
+Ctrl-C stops a server; for workers it drains them (running calls finish, no new ones start).
 """
 
 from __future__ import annotations
@@ -104,8 +105,9 @@ def _parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=helptext, description=textwrap.fill(_DESCRIPTIONS[name], 100))
         sub.set_defaults(func=func)
         sub.add_argument("url", help="tcp://HOST:PORT, zmq://HOST:PORT or gearman://HOST:PORT[,HOST:PORT]")
-        sub.add_argument("--key-file", help="file holding the shared HMAC key (default: $REMOTE_EXECUTOR_KEY); "
-                                            "- reads it from the first line of standard input")
+        sub.add_argument("--key-file", help="file holding the shared HMAC key, mode 600 (default: "
+                         "$REMOTE_EXECUTOR_KEY, else this user's key file); - reads it from standard input")
+        sub.add_argument("--insecure", action="store_true", help=_INSECURE_HELP[name])
         if name in ("status", "ping"):
             sub.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer")
         if name in ("server", "worker"):
@@ -115,8 +117,6 @@ def _parser() -> argparse.ArgumentParser:
                              help="seconds of silence after which the other side counts as lost")
         TlsConfig.add_arguments(sub, server=name == "server")
     server = commands.choices["server"]
-    server.add_argument("--insecure", action="store_true",
-                        help="allow a non-loopback address without a key (trusted networks only)")
     server.add_argument("--max-frame-size", type=int, default=Limits().max_frame,
                         help="largest frame accepted, in bytes: a larger call or result fails with "
                              "FrameTooLargeError")
@@ -175,6 +175,15 @@ def _everywhere(parser: argparse.ArgumentParser, top: bool = True) -> None:
                 _everywhere(sub, top=False)
 
 
+_INSECURE_HELP = {
+    "server": "no key unless one is given, on any address: anyone who can connect runs code as the "
+              "workers' user (trusted networks only)",
+    "worker": "no key unless one is given: whoever can reach the server runs code as this user",
+    "status": "no key unless one is given (for a server started with --insecure)",
+    "ping": "no key unless one is given (for a server started with --insecure)",
+}
+
+
 def _backend(url: str) -> Backend:
     """The backend of a URL given on the command line (a clear error for a missing ``scheme://``)."""
     if "://" not in url:
@@ -189,11 +198,11 @@ def _key(args: argparse.Namespace) -> bytes | None:
     """The key of ``--key-file`` (``-``: the first line of standard input, so it is on no command line)."""
     if args.key_file == "-":
         return resolve_key(key=read_stdin_line())
-    return resolve_key(key_file=args.key_file)
+    return resolve_key(key_file=args.key_file, insecure=args.insecure)
 
 
 def _options(args: argparse.Namespace, **extra: Any) -> Options:
-    return Options(key=_key(args), connect_timeout=args.timeout,
+    return Options(key=_key(args), insecure=args.insecure, connect_timeout=args.timeout,
                    extra={k: v for k, v in extra.items() if v is not None})
 
 
@@ -213,10 +222,13 @@ def _tls_options(args: argparse.Namespace, backend: Backend) -> dict[str, Any]:
 def _server(args: argparse.Namespace) -> int:
     backend = _backend(args.url)
     extra = {**_curve_server_extra(args, backend), **_tls_options(args, backend)}
-    settings = ServerSettings(key=_key(args), insecure=args.insecure,
+    key = _key(args)
+    settings = ServerSettings(key=key, insecure=args.insecure,
                               limits=Limits(max_frame=args.max_frame_size),
                               heartbeat_interval=args.heartbeat_interval,
                               heartbeat_timeout=args.heartbeat_timeout, extra=extra)
+    if key is None:
+        log.warning("no key (--insecure): anyone who can connect can run code as the workers' user")
     server = backend.server(args.url, settings)
     _on_stop_signals(lambda: server.stop())
     log.info("serving %s", server.url)
@@ -233,7 +245,10 @@ def _worker(args: argparse.Namespace) -> int:
     pool = pool_of_url(args.url, args.pool)  # and for a bad pool name
     worker_args: tuple[str, ...] = ("--pool", pool, "--heartbeat-interval", str(args.heartbeat_interval),
                                     "--heartbeat-timeout", str(args.heartbeat_timeout),
+                                    *(["--insecure"] if key is None else []),
                                     *_curve_worker_args(_curve_client_extra(args, backend)))
+    if key is None:
+        log.warning("no key (--insecure): whoever can reach %s can make these workers run code", args.url)
     tls = TlsConfig.from_options(_tls_options(args, backend))
     if tls is not None:
         tls.client_context()  # a file that cannot be loaded fails here, once, not in every worker process

@@ -109,7 +109,7 @@ class ProtocolError(RemoteExecutorError):
 
 
 class AuthenticationError(ProtocolError):
-    """A frame's HMAC did not verify, a handshake had no or a wrong key or token."""
+    """A frame's HMAC did not verify, a handshake had no key or a wrong one."""
 
 
 class VersionMismatchError(RemoteExecutorError):

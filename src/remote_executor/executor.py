@@ -420,7 +420,9 @@ class RemoteExecutor(Executor):
     ``transport`` is ``None`` (an embedded local cluster), a bare scheme (``"zmq"``: an embedded cluster
     over it), a URL (``"zmq://host:5555"``: workers started elsewhere) or a ``ClientTransport`` object.
     ``max_workers`` is the number of worker processes of an embedded cluster, and for a URL the most calls
-    in flight at once. Extra keyword arguments go to the transport (``Options.extra``).
+    in flight at once. ``key`` or ``key_file``: the shared key; by default ``$REMOTE_EXECUTOR_KEY``, else
+    for a URL this user's key file (``docs/security.md``); ``insecure=True``: no key when none is given.
+    Extra keyword arguments go to the transport (``Options.extra``).
 
     ``call_timeout`` (seconds) limits how long each call may run: past it, the call's future fails with
     :class:`~remote_executor.errors.CallTimeoutError` (a ``concurrent.futures.TimeoutError``), the worker
@@ -440,6 +442,7 @@ class RemoteExecutor(Executor):
         initargs: tuple[Any, ...] = (),
         key: bytes | str | None = None,
         key_file: str | os.PathLike[str] | None = None,
+        insecure: bool = False,
         max_retries: int = 2,
         heartbeat_interval: float = 1.0,
         heartbeat_timeout: float = 10.0,
@@ -463,7 +466,11 @@ class RemoteExecutor(Executor):
         init_parts = encode_initializer(initializer, tuple(initargs)) if initializer is not None else None
         options = Options(
             max_workers=max_workers,
-            key=resolve_key(key, key_file),
+            # A running cluster (a URL) shares the per-user key unless given one; an embedded cluster
+            # makes a secret of its own.
+            key=resolve_key(key, key_file, insecure=insecure,
+                            per_user=isinstance(transport, str) and "://" in transport),
+            insecure=insecure,
             heartbeat_interval=heartbeat_interval,
             heartbeat_timeout=heartbeat_timeout,
             reconnect_timeout=reconnect_timeout,

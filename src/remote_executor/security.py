@@ -1,25 +1,47 @@
-"""Where keys come from, and which addresses a server may listen on without one."""
+"""Where keys come from, how key files are kept, and which addresses may be used without a key.
+
+One resolver (:func:`resolve_key`) serves the Python API, the command line and the worker process. When no
+key is given anywhere, servers, workers and clients of one user share an automatically generated key in a
+file only that user can read (:func:`user_key`, as Jupyter's connection files do), so another local user
+can neither attach to a cluster nor feed it pickles. Running without a key takes an explicit ``insecure``.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
+import shlex
 import socket
+from pathlib import Path
 
 from .errors import TransportError
 
 KEY_ENV = "REMOTE_EXECUTOR_KEY"
 KEY_HEX_ENV = "REMOTE_EXECUTOR_KEY_HEX"  # how a parent hands an arbitrary-bytes key to its workers
+KEY_FILE_ENV = "REMOTE_EXECUTOR_KEY_FILE"  # where the per-user key lives (default: under $XDG_CONFIG_HOME)
+SECRET_ENVS = (KEY_ENV, KEY_HEX_ENV)  # removed from a worker's environment once read
+
+USER_KEY_BYTES = 32
+MAX_KEY_FILE = 1 << 16  # a key file is a few bytes; /dev/zero or a log file by mistake is not read whole
 
 
-def resolve_key(key: bytes | str | None = None, key_file: str | os.PathLike[str] | None = None) -> bytes | None:
-    """The shared HMAC key, the one rule for the Python API and the command line: the argument, else the
-    key file, else ``$REMOTE_EXECUTOR_KEY``, else None (no key).
+def resolve_key(
+    key: bytes | str | None = None,
+    key_file: str | os.PathLike[str] | None = None,
+    *,
+    insecure: bool = False,
+    per_user: bool = True,
+) -> bytes | None:
+    """The shared HMAC key, the one rule for the Python API, the command line and worker processes: the
+    argument, else the key file, else ``$REMOTE_EXECUTOR_KEY``, else the per-user key (:func:`user_key`),
+    created on first use. ``insecure`` (or ``per_user=False``, for the embedded clusters, which have a
+    secret of their own) turns that last step off: no key given means no key.
 
-    Surrounding whitespace is stripped from every source alike, here and nowhere else (a key file ends in
-    a newline); a key or key file that is empty after that is an error, never a silent "no key", and so is
-    a ``key`` string that names an existing file (``key_file`` reads one). An empty environment variable
-    counts as unset."""
+    Surrounding whitespace is stripped from every source alike (a key file ends in a newline); a key or
+    key file that is empty after that is an error, never a silent "no key", and so is a ``key`` string that
+    names an existing file (``key_file`` reads one). An empty environment variable counts as unset. A key
+    file that others may read or write is refused (:func:`read_key_file`)."""
     if key is not None and key_file is not None:
         raise ValueError("pass key or key_file, not both")
     if key is not None:
@@ -28,16 +50,116 @@ def resolve_key(key: bytes | str | None = None, key_file: str | os.PathLike[str]
         if isinstance(key, str) and key.strip() and os.path.isfile(key):  # never a file's name taken as the key
             raise ValueError(f"key={key!r} names a file: pass key_file={key!r} to read the key from it "
                              f"(or the key itself, as key=...)")
-        raw, source = (key.encode() if isinstance(key, str) else bytes(key)), "the key"
-    elif key_file is not None:
-        with open(key_file, "rb") as f:
-            raw, source = f.read(), f"key file {os.fspath(key_file)!r}"
-    else:
-        raw, source = os.environ.get(KEY_ENV, "").encode(), ""
+        raw = (key.encode() if isinstance(key, str) else bytes(key)).strip()
+        if not raw:
+            raise ValueError("the key is empty: an empty key is no key (pass none to run without one)")
+        return raw
+    if key_file is not None:
+        return read_key_file(key_file)
+    raw = os.environ.get(KEY_ENV, "").encode().strip()
+    if raw:
+        return raw
+    return None if insecure or not per_user else user_key()
+
+
+def read_key_file(path: str | os.PathLike[str], *, own: bool = False) -> bytes:
+    """The stripped contents of a key file, refused (as ssh does) if group or others may read or write it,
+    and with ``own`` if another user owns it (someone else would know the key). The mode is checked on the
+    opened file, so the file that is read is the file that was checked."""
+    name = os.fspath(path)
+    fd = os.open(name, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    with open(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        raw = f.read(MAX_KEY_FILE + 1)
+    if len(raw) > MAX_KEY_FILE:
+        raise ValueError(f"key file {name!r} is larger than {MAX_KEY_FILE} bytes: is it really a key?")
     raw = raw.strip()
-    if not raw and source:
-        raise ValueError(f"{source} is empty: an empty key is no key (pass none to run without one)")
-    return raw or None
+    if not raw:
+        raise ValueError(f"key file {name!r} is empty: an empty key is no key (pass none to run without one)")
+    if os.name == "posix" and info.st_mode & 0o077:
+        raise PermissionError(f"key file {name!r} is accessible by others (mode {info.st_mode & 0o777:04o}); "
+                              f"a key must be secret: chmod 600 {shlex.quote(name)}")
+    if os.name == "posix" and own and info.st_uid != os.geteuid():
+        raise PermissionError(f"key file {name!r} belongs to uid {info.st_uid}, not to this user "
+                              f"({os.geteuid()}): someone else knows it. Remove it, or set ${KEY_FILE_ENV}")
+    return raw
+
+
+def user_key_path() -> Path:
+    """``$REMOTE_EXECUTOR_KEY_FILE``, else ``$XDG_CONFIG_HOME/remote_executor/key`` (by default
+    ``~/.config/remote_executor/key``)."""
+    explicit = os.environ.get(KEY_FILE_ENV)
+    if explicit:
+        return Path(explicit).expanduser()
+    config = os.environ.get("XDG_CONFIG_HOME", "")
+    if os.path.isabs(config):  # the XDG rule: a relative value is ignored
+        return Path(config) / "remote_executor" / "key"
+    try:
+        home = Path.home()
+    except RuntimeError as exc:  # no $HOME and no password entry
+        raise OSError(f"no home directory for the per-user key file: set ${KEY_FILE_ENV}, or give a key") from exc
+    return home / ".config" / "remote_executor" / "key"
+
+
+def user_key() -> bytes:
+    """This user's key: read from :func:`user_key_path`, which is created on first use with 32 random
+    bytes, hex-encoded, mode 0600 (its directory 0700). Processes that create it at the same moment all
+    end up with the one key that won."""
+    path = user_key_path()
+    try:
+        return read_key_file(path, own=True)
+    except FileNotFoundError:
+        pass
+    try:
+        _create_key_file(path)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot create the per-user key file {str(path)!r}: {exc.strerror or exc}; "
+                                 f"set ${KEY_FILE_ENV} to a writable place, or give a key") from exc
+    return read_key_file(path, own=True)
+
+
+def _create_key_file(path: Path) -> None:
+    """Publish a new key at ``path`` unless another process already did (then its key stands).
+
+    The key is written to a private temporary file first and hard-linked into place: the link is atomic
+    and fails if ``path`` exists, so a reader never sees a half-written key and two creators never end up
+    with two keys."""
+    import secrets  # imported here: only the first use of a user's key needs it
+
+    directory = path.parent
+    if not directory.is_dir():
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            directory.mkdir(mode=0o700)
+    text = (secrets.token_hex(USER_KEY_BYTES) + "\n").encode()
+    temporary = directory / f".{path.name}.{os.getpid()}.{secrets.token_hex(8)}.tmp"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(temporary, flags, 0o600)
+    try:
+        with open(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o600)  # whatever the umask
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            pass  # another process was first: its key is the key
+        except OSError:  # a file system without hard links: create in place, still exclusively
+            _create_in_place(path, text, flags)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+
+
+def _create_in_place(path: Path, text: bytes, flags: int) -> None:
+    try:
+        fd = os.open(path, flags, 0o600)
+    except FileExistsError:
+        return
+    with open(fd, "wb") as f:
+        os.fchmod(f.fileno(), 0o600)
+        f.write(text)
 
 
 def is_loopback(host: str) -> bool:
@@ -64,12 +186,43 @@ def check_bind(host: str, key: bytes | None, insecure: bool) -> None:
         )
 
 
+def server_key(host: str, key: bytes | None, insecure: bool) -> bytes | None:
+    """The key a job server of ours listens with: the one given, else the key :func:`resolve_key` finds
+    (the per-user key unless ``insecure``); then :func:`check_bind`. (An embedded cluster's server always
+    has a key of its own.)"""
+    if key is None:
+        key = resolve_key(insecure=insecure)
+    check_bind(host, key, insecure)
+    return key
+
+
+def check_connect(hosts: list[str], key: bytes | None, insecure: bool, role: str) -> None:
+    """A keyless client or worker of gearmand (which authenticates nobody) trusts everyone who can reach
+    it: refused unless every host is loopback, or ``insecure`` says the network is trusted."""
+    if key is None and not insecure and not all(is_loopback(host) for host in hosts):
+        harm = "make this worker run code" if role == "worker" else "hand this process a pickle to run"
+        raise TransportError(
+            f"refusing to use gearmand at {', '.join(hosts)} without a key: anyone who can reach it could "
+            f"{harm}. Set a key (key=, --key-file or ${KEY_ENV}) or pass insecure on a trusted network."
+        )
+
+
 def key_to_env(key: bytes | None) -> dict[str, str]:
     """Environment that makes :func:`key_from_env` return ``key`` in a child process."""
     return {} if key is None else {KEY_HEX_ENV: key.hex()}
 
 
-def key_from_env() -> bytes | None:
-    """The key a parent handed down, else ``$REMOTE_EXECUTOR_KEY``."""
+def key_from_env(*, insecure: bool = False) -> bytes | None:
+    """The key a parent handed down, else what :func:`resolve_key` finds."""
     hexed = os.environ.get(KEY_HEX_ENV)
-    return bytes.fromhex(hexed) if hexed else resolve_key()
+    return bytes.fromhex(hexed) if hexed else resolve_key(insecure=insecure)
+
+
+def take_worker_secrets(*, insecure: bool = False) -> bytes | None:
+    """The key of a worker process, from what its parent handed down (else :func:`resolve_key`), then
+    removed from ``os.environ``: the calls this process runs, and the processes they start, never see it."""
+    try:
+        return key_from_env(insecure=insecure)
+    finally:
+        for name in SECRET_ENVS:
+            os.environ.pop(name, None)

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .errors import RemoteExecutorError
-from .security import key_from_env
+from .security import take_worker_secrets
 from .tls import TlsConfig
 from .transports import get_backend, scheme_of
 from .transports.base import WorkerCore, WorkerSettings
@@ -159,11 +159,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="zmq:// only: this worker's secret CURVE certificate (default: an ephemeral key)")
     parser.add_argument("--exit-on-stdin-eof", action="store_true",
                         help="exit when standard input closes; a 'drain' line on it drains")
+    parser.add_argument("--insecure", action="store_true", help="no key unless one is handed down")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s worker %(process)d %(levelname)s %(message)s")
+    try:
+        key = take_worker_secrets(insecure=args.insecure)  # read once, gone from os.environ before any call
+    except (OSError, ValueError) as exc:  # an unreadable or unsafe key file: restarting will not help
+        log.error("%s", exc)
+        return 2
     settings = WorkerSettings(
         url=args.url,
-        key=key_from_env(),
+        key=key,
+        insecure=args.insecure,
         heartbeat_interval=args.heartbeat_interval,
         heartbeat_timeout=args.heartbeat_timeout,
         reconnect_timeout=args.reconnect_timeout,

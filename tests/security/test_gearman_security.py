@@ -112,7 +112,9 @@ def start_workers() -> Iterator[Callable[..., Supervisor]]:
     started: list[Supervisor] = []
 
     def start(url: str, key: bytes | None, count: int = 1) -> Supervisor:
-        supervisor = Supervisor(url, count, env=key_to_env(key), name="sec-worker")
+        """Workers with ``key``; ``None``: keyless, which takes --insecure (else the per-user key)."""
+        supervisor = Supervisor(url, count, env=key_to_env(key), worker_args=() if key else ("--insecure",),
+                                name="sec-worker")
         supervisor.start()
         started.append(supervisor)
         return supervisor
@@ -339,7 +341,7 @@ def test_what_gearmand_relays_both_ways_is_ciphertext(
     url = proxy.url(f"relay-{os.getpid()}-{next(_pools)}")
     marker = f"MARKER-{os.urandom(8).hex()}"
     start_workers(url, key if keyed else None)
-    with RemoteExecutor(transport=url, key=key if keyed else None) as ex:
+    with RemoteExecutor(transport=url, key=key if keyed else None, insecure=not keyed) as ex:
         assert ex.submit(shout_back, marker).result(timeout=30) == marker
         assert ex.submit(shout_back, marker.upper()).result(timeout=30) == marker.upper()
     with proxy._lock:
@@ -555,7 +557,7 @@ def test_a_key_on_one_side_only_is_a_clear_refusal(pool_url: str, key: bytes, cl
                                                    start_workers: Callable[..., Supervisor]) -> None:
     start_workers(pool_url, None if client_keyed else key)
     expected = "this worker has none" if client_keyed else "the job is not encrypted"
-    with RemoteExecutor(transport=pool_url, key=key if client_keyed else None) as ex, \
+    with RemoteExecutor(transport=pool_url, key=key if client_keyed else None, insecure=not client_keyed) as ex, \
             pytest.raises(BrokenExecutor, match="refused a job it cannot authenticate") as info:
         ex.submit(pow, 2, 2).result(timeout=30)
     assert expected in str(info.value)

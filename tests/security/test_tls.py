@@ -27,7 +27,7 @@ import trustme
 from cryptography.hazmat.primitives import serialization
 
 from remote_executor import RemoteExecutor
-from remote_executor.errors import ConnectionFailedError, TransportError
+from remote_executor.errors import AuthenticationError, ConnectionFailedError, TransportError
 from remote_executor.supervisor import Supervisor
 from remote_executor.tls import TlsConfig, TlsError, make_cluster_material
 from remote_executor.transports.tcp.server import TcpServer
@@ -273,6 +273,23 @@ def test_mutual_tls_refuses_peers_without_a_trusted_certificate_and_serves_on(
     assert tls_server.scheduler.capacity == 1  # no refused worker got in
 
 
+def test_mutual_tls_with_no_key_given_uses_the_per_user_key_and_keyless_takes_insecure_everywhere(
+        tls_server: TcpServer, keyless_tls_server: TcpServer, pki: Pki,
+        start_workers: Callable[..., Supervisor]) -> None:
+    """A client certificate does not replace the key: given none, every side brings the per-user key; a
+    cluster without one takes insecure on the server, its workers and its clients alike."""
+    start_workers(tls_server.url, 1, pki.worker_args())
+    start_workers(keyless_tls_server.url, 1, (*pki.worker_args(), "--insecure"))
+    with RemoteExecutor(transport=tls_server.url, **pki.client(), **FAST) as ex:
+        assert ex.submit(double, 2).result(timeout=60) == 4
+    with RemoteExecutor(transport=keyless_tls_server.url, insecure=True, **pki.client(), **FAST) as ex:
+        assert ex.submit(double, 3).result(timeout=60) == 6
+    with pytest.raises(AuthenticationError):  # a keyless client of a keyed server, certificate or not
+        RemoteExecutor(transport=tls_server.url, insecure=True, **pki.client(), connect_timeout=5, **FAST)
+    with pytest.raises(AuthenticationError):  # and the per-user key where the server has none
+        RemoteExecutor(transport=keyless_tls_server.url, **pki.client(), connect_timeout=5, **FAST)
+
+
 def test_a_client_that_does_not_trust_the_server_fails_at_construction(tls_server: TcpServer, pki: Pki) -> None:
     with pytest.raises(TlsError, match="cannot verify the TLS certificate") as untrusted:
         RemoteExecutor(transport=tls_server.url, tls_ca=pki.other_ca, tls_cert=pki.client_cert,
@@ -354,9 +371,18 @@ def frames_then_a_small_one(junk: int) -> bytes:
     return (encode_bytes(hello("admin", {"name": "probe"}, [os.urandom(junk)])) + encode_bytes(Frame(Kind.STATUS)))
 
 
-def test_the_server_reads_what_waits_inside_the_tls_layer(tls_server: TcpServer, pki: Pki) -> None:
+@pytest.fixture
+def keyless_tls_server(pki: Pki) -> Iterator[TcpServer]:
+    """A mutual-TLS server without a key (insecure: TLS alone authenticates), so raw frames need no HMAC."""
+    server = TcpServer("127.0.0.1", 0, insecure=True, **pki.server(), **FAST)
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_the_server_reads_what_waits_inside_the_tls_layer(keyless_tls_server: TcpServer, pki: Pki) -> None:
     context = TlsConfig(pki.ca, pki.client_cert, pki.client_key).client_context()
-    with socket.create_connection(("127.0.0.1", tls_server.port), timeout=30) as raw, \
+    with socket.create_connection(("127.0.0.1", keyless_tls_server.port), timeout=30) as raw, \
             context.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
         reader = FrameReader()
         sock.sendall(encode_bytes(Frame(Kind.OPEN, parts=[os.urandom(32)])))  # a keyless server: no signatures
@@ -425,9 +451,6 @@ def test_bad_tls_settings_are_clear_errors(pki: Pki, tmp_path: Path) -> None:
         RemoteExecutor(transport="tcp://127.0.0.1:9", tls_cafile=pki.ca)
     with pytest.raises(TransportError, match="embedded cluster"):
         RemoteExecutor(max_workers=1, transport="tcp", tls_ca=pki.ca)
-    with pytest.raises(TransportError, match="without a key"):  # server-only TLS authenticates no peer
-        TcpServer("0.0.0.0", 0, **pki.server(mutual=False))
-    TcpServer("0.0.0.0", 0, **pki.server()).stop()  # mutual TLS does, as a key does
 
 
 # --- what crosses the wire ------------------------------------------------------------------------------

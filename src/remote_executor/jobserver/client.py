@@ -38,9 +38,9 @@ from ..transports.base import Call, ClientTransport, Listener, Options, Session
 from ..wire.frames import Frame, Kind, Status
 from ..wire.messages import (
     announced_limit,
+    call_frame,
     hello,
     initializer_failed,
-    limited,
     oversize,
     parse_json,
     rejection,
@@ -238,7 +238,7 @@ class ClientSession:
             for call in calls:
                 self._inflight[call.task_id] = call
                 attempts = self._attempts.get(call.task_id, 0)
-                frames.append(limited(Kind.SUBMIT, call.task_id, attempts, call.parts, call.limit))
+                frames.append(call_frame(Kind.SUBMIT, call.task_id, attempts, call.parts, call.limit))
         return frames
 
     def handle(self, frame: Frame) -> None:

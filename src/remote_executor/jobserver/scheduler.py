@@ -31,13 +31,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import AuthenticationError, ProtocolError, VersionMismatchError
+from ..logsafe import limited, owner, printable
 from ..pools import DEFAULT_POOL, is_pool_name
 from ..wire.frames import Frame, Kind, Status
 from ..wire.messages import (
     RejectCode,
+    call_frame,
     check_versions,
     json_frame,
-    limited,
     parse_json,
     reject,
     split_limit,
@@ -172,7 +173,8 @@ class Scheduler:
         except (ProtocolError, KeyError, ValueError, TypeError) as exc:
             self._reject(peer, RejectCode.PROTOCOL, f"{type(exc).__name__}: {exc}")
         except Exception as exc:  # a bug, or input nobody foresaw: that peer goes, the server serves on
-            log.exception("unexpected error handling a %s frame from %s", frame.kind.name, peer.name or conn)
+            log.exception("unexpected error handling a %s frame from %s", frame.kind.name,
+                          printable(peer.name) or conn)
             self._reject(peer, RejectCode.PROTOCOL, f"internal error: {type(exc).__name__}")
 
     def disconnected(self, conn: ConnId, now: float) -> None:
@@ -303,7 +305,7 @@ class Scheduler:
         pool = self._pool(state.pool)
         pool.workers += 1
         pool.free[peer.conn] = None
-        log.info("worker %s attached to pool %s with %d slot(s)", peer.name, state.pool, state.slots)
+        log.info("worker %s attached to pool %s with %d slot(s)", printable(peer.name), state.pool, state.slots)
         self._capacity_changed(state.pool)
         self._assign(pool)
 
@@ -332,7 +334,7 @@ class Scheduler:
         if client is not None:
             del client.tasks[task.tid]
             if frame.b == Status.TIMED_OUT and task.limit is not None:
-                log.info("worker %s stopped a call at its time limit of %gs", peer.name, task.limit)
+                log.info("worker %s stopped a call at its time limit of %gs", printable(peer.name), task.limit)
                 self._send_timed_out(task, peer.name)
                 worker.draining = True  # it is exiting: no new call may go to it
                 self._capacity_changed(worker.pool)
@@ -344,12 +346,12 @@ class Scheduler:
         else:
             pool.free.pop(peer.conn, None)  # full, or draining since it timed a call out
         if worker.draining and not worker.running:
-            log.info("worker %s drained", peer.name)
+            log.info("worker %s drained", printable(peer.name))
         self._assign(pool)
 
     def _on_init_failed(self, peer: Peer, frame: Frame) -> None:
         executor_id = frame.a
-        log.error("initializer of executor %x failed on worker %s", executor_id, peer.name)
+        log.error("initializer of executor %x failed on worker %s", executor_id, printable(peer.name))
         for conn, state in list(self._clients.items()):
             if state.executor_id == executor_id:
                 self._send(conn, Frame(Kind.BROKEN, a=executor_id, parts=frame.parts))
@@ -359,7 +361,7 @@ class Scheduler:
         worker = self._workers[peer.conn]
         worker.draining = True
         self._pools[worker.pool].free.pop(peer.conn, None)
-        log.info("worker %s is draining", peer.name)
+        log.info("worker %s is draining", printable(peer.name))
         self._send(peer.conn, Frame(Kind.DRAIN))  # after this, no TASK can be on its way to the worker
         self._capacity_changed(worker.pool)
 
@@ -398,7 +400,7 @@ class Scheduler:
         if task.limit is not None:
             task.deadline = self._now + task.limit
             self._send(task.client, Frame(Kind.STARTED, a=task.client_tid))
-        self._send(conn, limited(Kind.TASK, task.tid, task.executor_id, task.parts, task.limit))
+        self._send(conn, call_frame(Kind.TASK, task.tid, task.executor_id, task.parts, task.limit))
 
     # --- loss --------------------------------------------------------------------------------------
 
@@ -412,7 +414,8 @@ class Scheduler:
 
     def _close_peer(self, peer: Peer, reason: str) -> None:
         """Close a peer that failed us (a silent one, a worker past a call's limit); requeue its calls."""
-        log.warning("%s %s: %s, closing", peer.role or "connection", peer.name or f"#{peer.conn}", reason)
+        limited(log, logging.WARNING, (owner(self), "silent", peer.role), "%s %s: %s, closing",
+                peer.role or "connection", printable(peer.name or f"#{peer.conn}"), reason, now=self._now)
         self._actions.append(Close(peer.conn, reason))
         del self._peers[peer.conn]
         if peer.conn in self._workers:
@@ -426,7 +429,8 @@ class Scheduler:
         pool.free.pop(peer.conn, None)
         pool.workers -= 1
         if worker.running:
-            log.warning("worker %s lost with %d call(s) running: %s", peer.name, len(worker.running), reason)
+            log.warning("worker %s lost with %d call(s) running: %s", printable(peer.name), len(worker.running),
+                        printable(reason))
         for task in worker.running.values():
             self._requeue_or_fail(task, peer.name)
         self._capacity_changed(worker.pool)
@@ -476,7 +480,8 @@ class Scheduler:
             ready.remove(conn)
 
     def _reject(self, peer: Peer, code: RejectCode, reason: str) -> None:
-        log.warning("rejecting %s: %s", peer.name or f"connection #{peer.conn}", reason)
+        limited(log, logging.WARNING, (owner(self), "reject", code), "rejecting %s: %s",
+                printable(peer.name or f"connection #{peer.conn}"), printable(reason), now=self._now)
         self._send(peer.conn, reject(code, reason))
         self._actions.append(Close(peer.conn, reason))
         self.disconnected(peer.conn, peer.last_recv)

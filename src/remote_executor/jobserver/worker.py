@@ -21,6 +21,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from ..errors import ConnectionFailedError, RemoteExecutorError
+from ..logsafe import printable
 from ..netio import retry_with_backoff
 from ..pools import pool_of_url
 from ..transports.base import WorkerCore, WorkerSettings
@@ -113,7 +114,7 @@ def _serve(url: str, connect: Connector, settings: WorkerSettings, core: WorkerC
             log.error("cannot reach %s: %s", url, exc)
             return 1
         except RemoteExecutorError as exc:
-            log.error("%s refused this worker: %s", url, exc)
+            log.error("%s refused this worker: %s", url, printable(exc))
             return 2
         if channel is None:
             log.info("drained while not connected to %s; exiting", url)
@@ -148,7 +149,7 @@ class _Session:
         try:
             return self._work()
         except RemoteExecutorError as exc:  # the connection failed or the server sent garbage
-            log.warning("lost %s: %s; reconnecting", self.url, exc)
+            log.warning("lost %s: %s; reconnecting", self.url, printable(exc))
             return None
         finally:
             self.stopped.set()
@@ -178,7 +179,7 @@ class _Session:
                 log.info("drained; exiting")
                 return 0
             elif frame.kind == Kind.REJECT:
-                log.error("%s closed this worker: %s", self.url, rejection(frame, self.url))
+                log.error("%s closed this worker: %s", self.url, printable(rejection(frame, self.url)))
                 return 2
 
     def _reply(self, kind: Kind, a: int, work: Callable[..., Parts | None], *args: Any) -> None:

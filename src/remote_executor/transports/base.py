@@ -85,6 +85,7 @@ class Options:
 
     max_workers: int | None = None
     key: bytes | None = None
+    insecure: bool = False  # no key was given and none is wanted (never the per-user key)
     heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 10.0
     reconnect_timeout: float = 30.0
@@ -164,6 +165,7 @@ class WorkerSettings:
     url: str
     name: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
     key: bytes | None = None
+    insecure: bool = False  # no key was given and none is wanted (never the per-user key)
     heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 10.0
     reconnect_timeout: float = float("inf")

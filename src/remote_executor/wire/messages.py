@@ -173,7 +173,7 @@ def check_limit(limit: object) -> float | None:
     return float(limit)
 
 
-def limited(kind: Kind, a: int, b: int, parts: Parts, limit: float | None) -> Frame:
+def call_frame(kind: Kind, a: int, b: int, parts: Parts, limit: float | None) -> Frame:
     """A SUBMIT or TASK frame; with a limit, the LIMITED flag and the limit as the first part."""
     if limit is None:
         return Frame(kind, a=a, b=b, parts=parts)

@@ -163,6 +163,9 @@ def run_task(parts: Sequence[Buffer]) -> Parts:
     except BaseException as exc:
         wrapped = SerializationError(f"cannot unpickle the call on the worker: {type(exc).__name__}: {exc}")
         return error_outcome(wrapped, exc)
+    wrong = _bad_envelope(envelope)
+    if wrong is not None:  # a pickle of something else (another program's, another version's): no call
+        return error_outcome(SerializationError(f"the worker received no call it can run: {wrong}"))
     if envelope[0] == "chunk":
         return _run_chunk(envelope[1], envelope[2])
     fn, args, kwargs = envelope[1], envelope[2], envelope[3]
@@ -171,6 +174,26 @@ def run_task(parts: Sequence[Buffer]) -> Parts:
     except BaseException as exc:
         return error_outcome(exc)
     return _encode_value(fn, value)
+
+
+def _bad_envelope(envelope: object) -> str | None:
+    """What is wrong with an unpickled call envelope (see the module docstring), or None if it has the shape
+    of one. Only exact built-in types are looked into: a subclass could run code in ``__eq__`` or ``len``."""
+    shape = "expected ('call', fn, args, kwargs) or ('chunk', fn, [args, ...])"
+    if type(envelope) is not tuple or not envelope or type(envelope[0]) is not str:
+        return f"{shape}, got a {type(envelope).__name__}"
+    tag = envelope[0]
+    if tag == "call":
+        if len(envelope) != 4 or type(envelope[2]) is not tuple or type(envelope[3]) is not dict:
+            return f"{shape}, got a 'call' of {len(envelope)} items"
+    elif tag == "chunk":
+        if len(envelope) != 3 or type(envelope[2]) is not list or any(type(a) is not tuple for a in envelope[2]):
+            return f"{shape}, got a 'chunk' of {len(envelope)} items"
+    else:
+        return f"{shape}, got the tag {tag[:40]!r}"
+    if not callable(envelope[1]):
+        return f"the function to call is a {type(envelope[1]).__name__}, which is not callable"
+    return None
 
 
 def run_initializer(parts: Sequence[Buffer]) -> Parts | None:

@@ -42,7 +42,9 @@ from ...errors import (
     ServerUnavailableError,
     TransportError,
 )
+from ...logsafe import limited, owner, printable
 from ...netio import Backoff
+from ...security import check_connect, is_loopback
 from ...wire.frames import Kind, Status
 from ...wire.messages import initializer_failed, too_large_message, worker_lost_parts
 from ...wire.serialization import Parts, error_outcome
@@ -115,6 +117,10 @@ class GearmanClientTransport(ClientTransport):
     def __init__(self, url: str, options: Options, *, capacity: int | None = None) -> None:
         self.url = url
         addresses, pool = parse_url(url, options.extra.get("pool"))
+        check_connect([host for host, _ in addresses], options.key, options.insecure, "client")
+        if options.key is None and not all(is_loopback(host) for host, _ in addresses):
+            log.warning("no key (insecure): anyone who can reach gearmand at %s can hand this process a pickle "
+                        "to run", url)
         self.function = function_name(pool)
         self._options = options
         self._job_ttl = check_job_ttl(options.extra.get("job_ttl", DEFAULT_JOB_TTL))
@@ -288,7 +294,8 @@ class GearmanClientTransport(ClientTransport):
         try:
             frame = self._codec.decode_result(payload, identity)
         except (AuthenticationError, ProtocolError) as exc:
-            log.error("refused the result of call %d: %s", ticket[0], exc)
+            limited(log, logging.ERROR, (owner(self), "refused result"), "refused the result of call %d: %s", ticket[0],
+                    printable(exc))
             reason = (f"the result of this call was refused, unread: it does not verify as the answer to the job "
                       f"this client submitted (a rogue worker, the result of another job, tampering, or "
                       f"another key): {exc}")
@@ -352,7 +359,8 @@ class GearmanClientTransport(ClientTransport):
                     workers = [*job.starts[:-1], f"{job.starts[-1]} (with gearmand {server.address})"]
                     lost.append((job.call.task_id, worker_lost_parts(workers, len(job.starts))))
         if not self._closing:
-            log.warning("lost gearmand %s (%s); %d call(s) in flight there", server.address, exc, len(in_flight))
+            log.warning("lost gearmand %s (%s); %d call(s) in flight there", server.address, printable(exc),
+                        len(in_flight))
         for task_id, parts in lost:
             self._settle(task_id, Status.WORKER_LOST, parts)
 
@@ -444,7 +452,7 @@ class GearmanClientTransport(ClientTransport):
                     continue
                 worker = job.starts[-1] if job.starts else "unknown"
                 log.warning("the worker %s running call %d has been silent for %.1fs: taking the call as lost",
-                            worker, job.call.task_id, now - job.last_heard)
+                            printable(worker), job.call.task_id, now - job.last_heard)
                 if job.handle is not None and job.server >= 0:
                     self._cancels.append((self._servers[job.server], job.handle))
                 if len(job.starts) <= self._session.max_retries:
@@ -468,8 +476,8 @@ class GearmanClientTransport(ClientTransport):
         try:
             cancel_job(server.host, server.port, handle, timeout=self._options.connect_timeout)
         except (GearmanError, OSError) as exc:
-            log.warning("could not cancel job %s on gearmand %s: %s", handle.decode(errors="replace"),
-                        server.address, exc)
+            log.warning("could not cancel job %s on gearmand %s: %s", printable(handle), server.address,
+                        printable(exc))
 
     def _poll_capacity(self) -> None:
         counts = []

@@ -30,8 +30,9 @@ import time
 from collections.abc import Iterator
 
 from ...errors import AuthenticationError, FrameTooLargeError, ProtocolError
+from ...logsafe import limited, owner, printable
 from ...netio import retry_with_backoff
-from ...security import is_loopback
+from ...security import check_connect, is_loopback
 from ...wire.frames import Frame, Kind
 from ...wire.messages import too_large_message
 from ...wire.serialization import error_outcome
@@ -87,7 +88,7 @@ class _ServerLink:
         conn, self.conn = self.conn, None
         if conn is not None:
             conn.close()
-            log.warning("lost gearmand %s: %s; reconnecting", self.address, exc)
+            log.warning("lost gearmand %s: %s; reconnecting", self.address, printable(exc))
         self.wanted.set()
 
 
@@ -104,9 +105,9 @@ class GearmanWorker:
         self.changed = threading.Condition()
         self.servers = [_ServerLink(self, host, port) for host, port in addresses]
         self._turn = 0
+        check_connect([host for host, _ in addresses], settings.key, settings.insecure, "worker")
         if settings.key is None and not all(is_loopback(host) for host, _ in addresses):
-            log.warning("no key: anyone who can reach gearmand at %s can make this worker run code; "
-                        "set $REMOTE_EXECUTOR_KEY (or --key-file) on clients and workers",
+            log.warning("no key (insecure): anyone who can reach gearmand at %s can make this worker run code",
                         ", ".join(s.address for s in self.servers))
 
     def run(self) -> int:
@@ -229,7 +230,8 @@ class GearmanWorker:
 
     def _refuse(self, conn: GearmanWorkerConnection, job: Job, what: str, exc: Exception | None) -> None:
         why = what if exc is None else f"{what}: {exc}"
-        log.error("%s (job %s from gearmand %s)", why, job.handle.decode(errors="replace"), conn.address)
+        limited(log, logging.ERROR, (owner(self), "refused", what), "%s (job %s from gearmand %s)", printable(why),
+                printable(job.handle), conn.address)
         conn.send_data(job.handle, REFUSED + f"{self.settings.name}: {why}".encode())
         conn.fail(job.handle)
 

@@ -27,8 +27,9 @@ from typing import TYPE_CHECKING
 from ...errors import AuthenticationError, ProtocolError
 from ...jobserver.scheduler import ConnId
 from ...jobserver.server import PRE_SESSION_LIMITS, ServerCore
+from ...logsafe import limited, owner, printable
 from ...netio import tune
-from ...security import check_bind
+from ...security import server_key
 from ...tls import TlsConfig
 from ...wire.frames import DEFAULT_LIMITS, Frame, Kind, Limits
 from ...wire.messages import RejectCode, key_rejected, reject
@@ -118,7 +119,9 @@ class TcpServer(ServerCore):
             from .tlsstream import TlsConnection  # ssl only for a TLS server
 
             self._tls_connection = TlsConnection
-        check_bind(host, key, insecure or (config is not None and config.ca is not None))
+        # The per-user key unless given one or insecure, with mutual TLS too: its clients and workers, given
+        # no key, bring the per-user key (mutual TLS without any key takes --insecure on every side).
+        key = server_key(host, key, insecure)
         self._listen = socket.create_server((host, port), family=_family(host), backlog=256)
         self._listen.setblocking(False)
         super().__init__(host, int(self._listen.getsockname()[1]), key=key, limits=limits,
@@ -320,12 +323,12 @@ class TcpServer(ServerCore):
         except NotTlsError as exc:
             self._throttled.log("plaintext", logging.WARNING, "closing connection from %s: %s", conn.peer, exc)
             if exc.ours:
-                conn.refuse_plaintext(reject(RejectCode.PROTOCOL, "this job server requires TLS: connect with "
-                                             "tls_ca=... (--tls-ca), and a client certificate if it asks for one"))
+                self._refuse_plaintext(conn)
             self._lost(conn_id)
             return
         except ProtocolError as exc:
-            log.warning("closing connection from %s: %s%s", conn.peer, exc, _tls_hint(exc, self._tls))
+            limited(log, logging.WARNING, (owner(self), "bad frame"), "closing connection from %s: %s%s", conn.peer,
+                    printable(exc), _tls_hint(exc, self._tls))
             if isinstance(exc, AuthenticationError) and not conn.opened:
                 self._refuse_key(conn)
             self._lost(conn_id)
@@ -336,7 +339,8 @@ class TcpServer(ServerCore):
             return
         if frames is None:
             if conn.mid_frame:
-                log.warning("connection from %s closed in the middle of a frame (truncated)", conn.peer)
+                limited(log, logging.WARNING, (owner(self), "truncated"),
+                        "connection from %s closed in the middle of a frame (truncated)", conn.peer)
             self._lost(conn_id)
             return
         if conn.read_needs_write:
@@ -367,6 +371,18 @@ class TcpServer(ServerCore):
         with contextlib.suppress(OSError):
             conn.flush()
 
+    def _refuse_plaintext(self, conn: Connection) -> None:
+        """Tell a peer of ours that speaks plaintext to this TLS server what it must do, signed as it expects
+        the answer to its OPEN to be (bound to that OPEN's nonce), so that a peer with the key reads the
+        reason rather than a bad HMAC. Best effort: only if its OPEN has already arrived whole, as it does
+        when sent in one write; otherwise the refusal goes out signed with the shared key alone."""
+        with contextlib.suppress(ProtocolError, OSError):
+            frames = conn.read_plaintext()
+            if frames:
+                conn.send_mac = self.open_session(frames[0]).challenge_mac
+        conn.refuse_plaintext(reject(RejectCode.PROTOCOL, "this job server requires TLS: connect with tls_ca=... "
+                                     "(--tls-ca), and a client certificate if it asks for one"))
+
     def _failed(self, conn: Connection, exc: OSError) -> None:
         if self._tls is None:
             log.info("connection from %s failed: %s", conn.peer, exc)
@@ -396,7 +412,8 @@ class TcpServer(ServerCore):
             try:
                 done = conn.flush()
             except OSError as exc:
-                log.info("connection from %s lost while sending: %s", conn.peer, exc)
+                limited(log, logging.INFO, (owner(self), "lost"), "connection from %s lost while sending: %s",
+                        conn.peer, printable(exc))
                 self._lost(conn_id)
                 continue
             if conn.write_registered == done:  # (un)register interest in writability only on change

@@ -86,6 +86,11 @@ class Connection:
                 self._out[0] = head[sent:]
                 sent = 0
 
+    def read_plaintext(self) -> list[Frame]:
+        """What a plaintext peer of a TLS connection has sent so far, read as plaintext frames, without
+        waiting (a plaintext connection never needs this)."""
+        return []
+
     def refuse_plaintext(self, frame: Frame) -> None:
         """A TLS connection's answer to a plaintext peer (a plaintext connection never needs one)."""
 

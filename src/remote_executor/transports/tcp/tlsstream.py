@@ -118,6 +118,12 @@ class TlsConnection(Connection):
         self.handshaking = False
         return True
 
+    def read_plaintext(self) -> list[Frame]:
+        """What a plaintext peer has sent so far (before the socket was wrapped), as plaintext frames."""
+        if self._server_context is None:  # wrapped: TLS after all
+            return []
+        return Connection.read(self) or []
+
     def refuse_plaintext(self, frame: Frame) -> None:
         """Answer a plaintext peer in plaintext (it cannot read anything else), before it is closed."""
         super().queue(frame)

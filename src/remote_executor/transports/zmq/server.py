@@ -28,7 +28,8 @@ import zmq
 from ...errors import AuthenticationError, ProtocolError, TransportError
 from ...jobserver.scheduler import ConnId
 from ...jobserver.server import PRE_SESSION_LIMITS, ServerCore
-from ...security import check_bind
+from ...logsafe import limited, owner, printable
+from ...security import server_key
 from ...wire.frames import Frame, Kind, Limits, encode
 from ...wire.messages import key_rejected
 from ...wire.serialization import Buffer
@@ -68,7 +69,7 @@ class ZmqServer(ServerCore):
         curve_secret_key: str | os.PathLike[str] | None = None,
         curve_allow: str | os.PathLike[str] | None = None,
     ) -> None:
-        check_bind(host, key, insecure)
+        key = server_key(host, key, insecure)  # the per-user key unless given one or insecure
         if curve_allow is not None and curve_secret_key is None:
             raise TransportError("a CURVE allow-list (curve_allow, --curve-allow) needs the server's CURVE "
                                  "secret key too (curve_secret_key, --curve-secret-key)")
@@ -175,7 +176,8 @@ class ZmqServer(ServerCore):
 
     def _open(self, route: bytes, frame: Frame) -> None:
         if frame.kind != Kind.OPEN:
-            log.debug("ignoring %s from unknown peer %s (a dropped session)", frame.kind.name, route.hex())
+            limited(log, logging.DEBUG, (owner(self), "unknown peer"), "ignoring %s from unknown peer %s "
+                    "(a dropped session)", frame.kind.name, printable(route.hex()))
             return
         opening = self.open_session(frame)
         conn = self._new_conn_id()
@@ -188,7 +190,8 @@ class ZmqServer(ServerCore):
 
     def _malformed(self, route: bytes, exc: ProtocolError) -> None:
         conn = self._ids.get(route)
-        log.warning("dropping zmq peer %s: %s", route.hex() if conn is None else f"#{conn}", exc)
+        limited(log, logging.WARNING, (owner(self), "bad frame"), "dropping zmq peer %s: %s",
+                printable(route.hex()) if conn is None else f"#{conn}", printable(exc))
         if conn is not None:
             self._lost(conn)
         elif isinstance(exc, AuthenticationError):
