@@ -212,10 +212,10 @@ def _client_options(args: argparse.Namespace, backend: Backend) -> Options:
 
 
 def _tls_options(args: argparse.Namespace, backend: Backend) -> dict[str, Any]:
-    """The TLS options of the command line (TLS is an option of tcp:// only)."""
+    """The TLS options of the command line (for tcp:// and gearman://; zmq:// has CURVE instead)."""
     options = TlsConfig.options_from_args(args)
-    if options and backend.scheme != "tcp":
-        raise UsageError(f"the --tls options are for tcp:// only, not {backend.scheme}://")
+    if options and backend.scheme not in ("tcp", "gearman"):
+        raise UsageError(f"the --tls options are for tcp:// and gearman:// only, not {backend.scheme}://")
     return options
 
 

@@ -85,11 +85,11 @@ class TlsConfig:
                                 help="tcp only: require client and worker certificates signed by this CA")
             return
         parser.add_argument("--tls", action="store_true",
-                            help="tcp only: TLS, verifying the server against the system's trusted CAs")
-        parser.add_argument("--tls-ca", metavar="FILE", help="tcp only: TLS, trusting the server certificates "
-                            "this CA signed")
-        parser.add_argument("--tls-cert", metavar="FILE", help="tcp only: this side's certificate (mutual TLS)")
-        parser.add_argument("--tls-key", metavar="FILE", help="tcp only: the private key of --tls-cert")
+                            help="tcp and gearman: TLS, verifying the server against the system's trusted CAs")
+        parser.add_argument("--tls-ca", metavar="FILE", help="tcp and gearman: TLS, trusting the server "
+                            "certificates this CA signed")
+        parser.add_argument("--tls-cert", metavar="FILE", help="tcp and gearman: this side's certificate (mutual TLS)")
+        parser.add_argument("--tls-key", metavar="FILE", help="tcp and gearman: the private key of --tls-cert")
 
     @staticmethod
     def options_from_args(args: argparse.Namespace) -> dict[str, Any]:

@@ -54,19 +54,20 @@ class GearmanBackend(Backend):
         """gearmand's admin ``status`` and ``workers`` of every job server. gearmand's admin protocol has no
         authentication, so the key is not used."""
         from .connection import GearmanConnectionError, admin_command, admin_status, admin_workers
+        from .tlssocket import tls_context
 
         timeout = options.connect_timeout
+        tls = tls_context(options.extra)
         addresses, pool = parse_url(url)
         servers: list[dict[str, object]] = []
         errors = []
         for host, port in addresses:
             entry: dict[str, object] = {"address": f"{host}:{port}"}
             try:
-                entry["version"] = " ".join(admin_command(host, port, "version", timeout=timeout))
-                entry["status"] = [vars(s) for s in admin_status(host, port, timeout=timeout)]
-                entry["workers"] = [
-                    {**vars(w), "functions": list(w.functions)} for w in admin_workers(host, port, timeout=timeout)
-                ]
+                entry["version"] = " ".join(admin_command(host, port, "version", timeout=timeout, tls=tls))
+                entry["status"] = [vars(s) for s in admin_status(host, port, timeout=timeout, tls=tls)]
+                entry["workers"] = [{**vars(w), "functions": list(w.functions)}
+                                    for w in admin_workers(host, port, timeout=timeout, tls=tls)]
             except (GearmanConnectionError, OSError) as exc:
                 entry["error"] = str(exc)
                 errors.append(str(exc))

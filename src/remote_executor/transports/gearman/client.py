@@ -72,6 +72,7 @@ from .jobs import (
     parse_url,
 )
 from .replay import REPLAYED
+from .tlssocket import tls_context
 
 log = logging.getLogger("remote_executor.gearman")
 
@@ -123,6 +124,7 @@ class GearmanClientTransport(ClientTransport):
                         "to run", url)
         self.function = function_name(pool)
         self._options = options
+        self._tls = tls_context(options.extra)  # loads the files now: a bad one fails the construction
         self._job_ttl = check_job_ttl(options.extra.get("job_ttl", DEFAULT_JOB_TTL))
         self._codec = JobCodec(options.key, self.function, limits=options.limits())  # fails early without cryptography
         # gearmand announces no limit of its own: a job must fit the packets a worker (and, for its
@@ -231,7 +233,7 @@ class GearmanClientTransport(ClientTransport):
         server.generation += 1
         callbacks = _Callbacks(self, server, server.generation)
         conn = GearmanClientConnection[Ticket](server.host, server.port, callbacks,
-                                               connect_timeout=self._options.connect_timeout)
+                                               connect_timeout=self._options.connect_timeout, tls=self._tls)
         with self._lock:
             if conn.ended:  # reset before we took it (a proxy in front of a dead gearmand): its report came
                 dead = GearmanConnectionError(f"gearmand {server.address} closed the connection at once")
@@ -474,7 +476,7 @@ class GearmanClientTransport(ClientTransport):
 
     def _cancel(self, server: _Server, handle: bytes) -> None:
         try:
-            cancel_job(server.host, server.port, handle, timeout=self._options.connect_timeout)
+            cancel_job(server.host, server.port, handle, timeout=self._options.connect_timeout, tls=self._tls)
         except (GearmanError, OSError) as exc:
             log.warning("could not cancel job %s on gearmand %s: %s", printable(handle), server.address,
                         printable(exc))
@@ -485,7 +487,8 @@ class GearmanClientTransport(ClientTransport):
             if server.conn is None:
                 continue
             try:
-                statuses = admin_status(server.host, server.port, timeout=self._options.connect_timeout)
+                statuses = admin_status(server.host, server.port, timeout=self._options.connect_timeout,
+                                        tls=self._tls)
             except (GearmanError, OSError):
                 continue  # the reader thread of that server will notice if it is gone
             counts.append(sum(s.workers for s in statuses if s.function.encode() == self.function))

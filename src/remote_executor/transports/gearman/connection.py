@@ -25,6 +25,7 @@ import enum
 import logging
 import selectors
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -51,6 +52,7 @@ from .codec import (
     parse_status,
     parse_workers,
 )
+from .tlssocket import SharedTlsSocket
 
 __all__ = [
     "ClientCallbacks",
@@ -113,24 +115,34 @@ class Job:
 # --------------------------------------------------------------------------------------- sockets
 
 
-def _connect(host: str, port: int, timeout: float) -> socket.socket:
+Stream = socket.socket | SharedTlsSocket
+
+
+def _connect(host: str, port: int, timeout: float, tls: ssl.SSLContext | None = None) -> Stream:
     try:
         sock = connect((host, port), timeout, f"gearmand at {host}:{port}")
     except ConnectionFailedError as exc:
         raise GearmanConnectionError(str(exc)) from exc.__cause__
+    if tls is not None:
+        try:
+            return SharedTlsSocket.connect(sock, tls, host, timeout)
+        except (OSError, ssl.SSLError) as exc:  # ssl.SSLError is an OSError: a failed handshake or verification
+            sock.close()
+            raise GearmanConnectionError(f"TLS with gearmand at {host}:{port} failed: {exc} (is it serving "
+                                         f"TLS, with a certificate tls_ca trusts?)") from exc
     # Blocking from now on: close() (via shutdown) is what interrupts a blocked call, not a timeout
     # that would also cut a slow but healthy 1 GB send short.
     sock.settimeout(None)
     return sock
 
 
-def _shutdown(sock: socket.socket) -> None:
+def _shutdown(sock: Stream) -> None:
     # Wakes threads blocked in recv/send on this socket; the fd stays valid until close().
     with contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_RDWR)
 
 
-def _recv(sock: socket.socket, address: object, closed_by_us: Callable[[], bool]) -> bytes:
+def _recv(sock: Stream, address: object, closed_by_us: Callable[[], bool]) -> bytes:
     """Bytes from gearmand; an EOF or socket error becomes a connection error."""
     try:
         data = sock.recv(_RECV_SIZE)
@@ -148,7 +160,7 @@ def _lost(address: object, closed_by_us: bool, message: str) -> GearmanConnectio
     return GearmanConnectionError(message)
 
 
-def _send(sock: socket.socket, magic: bytes, type_: PacketType, *args: Buffer) -> None:
+def _send(sock: Stream, magic: bytes, type_: PacketType, *args: Buffer) -> None:
     for part in encode_parts(magic, type_, *args):
         sock.sendall(part)
 
@@ -207,10 +219,11 @@ class GearmanClientConnection(Generic[T]):
         *,
         connect_timeout: float = 10.0,
         max_packet_size: int = DEFAULT_MAX_PACKET_SIZE,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.address = f"{host}:{port}"
         self._callbacks = callbacks
-        self._sock = _connect(host, port, connect_timeout)
+        self._sock = _connect(host, port, connect_timeout, tls)
         self._decoder = PacketDecoder(expect_magic=RES, max_packet_size=max_packet_size)
         self._send_lock = threading.Lock()  # one packet on the wire at a time, in FIFO order
         self._state_lock = threading.Lock()  # guards the three fields below and the socket's life
@@ -396,9 +409,10 @@ class GearmanWorkerConnection:
         client_id: bytes | None = None,
         connect_timeout: float = 10.0,
         max_packet_size: int = DEFAULT_MAX_PACKET_SIZE,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.address = f"{host}:{port}"
-        self._sock = _connect(host, port, connect_timeout)
+        self._sock = _connect(host, port, connect_timeout, tls)
         self._decoder = PacketDecoder(expect_magic=RES, max_packet_size=max_packet_size)
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._sock, selectors.EVENT_READ)
@@ -521,6 +535,8 @@ class GearmanWorkerConnection:
         self._check_open()
         if deadline is None:
             return True  # recv itself blocks, and close() wakes it: save a syscall per packet
+        if isinstance(self._sock, SharedTlsSocket) and self._sock.pending():
+            return True  # decrypted already: the socket itself has nothing more to say
         return bool(self._selector.select(max(deadline - time.monotonic(), 0.0)))
 
     def _recv(self) -> bytes:
@@ -543,7 +559,8 @@ class GearmanWorkerConnection:
 # ----------------------------------------------------------------------------------------- admin
 
 
-def admin_command(host: str, port: int, command: str, *, timeout: float = 10.0) -> list[str]:
+def admin_command(host: str, port: int, command: str, *, timeout: float = 10.0,
+                  tls: ssl.SSLContext | None = None) -> list[str]:
     """Run one admin text command; return the reply's lines (without the final ``.``).
 
     Raises :class:`AdminError` when gearmand answers ``ERR``.
@@ -552,9 +569,11 @@ def admin_command(host: str, port: int, command: str, *, timeout: float = 10.0) 
         raise ValueError(f"admin command must be one line: {command!r}")
     multiline = command.strip() in _MULTILINE_ADMIN
     try:
-        with socket.create_connection((host, port), timeout=timeout) as sock:
-            sock.sendall(command.encode() + b"\n")
-            lines = _read_admin_reply(sock, multiline)
+        with socket.create_connection((host, port), timeout=timeout) as plain:
+            sock = plain if tls is None else tls.wrap_socket(plain, server_hostname=host)
+            with sock:
+                sock.sendall(command.encode() + b"\n")
+                lines = _read_admin_reply(sock, multiline)
     except OSError as exc:
         raise GearmanConnectionError(f"admin command {command!r} to gearmand at {host}:{port}: {exc}") from exc
     if lines and lines[0].startswith("ERR") and "\t" not in lines[0]:
@@ -576,22 +595,25 @@ def _read_admin_reply(sock: socket.socket, multiline: bool) -> list[str]:
             return lines[:-1] if multiline and lines[-1] == "." else lines
 
 
-def admin_status(host: str, port: int, *, timeout: float = 10.0) -> list[FunctionStatus]:
-    return parse_status(admin_command(host, port, "status", timeout=timeout))
+def admin_status(host: str, port: int, *, timeout: float = 10.0,
+                 tls: ssl.SSLContext | None = None) -> list[FunctionStatus]:
+    return parse_status(admin_command(host, port, "status", timeout=timeout, tls=tls))
 
 
-def admin_workers(host: str, port: int, *, timeout: float = 10.0) -> list[WorkerInfo]:
-    return parse_workers(admin_command(host, port, "workers", timeout=timeout))
+def admin_workers(host: str, port: int, *, timeout: float = 10.0,
+                  tls: ssl.SSLContext | None = None) -> list[WorkerInfo]:
+    return parse_workers(admin_command(host, port, "workers", timeout=timeout, tls=tls))
 
 
-def cancel_job(host: str, port: int, handle: bytes, *, timeout: float = 10.0) -> bool:
+def cancel_job(host: str, port: int, handle: bytes, *, timeout: float = 10.0,
+               tls: ssl.SSLContext | None = None) -> bool:
     """Cancel a job by handle; False if gearmand no longer knows it (it finished, or never existed).
 
     A queued job is dropped and its clients get WORK_FAIL; a running one gets WORK_FAIL at once while
     its worker carries on (the later WORK_COMPLETE is ignored by the client connection).
     """
     try:
-        (line,) = admin_command(host, port, f"cancel job {handle.decode('ascii')}", timeout=timeout)
+        (line,) = admin_command(host, port, f"cancel job {handle.decode('ascii')}", timeout=timeout, tls=tls)
     except AdminError as exc:
         if "UNKNOWN_JOB" in str(exc):
             return False

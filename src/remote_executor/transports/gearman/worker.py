@@ -41,6 +41,7 @@ from .codec import GearmanError
 from .connection import GearmanWorkerConnection, Job
 from .jobs import ALIVE, MAX_JOB_SIZE, REFUSED, STARTED, JobCodec, OpenedJob, function_name, parse_url
 from .replay import ReplayGuard
+from .tlssocket import tls_context
 
 log = logging.getLogger("remote_executor.gearman")
 
@@ -81,7 +82,7 @@ class _ServerLink:
     def _attempt(self) -> GearmanWorkerConnection:
         worker = self._worker
         return GearmanWorkerConnection(self.host, self.port, [worker.function], client_id=worker.client_id,
-                                       connect_timeout=worker.settings.connect_timeout)
+                                       connect_timeout=worker.settings.connect_timeout, tls=worker.tls)
 
     def lost(self, exc: BaseException) -> None:
         """The connection broke (main thread): close it and have the connector reconnect."""
@@ -98,6 +99,7 @@ class GearmanWorker:
         self.settings = settings
         self.core = core
         self.function = function_name(pool)
+        self.tls = tls_context(settings.extra)
         self.codec = JobCodec(settings.key, self.function)  # with a key: fails here without cryptography
         self.replays = ReplayGuard()
         self.client_id = "".join(c if c.isprintable() and not c.isspace() else "_" for c in settings.name).encode()
