@@ -21,6 +21,7 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 def test_key_bytes_from_a_file_work_like_key_file(tmp_path: Path) -> None:
     key_file = tmp_path / "cluster.key"
     key_file.write_bytes(b"s3cret-cluster-key\n")  # as `... | base64 > cluster.key` writes it
+    key_file.chmod(0o600)  # a key file others may read is refused
     server = TcpServer("127.0.0.1", 0, key=b"s3cret-cluster-key", **FAST)
     server.start()
     workers = Supervisor(server.url, 1, env={"REMOTE_EXECUTOR_KEY_HEX": b"s3cret-cluster-key".hex()},

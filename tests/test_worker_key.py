@@ -26,7 +26,8 @@ KEY = b"the cluster key"
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("REMOTE_EXECUTOR_")}
+    """This environment without a key (the per-user key file stays the test session's, never ~/.config)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("REMOTE_EXECUTOR_KEY", "REMOTE_EXECUTOR_KEY_HEX")}
     return {**env, "PYTHONPATH": SRC, **extra}
 
 
@@ -64,6 +65,7 @@ def test_the_worker_command_with_the_wrong_key_exits_with_a_clear_message(
     if worker_key is not None:
         key_file = tmp_path / "cluster.key"
         key_file.write_bytes(worker_key + b"\n")
+        key_file.chmod(0o600)
     done = subprocess.run(_worker_command(server.url, key_file), env=_env(), capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 1, done.stderr
@@ -87,6 +89,7 @@ def test_the_worker_command_says_serving_once_attached(make_server: Any, tmp_pat
     server = make_server(KEY)
     key_file = tmp_path / "cluster.key"
     key_file.write_bytes(KEY + b"\n")
+    key_file.chmod(0o600)
     proc = subprocess.Popen(_worker_command(server.url, key_file), env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
