@@ -349,3 +349,8 @@ class Backend(abc.ABC):
     def status(self, url: str, options: Options) -> dict[str, Any]:
         """The cluster's view (workers, clients, queues) for ``remote-executor status|ping``."""
         raise TransportError(f"{self.scheme}:// has no status query")
+
+    def stop(self, url: str, options: Options, workers: bool) -> list[dict[str, Any]]:
+        """Ask every job server of ``url`` to stop once its running calls have finished (``remote-executor
+        stop``), and with ``workers`` to make its workers exit for good; each server's answer."""
+        raise TransportError(f"{self.scheme}:// has no job server of ours to stop")
