@@ -164,13 +164,18 @@ def test_stop_waits_for_running_calls_starts_no_queued_one_and_then_stops() -> N
     assert h.s.status()["stopping"] is True
 
 
-def test_stop_refuses_newcomers() -> None:
+def test_a_worker_reconnecting_to_a_stopping_server_is_welcomed_but_given_no_queued_call() -> None:
+    """Refused, it would take the refusal for a wrong key and exit for good; it is to wait for the next server."""
     h = Harness()
+    h.client(1)
     h.worker(10, "a")
-    admin(h, 50)  # nothing runs: the stop is immediate
-    assert [a for a in h.recv(50, Frame(Kind.STOP)) if isinstance(a, Stop)]
-    actions = h.connect(2, hello("client", {"name": "late", "executor_id": 1, "max_retries": 0}))
-    assert any(isinstance(a, Close) and a.conn == 2 for a in actions)
+    h.submit(1, 1, "running")
+    h.submit(1, 2, "queued")
+    admin(h, 50)
+    h.recv(50, Frame(Kind.STOP))
+    actions = h.worker(11, "b")
+    assert not [a for a in actions if isinstance(a, Close)]
+    assert tasks_to(actions, 11) == []
 
 
 def test_stop_with_workers_tells_them_to_exit_for_good_and_stops_when_they_have() -> None:

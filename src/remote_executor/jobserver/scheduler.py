@@ -284,8 +284,6 @@ class Scheduler:
         role = info.get("role")
         if role not in ("client", "worker", "admin"):
             raise ProtocolError(f"unknown role {role!r}")
-        if self._stopping is not None and role != "admin":
-            raise ProtocolError("the job server is stopping")
         peer.name = f"{info.get('name', '?')}#{peer.conn}"
         if role != "admin":
             check_versions(info, f"{role} {peer.name}", self.name)
