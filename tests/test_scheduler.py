@@ -503,8 +503,8 @@ def test_drain_acks_stops_new_tasks_drops_capacity_and_still_forwards_results() 
     actions = h.result(10, tid)
     assert [(f.a, f.b) for f in sent(actions, 1, Kind.RESULT)] == [(1, Status.DONE)]
     assert tasks_to(actions, 10) == []
-    assert h.s.status()["workers"][0] == {"name": "worker#10", "pool": "default", "slots": 2, "running": 0,
-                                          "draining": True}
+    assert h.s.status()["workers"][0] == {"name": "worker#10", "host": "", "pid": 0, "pool": "default", "slots": 2,
+                                          "running": 0, "done": 1, "uptime": 0.0, "draining": True}
     actions = h.worker(11, slots=1)
     assert tasks_to(actions, 11) == [b"call queued"]
     assert capacities(actions, 1) == [1]
@@ -549,26 +549,36 @@ def test_status_content() -> None:
     h = Harness(name="js-7")
     h.client(1, name="alice")
     h.client(2, name="bob", executor_id=8)
-    h.worker(10, "w1", slots=2)
+    h.connect(10, worker_hello("w1", slots=2, host="node-a", pid=4242))
+    h.workers.add(10)
+    h.now = 2.5
     h.worker(11, "w2", slots=1)
+    h.now = 4.0
     h.submit(1, 1)
     h.submit(1, 2)
     h.submit(2, 1)
     h.submit(1, 3)
+    assert tids_to(h.result(11, 3), 11) == [4]  # w2 answers bob's first call and takes alice's third
+    h.submit(1, 5)
     h.recv(11, Frame(Kind.DRAIN))
     h.submit(2, 2)
     assert h.s.status() == {
         "server": "js-7",
         "capacity": 2,
         "workers": [
-            {"name": "w1#10", "pool": "default", "slots": 2, "running": 2, "draining": False},
-            {"name": "w2#11", "pool": "default", "slots": 1, "running": 1, "draining": True},
+            {"name": "w1#10", "host": "node-a", "pid": 4242, "pool": "default", "slots": 2, "running": 2,
+             "done": 0, "uptime": 4.0, "draining": False},
+            {"name": "w2#11", "host": "", "pid": 0, "pool": "default", "slots": 1, "running": 1, "done": 1,
+             "uptime": 1.5, "draining": True},
         ],
         "clients": [
-            {"name": "alice#1", "pool": "default", "queued": 1, "running": 2},
-            {"name": "bob#2", "pool": "default", "queued": 1, "running": 1},
+            {"name": "alice#1", "pool": "default", "queued": 1, "running": 3},
+            {"name": "bob#2", "pool": "default", "queued": 1, "running": 0},
         ],
         "pools": {"default": {"workers": 2, "capacity": 2, "clients": 2, "queued": 2}},
+        "done": 1,
+        "uptime": 4.0,
+        "stopping": False,
     }
 
 

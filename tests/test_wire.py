@@ -306,7 +306,7 @@ def test_a_keyless_frame_read_with_a_key_is_rejected(frame: list[Frame], data: s
     as the job server refusing our key, which is what it is when it comes first)."""
     single = encode_bytes(frame[0])
     out: list[Frame] = []
-    with pytest.raises(ProtocolError, match="unsigned frames|rejected our key"):
+    with pytest.raises(ProtocolError, match=r"unsigned frames|rejected our key"):
         feed(FrameReader(KEY), split(single, data.draw(st.lists(st.integers(0, len(single)), max_size=5))), out)
     assert out == []
 

@@ -39,11 +39,13 @@ __all__ = [
     "VersionMismatchError",
     "WorkerLostError",
     "__version__",
+    "cluster_status",
 ]
 
 if TYPE_CHECKING:
     from .executor import RemoteExecutor
     from .ssh import SSHCluster
+    from .status import cluster_status
 
 
 def __getattr__(name: str) -> Any:
@@ -56,4 +58,8 @@ def __getattr__(name: str) -> Any:
         from .ssh import SSHCluster
 
         return SSHCluster
+    if name == "cluster_status":
+        from .status import cluster_status
+
+        return cluster_status
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

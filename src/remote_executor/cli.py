@@ -3,7 +3,8 @@
     remote-executor server tcp://127.0.0.1:5555            the job server for tcp:// (zmq:// likewise)
     remote-executor worker tcp://host:5555 --processes 4   N worker processes, restarted if they crash
     remote-executor status tcp://host:5555                 workers, clients and queues
-    remote-executor ping tcp://host:5555                   is it up, and how far away
+    remote-executor ping tcp://host:5555 --wait 30         is it up (waiting for it), and how far away
+    remote-executor stop tcp://host:5555 --workers         drain and stop a job server (and its workers)
     remote-executor tls-keygen DIR --host NAME_OR_IP       a private CA and certificates for TLS (tcp://)
     remote-executor cluster up --hosts n1,n2 --processes 4 a job server here, workers on n1 and n2 over SSH
 
@@ -34,6 +35,7 @@ from typing import Any
 
 from . import __version__
 from .errors import RemoteExecutorError
+from .netio import retry_with_backoff
 from .pools import pool_of_url
 from .security import key_to_env, resolve_key
 from .supervisor import Supervisor
@@ -101,6 +103,7 @@ def _parser() -> argparse.ArgumentParser:
         ("worker", _worker, "run worker processes for a job server or gearmand"),
         ("status", _status, "show workers, clients and queues of a job server"),
         ("ping", _ping, "check that a job server answers"),
+        ("stop", _stop, "drain and stop a job server (and with --workers its workers)"),
     ):
         sub = commands.add_parser(name, help=helptext, description=textwrap.fill(_DESCRIPTIONS[name], 100))
         sub.set_defaults(func=func)
@@ -108,7 +111,7 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--key-file", help="file holding the shared HMAC key, mode 600 (default: "
                          "$REMOTE_EXECUTOR_KEY, else this user's key file); - reads it from standard input")
         sub.add_argument("--insecure", action="store_true", help=_INSECURE_HELP[name])
-        if name in ("status", "ping"):
+        if name in ("status", "ping", "stop"):
             sub.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer")
         if name in ("server", "worker"):
             sub.add_argument("--heartbeat-interval", type=float, default=1.0,
@@ -120,6 +123,16 @@ def _parser() -> argparse.ArgumentParser:
     server.add_argument("--max-frame-size", type=int, default=Limits().max_frame,
                         help="largest frame accepted, in bytes: a larger call or result fails with "
                              "FrameTooLargeError")
+    status = commands.choices["status"]
+    status.add_argument("--watch", action="store_true",
+                        help="a live view refreshed in the terminal (workers, queues, calls/s) until Ctrl-C")
+    status.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes of --watch")
+    commands.choices["ping"].add_argument(
+        "--wait", type=float, default=0.0, metavar="SECONDS",
+        help="retry until the server answers or SECONDS have passed (a server that is still starting)")
+    commands.choices["stop"].add_argument(
+        "--workers", action="store_true",
+        help="its workers exit for good too (their `remote-executor worker` commands end with status 0)")
     worker = commands.choices["worker"]
     worker.add_argument("--processes", type=int, default=os.cpu_count() or 1,
                         help="how many worker processes to run (default: the number of CPUs)")
@@ -154,7 +167,11 @@ _DESCRIPTIONS = {
               "any that crash. It says it serves once the job server has let a worker in; SIGTERM or Ctrl-C "
               "drains (running calls finish, then the processes exit).",
     "status": "Print, as JSON, the workers, clients and queues of a running job server (or gearmand).",
-    "ping": "Check that a job server answers, and how fast.",
+    "ping": "Check that a job server answers, and how fast; with --wait, retry until it does.",
+    "stop": "Stop a job server from any machine with its key: no queued call starts any more, running calls "
+            "finish, then it exits (its clients resubmit what was queued to another server of their URL, "
+            "or fail once none answers). With --workers its workers then exit for good: their supervisors "
+            "(`remote-executor worker`) do not restart them and end with status 0.",
 }
 
 
@@ -181,6 +198,7 @@ _INSECURE_HELP = {
     "worker": "no key unless one is given: whoever can reach the server runs code as this user",
     "status": "no key unless one is given (for a server started with --insecure)",
     "ping": "no key unless one is given (for a server started with --insecure)",
+    "stop": "no key unless one is given (for a server started with --insecure)",
 }
 
 
@@ -266,6 +284,10 @@ def _worker(args: argparse.Namespace) -> int:
             supervisor.stop()
             raise RemoteExecutorError(f"the job server {args.url} refused every worker process (see above): "
                                       f"check --key-file (or $REMOTE_EXECUTOR_KEY) and the versions")
+        if supervisor.stopped.is_set():
+            print(f"the job server {args.url} was stopped with its workers; exiting", flush=True)
+            supervisor.stop()
+            return 0
         if not announced and supervisor.serving.is_set():
             # Only now: "serving" means one process has been welcomed by the job server, not just started.
             print(f"{args.processes} worker process(es) serving {args.url} (pool {pool})", flush=True)
@@ -295,17 +317,70 @@ def _tls_ca_from_stdin() -> str:
 
 def _status(args: argparse.Namespace) -> int:
     backend = _backend(args.url)
-    info = backend.status(args.url, _client_options(args, backend))
+    options = _client_options(args, backend)
+    if args.watch:
+        if not args.interval > 0:
+            raise UsageError("--interval must be a positive number of seconds")
+        return _watch(args.url, backend, options, args.interval)
+    info = backend.status(args.url, options)
     print(json.dumps(info, indent=2))
+    return 0
+
+
+def _watch(url: str, backend: Backend, options: Options, interval: float) -> int:
+    """``status --watch``: redraw the view every ``interval`` seconds until SIGINT/SIGTERM (status 0)."""
+    from .status import ClusterStatus, render
+
+    stop = threading.Event()
+    _on_stop_signals(stop.set)
+    clear = "\x1b[H\x1b[2J" if sys.stdout.isatty() else ""  # a log of views when not a terminal
+    previous: ClusterStatus | None = None
+    taken = 0.0
+    while not stop.is_set():
+        now = time.monotonic()
+        try:
+            current = ClusterStatus.from_dict(backend.status(url, options), url)
+            text = render(current, previous, now - taken)
+            previous, taken = current, now
+        except RemoteExecutorError as exc:  # keep watching: the server may come back
+            text = f"{url}: not answering: {exc}"
+        print(f"{clear}{time.strftime('%H:%M:%S')}  every {interval:g}s, Ctrl-C to quit\n{text}\n", flush=True)
+        stop.wait(interval)
     return 0
 
 
 def _ping(args: argparse.Namespace) -> int:
     backend = _backend(args.url)
     options = _client_options(args, backend)
+    if args.wait < 0:
+        raise UsageError("--wait must be 0 or more seconds")
+    stop = threading.Event()
+    _on_stop_signals(stop.set)
     start = time.perf_counter()
-    backend.status(args.url, options)
-    print(f"{args.url} answered in {(time.perf_counter() - start) * 1e3:.1f} ms")
+
+    def attempt() -> float:
+        began = time.perf_counter()
+        backend.status(args.url, options)
+        return time.perf_counter() - began
+
+    took = retry_with_backoff(attempt, args.wait, stop,
+                              lambda exc, delay: log.info("no answer yet (%s); retrying in %.1fs", exc, delay),
+                              transient=(RemoteExecutorError, OSError))
+    if took is None:  # interrupted while waiting
+        return 130
+    waited = time.perf_counter() - start - took
+    after = f" after waiting {waited:.1f}s" if waited >= 0.05 else ""
+    print(f"{args.url} answered in {took * 1e3:.1f} ms{after}")
+    return 0
+
+
+def _stop(args: argparse.Namespace) -> int:
+    backend = _backend(args.url)
+    answers = backend.stop(args.url, _client_options(args, backend), args.workers)
+    for answer in answers:
+        workers = f"; its {answer.get('workers', 0)} worker(s) exit for good then" if args.workers else ""
+        print(f"{answer.get('server', args.url)} is stopping: {answer.get('running', 0)} running call(s) "
+              f"finish first{workers}", flush=True)
     return 0
 
 
@@ -338,7 +413,7 @@ def _add_curve_flags(commands: dict[str, argparse.ArgumentParser]) -> None:
     server.add_argument("--curve-allow", metavar="DIR",
                         help="zmq only: admit only clients and workers whose public certificate (*.key) is in "
                              "DIR (needs --curve-secret-key; default: anyone with the server's public key)")
-    for name in ("worker", "status", "ping"):
+    for name in ("worker", "status", "ping", "stop"):
         commands[name].add_argument(
             "--curve-server-key", metavar="FILE",
             help="zmq only: the server's public CURVE certificate (default: $REMOTE_EXECUTOR_CURVE_SERVER_KEY)")

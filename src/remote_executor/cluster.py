@@ -12,6 +12,7 @@ import os
 import threading
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from .errors import BrokenRemoteExecutor, TransportError
 from .supervisor import Supervisor
@@ -134,6 +135,14 @@ class EmbeddedTransport(ClientTransport):
     def submit(self, calls: Sequence[Call]) -> None:
         assert self._client is not None
         self._client.submit(calls)
+
+    def broadcast_targets(self, timeout: float) -> list[str]:
+        assert self._client is not None
+        return self._client.broadcast_targets(timeout)
+
+    def query_status(self, timeout: float) -> dict[str, Any]:
+        assert self._client is not None
+        return self._client.query_status(timeout)
 
     def close(self) -> None:
         if self._client is not None:

@@ -52,6 +52,7 @@ from typing import Any, Generic, ParamSpec, TypeVar
 
 from .errors import BrokenRemoteExecutor, CallTimeoutError, SerializationError
 from .security import resolve_key
+from .status import ClusterStatus
 from .transports.base import Call, ClientTransport, Options, Session, Status, decode_result
 from .wire.messages import check_limit
 from .wire.serialization import Parts, encode_call, encode_chunk, encode_initializer
@@ -158,6 +159,9 @@ class _Core:
         self.closed = threading.Event()
         self.pending: deque[_WorkItem] = deque()
         self.in_flight: dict[int, _WorkItem] = {}
+        # A broadcast's calls, one per worker: outside the window (they neither wait in "pending" nor take a
+        # place of "in_flight"), but outstanding like any call, so shutdown waits for them.
+        self.broadcasting: dict[int, _WorkItem] = {}
         self.unclaimed: set[Future[Any]] = set()  # futures of "pending" nobody has moved out of PENDING
         self.task_ids = itertools.count(1)
         self.capacity = 0
@@ -257,9 +261,38 @@ class _Core:
 
     # --- listener (transport threads) ----------------------------------------------------------------
 
+    def broadcast(self, parts: Parts, workers: list[str], limit: float | None) -> dict[str, Future[Any]]:
+        """One call per named worker, pinned to it; their futures (RUNNING already: they cannot be cancelled)."""
+        futures: dict[str, Future[Any]] = {}
+        with self.lock, _global_shutdown_lock:
+            self.check_open()
+            calls = []
+            for name in workers:
+                future: Future[Any] = Future()
+                future.set_running_or_notify_cancel()
+                task_id = next(self.task_ids)
+                self.broadcasting[task_id] = _WorkItem(future, parts, limit)
+                calls.append(Call(task_id, parts, limit, worker=name))
+                futures[name] = future
+            self.outstanding += len(calls)
+            try:
+                if calls:
+                    self.transport.submit(calls)
+                rejected: Exception | None = None
+            except Exception as exc:  # a transport bug: fail these calls, not the caller
+                logger.exception("transport %r failed to accept a broadcast", self.transport)
+                for call in calls:
+                    self.broadcasting.pop(call.task_id, None)
+                rejected = exc
+        if rejected is not None:
+            for future in futures.values():
+                future.set_exception(rejected)
+            self._settled(len(futures))
+        return futures
+
     def on_result(self, task_id: int, status: Status, parts: Parts) -> None:
         with self.lock:
-            item = self.in_flight.pop(task_id, None)
+            item = self.in_flight.pop(task_id, None) or self.broadcasting.pop(task_id, None)
         if item is None:
             return  # already failed by on_broken, or a duplicate
         self.dispatch()
@@ -276,14 +309,14 @@ class _Core:
 
     def on_started(self, task_id: int) -> None:
         with self.lock:
-            item = self.in_flight.get(task_id)
+            item = self.in_flight.get(task_id) or self.broadcasting.get(task_id)
         if item is not None and item.limit is not None:
             self.deadlines.arm(time.monotonic() + item.limit + self.limit_slack, lambda: self._expire(task_id))
 
     def _expire(self, task_id: int) -> None:
         """No result long after a call's limit: neither its worker nor the job server reported it."""
         with self.lock:
-            item = self.in_flight.pop(task_id, None)
+            item = self.in_flight.pop(task_id, None) or self.broadcasting.pop(task_id, None)
         if item is None:
             return  # it settled in time
         assert item.limit is not None
@@ -345,9 +378,11 @@ class _Core:
             self.capacity_changed.notify_all()
             claims = [(item, self._claim(item.future)) for item in self.pending]
             failed = [item for item, claimed in claims if claimed] + list(self.in_flight.values())
+            failed += self.broadcasting.values()
             dropped = sum(claimed is False for _, claimed in claims)
             self.pending.clear()
             self.in_flight.clear()
+            self.broadcasting.clear()
         logger.error("RemoteExecutor is broken: %s", error, exc_info=error)
         with _settling(self):
             for item in failed:
@@ -462,6 +497,7 @@ class RemoteExecutor(Executor):
             raise ValueError("no_workers_warning must be None or a positive number of seconds")
         self._max_workers = max_workers
         self._call_timeout = check_limit(call_timeout)
+        self._request_timeout = connect_timeout + heartbeat_timeout  # broadcast's and status()'s questions
         self._parent: RemoteExecutor | None = None  # a view (with_options) holds the executor it views
         init_parts = encode_initializer(initializer, tuple(initargs)) if initializer is not None else None
         options = Options(
@@ -524,6 +560,37 @@ class RemoteExecutor(Executor):
         if n < 1:
             raise ValueError("n must be at least 1")
         return self._core.wait_for_workers(n, timeout)
+
+    def broadcast(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> dict[str, Future[T]]:
+        """Run ``fn(*args, **kwargs)`` once on every worker process attached now; return a future per worker.
+
+        The result maps each worker's name (as ``status()`` shows it) to the future of its call, already
+        running: it resolves with that worker's result, or fails with its exception. A worker lost before or
+        while it runs the call fails its future with :class:`~remote_executor.errors.WorkerLostError`; the
+        call is never run on another worker instead, and never retried. Workers that attach later do not run
+        it (give the executor an ``initializer`` for that); with no worker attached the dict is empty (see
+        :meth:`wait_for_workers`). Only workers of this executor's pool take part. Every argument goes to
+        ``fn`` untouched; a view from :meth:`with_options` applies its time limit to each call.
+
+        Broadcast calls do not count against ``max_workers``: they do not wait behind queued calls, though on
+        each worker the call waits for a free slot. Raises ``NotImplementedError`` on a transport that cannot
+        address one worker (gearman://: gearmand hands a job to whichever worker asks first), and a
+        :class:`~remote_executor.errors.SerializationError` if the call cannot be pickled.
+        """
+        core = self._core
+        core.check_open()
+        parts = encode_call(fn, args, kwargs)
+        workers = core.transport.broadcast_targets(self._request_timeout)
+        return core.broadcast(parts, workers, self._call_timeout)
+
+    def status(self) -> ClusterStatus:
+        """The cluster as the job server sees it now: workers, clients and queues, typed.
+
+        The same data ``remote-executor status URL`` prints; :func:`remote_executor.cluster_status` asks a
+        URL without an executor. Raises ``NotImplementedError`` on a transport without a job server of ours
+        (gearman://: use ``cluster_status`` on its URL, which asks gearmand).
+        """
+        return ClusterStatus.from_dict(self._core.transport.query_status(self._request_timeout))
 
     @property
     def call_timeout(self) -> float | None:

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .netio import Backoff
-from .transports.base import EXIT_TIMED_OUT
+from .transports.base import EXIT_STOPPED, EXIT_TIMED_OUT
 from .worker import LIFELINE_ENV, REFUSED, SERVING_ENV
 
 log = logging.getLogger("remote_executor.supervisor")
@@ -79,6 +79,8 @@ class Supervisor:
         os.set_blocking(self._serving_r, False)
         self._selector.register(self._serving_r, selectors.EVENT_READ, None)
         self._refused: set[int] = set()  # indexes of children the job server refused: not restarted
+        self._stopped: set[int] = set()  # indexes of children whose job server was stopped with its workers
+        self.stopped = threading.Event()  # set once every child exited for good (remote-executor stop --workers)
         self.serving = threading.Event()  # set once any child has completed its first handshake
         self.refused = threading.Event()  # set once every child was refused (a wrong key, other versions)
         self._thread: threading.Thread | None = None
@@ -156,6 +158,12 @@ class Supervisor:
             self._refused.add(child.index)
             if len(self._refused) == self.processes:
                 self.refused.set()
+            return
+        if code == EXIT_STOPPED:  # its job server was stopped with its workers: for good, not a crash
+            log.info("worker %s-%d exited: its job server was stopped with its workers", self.name, child.index)
+            self._stopped.add(child.index)
+            if len(self._stopped | self._refused) == self.processes:
+                self.stopped.set()
             return
         if not self.restart:
             log.warning("worker %s-%d exited with %s", self.name, child.index, code)

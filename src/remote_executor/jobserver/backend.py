@@ -23,8 +23,8 @@ from ..transports.base import (
     WorkerCore,
     WorkerSettings,
 )
-from ..wire.frames import DEFAULT_LIMITS, Limits
-from .client import Connector, JobServerClient, fetch_status
+from ..wire.frames import DEFAULT_LIMITS, Frame, Kind, Limits
+from .client import Connector, JobServerClient, admin_request, fetch_status
 from .embedded import EmbeddedJobServer
 from .server import ServerCore
 from .worker import run_worker
@@ -78,3 +78,8 @@ class JobServerBackend(Backend):
         if all("error" in entry for entry in found):
             raise ConnectionFailedError("; ".join(entry["error"] for entry in found))
         return {"url": url, "servers": found}
+
+    def stop(self, url: str, options: Options, workers: bool) -> list[dict[str, Any]]:
+        """STOP every server of ``url`` (each answers at once; it stops when its running calls are done)."""
+        return [admin_request(connect, options.key, Frame(Kind.STOP, b=int(workers)), options.connect_timeout)
+                for _, connect in self.servers(url, options.key, options.extra)]

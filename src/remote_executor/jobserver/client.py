@@ -16,6 +16,7 @@ share: the HELLO, SUBMIT frames, the calls in flight, and what each frame from t
 from __future__ import annotations
 
 import abc
+import itertools
 import logging
 import os
 import socket
@@ -23,19 +24,22 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FuturesTimeoutError
 from typing import Any
 
 from ..errors import (
     BrokenRemoteExecutor,
     ConnectionFailedError,
     HandshakeClosedError,
+    ProtocolError,
     RemoteExecutorError,
     ServerUnavailableError,
 )
 from ..netio import Waker, retry_with_backoff
 from ..pools import DEFAULT_POOL, pool_of_url
 from ..transports.base import Call, ClientTransport, Listener, Options, Session
-from ..wire.frames import Frame, Kind, Status
+from ..wire.frames import PINNED, Frame, Kind, Status
 from ..wire.messages import (
     announced_limit,
     call_frame,
@@ -43,6 +47,7 @@ from ..wire.messages import (
     initializer_failed,
     oversize,
     parse_json,
+    pinned,
     rejection,
     worker_lost_parts,
 )
@@ -190,14 +195,22 @@ def open_session(connect: Connector, key: bytes | None, first: Frame, timeout: f
 
 def fetch_status(connect: Connector, key: bytes | None, timeout: float) -> dict[str, Any]:
     """The job server's view (workers, clients, queues), for ``remote-executor status|ping``."""
-    channel = open_session(connect, key, hello("admin", {"name": "admin"}), timeout)
+    return admin_request(connect, key, Frame(Kind.STATUS), timeout)
+
+
+def admin_request(connect: Connector, key: bytes | None, request: Frame, timeout: float) -> dict[str, Any]:
+    """Send one admin request (STATUS, STOP) and return the JSON answer of the same kind."""
+    channel = open_session(connect, key, hello("admin", {"name": f"admin {socket.gethostname()}:{os.getpid()}"}),
+                           timeout)
     try:
-        channel.send(Frame(Kind.STATUS), timeout)
+        channel.send(request, timeout)
         deadline = time.monotonic() + timeout
         while (frame := channel.next_frame(max(deadline - time.monotonic(), 0.0))) is not None:
-            if frame.kind == Kind.STATUS:
+            if frame.kind == request.kind:
                 return parse_json(frame)
-        raise ConnectionFailedError(f"{channel.peer} did not answer STATUS within {timeout:g}s")
+            if frame.kind == Kind.REJECT:
+                raise rejection(frame, channel.peer)
+        raise ConnectionFailedError(f"{channel.peer} did not answer {request.kind.name} within {timeout:g}s")
     finally:
         channel.close()
 
@@ -221,6 +234,8 @@ class ClientSession:
         self._lock = threading.Lock()
         self._inflight: dict[int, Call] = {}  # accepted, no result yet
         self._attempts: dict[int, int] = {}  # task id -> times it may have run (absent: never)
+        self._requests: dict[int, Future[dict[str, Any]]] = {}  # WORKERS / STATUS asked, no answer yet
+        self._request_ids = itertools.count(1)
 
     def hello(self) -> Frame:
         info: dict[str, Any] = {
@@ -238,8 +253,22 @@ class ClientSession:
             for call in calls:
                 self._inflight[call.task_id] = call
                 attempts = self._attempts.get(call.task_id, 0)
-                frames.append(call_frame(Kind.SUBMIT, call.task_id, attempts, call.parts, call.limit))
+                frames.append(pinned(call_frame(Kind.SUBMIT, call.task_id, attempts, call.parts, call.limit),
+                                     call.worker))
         return frames
+
+    def request(self, kind: Kind) -> tuple[Frame, Future[dict[str, Any]]]:
+        """A WORKERS or STATUS request to send, and the future its answer (a JSON body) settles."""
+        answer: Future[dict[str, Any]] = Future()
+        with self._lock:
+            request_id = next(self._request_ids)
+            self._requests[request_id] = answer
+        return Frame(kind, a=request_id), answer
+
+    def forget(self, frame: Frame) -> None:
+        """A request that got no answer in time: its late answer, if any, is dropped."""
+        with self._lock:
+            self._requests.pop(frame.a, None)
 
     def handle(self, frame: Frame) -> None:
         """React to one frame from the server (on the transport's thread)."""
@@ -261,6 +290,14 @@ class ClientSession:
             with self._lock:
                 if frame.a in self._inflight:
                     self._attempts[frame.a] = max(self._attempts.get(frame.a, 0), frame.b)
+        elif kind in (Kind.WORKERS, Kind.STATUS):
+            with self._lock:
+                answer = self._requests.pop(frame.a, None)
+            if answer is not None:
+                try:
+                    answer.set_result(parse_json(frame))
+                except RemoteExecutorError as exc:
+                    answer.set_exception(exc)
         elif kind == Kind.BROKEN:
             self.listener.on_broken(initializer_failed(frame.parts))
         elif kind == Kind.REJECT:
@@ -284,8 +321,16 @@ class ClientSession:
         worker-lost result (``max_retries=0``: at most once)."""
         resubmit: list[Call] = []
         lost: list[tuple[int, int]] = []
+        pinned_lost: list[tuple[int, str]] = []
         with self._lock:
+            requests = list(self._requests.values())
+            self._requests.clear()
             for task_id, call in list(self._inflight.items()):
+                if call.worker is not None:  # a broadcast's call: its worker was one of that server's
+                    del self._inflight[task_id]
+                    self._attempts.pop(task_id, None)
+                    pinned_lost.append((task_id, call.worker))
+                    continue
                 if task_id in unsent:
                     continue
                 attempts = self._attempts.get(task_id, 0) + 1
@@ -296,10 +341,29 @@ class ClientSession:
                     del self._inflight[task_id]
                     self._attempts.pop(task_id, None)
                     lost.append((task_id, attempts))
+        for answer in requests:
+            answer.set_exception(ConnectionFailedError(f"lost the connection to the job server {self.server} "
+                                                       f"before it answered"))
         for task_id, attempts in lost:
             parts: Parts = worker_lost_parts([f"{self.server} (connection lost)"], attempts)
             self.listener.on_result(task_id, Status.WORKER_LOST, parts)
+        for task_id, worker in pinned_lost:
+            reason = (f"the connection to the job server {self.server} was lost before the worker {worker} "
+                      f"answered the call; a broadcast call runs on its own worker only and is never retried")
+            self.listener.on_result(task_id, Status.WORKER_LOST, worker_lost_parts([worker], 1, reason))
         return resubmit
+
+
+def ask(session: ClientSession, send: Callable[[Frame], None], kind: Kind, timeout: float) -> dict[str, Any]:
+    """Send a WORKERS or STATUS request with ``send`` and wait for its answer (the caller's thread)."""
+    frame, answer = session.request(kind)
+    send(frame)
+    try:
+        return answer.result(timeout)
+    except FuturesTimeoutError:
+        session.forget(frame)
+        raise ConnectionFailedError(f"the job server {session.server} did not answer {kind.name} within "
+                                    f"{timeout:g}s") from None
 
 
 class JobServerClient(ClientTransport):
@@ -347,6 +411,22 @@ class JobServerClient(ClientTransport):
         if threading.current_thread() is not self._thread:
             self._waker.wake()
 
+    def broadcast_targets(self, timeout: float) -> list[str]:
+        return worker_names(self._ask(Kind.WORKERS, timeout))
+
+    def query_status(self, timeout: float) -> dict[str, Any]:
+        return self._ask(Kind.STATUS, timeout)
+
+    def _ask(self, kind: Kind, timeout: float) -> dict[str, Any]:
+        assert self._session is not None
+
+        def send(frame: Frame) -> None:
+            with self._lock:
+                self._outbox.append(frame)
+            self._waker.wake()
+
+        return ask(self._session, send, kind, timeout)
+
     def close(self) -> None:
         self._stop.set()
         self._waker.wake()
@@ -386,7 +466,11 @@ class JobServerClient(ClientTransport):
         """Reconnect with backoff; resubmit what was in flight. None if we gave up (or are closing)."""
         assert self._session is not None
         with self._lock:  # calls still in the outbox never reached the lost server: they stay queued
-            unsent = {frame.a for frame in self._outbox}
+            unsent = {frame.a for frame in self._outbox if frame.kind == Kind.SUBMIT}
+            # ...except a broadcast's calls and requests: they were meant for that server (and fail now)
+            kept = [f for f in self._outbox if f.kind == Kind.SUBMIT and not f.flags & PINNED]
+            self._outbox.clear()
+            self._outbox.extend(kept)
         resubmit = self._session.connection_lost(unsent)
         try:
             # Start with the next server: the lost one may take a whole handshake timeout to say it is gone.
@@ -473,3 +557,11 @@ class JobServerClient(ClientTransport):
         for frame, why in refused:
             self._session.refuse(frame, why)
         return True
+
+
+def worker_names(answer: dict[str, Any]) -> list[str]:
+    """The worker names of a WORKERS answer, checked (it comes from the network)."""
+    names = answer.get("workers")
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise ProtocolError("the job server's WORKERS answer is malformed")
+    return names

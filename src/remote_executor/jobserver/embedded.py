@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from ..pools import DEFAULT_POOL
 from ..security import key_to_env
@@ -22,8 +23,8 @@ from ..transports.base import (
     ServerSettings,
     Session,
 )
-from ..wire.frames import Frame
-from .client import ClientSession
+from ..wire.frames import Frame, Kind
+from .client import ClientSession, ask, worker_names
 from .server import LocalLink, ServerCore
 
 ServerFactory = Callable[[ServerSettings], ServerCore]  # settings -> an unstarted server on 127.0.0.1
@@ -87,6 +88,17 @@ class LocalClient(ClientTransport):
     def submit(self, calls: Sequence[Call]) -> None:
         assert self._session is not None and self._link is not None
         self._link.send(self._session.submit_frames(calls))
+
+    def broadcast_targets(self, timeout: float) -> list[str]:
+        return worker_names(self._ask(Kind.WORKERS, timeout))
+
+    def query_status(self, timeout: float) -> dict[str, Any]:
+        return self._ask(Kind.STATUS, timeout)
+
+    def _ask(self, kind: Kind, timeout: float) -> dict[str, Any]:
+        assert self._session is not None and self._link is not None
+        link = self._link
+        return ask(self._session, lambda frame: link.send([frame]), kind, timeout)
 
     def close(self) -> None:
         if self._link is not None:

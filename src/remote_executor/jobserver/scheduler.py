@@ -21,6 +21,14 @@ requeued once its limit has passed: its worker stops it by exiting (and says so 
 TIMED_OUT); a worker lost after the deadline, or still silent about it a heartbeat timeout later, settles
 the call as TIMED_OUT too. Initializers are sent (INIT) before the first task of an
 executor on each worker; an INIT_FAILED is forwarded (BROKEN) to the executor's clients.
+
+Broadcast: a client asks which workers of its pool take calls now (WORKERS), then submits one call pinned
+to each (SUBMIT with PINNED). A pinned call waits in its worker's own queue and starts as soon as that
+worker has a free slot, before any call of the pool's queues; it never runs elsewhere: if its worker is
+gone, draining or lost while it waits or runs, the call fails at once (WORKER_LOST), never requeued.
+
+Stop (an admin's STOP): no queued call starts any more; once the running ones have finished, the workers
+are told to exit for good (if asked) and the server stops (the :class:`Stop` action).
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ from ..wire.messages import (
     parse_json,
     reject,
     split_limit,
+    split_pinned,
     timed_out_parts,
     worker_lost_parts,
 )
@@ -64,7 +73,14 @@ class Close:
     reason: str
 
 
-Action = Send | Close
+@dataclass(frozen=True, slots=True)
+class Stop:
+    """Stop serving: an admin asked, and what had to finish first has finished."""
+
+    reason: str
+
+
+Action = Send | Close | Stop
 
 
 @dataclass(slots=True)
@@ -78,6 +94,7 @@ class Task:
     lost_on: list[str] = field(default_factory=list)
     limit: float | None = None  # run-time limit in seconds
     deadline: float | None = None  # when the limit runs out, once a worker has it
+    worker: str | None = None  # pinned to this worker (a broadcast): it never runs elsewhere
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline
@@ -109,6 +126,11 @@ class WorkerState:
     running: dict[int, Task] = field(default_factory=dict)
     initialized: set[int] = field(default_factory=set)
     draining: bool = False
+    pinned: deque[Task] = field(default_factory=deque)  # calls for this worker only, waiting for a slot
+    host: str = ""
+    pid: int = 0
+    attached: float = 0.0  # when it said HELLO (the scheduler's clock)
+    done: int = 0  # calls it has answered
 
     def free(self) -> int:
         return 0 if self.draining else self.slots - len(self.running)
@@ -147,6 +169,13 @@ class Scheduler:
         self._workers: dict[ConnId, WorkerState] = {}
         self._initializers: dict[int, Parts] = {}  # executor id -> initializer parts
         self._pools: dict[str, Pool] = {}  # only pools with a client or a worker attached
+        self._worker_names: dict[str, ConnId] = {}  # a worker's status name -> its connection
+        self._since: float | None = None  # the first event's time: the server's uptime counts from there
+        self._done = 0  # calls answered by every worker, ever: a status reader derives calls/s from it
+        self._stopping: str | None = None  # why, once an admin sent STOP
+        self._stop_workers = False
+        self._stop_deadline: float | None = None  # workers told to exit: stop when they have, or then
+        self._stopped = False
         self._next_tid = 1
         self._actions: list[Action] = []
         self._now = 0.0
@@ -155,6 +184,8 @@ class Scheduler:
 
     def connected(self, conn: ConnId, now: float, *, local: bool = False) -> None:
         self._now = now
+        if self._since is None:
+            self._since = now
         self._peers[conn] = Peer(conn, now, now, local)
 
     def received(self, conn: ConnId, frame: Frame, now: float) -> None:
@@ -186,6 +217,7 @@ class Scheduler:
             self._lose_worker(peer, "connection closed")
         elif conn in self._clients:
             self._drop_client(conn)
+        self._check_stopped()
 
     def tick(self, now: float) -> float:
         """Check heartbeats; returns when the next check is due."""
@@ -199,6 +231,7 @@ class Scheduler:
                 self._close_peer(peer, f"a call is {self.heartbeat_timeout:g}s past its time limit")
             elif peer.role and now - peer.last_send >= self.heartbeat_interval:
                 self._send(peer.conn, Frame(Kind.HEARTBEAT))
+        self._check_stopped()
         return now + min(self.heartbeat_interval, self.heartbeat_timeout) / 2
 
     def take_actions(self) -> list[Action]:
@@ -213,9 +246,11 @@ class Scheduler:
         return sum(pool.capacity for pool in self._pools.values())
 
     def status(self) -> dict[str, Any]:
-        """What ``remote-executor status`` shows."""
+        """What ``remote-executor status`` shows (and ``cluster_status`` returns, typed)."""
+        now = self._now
         workers = [
-            {"name": self._peers[c].name, "pool": w.pool, "slots": w.slots, "running": len(w.running),
+            {"name": self._peers[c].name, "host": w.host, "pid": w.pid, "pool": w.pool, "slots": w.slots,
+             "running": len(w.running), "done": w.done, "uptime": round(now - w.attached, 3),
              "draining": w.draining}
             for c, w in self._workers.items()
         ]
@@ -229,8 +264,9 @@ class Scheduler:
                    "queued": sum(len(self._clients[c].queue) for c in pool.ready)}
             for name, pool in sorted(self._pools.items())
         }
+        uptime = 0.0 if self._since is None else round(now - self._since, 3)
         return {"server": self.name, "capacity": self.capacity, "workers": workers, "clients": clients,
-                "pools": pools}
+                "pools": pools, "done": self._done, "uptime": uptime, "stopping": self._stopping is not None}
 
     # --- frames ----------------------------------------------------------------------------------
 
@@ -278,7 +314,11 @@ class Scheduler:
         slots = _integer(info, "slots", 1)
         if not 0 < slots < 1 << 16:
             raise ValueError(f"a worker must offer 1..65535 slots, not {slots}")
-        return WorkerState(slots, _pool_name(info))
+        pid = _integer(info, "pid", 0)
+        host = info.get("host", "")
+        if not isinstance(host, str) or len(host) > 255 or not 0 <= pid < 1 << 32:
+            raise ValueError("HELLO fields 'host' (a name of at most 255 characters) and 'pid' are malformed")
+        return WorkerState(slots, _pool_name(info), host=host, pid=pid)
 
     def _pool(self, name: str) -> Pool:
         pool = self._pools.get(name)
@@ -302,6 +342,8 @@ class Scheduler:
 
     def _add_worker(self, peer: Peer, state: WorkerState) -> None:
         self._workers[peer.conn] = state
+        self._worker_names[peer.name] = peer.conn
+        state.attached = self._now
         pool = self._pool(state.pool)
         pool.workers += 1
         pool.free[peer.conn] = None
@@ -315,9 +357,14 @@ class Scheduler:
             raise ValueError(f"a call that ran {frame.b} time(s) is beyond max_retries={state.max_retries}")
         # frame.b: how often the call may already have run (on servers this client lost): counted here too,
         # so that max_retries bounds its executions across servers.
+        target, frame = split_pinned(frame)
         limit, parts = split_limit(frame)
-        task = Task(self._next_tid, peer.conn, frame.a, state.executor_id, parts, attempts=frame.b, limit=limit)
+        task = Task(self._next_tid, peer.conn, frame.a, state.executor_id, parts, attempts=frame.b, limit=limit,
+                    worker=target)
         self._next_tid += 1
+        if target is not None:
+            self._submit_pinned(state, task, target)
+            return
         state.tasks[task.tid] = task
         pool = self._pools[state.pool]
         if not state.queue:
@@ -325,11 +372,39 @@ class Scheduler:
         state.queue.append(task)
         self._assign(pool)
 
+    def _submit_pinned(self, state: ClientState, task: Task, target: str) -> None:
+        """A broadcast's call for one worker: it waits for that worker only, or fails now if it is gone."""
+        conn = self._worker_names.get(target)
+        worker = self._workers.get(conn) if conn is not None else None
+        if conn is None or worker is None or worker.pool != state.pool or worker.draining:
+            self._send_pinned_lost(task, "was gone (or draining) before the call reached it", ran=False)
+            return
+        state.tasks[task.tid] = task
+        worker.pinned.append(task)
+        self._start_pinned(conn, worker)
+
+    def _start_pinned(self, conn: ConnId, worker: WorkerState) -> None:
+        """Start the worker's pinned calls its free slots can take (before any call of the pool's queue)."""
+        started = False
+        while worker.pinned and worker.free() > 0:
+            self._start(conn, worker, worker.pinned.popleft())
+            started = True
+        if started and worker.free() <= 0:
+            self._pools[worker.pool].free.pop(conn, None)
+
+    def _on_workers(self, peer: Peer, frame: Frame) -> None:
+        """The workers of the client's pool that take calls now: the targets of its broadcast."""
+        pool = self._clients[peer.conn].pool
+        names = [self._peers[c].name for c, w in self._workers.items() if w.pool == pool and not w.draining]
+        self._send(peer.conn, Frame(Kind.WORKERS, a=frame.a, parts=json_frame(Kind.WORKERS, {"workers": names}).parts))
+
     def _on_result(self, peer: Peer, frame: Frame) -> None:
         worker = self._workers[peer.conn]
         task = worker.running.pop(frame.a, None)
         if task is None:
             return  # a task of a client that has gone
+        worker.done += 1
+        self._done += 1
         client = self._clients.get(task.client)
         if client is not None:
             del client.tasks[task.tid]
@@ -337,9 +412,11 @@ class Scheduler:
                 log.info("worker %s stopped a call at its time limit of %gs", printable(peer.name), task.limit)
                 self._send_timed_out(task, peer.name)
                 worker.draining = True  # it is exiting: no new call may go to it
+                self._fail_pinned_queue(worker, peer.name, "is exiting after it stopped a call at its time limit")
                 self._capacity_changed(worker.pool)
             else:
                 self._send(task.client, Frame(Kind.RESULT, a=task.client_tid, b=Status.DONE, parts=frame.parts))
+        self._start_pinned(peer.conn, worker)
         pool = self._pools[worker.pool]
         if worker.free() > 0:
             pool.free[peer.conn] = None
@@ -348,6 +425,7 @@ class Scheduler:
         if worker.draining and not worker.running:
             log.info("worker %s drained", printable(peer.name))
         self._assign(pool)
+        self._check_stopped()
 
     def _on_init_failed(self, peer: Peer, frame: Frame) -> None:
         executor_id = frame.a
@@ -361,12 +439,41 @@ class Scheduler:
         worker = self._workers[peer.conn]
         worker.draining = True
         self._pools[worker.pool].free.pop(peer.conn, None)
+        self._fail_pinned_queue(worker, peer.name, "began draining before it could run the call")
         log.info("worker %s is draining", printable(peer.name))
         self._send(peer.conn, Frame(Kind.DRAIN))  # after this, no TASK can be on its way to the worker
         self._capacity_changed(worker.pool)
 
     def _on_status(self, peer: Peer, frame: Frame) -> None:
-        self._send_json(peer.conn, Kind.STATUS, self.status())
+        self._send(peer.conn, Frame(Kind.STATUS, a=frame.a, parts=json_frame(Kind.STATUS, self.status()).parts))
+
+    def _on_stop(self, peer: Peer, frame: Frame) -> None:
+        """An admin stops this server: running calls finish first; with b=1 its workers exit for good."""
+        running = sum(len(w.running) + len(w.pinned) for w in self._workers.values())
+        if self._stopping is None:
+            self._stopping = f"stopped by {peer.name}"
+            log.warning("%s (with its workers: %s); %d call(s) still running", self._stopping,
+                        "yes" if frame.b else "no", running)
+        self._stop_workers = self._stop_workers or bool(frame.b)
+        self._send_json(peer.conn, Kind.STOP, {"server": self.name, "running": running,
+                                                "workers": len(self._workers)})
+        self._check_stopped()
+
+    def _check_stopped(self) -> None:
+        """Once stopping and no call runs: tell the workers to exit (if asked), then stop."""
+        if self._stopping is None or self._stopped:
+            return
+        if any(w.running or w.pinned for w in self._workers.values()):
+            return
+        if self._stop_workers and self._workers:
+            if self._stop_deadline is None:
+                self._stop_deadline = self._now + self.heartbeat_timeout
+                for conn in self._workers:
+                    self._send(conn, Frame(Kind.DRAIN, b=1))
+            if self._now < self._stop_deadline:
+                return  # each worker closes its connection as it exits; the last one to go stops us
+        self._stopped = True
+        self._actions.append(Stop(self._stopping))
 
     def _on_heartbeat(self, peer: Peer, frame: Frame) -> None:
         """Receiving any frame already refreshed ``last_recv``."""
@@ -375,7 +482,7 @@ class Scheduler:
 
     def _assign(self, pool: Pool) -> None:
         """Hand a pool's queued tasks to its free worker slots, one client at a time in round-robin order."""
-        while pool.ready and pool.free:
+        while pool.ready and pool.free and self._stopping is None:
             conn = next(iter(pool.free))
             worker = self._workers[conn]
             self._start(conn, worker, self._next_task(pool))
@@ -425,6 +532,8 @@ class Scheduler:
 
     def _lose_worker(self, peer: Peer, reason: str) -> None:
         worker = self._workers.pop(peer.conn)
+        self._worker_names.pop(peer.name, None)
+        self._fail_pinned_queue(worker, peer.name, f"was lost before it could run the call ({reason})")
         pool = self._pools[worker.pool]
         pool.free.pop(peer.conn, None)
         pool.workers -= 1
@@ -445,6 +554,10 @@ class Scheduler:
             del client.tasks[task.tid]
             self._send_timed_out(task, worker_name)
             return
+        if task.worker is not None:  # a broadcast's call: reported lost, never run elsewhere
+            del client.tasks[task.tid]
+            self._send_pinned_lost(task, "was lost while running the call")
+            return
         task.attempts += 1
         task.lost_on.append(worker_name)
         if task.attempts <= client.max_retries:
@@ -456,6 +569,22 @@ class Scheduler:
             return
         del client.tasks[task.tid]
         parts = worker_lost_parts(task.lost_on, task.attempts)
+        self._send(task.client, Frame(Kind.RESULT, a=task.client_tid, b=Status.WORKER_LOST, parts=parts))
+
+    def _fail_pinned_queue(self, worker: WorkerState, name: str, what: str) -> None:
+        """Fail every pinned call still waiting for ``worker`` (it is going): none may run elsewhere."""
+        while worker.pinned:
+            task = worker.pinned.popleft()
+            client = self._clients.get(task.client)
+            if client is not None:
+                client.tasks.pop(task.tid, None)
+                self._send_pinned_lost(task, what, ran=False)
+
+    def _send_pinned_lost(self, task: Task, what: str, ran: bool = True) -> None:
+        assert task.worker is not None
+        reason = (f"the worker {task.worker} {what}; a broadcast call runs on its own worker only and is "
+                  f"never retried elsewhere")
+        parts = worker_lost_parts([task.worker], task.attempts + ran, reason)
         self._send(task.client, Frame(Kind.RESULT, a=task.client_tid, b=Status.WORKER_LOST, parts=parts))
 
     def _send_timed_out(self, task: Task, worker_name: str) -> None:
@@ -478,6 +607,11 @@ class Scheduler:
         ready = self._pools[state.pool].ready
         if conn in ready:
             ready.remove(conn)
+        for worker in self._workers.values():  # its broadcast calls waiting for their workers
+            if any(task.client == conn for task in worker.pinned):
+                for task in [t for t in worker.pinned if t.client == conn]:
+                    worker.pinned.remove(task)
+                    state.tasks.pop(task.tid, None)
 
     def _reject(self, peer: Peer, code: RejectCode, reason: str) -> None:
         limited(log, logging.WARNING, (owner(self), "reject", code), "rejecting %s: %s",
@@ -512,11 +646,14 @@ class Scheduler:
 _HANDLERS = {
     ("client", Kind.SUBMIT): Scheduler._on_submit,
     ("client", Kind.HEARTBEAT): Scheduler._on_heartbeat,
+    ("client", Kind.WORKERS): Scheduler._on_workers,
+    ("client", Kind.STATUS): Scheduler._on_status,
     ("worker", Kind.RESULT): Scheduler._on_result,
     ("worker", Kind.INIT_FAILED): Scheduler._on_init_failed,
     ("worker", Kind.DRAIN): Scheduler._on_drain,
     ("worker", Kind.HEARTBEAT): Scheduler._on_heartbeat,
     ("admin", Kind.STATUS): Scheduler._on_status,
+    ("admin", Kind.STOP): Scheduler._on_stop,
     ("admin", Kind.HEARTBEAT): Scheduler._on_heartbeat,
 }
 

@@ -27,7 +27,7 @@ from ..netio import Waker
 from ..transports.base import ServerSettings
 from ..wire.frames import Frame, Kind, Limits
 from ..wire.session import NONCE_SIZE, Mac, new_nonce, session_macs
-from .scheduler import Close, ConnId, Scheduler, Send
+from .scheduler import Close, ConnId, Scheduler, Send, Stop
 
 log = logging.getLogger("remote_executor.jobserver.server")
 
@@ -99,6 +99,7 @@ class ServerCore(abc.ABC):
         self._delivering = False  # the loop thread is inside a local client's callback
         self.loop_thread: threading.Thread | None = None
         self.stopping = threading.Event()
+        self.stopped_by_admin = False  # a STOP ended it: what is queued for peers should still go out
 
     @classmethod
     def from_settings(cls, host: str, port: int, settings: ServerSettings) -> Self:
@@ -262,8 +263,13 @@ class ServerCore(abc.ABC):
             elif isinstance(item, Frame):
                 self.scheduler.received(conn, item, now)
 
-    def _apply(self, action: Send | Close, on_loop: bool) -> None:
-        if isinstance(action, Send):
+    def _apply(self, action: Send | Close | Stop, on_loop: bool) -> None:
+        if isinstance(action, Stop):
+            log.warning("stopping: %s", action.reason)
+            self.stopped_by_admin = True
+            self.stopping.set()  # the loop sends what is queued, closes every socket and returns
+            self.wake()
+        elif isinstance(action, Send):
             link = self._links.get(action.conn)
             if link is not None and on_loop:
                 self._deliver_local(link, action.frame)

@@ -13,7 +13,9 @@ The channel is shared under one lock: the main thread holds it while it waits fo
 from __future__ import annotations
 
 import logging
+import os
 import queue
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -24,7 +26,7 @@ from ..errors import ConnectionFailedError, RemoteExecutorError
 from ..logsafe import printable
 from ..netio import retry_with_backoff
 from ..pools import pool_of_url
-from ..transports.base import WorkerCore, WorkerSettings
+from ..transports.base import EXIT_STOPPED, WorkerCore, WorkerSettings
 from ..wire.frames import Frame, Kind, Status
 from ..wire.messages import announced_limit, hello, oversize, rejection, split_limit
 from ..wire.serialization import Parts, error_outcome
@@ -101,7 +103,8 @@ class _MainThreadRunner:
 
 def _serve(url: str, connect: Connector, settings: WorkerSettings, core: WorkerCore, runner: Runner) -> int:
     """Serve one job server: connect with backoff, run a session, reconnect; the exit code at the end."""
-    first = hello("worker", {"name": settings.name, "slots": 1, "pool": pool_of_url(settings.url, settings.pool)})
+    first = hello("worker", {"name": settings.name, "slots": 1, "pool": pool_of_url(settings.url, settings.pool),
+                             "host": socket.gethostname(), "pid": os.getpid()})
     while True:
         log.info("connecting to %s", url)
         try:
@@ -176,6 +179,9 @@ class _Session:
             elif frame.kind == Kind.INIT:
                 self._reply(Kind.INIT_FAILED, frame.a, self.core.initialize, frame.a, frame.parts)
             elif frame.kind == Kind.DRAIN:
+                if frame.b:  # remote-executor stop --workers
+                    log.info("the job server %s was stopped with its workers; exiting for good", self.url)
+                    return EXIT_STOPPED
                 log.info("drained; exiting")
                 return 0
             elif frame.kind == Kind.REJECT:

@@ -54,6 +54,9 @@ __all__ = [
 ]
 
 EXIT_TIMED_OUT = 4  # a worker process's exit status after it stopped a call at its time limit
+# A worker process's exit status when its job server was stopped with its workers (remote-executor stop
+# --workers): for good, so its supervisor does not restart it.
+EXIT_STOPPED = 5
 # A call that holds the GIL (a long C loop) starves the watchdog thread; faulthandler's own C thread ends
 # the process this long after the limit all the same (and prints where the call was stuck).
 HARD_STOP_GRACE = 2.0
@@ -68,6 +71,7 @@ class Call:
     task_id: int
     parts: Parts
     limit: float | None = None  # seconds it may run before its worker process is stopped
+    worker: str | None = None  # a broadcast's call: run on this worker only (from broadcast_targets())
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +143,17 @@ class ClientTransport(abc.ABC):
     def close(self) -> None:
         """Release every thread, socket and process this transport started. Idempotent. Calls still
         running are abandoned (the executor has already decided what happens to their futures)."""
+
+    def broadcast_targets(self, timeout: float) -> list[str]:
+        """The names of the workers that take this executor's calls now: the targets of a broadcast, to be
+        submitted as calls with ``Call.worker`` set. A transport that cannot address one worker raises
+        ``NotImplementedError`` saying why."""
+        raise NotImplementedError(f"the transport {self.url or type(self).__name__!r} cannot run a call on "
+                                  f"one chosen worker, so it cannot broadcast")
+
+    def query_status(self, timeout: float) -> dict[str, Any]:
+        """The cluster's view, as ``remote-executor status`` prints it (``Backend.status``)."""
+        raise NotImplementedError(f"the transport {self.url or type(self).__name__!r} has no status query")
 
 
 def decode_result(status: Status, parts: Parts) -> tuple[bool, Any]:
@@ -336,3 +351,8 @@ class Backend(abc.ABC):
     def status(self, url: str, options: Options) -> dict[str, Any]:
         """The cluster's view (workers, clients, queues) for ``remote-executor status|ping``."""
         raise TransportError(f"{self.scheme}:// has no status query")
+
+    def stop(self, url: str, options: Options, workers: bool) -> list[dict[str, Any]]:
+        """Ask every job server of ``url`` to stop once its running calls have finished (``remote-executor
+        stop``), and with ``workers`` to make its workers exit for good; each server's answer."""
+        raise TransportError(f"{self.scheme}:// has no job server of ours to stop")

@@ -24,7 +24,8 @@ from .serialization import Buffer, Parts
 from .session import MAC_SIZE, Mac, as_mac
 
 MAGIC = b"RE"
-VERSION = 3  # 2: the KEYED flag, attempt counts in SUBMIT, REQUEUED; 3: time limits (LIMITED), TIMED_OUT
+VERSION = 4  # 2: the KEYED flag, attempt counts in SUBMIT, REQUEUED; 3: time limits (LIMITED), TIMED_OUT;
+# 4: broadcast (WORKERS, PINNED), status for clients, worker host/pid in HELLO, STOP
 HEADER = struct.Struct("!2sBBHHQQ")
 # A flag bit every signed frame carries, so a reader knows from the header alone whether a MAC follows:
 # a key on one side only is a clear error at once, never a frame misparsed around a MAC.
@@ -35,6 +36,9 @@ KEY_REJECTED = "the job server rejected our key: a wrong key, or none where it n
 # SUBMIT and TASK: the call has a run-time limit, carried as the first part (wire.messages.split_limit).
 # A flag rather than a field, so a call without a limit costs nothing on the wire.
 LIMITED = 0x4000
+# SUBMIT: the call must run on one named worker (a broadcast), carried as the first part (before the limit);
+# it is never run elsewhere, and fails at once if that worker is gone (wire.messages.split_pinned).
+PINNED = 0x2000
 DEFAULT_MAX_FRAME = 1 << 32  # 4 GiB: a whole frame, header and parts
 DEFAULT_MAX_PARTS = 1024
 # Parts at least this big are received straight into their own buffer instead of the staging buffer.
@@ -58,12 +62,16 @@ class Kind(enum.IntEnum):
     BROKEN = 9  # server -> client: parts=error outcome of the initializer
     CAPACITY = 10  # server -> client: a=free-or-busy worker slots attached to the server
     HEARTBEAT = 11  # any direction: "I am alive"
-    DRAIN = 12  # worker -> server: finish what I run, send me nothing new
-    STATUS = 13  # admin -> server: request; server -> admin: parts [json status]
+    DRAIN = 12  # worker -> server: finish what I run, send me nothing new; server -> worker: exit now
+    #           (b=1: for good, the job server was stopped with its workers: do not restart)
+    STATUS = 13  # admin or client -> server: a=request id; server -> it: a=request id, parts [json status]
     REQUEUED = 14  # server -> client: a=client task id, b=times it may have run (its worker was lost)
     OPEN = 15  # peer -> server, first frame: parts [nonce]; signed with the shared key (wire.session)
     CHALLENGE = 16  # server -> peer: parts [nonce]; signed with the shared key, bound to the peer's nonce
     STARTED = 17  # server -> client: a=client task id: a worker has the call (sent for calls with a limit)
+    WORKERS = 18  # client -> server: a=request id; server -> client: a=request id, parts [json {"workers": [names]}]
+    #             (the workers of the client's pool that take calls now: the targets of a broadcast)
+    STOP = 19  # admin -> server: b=1 to stop its workers too; server -> admin: parts [json]: stopping
 
 
 class Status(enum.IntEnum):

@@ -29,7 +29,7 @@ from ..errors import (
     VersionMismatchError,
     WorkerLostError,
 )
-from .frames import KEY_REJECTED, LIMITED, VERSION, Frame, Kind, frame_size
+from .frames import KEY_REJECTED, LIMITED, PINNED, VERSION, Frame, Kind, frame_size
 from .serialization import Buffer, Parts, decode_outcome
 
 
@@ -132,20 +132,51 @@ def _megabytes(size: int) -> str:
     return f"{size / 1e6:.1f} MB"
 
 
-def worker_lost_parts(workers: Sequence[str], attempts: int) -> Parts:
-    """The body of a ``Status.WORKER_LOST`` result: who was lost, and how often the call was tried."""
-    return [json.dumps({"workers": list(workers), "attempts": attempts}).encode()]
+def worker_lost_parts(workers: Sequence[str], attempts: int, reason: str | None = None) -> Parts:
+    """The body of a ``Status.WORKER_LOST`` result: who was lost, how often the call was tried, and (for
+    a call pinned to one worker, which is never retried elsewhere) what happened, in words."""
+    body: dict[str, Any] = {"workers": list(workers), "attempts": attempts}
+    if reason is not None:
+        body["reason"] = reason
+    return [json.dumps(body).encode()]
 
 
 def worker_lost_error(parts: Sequence[Buffer]) -> WorkerLostError:
     info = json.loads(bytes(parts[0]))
     workers = tuple(str(w) for w in info["workers"])
     attempts = int(info["attempts"])
+    reason = info.get("reason")
+    if isinstance(reason, str):
+        return WorkerLostError(reason, workers)
     return WorkerLostError(
         f"the call was lost with its worker {attempts} time(s) and not retried further; "
         f"worker(s) lost: {', '.join(workers)}",
         workers,
     )
+
+
+# --- calls pinned to one worker (broadcast: SUBMIT with the PINNED flag) -----------------------------------
+
+
+def pinned(frame: Frame, worker: str | None) -> Frame:
+    """``frame`` (a SUBMIT) pinned to ``worker``: the PINNED flag and the worker's name as the first part."""
+    if worker is None:
+        return frame
+    return Frame(frame.kind, a=frame.a, b=frame.b, parts=[worker.encode(), *frame.parts],
+                 flags=frame.flags | PINNED)
+
+
+def split_pinned(frame: Frame) -> tuple[str | None, Frame]:
+    """The worker a SUBMIT is pinned to (None: any worker of the pool) and the frame without it."""
+    if not frame.flags & PINNED:
+        return None, frame
+    if not frame.parts:
+        raise ProtocolError(f"a PINNED {frame.kind.name} frame must start with a worker name")
+    try:
+        worker = bytes(frame.parts[0]).decode()
+    except UnicodeDecodeError as exc:
+        raise ProtocolError(f"a PINNED {frame.kind.name} frame names its worker in UTF-8: {exc}") from exc
+    return worker, Frame(frame.kind, a=frame.a, b=frame.b, parts=list(frame.parts[1:]), flags=frame.flags & ~PINNED)
 
 
 def initializer_failed(outcome: Sequence[Buffer]) -> InitializerFailed:

@@ -169,6 +169,12 @@ class GearmanClientTransport(ClientTransport):
         self._thread = threading.Thread(target=self._run, name="remote-executor-gearman-client", daemon=True)
         self._thread.start()
 
+    def broadcast_targets(self, timeout: float) -> list[str]:
+        raise NotImplementedError(
+            f"broadcast is not available on gearman:// ({self.url}): gearmand hands each job to whichever "
+            f"worker of its function asks first and cannot address one worker; use tcp:// or zmq://, or an "
+            f"initializer for what every worker must run")
+
     def submit(self, calls: Sequence[Call]) -> None:
         jobs = [_Job(call, self._prepare(call)) for call in calls]
         refused = [(job.call.task_id, error) for job in jobs if (error := self._oversize(job)) is not None]

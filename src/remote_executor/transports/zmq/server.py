@@ -271,7 +271,8 @@ class ZmqServer(ServerCore):
             if self._closed:
                 return
             self._closed = True
-        self._router.close(linger=0)
+        # linger: after an admin's STOP the last frames (its answer, the workers' DRAIN) should still go out
+        self._router.close(linger=500 if self.stopped_by_admin else 0)
         if self._allow is not None:
             self._allow.stop()
         self._ctx.term()

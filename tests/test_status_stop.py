@@ -1,0 +1,211 @@
+"""Knowing where you stand: ``cluster_status`` and ``RemoteExecutor.status()`` (typed), ``remote-executor status
+--watch`` (its rendering, and a clean exit on SIGINT), ``ping --wait`` and ``remote-executor stop [--workers]``,
+on real job servers, worker processes and commands."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from remote_executor import RemoteExecutor, cluster_status
+from remote_executor.status import ClientStatus, ClusterStatus, PoolStatus, ServerStatus, WorkerStatus, render
+from remote_executor.supervisor import Supervisor
+from remote_executor.transports.tcp.server import TcpServer
+
+from .conftest import FAST_HEARTBEAT, wait_for
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+KEY = b"status-test-key-" + b"k" * 16
+ENV = {**os.environ, "PYTHONPATH": SRC, "REMOTE_EXECUTOR_KEY": KEY.decode()}
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "remote_executor.cli", *args]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def server() -> Iterator[TcpServer]:
+    made = TcpServer("127.0.0.1", 0, key=KEY, heartbeat_interval=0.2, heartbeat_timeout=1.5)
+    made.start()
+    yield made
+    made.stop()
+
+
+@pytest.fixture
+def workers(server: TcpServer) -> Iterator[Supervisor]:
+    supervisor = Supervisor(server.url, 2, env={"REMOTE_EXECUTOR_KEY": KEY.decode()}, worker_args=FAST_HEARTBEAT,
+                            name="sw")
+    supervisor.start()
+    yield supervisor
+    supervisor.stop()
+
+
+def test_cluster_status_and_executor_status_are_typed(server: TcpServer, workers: Supervisor) -> None:
+    with RemoteExecutor(transport=server.url, key=KEY, heartbeat_interval=0.2, heartbeat_timeout=1.5) as ex:
+        ex.wait_for_workers(2, timeout=30)
+        assert list(ex.map(abs, range(-10, 0))) == list(range(10, 0, -1))
+        wait_for(lambda: cluster_status(server.url, key=KEY).done == 10, what="ten calls counted")
+        status = cluster_status(server.url, key=KEY)
+        assert isinstance(status, ClusterStatus) and status.url == server.url
+        assert sorted(w.pid for w in status.workers if w.pid is not None) == sorted(workers.pids())
+        for worker in status.workers:
+            assert (worker.host, worker.pool, worker.slots, worker.running) == (socket.gethostname(), "default", 1, 0)
+            assert worker.uptime is not None and worker.uptime >= 0
+        assert sum(w.done or 0 for w in status.workers) == 10
+        assert [(c.pool, c.queued, c.running) for c in status.clients] == [("default", 0, 0)]
+        assert status.queued == {"default": 0}
+        mine = ex.status()
+        assert sorted(w.name for w in mine.workers) == sorted(w.name for w in status.workers)
+        assert len(mine.clients) == 1  # this executor (an admin connection, as cluster_status's, is none)
+
+
+def test_cluster_status_of_a_url_where_nothing_answers_is_a_clear_error() -> None:
+    from remote_executor.errors import ConnectionFailedError
+
+    with pytest.raises(ConnectionFailedError):
+        cluster_status(f"tcp://127.0.0.1:{free_port()}", key=KEY, timeout=1.0)
+
+
+def test_render_shows_workers_queues_and_calls_per_second() -> None:
+    def cluster(done: int) -> ClusterStatus:
+        worker = WorkerStatus("gpu-1#4", "node-a", 4242, "gpu", 1, 1, done, 75.0)
+        server = ServerStatus("tcp://h:5555", (worker,), (ClientStatus("client x#5", "gpu", 3, 1),),
+                              (PoolStatus("gpu", 1, 1, 1, 3),), done, 3700.0)
+        return ClusterStatus("tcp://h:5555", (server,))
+
+    first = render(cluster(10))
+    assert "calls/s: -" in first
+    assert "pool gpu: 1 worker(s), 1 slot(s), 3 queued" in first
+    line = next(line for line in first.splitlines() if "gpu-1#4" in line)
+    assert "node-a" in line and "4242" in line and "1/1" in line and "1m15s" in line
+    assert "up 1h01m" in first
+    assert "calls/s: 5.0" in render(cluster(20), cluster(10), elapsed=2.0)
+    down = ClusterStatus("u", (ServerStatus("tcp://h:1", error="refused"),))
+    assert "tcp://h:1: not answering: refused" in render(down)
+
+
+def test_status_watch_refreshes_and_exits_cleanly_on_sigint(server: TcpServer, workers: Supervisor) -> None:
+    with subprocess.Popen(cli("status", server.url, "--watch", "--interval", "0.2"), env=ENV,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            assert proc.stdout is not None and proc.stderr is not None
+            seen: list[str] = []
+            deadline = time.monotonic() + 30
+            while sum("sw-" in line for line in seen) < 2 and time.monotonic() < deadline:
+                seen.append(proc.stdout.readline())  # until both workers appear in a refresh
+            assert sum("sw-" in line for line in seen) >= 2, seen
+            assert any("calls/s" in line for line in seen), seen
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=10) == 0
+            assert "Traceback" not in proc.stderr.read()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+
+
+def test_ping_wait_retries_until_the_server_answers() -> None:
+    port = free_port()
+    url = f"tcp://127.0.0.1:{port}"
+    late: TcpServer | None = None
+    with subprocess.Popen(cli("ping", url, "--wait", "30", "--timeout", "1"), env=ENV, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            assert proc.stderr is not None
+            assert "no answer yet" in proc.stderr.readline()  # it is retrying: now start the server
+            late = TcpServer("127.0.0.1", port, key=KEY)
+            late.start()
+            out, _ = proc.communicate(timeout=30)
+            assert proc.returncode == 0
+            assert f"{url} answered in" in out and "after waiting" in out
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            if late is not None:
+                late.stop()
+
+
+def test_ping_wait_gives_up_when_the_time_is_up() -> None:
+    began = time.monotonic()
+    done = subprocess.run(cli("ping", f"tcp://127.0.0.1:{free_port()}", "--wait", "0.5", "--timeout", "0.5"),
+                          env=ENV, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1
+    assert time.monotonic() - began < 20
+
+
+def start_server(port: int) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(cli("server", f"tcp://127.0.0.1:{port}", "--heartbeat-interval", "0.2",
+                                "--heartbeat-timeout", "1.5"), env=ENV, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    assert "serving" in proc.stdout.readline()
+    return proc
+
+
+def test_stop_with_workers_lets_running_calls_finish_then_everything_exits_for_good() -> None:
+    port = free_port()
+    url = f"tcp://127.0.0.1:{port}"
+    server = start_server(port)
+    worker = subprocess.Popen(cli("worker", url, "--processes", "2", "--heartbeat-interval", "0.2",
+                                  "--heartbeat-timeout", "1.5"), env=ENV, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        with RemoteExecutor(transport=url, key=KEY, heartbeat_interval=0.2, heartbeat_timeout=1.5,
+                            reconnect_timeout=1.0, max_retries=0) as ex:
+            ex.wait_for_workers(2, timeout=30)
+            running = ex.submit(time.sleep, 1.5)
+            wait_for(lambda: sum(w.running or 0 for w in cluster_status(url, key=KEY).workers) == 1,
+                     what="the call to start")
+            stopped = subprocess.run(cli("stop", url, "--workers"), env=ENV, capture_output=True, text=True,
+                                     timeout=30)
+            assert stopped.returncode == 0, stopped.stderr
+            assert "is stopping: 1 running call(s) finish first" in stopped.stdout
+            assert running.result(timeout=30) is None  # it finished on the stopping server
+        assert server.wait(timeout=30) == 0
+        out, err = worker.communicate(timeout=30)
+        assert worker.returncode == 0, err
+        assert "stopped with its workers" in out
+        assert "restarting" not in err
+    finally:
+        for proc in (worker, server):
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate()  # reaps it and closes its pipes
+
+
+def test_stop_without_workers_leaves_them_waiting_for_the_server(tmp_path: Path) -> None:
+    port = free_port()
+    url = f"tcp://127.0.0.1:{port}"
+    server = start_server(port)
+    supervisor = Supervisor(url, 1, env={"REMOTE_EXECUTOR_KEY": KEY.decode()}, worker_args=FAST_HEARTBEAT,
+                            name="stay")
+    supervisor.start()
+    try:
+        wait_for(lambda: len(cluster_status(url, key=KEY).workers) == 1, what="the worker to attach")
+        pids = supervisor.pids()
+        assert subprocess.run(cli("stop", url), env=ENV, capture_output=True, timeout=30).returncode == 0
+        assert server.wait(timeout=30) == 0
+        again = TcpServer("127.0.0.1", port, key=KEY, heartbeat_interval=0.2, heartbeat_timeout=1.5)
+        again.start()
+        try:  # the same worker process reconnects to the server that took its place
+            wait_for(lambda: [w.pid for w in cluster_status(url, key=KEY).workers] == pids,
+                     what="the worker to reconnect")
+        finally:
+            again.stop()
+    finally:
+        supervisor.stop()
+        if server.poll() is None:
+            server.kill()
+        server.communicate()
