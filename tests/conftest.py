@@ -77,3 +77,4 @@ def start_workers(tcp_server: TcpServer) -> Iterator[Callable[..., Supervisor]]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
         supervisor.stop()
+

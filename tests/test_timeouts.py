@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from remote_executor import CallTimeoutError, RemoteExecutor
+from remote_executor import BrokenRemoteExecutor, CallTimeoutError, RemoteExecutor
 from remote_executor.jobserver.scheduler import Close
 from remote_executor.supervisor import Supervisor
 from remote_executor.transports.base import Call, ClientTransport, Listener, Session
@@ -148,7 +148,13 @@ def test_the_executor_fails_a_started_call_nobody_answers_for() -> None:
     assert time.monotonic() - started < 2.0
     untimed = executor.submit(abs, 1)
     assert not untimed.done()
-    executor.shutdown(wait=False, cancel_futures=True)
+    # Without a limit nothing fails it: end the transport as a real one ends (broken), or the interpreter's
+    # exit would wait for that call for ever, as it waits for any running call.
+    transport = executor.transport
+    assert isinstance(transport, SilentTransport) and transport.listener is not None
+    transport.listener.on_broken(BrokenRemoteExecutor("the silent transport is gone"))
+    assert isinstance(untimed.exception(timeout=5), BrokenRemoteExecutor)
+    executor.shutdown(wait=True)
 
 
 def test_limits_round_trip_on_the_wire() -> None:
