@@ -39,10 +39,14 @@ __all__ = [
     "VersionMismatchError",
     "WorkerLostError",
     "__version__",
+    "connect",
+    "get_reusable_executor",
 ]
 
 if TYPE_CHECKING:
+    from .discovery import connect
     from .executor import RemoteExecutor
+    from .reusable import get_reusable_executor
     from .ssh import SSHCluster
 
 
@@ -56,4 +60,12 @@ def __getattr__(name: str) -> Any:
         from .ssh import SSHCluster
 
         return SSHCluster
+    if name == "get_reusable_executor":
+        from .reusable import get_reusable_executor
+
+        return get_reusable_executor
+    if name == "connect":
+        from .discovery import connect
+
+        return connect
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
