@@ -40,10 +40,14 @@ __all__ = [
     "WorkerLostError",
     "__version__",
     "cluster_status",
+    "connect",
+    "get_reusable_executor",
 ]
 
 if TYPE_CHECKING:
+    from .discovery import connect
     from .executor import RemoteExecutor
+    from .reusable import get_reusable_executor
     from .ssh import SSHCluster
     from .status import cluster_status
 
@@ -62,4 +66,12 @@ def __getattr__(name: str) -> Any:
         from .status import cluster_status
 
         return cluster_status
+    if name == "get_reusable_executor":
+        from .reusable import get_reusable_executor
+
+        return get_reusable_executor
+    if name == "connect":
+        from .discovery import connect
+
+        return connect
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -5,11 +5,13 @@
     remote-executor cluster status                                  where it is; its hosts and workers
     remote-executor cluster down                                    drain the workers, stop everything
     remote-executor cluster run --hosts ...                         as `up`, in the foreground (systemd)
+    remote-executor cluster start -n 4                              a job server and 4 workers on this machine
+    remote-executor cluster stop                                    the same as `down`
 
 `up` records the cluster in $XDG_CONFIG_HOME/remote_executor/ (default ~/.config/remote_executor/):
 cluster.json (its URL, key file and the file that verifies the job server) and cluster.key, both readable by
-you only, and cluster.log. Connect with RemoteExecutor(**running_cluster().executor_options()) (from
-remote_executor.ssh). --transport tcp (TLS, the default) or zmq (CURVE) encrypts the wire.
+you only, and cluster.log; `start` records its cluster there too. Connect with remote_executor.connect().
+--transport tcp (TLS, the default) or zmq (CURVE) encrypts the wire of an SSH cluster.
 
 A hosts file (--hosts-file) has one `host [processes] [pool] [command=...] [workdir=...] [env.NAME=...]` per
 line; `#` starts a comment.
@@ -45,7 +47,7 @@ READY_MARGIN = 30.0  # seconds `up` waits for the background process beyond its 
 
 def add_cluster_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``remote-executor cluster up|run|status|down`` (the work is imported when it runs)."""
-    cluster = commands.add_parser("cluster", help="workers on other machines, started over SSH",
+    cluster = commands.add_parser("cluster", help="a long-lived cluster: here (start/stop) or over SSH (up/down)",
                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     actions = cluster.add_subparsers(required=True, metavar="ACTION")
     up = actions.add_parser("up", help="start a cluster in the background")
@@ -62,6 +64,9 @@ def add_cluster_command(commands: argparse._SubParsersAction[argparse.ArgumentPa
     down.add_argument("--timeout", type=float, default=600.0,
                       help="seconds to let running calls finish before everything is stopped at once")
     down.set_defaults(func=_down)
+    from .cli_local import add_local_actions
+
+    add_local_actions(actions)
 
 
 def _launch_arguments(parser: argparse.ArgumentParser) -> None:
@@ -100,14 +105,31 @@ def _up(args: argparse.Namespace) -> int:
     """Start ``cluster run`` as a background process; return once it says the cluster is up (or failed)."""
     _refuse_if_running()
     _hosts(args), _env(args), _ssh_options(args)  # bad arguments are an error here, not in a log file
+    report = _background(["cluster", "run", *_run_arguments(args)], args.log_level, args.timeout + READY_MARGIN)
+    for host, reason in report.get("failed", {}).items():
+        print(f"remote-executor: warning: no workers on {host}: {reason}", file=sys.stderr)
+    hosts = ", ".join(f"{host} ({count})" for host, count in report["workers"].items())
+    log_path = report["log_file"]
+    print(f"cluster up: {report['url']}, worker processes on {hosts}\n"
+          f"key file:   {report['key_file']}\n"
+          f"state:      {report['state_file']} (log: {log_path})\n"
+          f"use it:     RemoteExecutor(**running_cluster().executor_options())   "
+          f"(from remote_executor.ssh import running_cluster)\n"
+          f"stop it:    remote-executor cluster down", flush=True)
+    return 0
+
+
+def _background(command_args: list[str], log_level: str, timeout: float) -> dict[str, Any]:
+    """Run ``remote-executor COMMAND_ARGS --ready-fd FD`` in the background, its output in cluster.log; return
+    its report once it says the cluster is up, or raise with why it is not."""
     from .ssh import config_dir
 
     directory = config_dir()
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     log_path = directory / LOG_NAME
     read_end, write_end = os.pipe()
-    command = [sys.executable, "-m", "remote_executor.cli", "--log-level", args.log_level, "cluster", "run",
-               *_run_arguments(args), "--ready-fd", str(write_end)]
+    command = [sys.executable, "-m", "remote_executor.cli", "--log-level", log_level, *command_args,
+               "--ready-fd", str(write_end)]
     log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         # A session of its own: the cluster outlives this command and the terminal's Ctrl-C.
@@ -117,7 +139,7 @@ def _up(args: argparse.Namespace) -> int:
         os.close(log_fd)
         os.close(write_end)
     try:
-        report = _read_report(read_end, args.timeout + READY_MARGIN)
+        report = _read_report(read_end, timeout)
     finally:
         os.close(read_end)
     if report is None:
@@ -125,23 +147,14 @@ def _up(args: argparse.Namespace) -> int:
         if code is None:
             proc.terminate()  # its SSH sessions, and with them the workers, end with it
             proc.wait()
-            detail = f"it did not report within {args.timeout + READY_MARGIN:g}s"
+            detail = f"it did not report within {timeout:g}s"
         else:
             detail = f"it exited with status {code}"
         raise RemoteExecutorError(f"the cluster did not start: {detail}; see {log_path}:\n{_tail(log_path)}")
     if not report.get("ok"):
         proc.wait()
         raise RemoteExecutorError(f"the cluster did not start: {report.get('error')} (log: {log_path})")
-    for host, reason in report.get("failed", {}).items():
-        print(f"remote-executor: warning: no workers on {host}: {reason}", file=sys.stderr)
-    hosts = ", ".join(f"{host} ({count})" for host, count in report["workers"].items())
-    print(f"cluster up: {report['url']}, worker processes on {hosts}\n"
-          f"key file:   {report['key_file']}\n"
-          f"state:      {report['state_file']} (log: {log_path})\n"
-          f"use it:     RemoteExecutor(**running_cluster().executor_options())   "
-          f"(from remote_executor.ssh import running_cluster)\n"
-          f"stop it:    remote-executor cluster down", flush=True)
-    return 0
+    return {**report, "log_file": str(log_path)}
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -452,20 +452,61 @@ class _Core:
 class RemoteExecutor(Executor):
     """An Executor that runs each call in a worker process reached through a transport.
 
-    ``transport`` is ``None`` (an embedded local cluster), a bare scheme (``"zmq"``: an embedded cluster
-    over it), a URL (``"zmq://host:5555"``: workers started elsewhere) or a ``ClientTransport`` object.
-    ``max_workers`` is the number of worker processes of an embedded cluster, and for a URL the most calls
-    in flight at once. ``key`` or ``key_file``: the shared key; by default ``$REMOTE_EXECUTOR_KEY``, else
-    for a URL this user's key file (``docs/security.md``); ``insecure=True``: no key when none is given.
-    Extra keyword arguments go to the transport (``Options.extra``).
+    A drop-in for ``ThreadPoolExecutor``: ``submit``, ``map``, ``shutdown`` and ``with`` behave alike;
+    functions, lambdas and closures travel by value (cloudpickle).
 
-    ``call_timeout`` (seconds) limits how long each call may run: past it, the call's future fails with
-    :class:`~remote_executor.errors.CallTimeoutError` (a ``concurrent.futures.TimeoutError``), the worker
-    process running it is stopped and replaced, and the call is not retried. :meth:`with_options` sets
-    another limit for some calls only.
+    Where the calls run:
 
-    ``no_workers_warning`` (seconds, None for never): log a warning when calls have waited that long with
-    no worker attached to take them, and again every as long while it lasts.
+    - ``transport``: ``None`` (the default) starts an embedded local cluster: a job server in this process
+      and ``max_workers`` worker processes, stopped at shutdown. A bare scheme (``"tcp"``, ``"zmq"``,
+      ``"gearman"``) does the same over that transport. A URL (``"tcp://host:5555"``, ``"zmq://h1:5555,
+      h2:5555"``, ``"gearman://gm:4730"``; ``/POOL`` at the end for a worker pool) uses a cluster started
+      elsewhere. An ``SSHCluster`` or any ``ClientTransport`` object is used as it is.
+      ``remote_executor.connect()`` finds a running cluster without a URL.
+    - ``max_workers``: the number of worker processes of an embedded cluster (default: the number of
+      CPUs); for a URL, the most calls of this executor in flight at once (default: as many as the
+      workers attached can take).
+    - ``initializer`` and ``initargs``: ``initializer(*initargs)`` runs once in every worker process before
+      its first call of this executor; if it raises, the executor is broken (``InitializerFailed``), as a
+      thread pool's is.
+
+    Security (a running cluster):
+
+    - ``key`` (bytes or str) or ``key_file`` (a path, mode 600; surrounding whitespace is stripped): the
+      shared key that authenticates every frame (HMAC). Default: ``$REMOTE_EXECUTOR_KEY``, else, for a URL,
+      this user's key file (``$REMOTE_EXECUTOR_KEY_FILE``, by default ``~/.config/remote_executor/key``,
+      made on first use). ``insecure=True``: no key when none is given (a server started ``--insecure``).
+      The embedded cluster makes a key of its own.
+
+    Reliability and timing (seconds):
+
+    - ``max_retries`` (default 2): how often a call whose worker died, hung or lost its connection is
+      resubmitted before its future fails with ``WorkerLostError``. Calls that raise are never retried.
+    - ``heartbeat_interval`` (1.0) and ``heartbeat_timeout`` (10.0): how often each side says it is alive,
+      and the silence after which the other side counts as lost.
+    - ``connect_timeout`` (10.0): how long the constructor waits for the job server (and for the workers of
+      an embedded cluster) before it raises.
+    - ``reconnect_timeout`` (30.0): how long the executor keeps reconnecting to a lost job server before it
+      is broken (``ServerUnavailableError``) and every pending future fails.
+    - ``call_timeout`` (default None: no limit) limits how long each call may run: past it, the call's
+      future fails with ``CallTimeoutError`` (a ``concurrent.futures.TimeoutError``), the worker process
+      running it is stopped and replaced, and the call is not retried (tcp and zmq).
+      :meth:`with_options` sets another limit for some calls only.
+    - ``no_workers_warning`` (30.0; None for never): log a warning when calls have waited that long with
+      no worker attached to take them, and again every as long while it lasts.
+
+    Transport options (other keyword arguments): ``pool="gpu"`` (the worker pool, like the URL's
+    ``/POOL``); tcp and gearman: ``tls=True`` or ``tls_ca``, ``tls_cert``, ``tls_key`` (file paths); zmq:
+    ``curve_server_key``, ``curve_client_key`` (CURVE certificate files); gearman: ``job_ttl``.
+
+    Errors: the constructor raises ``ValueError``/``TypeError`` for bad arguments (a misspelt scheme says
+    "did you mean"), ``TransportError`` when the job server cannot be reached or a needed extra is not
+    installed (the message names the ``pip install``), ``AuthenticationError`` for a wrong key and
+    ``VersionMismatchError`` for other Python or cloudpickle versions. A call's future raises the call's
+    own exception (with the remote traceback as ``__cause__``), ``SerializationError`` (an argument or
+    result that cannot be pickled), ``FrameTooLargeError`` (larger than the job server accepts),
+    ``WorkerLostError``, ``CallTimeoutError``, or ``BrokenRemoteExecutor`` once the executor is broken,
+    which ``submit`` raises from then on too. All of them are in ``remote_executor``.
     """
 
     def __init__(
@@ -528,6 +569,18 @@ class RemoteExecutor(Executor):
         _live_cores.add(core)
         # Dropped without shutdown(): finish the queued calls, then close (as shutdown(wait=False) does).
         weakref.finalize(self, core.shutdown, False, False).atexit = False
+
+    def __repr__(self) -> str:
+        core = self._core
+        with core.lock:
+            state = ("broken" if core.broken is not None else "shutdown" if core.shutdown_requested
+                     else "running")
+            capacity = core.capacity
+        cluster = getattr(core.transport, "cluster", None)  # an embedded one: show where its server listens
+        url = getattr(cluster, "url", None) or core.transport.url or type(core.transport).__name__
+        limits = "" if self._max_workers is None else f" max_workers={self._max_workers}"
+        timeout = "" if self._call_timeout is None else f" call_timeout={self._call_timeout:g}"
+        return f"<{type(self).__name__} {url} workers={capacity}{limits}{timeout} {state}>"
 
     @property
     def transport(self) -> ClientTransport:
