@@ -475,7 +475,7 @@ class RemoteExecutor(Executor):
     - ``key`` (bytes or str) or ``key_file`` (a path, mode 600; surrounding whitespace is stripped): the
       shared key that authenticates every frame (HMAC). Default: ``$REMOTE_EXECUTOR_KEY``, else, for a URL,
       this user's key file (``$REMOTE_EXECUTOR_KEY_FILE``, by default ``~/.config/remote_executor/key``,
-      made on first use). ``insecure=True``: no key when none is given (a server started ``--insecure``).
+      made on first use). ``insecure`` (True): no key when none is given (a server started ``--insecure``).
       The embedded cluster makes a key of its own.
 
     Reliability and timing (seconds):

@@ -40,9 +40,9 @@ class Block:
         return f"{self.document.relative_to(ROOT)}:{self.line}"
 
     def remote_urls(self) -> list[tuple[str, list[str], str]]:
-        """(scheme, [host:port, ...], /pool or "") of every URL that names another machine."""
-        return [(m[1], m[2].rstrip(",").split(","), m[3] or "") for m in URL.finditer(self.setup + self.source)
-                if not all(a.startswith(("127.0.0.1:", "localhost:")) for a in m[2].rstrip(",").split(","))]
+        """(scheme, [host:port, ...], /pool or "") of every URL of a cluster the block expects to be running
+        (on other machines, or started beforehand on this one: the docs show the commands)."""
+        return [(m[1], m[2].rstrip(",").split(","), m[3] or "") for m in URL.finditer(self.setup + self.source)]
 
 
 def python_blocks(document: Path) -> list[Block]:

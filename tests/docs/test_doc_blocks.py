@@ -45,8 +45,9 @@ def test_the_block_runs(block: Block, tmp_path: Path) -> None:
     if block.not_run is not None:
         assert code is not None
         return
-    for name in ("cluster.key", "k"):  # the key files the docs name
+    for name in ("cluster.key", "k"):  # the key files the docs name, private as key files must be
         (tmp_path / name).write_text(KEY + "\n")
+        (tmp_path / name).chmod(0o600)
     for earlier in python_blocks(block.document):  # the modules the document's blocks import
         if earlier.file_name is not None and earlier.line <= block.line:
             (tmp_path / earlier.file_name).write_text(earlier.source)
@@ -138,7 +139,7 @@ def _workers(url: str, cwd: Path, tls: bool) -> Iterator[None]:
         yield
 
 
-def test_urls_of_other_machines_are_recognised() -> None:
+def test_urls_of_running_clusters_are_recognised() -> None:
     block = Block(ROOT / "README.md", 1, 'RemoteExecutor(transport="gearman://gm1:4730,gm2:4730/ml")\n'
                                          'RemoteExecutor(transport="tcp://127.0.0.1:5555")\n')
-    assert block.remote_urls() == [("gearman", ["gm1:4730", "gm2:4730"], "/ml")]
+    assert block.remote_urls() == [("gearman", ["gm1:4730", "gm2:4730"], "/ml"), ("tcp", ["127.0.0.1:5555"], "")]
