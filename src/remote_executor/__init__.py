@@ -18,6 +18,7 @@ from .errors import (
     VersionMismatchError,
     WorkerLostError,
 )
+from .progress import progress
 
 __version__ = "0.1.0"
 
@@ -39,6 +40,7 @@ __all__ = [
     "VersionMismatchError",
     "WorkerLostError",
     "__version__",
+    "progress",
 ]
 
 if TYPE_CHECKING:
