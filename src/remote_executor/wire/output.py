@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from typing import TextIO
 
@@ -21,6 +22,7 @@ MAX_OUTPUT = 4 << 20  # characters kept per call: the rest is counted and report
 
 Piece = tuple[int, str]
 Output = tuple[str, list[Piece]]  # the worker's name, and what the call printed in order
+_writing = threading.Lock()
 
 
 class _Capture(io.TextIOBase):
@@ -84,12 +86,13 @@ def write_output(output: Output, stdout: TextIO | None = None, stderr: TextIO | 
     """Write what a call printed to this process's stdout and stderr, each line prefixed ``[worker] ``."""
     worker, pieces = output
     targets = {STDOUT: stdout or sys.stdout, STDERR: stderr or sys.stderr}
-    for stream, text in pieces:
-        target = targets.get(stream)
-        if target is None:
-            continue
-        target.write(prefixed(worker, text))
-        target.flush()  # stdout and stderr interleave in the order the call wrote them
+    with _writing:  # results may arrive on several threads: one call's lines stay together
+        for stream, text in pieces:
+            target = targets.get(stream)
+            if target is None:
+                continue
+            target.write(prefixed(worker, text))
+            target.flush()  # stdout and stderr interleave in the order the call wrote them
 
 
 def prefixed(worker: str, text: str) -> str:
