@@ -18,6 +18,7 @@ from .errors import (
     VersionMismatchError,
     WorkerLostError,
 )
+from .progress import progress
 
 __version__ = "0.1.0"
 
@@ -42,6 +43,7 @@ __all__ = [
     "cluster_status",
     "connect",
     "get_reusable_executor",
+    "progress",
 ]
 
 if TYPE_CHECKING:

@@ -55,6 +55,7 @@ from .security import resolve_key
 from .status import ClusterStatus
 from .transports.base import Call, ClientTransport, Options, Session, Status, decode_result
 from .wire.messages import check_limit
+from .wire.output import write_output
 from .wire.serialization import Parts, encode_call, encode_chunk, encode_initializer
 
 __all__ = ["RemoteExecutor"]
@@ -297,7 +298,7 @@ class _Core:
             return  # already failed by on_broken, or a duplicate
         self.dispatch()
         try:
-            ok, value = decode_result(status, parts)
+            ok, value = decode_result(status, parts, write_output)  # printed before the future settles
         except Exception as exc:
             ok, value = False, exc
         with _settling(self):
@@ -495,6 +496,10 @@ class RemoteExecutor(Executor):
     - ``no_workers_warning`` (30.0; None for never): log a warning when calls have waited that long with
       no worker attached to take them, and again every as long while it lasts.
 
+    Output: ``forward_output=True``: what each call prints to ``sys.stdout``/``sys.stderr`` on its worker is
+    written to this process's stdout/stderr, each line prefixed with the worker's name, before its future
+    settles (``docs/observing.md``).
+
     Transport options (other keyword arguments): ``pool="gpu"`` (the worker pool, like the URL's
     ``/POOL``); tcp and gearman: ``tls=True`` or ``tls_ca``, ``tls_cert``, ``tls_key`` (file paths); zmq:
     ``curve_server_key``, ``curve_client_key`` (CURVE certificate files); gearman: ``job_ttl``.
@@ -526,6 +531,7 @@ class RemoteExecutor(Executor):
         connect_timeout: float = 10.0,
         call_timeout: float | None = None,
         no_workers_warning: float | None = 30.0,
+        forward_output: bool = False,
         **transport_options: Any,
     ) -> None:
         if max_workers is not None and max_workers <= 0:
@@ -540,6 +546,7 @@ class RemoteExecutor(Executor):
         self._call_timeout = check_limit(call_timeout)
         self._request_timeout = connect_timeout + heartbeat_timeout  # broadcast's and status()'s questions
         self._parent: RemoteExecutor | None = None  # a view (with_options) holds the executor it views
+        self._forward_output = bool(forward_output)
         init_parts = encode_initializer(initializer, tuple(initargs)) if initializer is not None else None
         options = Options(
             max_workers=max_workers,
@@ -659,7 +666,7 @@ class RemoteExecutor(Executor):
     def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
         self._core.check_open()
         try:
-            parts = encode_call(fn, args, kwargs)
+            parts = encode_call(fn, args, kwargs, self._forward_output)
         except SerializationError as exc:
             return _failed(exc)
         return self._core.enqueue(parts, self._call_timeout)
@@ -716,7 +723,7 @@ class RemoteExecutor(Executor):
         """One call on the wire for many map calls; its value is ``(values, exception_or_None)``."""
         self._core.check_open()
         try:
-            parts = encode_chunk(fn, items)
+            parts = encode_chunk(fn, items, self._forward_output)
         except SerializationError as exc:
             return _failed(exc)
         return self._core.enqueue(parts, self._call_timeout)

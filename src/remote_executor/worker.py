@@ -139,7 +139,7 @@ def watch_stdin(drain: threading.Event, fd: int = 0) -> None:
 
 def run(settings: WorkerSettings) -> int:
     """Serve ``settings.url`` with the worker loop of its backend until drained or fatally refused."""
-    return get_backend(scheme_of(settings.url)).run_worker(settings, WorkerCore())
+    return get_backend(scheme_of(settings.url)).run_worker(settings, WorkerCore(settings.name))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -35,6 +35,7 @@ from typing import Any, ClassVar, Protocol
 from ..errors import INITIALIZER_FAILED, BrokenRemoteExecutor, InitializerFailed, TransportError
 from ..wire.frames import DEFAULT_LIMITS, Limits, Status
 from ..wire.messages import timed_out_error, worker_lost_error
+from ..wire.output import Output
 from ..wire.serialization import Parts, decode_outcome, error_outcome, run_initializer, run_task
 
 __all__ = [
@@ -156,13 +157,15 @@ class ClientTransport(abc.ABC):
         raise NotImplementedError(f"the transport {self.url or type(self).__name__!r} has no status query")
 
 
-def decode_result(status: Status, parts: Parts) -> tuple[bool, Any]:
+def decode_result(status: Status, parts: Parts,
+                  on_output: Callable[[Output], object] | None = None) -> tuple[bool, Any]:
     """``(True, value)`` or ``(False, exception)`` for a result a transport reported.
 
-    For a chunk the value is ``(values, exception_or_None)``.
+    For a chunk the value is ``(values, exception_or_None)``. What the call printed, if its worker captured
+    it (``forward_output``), goes to ``on_output`` first.
     """
     if status == Status.DONE:
-        return decode_outcome(parts)
+        return decode_outcome(parts, on_output)
     if status == Status.WORKER_LOST:
         return False, worker_lost_error(parts)
     if status == Status.TIMED_OUT:
@@ -196,8 +199,10 @@ class WorkerCore:
 
     Every backend's worker loop hands it the parts of INIT and TASK messages; it never raises."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str | None = None) -> None:
         self._init_failures: dict[int, Parts | None] = {}  # executor id -> None (ok) or error outcome
+        # How this worker signs the output it forwards to clients that ask for it.
+        self.name = name or f"{socket.gethostname()}:{os.getpid()}"
 
     def initialize(self, executor_id: int, parts: Parts) -> Parts | None:
         """Run an executor's initializer once per process; its error outcome if it raised."""
@@ -218,9 +223,9 @@ class WorkerCore:
         if self._init_failures.get(executor_id) is not None:
             return error_outcome(InitializerFailed(INITIALIZER_FAILED))
         if limit is None:
-            return run_task(parts)
+            return run_task(parts, self.name)
         with _Watchdog(limit, on_timeout):
-            return run_task(parts)
+            return run_task(parts, self.name)
 
 
 class _Watchdog:

@@ -4,9 +4,13 @@ A message body is a list of buffers: the pickle stream first, then the pickle pr
 buffers (large numpy arrays, ``PickleBuffer`` objects), which transports send as their own frames without
 copying. Envelopes are plain tuples so the job server never needs to unpickle anything:
 
-    call      ("call", fn, args, kwargs)          chunk    ("chunk", fn, [args, ...])
-    outcome   ("ok", value) | ("raise", error) | ("chunk", [value, ...], error | None)
+    call      ("call", fn, args, kwargs[, True])  chunk    ("chunk", fn, [args, ...][, True])
+    outcome   ("ok", value[, output]) | ("raise", error[, output]) | ("chunk", [value, ...], error | None[, output])
     error     (pickled exception or None, type name, message, remote traceback text)
+    output    (worker name, [(1 for stdout or 2 for stderr, text), ...])
+
+The optional last ``True`` of a call asks the worker to capture what it prints (:mod:`.output`); only then
+does its outcome carry the ``output`` element, so a call without it is the same on the wire as ever.
 
 The caller re-raises the original exception type with a :class:`RemoteTraceback` as ``__cause__``; an
 exception that cannot be pickled there or unpickled here arrives as :class:`RemoteError`.
@@ -14,16 +18,20 @@ exception that cannot be pickled there or unpickled here arrives as :class:`Remo
 
 from __future__ import annotations
 
+import contextlib
 import io
 import pickle
-import traceback
-from collections.abc import Callable, Iterable, Sequence
+import types
+from collections import ChainMap
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import FunctionType
 from typing import Any
 
 import cloudpickle
 
 from ..errors import RemoteError, RemoteTraceback, SerializationError
+from .output import Output, Piece, captured
+from .tracebacks import add_source_lines, format_exception, reduce_code
 
 Buffer = bytes | bytearray | memoryview
 Parts = list[Buffer]
@@ -51,8 +59,15 @@ def dumps(obj: object) -> Parts:
 
 def _cloudpickle_dumps(obj: object) -> Parts:
     buffers: list[pickle.PickleBuffer] = []
-    data = cloudpickle.dumps(obj, protocol=PROTOCOL, buffer_callback=buffers.append)
-    return [data, *(buf.raw() for buf in buffers)]
+    stream = io.BytesIO()
+    _ByValuePickler(stream, protocol=PROTOCOL, buffer_callback=buffers.append).dump(obj)
+    return [stream.getvalue(), *(buf.raw() for buf in buffers)]
+
+
+class _ByValuePickler(cloudpickle.Pickler):  # type: ignore[misc]
+    """cloudpickle's pickler, except that code keeps its file name, for tracebacks (see :mod:`.tracebacks`)."""
+
+    dispatch_table = ChainMap({types.CodeType: reduce_code}, cloudpickle.Pickler.dispatch_table)
 
 
 def _by_value(fn: object) -> bool:
@@ -96,20 +111,24 @@ def describe(fn: object) -> str:
 # --- caller side -----------------------------------------------------------------------------------
 
 
-def encode_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Parts:
-    """Serialize one call; a :class:`SerializationError` names the argument that failed to pickle."""
+def encode_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+                output: bool = False) -> Parts:
+    """Serialize one call; a :class:`SerializationError` names the argument that failed to pickle.
+
+    ``output``: the worker captures what the call prints and sends it back with the outcome."""
+    envelope = ("call", fn, args, kwargs, True) if output else ("call", fn, args, kwargs)
     try:
         if _by_value(fn):  # the fast pickler would only give up on it: skip the attempt
-            return _cloudpickle_dumps(("call", fn, args, kwargs))
-        return dumps(("call", fn, args, kwargs))
+            return _cloudpickle_dumps(envelope)
+        return dumps(envelope)
     except Exception as exc:
         raise _pickling_error(exc, fn, args, kwargs) from exc
 
 
-def encode_chunk(fn: Callable[..., Any], items: Sequence[tuple[Any, ...]]) -> Parts:
+def encode_chunk(fn: Callable[..., Any], items: Sequence[tuple[Any, ...]], output: bool = False) -> Parts:
     """Serialize a batch of calls of one function (``map`` with ``chunksize > 1``)."""
     try:
-        return dumps(("chunk", fn, list(items)))
+        return dumps(("chunk", fn, list(items), True) if output else ("chunk", fn, list(items)))
     except Exception as exc:
         culprits = (_culprit(fn, args, {}) for args in items)
         culprit = next((c for c in culprits if c != "the call"), "the call")
@@ -121,9 +140,11 @@ def encode_initializer(fn: Callable[..., Any], args: tuple[Any, ...]) -> Parts:
     return encode_call(fn, args, {})
 
 
-def decode_outcome(parts: Sequence[Buffer]) -> tuple[bool, Any]:
+def decode_outcome(parts: Sequence[Buffer],
+                   on_output: Callable[[Output], object] | None = None) -> tuple[bool, Any]:
     """Decode an outcome envelope: ``(True, value)``, ``(False, exception)`` or, for a chunk,
-    ``(True, (values, exception_or_None))``."""
+    ``(True, (values, exception_or_None))``. What the call printed, if the worker captured it, goes to
+    ``on_output`` first."""
     try:
         envelope = loads(parts)
     except Exception as exc:
@@ -131,6 +152,9 @@ def decode_outcome(parts: Sequence[Buffer]) -> tuple[bool, Any]:
         error.__cause__ = exc
         return False, error
     tag = envelope[0]
+    width = 3 if tag == "chunk" else 2  # the elements before the optional output
+    if len(envelope) > width and on_output is not None:
+        on_output(envelope[width])
     if tag == "ok":
         return True, envelope[1]
     if tag == "raise":
@@ -142,6 +166,7 @@ def decode_outcome(parts: Sequence[Buffer]) -> tuple[bool, Any]:
 def rebuild_exception(info: ErrorInfo) -> BaseException:
     """The caller-side exception for an :data:`ErrorInfo`, with the remote traceback as its cause."""
     blob, type_name, message, tb_text = info
+    tb_text = add_source_lines(tb_text)
     exc: BaseException
     try:
         exc = pickle.loads(blob) if blob is not None else RemoteError(type_name, message, tb_text)
@@ -156,8 +181,11 @@ def rebuild_exception(info: ErrorInfo) -> BaseException:
 # --- worker side -----------------------------------------------------------------------------------
 
 
-def run_task(parts: Sequence[Buffer]) -> Parts:
-    """Run a serialized call or chunk and return its serialized outcome; never raises."""
+def run_task(parts: Sequence[Buffer], worker: str | None = None) -> Parts:
+    """Run a serialized call or chunk and return its serialized outcome; never raises.
+
+    ``worker`` names this worker in the output of calls that ask for it; None means the call runs in the
+    caller's own process (its output is there already), so nothing is captured."""
     try:
         envelope = loads(parts)
     except BaseException as exc:
@@ -166,28 +194,66 @@ def run_task(parts: Sequence[Buffer]) -> Parts:
     wrong = _bad_envelope(envelope)
     if wrong is not None:  # a pickle of something else (another program's, another version's): no call
         return error_outcome(SerializationError(f"the worker received no call it can run: {wrong}"))
-    if envelope[0] == "chunk":
-        return _run_chunk(envelope[1], envelope[2])
-    fn, args, kwargs = envelope[1], envelope[2], envelope[3]
+    chunk = envelope[0] == "chunk"
+    wanted = worker is not None and len(envelope) > (3 if chunk else 4) and envelope[-1] is True
+    fn = envelope[1]
+    with _capturing(wanted) as pieces:
+        result = _run_chunk(fn, envelope[2]) if chunk else _run_call(fn, envelope[2], envelope[3])
+    output = None if pieces is None or worker is None else (worker, pieces)
+    return _encode_outcome(fn, result, output)
+
+
+def _run_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
     try:
-        value = fn(*args, **kwargs)
+        return ("ok", fn(*args, **kwargs))
     except BaseException as exc:
-        return error_outcome(exc)
-    return _encode_value(fn, value)
+        return ("raise", encode_error(exc, skip_frames=1))
+
+
+def _run_chunk(fn: Callable[..., Any], items: Iterable[tuple[Any, ...]]) -> tuple[Any, ...]:
+    values: list[Any] = []
+    error: ErrorInfo | None = None
+    for args in items:
+        try:
+            values.append(fn(*args))
+        except BaseException as exc:
+            error = encode_error(exc, skip_frames=1)
+            break
+    return ("chunk", values, error)
+
+
+@contextlib.contextmanager
+def _capturing(wanted: bool) -> Iterator[list[Piece] | None]:
+    if not wanted:
+        yield None
+        return
+    with captured() as pieces:
+        yield pieces
+
+
+def _encode_outcome(fn: Callable[..., Any], result: tuple[Any, ...], output: Output | None) -> Parts:
+    """Pickle a call's outcome, with what it printed (if captured) as the last element."""
+    try:
+        return dumps(result if output is None else (*result, output))
+    except Exception as exc:
+        culprit = f"the result ({type(result[1]).__name__})" if result[0] == "ok" else "a result"
+        return error_outcome(SerializationError(_message("pickle", culprit, fn, exc)), exc, output=output)
 
 
 def _bad_envelope(envelope: object) -> str | None:
     """What is wrong with an unpickled call envelope (see the module docstring), or None if it has the shape
     of one. Only exact built-in types are looked into: a subclass could run code in ``__eq__`` or ``len``."""
-    shape = "expected ('call', fn, args, kwargs) or ('chunk', fn, [args, ...])"
+    shape = "expected ('call', fn, args, kwargs[, True]) or ('chunk', fn, [args, ...][, True])"
     if type(envelope) is not tuple or not envelope or type(envelope[0]) is not str:
         return f"{shape}, got a {type(envelope).__name__}"
     tag = envelope[0]
     if tag == "call":
-        if len(envelope) != 4 or type(envelope[2]) is not tuple or type(envelope[3]) is not dict:
+        if (len(envelope) not in (4, 5) or type(envelope[2]) is not tuple or type(envelope[3]) is not dict
+                or (len(envelope) == 5 and envelope[4] is not True)):
             return f"{shape}, got a 'call' of {len(envelope)} items"
     elif tag == "chunk":
-        if len(envelope) != 3 or type(envelope[2]) is not list or any(type(a) is not tuple for a in envelope[2]):
+        if (len(envelope) not in (3, 4) or type(envelope[2]) is not list
+                or any(type(a) is not tuple for a in envelope[2]) or (len(envelope) == 4 and envelope[3] is not True)):
             return f"{shape}, got a 'chunk' of {len(envelope)} items"
     else:
         return f"{shape}, got the tag {tag[:40]!r}"
@@ -207,10 +273,13 @@ def loads_tag(outcome: Sequence[Buffer]) -> str:
     return str(loads(outcome)[0])
 
 
-def encode_error(exc: BaseException, traceback_from: BaseException | None = None) -> ErrorInfo:
-    """Describe an exception for the wire, pickled if it can be (else ``None`` as the blob)."""
+def encode_error(exc: BaseException, traceback_from: BaseException | None = None,
+                 skip_frames: int = 0) -> ErrorInfo:
+    """Describe an exception for the wire, pickled if it can be (else ``None`` as the blob).
+
+    ``skip_frames`` drops the outermost frames of the traceback: ours, that called the user's function."""
     source = traceback_from if traceback_from is not None else exc
-    tb_text = "".join(traceback.format_exception(type(source), source, source.__traceback__))
+    tb_text = format_exception(source, skip_frames)
     try:
         blob: bytes | None = cloudpickle.dumps(exc, protocol=PROTOCOL)
     except Exception:
@@ -218,32 +287,11 @@ def encode_error(exc: BaseException, traceback_from: BaseException | None = None
     return (blob, type(exc).__qualname__, str(exc), tb_text)
 
 
-def _run_chunk(fn: Callable[..., Any], items: Iterable[tuple[Any, ...]]) -> Parts:
-    values: list[Any] = []
-    error: ErrorInfo | None = None
-    for args in items:
-        try:
-            values.append(fn(*args))
-        except BaseException as exc:
-            error = encode_error(exc)
-            break
-    try:
-        return dumps(("chunk", values, error))
-    except Exception as exc:
-        return error_outcome(SerializationError(_message("pickle", "a result", fn, exc)), exc)
-
-
-def _encode_value(fn: Callable[..., Any], value: Any) -> Parts:
-    try:
-        return dumps(("ok", value))
-    except Exception as exc:
-        culprit = f"the result ({type(value).__name__})"
-        return error_outcome(SerializationError(_message("pickle", culprit, fn, exc)), exc)
-
-
-def error_outcome(exc: BaseException, traceback_from: BaseException | None = None) -> Parts:
-    """The serialized outcome of a call that raised ``exc``."""
-    return [pickle.dumps(("raise", encode_error(exc, traceback_from)), protocol=PROTOCOL)]
+def error_outcome(exc: BaseException, traceback_from: BaseException | None = None,
+                  output: Output | None = None) -> Parts:
+    """The serialized outcome of a call that raised ``exc`` (with what it printed, if captured)."""
+    envelope = ("raise", encode_error(exc, traceback_from))
+    return [pickle.dumps(envelope if output is None else (*envelope, output), protocol=PROTOCOL)]
 
 
 def _pickling_error(
