@@ -581,11 +581,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small counts, one round: a smoke run")
     parser.add_argument("--transports", default=",".join(ALL_TRANSPORTS),
                         help="comma-separated RemoteExecutor transports to compare with ProcessPoolExecutor")
-    parser.add_argument("--output", default="benchmarks/results.md", help="where to write the markdown table")
+    parser.add_argument("--output", default=None,
+                        help="where to write the markdown table (default: benchmarks/results.md for a full run; "
+                             "a --quick run only prints it, so it never replaces the measured table)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-output", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     params = QUICK if args.quick else FULL
+    if args.output is None and not args.quick:
+        args.output = "benchmarks/results.md"
 
     if args.child:
         out = run_child(args.child, params)

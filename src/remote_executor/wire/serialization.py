@@ -189,7 +189,8 @@ def run_task(parts: Sequence[Buffer], worker: str | None = None) -> Parts:
     try:
         envelope = loads(parts)
     except BaseException as exc:
-        wrapped = SerializationError(f"cannot unpickle the call on the worker: {type(exc).__name__}: {exc}")
+        wrapped = SerializationError(f"cannot unpickle the call on the worker: {type(exc).__name__}: {exc}"
+                                     f"{_missing_module_hint(exc)}")
         return error_outcome(wrapped, exc)
     wrong = _bad_envelope(envelope)
     if wrong is not None:  # a pickle of something else (another program's, another version's): no call
@@ -238,6 +239,16 @@ def _encode_outcome(fn: Callable[..., Any], result: tuple[Any, ...], output: Out
     except Exception as exc:
         culprit = f"the result ({type(result[1]).__name__})" if result[0] == "ok" else "a result"
         return error_outcome(SerializationError(_message("pickle", culprit, fn, exc)), exc, output=output)
+
+
+def _missing_module_hint(exc: BaseException) -> str:
+    """For a module the worker cannot import: how to get it there (the commonest first-hour mistake)."""
+    if not isinstance(exc, ModuleNotFoundError) or not exc.name:
+        return ""
+    top = exc.name.split(".")[0]
+    return (f". The workers cannot import {top!r}: install it where they run (or start them where it can be "
+            f"imported: the embedded cluster's workers get this process's sys.path), or ship it with the call: "
+            f"cloudpickle.register_pickle_by_value({top}) in this process before submitting")
 
 
 def _bad_envelope(envelope: object) -> str | None:
