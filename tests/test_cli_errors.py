@@ -118,3 +118,18 @@ def test_timeout_is_offered_only_where_it_does_something() -> None:
     for command in ("server", "worker"):
         assert "--timeout" not in parsers[f"remote-executor {command}"].format_help()
     assert "--timeout" in parsers["remote-executor ping"].format_help()
+
+
+@pytest.mark.parametrize("scheme", ["tcp", pytest.param("gearman", marks=pytest.mark.gearman)])
+def test_a_worker_gives_up_after_its_reconnect_timeout(scheme: str, tmp_path: Path) -> None:
+    """The documented --reconnect-timeout: nothing answers, so the command ends with status 1 and says why,
+    its worker processes are not restarted for ever."""
+    key = tmp_path / "cluster.key"
+    key.write_text("reconnect-test-key\n")
+    key.chmod(0o600)
+    done = subprocess.run([sys.executable, "-m", "remote_executor.cli", "worker", f"{scheme}://127.0.0.1:{closed_port()}",
+                           "--key-file", str(key), "--processes", "2", "--reconnect-timeout", "1"],
+                          capture_output=True, text=True, timeout=60, env={"PYTHONPATH": SRC, "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 1, done.stderr
+    assert f"could not reach {scheme}://127.0.0.1:" in done.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in done.stderr

@@ -763,3 +763,14 @@ def test_executor_ids_are_random_and_the_session_carries_settings(
     assert 0 <= first.session.executor_id < 2**63
     assert (first.session.max_retries, first.session.initializer) == (0, None)
     assert second.session.initializer is not None
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"tranport": "tcp"}, "'tranport' (did you mean 'transport'?)"),
+    ({"tls_cafile": "ca.pem"}, "'tls_cafile' (did you mean 'tls_ca'?)"),
+    ({"curve_server_key": "server.key"}, "for the tcp transport"),  # a zmq option given to tcp
+])
+def test_an_option_nothing_reads_is_a_clear_error(options: dict[str, str], message: str) -> None:
+    with pytest.raises(TypeError, match="unexpected keyword argument") as caught:
+        RemoteExecutor(1, transport="tcp://127.0.0.1:1", **options)  # refused before any connection
+    assert message in str(caught.value)

@@ -145,6 +145,9 @@ def _parser() -> argparse.ArgumentParser:
     keygen.add_argument("--days", type=int, default=825, help="how long the certificates are valid")
     _add_curve_flags(commands.choices)
     worker.add_argument("--name", help="name of the worker processes in status (default: HOSTNAME-PID)")
+    worker.add_argument("--reconnect-timeout", type=float, default=None, metavar="S",
+                        help="exit (status 1) after this many seconds without reaching the job server "
+                             "(default: retry for ever)")
     worker.add_argument("--pool", help="the worker pool to serve: only calls of executors of that pool come "
                                        "here (default: the URL's /POOL, else 'default')")
     worker.add_argument("--exit-on-stdin-eof", action="store_true",
@@ -263,6 +266,8 @@ def _worker(args: argparse.Namespace) -> int:
     pool = pool_of_url(args.url, args.pool)  # and for a bad pool name
     worker_args: tuple[str, ...] = ("--pool", pool, "--heartbeat-interval", str(args.heartbeat_interval),
                                     "--heartbeat-timeout", str(args.heartbeat_timeout),
+                                    *(["--reconnect-timeout", str(args.reconnect_timeout)]
+                                      if args.reconnect_timeout is not None else []),
                                     *(["--insecure"] if key is None else []),
                                     *_curve_worker_args(_curve_client_extra(args, backend)))
     if key is None:
@@ -284,6 +289,10 @@ def _worker(args: argparse.Namespace) -> int:
             supervisor.stop()
             raise RemoteExecutorError(f"the job server {args.url} refused every worker process (see above): "
                                       f"check --key-file (or $REMOTE_EXECUTOR_KEY) and the versions")
+        if supervisor.unreachable.is_set():
+            supervisor.stop()
+            raise RemoteExecutorError(f"could not reach {args.url} within --reconnect-timeout "
+                                      f"{args.reconnect_timeout:g}s (see above); giving up")
         if supervisor.stopped.is_set():
             print(f"the job server {args.url} was stopped with its workers; exiting", flush=True)
             supervisor.stop()

@@ -32,9 +32,33 @@ def make_transport(spec: str | ClientTransport | None, options: Options) -> Clie
     if not isinstance(url, str):
         raise TypeError(f"transport must be None, a URL string or a ClientTransport, not {type(url).__name__}")
     backend = get_backend(scheme_of(url))
+    _check_options(backend, options)
     if "://" in url or backend.in_process:
         return backend.client(url, options)
     return EmbeddedTransport(backend, options)
+
+
+def _check_options(backend: Backend, options: Options) -> None:
+    """A keyword argument no part of this transport reads is a mistake (a typo: ``tranport=``), not an
+    option to ignore silently."""
+    known = backend.client_options
+    if known is None:
+        return
+    unknown = sorted(set(options.extra) - known)
+    if not unknown:
+        return
+    from difflib import get_close_matches
+
+    hints = [f"{name!r} (did you mean {close[0]!r}?)" if (close := get_close_matches(name, [*known, *_PARAMETERS], 1))
+             else repr(name) for name in unknown]
+    raise TypeError(f"RemoteExecutor() got unexpected keyword argument(s) {', '.join(hints)} for the "
+                    f"{backend.scheme} transport (its options: {', '.join(sorted(known)) or 'none'})")
+
+
+# RemoteExecutor's own keyword arguments, for the hint when one is misspelt.
+_PARAMETERS = ("transport", "max_workers", "initializer", "initargs", "key", "key_file", "insecure", "max_retries",
+               "heartbeat_interval", "heartbeat_timeout", "reconnect_timeout", "connect_timeout", "call_timeout",
+               "no_workers_warning", "forward_output")
 
 
 class LocalCluster:

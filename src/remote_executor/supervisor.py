@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .netio import Backoff
-from .transports.base import EXIT_STOPPED, EXIT_TIMED_OUT
+from .transports.base import EXIT_STOPPED, EXIT_TIMED_OUT, EXIT_UNREACHABLE
 from .worker import LIFELINE_ENV, REFUSED, SERVING_ENV
 
 log = logging.getLogger("remote_executor.supervisor")
@@ -80,6 +80,8 @@ class Supervisor:
         self._selector.register(self._serving_r, selectors.EVENT_READ, None)
         self._refused: set[int] = set()  # indexes of children the job server refused: not restarted
         self._stopped: set[int] = set()  # indexes of children whose job server was stopped with its workers
+        self._unreachable: set[int] = set()  # indexes of children that gave up reaching their job server
+        self.unreachable = threading.Event()  # set once every child has ended for good, some unreachable
         self.stopped = threading.Event()  # set once every child exited for good (remote-executor stop --workers)
         self.serving = threading.Event()  # set once any child has completed its first handshake
         self.refused = threading.Event()  # set once every child was refused (a wrong key, other versions)
@@ -164,6 +166,12 @@ class Supervisor:
             self._stopped.add(child.index)
             if len(self._stopped | self._refused) == self.processes:
                 self.stopped.set()
+            return
+        if code == EXIT_UNREACHABLE:  # it gave up reaching its job server (--reconnect-timeout), as asked
+            log.error("worker %s-%d gave up reaching its job server; not restarting it", self.name, child.index)
+            self._unreachable.add(child.index)
+            if len(self._unreachable | self._refused | self._stopped) == self.processes:
+                self.unreachable.set()
             return
         if not self.restart:
             log.warning("worker %s-%d exited with %s", self.name, child.index, code)

@@ -26,7 +26,7 @@ from ..errors import ConnectionFailedError, RemoteExecutorError
 from ..logsafe import printable
 from ..netio import retry_with_backoff
 from ..pools import pool_of_url
-from ..transports.base import EXIT_STOPPED, WorkerCore, WorkerSettings
+from ..transports.base import EXIT_STOPPED, EXIT_UNREACHABLE, WorkerCore, WorkerSettings
 from ..wire.frames import Frame, Kind, Status
 from ..wire.messages import announced_limit, hello, oversize, rejection, split_limit
 from ..wire.serialization import Parts, error_outcome
@@ -115,7 +115,7 @@ def _serve(url: str, connect: Connector, settings: WorkerSettings, core: WorkerC
                 transient=(ConnectionFailedError,))
         except ConnectionFailedError as exc:
             log.error("cannot reach %s: %s", url, exc)
-            return 1
+            return EXIT_UNREACHABLE
         except RemoteExecutorError as exc:
             log.error("%s refused this worker: %s", url, printable(exc))
             return 2

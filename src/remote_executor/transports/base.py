@@ -58,6 +58,8 @@ EXIT_TIMED_OUT = 4  # a worker process's exit status after it stopped a call at 
 # A worker process's exit status when its job server was stopped with its workers (remote-executor stop
 # --workers): for good, so its supervisor does not restart it.
 EXIT_STOPPED = 5
+# A worker process's exit status when it gave up reaching its job server (--reconnect-timeout): for good.
+EXIT_UNREACHABLE = 6
 # A call that holds the GIL (a long C loop) starves the watchdog thread; faulthandler's own C thread ends
 # the process this long after the limit all the same (and prints where the call was stuck).
 HARD_STOP_GRACE = 2.0
@@ -336,6 +338,9 @@ class Backend(abc.ABC):
 
     scheme: ClassVar[str]
     in_process: ClassVar[bool] = False  # True: the bare scheme runs in this process (no cluster, no workers)
+    # The keyword arguments of RemoteExecutor this scheme's client understands (Options.extra); another is a
+    # TypeError naming it, as a misspelt argument of any function is. None: the backend does not say (any).
+    client_options: ClassVar[frozenset[str] | None] = None
 
     @abc.abstractmethod
     def client(self, url: str, options: Options) -> ClientTransport:

@@ -25,6 +25,7 @@ class MemoryBackend(Backend):
     """``memory`` and ``memory://`` are the same: threads of this process, no cluster, no worker processes."""
 
     scheme = "memory"
+    client_options = frozenset({"limits"})
     in_process = True
 
     def client(self, url: str, options: Options) -> MemoryTransport:

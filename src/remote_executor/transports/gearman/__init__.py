@@ -33,6 +33,7 @@ class GearmanBackend(Backend):
     """gearmand is the job server: there is no server of ours, and the embedded cluster starts a gearmand."""
 
     scheme = "gearman"
+    client_options = frozenset({"limits", "pool", "job_ttl", "tls", "tls_ca", "tls_cert", "tls_key"})
 
     def client(self, url: str, options: Options) -> ClientTransport:
         from .client import GearmanClientTransport

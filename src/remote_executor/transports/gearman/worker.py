@@ -36,7 +36,7 @@ from ...security import check_connect, is_loopback
 from ...wire.frames import Frame, Kind
 from ...wire.messages import too_large_message
 from ...wire.serialization import error_outcome
-from ..base import WorkerCore, WorkerSettings
+from ..base import EXIT_UNREACHABLE, WorkerCore, WorkerSettings
 from .codec import GearmanError
 from .connection import GearmanWorkerConnection, Job
 from .jobs import ALIVE, MAX_JOB_SIZE, REFUSED, STARTED, JobCodec, OpenedJob, function_name, parse_url
@@ -150,7 +150,7 @@ class GearmanWorker:
                 if time.monotonic() - down_since > self.settings.reconnect_timeout:
                     log.error("no gearmand of %s reachable for %.1fs; exiting", self.settings.url,
                               self.settings.reconnect_timeout)
-                    return 1
+                    return EXIT_UNREACHABLE
                 with self.changed:
                     if not any(s.conn is not None for s in self.servers):
                         self.changed.wait(IDLE_WAIT)

@@ -30,6 +30,7 @@ SERVER_OPTIONS = frozenset({"tls", "tls_cert", "tls_key", "tls_ca", "max_handsha
 
 class TcpBackend(JobServerBackend):
     scheme = "tcp"
+    client_options = frozenset({"limits", "pool", "tls", "tls_ca", "tls_cert", "tls_key"})
     server_class = TcpServer
 
     def connector(self, url: str, key: bytes | None, extra: Mapping[str, Any], limits: Limits) -> Connector:

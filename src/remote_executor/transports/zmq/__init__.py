@@ -22,6 +22,7 @@ __all__ = ["Curve", "ZmqBackend", "ZmqServer"]
 
 class ZmqBackend(JobServerBackend):
     scheme = "zmq"
+    client_options = frozenset({"limits", "pool", "curve_server_key", "curve_client_key"})
     server_class = ZmqServer
 
     def connector(self, url: str, key: bytes | None, extra: Mapping[str, Any], limits: Limits) -> Connector:
