@@ -154,8 +154,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="exit at once when standard input closes (a 'drain' line on it drains): "
                              "workers that end with the SSH session that started them")
     from .cli_cluster import add_cluster_command  # the subcommands live there; their work is imported lazily
+    from .cli_local import add_local_actions
 
-    add_cluster_command(commands)
+    add_local_actions(add_cluster_command(commands))  # cluster start/stop: a local cluster, beside up/down
     from .cli_gearmand import add_gearmand_command
 
     add_gearmand_command(commands)

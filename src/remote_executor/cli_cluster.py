@@ -45,8 +45,12 @@ STATE_NAME, KEY_NAME, LOG_NAME = "cluster.json", "cluster.key", "cluster.log"
 READY_MARGIN = 30.0  # seconds `up` waits for the background process beyond its start timeout
 
 
-def add_cluster_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Register ``remote-executor cluster up|run|status|down`` (the work is imported when it runs)."""
+Subcommands = argparse._SubParsersAction[argparse.ArgumentParser]
+
+
+def add_cluster_command(commands: Subcommands) -> Subcommands:
+    """Register ``remote-executor cluster up|run|status|down`` (the work is imported when it runs); the
+    actions, for the local cluster's ``start``/``stop`` (:mod:`remote_executor.cli_local`) to join them."""
     cluster = commands.add_parser("cluster", help="a long-lived cluster: here (start/stop) or over SSH (up/down)",
                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     actions = cluster.add_subparsers(required=True, metavar="ACTION")
@@ -64,9 +68,7 @@ def add_cluster_command(commands: argparse._SubParsersAction[argparse.ArgumentPa
     down.add_argument("--timeout", type=float, default=600.0,
                       help="seconds to let running calls finish before everything is stopped at once")
     down.set_defaults(func=_down)
-    from .cli_local import add_local_actions
-
-    add_local_actions(actions)
+    return actions
 
 
 def _launch_arguments(parser: argparse.ArgumentParser) -> None:

@@ -496,7 +496,7 @@ class RemoteExecutor(Executor):
     - ``no_workers_warning`` (30.0; None for never): log a warning when calls have waited that long with
       no worker attached to take them, and again every as long while it lasts.
 
-    Output: ``forward_output=True``: what each call prints to ``sys.stdout``/``sys.stderr`` on its worker is
+    Output: ``forward_output`` (default False): what each call prints to ``sys.stdout``/``sys.stderr`` on its worker is
     written to this process's stdout/stderr, each line prefixed with the worker's name, before its future
     settles (``docs/observing.md``).
 
