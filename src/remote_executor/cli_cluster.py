@@ -39,13 +39,12 @@ from .errors import RemoteExecutorError
 if TYPE_CHECKING:
     from .ssh import ClusterInfo, SSHHost
 
+    Subcommands = argparse._SubParsersAction[argparse.ArgumentParser]  # subscriptable for type checkers only
+
 log = logging.getLogger("remote_executor.cli")
 
 STATE_NAME, KEY_NAME, LOG_NAME = "cluster.json", "cluster.key", "cluster.log"
 READY_MARGIN = 30.0  # seconds `up` waits for the background process beyond its start timeout
-
-
-Subcommands = argparse._SubParsersAction[argparse.ArgumentParser]
 
 
 def add_cluster_command(commands: Subcommands) -> Subcommands:
