@@ -124,6 +124,7 @@ class SilentTransport(ClientTransport):
     def __init__(self) -> None:
         self.url = "silent://"
         self.listener: Listener | None = None
+        self.task_ids: list[int] = []
 
     def start(self, session: Session, listener: Listener) -> None:
         self.listener = listener
@@ -132,6 +133,7 @@ class SilentTransport(ClientTransport):
     def submit(self, calls: Sequence[Call]) -> None:
         assert self.listener is not None
         for c in calls:
+            self.task_ids.append(c.task_id)
             if c.limit is not None:
                 self.listener.on_started(c.task_id)
 
@@ -231,3 +233,49 @@ def test_the_documented_example_runs() -> None:
     done = subprocess.run([sys.executable, str(example)], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(src)}, check=True)
     assert "stopped after 0." in done.stdout and "the next call runs at once" in done.stdout
+
+
+def test_a_call_started_again_gets_a_new_clock() -> None:
+    """A retry (another worker took the call after a loss) runs on a clock of its own: the first start's
+    deadline passing does not fail it."""
+    transport = SilentTransport()
+    executor = RemoteExecutor(transport=transport, heartbeat_timeout=0.5)  # 1 s of slack past the limit
+    started = time.monotonic()
+    future = executor.with_options(timeout=1.0).submit(abs, 1)  # first start: failed at 2 s without news
+    assert transport.listener is not None
+    time.sleep(1.0)  # the clock itself is under test here
+    transport.listener.on_started(transport.task_ids[-1])  # started again at 1 s: failed at 3 s without news
+    time.sleep(max(0.0, 2.5 - (time.monotonic() - started)))
+    assert not future.done()  # the first deadline has passed
+    with pytest.raises(CallTimeoutError, match="no worker answered"):
+        future.result(timeout=10)
+    assert time.monotonic() - started >= 2.9
+    executor.shutdown(wait=True)
+
+
+def test_scheduler_a_worker_that_timed_out_a_departed_clients_call_gets_nothing_new() -> None:
+    """The worker process exits after stopping a call, whether or not that call's client is still there."""
+    h = Harness()
+    h.client(1)
+    h.client(4, name="other", executor_id=8)
+    h.worker(2)
+    [task] = sent(h.recv(1, limited_submit(10, 1.0)), 2, Kind.TASK)
+    h.disconnect(1)  # the call's client goes away while the call runs
+    h.recv(2, Frame(Kind.RESULT, a=task.a, b=Status.TIMED_OUT))
+    assert sent(h.submit(4, 1, "next"), 2, Kind.TASK) == []  # it would be lost with the exiting process
+    assert h.s.status()["workers"][0]["draining"] is True
+
+
+def test_status_and_broadcast_from_a_done_callback_are_errors_not_hangs() -> None:
+    errors: list[BaseException] = []
+    with RemoteExecutor(1) as executor:
+
+        def callback(future: object) -> None:
+            for call in (executor.status, lambda: executor.broadcast(abs, 1), executor.wait_for_workers):
+                try:
+                    call()
+                except RuntimeError as exc:
+                    errors.append(exc)
+
+        executor.submit(abs, -1).add_done_callback(callback)
+    assert len(errors) == 3 and all("from a done-callback" in str(e) for e in errors), errors

@@ -86,12 +86,13 @@ threading._register_atexit(_python_exit)  # type: ignore[attr-defined]
 
 
 class _WorkItem:
-    __slots__ = ("future", "limit", "parts")
+    __slots__ = ("future", "limit", "parts", "starts")
 
     def __init__(self, future: Future[Any], parts: Parts, limit: float | None) -> None:
         self.future = future
         self.parts = parts
         self.limit = limit
+        self.starts = 0  # how often a worker took it (a retry starts its clock again)
 
 
 class _Deadlines:
@@ -311,15 +312,19 @@ class _Core:
     def on_started(self, task_id: int) -> None:
         with self.lock:
             item = self.in_flight.get(task_id) or self.broadcasting.get(task_id)
-        if item is not None and item.limit is not None:
-            self.deadlines.arm(time.monotonic() + item.limit + self.limit_slack, lambda: self._expire(task_id))
+            if item is None or item.limit is None:
+                return
+            item.starts += 1
+            start = item.starts
+        self.deadlines.arm(time.monotonic() + item.limit + self.limit_slack, lambda: self._expire(task_id, start))
 
-    def _expire(self, task_id: int) -> None:
+    def _expire(self, task_id: int, start: int) -> None:
         """No result long after a call's limit: neither its worker nor the job server reported it."""
         with self.lock:
-            item = self.in_flight.pop(task_id, None) or self.broadcasting.pop(task_id, None)
-        if item is None:
-            return  # it settled in time
+            item = self.in_flight.get(task_id) or self.broadcasting.get(task_id)
+            if item is None or item.starts != start:
+                return  # it settled in time, or it was started again (a retry) and runs on a new clock
+            self.in_flight.pop(task_id, None) or self.broadcasting.pop(task_id, None)
         assert item.limit is not None
         self.dispatch()
         error = CallTimeoutError(f"the call ran past its time limit of {item.limit:g}s and no worker answered "
@@ -619,6 +624,7 @@ class RemoteExecutor(Executor):
         """
         if n < 1:
             raise ValueError("n must be at least 1")
+        self._not_from_a_callback("wait_for_workers")
         return self._core.wait_for_workers(n, timeout)
 
     def broadcast(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> dict[str, Future[T]]:
@@ -638,8 +644,9 @@ class RemoteExecutor(Executor):
         :class:`~remote_executor.errors.SerializationError` if the call cannot be pickled.
         """
         core = self._core
+        self._not_from_a_callback("broadcast")
         core.check_open()
-        parts = encode_call(fn, args, kwargs)
+        parts = encode_call(fn, args, kwargs, self._forward_output)
         workers = core.transport.broadcast_targets(self._request_timeout)
         return core.broadcast(parts, workers, self._call_timeout)
 
@@ -650,7 +657,15 @@ class RemoteExecutor(Executor):
         URL without an executor. Raises ``NotImplementedError`` on a transport without a job server of ours
         (gearman://: use ``cluster_status`` on its URL, which asks gearmand).
         """
+        self._not_from_a_callback("status")
         return ClusterStatus.from_dict(self._core.transport.query_status(self._request_timeout))
+
+    def _not_from_a_callback(self, what: str) -> None:
+        """The thread that runs done-callbacks is the one that would bring the answer: waiting there for it
+        would wait for ever (or until a timeout), so it is an error at once, as ``shutdown(wait=True)`` is."""
+        if getattr(_in_listener, "core", None) is self._core:
+            raise RuntimeError(f"cannot call {what}() from a done-callback of this executor's futures: "
+                               f"its answer comes on the thread that runs the callback")
 
     @property
     def call_timeout(self) -> float | None:

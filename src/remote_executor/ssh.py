@@ -707,10 +707,19 @@ class SSHCluster(SSHJobServer, ClientTransport):
         self._client = self._launched.client(self.pool, Options(
             key=self.key, heartbeat_interval=self.heartbeat_interval, heartbeat_timeout=self.heartbeat_timeout))
         self._client.start(session, listener)
+        self.time_limits = self._client.time_limits  # what the job server's client can do, this transport can
 
     def submit(self, calls: Sequence[Call]) -> None:
         assert self._client is not None
         self._client.submit(calls)
+
+    def broadcast_targets(self, timeout: float) -> list[str]:
+        assert self._client is not None
+        return self._client.broadcast_targets(timeout)
+
+    def query_status(self, timeout: float) -> dict[str, Any]:
+        assert self._client is not None
+        return self._client.query_status(timeout)
 
     def close(self) -> None:
         if self._client is not None:

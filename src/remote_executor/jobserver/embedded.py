@@ -55,7 +55,8 @@ class EmbeddedJobServer(EmbeddedServer):
         return key_to_env(self.key)
 
     def attached_workers(self) -> int:
-        return self.server.scheduler.capacity  # one slot per local worker process
+        with self.server.drive_lock:  # the server loop changes the scheduler's pools meanwhile
+            return self.server.scheduler.capacity  # one slot per local worker process
 
     def worker_args(self) -> tuple[str, ...]:
         # Local workers never outlive the cluster: no reconnecting to a server that is gone.

@@ -405,17 +405,19 @@ class Scheduler:
             return  # a task of a client that has gone
         worker.done += 1
         self._done += 1
+        timed_out = frame.b == Status.TIMED_OUT and task.limit is not None
         client = self._clients.get(task.client)
         if client is not None:
             del client.tasks[task.tid]
-            if frame.b == Status.TIMED_OUT and task.limit is not None:
+            if timed_out:
                 log.info("worker %s stopped a call at its time limit of %gs", printable(peer.name), task.limit)
                 self._send_timed_out(task, peer.name)
-                worker.draining = True  # it is exiting: no new call may go to it
-                self._fail_pinned_queue(worker, peer.name, "is exiting after it stopped a call at its time limit")
-                self._capacity_changed(worker.pool)
             else:
                 self._send(task.client, Frame(Kind.RESULT, a=task.client_tid, b=Status.DONE, parts=frame.parts))
+        if timed_out:  # the worker process is exiting, whoever the call was for: no new call may go to it
+            worker.draining = True
+            self._fail_pinned_queue(worker, peer.name, "is exiting after it stopped a call at its time limit")
+            self._capacity_changed(worker.pool)
         self._start_pinned(peer.conn, worker)
         pool = self._pools[worker.pool]
         if worker.free() > 0:

@@ -62,7 +62,7 @@ EXIT_STOPPED = 5
 EXIT_UNREACHABLE = 6
 # A call that holds the GIL (a long C loop) starves the watchdog thread; faulthandler's own C thread ends
 # the process this long after the limit all the same (and prints where the call was stuck).
-HARD_STOP_GRACE = 2.0
+HARD_STOP_GRACE = 3.0  # more than the timed-out report may take (1 s for the lock, 1 s to send)
 
 log = logging.getLogger("remote_executor.worker")
 
