@@ -41,7 +41,7 @@ from remote_executor.transports.zmq.sockets import CURVE_SERVER_KEY_ENV
 from remote_executor.wire.frames import HEADER, MAGIC, VERSION, Frame, Kind, Limits, decode_parts, encode
 from remote_executor.wire.messages import hello
 from remote_executor.wire.serialization import Parts, encode_call
-from remote_executor.wire.session import Mac, session_macs
+from remote_executor.wire.session import Mac, new_nonce, session_macs
 
 pytestmark = pytest.mark.zmq
 
@@ -436,3 +436,33 @@ def socket_port() -> Iterator[int]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         yield probe.getsockname()[1]
+
+
+def test_a_session_the_server_dropped_gets_no_wrong_key_answer() -> None:
+    """A peer whose session the server dropped (it was silent too long before its HELLO, as on a loaded
+    machine) is not told "wrong key": only an OPEN signed with another key is. It reconnects instead."""
+    key = os.urandom(32)
+    srv = ZmqServer("127.0.0.1", 0, key=key, heartbeat_interval=0.1, heartbeat_timeout=0.3)
+    srv.start()
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    try:
+        sock.connect(srv.url.replace("zmq://", "tcp://"))
+        nonce = new_nonce()
+        sock.send_multipart([bytes(b) for b in encode(Frame(Kind.OPEN, parts=[nonce]), Mac(key))])
+        assert sock.poll(10_000), "no CHALLENGE"
+        prefix, *rest = sock.recv_multipart()
+        challenge = decode_parts(prefix, rest, Mac(key, bind=nonce))
+        assert challenge.kind == Kind.CHALLENGE
+        send, _ = session_macs(key, nonce, bytes(challenge.parts[0]), server=False)
+        wait_for(lambda: not srv._ids, 10.0, "the server to drop the silent session")
+        sock.send_multipart([bytes(b) for b in encode(hello("client", {"executor_id": 1}), send)])
+        assert not sock.poll(1_000)  # no REJECT: it would read as "the job server rejected our key"
+        sock.send_multipart([bytes(b) for b in encode(Frame(Kind.OPEN, parts=[nonce]), Mac(os.urandom(32)))])
+        assert sock.poll(10_000)  # an OPEN under another key is told so
+        prefix, *rest = sock.recv_multipart()
+        assert decode_parts(prefix, rest).kind == Kind.REJECT
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+        srv.stop()

@@ -389,6 +389,9 @@ def run_as_nobody(args: list[str], env: dict[str, str], timeout: float) -> subpr
     pytest.fail(f"no {version} interpreter that uid {NOBODY} may run: tried {candidates}")
 
 
+# Slow, so on the main Python only: another uid must run an interpreter of this very version, and only the
+# system's Python (Debian's python3.11 in CI) is one it can reach; pyenv's live under a 0700 /root.
+@pytest.mark.slow
 @pytest.mark.parametrize("scheme", ["tcp", "zmq", "gearman"])
 def test_another_local_user_cannot_get_a_call_run_while_this_user_is_served(
     monkeypatch: pytest.MonkeyPatch, scheme: str

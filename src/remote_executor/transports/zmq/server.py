@@ -30,12 +30,14 @@ from ...jobserver.scheduler import ConnId
 from ...jobserver.server import PRE_SESSION_LIMITS, ServerCore
 from ...logsafe import limited, owner, printable
 from ...security import server_key
-from ...wire.frames import Frame, Kind, Limits, encode
+from ...wire.frames import Frame, Kind, Limits, decode_parts, encode
 from ...wire.messages import key_rejected
 from ...wire.serialization import Buffer
 from ...wire.session import Mac, as_mac
 from .allowlist import CurveAllowList
-from .sockets import HWM, endpoint, load_certificate, recv_frame, send_frame
+from .sockets import HWM, endpoint, load_certificate, recv_frame, recv_rest, send_frame
+
+_KIND_OFFSET = 3  # in the frame header: magic (2 bytes) and version (1), then the kind
 
 log = logging.getLogger("remote_executor.jobserver.server")
 
@@ -165,14 +167,18 @@ class ZmqServer(ServerCore):
             except zmq.Again:
                 return
             conn = self._ids.get(route)
+            opening = False
             try:
                 if conn is None:  # a new session: only its OPEN, signed with the shared key, is read
-                    self._open(route, recv_frame(router, self._open_mac, PRE_SESSION_LIMITS))
+                    prefix = router.recv()  # the rest of this message is there already (zmq delivers it whole)
+                    opening = len(prefix) > _KIND_OFFSET and prefix[_KIND_OFFSET] == Kind.OPEN
+                    parts = recv_rest(router, prefix, PRE_SESSION_LIMITS, True)
+                    self._open(route, decode_parts(prefix, parts, self._open_mac, PRE_SESSION_LIMITS))
                 else:
                     frame = recv_frame(router, self._receive_macs[conn], self._limits)
                     self.scheduler.received(conn, frame, time.monotonic())
             except ProtocolError as exc:
-                self._malformed(route, exc)
+                self._malformed(route, exc, opening)
 
     def _open(self, route: bytes, frame: Frame) -> None:
         if frame.kind != Kind.OPEN:
@@ -188,15 +194,17 @@ class ZmqServer(ServerCore):
         self._enqueue(conn, encode(opening.challenge, opening.challenge_mac))
         self._send_macs[conn] = opening.send
 
-    def _malformed(self, route: bytes, exc: ProtocolError) -> None:
+    def _malformed(self, route: bytes, exc: ProtocolError, opening: bool = False) -> None:
         conn = self._ids.get(route)
         limited(log, logging.WARNING, (owner(self), "bad frame"), "dropping zmq peer %s: %s",
                 printable(route.hex()) if conn is None else f"#{conn}", printable(exc))
         if conn is not None:
             self._lost(conn)
-        elif isinstance(exc, AuthenticationError):
+        elif opening and isinstance(exc, AuthenticationError):
             # An OPEN not signed with our key: say so (unsigned: we share no key with this peer), so a
             # worker stops instead of retrying for ever; a forged one can do no more than a dropped session.
+            # Any other frame from a peer we do not know is a session we dropped (it was silent too long):
+            # no answer, so that peer reconnects rather than reading "wrong key".
             with contextlib.suppress(zmq.ZMQError):
                 send_frame(self._router, encode(key_rejected()), route, zmq.NOBLOCK)
 
