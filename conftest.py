@@ -8,8 +8,21 @@ not report green by skipping them.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _per_user_key_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Clients, servers and workers given no key share the per-user key file: a temporary one for the whole
+    session (session-wide, so module-scoped clusters use it too), never the real home directory's.
+    Everything else kept under $XDG_CONFIG_HOME (cluster records) goes there too."""
+    with pytest.MonkeyPatch.context() as patch:
+        config = tmp_path_factory.mktemp("user-config")
+        patch.setenv("REMOTE_EXECUTOR_KEY_FILE", str(config / "remote_executor" / "key"))
+        patch.setenv("XDG_CONFIG_HOME", str(config))  # a test that unsets the one still misses ~/.config
+        yield
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -7,7 +7,6 @@ the candidate: never skip or xfail it here.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Iterator
 
@@ -16,21 +15,6 @@ import pytest
 pytest.register_assert_rewrite("remote_executor.conformance")
 
 _GRACE = 10.0
-
-
-@pytest.fixture(autouse=True, scope="session")
-def _per_user_key_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Clients, servers and workers given no key share the per-user key file: a temporary one for the whole
-    session (session-wide, so module-scoped clusters use it too), never the real home directory's.
-    Everything else kept under $XDG_CONFIG_HOME (cluster records) goes there too."""
-    if os.environ.get("REMOTE_EXECUTOR_KEY_FILE", "").startswith(str(tmp_path_factory.getbasetemp())):
-        yield  # the other test tree's conftest already did it for this session: one key file for all
-        return
-    with pytest.MonkeyPatch.context() as patch:
-        config = tmp_path_factory.mktemp("user-config")
-        patch.setenv("REMOTE_EXECUTOR_KEY_FILE", str(config / "remote_executor" / "key"))
-        patch.setenv("XDG_CONFIG_HOME", str(config))  # a test that unsets the one still misses ~/.config
-        yield
 
 
 @pytest.fixture(autouse=True)

@@ -37,21 +37,6 @@ def pid_alive(pid: int) -> bool:
         return True
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _per_user_key_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Clients, servers and workers given no key share the per-user key file: a temporary one for the whole
-    session (session-wide, so module-scoped clusters use it too), never the real home directory's.
-    Everything else kept under $XDG_CONFIG_HOME (cluster records) goes there too."""
-    if os.environ.get("REMOTE_EXECUTOR_KEY_FILE", "").startswith(str(tmp_path_factory.getbasetemp())):
-        yield  # the other test tree's conftest already did it for this session: one key file for all
-        return
-    with pytest.MonkeyPatch.context() as patch:
-        config = tmp_path_factory.mktemp("user-config")
-        patch.setenv("REMOTE_EXECUTOR_KEY_FILE", str(config / "remote_executor" / "key"))
-        patch.setenv("XDG_CONFIG_HOME", str(config))  # a test that unsets the one still misses ~/.config
-        yield
-
-
 @pytest.fixture
 def tcp_server() -> Iterator[TcpServer]:
     server = TcpServer("127.0.0.1", 0, heartbeat_interval=0.2, heartbeat_timeout=1.5)
