@@ -11,13 +11,20 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Sequence
-from typing import Any
 
 from .errors import BrokenRemoteExecutor, TransportError
 from .supervisor import Supervisor
 from .transports import get_backend, scheme_of
-from .transports.base import Backend, Call, ClientTransport, EmbeddedServer, Listener, Options, Session, Status
+from .transports.base import (
+    Backend,
+    ClientTransport,
+    EmbeddedServer,
+    ForwardingTransport,
+    Listener,
+    Options,
+    Session,
+    Status,
+)
 from .wire.serialization import Parts
 
 DEFAULT_SCHEME = "tcp"
@@ -134,7 +141,7 @@ class _CapacityWatch:
         self._listener.on_started(task_id)
 
 
-class EmbeddedTransport(ClientTransport):
+class EmbeddedTransport(ForwardingTransport):
     """``RemoteExecutor(transport=SCHEME)``: a :class:`LocalCluster` and the executor's client of it."""
 
     def __init__(self, backend: Backend, options: Options) -> None:
@@ -155,18 +162,6 @@ class EmbeddedTransport(ClientTransport):
             raise TransportError(f"the local {self._backend.scheme} cluster's server did not report its "
                                  f"{self.cluster.workers} worker(s) within {self._options.connect_timeout:g}s")
         self.time_limits = self._client.time_limits
-
-    def submit(self, calls: Sequence[Call]) -> None:
-        assert self._client is not None
-        self._client.submit(calls)
-
-    def broadcast_targets(self, timeout: float) -> list[str]:
-        assert self._client is not None
-        return self._client.broadcast_targets(timeout)
-
-    def query_status(self, timeout: float) -> dict[str, Any]:
-        assert self._client is not None
-        return self._client.query_status(timeout)
 
     def close(self) -> None:
         if self._client is not None:

@@ -53,7 +53,7 @@ from .ssh_servers import (
     gearmand_command,
     start_cluster_server,
 )
-from .transports.base import Call, ClientTransport, Listener, Options, Session
+from .transports.base import ClientTransport, ForwardingTransport, Listener, Options, Session
 
 __all__ = [
     "ClusterInfo",
@@ -667,7 +667,7 @@ def host_of_worker(name: str) -> str:
 # --- the executor's transport ----------------------------------------------------------------------------
 
 
-class SSHCluster(SSHJobServer, ClientTransport):
+class SSHCluster(SSHJobServer, ForwardingTransport):
     """``RemoteExecutor(transport=SSHCluster(["node1", "node2"], processes=4))``: workers on other machines,
     started over SSH when the executor starts and stopped at its shutdown.
 
@@ -708,18 +708,6 @@ class SSHCluster(SSHJobServer, ClientTransport):
             key=self.key, heartbeat_interval=self.heartbeat_interval, heartbeat_timeout=self.heartbeat_timeout))
         self._client.start(session, listener)
         self.time_limits = self._client.time_limits  # what the job server's client can do, this transport can
-
-    def submit(self, calls: Sequence[Call]) -> None:
-        assert self._client is not None
-        self._client.submit(calls)
-
-    def broadcast_targets(self, timeout: float) -> list[str]:
-        assert self._client is not None
-        return self._client.broadcast_targets(timeout)
-
-    def query_status(self, timeout: float) -> dict[str, Any]:
-        assert self._client is not None
-        return self._client.query_status(timeout)
 
     def close(self) -> None:
         if self._client is not None:

@@ -159,6 +159,27 @@ class ClientTransport(abc.ABC):
         raise NotImplementedError(f"the transport {self.url or type(self).__name__!r} has no status query")
 
 
+class ForwardingTransport(ClientTransport):
+    """A transport that starts servers or workers of its own, then hands every call to a client of them
+    (``_client``, set in ``start``): the embedded cluster, an SSH cluster."""
+
+    _client: ClientTransport | None = None
+
+    def _started(self) -> ClientTransport:
+        if self._client is None:
+            raise RuntimeError(f"{type(self).__name__} was not started")
+        return self._client
+
+    def submit(self, calls: Sequence[Call]) -> None:
+        self._started().submit(calls)
+
+    def broadcast_targets(self, timeout: float) -> list[str]:
+        return self._started().broadcast_targets(timeout)
+
+    def query_status(self, timeout: float) -> dict[str, Any]:
+        return self._started().query_status(timeout)
+
+
 def decode_result(status: Status, parts: Parts,
                   on_output: Callable[[Output], object] | None = None) -> tuple[bool, Any]:
     """``(True, value)`` or ``(False, exception)`` for a result a transport reported.
