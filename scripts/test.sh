@@ -12,7 +12,11 @@ if ! command -v gearmand >/dev/null; then
     exit 1
   fi
 fi
+# CI runs two Pythons at once: installing the package writes into the source tree, so one at a time.
+exec 9>"${TMPDIR:-/tmp}/remote_executor-setup.lock"
+flock 9
 EXTRAS=all,test source scripts/setup.sh
+flock -u 9
 "$VENV/bin/ruff" check src tests conformance benchmarks examples
 "$VENV/bin/mypy"
 exec "$VENV/bin/python" -m pytest "$@"
