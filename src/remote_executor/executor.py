@@ -146,9 +146,12 @@ class _Core:
     """
 
     def __init__(self, transport: ClientTransport, max_workers: int | None, heartbeat_timeout: float = 10.0,
-                 starved_warning: float | None = None) -> None:
+                 starved_warning: float | None = None, prefetch: int = 0) -> None:
         self.transport = transport
         self.max_workers = max_workers
+        # Calls per worker slot handed out beyond the one it runs: RUNNING (no longer cancellable) while
+        # they wait at the job server, so a freed worker gets its next call without a round trip to us.
+        self.prefetch = prefetch
         # How long after its limit a started call may stay silent before it is failed here: the worker and
         # the job server each act well before this; this is for when neither can.
         self.limit_slack = 2 * heartbeat_timeout
@@ -250,7 +253,8 @@ class _Core:
     def _window(self) -> int:
         if self.capacity <= 0:
             return 0
-        return self.capacity if self.max_workers is None else min(self.max_workers, self.capacity)
+        slots = self.capacity if self.max_workers is None else min(self.max_workers, self.capacity)
+        return slots * (1 + self.prefetch)
 
     def _hand_over(self, calls: list[Call]) -> list[tuple[_WorkItem, Exception]]:
         try:
@@ -501,6 +505,12 @@ class RemoteExecutor(Executor):
     - ``no_workers_warning`` (30.0; None for never): log a warning when calls have waited that long with
       no worker attached to take them, and again every as long while it lasts.
 
+    Throughput: ``prefetch`` (default 0) hands each worker slot that many calls more than it runs, queued
+    at the job server so a worker that finishes a call starts the next without waiting for this process.
+    Those calls are RUNNING as soon as they are handed out, so ``cancel()`` and
+    ``shutdown(cancel_futures=True)`` no longer stop them: the one deliberate difference from
+    ``ThreadPoolExecutor`` (``ProcessPoolExecutor`` queues one such call too). 0 keeps exact semantics.
+
     Output: ``forward_output`` (default False): what each call prints to ``sys.stdout``/``sys.stderr`` on its worker is
     written to this process's stdout/stderr, each line prefixed with the worker's name, before its future
     settles (``docs/observing.md``).
@@ -537,6 +547,7 @@ class RemoteExecutor(Executor):
         call_timeout: float | None = None,
         no_workers_warning: float | None = 30.0,
         forward_output: bool = False,
+        prefetch: int = 0,
         **transport_options: Any,
     ) -> None:
         if max_workers is not None and max_workers <= 0:
@@ -547,6 +558,10 @@ class RemoteExecutor(Executor):
             raise ValueError("max_retries must be >= 0")
         if no_workers_warning is not None and not no_workers_warning > 0:
             raise ValueError("no_workers_warning must be None or a positive number of seconds")
+        if isinstance(prefetch, bool) or not isinstance(prefetch, int):
+            raise TypeError(f"prefetch must be an int, not {type(prefetch).__name__}")
+        if prefetch < 0:
+            raise ValueError("prefetch must be >= 0")
         self._max_workers = max_workers
         self._call_timeout = check_limit(call_timeout)
         self._request_timeout = connect_timeout + heartbeat_timeout  # broadcast's and status()'s questions
@@ -569,7 +584,7 @@ class RemoteExecutor(Executor):
         from .cluster import make_transport  # the embedded cluster's machinery, only when it is needed
 
         client = make_transport(transport, options)
-        self._core = core = _Core(client, max_workers, heartbeat_timeout, no_workers_warning)
+        self._core = core = _Core(client, max_workers, heartbeat_timeout, no_workers_warning, prefetch)
         session = Session(executor_id=secrets.randbits(63), initializer=init_parts, max_retries=max_retries)
         try:
             client.start(session, core)
@@ -592,7 +607,8 @@ class RemoteExecutor(Executor):
         url = getattr(cluster, "url", None) or core.transport.url or type(core.transport).__name__
         limits = "" if self._max_workers is None else f" max_workers={self._max_workers}"
         timeout = "" if self._call_timeout is None else f" call_timeout={self._call_timeout:g}"
-        return f"<{type(self).__name__} {url} workers={capacity}{limits}{timeout} {state}>"
+        prefetch = f" prefetch={core.prefetch}" if core.prefetch else ""
+        return f"<{type(self).__name__} {url} workers={capacity}{limits}{timeout}{prefetch} {state}>"
 
     @property
     def transport(self) -> ClientTransport:

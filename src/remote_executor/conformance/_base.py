@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from typing import Any, ClassVar, Protocol
 
 import pytest
 
 from ..errors import RemoteError, SerializationError
+from . import tasks
 from .gate import Gate
 
 __all__ = ["TIMEOUT", "ConformanceBase", "ExecutorFactory"]
@@ -40,6 +41,18 @@ class ConformanceBase:
 
     remote_error: ClassVar[type[BaseException]] = RemoteError
     """What a remote candidate raises for an exception that cannot cross the wire."""
+
+    prefetch: ClassVar[int] = 0
+    """The declared difference of a candidate that hands out calls ahead (``RemoteExecutor(prefetch=N)``):
+    per worker, this many calls beyond the one it runs are RUNNING, and no longer cancellable, while all
+    workers are busy. Scenarios about pending calls first fill those places with calls of their own."""
+
+    def fill_prefetch(self, executor: Executor, max_workers: int) -> list[Future[Any]]:
+        """With every worker busy: submit the calls the candidate hands out ahead (none for an exact one),
+        so the next call submitted is pending. They must be RUNNING at once; their results are 0, 1, 4..."""
+        ahead = [executor.submit(tasks.square, i) for i in range(max_workers * self.prefetch)]
+        assert all(f.running() for f in ahead), "a prefetched call is not RUNNING"
+        return ahead
 
     @pytest.fixture
     def gate(self) -> Iterator[Gate]:

@@ -20,6 +20,7 @@ class CancelTests(ConformanceBase):
         executor = new_executor(max_workers=2)
         held = [executor.submit(tasks.wait_at_gate, gate.address, f"held-{i}", i) for i in range(2)]
         gate.wait_started(2)
+        ahead = self.fill_prefetch(executor, 2)
         pending = executor.submit(tasks.wait_at_gate, gate.address, "pending", "never")
         notified: list[Future[object]] = []
         pending.add_done_callback(notified.append)
@@ -37,6 +38,7 @@ class CancelTests(ConformanceBase):
 
         gate.release()
         assert [f.result(timeout=TIMEOUT) for f in held] == [0, 1]
+        assert [f.result(timeout=TIMEOUT) for f in ahead] == [i * i for i in range(len(ahead))]
         # Once the executor gets to it, a cancelled future is notified: wait() and as_completed() see it.
         done, _ = futures.wait([pending], timeout=TIMEOUT)
         assert done == {pending}

@@ -72,14 +72,15 @@ class MapTests(ConformanceBase):
     def test_map_close_cancels_calls_not_yet_started(self, new_executor: ExecutorFactory, gate: Gate) -> None:
         executor = new_executor(max_workers=2)
         gate.release("quick")
-        tokens = ["quick", "held-1", "held-2", "rest-3", "rest-4", "rest-5"]
+        ahead = [f"ahead-{i}" for i in range(2 * self.prefetch)]  # handed out ahead: they run too
+        tokens = ["quick", "held-1", "held-2", *ahead, "rest-3", "rest-4", "rest-5"]
         results = executor.map(functools.partial(tasks.wait_at_gate, gate.address), tokens, tokens)
         assert next(results) == "quick"
         gate.wait_started(3)  # both workers now hold a call; the rest waits
         results.close()  # type: ignore[attr-defined]
         gate.release()
         executor.shutdown(wait=True)
-        assert sorted(gate.started) == ["held-1", "held-2", "quick"]
+        assert sorted(gate.started) == sorted(["held-1", "held-2", "quick", *ahead])
 
     @pytest.mark.parametrize("chunksize", [1, 2, 7, 100])
     def test_map_chunksize_gives_the_same_results(self, executor: Executor, chunksize: int) -> None:
@@ -122,14 +123,16 @@ class MapTests(ConformanceBase):
     def test_map_buffersize_close_cancels_the_rest(self, new_executor: ExecutorFactory, gate: Gate) -> None:
         executor = new_executor(max_workers=2)
         gate.release("quick")
-        tokens = ["quick", "held-1", "held-2", "rest-3", "rest-4"]
-        results = _map(executor, functools.partial(tasks.wait_at_gate, gate.address), tokens, buffersize=4)
+        ahead = [f"ahead-{i}" for i in range(2 * self.prefetch)]  # handed out ahead: they run too
+        tokens = ["quick", "held-1", "held-2", *ahead, "rest-3", "rest-4"]
+        results = _map(executor, functools.partial(tasks.wait_at_gate, gate.address), tokens,
+                       buffersize=4 + len(ahead))
         assert next(results) is None
         gate.wait_started(3)
         results.close()  # type: ignore[attr-defined]
         gate.release()
         executor.shutdown(wait=True)
-        assert sorted(gate.started) == ["held-1", "held-2", "quick"]
+        assert sorted(gate.started) == sorted(["held-1", "held-2", "quick", *ahead])
 
     @pytest.mark.parametrize(
         ("buffersize", "error"), [(0, ValueError), (-1, ValueError), (1.5, TypeError), ("2", TypeError)]

@@ -56,12 +56,14 @@ class ShutdownTests(ConformanceBase):
         executor = new_executor(max_workers=2)
         held = [executor.submit(tasks.wait_at_gate, gate.address, f"held-{i}", i) for i in range(2)]
         gate.wait_started(2)
+        ahead = self.fill_prefetch(executor, 2)
         pending = [executor.submit(tasks.wait_at_gate, gate.address, f"pending-{i}", i) for i in range(3)]
         executor.shutdown(wait=False, cancel_futures=True)
         assert all(f.cancelled() for f in pending)
-        assert not any(f.cancelled() for f in held)
+        assert not any(f.cancelled() for f in held + ahead)
         gate.release()
         assert [f.result(timeout=TIMEOUT) for f in held] == [0, 1]
+        assert [f.result(timeout=TIMEOUT) for f in ahead] == [i * i for i in range(len(ahead))]
         executor.shutdown(wait=True)
         assert sorted(gate.started) == ["held-0", "held-1"]
 

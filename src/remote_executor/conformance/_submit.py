@@ -61,14 +61,16 @@ class SubmitTests(ConformanceBase):
     def test_states_of_a_pending_future(self, new_executor: ExecutorFactory, gate: Gate) -> None:
         executor = new_executor(max_workers=1)
         held = executor.submit(tasks.wait_at_gate, gate.address, "held")
-        pending = executor.submit(tasks.square, 3)
         gate.wait_started(1)
+        ahead = self.fill_prefetch(executor, 1)
+        pending = executor.submit(tasks.square, 3)
         assert not pending.running()
         assert not pending.done()
         assert not pending.cancelled()
         gate.release()
         assert pending.result(timeout=TIMEOUT) == 9
         assert held.result(timeout=TIMEOUT) is None
+        assert [f.result(timeout=TIMEOUT) for f in ahead] == [i * i for i in range(len(ahead))]
 
     def test_states_of_a_failed_future(self, executor: Executor) -> None:
         future = executor.submit(tasks.raise_value_error, "bad")

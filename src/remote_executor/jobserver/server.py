@@ -240,7 +240,11 @@ class ServerCore(abc.ABC):
             if not actions and not self._inbox and not (on_loop and self._deferred):
                 return
             for action in actions:
-                self._apply(action, on_loop)
+                # Frames for in-process clients wait for the next round: a worker's next call (queued
+                # at this server, as with prefetch) goes out before this thread settles futures.
+                self._apply(action)
+            if on_loop and self._deferred and self.caller_may_drive:
+                self._flush_from_caller()
 
     def _deliver_deferred(self) -> None:
         while self._deferred:
@@ -263,7 +267,7 @@ class ServerCore(abc.ABC):
             elif isinstance(item, Frame):
                 self.scheduler.received(conn, item, now)
 
-    def _apply(self, action: Send | Close | Stop, on_loop: bool) -> None:
+    def _apply(self, action: Send | Close | Stop) -> None:
         if isinstance(action, Stop):
             log.warning("stopping: %s", action.reason)
             self.stopped_by_admin = True
@@ -271,9 +275,7 @@ class ServerCore(abc.ABC):
             self.wake()
         elif isinstance(action, Send):
             link = self._links.get(action.conn)
-            if link is not None and on_loop:
-                self._deliver_local(link, action.frame)
-            elif link is not None:
+            if link is not None:
                 self._deferred.append((link, action.frame))
             elif action.conn < LOCAL_CONN_BASE:
                 self._transmit(action.conn, action.frame)
