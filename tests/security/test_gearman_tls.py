@@ -167,3 +167,40 @@ def test_status_over_tls_from_the_command_line(tls_gearmand: tuple[str, TlsMater
                           capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": SRC})
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["servers"][0]["version"]
+
+
+def test_a_tls_connection_on_a_descriptor_above_1023_waits_with_poll(tmp_path: Path) -> None:
+    # A busy process (many connections, files) hands out descriptors past 1023, where select() fails with
+    # "filedescriptor out of range": a shared TLS socket must still wait for its peer there.
+    from remote_executor.transports.gearman.tlssocket import SharedTlsSocket
+
+    material = make_cluster_material(tmp_path / "tls", ["127.0.0.1"])
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.load_cert_chain(str(material.server_cert), str(material.server_key))
+    listener = socket.create_server(("127.0.0.1", 0))
+    go = threading.Event()
+
+    def echo_later() -> None:
+        conn, _ = listener.accept()
+        with server_context.wrap_socket(conn, server_side=True) as tls:
+            data = tls.recv(100)
+            go.wait(30)  # the client is waiting in recv by now (or soon): it must wait, not fail
+            tls.sendall(data.upper())
+
+    thread = threading.Thread(target=echo_later, daemon=True)
+    thread.start()
+    raw = socket.create_connection(listener.getsockname(), timeout=10)
+    high = socket.socket(fileno=os.dup2(raw.fileno(), 1500))
+    raw.close()
+    client_context = ssl.create_default_context(cafile=str(material.ca))
+    shared = SharedTlsSocket.connect(high, client_context, "127.0.0.1", timeout=10)
+    try:
+        assert shared.fileno() >= 1024
+        shared.sendall(b"ping")
+        threading.Timer(0.2, go.set).start()
+        assert shared.recv(100) == b"PING"
+    finally:
+        go.set()
+        shared.close()
+        thread.join(10)
+        listener.close()

@@ -3,10 +3,10 @@
 A gearman connection is read by one thread (the client's reader, the worker's grab loop) while others write
 (submits, results, "alive" reports). OpenSSL forbids using one ``SSL`` object from two threads at once, so
 :class:`SharedTlsSocket` makes every TLS call under one lock, on a non-blocking socket, and waits for the
-network (``select``) without holding it: a reader waiting for gearmand never delays a writer.
+network (``poll``) without holding it: a reader waiting for gearmand never delays a writer.
 
 It offers the part of the socket API the connections use: ``recv``, ``sendall``, ``shutdown``, ``close``,
-``fileno`` and ``pending`` (bytes TLS has decrypted but nobody has read yet, which ``select`` cannot see).
+``fileno`` and ``pending`` (bytes TLS has decrypted but nobody has read yet, which ``poll`` cannot see).
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ class SharedTlsSocket:
         fd = self._tls.fileno()
         if fd < 0:
             return
-        if want_write:
-            select.select([], [fd], [], 1.0)
-        else:
-            select.select([fd], [], [], 1.0)
+        # poll, not select: select fails on descriptors of 1024 and above, which a busy process reaches.
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT if want_write else select.POLLIN)
+        poller.poll(1000)
