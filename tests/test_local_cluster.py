@@ -93,3 +93,18 @@ def test_connect_uses_the_environment(config: Path, monkeypatch: pytest.MonkeyPa
 
 def _pid(_: object) -> int:
     return os.getpid()
+
+
+@pytest.mark.parametrize("transport", ["tcp", "zmq"])
+def test_stopping_the_job_server_ends_the_cluster(config: Path, transport: str) -> None:
+    # `remote-executor stop URL` (with the cluster's key) stops its job server: the cluster process must not
+    # stay behind with workers reconnecting to nothing, and its record goes with it.
+    assert cli("cluster", "start", "-n", "1", "--transport", transport).returncode == 0
+    state = json.loads(config.read_text())
+    with connect() as executor:
+        worker_pid = executor.submit(_pid, 0).result(timeout=60)
+    stopped = cli("stop", state["url"], "--key-file", state["key_file"])
+    assert stopped.returncode == 0, stopped.stderr
+    wait_for(lambda: not pid_alive(state["pid"]) and not pid_alive(worker_pid), timeout=30,
+             what="the cluster and its worker to exit after its job server was stopped")
+    assert not config.exists()

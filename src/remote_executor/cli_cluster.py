@@ -202,7 +202,10 @@ def _run(args: argparse.Namespace) -> int:
                            "workers": {h: attached.get(h, 0) for h in running}, "failed": cluster.failures})
         log.info("cluster up at %s", cluster.url)
         print(f"cluster up at {cluster.url}; key file {key_file}", flush=True)
-        stop.wait()
+        while not stop.wait(0.5):
+            if cluster.server_ended():  # `remote-executor stop URL`: the cluster ends with its job server
+                log.warning("the job server %s was stopped; stopping the cluster", cluster.url)
+                break
         log.info("draining the workers and stopping the cluster")
         try:
             cluster.stop(drain=True, timeout=None)

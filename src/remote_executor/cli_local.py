@@ -87,7 +87,11 @@ def _serve(args: argparse.Namespace) -> int:
         _report(args.ready_fd, {"ok": True, "url": server.url, "key_file": str(key_file),
                                 "state_file": str(state_file), "workers": {"localhost": args.processes}})
         print(f"cluster started at {server.url}; key file {key_file}", flush=True)
-        stop.wait()
+        ended = (lambda: not server.is_running()) if args.transport == "gearman" else server.stopping.is_set
+        while not stop.wait(0.5):
+            if ended():  # `remote-executor stop URL` (or gearmand's own shutdown): the cluster ends with it
+                log.warning("the job server %s was stopped; stopping the cluster", server.url)
+                break
         log.info("draining the workers and stopping the cluster")
         supervisor.drain(timeout=None)
     finally:

@@ -620,6 +620,10 @@ class SSHJobServer:
         """The job server's view (``remote-executor status``), read in this process (gearmand: asked)."""
         return self._launched.status() if self._launched is not None else {}
 
+    def server_ended(self) -> bool:
+        """True once the cluster's job server stopped without us (``remote-executor stop URL``)."""
+        return self._launched is not None and self._launched.ended()
+
     def workers_attached(self) -> dict[str, int]:
         """How many worker processes of each host are attached now (draining ones do not count)."""
         counts: dict[str, int] = {}

@@ -58,6 +58,10 @@ class ClusterServer(abc.ABC):
     def client(self, pool: str, options: Options) -> ClientTransport:
         """The transport of an executor of this process whose calls go to ``pool``."""
 
+    @abc.abstractmethod
+    def ended(self) -> bool:
+        """True once the server stopped on its own (``remote-executor stop``, a crash) rather than by us."""
+
     def stop(self) -> None:
         shutil.rmtree(self.material, ignore_errors=True)
 
@@ -82,6 +86,9 @@ class JobServer(ClusterServer):
 
         assert self.core is not None
         return LocalClient(self.core, pool)
+
+    def ended(self) -> bool:
+        return self.core is not None and self.core.stopping.is_set()
 
     def stop(self) -> None:
         if self.core is not None:
@@ -124,6 +131,11 @@ class Gearmand(ClusterServer):
         from .transports import get_backend
 
         return get_backend("gearman").client(f"{self.url}/{pool}", options)
+
+    def ended(self) -> bool:
+        if self.process is not None:
+            return not bool(self.process.is_running())
+        return self.session is not None and self.session.poll() is not None
 
     def stop(self) -> None:
         if self.process is not None:

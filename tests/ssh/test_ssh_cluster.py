@@ -254,3 +254,32 @@ def test_cluster_up_status_down_from_the_command_line(lab: NetLab, tmp_path: Pat
     finally:
         cli("down")
     assert_nothing_left(lab)
+
+
+def test_stopping_the_job_server_takes_the_cluster_down(lab: NetLab, tmp_path: Path) -> None:
+    # `remote-executor stop URL` with the cluster's key, from any machine: the `cluster up` process notices
+    # that its job server is gone, ends its hosts' sessions (and with them the workers) and forgets the cluster.
+    from tests.conftest import pid_alive, wait_for
+
+    home = tmp_path / "config-home"
+
+    def cli(*argv: str) -> subprocess.CompletedProcess[str]:
+        command = lab.client_command("env", f"XDG_CONFIG_HOME={home}", sys.executable, "-m",
+                                     "remote_executor.cli", *argv)
+        return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+    try:
+        up = cli("cluster", "up", "--hosts", "node1", "--processes", "1", f"--ssh-option=-F {lab.ssh_config}",
+                 "--remote-command", lab.remote_command(), "--env", f"PYTHONPATH={SRC}",
+                 "--heartbeat-interval", "0.5", "--heartbeat-timeout", "3")
+        assert up.returncode == 0, up.stderr
+        record = home / "remote_executor" / "cluster.json"
+        state = json.loads(record.read_text())
+        verify = [f"--{name.replace('_', '-')}={value}" for name, value in state["options"].items()]  # its TLS
+        stopped = cli("stop", state["url"], "--key-file", state["key_file"], *verify)
+        assert stopped.returncode == 0, stopped.stderr
+        wait_for(lambda: not pid_alive(state["pid"]) and not record.exists(), timeout=60,
+                 what="the cluster to go down with its job server")
+    finally:
+        cli("cluster", "down")
+    assert_nothing_left(lab)
