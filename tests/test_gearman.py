@@ -28,6 +28,7 @@ from remote_executor.conformance.gate import Gate, wait_at_gate
 from remote_executor.errors import (
     AuthenticationError,
     InitializerFailed,
+    ProtocolError,
     SerializationError,
     TransportError,
     WorkerLostError,
@@ -307,6 +308,34 @@ def test_client_with_another_key_gets_a_clear_rejection(
         BrokenExecutor, match="refused a job it cannot authenticate"
     ):
         ex.submit(pow, 2, 2).result(timeout=30)
+
+
+@pytest.mark.parametrize("key", [None, b"job-format-key"], ids=["plain", "sealed"])
+def test_job_format_carries_limits_and_start_reports_and_still_reads_old_jobs(key: bytes | None) -> None:
+    codec = JobCodec(key, b"remote_executor.default")
+    session = Session(7, [b"init"], 0)
+    expiry = time.time() + 60
+    # A job as clients before time limits wrote it: flags = the initializer's part count, nothing else.
+    old = Frame(Kind.TASK, a=3, b=7, flags=1, parts=[b"init", b"call"])
+    if key is None:
+        opened = codec.decode_job(encode_bytes(old))
+    else:  # the same frame, sealed as before: the format inside the seal did not change for it
+        sealed = codec.encode_job(Call(3, [b"call"]), session, expiry)
+        opened = codec.decode_job(sealed.payload)
+    assert (opened.limit, opened.report_start, opened.frame.flags, opened.frame.parts) == (None, True, 1,
+                                                                                         [b"init", b"call"])
+    limited = codec.decode_job(codec.encode_job(Call(4, [b"call"], limit=0.5), session, expiry,
+                                                report_start=False).payload)
+    # A limit always asks for the start report: it starts the client's clock.
+    assert (limited.limit, limited.report_start, limited.frame.flags) == (0.5, True, 1)
+    assert [bytes(p) for p in limited.frame.parts] == [b"init", b"call"] and limited.frame.a == 4
+    quiet = codec.decode_job(codec.encode_job(Call(5, [b"call"]), session, expiry, report_start=False).payload)
+    assert (quiet.limit, quiet.report_start, quiet.frame.flags) == (None, False, 1)
+    if key is None:  # a flag this version does not know is a clear refusal, not a misread job
+        with pytest.raises(ProtocolError, match="unknown flags 0x2000"):
+            codec.decode_job(encode_bytes(Frame(Kind.TASK, a=3, b=7, flags=0x2001, parts=[b"init", b"call"])))
+        with pytest.raises(ProtocolError, match="cannot hold 3 initializer parts"):
+            codec.decode_job(encode_bytes(Frame(Kind.TASK, a=3, b=7, flags=3, parts=[b"init", b"call"])))
 
 
 def test_result_encrypted_with_another_key_is_refused() -> None:
