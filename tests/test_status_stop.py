@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import cloudpickle
 import pytest
 
 from remote_executor import RemoteExecutor, cluster_status
@@ -21,6 +22,8 @@ from remote_executor.supervisor import Supervisor
 from remote_executor.transports.tcp.server import TcpServer
 
 from .conftest import FAST_HEARTBEAT, wait_for
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 KEY = b"status-test-key-" + b"k" * 16
@@ -73,6 +76,24 @@ def test_cluster_status_and_executor_status_are_typed(server: TcpServer, workers
         assert len(mine.clients) == 1  # this executor (an admin connection, as cluster_status's, is none)
 
 
+def raise_if_negative(x: int) -> int:
+    if x < 0:
+        raise ValueError(x)
+    return x
+
+
+@pytest.mark.parametrize("transport", [None, pytest.param("zmq", marks=pytest.mark.zmq)], ids=["tcp", "zmq"])
+def test_status_counts_each_workers_failed_calls(transport: str | None) -> None:
+    """``done`` counts every answered call, ``failed`` those whose outcome was an error among them."""
+    with RemoteExecutor(1, transport=transport) as ex:  # type: ignore[arg-type]
+        futures = [ex.submit(raise_if_negative, x) for x in (1, -1, 2, -2, 3)]
+        assert [f.exception(timeout=30) is None for f in futures] == [True, False, True, False, True]
+        assert ex.submit(list, "x").result(timeout=30) == ["x"]  # a call after the failures: not failed
+        wait_for(lambda: sum(w.done or 0 for w in ex.status().workers) == 6, what="six calls counted")
+        [worker] = ex.status().workers
+        assert (worker.done, worker.failed) == (6, 2)
+
+
 def test_cluster_status_of_a_url_where_nothing_answers_is_a_clear_error() -> None:
     from remote_executor.errors import ConnectionFailedError
 
@@ -82,7 +103,7 @@ def test_cluster_status_of_a_url_where_nothing_answers_is_a_clear_error() -> Non
 
 def test_render_shows_workers_queues_and_calls_per_second() -> None:
     def cluster(done: int) -> ClusterStatus:
-        worker = WorkerStatus("gpu-1#4", "node-a", 4242, "gpu", 1, 1, done, 75.0)
+        worker = WorkerStatus("gpu-1#4", "node-a", 4242, "gpu", 1, 1, done, 75.0, failed=3)
         server = ServerStatus("tcp://h:5555", (worker,), (ClientStatus("client x#5", "gpu", 3, 1),),
                               (PoolStatus("gpu", 1, 1, 1, 3),), done, 3700.0)
         return ClusterStatus("tcp://h:5555", (server,))
@@ -92,6 +113,7 @@ def test_render_shows_workers_queues_and_calls_per_second() -> None:
     assert "pool gpu: 1 worker(s), 1 slot(s), 3 queued" in first
     line = next(line for line in first.splitlines() if "gpu-1#4" in line)
     assert "node-a" in line and "4242" in line and "1/1" in line and "1m15s" in line
+    assert line.split()[-2:-1] == ["3"] and "FAILED" in first  # the failed column, before the uptime
     assert "up 1h01m" in first
     assert "calls/s: 5.0" in render(cluster(20), cluster(10), elapsed=2.0)
     down = ClusterStatus("u", (ServerStatus("tcp://h:1", error="refused"),))
