@@ -231,3 +231,48 @@ def test_stop_without_workers_leaves_them_waiting_for_the_server(tmp_path: Path)
         if server.poll() is None:
             server.kill()
         server.communicate()
+
+
+@pytest.mark.gearman
+def test_stop_a_gearmand_lets_its_running_call_finish_then_it_exits(tmp_path: Path) -> None:
+    from remote_executor.transports.gearman.gearmand import GearmandProcess
+
+    with GearmandProcess(threads=2) as gearmand:
+        url = gearmand.url
+        refused = subprocess.run(cli("stop", url, "--workers"), env=ENV, capture_output=True, text=True, timeout=30)
+        assert refused.returncode == 1 and "--workers is not available for gearman://" in refused.stderr
+        assert gearmand.is_running()  # a refused command stopped nothing
+        workers = Supervisor(url, 1, env={"REMOTE_EXECUTOR_KEY": KEY.decode()}, worker_args=FAST_HEARTBEAT,
+                             name="gw")
+        workers.start()
+        try:
+            with RemoteExecutor(transport=url, key=KEY, max_retries=0) as ex:
+                ex.wait_for_workers(1, timeout=30)
+                marker = tmp_path / "started"
+                running = ex.submit(touch_then_sleep, str(marker), 1.5)
+                wait_for(marker.exists, what="the call to start")
+                stopped = subprocess.run(cli("stop", url), env=ENV, capture_output=True, text=True, timeout=30)
+                assert stopped.returncode == 0, stopped.stderr
+                assert "is stopping: 1 running and 0 queued call(s) finish first" in stopped.stdout
+                assert running.result(timeout=30) == "slept"  # gearmand let it finish before it exited
+            wait_for(lambda: not gearmand.is_running(), 30.0, "gearmand to exit")
+        finally:
+            workers.stop()
+        status = subprocess.run(cli("status", url, "--timeout", "2"), env=ENV, capture_output=True, text=True,
+                                timeout=30)
+        assert status.returncode == 1, status.stdout
+
+
+def touch_then_sleep(path: str, seconds: float) -> str:
+    Path(path).touch()
+    time.sleep(seconds)
+    return "slept"
+
+
+def test_stop_a_gearmand_over_the_network_without_a_key_is_refused_before_anything_is_sent() -> None:
+    from remote_executor.errors import TransportError
+    from remote_executor.transports.base import Options
+    from remote_executor.transports.gearman import GearmanBackend
+
+    with pytest.raises(TransportError, match=r"refusing to stop gearmand at 192\.0\.2\.1 without a key"):
+        GearmanBackend().stop("gearman://192.0.2.1:4730", Options(connect_timeout=0.1), workers=False)
