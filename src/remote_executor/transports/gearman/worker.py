@@ -293,6 +293,7 @@ class _Alive:
         self._lock = threading.Lock()
         self._current: tuple[GearmanWorkerConnection, bytes] | None = None
         self._first = ALIVE
+        self._since = 0.0  # when the current job began
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="remote-executor-gearman-alive", daemon=True)
         self._thread.start()
@@ -300,10 +301,11 @@ class _Alive:
     @contextlib.contextmanager
     def beating(self, conn: GearmanWorkerConnection, handle: bytes, first: bytes = ALIVE) -> Iterator[None]:
         """Beat for ``handle`` while the block runs; the first beat says ``first`` (the start report of a
-        job that had none), the others ``alive``."""
+        job that had none, sent once the call has run for an interval), the others ``alive``."""
         with self._lock:
             self._current = (conn, handle)
             self._first = first
+            self._since = time.monotonic()
         try:
             yield
         finally:
@@ -323,6 +325,8 @@ class _Alive:
                 if self._current is None:
                     continue
                 conn, handle = self._current
+                if self._first != ALIVE and time.monotonic() - self._since < self._interval:
+                    continue  # a start report only for a call that runs a whole interval: short ones cost none
                 beat, self._first = self._first, ALIVE
                 try:
                     conn.send_data(handle, beat)
