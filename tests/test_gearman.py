@@ -28,6 +28,7 @@ from remote_executor.conformance.gate import Gate, wait_at_gate
 from remote_executor.errors import (
     AuthenticationError,
     InitializerFailed,
+    ProtocolError,
     SerializationError,
     TransportError,
     WorkerLostError,
@@ -40,7 +41,7 @@ from remote_executor.transports.gearman.gearmand import GearmandProcess
 from remote_executor.transports.gearman.jobs import JobCodec, JobIdentity, parse_url
 from remote_executor.transports.gearman.worker import GearmanWorker
 from remote_executor.wire.frames import Frame, Kind, encode_bytes
-from remote_executor.wire.serialization import decode_outcome
+from remote_executor.wire.serialization import decode_outcome, encode_call
 
 from .conftest import pid_alive, wait_for
 
@@ -307,6 +308,66 @@ def test_client_with_another_key_gets_a_clear_rejection(
         BrokenExecutor, match="refused a job it cannot authenticate"
     ):
         ex.submit(pow, 2, 2).result(timeout=30)
+
+
+@pytest.mark.parametrize("key", [None, b"job-format-key"], ids=["plain", "sealed"])
+def test_job_format_carries_limits_and_start_reports_and_still_reads_old_jobs(key: bytes | None) -> None:
+    codec = JobCodec(key, b"remote_executor.default")
+    session = Session(7, [b"init"], 0)
+    expiry = time.time() + 60
+    # A job as clients before time limits wrote it: flags = the initializer's part count, nothing else.
+    old = Frame(Kind.TASK, a=3, b=7, flags=1, parts=[b"init", b"call"])
+    if key is None:
+        opened = codec.decode_job(encode_bytes(old))
+    else:  # the same frame, sealed as before: the format inside the seal did not change for it
+        sealed = codec.encode_job(Call(3, [b"call"]), session, expiry)
+        opened = codec.decode_job(sealed.payload)
+    assert (opened.limit, opened.report_start, opened.frame.flags, opened.frame.parts) == (None, True, 1,
+                                                                                         [b"init", b"call"])
+    limited = codec.decode_job(codec.encode_job(Call(4, [b"call"], limit=0.5), session, expiry,
+                                                report_start=False).payload)
+    # A limit always asks for the start report: it starts the client's clock.
+    assert (limited.limit, limited.report_start, limited.frame.flags) == (0.5, True, 1)
+    assert [bytes(p) for p in limited.frame.parts] == [b"init", b"call"] and limited.frame.a == 4
+    quiet = codec.decode_job(codec.encode_job(Call(5, [b"call"]), session, expiry, report_start=False).payload)
+    assert (quiet.limit, quiet.report_start, quiet.frame.flags) == (None, False, 1)
+    if key is None:  # a flag this version does not know is a clear refusal, not a misread job
+        with pytest.raises(ProtocolError, match="unknown flags 0x2000"):
+            codec.decode_job(encode_bytes(Frame(Kind.TASK, a=3, b=7, flags=0x2001, parts=[b"init", b"call"])))
+        with pytest.raises(ProtocolError, match="cannot hold 3 initializer parts"):
+            codec.decode_job(encode_bytes(Frame(Kind.TASK, a=3, b=7, flags=3, parts=[b"init", b"call"])))
+
+
+def test_a_quiet_job_costs_no_start_report_unless_it_runs_past_a_heartbeat(pool_url: str) -> None:
+    """Where gearmand's -j bounds retries the client marks its jobs QUIET: a short call sends no WORK_DATA at
+    all; a longer one is named by its first heartbeat; a job with a time limit always reports its start."""
+    settings = WorkerSettings(url=pool_url, name="quiet-worker", heartbeat_interval=0.5)
+    worker = threading.Thread(target=GearmanWorker(settings, WorkerCore()).run, name="test-gearman-worker")
+    worker.start()
+    try:
+        (host, port), pool = parse_url(pool_url)[0][0], parse_url(pool_url)[1]
+        function = f"remote_executor.{pool}".encode()
+        codec = JobCodec(None, function)
+        cases = [(Call(1, encode_call(abs, (-1,), {})), False),  # quick and quiet
+                 (Call(2, encode_call(time.sleep, (1.2,), {})), False),  # quiet, past a heartbeat
+                 (Call(3, encode_call(abs, (-3,), {}), limit=30.0), False),  # a limit: reported all the same
+                 (Call(4, encode_call(abs, (-4,), {})), True)]  # a client that wants the report
+        data = []
+        for call, report_start in cases:
+            payload = codec.encode_job(call, Session(7, None, 0), time.time() + 60, report_start=report_start).payload
+            outcomes = _Outcomes()
+            with GearmanClientConnection(host, port, outcomes) as client:
+                client.submit(call.task_id, function, payload)
+                assert outcomes.done.wait(30) and outcomes.outcome == "complete", call
+            data.append(outcomes.data)
+        started = b"started by quiet-worker"
+        assert data[0] == []  # (it would take a stall of a whole heartbeat interval in the call to get one)
+        assert data[1] and data[1][0] == started and set(data[1][1:]) <= {b"alive"}, data[1]
+        assert data[2][0] == started and data[3][0] == started
+    finally:
+        settings.drain.set()
+        worker.join(30)
+    assert not worker.is_alive()
 
 
 def test_result_encrypted_with_another_key_is_refused() -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from remote_executor.jobserver.scheduler import Action, Close, ConnId, Scheduler, Send, WorkerState
-from remote_executor.wire.frames import Frame, Kind, Status
+from remote_executor.wire.frames import FAILED, Frame, Kind, Status
 from remote_executor.wire.messages import hello
 from remote_executor.wire.serialization import Parts
 
@@ -504,7 +504,7 @@ def test_drain_acks_stops_new_tasks_drops_capacity_and_still_forwards_results() 
     assert [(f.a, f.b) for f in sent(actions, 1, Kind.RESULT)] == [(1, Status.DONE)]
     assert tasks_to(actions, 10) == []
     assert h.s.status()["workers"][0] == {"name": "worker#10", "host": "", "pid": 0, "pool": "default", "slots": 2,
-                                          "running": 0, "done": 1, "uptime": 0.0, "draining": True}
+                                          "running": 0, "done": 1, "failed": 0, "uptime": 0.0, "draining": True}
     actions = h.worker(11, slots=1)
     assert tasks_to(actions, 11) == [b"call queued"]
     assert capacities(actions, 1) == [1]
@@ -558,7 +558,10 @@ def test_status_content() -> None:
     h.submit(1, 2)
     h.submit(2, 1)
     h.submit(1, 3)
-    assert tids_to(h.result(11, 3), 11) == [4]  # w2 answers bob's first call and takes alice's third
+    # w2 answers bob's first call (its outcome an error) and takes alice's third
+    actions = h.recv(11, Frame(Kind.RESULT, a=3, parts=[b"outcome"], flags=FAILED))
+    assert tids_to(actions, 11) == [4]
+    assert [(f.a, f.flags) for f in sent(actions, 2, Kind.RESULT)] == [(1, 0)]  # the flag stays here
     h.submit(1, 5)
     h.recv(11, Frame(Kind.DRAIN))
     h.submit(2, 2)
@@ -567,9 +570,9 @@ def test_status_content() -> None:
         "capacity": 2,
         "workers": [
             {"name": "w1#10", "host": "node-a", "pid": 4242, "pool": "default", "slots": 2, "running": 2,
-             "done": 0, "uptime": 4.0, "draining": False},
+             "done": 0, "failed": 0, "uptime": 4.0, "draining": False},
             {"name": "w2#11", "host": "", "pid": 0, "pool": "default", "slots": 1, "running": 1, "done": 1,
-             "uptime": 1.5, "draining": True},
+             "failed": 1, "uptime": 1.5, "draining": True},
         ],
         "clients": [
             {"name": "alice#1", "pool": "default", "queued": 1, "running": 3},

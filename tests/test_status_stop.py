@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import cloudpickle
 import pytest
 
 from remote_executor import RemoteExecutor, cluster_status
@@ -21,6 +22,8 @@ from remote_executor.supervisor import Supervisor
 from remote_executor.transports.tcp.server import TcpServer
 
 from .conftest import FAST_HEARTBEAT, wait_for
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 KEY = b"status-test-key-" + b"k" * 16
@@ -73,6 +76,24 @@ def test_cluster_status_and_executor_status_are_typed(server: TcpServer, workers
         assert len(mine.clients) == 1  # this executor (an admin connection, as cluster_status's, is none)
 
 
+def raise_if_negative(x: int) -> int:
+    if x < 0:
+        raise ValueError(x)
+    return x
+
+
+@pytest.mark.parametrize("transport", [None, pytest.param("zmq", marks=pytest.mark.zmq)], ids=["tcp", "zmq"])
+def test_status_counts_each_workers_failed_calls(transport: str | None) -> None:
+    """``done`` counts every answered call, ``failed`` those whose outcome was an error among them."""
+    with RemoteExecutor(1, transport=transport) as ex:  # type: ignore[arg-type]
+        futures = [ex.submit(raise_if_negative, x) for x in (1, -1, 2, -2, 3)]
+        assert [f.exception(timeout=30) is None for f in futures] == [True, False, True, False, True]
+        assert ex.submit(list, "x").result(timeout=30) == ["x"]  # a call after the failures: not failed
+        wait_for(lambda: sum(w.done or 0 for w in ex.status().workers) == 6, what="six calls counted")
+        [worker] = ex.status().workers
+        assert (worker.done, worker.failed) == (6, 2)
+
+
 def test_cluster_status_of_a_url_where_nothing_answers_is_a_clear_error() -> None:
     from remote_executor.errors import ConnectionFailedError
 
@@ -82,7 +103,7 @@ def test_cluster_status_of_a_url_where_nothing_answers_is_a_clear_error() -> Non
 
 def test_render_shows_workers_queues_and_calls_per_second() -> None:
     def cluster(done: int) -> ClusterStatus:
-        worker = WorkerStatus("gpu-1#4", "node-a", 4242, "gpu", 1, 1, done, 75.0)
+        worker = WorkerStatus("gpu-1#4", "node-a", 4242, "gpu", 1, 1, done, 75.0, failed=3)
         server = ServerStatus("tcp://h:5555", (worker,), (ClientStatus("client x#5", "gpu", 3, 1),),
                               (PoolStatus("gpu", 1, 1, 1, 3),), done, 3700.0)
         return ClusterStatus("tcp://h:5555", (server,))
@@ -92,6 +113,7 @@ def test_render_shows_workers_queues_and_calls_per_second() -> None:
     assert "pool gpu: 1 worker(s), 1 slot(s), 3 queued" in first
     line = next(line for line in first.splitlines() if "gpu-1#4" in line)
     assert "node-a" in line and "4242" in line and "1/1" in line and "1m15s" in line
+    assert line.split()[-2:-1] == ["3"] and "FAILED" in first  # the failed column, before the uptime
     assert "up 1h01m" in first
     assert "calls/s: 5.0" in render(cluster(20), cluster(10), elapsed=2.0)
     down = ClusterStatus("u", (ServerStatus("tcp://h:1", error="refused"),))
@@ -209,3 +231,48 @@ def test_stop_without_workers_leaves_them_waiting_for_the_server(tmp_path: Path)
         if server.poll() is None:
             server.kill()
         server.communicate()
+
+
+@pytest.mark.gearman
+def test_stop_a_gearmand_lets_its_running_call_finish_then_it_exits(tmp_path: Path) -> None:
+    from remote_executor.transports.gearman.gearmand import GearmandProcess
+
+    with GearmandProcess(threads=2) as gearmand:
+        url = gearmand.url
+        refused = subprocess.run(cli("stop", url, "--workers"), env=ENV, capture_output=True, text=True, timeout=30)
+        assert refused.returncode == 1 and "--workers is not available for gearman://" in refused.stderr
+        assert gearmand.is_running()  # a refused command stopped nothing
+        workers = Supervisor(url, 1, env={"REMOTE_EXECUTOR_KEY": KEY.decode()}, worker_args=FAST_HEARTBEAT,
+                             name="gw")
+        workers.start()
+        try:
+            with RemoteExecutor(transport=url, key=KEY, max_retries=0) as ex:
+                ex.wait_for_workers(1, timeout=30)
+                marker = tmp_path / "started"
+                running = ex.submit(touch_then_sleep, str(marker), 1.5)
+                wait_for(marker.exists, what="the call to start")
+                stopped = subprocess.run(cli("stop", url), env=ENV, capture_output=True, text=True, timeout=30)
+                assert stopped.returncode == 0, stopped.stderr
+                assert "is stopping: 1 running and 0 queued call(s) finish first" in stopped.stdout
+                assert running.result(timeout=30) == "slept"  # gearmand let it finish before it exited
+            wait_for(lambda: not gearmand.is_running(), 30.0, "gearmand to exit")
+        finally:
+            workers.stop()
+        status = subprocess.run(cli("status", url, "--timeout", "2"), env=ENV, capture_output=True, text=True,
+                                timeout=30)
+        assert status.returncode == 1, status.stdout
+
+
+def touch_then_sleep(path: str, seconds: float) -> str:
+    Path(path).touch()
+    time.sleep(seconds)
+    return "slept"
+
+
+def test_stop_a_gearmand_over_the_network_without_a_key_is_refused_before_anything_is_sent() -> None:
+    from remote_executor.errors import TransportError
+    from remote_executor.transports.base import Options
+    from remote_executor.transports.gearman import GearmanBackend
+
+    with pytest.raises(TransportError, match=r"refusing to stop gearmand at 192\.0\.2\.1 without a key"):
+        GearmanBackend().stop("gearman://192.0.2.1:4730", Options(connect_timeout=0.1), workers=False)

@@ -1,6 +1,6 @@
 """Per-call time limits: the future fails with CallTimeoutError, the worker process that ran the call is
-gone (and replaced), the call is never retried; on real processes over tcp and zmq, and the scheduler's
-and the executor's own backstops on their own."""
+gone (and replaced), the call is never retried; on real processes over tcp, zmq and gearman (embedded and a
+gearmand of its own), and the scheduler's and the executor's own backstops on their own."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from remote_executor import BrokenRemoteExecutor, CallTimeoutError, RemoteExecut
 from remote_executor.jobserver.scheduler import Close
 from remote_executor.supervisor import Supervisor
 from remote_executor.transports.base import Call, ClientTransport, Listener, Session
+from remote_executor.transports.gearman.gearmand import GearmandProcess
 from remote_executor.transports.tcp.server import TcpServer
 from remote_executor.wire.frames import LIMITED, Frame, Kind, Status
 from remote_executor.wire.messages import call_frame, split_limit
@@ -26,6 +27,7 @@ from tests.conftest import pid_alive, wait_for
 from tests.test_scheduler import Harness, call, sent
 
 FAST = {"heartbeat_interval": 0.2, "heartbeat_timeout": 1.5}
+FAST_WORKER = ("--heartbeat-interval", "0.2", "--heartbeat-timeout", "1.5")
 
 
 def count_start_and_sleep(path: str, seconds: float) -> int:
@@ -48,11 +50,27 @@ def spin_in_c() -> int:
     return sum(range(10**13))
 
 
-@pytest.mark.parametrize("transport", [None, "zmq"], ids=["tcp", "zmq"])
+@pytest.mark.parametrize("transport", [None, pytest.param("zmq", marks=pytest.mark.zmq),
+                                       pytest.param("gearman", marks=pytest.mark.gearman),
+                                       pytest.param("gearman://", marks=pytest.mark.gearman)],
+                         ids=["tcp", "zmq", "gearman", "gearman-url"])
 def test_timed_out_call_fails_fast_frees_its_slot_and_its_process_is_gone(
         transport: str | None, tmp_path: Path) -> None:
+    if transport == "gearman://":  # a gearmand we did not start (no -j): workers report every start
+        with GearmandProcess(threads=2) as gearmand:
+            supervisor = Supervisor(gearmand.url, 1, worker_args=FAST_WORKER, name="test-worker")
+            supervisor.start()
+            try:
+                check_timed_out_call(1, gearmand.url, tmp_path)
+            finally:
+                supervisor.stop()
+    else:
+        check_timed_out_call(1, transport, tmp_path)
+
+
+def check_timed_out_call(workers: int | None, transport: str | None, tmp_path: Path) -> None:
     log = tmp_path / "starts"
-    with RemoteExecutor(1, transport=transport, max_retries=2, **FAST) as executor:  # type: ignore[arg-type]
+    with RemoteExecutor(workers, transport=transport, max_retries=2, **FAST) as executor:  # type: ignore[arg-type]
         # The limit covers unpickling the call too: import this module in the worker first.
         executor.submit(count_start_and_sleep, str(tmp_path / "warm-up"), 0).result(timeout=10)
         started = time.monotonic()
@@ -108,9 +126,8 @@ def test_bad_limits_are_refused_clearly() -> None:
         with pytest.raises(ValueError, match="does not support call time limits"):
             executor.with_options(timeout=1)
         assert executor.submit(abs, -1).result() == 1  # nothing was lost
-    for transport in ("memory", "gearman"):
-        with pytest.raises(ValueError, match="does not support call time limits"):
-            RemoteExecutor(1, transport=transport, call_timeout=1)
+    with pytest.raises(ValueError, match="does not support call time limits"):
+        RemoteExecutor(1, transport="memory", call_timeout=1)
 
 
 # --- the backstops, on their own -----------------------------------------------------------------------------

@@ -389,8 +389,10 @@ def _stop(args: argparse.Namespace) -> int:
     answers = backend.stop(args.url, _client_options(args, backend), args.workers)
     for answer in answers:
         workers = f"; its {answer.get('workers', 0)} worker(s) exit for good then" if args.workers else ""
-        print(f"{answer.get('server', args.url)} is stopping: {answer.get('running', 0)} running call(s) "
-              f"finish first{workers}", flush=True)
+        calls = f"{answer.get('running', 0)} running call(s)"
+        if "queued" in answer:  # gearmand finishes its queued jobs too before it exits
+            calls = f"{answer.get('running', 0)} running and {answer['queued']} queued call(s)"
+        print(f"{answer.get('server', args.url)} is stopping: {calls} finish first{workers}", flush=True)
     return 0
 
 

@@ -692,7 +692,7 @@ class RemoteExecutor(Executor):
         transport = self._core.transport
         if not transport.time_limits:
             raise ValueError(f"the transport {transport.url or type(transport).__name__!r} does not support call "
-                             f"time limits (tcp and zmq do)")
+                             f"time limits (tcp, zmq and gearman do)")
 
     def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
         self._core.check_open()

@@ -28,9 +28,13 @@ class WorkerStatus:
     pool: str
     slots: int
     running: int | None  # calls it runs now
-    done: int | None  # calls it has answered since it attached
+    done: int | None  # calls it has answered since it attached, failed ones included
     uptime: float | None  # seconds since it attached
     draining: bool = False
+    # ... of which the outcome was an error: the call raised (a chunk: one of its calls did), could not be
+    # unpickled or its result pickled, or it was stopped at its time limit. None: the server cannot know
+    # (gearmand, or a worker too old to say, counts as 0).
+    failed: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +122,8 @@ def _server(entry: Mapping[str, Any]) -> ServerStatus:
         return ServerStatus(str(entry["server"]), error=str(entry["error"]))
     workers = tuple(
         WorkerStatus(str(w["name"]), str(w.get("host", "")), w.get("pid"), str(w["pool"]), int(w["slots"]),
-                     int(w["running"]), w.get("done"), w.get("uptime"), bool(w.get("draining", False)))
+                     int(w["running"]), w.get("done"), w.get("uptime"), bool(w.get("draining", False)),
+                     w.get("failed"))
         for w in entry["workers"])
     clients = tuple(ClientStatus(str(c["name"]), str(c["pool"]), int(c["queued"]), int(c["running"]))
                     for c in entry["clients"])
@@ -176,11 +181,13 @@ def render(status: ClusterStatus, previous: ClusterStatus | None = None, elapsed
             lines.append(f"    pool {pool.name}: {pool.workers} worker(s), {pool.capacity} slot(s), "
                          f"{pool.queued} queued")
         if server.workers:
-            lines.append(f"    {'WORKER':<32} {'HOST':<20} {'PID':>7} {'POOL':<12} {'RUN':>4} {'DONE':>7}  UP")
+            lines.append(f"    {'WORKER':<32} {'HOST':<20} {'PID':>7} {'POOL':<12} {'RUN':>4} {'DONE':>7} "
+                         f"{'FAILED':>6}  UP")
         for w in server.workers:
             flag = " draining" if w.draining else ""
             lines.append(f"    {w.name:<32} {w.host:<20} {_num(w.pid):>7} {w.pool:<12} "
-                         f"{_num(w.running):>2}/{w.slots:<1} {_num(w.done):>7}  {_duration(w.uptime)}{flag}")
+                         f"{_num(w.running):>2}/{w.slots:<1} {_num(w.done):>7} {_num(w.failed):>6}  "
+                         f"{_duration(w.uptime)}{flag}")
     return "\n".join(lines)
 
 

@@ -41,7 +41,7 @@ from typing import Any
 from ..errors import AuthenticationError, ProtocolError, VersionMismatchError
 from ..logsafe import limited, owner, printable
 from ..pools import DEFAULT_POOL, is_pool_name
-from ..wire.frames import Frame, Kind, Status
+from ..wire.frames import FAILED, Frame, Kind, Status
 from ..wire.messages import (
     RejectCode,
     call_frame,
@@ -131,6 +131,7 @@ class WorkerState:
     pid: int = 0
     attached: float = 0.0  # when it said HELLO (the scheduler's clock)
     done: int = 0  # calls it has answered
+    failed: int = 0  # ... of which the outcome was an error (RESULT with FAILED) or a stop at the time limit
 
     def free(self) -> int:
         return 0 if self.draining else self.slots - len(self.running)
@@ -250,7 +251,7 @@ class Scheduler:
         now = self._now
         workers = [
             {"name": self._peers[c].name, "host": w.host, "pid": w.pid, "pool": w.pool, "slots": w.slots,
-             "running": len(w.running), "done": w.done, "uptime": round(now - w.attached, 3),
+             "running": len(w.running), "done": w.done, "failed": w.failed, "uptime": round(now - w.attached, 3),
              "draining": w.draining}
             for c, w in self._workers.items()
         ]
@@ -406,6 +407,8 @@ class Scheduler:
         worker.done += 1
         self._done += 1
         timed_out = frame.b == Status.TIMED_OUT and task.limit is not None
+        if timed_out or frame.flags & FAILED:
+            worker.failed += 1
         client = self._clients.get(task.client)
         if client is not None:
             del client.tasks[task.tid]

@@ -27,7 +27,7 @@ from ..logsafe import printable
 from ..netio import retry_with_backoff
 from ..pools import pool_of_url
 from ..transports.base import EXIT_STOPPED, EXIT_UNREACHABLE, WorkerCore, WorkerSettings
-from ..wire.frames import Frame, Kind, Status
+from ..wire.frames import FAILED, Frame, Kind, Status
 from ..wire.messages import announced_limit, hello, oversize, rejection, split_limit
 from ..wire.serialization import Parts, error_outcome
 from .client import POLL_SLICE, Channel, Connector, open_session
@@ -174,10 +174,10 @@ class _Session:
                 self.last_recv = now
             if frame.kind == Kind.TASK:
                 limit, parts = split_limit(frame)
-                self._reply(Kind.RESULT, frame.a, self.core.run, frame.b, parts, limit,
+                self._reply(Kind.RESULT, frame.a, self._run_call, frame.b, parts, limit,
                             lambda tid=frame.a: self._report_timeout(tid))
             elif frame.kind == Kind.INIT:
-                self._reply(Kind.INIT_FAILED, frame.a, self.core.initialize, frame.a, frame.parts)
+                self._reply(Kind.INIT_FAILED, frame.a, self._initialize, frame.a, frame.parts)
             elif frame.kind == Kind.DRAIN:
                 if frame.b:  # remote-executor stop --workers
                     log.info("the job server %s was stopped with its workers; exiting for good", self.url)
@@ -188,21 +188,34 @@ class _Session:
                 log.error("%s closed this worker: %s", self.url, printable(rejection(frame, self.url)))
                 return 2
 
-    def _reply(self, kind: Kind, a: int, work: Callable[..., Parts | None], *args: Any) -> None:
-        """Run ``work`` with the heartbeat thread covering for us; send its parts (if any) as ``kind``."""
+    def _run_call(self, executor_id: int, parts: Parts, limit: float | None,
+                  on_timeout: Callable[[], object]) -> tuple[Parts, int]:
+        """A TASK's outcome, and the RESULT's flags: FAILED if the outcome is an error (status counts it)."""
+        outcome, failed = self.core.run_reporting(executor_id, parts, limit, on_timeout)
+        return outcome, FAILED if failed else 0
+
+    def _initialize(self, executor_id: int, parts: Parts) -> tuple[Parts, int] | None:
+        """An INIT: nothing if the initializer ran (or had run) fine, else its error outcome."""
+        failure = self.core.initialize(executor_id, parts)
+        return None if failure is None else (failure, 0)
+
+    def _reply(self, kind: Kind, a: int, work: Callable[..., tuple[Parts, int] | None], *args: Any) -> None:
+        """Run ``work`` with the heartbeat thread covering for us; send its parts and flags (if any) as
+        ``kind``."""
         self.busy = True
         try:
-            parts = self.runner(work, *args)
+            result = self.runner(work, *args)
         finally:
             with self.lock:
                 self.busy = False
-        if parts is not None:
-            reply = Frame(kind, a=a, parts=parts)
+        if result is not None:
+            reply = Frame(kind, a=a, parts=result[0], flags=result[1])
             error = oversize(reply, self.settings.key is not None, announced_limit(self.channel.welcome),
                              "the result" if kind == Kind.RESULT else "the initializer's error")
             if error is not None:  # sent, it would only cost this connection, and the call its retries
                 log.warning("%s", error)
                 reply.parts = error_outcome(error)
+                reply.flags |= FAILED if kind == Kind.RESULT else 0
             with self.lock:
                 if self.settings.drain.is_set() and not self.drain_sent:
                     # DRAIN before the result: the server marks us draining before our slot frees, so no

@@ -36,7 +36,7 @@ from ..errors import INITIALIZER_FAILED, BrokenRemoteExecutor, InitializerFailed
 from ..wire.frames import DEFAULT_LIMITS, Limits, Status
 from ..wire.messages import timed_out_error, worker_lost_error
 from ..wire.output import Output
-from ..wire.serialization import Parts, decode_outcome, error_outcome, run_initializer, run_task
+from ..wire.serialization import Parts, decode_outcome, error_outcome, run_initializer, run_task_reporting
 
 __all__ = [
     "Backend",
@@ -243,12 +243,17 @@ class WorkerCore:
         ``on_timeout()`` reports it (from another thread), then the process exits with
         :data:`EXIT_TIMED_OUT` and its supervisor starts a fresh one. A thread cannot be stopped from outside
         in Python; a process can, and the call's leftovers (locks, half-written state) go with it."""
+        return self.run_reporting(executor_id, parts, limit, on_timeout)[0]
+
+    def run_reporting(self, executor_id: int, parts: Parts, limit: float | None = None,
+                      on_timeout: Callable[[], object] | None = None) -> tuple[Parts, bool]:
+        """:meth:`run`, and whether the outcome is an error (what a worker reports as a failed call)."""
         if self._init_failures.get(executor_id) is not None:
-            return error_outcome(InitializerFailed(INITIALIZER_FAILED))
+            return error_outcome(InitializerFailed(INITIALIZER_FAILED)), True
         if limit is None:
-            return run_task(parts, self.name)
+            return run_task_reporting(parts, self.name)
         with _Watchdog(limit, on_timeout):
-            return run_task(parts, self.name)
+            return run_task_reporting(parts, self.name)
 
 
 class _Watchdog:

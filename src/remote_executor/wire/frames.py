@@ -39,6 +39,10 @@ LIMITED = 0x4000
 # SUBMIT: the call must run on one named worker (a broadcast), carried as the first part (before the limit);
 # it is never run elsewhere, and fails at once if that worker is gone (wire.messages.split_pinned).
 PINNED = 0x2000
+# RESULT (worker -> server): the outcome is an error (the call raised, or could not be unpickled, or its
+# result could not be pickled), so the server counts the call as failed for its worker (status). A worker
+# older than the flag never sets it: its failures count as 0. The server does not pass it on.
+FAILED = 0x1000
 DEFAULT_MAX_FRAME = 1 << 32  # 4 GiB: a whole frame, header and parts
 DEFAULT_MAX_PARTS = 1024
 # Parts at least this big are received straight into their own buffer instead of the staging buffer.

@@ -187,6 +187,15 @@ def initializer_failed(outcome: Sequence[Buffer]) -> InitializerFailed:
     return error
 
 
+# --- failed calls (RESULT from a worker with the FAILED flag) -----------------------------------------------
+#
+# A worker sets FAILED (frames.FAILED) on the RESULT of a call whose outcome is an error: it raised (a chunk:
+# one of its calls raised), it could not be unpickled, its result could not be pickled, or it was too large
+# to send. The job server counts it per worker ("failed" in STATUS, next to "done", which counts every
+# answered call, failed ones included) and does not pass the flag on: the client learns the outcome itself.
+# A stop at the time limit (TIMED_OUT) counts as failed too. A worker that predates the flag reports none.
+
+
 # --- run-time limits (SUBMIT and TASK with the LIMITED flag) -----------------------------------------------
 
 _LIMIT = struct.Struct("!Q")  # microseconds

@@ -186,22 +186,31 @@ def run_task(parts: Sequence[Buffer], worker: str | None = None) -> Parts:
 
     ``worker`` names this worker in the output of calls that ask for it; None means the call runs in the
     caller's own process (its output is there already), so nothing is captured."""
+    return run_task_reporting(parts, worker)[0]
+
+
+def run_task_reporting(parts: Sequence[Buffer], worker: str | None = None) -> tuple[Parts, bool]:
+    """:func:`run_task`, and whether the outcome is an error (the call, or a chunk's call, raised; or it
+    could not be unpickled, or its result pickled): what a worker counts as failed, known without
+    unpickling the outcome again."""
     try:
         envelope = loads(parts)
     except BaseException as exc:
         wrapped = SerializationError(f"cannot unpickle the call on the worker: {type(exc).__name__}: {exc}"
                                      f"{_missing_module_hint(exc)}")
-        return error_outcome(wrapped, exc)
+        return error_outcome(wrapped, exc), True
     wrong = _bad_envelope(envelope)
     if wrong is not None:  # a pickle of something else (another program's, another version's): no call
-        return error_outcome(SerializationError(f"the worker received no call it can run: {wrong}"))
+        return error_outcome(SerializationError(f"the worker received no call it can run: {wrong}")), True
     chunk = envelope[0] == "chunk"
     wanted = worker is not None and len(envelope) > (3 if chunk else 4) and envelope[-1] is True
     fn = envelope[1]
     with _capturing(wanted) as pieces:
         result = _run_chunk(fn, envelope[2]) if chunk else _run_call(fn, envelope[2], envelope[3])
     output = None if pieces is None or worker is None else (worker, pieces)
-    return _encode_outcome(fn, result, output)
+    failed = result[0] == "raise" or (chunk and result[2] is not None)
+    encoded, pickled = _encode_outcome(fn, result, output)
+    return encoded, failed or not pickled
 
 
 def _run_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
@@ -232,13 +241,14 @@ def _capturing(wanted: bool) -> Iterator[list[Piece] | None]:
         yield pieces
 
 
-def _encode_outcome(fn: Callable[..., Any], result: tuple[Any, ...], output: Output | None) -> Parts:
-    """Pickle a call's outcome, with what it printed (if captured) as the last element."""
+def _encode_outcome(fn: Callable[..., Any], result: tuple[Any, ...], output: Output | None) -> tuple[Parts, bool]:
+    """Pickle a call's outcome, with what it printed (if captured) as the last element; False with the error
+    outcome if it cannot be pickled."""
     try:
-        return dumps(result if output is None else (*result, output))
+        return dumps(result if output is None else (*result, output)), True
     except Exception as exc:
         culprit = f"the result ({type(result[1]).__name__})" if result[0] == "ok" else "a result"
-        return error_outcome(SerializationError(_message("pickle", culprit, fn, exc)), exc, output=output)
+        return error_outcome(SerializationError(_message("pickle", culprit, fn, exc)), exc, output=output), False
 
 
 def _missing_module_hint(exc: BaseException) -> str:

@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import Any
 
 from ...errors import TransportError
+from ...security import KEY_ENV, is_loopback
 from ..base import Backend, ClientTransport, EmbeddedServer, Options, Session, WorkerCore, WorkerSettings
 from .jobs import DEFAULT_POOL, function_name, parse_url
 
@@ -76,3 +77,27 @@ class GearmanBackend(Backend):
         if len(errors) == len(addresses):
             raise TransportError("; ".join(errors))
         return {"url": url, "function": function_name(pool).decode(), "servers": servers}
+
+    def stop(self, url: str, options: Options, workers: bool) -> list[dict[str, Any]]:
+        """Stop every gearmand of ``url`` gracefully: it stops taking connections, finishes every job it has
+        (queued ones too, while workers take them), then exits. Through the admin command ``shutdown
+        graceful``; a build of gearmand without it (Debian's) on this machine gets SIGUSR1, which means the
+        same. Workers cannot be told anything through gearmand, so ``workers`` is refused."""
+        from .stop import stop_gearmand
+
+        if workers:
+            raise TransportError(
+                f"--workers is not available for gearman:// ({url}): gearmand hands a job to whichever worker "
+                f"asks first and cannot address every worker, so it cannot tell them to exit. Stop the worker "
+                f"processes themselves (SIGTERM drains each), or their supervisor.")
+        addresses, _ = parse_url(url)
+        hosts = [host for host, _ in addresses]
+        if options.key is None and not options.insecure and not all(is_loopback(host) for host in hosts):
+            raise TransportError(
+                f"refusing to stop gearmand at {', '.join(hosts)} without a key: over a network gearmand's "
+                f"admin port is anyone's. Give the cluster's key (--key-file or ${KEY_ENV}), or --insecure on "
+                f"a trusted network.")
+        from .tlssocket import tls_context
+
+        tls = tls_context(options.extra)
+        return [stop_gearmand(host, port, timeout=options.connect_timeout, tls=tls) for host, port in addresses]

@@ -16,7 +16,14 @@ that worker, bounded by ``max_retries``) and is reconnected in the background.
 ``max_retries``: workers send ``WORK_DATA "started by <name>"`` as they start a job, so the client knows who
 ran it and how often. Where gearmand runs without ``-j`` it requeues a job whose worker died, for ever; the
 client settles the call as worker-lost at the start beyond ``max_retries + 1`` and drops the job with the
-admin ``cancel job``. Where gearmand has ``-j`` (the embedded cluster), its WORK_FAIL ends the call first.
+admin ``cancel job``. Where gearmand has ``-j`` (the embedded cluster, ``gearmand_retries``), its WORK_FAIL
+ends the call first, so the client does not ask for start reports there (``QUIET`` jobs): the worker's first
+heartbeat names it instead, for a call that runs that long.
+
+Time limits: a call with one always asks for the start report, which starts the executor's fallback clock
+(``Listener.on_started``); its worker answers ``RESULT(b=TIMED_OUT)`` at the limit and exits. A call whose
+worker vanished after its limit without that answer (gearmand requeues the job: a second start, a silent
+worker, a lost gearmand) is settled as timed out, never run again.
 
 With a key every submission is sealed anew (:mod:`.jobs`): a new job id, expiring ``job_ttl`` seconds
 (``RemoteExecutor(..., job_ttl=...)``, default 300) from now, so a worker never takes a resubmission for a
@@ -46,7 +53,7 @@ from ...logsafe import limited, owner, printable
 from ...netio import Backoff
 from ...security import check_connect, is_loopback
 from ...wire.frames import Kind, Status
-from ...wire.messages import initializer_failed, too_large_message, worker_lost_parts
+from ...wire.messages import initializer_failed, timed_out_parts, too_large_message, worker_lost_parts
 from ...wire.serialization import Parts, error_outcome
 from ..base import Call, ClientTransport, Listener, Options, Session
 from .codec import GearmanError
@@ -92,6 +99,7 @@ class _Job:
     handle: bytes | None = None
     started_here: bool = False  # a worker started the current submission
     last_heard: float = 0.0  # when its worker last said it started or is alive (monotonic)
+    started_at: float | None = None  # when a worker last said it started it (monotonic)
     starts: list[str] = field(default_factory=list)  # every worker that started it, over all submissions
     refusal: str | None = None  # a worker refused it (bad HMAC, malformed) before a WORK_FAIL
 
@@ -115,7 +123,10 @@ class _Server:
 class GearmanClientTransport(ClientTransport):
     """Connects an executor to one or more gearmand; ``capacity`` fixes the window (embedded cluster)."""
 
-    def __init__(self, url: str, options: Options, *, capacity: int | None = None) -> None:
+    time_limits = True
+
+    def __init__(self, url: str, options: Options, *, capacity: int | None = None,
+                 gearmand_retries: int | None = None) -> None:
         self.url = url
         addresses, pool = parse_url(url, options.extra.get("pool"))
         check_connect([host for host, _ in addresses], options.key, options.insecure, "client")
@@ -132,6 +143,9 @@ class GearmanClientTransport(ClientTransport):
         self._max_job = min(options.limits().max_frame, MAX_JOB_SIZE)
         self._too_large: list[tuple[int, FrameTooLargeError]] = []  # settled by the manager thread
         self._fixed_capacity = capacity
+        # gearmand's own -j (the embedded one): it fails a job after this many lost workers, so the client
+        # needs no start reports to bound retries (None: a gearmand we did not start; assume no -j).
+        self._gearmand_retries = gearmand_retries
         self._servers = [_Server(i, host, port) for i, (host, port) in enumerate(addresses)]
         self._session: Session | None = None
         self._listener: Listener | None = None
@@ -204,9 +218,10 @@ class GearmanClientTransport(ClientTransport):
     # --- submitting (lock held) -------------------------------------------------------------------------
 
     def _prepare(self, call: Call) -> SealedJob:
-        """The payload of one submission: a new job id, expiring ``job_ttl`` from now."""
+        """The payload of one submission: a new job id, expiring ``job_ttl`` seconds from now."""
         assert self._session is not None
-        return self._codec.encode_job(call, self._session, time.time() + self._job_ttl)
+        return self._codec.encode_job(call, self._session, time.time() + self._job_ttl,
+                                      report_start=self._gearmand_retries is None)
 
     def _oversize(self, job: _Job) -> FrameTooLargeError | None:
         """The error for a job gearmand's workers could not take: it fails at once and is not retried."""
@@ -225,6 +240,7 @@ class GearmanClientTransport(ClientTransport):
             server = live[next(self._round_robin) % len(live)]
             job.submission += 1
             job.server, job.handle, job.started_here, job.job_id = server.index, None, False, sealed.job_id
+            job.started_at = None
             assert server.conn is not None
             try:
                 server.conn.submit((job.call.task_id, job.submission), self.function, sealed.payload)
@@ -267,6 +283,7 @@ class GearmanClientTransport(ClientTransport):
 
     def on_data(self, server: _Server, ticket: Ticket, payload: bytes) -> None:
         lost: tuple[list[str], int] | None = None
+        timed_out: Parts | None = None
         with self._lock:
             job = self.job_for(ticket)
             if job is None:
@@ -279,18 +296,41 @@ class GearmanClientTransport(ClientTransport):
                 return
             if not payload.startswith(STARTED):
                 return
+            now = time.monotonic()
+            past = self._past_limit(job, now)
             job.starts.append(payload[len(STARTED):].decode(errors="replace"))
             job.started_here = True
+            job.started_at = now
             assert self._session is not None
-            if len(job.starts) > self._session.max_retries + 1:
+            if past is not None:
+                # Its worker ran it past its limit and vanished without saying so; gearmand handed the job
+                # out again: a timed-out call is never run again.
+                del self._jobs[job.call.task_id]
+                if job.handle is not None:
+                    self._cancels.append((server, job.handle))
+                    self._wake.notify_all()
+                timed_out = past
+            elif len(job.starts) > self._session.max_retries + 1:
                 # gearmand (without -j) requeued it after worker deaths: stop it here.
                 del self._jobs[job.call.task_id]
                 if job.handle is not None:
                     self._cancels.append((server, job.handle))
                     self._wake.notify_all()
                 lost = (job.starts[:-1], len(job.starts) - 1)
-        if lost is not None:
+        if timed_out is not None:
+            self._settle(ticket[0], Status.TIMED_OUT, timed_out)
+        elif lost is not None:
             self._settle(ticket[0], Status.WORKER_LOST, worker_lost_parts(*lost))
+        elif job.call.limit is not None:
+            assert self._listener is not None
+            self._listener.on_started(ticket[0])  # the executor's own clock, should no answer ever come
+
+    def _past_limit(self, job: _Job, now: float) -> Parts | None:
+        """The TIMED_OUT body for a call with a limit whose last start is older than that limit (lock held);
+        None otherwise (no limit, not started, or still within it)."""
+        if job.call.limit is None or job.started_at is None or now - job.started_at < job.call.limit:
+            return None
+        return timed_out_parts(job.starts[-1] if job.starts else "", job.call.limit)
 
     def on_complete(self, ticket: Ticket, payload: bytes) -> None:
         with self._lock:
@@ -309,8 +349,8 @@ class GearmanClientTransport(ClientTransport):
                       f"another key): {exc}")
             self._settle(ticket[0], Status.REJECTED, [reason.encode()])
             return
-        if frame.kind == Kind.RESULT and frame.a == ticket[0]:
-            self._settle(ticket[0], Status.DONE, frame.parts)
+        if frame.kind == Kind.RESULT and frame.a == ticket[0] and frame.b in (Status.DONE, Status.TIMED_OUT):
+            self._settle(ticket[0], Status(frame.b), frame.parts)
         elif frame.kind == Kind.BROKEN:
             assert self._listener is not None
             self._listener.on_broken(initializer_failed(frame.parts))
@@ -338,12 +378,19 @@ class GearmanClientTransport(ClientTransport):
                                                       f"{job.refusal}".encode()])
         elif why:
             self._settle(ticket[0], Status.REJECTED, [why.encode()])
+        elif (timed_out := self._past_limit(job, time.monotonic())) is not None:  # lost after its limit
+            self._settle(ticket[0], Status.TIMED_OUT, timed_out)
         else:  # gearmand's -j retries exhausted (or an admin cancel by someone): the workers were lost
-            workers = job.starts or ["unknown (no worker reported starting the job)"]
-            self._settle(ticket[0], Status.WORKER_LOST, worker_lost_parts(workers, max(len(job.starts), 1)))
+            # Under our own -j the job ran that often, though QUIET jobs name only the workers that ran it
+            # for a heartbeat interval or more.
+            attempts = max(len(job.starts), self._gearmand_retries or 1)
+            unnamed = "unknown (no worker reported starting the job)"
+            workers = [*job.starts, *[unnamed] * (attempts - len(job.starts))]
+            self._settle(ticket[0], Status.WORKER_LOST, worker_lost_parts(workers, attempts))
 
     def on_disconnect(self, server: _Server, generation: int, exc: GearmanError, in_flight: list[Ticket]) -> None:
         lost: list[tuple[int, Parts]] = []
+        lost_timed_out: list[tuple[int, Parts]] = []
         with self._lock:
             if server.generation == generation and server.conn is not None:
                 server.dead.append(server.conn)
@@ -360,7 +407,10 @@ class GearmanClientTransport(ClientTransport):
                     continue
                 if not job.started_here:  # a worker's "started by" report may have died with gearmand
                     job.starts.append(f"a worker of gearmand {server.address} (its start report was lost)")
-                if self._may_resubmit(job):
+                if (timed_out := self._past_limit(job, time.monotonic())) is not None:
+                    del self._jobs[job.call.task_id]
+                    lost_timed_out.append((job.call.task_id, timed_out))
+                elif self._may_resubmit(job):
                     self._send(job)
                 else:
                     del self._jobs[job.call.task_id]
@@ -371,6 +421,8 @@ class GearmanClientTransport(ClientTransport):
                         len(in_flight))
         for task_id, parts in lost:
             self._settle(task_id, Status.WORKER_LOST, parts)
+        for task_id, parts in lost_timed_out:
+            self._settle(task_id, Status.TIMED_OUT, parts)
 
     def _replayed(self, job: _Job) -> bool:
         """This very submission was refused as a copy of a job its worker had accepted before: gearmand
@@ -421,8 +473,8 @@ class GearmanClientTransport(ClientTransport):
                     self._settle(task_id, Status.DONE, error_outcome(error))
                 for server in due:
                     self._reconnect(server)
-                for task_id, parts in self._check_liveness():
-                    self._settle(task_id, Status.WORKER_LOST, parts)
+                for task_id, status, parts in self._check_liveness():
+                    self._settle(task_id, status, parts)
                 if self._fixed_capacity is None and time.monotonic() >= next_poll:
                     self._poll_capacity()
                     next_poll = time.monotonic() + (POLL_INTERVAL if self._capacity > 0 else POLL_INTERVAL_EMPTY)
@@ -447,13 +499,14 @@ class GearmanClientTransport(ClientTransport):
             times.append(now + self._options.heartbeat_interval)  # the next liveness check
         return max(min(times, default=now + POLL_INTERVAL) - now, 0.0)
 
-    def _check_liveness(self) -> list[tuple[int, Parts]]:
+    def _check_liveness(self) -> list[tuple[int, Status, Parts]]:
         """Running jobs whose worker fell silent for ``heartbeat_timeout`` (hung, stopped, cut off with its
         connection to gearmand still up): resubmitted while within ``max_retries`` (the old job is cancelled
-        and its late result ignored), else settled as worker-lost; returns the latter."""
+        and its late result ignored), else settled as worker-lost, or as timed out if past a limit; returns
+        the settled ones."""
         assert self._session is not None
         now, timeout = time.monotonic(), self._options.heartbeat_timeout
-        lost: list[tuple[int, Parts]] = []
+        lost: list[tuple[int, Status, Parts]] = []
         with self._lock:
             for job in list(self._jobs.values()):
                 if not job.started_here or now - job.last_heard <= timeout:
@@ -463,12 +516,15 @@ class GearmanClientTransport(ClientTransport):
                             printable(worker), job.call.task_id, now - job.last_heard)
                 if job.handle is not None and job.server >= 0:
                     self._cancels.append((self._servers[job.server], job.handle))
-                if len(job.starts) <= self._session.max_retries:
+                if (timed_out := self._past_limit(job, now)) is not None:
+                    del self._jobs[job.call.task_id]
+                    lost.append((job.call.task_id, Status.TIMED_OUT, timed_out))
+                elif len(job.starts) <= self._session.max_retries:
                     self._send(job)  # a new submission: callbacks about the old one are stale from now on
                 else:
                     del self._jobs[job.call.task_id]
-                    lost.append((job.call.task_id, worker_lost_parts([*job.starts[:-1], f"{worker} (silent)"],
-                                                                     len(job.starts))))
+                    lost.append((job.call.task_id, Status.WORKER_LOST,
+                                 worker_lost_parts([*job.starts[:-1], f"{worker} (silent)"], len(job.starts))))
         return lost
 
     def _reconnect(self, server: _Server) -> None:

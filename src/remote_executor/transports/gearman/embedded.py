@@ -58,8 +58,9 @@ class EmbeddedGearmand(EmbeddedServer):
         from .client import GearmanClientTransport
 
         # gearmand queues the jobs until the workers register; its -j already fails a job after
-        # max_retries + 1 lost workers (starts are counted client-side too).
-        return GearmanClientTransport(self.url, replace(options, key=self.key), capacity=self.workers)
+        # max_retries + 1 lost workers, so the client needs no start report for a call without a limit.
+        return GearmanClientTransport(self.url, replace(options, key=self.key), capacity=self.workers,
+                                      gearmand_retries=self.job_retries)
 
     def worker_env(self) -> dict[str, str]:
         return key_to_env(self.key)

@@ -1,9 +1,19 @@
 """What the gearman client and worker share: URLs and pools, function names, and job payloads.
 
 A job carries one of our frames: ``TASK(a=task id, b=executor id, flags=number of initializer parts,
-parts=[*initializer parts, *call parts])``; the answer is a ``RESULT`` frame (``a`` = task id, parts =
-outcome) or, when the executor's initializer failed, a ``BROKEN`` frame. Every job carries its executor's
-initializer because Gearman cannot send a worker anything but jobs.
+parts=[*initializer parts, *call parts])``; the answer is a ``RESULT`` frame (``a`` = task id, ``b`` = its
+:class:`~remote_executor.wire.frames.Status`, parts = outcome) or, when the executor's initializer failed, a
+``BROKEN`` frame. Every job carries its executor's initializer because Gearman cannot send a worker anything
+but jobs. Besides the initializer count, the TASK's flags may hold:
+
+- ``LIMITED`` (the wire's own bit): the call has a run-time limit, carried as the first part (before the
+  initializer, as :func:`~remote_executor.wire.messages.call_frame` puts it). The worker stops the call by
+  ending its process at the limit and answers ``RESULT(b=TIMED_OUT)`` first. A job without the bit is the
+  format of before time limits and decodes as it always did; a worker older than the bit refuses such a
+  job as malformed (the call fails, nothing runs).
+- ``QUIET``: the client needs no ``started by`` report for this job (its gearmand bounds retries itself with
+  ``-j``, and the call has no limit whose clock the start would start), so the worker saves that packet and
+  its client the wake-up; the worker's first heartbeat names it instead. Old jobs lack the bit: reported.
 
 With a key, gearmand and whoever else reaches it must learn nothing and forge or replay nothing, so every
 payload is sealed (:mod:`remote_executor.wire.aead`, AES-256-GCM under a key derived for this use only)::
@@ -38,7 +48,8 @@ from typing import Final
 from ...errors import AuthenticationError, ProtocolError
 from ...pools import DEFAULT_POOL, pool_of_url
 from ...wire.aead import Sealer, is_sealed
-from ...wire.frames import DEFAULT_LIMITS, Frame, Kind, Limits, decode_whole, encode
+from ...wire.frames import DEFAULT_LIMITS, LIMITED, Frame, Kind, Limits, decode_whole, encode
+from ...wire.messages import split_limit
 from ...wire.serialization import Buffer
 from .. import split_hostports
 from ..base import Call, Session
@@ -70,6 +81,10 @@ _JOB_AD: Final = b"remote_executor gearman job\0"
 _RESULT_AD: Final = b"remote_executor gearman result\0"
 _JOB_HEADER: Final = struct.Struct("!16sQ")  # job id, expiry in milliseconds since the epoch
 _RESULT_IDS: Final = struct.Struct("!QQ16s")  # executor id, task id, job id
+_LIMIT_PART: Final = struct.Struct("!Q")  # a LIMITED job's first part: the limit in microseconds
+# TASK flags of a job, besides LIMITED (0x4000): QUIET, and below it the number of initializer parts.
+QUIET: Final = 0x0800
+INIT_MASK: Final = QUIET - 1
 
 
 def parse_url(url: str, pool: str | None = None) -> tuple[list[tuple[str, int]], str]:
@@ -118,9 +133,11 @@ class SealedJob:
 class OpenedJob:
     """A job that verified: its TASK frame and, with a key, its id and expiry (seconds since the epoch)."""
 
-    frame: Frame
+    frame: Frame  # TASK: flags = the number of initializer parts, parts = [*initializer, *call]
     job_id: bytes = b""
     expiry: float | None = None
+    limit: float | None = None  # seconds the call may run (None: no limit)
+    report_start: bool = True  # the client wants WORK_DATA "started by <name>" before the call runs
 
     def identity(self, function: bytes) -> JobIdentity:
         return JobIdentity(function, self.frame.b, self.frame.a, self.job_id)
@@ -142,10 +159,18 @@ class JobCodec:
 
     # --- the client's side ----------------------------------------------------------------------------------
 
-    def encode_job(self, call: Call, session: Session, expiry: float) -> SealedJob:
-        """The payload of one submission of ``call``; a fresh job id each time."""
+    def encode_job(self, call: Call, session: Session, expiry: float, *, report_start: bool = True) -> SealedJob:
+        """The payload of one submission of ``call``; a fresh job id each time. ``report_start=False``: the
+        worker need not say when it starts the call (it does all the same if the call has a limit)."""
         init = session.initializer or []
-        frame = Frame(Kind.TASK, a=call.task_id, b=session.executor_id, flags=len(init), parts=[*init, *call.parts])
+        if len(init) > INIT_MASK:
+            raise ValueError(f"an initializer of {len(init)} parts does not fit a gearman job (at most {INIT_MASK})")
+        flags = len(init) | (0 if report_start or call.limit is not None else QUIET)
+        parts = [*init, *call.parts]
+        if call.limit is not None:
+            flags |= LIMITED
+            parts.insert(0, _LIMIT_PART.pack(max(1, round(call.limit * 1e6))))
+        frame = Frame(Kind.TASK, a=call.task_id, b=session.executor_id, flags=flags, parts=parts)
         if self._sealer is None:
             return SealedJob(b"", join(encode(frame)))
         job_id = os.urandom(JOB_ID_SIZE)
@@ -172,15 +197,15 @@ class JobCodec:
         if self._sealer is None:
             if is_sealed(payload):
                 raise AuthenticationError("the job is encrypted with a key and this worker has none")
-            return OpenedJob(self._task(decode_whole(payload, None, self.limits)))
+            return self._task(decode_whole(payload, None, self.limits))
         if not is_sealed(payload):
             raise AuthenticationError("the job is not encrypted: its client has no key, or it is forged")
         plaintext = memoryview(self._sealer.open(payload, _JOB_AD + self.function))
         if plaintext.nbytes < _JOB_HEADER.size:
             raise ProtocolError(f"encrypted job of {plaintext.nbytes} bytes has no job header")
         job_id, expiry_ms = _JOB_HEADER.unpack_from(plaintext)
-        frame = self._task(decode_whole(plaintext[_JOB_HEADER.size :], None, self.limits))
-        return OpenedJob(frame, job_id, expiry_ms / 1000)
+        opened = self._task(decode_whole(plaintext[_JOB_HEADER.size :], None, self.limits))
+        return OpenedJob(opened.frame, job_id, expiry_ms / 1000, opened.limit, opened.report_start)
 
     def encode_result(self, frame: Frame, identity: JobIdentity) -> Buffer:
         """The payload answering the job ``identity``: bound to it, so it answers no other."""
@@ -189,7 +214,16 @@ class JobCodec:
         return self._sealer.seal(encode(frame), identity.result_associated_data())
 
     @staticmethod
-    def _task(frame: Frame) -> Frame:
-        if frame.kind != Kind.TASK or frame.flags > len(frame.parts):
-            raise ProtocolError(f"expected a TASK frame, got {frame.kind.name} with {frame.flags} init parts")
-        return frame
+    def _task(frame: Frame) -> OpenedJob:
+        """The job a TASK frame describes, its limit split off and its flags read (ProtocolError if bad)."""
+        if frame.kind != Kind.TASK:
+            raise ProtocolError(f"expected a TASK frame, got {frame.kind.name}")
+        unknown = frame.flags & ~(LIMITED | QUIET | INIT_MASK)
+        if unknown:
+            raise ProtocolError(f"a TASK frame with unknown flags {unknown:#x} (from a newer client?)")
+        limit, parts = split_limit(frame)
+        init = frame.flags & INIT_MASK
+        if init > len(parts):
+            raise ProtocolError(f"a TASK frame of {len(parts)} parts cannot hold {init} initializer parts")
+        task = Frame(Kind.TASK, a=frame.a, b=frame.b, flags=init, parts=list(parts))
+        return OpenedJob(task, limit=limit, report_start=limit is not None or not frame.flags & QUIET)

@@ -12,7 +12,11 @@ connection's grab/sleep state without blocking) and waits on all their sockets a
 server wakes it at once.
 
 Before running a job the worker sends ``WORK_DATA "started by <name>"`` (the client counts starts to enforce
-``max_retries`` and names lost workers). A job that does not verify with the key (or is not encrypted while
+``max_retries``, names lost workers and starts a time limit's clock), unless the job says its client does not
+need it (``QUIET``: a gearmand that bounds retries itself, no limit): then the first heartbeat of a call that
+runs that long says it instead of ``alive``. A job with a time limit runs under the same watchdog as on
+tcp and zmq: at the limit the worker answers ``RESULT(b=TIMED_OUT)`` and its process exits, so its
+supervisor starts a fresh one. A job that does not verify with the key (or is not encrypted while
 the worker has one) is refused before anything is parsed or unpickled, and so is an authenticated job that
 expired or whose job id this process has already accepted (a replay, :mod:`.replay`): ``WORK_DATA "refused
 by <name>: ..."``, then ``WORK_FAIL``, and a log line. The result is sealed for exactly the job it answers.
@@ -27,19 +31,29 @@ import logging
 import select
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from ...errors import AuthenticationError, FrameTooLargeError, ProtocolError
 from ...logsafe import limited, owner, printable
 from ...netio import retry_with_backoff
 from ...security import check_connect, is_loopback
-from ...wire.frames import Frame, Kind
-from ...wire.messages import too_large_message
+from ...wire.frames import Frame, Kind, Status
+from ...wire.messages import timed_out_parts, too_large_message
 from ...wire.serialization import error_outcome
 from ..base import EXIT_UNREACHABLE, WorkerCore, WorkerSettings
 from .codec import GearmanError
 from .connection import GearmanWorkerConnection, Job
-from .jobs import ALIVE, MAX_JOB_SIZE, REFUSED, STARTED, JobCodec, OpenedJob, function_name, parse_url
+from .jobs import (
+    ALIVE,
+    MAX_JOB_SIZE,
+    REFUSED,
+    STARTED,
+    JobCodec,
+    JobIdentity,
+    OpenedJob,
+    function_name,
+    parse_url,
+)
 from .replay import ReplayGuard
 from .tlssocket import tls_context
 
@@ -203,10 +217,12 @@ class GearmanWorker:
         if refusal is not None:
             self._refuse(conn, job, refusal, None)
             return
-        conn.send_data(job.handle, STARTED + self.settings.name.encode())
-        with self.alive.beating(conn, job.handle):
-            reply = self._run(opened.frame)
+        started = STARTED + self.settings.name.encode()
+        if opened.report_start:
+            conn.send_data(job.handle, started)
         identity = opened.identity(self.function)
+        with self.alive.beating(conn, job.handle, ALIVE if opened.report_start else started):
+            reply = self._run(opened, lambda: self._report_timeout(conn, job.handle, opened, identity))
         payload = self.codec.encode_result(reply, identity)
         if (size := memoryview(payload).nbytes) > MAX_JOB_SIZE:  # it could never reach the client
             error = FrameTooLargeError(too_large_message("the result", size, MAX_JOB_SIZE))
@@ -221,14 +237,26 @@ class GearmanWorker:
             return None
         return self.replays.admit(opened.job_id, opened.expiry, time.time())
 
-    def _run(self, frame: Frame) -> Frame:
+    def _run(self, opened: OpenedJob, on_timeout: Callable[[], object]) -> Frame:
         """The initializer (once per executor) and the call: the RESULT frame, or BROKEN."""
+        frame = opened.frame
         executor_id, init = frame.b, frame.flags
         if init:
             failure = self.core.initialize(executor_id, frame.parts[:init])
             if failure is not None:
                 return Frame(Kind.BROKEN, a=executor_id, parts=failure)
-        return Frame(Kind.RESULT, a=frame.a, parts=self.core.run(executor_id, frame.parts[init:]))
+        parts = self.core.run(executor_id, frame.parts[init:], opened.limit, on_timeout)
+        return Frame(Kind.RESULT, a=frame.a, parts=parts)
+
+    def _report_timeout(self, conn: GearmanWorkerConnection, handle: bytes, opened: OpenedJob,
+                        identity: JobIdentity) -> None:
+        """From the watchdog thread, just before this process exits: the job's answer is TIMED_OUT. The main
+        thread is inside the call, so the connection is free (its sends are locked all the same)."""
+        assert opened.limit is not None
+        self.alive.stop_beating()  # no "alive" after the answer
+        parts = timed_out_parts(self.settings.name, opened.limit)
+        conn.complete(handle, self.codec.encode_result(Frame(Kind.RESULT, a=opened.frame.a, b=Status.TIMED_OUT,
+                                                             parts=parts), identity))
 
     def _refuse(self, conn: GearmanWorkerConnection, job: Job, what: str, exc: Exception | None) -> None:
         why = what if exc is None else f"{what}: {exc}"
@@ -264,19 +292,28 @@ class _Alive:
         self._interval = interval
         self._lock = threading.Lock()
         self._current: tuple[GearmanWorkerConnection, bytes] | None = None
+        self._first = ALIVE
+        self._since = 0.0  # when the current job began
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="remote-executor-gearman-alive", daemon=True)
         self._thread.start()
 
     @contextlib.contextmanager
-    def beating(self, conn: GearmanWorkerConnection, handle: bytes) -> Iterator[None]:
+    def beating(self, conn: GearmanWorkerConnection, handle: bytes, first: bytes = ALIVE) -> Iterator[None]:
+        """Beat for ``handle`` while the block runs; the first beat says ``first`` (the start report of a
+        job that had none, sent once the call has run for an interval), the others ``alive``."""
         with self._lock:
             self._current = (conn, handle)
+            self._first = first
+            self._since = time.monotonic()
         try:
             yield
         finally:
-            with self._lock:
-                self._current = None
+            self.stop_beating()
+
+    def stop_beating(self) -> None:
+        with self._lock:
+            self._current = None
 
     def stop(self) -> None:
         self._stop.set()
@@ -288,7 +325,10 @@ class _Alive:
                 if self._current is None:
                     continue
                 conn, handle = self._current
+                if self._first != ALIVE and time.monotonic() - self._since < self._interval:
+                    continue  # a start report only for a call that runs a whole interval: short ones cost none
+                beat, self._first = self._first, ALIVE
                 try:
-                    conn.send_data(handle, ALIVE)
+                    conn.send_data(handle, beat)
                 except (GearmanError, OSError):
                     pass  # the connection is gone; the main thread finds out when it replies
