@@ -24,6 +24,7 @@ ship the same bytes, so:
 from __future__ import annotations
 
 import dis
+import functools
 import pickle
 import sys
 import threading
@@ -46,7 +47,7 @@ _EMPTY = _Marker()  # the contents of an empty closure cell
 _MAX_TOKENS = 1024  # a fingerprint longer than this (a big list in the globals) costs more than it saves
 
 # Markers in a fingerprint, told apart from identities (which are positive) by their sign.
-_FUNCTION, _SEEN, _LIST, _DICT, _SET, _MODULE, _BY_NAME = range(-1, -8, -1)
+_FUNCTION, _SEEN, _LIST, _DICT, _SET, _MODULE, _BY_NAME, _NONE, _EMPTY_DICT = range(-1, -10, -1)
 
 _SCALARS = frozenset({int, float, complex, str, bytes, bool, type(None), type(Ellipsis), range})
 _LEAVES = _SCALARS | {_Marker}
@@ -59,14 +60,22 @@ class _Unsound(Exception):
     """A value the fingerprint cannot vouch for: the function is pickled in full."""
 
 
-@dataclass
+@dataclass(eq=False)
 class _Entry:
     registered: frozenset[str]  # the modules registered for pickling by value, when the bytes were made
     tokens: list[int]
     blob: bytes
     reusable: bool  # whether a worker may run its unpickled copy for more than one call
-    keep: list[object] = field(default_factory=list)  # the values behind the identities, kept alive
-    immutable: set[int] = field(default_factory=set)  # identities of tuples checked to hold immutables only
+    keep: list[object]  # the leaves behind the identities, kept alive so that no identity is reused
+    immutable: set[int]  # identities of the tuples checked to hold immutables only
+    names: dict[int, tuple[str, ...]]  # per code object (by identity) of the functions walked: its globals
+    valid: bool = True
+    # The code objects of the other functions walked, watched: an identity in ``tokens`` must not outlive its
+    # code (the entry's own code is its key, and the entry goes with it).
+    watch: list[weakref.ref[types.CodeType]] = field(default_factory=list)
+
+    def forget(self, _code: object) -> None:
+        self.valid = False
 
 
 @dataclass
@@ -101,28 +110,56 @@ def pickled_function(fn: types.FunctionType, pickle_fn: Callable[[object], bytes
     """The pickled bytes of ``fn`` (a function shipped by value) and whether a worker may reuse its copy, or
     None when its state cannot be fingerprinted (the caller pickles it with the call, as it always did).
     ``pickle_fn`` pickles a function by value, in band."""
+    if not _understood():
+        return None
     registered = registered_by_value()
     entry = _entries.get(fn.__code__)
     try:
-        if (entry is not None and entry.registered == registered
-                and _Walk(entry.immutable).function(fn) == entry.tokens):
+        if entry is not None and entry.valid and entry.registered == registered and _same(fn, entry):
             stats.pickle_hits += 1
             return entry.blob, entry.reusable
         return _fill(fn, pickle_fn, frozenset(registered))
-    except (_Unsound, RecursionError, RuntimeError):  # RuntimeError: another thread resized a dict we walked
-        return None
+    except Exception:  # _Unsound, a dict another thread resized as we walked it, a failure to pickle...
+        return None  # ...the caller pickles the function with the call, as it always did (and reports that)
+
+
+# What cloudpickle captures of a function besides its code and its __dict__: the fingerprint covers these
+# (the globals, through the names the code uses, and the submodules, through the count of modules).
+_CAPTURED = frozenset({"__annotations__", "__closure__", "__defaults__", "__doc__", "__globals__",
+                       "__kwdefaults__", "__module__", "__name__", "__qualname__", "_cloudpickle_submodules"})
+
+
+@functools.cache
+def _understood() -> bool:
+    """Whether this cloudpickle captures what the fingerprint covers: another version may capture more,
+    and then the cache stays off rather than miss a change."""
+    getstate = getattr(cloudpickle.cloudpickle, "_function_getstate", None)
+    try:
+        slots = getstate(lambda: None)[1]  # type: ignore[misc]
+    except Exception:
+        return False
+    return isinstance(slots, dict) and set(slots) == _CAPTURED
+
+
+def _same(fn: types.FunctionType, entry: _Entry) -> bool:
+    try:
+        return _Walk(entry.immutable, entry.names).function(fn) == entry.tokens
+    except _Unsound:  # a value the entry has not proved immutable (a new tuple, say): _fill looks closer
+        return False
 
 
 def _fill(fn: types.FunctionType, pickle_fn: Callable[[object], bytes],
           registered: frozenset[str]) -> tuple[bytes, bool]:
-    walk = _Walk(set(), check=True)
+    walk = _Walk(set(), {}, check=True)
     tokens = walk.function(fn)
     blob = pickle_fn(fn)
     stats.pickled += 1
     # Walked again after pickling: a change made meanwhile (by another thread) must not pair old tokens with
     # newer bytes. If they differ, the bytes are used for this call only.
-    if _Walk(walk.immutable).function(fn) == tokens:
-        _entries[fn.__code__] = _Entry(registered, tokens, blob, not walk.stateful, walk.keep, walk.immutable)
+    if _Walk(walk.immutable, walk.names).function(fn) == tokens:
+        entry = _Entry(registered, tokens, blob, not walk.stateful, walk.keep, walk.immutable, walk.names)
+        entry.watch = [weakref.ref(code, entry.forget) for code in walk.codes if code is not fn.__code__]
+        _entries[fn.__code__] = entry
     return blob, not walk.stateful
 
 
@@ -133,14 +170,17 @@ class _Walk:
     whether the function can carry state from one call to the next (``stateful``). Without it, a value is
     only looked into when it is not a leaf, so an identity the cache kept alive stands for its whole value."""
 
-    __slots__ = ("check", "immutable", "keep", "modules", "registered", "seen", "stateful", "tokens")
+    __slots__ = ("check", "codes", "immutable", "keep", "modules", "names", "registered", "seen", "stateful",
+                 "tokens")
 
-    def __init__(self, immutable: set[int], check: bool = False) -> None:
+    def __init__(self, immutable: set[int], names: dict[int, tuple[str, ...]], check: bool = False) -> None:
         self.tokens: list[int] = []
         self.seen: dict[int, int] = {}
         self.immutable = immutable
+        self.names = names
         self.check = check
         self.keep: list[object] = []
+        self.codes: list[types.CodeType] = []
         self.stateful = False
         self.modules = False
         self.registered = registered_by_value()
@@ -156,10 +196,14 @@ class _Walk:
             return
         code, names = fn.__code__, fn.__globals__
         self.tokens += (_FUNCTION, id(code), id(names))
-        if self.check:
-            self.keep.append(code)
-            self.stateful = self.stateful or _assigns_state(code)
-        values = [names.get(name, _ABSENT) for name in _global_names(code)]
+        used = self.names.get(id(code))
+        if used is None:
+            used = _global_names(code)
+            if self.check:
+                self.names[id(code)] = used
+                self.codes.append(code)
+                self.stateful = self.stateful or _assigns_state(code)
+        values = [names.get(name, _ABSENT) for name in used]
         values += [names.get(name, _ABSENT) for name in _BASE_GLOBALS]
         values += (fn.__name__, fn.__qualname__, fn.__module__, fn.__doc__, fn.__defaults__)
         if fn.__closure__ is not None:
@@ -169,7 +213,7 @@ class _Walk:
             if own:
                 self._dict(own, own=True)
             else:
-                self.tokens.append(id(own))  # None, or an empty dict (the same to cloudpickle)
+                self.tokens.append(_NONE if own is None else _EMPTY_DICT)
 
     def _values(self, values: list[Any]) -> None:
         self.tokens.extend(map(id, values))
@@ -190,7 +234,7 @@ class _Walk:
             self._module(value)
         elif isinstance(value, type) or kind in (types.FunctionType, types.BuiltinFunctionType):
             self._by_name(value)
-        elif kind in (tuple, frozenset) and self.check and _immutable(value):
+        elif self.check and _immutable(value, self.registered):
             self.immutable.add(id(value))
             self.keep.append(value)
         elif kind in (tuple, list, set, frozenset):
@@ -275,33 +319,30 @@ def _found_by_name(obj: Any, registered: Iterable[str]) -> bool:
     return found is obj
 
 
-def _immutable(value: object) -> bool:
-    """Whether a tuple or frozenset holds (recursively) only values that cannot change: scalars and more
-    tuples or frozensets of them."""
+def _immutable(value: object, registered: Iterable[str]) -> bool:
+    """Whether a value holds (recursively) only values that cannot change: scalars, functions and classes
+    pickled by name, and tuples, frozensets and type annotations (``list[int]``, ``int | None``,
+    ``typing.Optional[int]``) of those."""
     kind = type(value)
     if kind in _SCALARS:
         return True
     if kind in (tuple, frozenset):
-        return all(_immutable(item) for item in value)  # type: ignore[attr-defined]
+        return all(_immutable(item, registered) for item in value)  # type: ignore[attr-defined]
+    if kind in (types.GenericAlias, types.UnionType) or (kind.__module__ == "typing" and hasattr(value, "__origin__")):
+        parts = (getattr(value, "__origin__", None), *getattr(value, "__args__", ()))
+        return all(_immutable(part, registered) for part in parts)
+    if isinstance(value, type) or kind in (types.FunctionType, types.BuiltinFunctionType):
+        return _found_by_name(value, registered)
     return False
 
 
-# Per code object, for the fingerprint taken on every call: a plain dict (a weak one costs a weakref per
-# look-up), emptied when it grows past _MAX_CODES.
-_names_cache: dict[types.CodeType, tuple[str, ...]] = {}
-_MAX_CODES = 4096
 _state_cache: weakref.WeakKeyDictionary[types.CodeType, bool] = weakref.WeakKeyDictionary()
 
 
 def _global_names(code: types.CodeType) -> tuple[str, ...]:
     """Every name the code (and the code nested in it) may read as a global: a superset of what cloudpickle
     ships, so nothing it captures is left out of the fingerprint."""
-    names = _names_cache.get(code)
-    if names is None:
-        if len(_names_cache) >= _MAX_CODES:
-            _names_cache.clear()
-        names = _names_cache[code] = tuple(dict.fromkeys(name for each in _codes(code) for name in each.co_names))
-    return names
+    return tuple(dict.fromkeys(name for each in _codes(code) for name in each.co_names))
 
 
 def _assigns_state(code: types.CodeType) -> bool:
