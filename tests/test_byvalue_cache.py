@@ -139,10 +139,14 @@ def test_an_instance_in_the_globals_is_pickled_every_call() -> None:
 
 def test_a_function_that_keeps_state_starts_from_the_callers_values_every_call() -> None:
     ns = script("counter = 0\ndef count():\n    global counter\n    counter += 1\n    return counter\n"
-                "def accumulate(x, seen=[]):\n    seen.append(x)\n    return len(seen)\n")
-    assert [call(ns["count"]) for _ in range(3)] == [1, 1, 1]
-    assert [call(ns["accumulate"], 1) for _ in range(3)] == [1, 1, 1]
-    assert fncache.stats.pickle_hits == 4  # the client still pickles them once...
+                "def accumulate(x, seen=[]):\n    seen.append(x)\n    return len(seen)\n"
+                "def tick():\n    tick.calls = getattr(tick, 'calls', 0) + 1\n    return tick.calls\n"
+                "def make():\n    n = 0\n    def step():\n        nonlocal n\n        n += 1\n        return n\n"
+                "    return step\n")
+    step = ns["make"]()
+    for fn, args in ((ns["count"], ()), (ns["accumulate"], (1,)), (ns["tick"], ()), (step, ())):
+        assert [call(fn, *args) for _ in range(3)] == [1, 1, 1]
+    assert fncache.stats.pickle_hits == 8  # the client still pickles them once...
     assert fncache.stats.unpickle_hits == 0  # ...but the worker unpickles them afresh for every call
 
 

@@ -33,6 +33,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any
 
 import cloudpickle
@@ -52,8 +53,15 @@ _FUNCTION, _SEEN, _LIST, _DICT, _SET, _MODULE, _BY_NAME, _NONE, _EMPTY_DICT = ra
 _SCALARS = frozenset({int, float, complex, str, bytes, bool, type(None), type(Ellipsis), range})
 _LEAVES = _SCALARS | {_Marker}
 _BASE_GLOBALS = ("__package__", "__name__", "__path__", "__file__")  # cloudpickle ships these too
-_STATEFUL_OPS = frozenset({"STORE_GLOBAL", "DELETE_GLOBAL"})
+# What lets a function change what the client shipped it with, so that a copy a worker kept would carry the
+# change into the next call: assigning a global (``global x``) or an enclosing function's variable
+# (``nonlocal x``), setting an attribute (of a function, say), and the built-ins and attributes that reach
+# the globals, defaults or attributes of a function. (The lists, dicts and sets it reaches are found by
+# the fingerprint itself.)
+_STATEFUL_OPS = frozenset({"STORE_GLOBAL", "DELETE_GLOBAL", "STORE_ATTR", "DELETE_ATTR"})
 _CELL_OPS = frozenset({"STORE_DEREF", "DELETE_DEREF"})
+_STATEFUL_NAMES = frozenset({"globals", "vars", "setattr", "delattr", "exec", "eval", "__dict__", "__defaults__",
+                             "__kwdefaults__", "__code__", "__globals__", "__closure__", "f_globals"})
 
 
 class _Unsound(Exception):
@@ -203,29 +211,37 @@ class _Walk:
                 self.names[id(code)] = used
                 self.codes.append(code)
                 self.stateful = self.stateful or _assigns_state(code)
-        values = [names.get(name, _ABSENT) for name in used]
-        values += [names.get(name, _ABSENT) for name in _BASE_GLOBALS]
+        values = list(map(names.get, used, repeat(_ABSENT, len(used))))
+        values += map(names.get, _BASE_GLOBALS, repeat(_ABSENT, len(_BASE_GLOBALS)))
         values += (fn.__name__, fn.__qualname__, fn.__module__, fn.__doc__, fn.__defaults__)
         if fn.__closure__ is not None:
+            self.tokens.extend(map(id, fn.__closure__))  # cells two functions share stay shared
             values += map(_contents, fn.__closure__)
-        self._values(values)
         for own in (fn.__kwdefaults__, fn.__annotations__, fn.__dict__):  # its own: changing them is not state
-            if own:
-                self._dict(own, own=True)
-            else:
+            if own is None or not own:
                 self.tokens.append(_NONE if own is None else _EMPTY_DICT)
+            elif not self._seen(own):
+                self.tokens += (_DICT, len(own))
+                values += own
+                values += own.values()
+        if len(values) > _MAX_TOKENS:
+            raise _Unsound("too much to fingerprint")
+        self._values(values)
 
     def _values(self, values: list[Any]) -> None:
         self.tokens.extend(map(id, values))
-        if not self.check and _LEAVES.issuperset(map(type, values)):
+        if self.check:
+            for value in values:
+                if type(value) in _LEAVES:
+                    self.keep.append(value)
+                else:
+                    self._object(value, type(value))
+            return
+        if _LEAVES.issuperset(map(type, values)):
             return  # the common case, without a loop in Python
         for value in values:
-            kind = type(value)
-            if kind in _LEAVES or id(value) in self.immutable:
-                if self.check:
-                    self.keep.append(value)
-            else:
-                self._object(value, kind)
+            if type(value) not in _LEAVES and id(value) not in self.immutable:
+                self._object(value, type(value))
 
     def _object(self, value: Any, kind: type) -> None:
         if kind is types.FunctionType and _by_value(value, self.registered):
@@ -240,7 +256,7 @@ class _Walk:
         elif kind in (tuple, list, set, frozenset):
             self._items(value, kind)
         elif kind is dict:
-            self._dict(value, own=False)
+            self._dict(value)
         else:
             raise _Unsound(kind.__qualname__)
 
@@ -283,10 +299,10 @@ class _Walk:
         self.tokens += (_LIST if kind in (list, tuple) else _SET, id(kind), len(items))
         self._values(list(items))
 
-    def _dict(self, mapping: dict[Any, Any], own: bool) -> None:
+    def _dict(self, mapping: dict[Any, Any]) -> None:
         if self._seen(mapping):
             return
-        self.stateful = self.stateful or not own
+        self.stateful = True
         if len(mapping) > _MAX_TOKENS:
             raise _Unsound("too much to fingerprint")
         self.tokens += (_DICT, len(mapping))
@@ -350,9 +366,10 @@ def _assigns_state(code: types.CodeType) -> bool:
     one call to the next in a copy a worker kept."""
     stateful = _state_cache.get(code)
     if stateful is None:
-        stateful = _state_cache[code] = any(
+        codes = _codes(code)
+        stateful = _state_cache[code] = any(not _STATEFUL_NAMES.isdisjoint(each.co_names) for each in codes) or any(
             op.opname in _STATEFUL_OPS or (op.opname in _CELL_OPS and op.argval in each.co_freevars)
-            for each in _codes(code) for op in dis.get_instructions(each))
+            for each in codes for op in dis.get_instructions(each))
     return stateful
 
 
