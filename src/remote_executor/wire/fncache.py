@@ -100,10 +100,9 @@ stats = Stats()
 _entries: weakref.WeakKeyDictionary[types.CodeType, _Entry] = weakref.WeakKeyDictionary()
 
 
-def registered_by_value() -> set[str]:
-    """The modules registered with ``cloudpickle.register_pickle_by_value`` (their functions travel by value)."""
-    registered: set[str] = getattr(cloudpickle.cloudpickle, "_PICKLE_BY_VALUE_MODULES", set())
-    return registered
+# The modules registered with ``cloudpickle.register_pickle_by_value`` (their functions travel by value): the
+# set cloudpickle changes in place, looked at on every call.
+REGISTERED: set[str] = getattr(cloudpickle.cloudpickle, "_PICKLE_BY_VALUE_MODULES", set())
 
 
 def is_registered(module: str, registered: Iterable[str]) -> bool:
@@ -120,7 +119,7 @@ def pickled_function(fn: types.FunctionType, pickle_fn: Callable[[object], bytes
     ``pickle_fn`` pickles a function by value, in band."""
     if not _understood():
         return None
-    registered = registered_by_value()
+    registered = REGISTERED
     entry = _entries.get(fn.__code__)
     try:
         if entry is not None and entry.valid and entry.registered == registered and _same(fn, entry):
@@ -191,7 +190,7 @@ class _Walk:
         self.codes: list[types.CodeType] = []
         self.stateful = False
         self.modules = False
-        self.registered = registered_by_value()
+        self.registered = REGISTERED
 
     def function(self, fn: types.FunctionType) -> list[int]:
         self._function(fn)
@@ -319,7 +318,9 @@ def _contents(cell: types.CellType) -> object:
 def _by_value(fn: types.FunctionType, registered: Iterable[str]) -> bool:
     """Whether cloudpickle pickles this function by value (else by name, as :func:`_found_by_name` checks)."""
     module = fn.__module__
-    return module == "__main__" or "<" in fn.__qualname__ or is_registered(module or "", registered)
+    if module == "__main__" or "<" in fn.__qualname__:
+        return True
+    return bool(registered) and is_registered(module or "", registered)
 
 
 def _found_by_name(obj: Any, registered: Iterable[str]) -> bool:
@@ -327,7 +328,7 @@ def _found_by_name(obj: Any, registered: Iterable[str]) -> bool:
     qualname = getattr(obj, "__qualname__", None)
     if type(module_name) is not str or type(qualname) is not str or module_name == "__main__":
         return False
-    if is_registered(module_name, registered):
+    if registered and is_registered(module_name, registered):
         return False
     found: Any = sys.modules.get(module_name)
     for part in qualname.split("."):

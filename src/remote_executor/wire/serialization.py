@@ -31,7 +31,7 @@ from typing import Any
 import cloudpickle
 
 from ..errors import RemoteError, RemoteTraceback, SerializationError
-from .fncache import is_registered, load_function, pickled_function, registered_by_value
+from .fncache import REGISTERED, is_registered, load_function, pickled_function
 from .output import Output, Piece, captured
 from .tracebacks import add_source_lines, format_exception, reduce_code
 
@@ -85,18 +85,13 @@ def _by_value(fn: object) -> bool:
     qualname = getattr(fn, "__qualname__", "")
     if module == "__main__" or "<" in str(qualname):
         return True
-    registered = registered_by_value()
-    return bool(registered) and type(module) is str and is_registered(module, registered)
+    return bool(REGISTERED) and type(module) is str and is_registered(module, REGISTERED)
 
 
-def _shipped_function(fn: Callable[..., Any]) -> Callable[..., Any] | tuple[bytes, bool]:
-    """What a call envelope carries as its function: a function shipped by value as its cached pickle (and
-    whether a worker may reuse its unpickled copy) when :mod:`.fncache` can vouch for it, else ``fn``."""
-    if type(fn) is FunctionType and _by_value(fn):
-        shipped = pickled_function(fn, _pickle_function)
-        if shipped is not None:
-            return shipped
-    return fn
+def _pickled(fn: Callable[..., Any]) -> tuple[bytes, bool] | None:
+    """For a function shipped by value: its cached pickle and whether a worker may reuse its unpickled copy,
+    or None to pickle it with the call (when :mod:`.fncache` cannot vouch for it)."""
+    return pickled_function(fn, _pickle_function) if type(fn) is FunctionType else None
 
 
 class _NeedsCloudpickle(Exception):
@@ -111,15 +106,9 @@ class _FastPickler(pickle.Pickler):
             module = type(obj).__module__
         if module == "__main__":
             raise _NeedsCloudpickle(module)
-        registered = _by_value_modules()
-        if registered and is_registered(module, registered):  # a registered package's modules are too
+        if REGISTERED and is_registered(module, REGISTERED):  # a registered package's modules are too
             raise _NeedsCloudpickle(module)
         return NotImplemented
-
-
-def _by_value_modules() -> set[str]:
-    registered: set[str] = getattr(cloudpickle.cloudpickle, "_PICKLE_BY_VALUE_MODULES", set())
-    return registered
 
 
 def loads(parts: Sequence[Buffer]) -> Any:
@@ -142,11 +131,13 @@ def encode_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str,
 
     ``output``: the worker captures what the call prints and sends it back with the outcome."""
     try:
-        shipped = _shipped_function(fn)
+        if not _by_value(fn):
+            return dumps(("call", fn, args, kwargs, True) if output else ("call", fn, args, kwargs))
+        pickled = _pickled(fn)
+        shipped = fn if pickled is None else pickled
         envelope = ("call", shipped, args, kwargs, True) if output else ("call", shipped, args, kwargs)
-        if shipped is fn and _by_value(fn):  # the fast pickler would only give up on it: skip the attempt
-            return _cloudpickle_dumps(envelope)
-        return dumps(envelope)
+        # Pickled with the call, the function needs cloudpickle: the fast pickler would only give up on it.
+        return _cloudpickle_dumps(envelope) if pickled is None else dumps(envelope)
     except Exception as exc:
         raise _pickling_error(exc, fn, args, kwargs) from exc
 
@@ -154,7 +145,8 @@ def encode_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str,
 def encode_chunk(fn: Callable[..., Any], items: Sequence[tuple[Any, ...]], output: bool = False) -> Parts:
     """Serialize a batch of calls of one function (``map`` with ``chunksize > 1``)."""
     try:
-        shipped = _shipped_function(fn)
+        pickled = _pickled(fn) if _by_value(fn) else None
+        shipped = fn if pickled is None else pickled
         return dumps(("chunk", shipped, list(items), True) if output else ("chunk", shipped, list(items)))
     except Exception as exc:
         culprits = (_culprit(fn, args, {}) for args in items)
