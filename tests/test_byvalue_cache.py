@@ -272,3 +272,19 @@ def test_the_cache_stays_off_for_a_cloudpickle_that_captures_more(monkeypatch: p
         assert fncache.stats.pickled == fncache.stats.pickle_hits == 0
     finally:
         fncache._understood.cache_clear()
+
+
+def test_sharing_and_cycles_are_part_of_the_fingerprint() -> None:
+    ns = script("A = [1]\nB = A\ndef f():\n    return A is B, len(A)\n")
+    assert call(ns["f"]) == (True, 1)
+    ns["B"] = [1]  # equal, but no longer the same list
+    assert call(ns["f"]) == (False, 1)
+    ns["A"].append(ns["A"])  # a list that holds itself
+    assert call(ns["f"]) == (False, 2)
+    ns["B"] = (1, 2)  # a tuple where a list was, then a tuple holding a list
+    ns["A"] = [1]
+    assert call(ns["f"]) == (False, 1)
+    ns["B"] = (ns["A"],)
+    assert call(ns["f"]) == (False, 1)
+    ns["A"].append(2)
+    assert call(ns["f"]) == (False, 2)

@@ -48,7 +48,7 @@ _EMPTY = _Marker()  # the contents of an empty closure cell
 _MAX_TOKENS = 1024  # a fingerprint longer than this (a big list in the globals) costs more than it saves
 
 # Markers in a fingerprint, told apart from identities (which are positive) by their sign.
-_FUNCTION, _SEEN, _LIST, _DICT, _SET, _MODULE, _BY_NAME, _NONE, _EMPTY_DICT = range(-1, -10, -1)
+_FUNCTION, _SEEN, _LIST, _DICT, _SET, _MODULE, _BY_NAME, _NONE, _EMPTY_DICT, _END = range(-1, -11, -1)
 
 _SCALARS = frozenset({int, float, complex, str, bytes, bool, type(None), type(Ellipsis), range})
 _LEAVES = _SCALARS | {_Marker}
@@ -74,7 +74,8 @@ class _Entry:
     tokens: list[int]
     blob: bytes
     reusable: bool  # whether a worker may run its unpickled copy for more than one call
-    keep: list[object]  # the leaves behind the identities, kept alive so that no identity is reused
+    keep: list[object]  # the leaves behind the identities, kept alive so that no identity is reused (the
+    # functions, containers and cells met are not kept: their contents are walked on every call)
     immutable: set[int]  # identities of the tuples checked to hold immutables only
     names: dict[int, tuple[str, ...]]  # per code object (by identity) of the functions walked: its globals
     valid: bool = True
@@ -228,19 +229,25 @@ class _Walk:
         self._values(values)
 
     def _values(self, values: list[Any]) -> None:
-        self.tokens.extend(map(id, values))
-        if self.check:
-            for value in values:
-                if type(value) in _LEAVES:
+        """The values' identities, then, for each value that is not a leaf, its index and what it holds, then
+        an end marker. Markers are negative, indices small and identities large, so two equal fingerprints
+        have the same shape, and a leaf of one (kept alive by the entry) is the very same object in the
+        other."""
+        tokens = self.tokens
+        tokens.extend(map(id, values))
+        if self.check or not _LEAVES.issuperset(map(type, values)):  # else the common case: no loop in Python
+            for index, value in enumerate(values):
+                kind = type(value)
+                if kind in _LEAVES or id(value) in self.immutable:
+                    if self.check:
+                        self.keep.append(value)
+                elif self.check and _maybe_immutable(kind) and _immutable(value, self.registered):
+                    self.immutable.add(id(value))
                     self.keep.append(value)
                 else:
-                    self._object(value, type(value))
-            return
-        if _LEAVES.issuperset(map(type, values)):
-            return  # the common case, without a loop in Python
-        for value in values:
-            if type(value) not in _LEAVES and id(value) not in self.immutable:
-                self._object(value, type(value))
+                    tokens.append(index)
+                    self._object(value, kind)
+        tokens.append(_END)
 
     def _object(self, value: Any, kind: type) -> None:
         if kind is types.FunctionType and _by_value(value, self.registered):
@@ -249,9 +256,6 @@ class _Walk:
             self._module(value)
         elif isinstance(value, type) or kind in (types.FunctionType, types.BuiltinFunctionType):
             self._by_name(value)
-        elif self.check and _immutable(value, self.registered):
-            self.immutable.add(id(value))
-            self.keep.append(value)
         elif kind in (tuple, list, set, frozenset):
             self._items(value, kind)
         elif kind is dict:
@@ -336,6 +340,10 @@ def _found_by_name(obj: Any, registered: Iterable[str]) -> bool:
     return found is obj
 
 
+def _maybe_immutable(kind: type) -> bool:
+    return kind in (tuple, frozenset, types.GenericAlias, types.UnionType) or kind.__module__ == "typing"
+
+
 def _immutable(value: object, registered: Iterable[str]) -> bool:
     """Whether a value holds (recursively) only values that cannot change: scalars, functions and classes
     pickled by name, and tuples, frozensets and type annotations (``list[int]``, ``int | None``,
@@ -345,7 +353,7 @@ def _immutable(value: object, registered: Iterable[str]) -> bool:
         return True
     if kind in (tuple, frozenset):
         return all(_immutable(item, registered) for item in value)  # type: ignore[attr-defined]
-    if kind in (types.GenericAlias, types.UnionType) or (kind.__module__ == "typing" and hasattr(value, "__origin__")):
+    if _maybe_immutable(kind) and hasattr(value, "__origin__"):
         parts = (getattr(value, "__origin__", None), *getattr(value, "__args__", ()))
         return all(_immutable(part, registered) for part in parts)
     if isinstance(value, type) or kind in (types.FunctionType, types.BuiltinFunctionType):
