@@ -15,10 +15,11 @@ ship the same bytes, so:
   array) cannot be fingerprinted cheaply: such a function is pickled in full on every call, as before.
 - **Worker** (:func:`load_function`): the unpickled function is kept in a bounded LRU keyed by the exact
   bytes, so the same bytes are unpickled once. The client allows it only for a function that cannot carry
-  state from one call to the next: one that reaches no list, dict or set and whose code never assigns a
-  global (``global x``) or a variable of an enclosing function (``nonlocal x``). Any other function is
-  unpickled afresh for every call, so each call starts from the client's values, exactly as without the
-  cache.
+  state from one call to the next: one that reaches no list, dict or set, and whose code never assigns a
+  global (``global x``) or a variable of an enclosing function (``nonlocal x``), sets no attribute, and
+  names none of the built-ins and attributes that reach a function's globals, defaults or attributes
+  (``globals``, ``setattr``, ``__defaults__``...). Any other function is unpickled afresh for every call,
+  so each call starts from the client's values, exactly as without the cache.
 """
 
 from __future__ import annotations
