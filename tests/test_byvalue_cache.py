@@ -288,3 +288,19 @@ def test_sharing_and_cycles_are_part_of_the_fingerprint() -> None:
     assert call(ns["f"]) == (False, 1)
     ns["A"].append(2)
     assert call(ns["f"]) == (False, 2)
+
+
+def test_a_module_imported_since_the_last_call_is_seen() -> None:
+    """cloudpickle ships which submodules of a module the function uses are imported: a new one counts."""
+    package = types.ModuleType("byvalue_probe_package")
+    sys.modules[package.__name__] = package
+    try:
+        ns = script("import byvalue_probe_package as p\ndef f():\n    return p.__name__\n")
+        assert [call(ns["f"]) for _ in range(2)] == ["byvalue_probe_package"] * 2
+        assert (fncache.stats.pickled, fncache.stats.pickle_hits) == (1, 1)
+        sys.modules["byvalue_probe_package.sub"] = types.ModuleType("byvalue_probe_package.sub")
+        assert call(ns["f"]) == "byvalue_probe_package"
+        assert (fncache.stats.pickled, fncache.stats.pickle_hits) == (2, 1)
+    finally:
+        sys.modules.pop("byvalue_probe_package.sub", None)
+        del sys.modules[package.__name__]
