@@ -24,8 +24,9 @@ from .serialization import Buffer, Parts
 from .session import MAC_SIZE, Mac, as_mac
 
 MAGIC = b"RE"
-VERSION = 4  # 2: the KEYED flag, attempt counts in SUBMIT, REQUEUED; 3: time limits (LIMITED), TIMED_OUT;
-# 4: broadcast (WORKERS, PINNED), status for clients, worker host/pid in HELLO, STOP
+VERSION = 5  # 2: the KEYED flag, attempt counts in SUBMIT, REQUEUED; 3: time limits (LIMITED), TIMED_OUT;
+# 4: broadcast (WORKERS, PINNED), status for clients, worker host/pid in HELLO, STOP; 5: a call's function
+# shipped by value travels as its own pickle (an older worker could not run it)
 HEADER = struct.Struct("!2sBBHHQQ")
 # A flag bit every signed frame carries, so a reader knows from the header alone whether a MAC follows:
 # a key on one side only is a clear error at once, never a frame misparsed around a MAC.

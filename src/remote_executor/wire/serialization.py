@@ -5,6 +5,7 @@ buffers (large numpy arrays, ``PickleBuffer`` objects), which transports send as
 copying. Envelopes are plain tuples so the job server never needs to unpickle anything:
 
     call      ("call", fn, args, kwargs[, True])  chunk    ("chunk", fn, [args, ...][, True])
+    fn        the callable, or (pickled function, reusable) for a function shipped by value (see :mod:`.fncache`)
     outcome   ("ok", value[, output]) | ("raise", error[, output]) | ("chunk", [value, ...], error | None[, output])
     error     (pickled exception or None, type name, message, remote traceback text)
     output    (worker name, [(1 for stdout or 2 for stderr, text), ...])
@@ -30,6 +31,7 @@ from typing import Any
 import cloudpickle
 
 from ..errors import RemoteError, RemoteTraceback, SerializationError
+from .fncache import REGISTERED, is_registered, load_function, pickled_function
 from .output import Output, Piece, captured
 from .tracebacks import add_source_lines, format_exception, reduce_code
 
@@ -70,11 +72,26 @@ class _ByValuePickler(cloudpickle.Pickler):  # type: ignore[misc]
     dispatch_table = ChainMap({types.CodeType: reduce_code}, cloudpickle.Pickler.dispatch_table)
 
 
+def _pickle_function(fn: object) -> bytes:
+    """A function pickled by value on its own, in band (see :mod:`.fncache`)."""
+    stream = io.BytesIO()
+    _ByValuePickler(stream, protocol=PROTOCOL).dump(fn)
+    return stream.getvalue()
+
+
 def _by_value(fn: object) -> bool:
     """Whether cloudpickle must pickle ``fn`` by value (so the stdlib pickler would fail on it)."""
     module = getattr(fn, "__module__", None)
     qualname = getattr(fn, "__qualname__", "")
-    return module == "__main__" or module in _by_value_modules() or "<" in qualname
+    if module == "__main__" or "<" in str(qualname):
+        return True
+    return bool(REGISTERED) and type(module) is str and is_registered(module, REGISTERED)
+
+
+def _pickled(fn: Callable[..., Any]) -> tuple[bytes, bool] | None:
+    """For a function shipped by value: its cached pickle and whether a worker may reuse its unpickled copy,
+    or None to pickle it with the call (when :mod:`.fncache` cannot vouch for it)."""
+    return pickled_function(fn, _pickle_function) if type(fn) is FunctionType else None
 
 
 class _NeedsCloudpickle(Exception):
@@ -87,14 +104,11 @@ class _FastPickler(pickle.Pickler):
         module = getattr(obj, "__module__", None) if isinstance(obj, (type, FunctionType)) else None
         if module is None:
             module = type(obj).__module__
-        if module == "__main__" or module in _by_value_modules():
+        if module == "__main__":
+            raise _NeedsCloudpickle(module)
+        if REGISTERED and is_registered(module, REGISTERED):  # a registered package's modules are too
             raise _NeedsCloudpickle(module)
         return NotImplemented
-
-
-def _by_value_modules() -> set[str]:
-    registered: set[str] = getattr(cloudpickle.cloudpickle, "_PICKLE_BY_VALUE_MODULES", set())
-    return registered
 
 
 def loads(parts: Sequence[Buffer]) -> Any:
@@ -116,11 +130,14 @@ def encode_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str,
     """Serialize one call; a :class:`SerializationError` names the argument that failed to pickle.
 
     ``output``: the worker captures what the call prints and sends it back with the outcome."""
-    envelope = ("call", fn, args, kwargs, True) if output else ("call", fn, args, kwargs)
     try:
-        if _by_value(fn):  # the fast pickler would only give up on it: skip the attempt
-            return _cloudpickle_dumps(envelope)
-        return dumps(envelope)
+        if not _by_value(fn):
+            return dumps(("call", fn, args, kwargs, True) if output else ("call", fn, args, kwargs))
+        pickled = _pickled(fn)
+        shipped = fn if pickled is None else pickled
+        envelope = ("call", shipped, args, kwargs, True) if output else ("call", shipped, args, kwargs)
+        # Pickled with the call, the function needs cloudpickle: the fast pickler would only give up on it.
+        return _cloudpickle_dumps(envelope) if pickled is None else dumps(envelope)
     except Exception as exc:
         raise _pickling_error(exc, fn, args, kwargs) from exc
 
@@ -128,7 +145,9 @@ def encode_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str,
 def encode_chunk(fn: Callable[..., Any], items: Sequence[tuple[Any, ...]], output: bool = False) -> Parts:
     """Serialize a batch of calls of one function (``map`` with ``chunksize > 1``)."""
     try:
-        return dumps(("chunk", fn, list(items), True) if output else ("chunk", fn, list(items)))
+        pickled = _pickled(fn) if _by_value(fn) else None
+        shipped = fn if pickled is None else pickled
+        return dumps(("chunk", shipped, list(items), True) if output else ("chunk", shipped, list(items)))
     except Exception as exc:
         culprits = (_culprit(fn, args, {}) for args in items)
         culprit = next((c for c in culprits if c != "the call"), "the call")
@@ -195,22 +214,29 @@ def run_task_reporting(parts: Sequence[Buffer], worker: str | None = None) -> tu
     unpickling the outcome again."""
     try:
         envelope = loads(parts)
+        wrong = _bad_envelope(envelope)
+        fn: Any = None if wrong is not None else _function(envelope[1])
     except BaseException as exc:
         wrapped = SerializationError(f"cannot unpickle the call on the worker: {type(exc).__name__}: {exc}"
                                      f"{_missing_module_hint(exc)}")
         return error_outcome(wrapped, exc), True
-    wrong = _bad_envelope(envelope)
+    if wrong is None and not callable(fn):
+        wrong = f"the function shipped by value is a {type(fn).__name__}, which is not callable"
     if wrong is not None:  # a pickle of something else (another program's, another version's): no call
         return error_outcome(SerializationError(f"the worker received no call it can run: {wrong}")), True
     chunk = envelope[0] == "chunk"
     wanted = worker is not None and len(envelope) > (3 if chunk else 4) and envelope[-1] is True
-    fn = envelope[1]
     with _capturing(wanted) as pieces:
         result = _run_chunk(fn, envelope[2]) if chunk else _run_call(fn, envelope[2], envelope[3])
     output = None if pieces is None or worker is None else (worker, pieces)
     failed = result[0] == "raise" or (chunk and result[2] is not None)
     encoded, pickled = _encode_outcome(fn, result, output)
     return encoded, failed or not pickled
+
+
+def _function(shipped: Any) -> Any:
+    """The function of a checked envelope: itself, or unpickled from the bytes it was shipped as (by value)."""
+    return shipped if callable(shipped) else load_function(*shipped)
 
 
 def _run_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
@@ -278,8 +304,10 @@ def _bad_envelope(envelope: object) -> str | None:
             return f"{shape}, got a 'chunk' of {len(envelope)} items"
     else:
         return f"{shape}, got the tag {tag[:40]!r}"
-    if not callable(envelope[1]):
-        return f"the function to call is a {type(envelope[1]).__name__}, which is not callable"
+    fn = envelope[1]
+    pickled = type(fn) is tuple and len(fn) == 2 and type(fn[0]) is bytes and type(fn[1]) is bool
+    if not pickled and not callable(fn):
+        return f"the function to call is a {type(fn).__name__}, which is not callable"
     return None
 
 
