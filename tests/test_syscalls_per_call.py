@@ -1,6 +1,7 @@
 """System calls per call on the hot path, counted in-process by wrapping the sockets (strace is not
 everywhere): a tcp worker takes a call with one ``recv`` and answers it with one ``sendmsg``, the client's
-I/O thread reads only what a wait reported, and a waker nobody armed costs nothing to drain."""
+I/O thread reads only what a wait reported, a waker nobody armed costs nothing to drain, and a caller
+writes its call itself instead of waking the I/O thread to do it."""
 
 from __future__ import annotations
 
@@ -8,13 +9,17 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
+import remote_executor.jobserver.client as jobserver_client
+from remote_executor import RemoteExecutor
 from remote_executor.jobserver.client import POLL_SLICE
 from remote_executor.netio import Waker
+from remote_executor.supervisor import Supervisor
+from remote_executor.transports.tcp.server import TcpServer
 from remote_executor.transports.tcp.stream import TcpChannel
 from remote_executor.wire.frames import DEFAULT_LIMITS, Frame, FrameReader, Kind, encode_bytes
 
@@ -165,3 +170,26 @@ def test_a_waker_drains_with_one_read_and_none_when_not_woken() -> None:
     finally:
         waker.reader = real
         waker.close()
+
+
+def test_a_caller_sends_its_call_itself_without_waking_the_io_thread(
+        tcp_server: TcpServer, start_workers: Callable[..., Supervisor], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Against a standalone tcp server: each call is written by the thread that submits it, so the
+    client's I/O thread wakes for results only (one wake-up per call where there were two)."""
+    wakes: Counter[str] = Counter()
+
+    class CountingWaker(Waker):
+        def wake(self) -> None:
+            wakes["wake"] += 1
+            super().wake()
+
+    monkeypatch.setattr(jobserver_client, "Waker", CountingWaker)
+    start_workers(2)
+    with RemoteExecutor(2, tcp_server.url, heartbeat_interval=0.2, heartbeat_timeout=1.5) as ex:
+        assert ex.submit(abs, -1).result(timeout=30) == 1
+        before = wakes["wake"]
+        for i in range(CALLS):
+            assert ex.submit(abs, -i).result(timeout=30) == i
+        assert [f.result(timeout=30) for f in [ex.submit(abs, -i) for i in range(CALLS)]] == list(range(CALLS))
+        woken = wakes["wake"] - before
+    assert woken < CALLS // 10, woken  # the odd one: the I/O thread was writing (a heartbeat) just then

@@ -145,6 +145,7 @@ class TcpChannel(Channel):
         self._selector.register(sock, selectors.EVENT_READ, None)
         self._writing = False
         self._waker: Waker | None = None
+        self.concurrent_send = self.kernel_waits  # a plain socket: reading and writing share no state
         self._blocking = self.kernel_waits and receive_timeout(sock, POLL_SLICE)
         if self._blocking:
             sock.setblocking(True)
