@@ -22,7 +22,7 @@ def _row_cells(line: str) -> list[str]:
 def test_quick_benchmark_writes_a_table_of_numbers(tmp_path: Path) -> None:
     output = tmp_path / "results.md"
     proc = subprocess.run(
-        [sys.executable, str(BENCH), "--quick", "--transports", "tcp", "--output", str(output)],
+        [sys.executable, str(BENCH), "--quick", "--transports", "tcp,tcp-server", "--output", str(output)],
         capture_output=True, text=True, timeout=240, cwd=BENCH.parent.parent,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -33,15 +33,28 @@ def test_quick_benchmark_writes_a_table_of_numbers(tmp_path: Path) -> None:
     header = _row_cells(lines[0])
     assert header[:4] == ["metric", "unit", "PPE", "tcp"]
     assert "tcp x PPE" in header
+    assert header[4] == "tcp-server"
     ppe, tcp, ratio = header.index("PPE"), header.index("tcp"), header.index("tcp x PPE")
+    server, server_ratio = header.index("tcp-server"), header.index("tcp-server x PPE")
 
     rows = {_row_cells(line)[0]: _row_cells(line) for line in lines[2:]}
-    assert len(rows) == 11
+    assert len(rows) == 15
     for label, cells in rows.items():
         assert NUMBER.match(cells[ppe]), (label, cells[ppe])
+        if "prefetch=1" in label and cells[tcp] == "n/a (no prefetch= keyword)":  # a version without it
+            assert cells[server] == cells[tcp], (label, cells[server])
+            continue
         assert NUMBER.match(cells[tcp]), (label, cells[tcp])
         assert re.fullmatch(r"\d+\.\d\dx", cells[ratio]), (label, cells[ratio])
-    assert any(label.startswith("100 MB round trip") for label in rows)
+        if label.startswith("start-up to first result, cold"):  # not measured for a standalone server
+            assert cells[server] == cells[server_ratio] == "—", (label, cells[server])
+        else:
+            assert NUMBER.match(cells[server]), (label, cells[server])
+            assert re.fullmatch(r"\d+\.\d\dx", cells[server_ratio]), (label, cells[server_ratio])
+    for start in ("100 MB round trip", "submit-all, a function defined in `__main__`", "import time",
+                  "submit-all with prefetch=1", "sequential round trip p50 with prefetch=1"):
+        assert any(label.startswith(start) for label in rows), start
+    assert "tcp-server ≥1x: **" in table  # the targets column marks the standalone targets
     assert "> 1 means better than ProcessPoolExecutor" in table
     assert "nproc=" in table
     assert "Command:" in table

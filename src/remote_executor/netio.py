@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import struct
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -32,6 +34,21 @@ def connect(address: tuple[str, int], timeout: float, url: str) -> socket.socket
         raise ConnectionFailedError(f"cannot connect to {url}: {exc.strerror or exc}") from exc
     tune(sock)
     return sock
+
+
+def receive_timeout(sock: socket.socket, seconds: float) -> bool:
+    """Set the kernel's receive timeout (SO_RCVTIMEO) of a blocking ``sock``: a ``recv`` then waits for
+    data itself, one system call where poll-then-recv costs two, and raises BlockingIOError when the
+    timeout passes. False (``sock`` unchanged) where that is not available."""
+    if not sys.platform.startswith("linux"):  # struct timeval's layout, and MSG_DONTWAIT: Linux here
+        return False
+    whole = int(seconds)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                        struct.pack("@ll", whole, int((seconds - whole) * 1e6)))
+    except (OSError, AttributeError):
+        return False
+    return True
 
 
 class Backoff:
@@ -85,6 +102,9 @@ class Waker:
     """Wakes a select/poll loop from other threads: a socketpair whose read end the loop watches.
 
     Only the first ``wake()`` after a ``drain()`` writes a byte, so a burst of wake-ups costs one syscall.
+    "Armed" means a byte is in the socket or on its way there, so a ``drain()`` with nothing armed costs
+    no syscall (the loop drains after every wait, woken by us or not), and one that finds the byte not
+    there yet stays armed for the next.
     """
 
     def __init__(self) -> None:
@@ -99,17 +119,20 @@ class Waker:
             if self._armed:
                 return
             self._armed = True
-        with contextlib.suppress(OSError):  # closed, or full: the loop is awake (or gone) anyway
+        with contextlib.suppress(OSError):  # closed: the loop is gone anyway
             self._writer.send(b"x")
 
     def drain(self) -> None:
         with self._lock:
-            self._armed = False
+            if not self._armed:
+                return
             try:
-                while self.reader.recv(4096):
-                    pass
+                self.reader.recv(4096)  # the byte of the one wake() that armed it
             except (BlockingIOError, InterruptedError):
+                return  # that wake() has not written it yet: it will wake the loop, and be drained then
+            except OSError:
                 pass
+            self._armed = False
 
     def close(self) -> None:
         self.reader.close()

@@ -3,7 +3,7 @@
 A backend (tcp, zmq) supplies a :class:`Channel` (one connection that carries frames) and a function that
 opens one; everything else lives here once::
 
-    caller threads ── submit() ──▶ outbox ─┐
+    caller threads ── submit() ──▶ outbox ─┬──▶ (plain tcp, write side free: sent by the caller)
                                            ▼
     I/O thread: JobServerClient._run ── channel.wait / frames / flush ──▶ job server
         heartbeats both ways; on loss: reconnect with backoff, resubmit what was in flight (or fail it,
@@ -65,6 +65,10 @@ class Channel(abc.ABC):
     A backend implements the four primitives; :meth:`send` and :meth:`next_frame` are built on them.
     Every method raises :class:`ConnectionFailedError` when the connection is gone and
     :class:`~remote_executor.errors.ProtocolError` for bad input from the peer."""
+
+    # True if queue() and flush() may run on one thread (under the caller's lock) while another thread
+    # waits and receives: a plain socket's reads and writes share no state; a TLS or ZeroMQ socket's do.
+    concurrent_send = False
 
     def __init__(self, peer: str) -> None:
         self.peer = peer
@@ -369,7 +373,8 @@ def ask(session: ClientSession, send: Callable[[Frame], None], kind: Kind, timeo
 class JobServerClient(ClientTransport):
     """Connects an executor to a job server of ours over a backend's :class:`Channel`.
 
-    One I/O thread owns the channel; caller threads append SUBMIT frames to an outbox and wake it. With
+    One I/O thread owns the channel's reading; caller threads append SUBMIT frames to an outbox and, on
+    a plain tcp connection that nobody else is writing to, send them themselves, else wake it to. With
     several servers (``tcp://h1:p,h2:p``) it uses one at a time, in order, and fails over to the next when
     its server is lost; job servers hold nothing the client cannot resubmit."""
 
@@ -387,6 +392,10 @@ class JobServerClient(ClientTransport):
         self._channel: Channel | None = None
         self._outbox: deque[Frame] = deque()
         self._lock = threading.Lock()
+        # The channel's write side (queue, flush): the I/O thread's, or a caller's that sends its call
+        # itself, sparing the I/O thread a wake-up; _direct is the channel callers may write to, if any.
+        self._send_lock = threading.Lock()
+        self._direct: Channel | None = None
         self._stop = threading.Event()
         self._waker = Waker()
         self._thread: threading.Thread | None = None
@@ -408,8 +417,25 @@ class JobServerClient(ClientTransport):
         frames = self._session.submit_frames(calls)
         with self._lock:
             self._outbox.extend(frames)
-        if threading.current_thread() is not self._thread:
+        if threading.current_thread() is not self._thread and not self._send_directly():
             self._waker.wake()
+
+    def _send_directly(self) -> bool:
+        """Send the outbox from the caller's thread if the channel allows it and nobody else is writing;
+        False if the I/O thread must (it is writing, the socket took only part, or the connection broke)."""
+        channel = self._direct
+        if channel is None or not self._send_lock.acquire(blocking=False):
+            return False
+        try:
+            if channel is not self._direct:  # lost and replaced meanwhile
+                return False
+            if not self._take_outbox(channel, refuse=False):
+                return bool(not self._outbox)  # taken by the I/O thread, or a call to refuse: leave it that
+            return channel.flush()
+        except RemoteExecutorError:
+            return False  # the I/O thread finds the connection broken too, and reconnects
+        finally:
+            self._send_lock.release()
 
     def broadcast_targets(self, timeout: float) -> list[str]:
         return worker_names(self._ask(Kind.WORKERS, timeout))
@@ -512,6 +538,9 @@ class JobServerClient(ClientTransport):
         assert self._session is not None
         interval, timeout = self._options.heartbeat_interval, self._options.heartbeat_timeout
         last_recv = last_send = time.monotonic()
+        if channel.concurrent_send:
+            with self._send_lock:
+                self._direct = channel
         try:
             while not self._stop.is_set():
                 channel.wait(min(interval, timeout) / 2, self._waker)
@@ -525,21 +554,27 @@ class JobServerClient(ClientTransport):
                 if now - last_recv > timeout:
                     log.warning("no heartbeat from %s for %.1fs; reconnecting", self.url, now - last_recv)
                     return False
-                queued = self._take_outbox(channel)
-                if not queued and now - last_send >= interval:
-                    channel.queue(Frame(Kind.HEARTBEAT))
-                    queued = True
-                if queued:
-                    last_send = now
-                channel.flush()
+                with self._send_lock:
+                    queued = self._take_outbox(channel)
+                    if not queued and now - last_send >= interval:
+                        channel.queue(Frame(Kind.HEARTBEAT))
+                        queued = True
+                    if queued:
+                        last_send = now
+                    channel.flush()
             return True
         except RemoteExecutorError as exc:  # ConnectionFailedError, ProtocolError: this connection is done
             log.warning("connection to %s failed: %s; reconnecting", self.url, exc)
             return False
+        finally:
+            with self._send_lock:
+                self._direct = None
 
-    def _take_outbox(self, channel: Channel) -> bool:
+    def _take_outbox(self, channel: Channel, refuse: bool = True) -> bool:
         """Queue the outbox's frames on ``channel``; a call larger than its server accepts fails here,
-        at once: sent, it would only break the connection, again on every reconnection."""
+        at once: sent, it would only break the connection, again on every reconnection. Without
+        ``refuse`` (a caller's thread, where no future may be failed) such a call and those after it stay
+        in the outbox, for the I/O thread, and the answer is False."""
         assert self._session is not None
         limit = announced_limit(channel.welcome)
         keyed = self._options.key is not None
@@ -552,6 +587,9 @@ class JobServerClient(ClientTransport):
                 error = oversize(frame, keyed, limit, "the call (its function and arguments)")
                 if error is None:
                     channel.queue(frame)
+                elif not refuse:
+                    self._outbox.appendleft(frame)
+                    return False
                 else:
                     refused.append((frame, error))
         for frame, why in refused:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Final, Generic, TypeVar
 
 from ...errors import ConnectionFailedError
-from ...netio import connect
+from ...netio import connect, receive_timeout
 from .codec import (
     DEFAULT_MAX_PACKET_SIZE,
     REQ,
@@ -142,13 +142,22 @@ def _shutdown(sock: Stream) -> None:
         sock.shutdown(socket.SHUT_RDWR)
 
 
-def _recv(sock: Stream, address: object, closed_by_us: Callable[[], bool]) -> bytes:
-    """Bytes from gearmand; an EOF or socket error becomes a connection error."""
+def _recv(sock: Stream, buffer: bytearray, address: object, closed_by_us: Callable[[], bool]) -> Buffer:
+    """Bytes from gearmand, valid until the next read into ``buffer`` (the connection's own, reused: a
+    fresh 256 KiB object per read cost an allocation and a free for every few-byte packet); an EOF or
+    socket error becomes a connection error."""
     try:
-        data = sock.recv(_RECV_SIZE)
+        if isinstance(sock, socket.socket):
+            n = sock.recv_into(buffer)
+            data: Buffer = memoryview(buffer)[:n]
+        else:  # TLS: the shared socket reads whole records itself
+            data = sock.recv(_RECV_SIZE)
+            n = len(data)
+    except BlockingIOError:
+        raise  # a worker's receive timeout passed (see GearmanWorkerConnection._wait_readable)
     except OSError as exc:
         raise _lost(address, closed_by_us(), f"connection to gearmand at {address} failed: {exc}") from exc
-    if not data:
+    if not n:
         raise _lost(address, closed_by_us(), f"gearmand at {address} closed the connection")
     return data
 
@@ -225,6 +234,7 @@ class GearmanClientConnection(Generic[T]):
         self._callbacks = callbacks
         self._sock = _connect(host, port, connect_timeout, tls)
         self._decoder = PacketDecoder(expect_magic=RES, max_packet_size=max_packet_size)
+        self._buffer = bytearray(_RECV_SIZE)  # every read lands here; the decoder copies what it keeps
         self._send_lock = threading.Lock()  # one packet on the wire at a time, in FIFO order
         self._state_lock = threading.Lock()  # guards the three fields below and the socket's life
         self._awaiting_created: collections.deque[T] = collections.deque()
@@ -303,8 +313,8 @@ class GearmanClientConnection(Generic[T]):
             log.exception("gearman client reader crashed")
             self._end(GearmanConnectionError(f"gearman client reader crashed: {exc!r}"))
 
-    def _recv(self) -> bytes:
-        return _recv(self._sock, self.address, lambda: self._closing)
+    def _recv(self) -> Buffer:
+        return _recv(self._sock, self._buffer, self.address, lambda: self._closing)
 
     @property
     def ended(self) -> bool:
@@ -414,8 +424,11 @@ class GearmanWorkerConnection:
         self.address = f"{host}:{port}"
         self._sock = _connect(host, port, connect_timeout, tls)
         self._decoder = PacketDecoder(expect_magic=RES, max_packet_size=max_packet_size)
+        self._buffer = bytearray(_RECV_SIZE)  # every read lands here; the decoder copies what it keeps
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._sock, selectors.EVENT_READ)
+        self._grab_timeout: float | None = None  # the timeout of the grab_job in progress
+        self._kernel_timeout: float | None = None  # the socket's SO_RCVTIMEO, once set
         self._packets: collections.deque[Packet] = collections.deque()
         self._state = _WorkerState.IDLE
         self._send_lock = threading.Lock()
@@ -447,6 +460,7 @@ class GearmanWorkerConnection:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._read_lock:
             self._check_open()
+            self._grab_timeout = timeout
             while True:
                 if self._state is _WorkerState.IDLE:
                     self._send(PacketType.GRAB_JOB_UNIQ)
@@ -524,7 +538,13 @@ class GearmanWorkerConnection:
         while not self._packets:
             if not self._wait_readable(deadline):
                 return None
-            self._packets.extend(self._decoder.feed(self._recv()))
+            try:
+                data = self._recv()
+            except BlockingIOError:  # the kernel's receive timeout: nothing came in that slice
+                if deadline is not None and time.monotonic() >= deadline:
+                    return None
+                continue
+            self._packets.extend(self._decoder.feed(data))
         return self._packets.popleft()
 
     def _check_open(self) -> None:
@@ -537,10 +557,18 @@ class GearmanWorkerConnection:
             return True  # recv itself blocks, and close() wakes it: save a syscall per packet
         if isinstance(self._sock, SharedTlsSocket) and self._sock.pending():
             return True  # decrypted already: the socket itself has nothing more to say
+        timeout = self._grab_timeout
+        # recv waits itself, up to the grab's timeout set in the kernel (once, while it stays the same):
+        # one system call per packet instead of two; a grab may end up to that much late.
+        if (isinstance(self._sock, socket.socket) and timeout is not None and timeout > 0
+                and deadline > time.monotonic()
+                and (timeout == self._kernel_timeout or receive_timeout(self._sock, timeout))):
+            self._kernel_timeout = timeout
+            return True
         return bool(self._selector.select(max(deadline - time.monotonic(), 0.0)))
 
-    def _recv(self) -> bytes:
-        return _recv(self._sock, self.address, lambda: self._closed)
+    def _recv(self) -> Buffer:
+        return _recv(self._sock, self._buffer, self.address, lambda: self._closed)
 
     def _lost(self, message: str) -> GearmanConnectionError:
         return _lost(self.address, self._closed, message)

@@ -98,6 +98,7 @@ class GearmandProcess:
         port: int | None = None,
         threads: int = 4,
         job_retries: int | None = None,
+        worker_wakeup: int | None = None,
         extra_args: Sequence[str] = (),
         executable: str | None = None,
         startup_timeout: float = 10.0,
@@ -107,6 +108,7 @@ class GearmandProcess:
         self.port = port if port is not None else 0
         self._threads = threads
         self._job_retries = job_retries
+        self._worker_wakeup = worker_wakeup
         self._extra_args = tuple(extra_args)
         self._executable = executable
         self._startup_timeout = startup_timeout
@@ -214,6 +216,8 @@ class GearmandProcess:
         ]
         if self._job_retries is not None:
             cmd.append(f"--job-retries={self._job_retries}")
+        if self._worker_wakeup is not None:
+            cmd.append(f"--worker-wakeup={self._worker_wakeup}")
         return [*cmd, *self._extra_args]
 
     def _launch(self, executable: str) -> None:

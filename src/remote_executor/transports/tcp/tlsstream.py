@@ -171,6 +171,7 @@ class TlsChannel(TcpChannel):
     timeout); afterwards the socket is non-blocking like a plain one."""
 
     connection_class = TlsConnection
+    kernel_waits = False
 
     @classmethod
     def connect_tls(cls, address: tuple[str, int], key: bytes | None, limits: Limits, url: str,
