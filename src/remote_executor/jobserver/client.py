@@ -100,6 +100,12 @@ class Channel(abc.ABC):
         """Sign the frames queued from now on with ``send``, verify the frames parsed from now on with
         ``receive`` (see :mod:`remote_executor.wire.session`)."""
 
+    def deliver_before_exit(self, timeout: float) -> None:
+        """Block (at most ``timeout``) until what was sent has left this process, which is about to end
+        without closing anything: a plain socket's send returns once the kernel holds the bytes, so there
+        is nothing to do; a ZeroMQ socket hands them to a thread of its own, which must get the time."""
+        return None
+
     def frames(self) -> list[Frame]:
         """Everything received so far, without blocking."""
         frames = list(self.ready)

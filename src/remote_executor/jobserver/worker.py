@@ -229,6 +229,7 @@ class _Session:
         if self.lock.acquire(timeout=1.0):  # the main thread is in the call, the lock is free but briefly
             try:
                 self.channel.send(Frame(Kind.RESULT, a=tid, b=Status.TIMED_OUT), 1.0)
+                self.channel.deliver_before_exit(1.0)  # the process ends next, without closing anything
             finally:
                 self.lock.release()
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -324,6 +325,17 @@ class ZmqChannel(Channel):
             raise ConnectionFailedError(
                 f"the job server {self.peer} refused this side's CURVE key {self._curve.describe()} "
                 f"(ZAP status {status}): its public key is not on the server's allow-list")
+
+    def deliver_before_exit(self, timeout: float) -> None:
+        # libzmq sends on its own I/O thread: only terminating the context waits for the queued messages
+        # (for as long as the socket lingers). In a thread, in case another socket keeps the context open.
+        self._closed = True
+        if self._monitor is not None:
+            self._monitor.close(linger=0)
+        self._sock.close(linger=int(timeout * 1000))
+        ending = threading.Thread(target=self._sock.context.term, name="zmq-term", daemon=True)
+        ending.start()
+        ending.join(timeout)
 
     def close(self) -> None:
         if not self._closed:
