@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import datetime as _dt
 import gc
+import importlib.util
 import json
 import os
 import platform
@@ -45,6 +46,8 @@ PPE = "PPE"
 EMBEDDED = ("tcp", "zmq", "gearman")  # RemoteExecutor(transport=...): a cluster of its own
 STANDALONE = {"tcp-server": "tcp", "zmq-server": "zmq"}  # a `remote-executor server` + 2 CLI workers
 ALL_TRANSPORTS = (*EMBEDDED, *STANDALONE)
+LOKY = "loky"  # loky's ProcessPoolExecutor, a column of its own when loky is installed (pip install loky)
+REFERENCES = (PPE, LOKY)  # the executors we compare with: no prefetch, their own module to import
 
 # --- what is measured -------------------------------------------------------------------------------------
 
@@ -102,7 +105,8 @@ METRICS: tuple[Metric, ...] = (
     Metric("startup_cold", "start-up to first result, cold (fresh process, imports included)", "ms", False),
     Metric("startup_warm", "start-up to first result, warm (in-process, after imports)", "ms", False),
     Metric("shutdown", "shutdown of an idle executor after work", "ms", False),
-    Metric("import", "import time (`remote_executor`; PPE: `concurrent.futures`), fresh interpreter", "ms", False),
+    Metric("import", "import time (`remote_executor`; PPE: `concurrent.futures`; loky: `loky`), fresh interpreter",
+           "ms", False),
 )
 # What a standalone server's column does not measure: its start-up is the server's and the workers'.
 NOT_STANDALONE = frozenset({"startup_cold"})
@@ -119,6 +123,11 @@ _server_url: str | None = None  # the standalone server of this child, if its co
 def make_executor(name: str, **options: Any) -> Executor:
     if name == PPE:
         return ProcessPoolExecutor(max_workers=WORKERS)
+    if name == LOKY:
+        import loky
+
+        executor: Executor = loky.ProcessPoolExecutor(max_workers=WORKERS)
+        return executor
     from remote_executor import RemoteExecutor
 
     if name in STANDALONE:
@@ -309,7 +318,7 @@ def _prefetch_rows(name: str, params: Params, deadline: _Deadline) -> dict[str, 
     """submit-all and sequential p50 of ``RemoteExecutor(..., prefetch=1)``; ProcessPoolExecutor always
     queues a call ahead per worker, so its column repeats its plain rows here, measured the same way."""
     try:
-        ex = make_executor(name) if name == PPE else make_executor(name, prefetch=1)
+        ex = make_executor(name) if name in REFERENCES else make_executor(name, prefetch=1)
     except TypeError as exc:
         if "prefetch" in str(exc):
             raise NoPrefetchError from None
@@ -418,6 +427,9 @@ NAME = {name!r}
 if NAME == "PPE":
     from concurrent.futures import ProcessPoolExecutor
     ex = ProcessPoolExecutor(max_workers={workers})
+elif NAME == "loky":
+    from loky import ProcessPoolExecutor
+    ex = ProcessPoolExecutor(max_workers={workers})
 else:
     from remote_executor import RemoteExecutor
     ex = RemoteExecutor(max_workers={workers}, transport=NAME)
@@ -504,7 +516,9 @@ def run_imports(columns: list[Column], params: Params) -> None:
     """Import time of ``concurrent.futures`` (the PPE column) and ``remote_executor`` (every other column:
     the same package), each in a fresh interpreter, alternating between the two."""
     modules = {PPE: "concurrent.futures", "remote": "remote_executor"}
-    got: dict[str, list[float]] = {PPE: [], "remote": []}
+    if any(column.name == LOKY for column in columns):
+        modules[LOKY] = "loky"
+    got: dict[str, list[float]] = {which: [] for which in modules}
     error: dict[str, str] = {}
     for _ in range(params.imports):
         for which, module in modules.items():
@@ -519,7 +533,7 @@ def run_imports(columns: list[Column], params: Params) -> None:
                 continue
             got[which].append(float(marker[-1].split()[1]))
     for column in columns:
-        which = PPE if column.name == PPE else "remote"
+        which = column.name if column.name in REFERENCES else "remote"
         if got[which]:
             column.samples["import"] = got[which]
         elif which in error:
@@ -763,7 +777,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = _command()
     started = _dt.datetime.now(_dt.timezone.utc)
     t_start = time.perf_counter()
-    columns = [Column(PPE), *(Column(t) for t in transports)]
+    loky_column = [Column(LOKY)] if importlib.util.find_spec("loky") is not None else []
+    columns = [Column(PPE), *loky_column, *(Column(t) for t in transports)]
     for round_no in range(1, params.rounds + 1):
         for column in columns:
             if column.down:
