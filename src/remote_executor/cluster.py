@@ -12,6 +12,7 @@ import os
 import threading
 import time
 
+from . import forkserver
 from .errors import BrokenRemoteExecutor, TransportError
 from .supervisor import Supervisor
 from .transports import get_backend, scheme_of
@@ -75,6 +76,8 @@ class LocalCluster:
         self.backend = backend
         self.options = options
         self.workers = workers or os.cpu_count() or 1
+        # Started first, so that it imports the worker modules while this process starts the server.
+        forkserver.shared(backend.scheme)
         self.server: EmbeddedServer = backend.embedded_server(options, session, self.workers)
         self.supervisor: Supervisor | None = None
 
@@ -85,14 +88,23 @@ class LocalCluster:
     def start(self) -> LocalCluster:
         self.server.start()
         try:
-            self.supervisor = Supervisor(self.server.url, self.workers, env=self.server.worker_env(),
-                                         worker_args=self.server.worker_args(), name="local-worker")
-            self.supervisor.start()
+            launched = self.server.url
+            self.supervisor = self._supervise(launched)  # the workers retry until the server accepts them
+            self.server.wait_started()
+            if self.server.url != launched:  # it had to move to another port: the workers follow
+                self.supervisor.stop()
+                self.supervisor = self._supervise(self.server.url)
             self._wait_ready(self.options.connect_timeout)
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _supervise(self, url: str) -> Supervisor:
+        supervisor = Supervisor(url, self.workers, env=self.server.worker_env(), worker_args=self.server.worker_args(),
+                                name="local-worker", fork_server=self.backend.scheme)
+        supervisor.start()
+        return supervisor
 
     def _wait_ready(self, timeout: float) -> None:
         """Return once every worker can take calls, so the first calls run at once (and

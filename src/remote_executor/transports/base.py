@@ -326,7 +326,14 @@ class EmbeddedServer(abc.ABC):
 
     @abc.abstractmethod
     def start(self) -> None:
-        """Start serving; return once workers can connect (raise TransportError if it cannot start)."""
+        """Start serving; return once workers can connect (raise TransportError if it cannot start), or,
+        for a server that takes a while to start, as soon as its :attr:`url` is known: the local workers then
+        start meanwhile and :meth:`wait_started` waits for the rest."""
+
+    def wait_started(self) -> None:
+        """Return once the server accepts workers, at :attr:`url` (which may have changed since
+        :meth:`start` returned); raise TransportError if it could not start."""
+        return  # a server whose start() waits until it accepts workers has nothing left to wait for
 
     @abc.abstractmethod
     def stop(self) -> None:
