@@ -45,7 +45,11 @@ SUPPORTED = sys.platform.startswith("linux") and hasattr(socket, "send_fds") and
 REPLY_TIMEOUT = 30.0  # seconds a request may wait for its fork (the server may still be importing)
 _MAX_MESSAGE = 1 << 20
 # The worker loop of a scheme, when its backend module does not import it already.
-_WORKER_MODULES: Mapping[str, tuple[str, ...]] = {"gearman": ("remote_executor.transports.gearman.worker",)}
+_WORKER_MODULES: Mapping[str, tuple[str, ...]] = {
+    "tcp": ("remote_executor.jobserver.worker",),
+    "zmq": ("remote_executor.jobserver.worker",),
+    "gearman": ("remote_executor.transports.gearman.worker",),
+}
 
 
 class ForkServerError(OSError):
@@ -346,7 +350,8 @@ def _child(sock: socket.socket, request: dict[str, Any], fds: list[int], private
         sock.close()
         for fd in private:
             os.close(fd)
-        from .worker import LIFELINE_ENV, SERVING_ENV, main
+        from .transports.base import LIFELINE_ENV, SERVING_ENV
+        from .worker import main
 
         os.chdir(request["cwd"])
         sys.path[:] = request["path"]

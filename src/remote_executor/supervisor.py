@@ -23,8 +23,7 @@ from typing import Protocol
 
 from . import forkserver
 from .netio import Backoff
-from .transports.base import EXIT_STOPPED, EXIT_TIMED_OUT, EXIT_UNREACHABLE
-from .worker import LIFELINE_ENV, REFUSED, SERVING_ENV
+from .transports.base import EXIT_STOPPED, EXIT_TIMED_OUT, EXIT_UNREACHABLE, LIFELINE_ENV, REFUSED, SERVING_ENV
 
 log = logging.getLogger("remote_executor.supervisor")
 
