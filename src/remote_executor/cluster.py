@@ -29,6 +29,7 @@ from .transports.base import (
 from .wire.serialization import Parts
 
 DEFAULT_SCHEME = "tcp"
+_FORKED_SCHEMES = frozenset({"tcp", "zmq", "gearman"})  # built-in schemes whose bare name starts local workers
 
 
 def make_transport(spec: str | ClientTransport | None, options: Options) -> ClientTransport:
@@ -39,6 +40,10 @@ def make_transport(spec: str | ClientTransport | None, options: Options) -> Clie
     url = DEFAULT_SCHEME if spec is None else spec
     if not isinstance(url, str):
         raise TypeError(f"transport must be None, a URL string or a ClientTransport, not {type(url).__name__}")
+    if "://" not in url and scheme_of(url) in _FORKED_SCHEMES:
+        # Started first, so that it imports the worker modules while this process imports the backend and
+        # starts the job server.
+        forkserver.shared(scheme_of(url))
     backend = get_backend(scheme_of(url))
     _check_options(backend, options)
     if "://" in url or backend.in_process:
@@ -76,8 +81,6 @@ class LocalCluster:
         self.backend = backend
         self.options = options
         self.workers = workers or os.cpu_count() or 1
-        # Started first, so that it imports the worker modules while this process starts the server.
-        forkserver.shared(backend.scheme)
         self.server: EmbeddedServer = backend.embedded_server(options, session, self.workers)
         self.supervisor: Supervisor | None = None
 
