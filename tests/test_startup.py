@@ -100,6 +100,22 @@ def test_a_forked_worker_that_is_killed_is_replaced_and_its_status_reported() ->
         assert ex.submit(_parent_pid, 0).result(timeout=30) == forkserver.shared("tcp").proc.pid  # type: ignore[union-attr]
 
 
+def test_a_forked_worker_writes_to_the_executors_standard_error_as_it_is_now(
+        capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not to the one the fork server inherited when it started (as a spawned worker would not)."""
+    with capfd.disabled():  # a fork server whose own standard error is not this test's
+        monkeypatch.setattr(forkserver, "_shared", None)
+        server = forkserver.shared("tcp")
+    assert server is not None
+    try:
+        with RemoteExecutor(max_workers=1) as ex:
+            assert ex.submit(_parent_pid, 0).result(timeout=30) == server.proc.pid
+            ex.submit(os.write, 2, b"written by a forked worker\n").result(timeout=30)
+        assert "written by a forked worker" in capfd.readouterr().err
+    finally:
+        server.close()
+
+
 def test_workers_are_spawned_where_they_cannot_be_forked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(forkserver, "SUPPORTED", False)
     with RemoteExecutor(max_workers=2) as ex:

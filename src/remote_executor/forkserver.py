@@ -121,7 +121,8 @@ class ForkServer:
     def spawn(self, argv: Sequence[str], env: Mapping[str, str], fds: Sequence[int], *,
               quiet: bool = False) -> ForkedProcess:
         """Fork ``python -m remote_executor.worker ARGV`` with ``env``; ``fds`` (lifeline, serving pipe) are
-        passed to the worker, whose environment names them by their numbers there."""
+        passed to the worker, whose environment names them by their numbers there. The worker's standard
+        output and error are this process's as they are now (as a spawned worker's would be)."""
         done = threading.Event()
         box: list[Any] = []
         with self._lock:
@@ -130,10 +131,11 @@ class ForkServer:
             self._next_id += 1
             request_id = self._next_id
             self._replies[request_id] = (done, box)
+            stdio = [fd for fd in (1, 2) if _is_open(fd)]
             request = {"id": request_id, "argv": list(argv), "env": dict(env), "cwd": os.getcwd(),
-                       "path": [os.getcwd(), *python_path().split(os.pathsep)], "quiet": quiet}
+                       "path": [os.getcwd(), *python_path().split(os.pathsep)], "quiet": quiet, "stdio": stdio}
             try:
-                socket.send_fds(self._sock, [pickle.dumps(request)], list(fds))
+                socket.send_fds(self._sock, [pickle.dumps(request)], [*fds, *stdio])
             except OSError as exc:
                 del self._replies[request_id]
                 raise ForkServerError(f"cannot reach the fork server: {exc}") from exc
@@ -203,6 +205,14 @@ class ForkServer:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
 
 
 def _await_orphan(proc: ForkedProcess) -> None:
@@ -315,7 +325,10 @@ def _preload(scheme: str) -> None:
 
 
 def _fork(sock: socket.socket, request: dict[str, Any], fds: list[int], private: tuple[int, int]) -> None:
+    threads = _thread_count()
     try:
+        if threads != 1:  # something imported here started one: forking now could deadlock the worker
+            raise OSError(f"the fork server runs {threads} threads")
         pid = os.fork()
     except OSError as exc:
         for fd in fds:
@@ -327,6 +340,14 @@ def _fork(sock: socket.socket, request: dict[str, Any], fds: list[int], private:
     for fd in fds:
         os.close(fd)
     sock.send(pickle.dumps(("started", request["id"], pid)))
+
+
+def _thread_count() -> int:
+    """The threads of this process, the kernel's count (native threads too, which ``threading`` misses)."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return threading.active_count()
 
 
 def _reap(sock: socket.socket) -> None:
@@ -357,8 +378,12 @@ def _child(sock: socket.socket, request: dict[str, Any], fds: list[int], private
         sys.path[:] = request["path"]
         os.environ.clear()
         os.environ.update(request["env"])
-        for name, fd in zip((LIFELINE_ENV, SERVING_ENV), fds, strict=True):
+        lifeline, serving, *stdio = fds
+        for name, fd in ((LIFELINE_ENV, lifeline), (SERVING_ENV, serving)):
             os.environ[name] = str(fd)
+        for target, fd in zip(request["stdio"], stdio, strict=True):  # the executor's, as it is now
+            os.dup2(fd, target)
+            os.close(fd)
         if request["quiet"]:
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, 2)
