@@ -146,6 +146,9 @@ class Supervisor:
         read_end, write_end = os.pipe()
         try:
             proc, pidfd = self._start_child(read_end, index)
+        except BaseException:
+            os.close(write_end)  # a child that started all the same ends with its lifeline
+            raise
         finally:
             os.close(read_end)
         child = Child(index, proc, write_end, time.monotonic(), pidfd)
