@@ -7,12 +7,17 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 import remote_executor
 from remote_executor import RemoteExecutor, forkserver
+from remote_executor.supervisor import Supervisor
+from remote_executor.transports.gearman import gearmand as gearmand_module
+from remote_executor.transports.gearman.gearmand import GearmandProcess
 from tests.conftest import pid_alive, wait_for
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -171,3 +176,51 @@ def _parent_pid(_: int) -> int:
 
 def _key_in_environ() -> bool:
     return any(KEY.hex() in value for value in os.environ.values())
+
+
+# --- the embedded gearmand starts while its workers do --------------------------------------------------------
+
+
+def test_the_embedded_gearmands_workers_start_before_it_accepts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """gearmand is not ready until its workers were started: a cluster that waited for gearmand first
+    would never start them (this waits 30 s at most, then fails)."""
+    workers_started = threading.Event()
+    start_workers = Supervisor.start
+    wait_until_accepting = GearmandProcess._wait_until_accepting
+
+    def start(self: Supervisor) -> None:
+        start_workers(self)
+        workers_started.set()
+
+    def held_until_workers_start(self: GearmandProcess, proc: subprocess.Popen[bytes]) -> None:
+        workers_started.wait(30)
+        wait_until_accepting(self, proc)
+
+    monkeypatch.setattr(Supervisor, "start", start)
+    monkeypatch.setattr(GearmandProcess, "_wait_until_accepting", held_until_workers_start)
+    started = time.monotonic()
+    with RemoteExecutor(max_workers=2, transport="gearman") as ex:
+        assert time.monotonic() - started < 30 and workers_started.is_set()
+        assert list(ex.map(abs, [-1, -2, -3])) == [1, 2, 3]
+
+
+def test_workers_follow_an_embedded_gearmand_that_moved_to_another_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first port gearmand is launched on turns out to be taken (by another gearmand): it moves to a
+    second one, and the workers started for the first are replaced by workers of the second."""
+    with GearmandProcess(threads=1) as other:
+        ports = iter([other.port])
+        pick_free_port = gearmand_module._free_loopback_port
+        monkeypatch.setattr(gearmand_module, "_free_loopback_port",
+                            lambda host: next(ports, None) or pick_free_port(host))
+        supervisors: list[Supervisor] = []
+        start_workers = Supervisor.start
+
+        def start(self: Supervisor) -> None:
+            supervisors.append(self)
+            start_workers(self)
+
+        monkeypatch.setattr(Supervisor, "start", start)
+        with RemoteExecutor(max_workers=1, transport="gearman") as ex:
+            assert [s.url for s in supervisors] == [f"gearman://127.0.0.1:{other.port}", ex.transport.cluster.url]  # type: ignore[attr-defined]
+            assert supervisors[0].pids() == []  # stopped
+            assert ex.submit(abs, -5).result(timeout=30) == 5
