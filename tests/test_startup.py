@@ -94,6 +94,18 @@ def test_embedded_workers_are_forked_by_the_fork_server() -> None:
         assert ex.submit(_key_in_environ).result(timeout=30) is False  # and the worker dropped it
 
 
+def test_no_thread_is_left_once_the_executor_has_shut_down() -> None:
+    """The fork server stays for the next executor, but reading its answers takes a thread only while a
+    worker it forked runs."""
+    before = set(threading.enumerate())
+    with RemoteExecutor(max_workers=2) as ex:
+        assert ex.submit(abs, -1).result(timeout=30) == 1
+        assert any(t.name == "remote-executor-forkserver" for t in threading.enumerate())
+    wait_for(lambda: set(threading.enumerate()) <= before, what="the executor's threads to end")
+    server = forkserver.shared("tcp")
+    assert server is not None and server.alive
+
+
 def test_a_forked_worker_that_is_killed_is_replaced_and_its_status_reported() -> None:
     with RemoteExecutor(max_workers=1) as ex:
         supervisor = ex.transport.cluster.supervisor  # type: ignore[attr-defined]

@@ -83,7 +83,8 @@ class ForkedProcess:
 
     def send_signal(self, signum: int) -> None:
         if self.returncode is None:  # once reaped, the pid may be someone else's
-            os.kill(self.pid, signum)
+            with contextlib.suppress(ProcessLookupError):  # it has just ended: its exit is on its way
+                os.kill(self.pid, signum)
 
     def terminate(self) -> None:
         self.send_signal(signal.SIGTERM)
@@ -111,12 +112,10 @@ class ForkServer:
         self._sock = ours
         self._lock = threading.Lock()
         self._next_id = 0
-        self._replies: dict[int, tuple[threading.Event, list[Any]]] = {}
+        self._replies: dict[int, tuple[threading.Event, list[Any], Sequence[str]]] = {}
         self._children: dict[int, ForkedProcess] = {}
-        self._early_exits: dict[int, int] = {}  # an exit reported before its spawn() saw the pid
         self.alive = True
-        self._reader = threading.Thread(target=self._read, name="remote-executor-forkserver", daemon=True)
-        self._reader.start()
+        self._reading = False  # a reader thread runs only while a request or a worker awaits an answer
 
     def spawn(self, argv: Sequence[str], env: Mapping[str, str], fds: Sequence[int], *,
               quiet: bool = False) -> ForkedProcess:
@@ -130,7 +129,10 @@ class ForkServer:
                 raise ForkServerError("the fork server has exited")
             self._next_id += 1
             request_id = self._next_id
-            self._replies[request_id] = (done, box)
+            self._replies[request_id] = (done, box, argv)
+            if not self._reading:
+                self._reading = True
+                threading.Thread(target=self._read, name="remote-executor-forkserver", daemon=True).start()
             stdio = [fd for fd in (1, 2) if _is_open(fd)]
             request = {"id": request_id, "argv": list(argv), "env": dict(env), "cwd": os.getcwd(),
                        "path": [os.getcwd(), *python_path().split(os.pathsep)], "quiet": quiet, "stdio": stdio}
@@ -143,53 +145,56 @@ class ForkServer:
             with self._lock:
                 self._replies.pop(request_id, None)
             raise ForkServerError("the fork server did not answer")
-        kind, value = box
-        if kind != "started":
-            raise ForkServerError(f"the fork server could not fork: {value}")
-        proc = ForkedProcess(value, ["remote_executor.worker", *argv])
-        with self._lock:
-            code = self._early_exits.pop(proc.pid, None)
-            if code is None:
-                self._children[proc.pid] = proc
-        if code is not None:
-            proc._set_exit(code)
-        return proc
+        answer = box[0]
+        if not isinstance(answer, ForkedProcess):
+            raise ForkServerError(f"the fork server could not fork: {answer}")
+        return answer
 
     def _read(self) -> None:
+        """Take the fork server's answers until none is awaited (so an executor that has shut down leaves
+        no thread behind; the next request starts another reader) or the fork server is gone."""
         try:
             while data := self._sock.recv(_MAX_MESSAGE):
                 self._handle(pickle.loads(data))  # from our own child, over a socket pair nobody else holds
+                with self._lock:
+                    if not self._replies and not self._children:
+                        self._reading = False
+                        return
         except OSError:
             pass
-        finally:
-            self._lost()
+        self._lost()
 
     def _handle(self, message: tuple[str, int, Any]) -> None:
         kind, key, value = message
         if kind == "exited":
             with self._lock:
                 proc = self._children.pop(key, None)
-                if proc is None:
-                    self._early_exits[key] = value
             if proc is not None:
                 proc._set_exit(value)
             return
         with self._lock:
             waiter = self._replies.pop(key, None)
-        if waiter is not None:
-            waiter[1].extend((kind, value))
-            waiter[0].set()
+            if waiter is None:
+                return
+            done, box, argv = waiter
+            if kind == "started":  # watched from now on, even if its spawn() has given up waiting
+                proc = ForkedProcess(value, ["remote_executor.worker", *argv])
+                self._children[proc.pid] = proc
+                value = proc
+        box.append(value)
+        done.set()
 
     def _lost(self) -> None:
         """The fork server is gone: its workers' exit statuses with it. A worker still running is reported
         as ended (status -SIGKILL) once it has, checked through a pidfd, so its supervisor still replaces it."""
         with self._lock:
             self.alive = False
+            self._reading = False
             waiters = list(self._replies.values())
             self._replies.clear()
             orphans = list(self._children.values())
             self._children.clear()
-        for done, _ in waiters:
+        for done, _, _ in waiters:
             done.set()
         for proc in orphans:
             threading.Thread(target=_await_orphan, args=(proc,), daemon=True,
