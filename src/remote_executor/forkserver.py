@@ -322,7 +322,9 @@ def _preload(scheme: str) -> None:
     from .transports import get_backend
     from .worker import main  # noqa: F401
 
-    for name in ("cloudpickle", *_WORKER_MODULES.get(scheme, ())):
+    # shutil: argparse's help formatter, built by the worker's first add_argument (with zlib, bz2 and lzma,
+    # 17 ms); encodings.idna: the first connect to a host name given as text.
+    for name in ("cloudpickle", "shutil", "encodings.idna", "gc", *_WORKER_MODULES.get(scheme, ())):
         with contextlib.suppress(ImportError):
             importlib.import_module(name)
     with contextlib.suppress(Exception):  # an unknown scheme or a missing extra: the worker says so itself
