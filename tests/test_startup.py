@@ -236,3 +236,13 @@ def test_workers_follow_an_embedded_gearmand_that_moved_to_another_port(monkeypa
             assert [s.url for s in supervisors] == [f"gearman://127.0.0.1:{other.port}", ex.transport.cluster.url]  # type: ignore[attr-defined]
             assert supervisors[0].pids() == []  # stopped
             assert ex.submit(abs, -5).result(timeout=30) == 5
+
+
+def test_the_startup_benchmark_prints_every_row() -> None:
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "startup_cost.py"
+    result = subprocess.run([sys.executable, str(script), "--runs", "1"], capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "PYTHONPATH": str(SRC)})
+    assert result.returncode == 0, result.stderr
+    for row in ("import concurrent.futures", "import remote_executor", "cold, ProcessPoolExecutor(2)",
+                "warm, RemoteExecutor(tcp, 2)"):
+        assert row in result.stdout, result.stdout
