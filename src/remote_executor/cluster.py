@@ -12,6 +12,7 @@ import os
 import threading
 import time
 
+from . import forkserver
 from .errors import BrokenRemoteExecutor, TransportError
 from .supervisor import Supervisor
 from .transports import get_backend, scheme_of
@@ -28,6 +29,7 @@ from .transports.base import (
 from .wire.serialization import Parts
 
 DEFAULT_SCHEME = "tcp"
+_FORKED_SCHEMES = frozenset({"tcp", "zmq", "gearman"})  # built-in schemes whose bare name starts local workers
 
 
 def make_transport(spec: str | ClientTransport | None, options: Options) -> ClientTransport:
@@ -38,6 +40,10 @@ def make_transport(spec: str | ClientTransport | None, options: Options) -> Clie
     url = DEFAULT_SCHEME if spec is None else spec
     if not isinstance(url, str):
         raise TypeError(f"transport must be None, a URL string or a ClientTransport, not {type(url).__name__}")
+    if "://" not in url and scheme_of(url) in _FORKED_SCHEMES:
+        # Started first, so that it imports the worker modules while this process imports the backend and
+        # starts the job server.
+        forkserver.shared(scheme_of(url))
     backend = get_backend(scheme_of(url))
     _check_options(backend, options)
     if "://" in url or backend.in_process:
@@ -85,14 +91,23 @@ class LocalCluster:
     def start(self) -> LocalCluster:
         self.server.start()
         try:
-            self.supervisor = Supervisor(self.server.url, self.workers, env=self.server.worker_env(),
-                                         worker_args=self.server.worker_args(), name="local-worker")
-            self.supervisor.start()
+            launched = self.server.url
+            self.supervisor = self._supervise(launched)  # the workers retry until the server accepts them
+            self.server.wait_started()
+            if self.server.url != launched:  # it had to move to another port: the workers follow
+                self.supervisor.stop()
+                self.supervisor = self._supervise(self.server.url)
             self._wait_ready(self.options.connect_timeout)
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _supervise(self, url: str) -> Supervisor:
+        supervisor = Supervisor(url, self.workers, env=self.server.worker_env(), worker_args=self.server.worker_args(),
+                                name="local-worker", fork_server=self.backend.scheme)
+        supervisor.start()
+        return supervisor
 
     def _wait_ready(self, timeout: float) -> None:
         """Return once every worker can take calls, so the first calls run at once (and

@@ -11,17 +11,19 @@ import sys
 import time
 from collections.abc import Collection, Iterable, Iterator
 from concurrent.futures import Future, as_completed
-from typing import Any, Protocol, TextIO, TypeVar
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing is slow to import, and only the type checker needs these
+    from typing import Any, Protocol, TextIO, TypeVar
+
+    T = TypeVar("T")
+
+    class _Counter(Protocol):
+        def update(self, n: int = 1) -> object: ...
+
+        def close(self) -> object: ...
 
 __all__ = ["progress"]
-
-T = TypeVar("T")
-
-
-class _Counter(Protocol):
-    def update(self, n: int = 1) -> object: ...
-
-    def close(self) -> object: ...
 
 
 def progress(items: Iterable[T], total: int | None = None, desc: str | None = None, *,

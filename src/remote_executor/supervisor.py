@@ -1,7 +1,9 @@
 """Keeps N worker processes alive: starts them, replaces one that crashes, drains or stops them all.
 
 Each child gets a lifeline pipe (it exits the moment the supervisor dies, so workers are never orphaned)
-and, on Linux, is watched through a pidfd so a crash is noticed at once rather than by polling.
+and, on Linux, is watched through a pidfd so a crash is noticed at once rather than by polling. With
+``fork_server`` a child is forked by this process's fork server (:mod:`.forkserver`) instead of spawned as
+a fresh interpreter, and a spawned one where that is not possible.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
+from . import forkserver
 from .netio import Backoff
-from .transports.base import EXIT_STOPPED, EXIT_TIMED_OUT, EXIT_UNREACHABLE
-from .worker import LIFELINE_ENV, REFUSED, SERVING_ENV
+from .transports.base import EXIT_STOPPED, EXIT_TIMED_OUT, EXIT_UNREACHABLE, LIFELINE_ENV, REFUSED, SERVING_ENV
 
 log = logging.getLogger("remote_executor.supervisor")
 
@@ -28,10 +31,28 @@ CRASH_WINDOW = 2.0  # a child that dies sooner than this after start counts as c
 MAX_RESTART_DELAY = 5.0
 
 
+class Process(Protocol):
+    """What the supervisor uses of a child: a spawned :class:`subprocess.Popen` or a forked worker."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    def poll(self) -> int | None: ...
+
+    def wait(self, timeout: float | None = None) -> int: ...
+
+    def send_signal(self, signum: int) -> None: ...
+
+    def kill(self) -> None: ...
+
+
 @dataclass
 class Child:
     index: int
-    proc: subprocess.Popen[bytes]
+    proc: Process
     lifeline: int  # write end; closing it makes the child exit
     started: float
     pidfd: int | None
@@ -55,7 +76,9 @@ class Supervisor:
         name: str = "worker",
         restart: bool = True,
         capture_output: bool = False,
+        fork_server: str | None = None,
     ) -> None:
+        """``fork_server``: the scheme whose workers a fork server should prepare (fork rather than spawn)."""
         if processes < 1:
             raise ValueError("processes must be at least 1")
         self.url = url
@@ -64,9 +87,11 @@ class Supervisor:
         self.restart = restart
         self.restarts = 0
         self.exits: list[tuple[str, int | None]] = []  # (worker name, exit status) of every child that ended
-        self._env = {**os.environ, **(env or {}), "PYTHONPATH": _python_path()}
+        self._env = {**os.environ, **(env or {}), "PYTHONPATH": forkserver.python_path()}
         self._args = worker_args
+        self._quiet = capture_output
         self._stderr = subprocess.DEVNULL if capture_output else None
+        self._fork_server = forkserver.shared(fork_server) if fork_server else None
         self._children: dict[int, Child] = {}
         self._crash_backoff: dict[int, Backoff] = {}  # per child index, while it crash-loops
         self._lock = threading.Lock()
@@ -119,23 +144,48 @@ class Supervisor:
         if self._stopping.is_set():
             return
         read_end, write_end = os.pipe()
-        command = [sys.executable, "-m", "remote_executor.worker", self.url,
-                   "--name", f"{self.name}-{index}", *self._args]
-        proc = subprocess.Popen(
-            command,
-            env={**self._env, LIFELINE_ENV: str(read_end), SERVING_ENV: str(self._serving_w)},
-            pass_fds=(read_end, self._serving_w),
-            stdin=subprocess.DEVNULL,
-            stderr=self._stderr,
-        )
-        os.close(read_end)
-        pidfd = _pidfd(proc.pid)
+        try:
+            proc, pidfd = self._start_child(read_end, index)
+        except BaseException:
+            os.close(write_end)  # a child that started all the same ends with its lifeline
+            raise
+        finally:
+            os.close(read_end)
         child = Child(index, proc, write_end, time.monotonic(), pidfd)
         with self._lock:
             self._children[index] = child
         if pidfd is not None:
             self._selector.register(pidfd, selectors.EVENT_READ, index)
         os.write(self._wake_w, b"x")  # re-arm the watcher's wait
+
+    def _start_child(self, lifeline: int, index: int) -> tuple[Process, int | None]:
+        """Fork the child if the fork server can, else spawn it; the pidfd to watch, if any (a forked
+        child's exit is reported by the fork server instead, which also gives its exit status)."""
+        args = [self.url, "--name", f"{self.name}-{index}", *self._args]
+        if self._fork_server is not None:
+            try:
+                forked = self._fork_server.spawn(args, self._env, (lifeline, self._serving_w), quiet=self._quiet)
+            except forkserver.ForkServerError as exc:
+                log.info("spawning worker %s-%d: %s", self.name, index, exc)
+                self._fork_server = None
+            else:
+                forked.on_exit = self._wake
+                return forked, None
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "remote_executor.worker", *args],
+            env={**self._env, LIFELINE_ENV: str(lifeline), SERVING_ENV: str(self._serving_w)},
+            pass_fds=(lifeline, self._serving_w),
+            stdin=subprocess.DEVNULL,
+            stderr=self._stderr,
+        )
+        return proc, _pidfd(proc.pid)
+
+    def _wake(self) -> None:
+        """Re-arm the watcher's wait (a forked child ended), unless the supervisor has closed its pipes."""
+        with self._lock:
+            if self._wake_w >= 0:
+                with contextlib.suppress(OSError):
+                    os.write(self._wake_w, b"x")
 
     def _snapshot(self) -> list[Child]:
         with self._lock:
@@ -232,15 +282,10 @@ class Supervisor:
         if self._wake_r < 0:
             return
         self._selector.close()
-        for fd in (self._wake_r, self._wake_w, self._serving_r, self._serving_w):
-            os.close(fd)
-        self._wake_r = self._wake_w = self._serving_r = self._serving_w = -1
-
-
-def _python_path() -> str:
-    """The parent's import path, so functions pickled by reference import in the children too."""
-    entries = [p or os.getcwd() for p in sys.path]
-    return os.pathsep.join(dict.fromkeys(entries))
+        with self._lock:  # a forked child's exit may be reported meanwhile (_wake)
+            for fd in (self._wake_r, self._wake_w, self._serving_r, self._serving_w):
+                os.close(fd)
+            self._wake_r = self._wake_w = self._serving_r = self._serving_w = -1
 
 
 def _pidfd(pid: int) -> int | None:
@@ -255,7 +300,7 @@ def _pidfd(pid: int) -> int | None:
 _HAVE_PIDFD = hasattr(os, "pidfd_open") and sys.platform.startswith("linux")
 
 
-def _signal(proc: subprocess.Popen[bytes], signum: int) -> None:
+def _signal(proc: Process, signum: int) -> None:
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signum)

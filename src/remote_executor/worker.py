@@ -23,13 +23,11 @@ from .errors import RemoteExecutorError
 from .security import take_worker_secrets
 from .tls import TlsConfig
 from .transports import get_backend, scheme_of
-from .transports.base import WorkerCore, WorkerSettings
+from .transports.base import LIFELINE_ENV, REFUSED, SERVING_ENV, WorkerCore, WorkerSettings
+
+__all__ = ["LIFELINE_ENV", "REFUSED", "SERVING_ENV", "main", "run"]
 
 log = logging.getLogger("remote_executor.worker")
-
-LIFELINE_ENV = "REMOTE_EXECUTOR_LIFELINE_FD"
-SERVING_ENV = "REMOTE_EXECUTOR_SERVING_FD"  # a pipe to the supervisor: one byte once this worker serves
-REFUSED = 2  # the exit code of a worker the job server refused (a wrong key, other versions): not restarted
 
 
 def install_drain_handler(drain: threading.Event) -> None:

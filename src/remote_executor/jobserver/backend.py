@@ -27,7 +27,6 @@ from ..wire.frames import DEFAULT_LIMITS, Frame, Kind, Limits
 from .client import Connector, JobServerClient, admin_request, fetch_status
 from .embedded import EmbeddedJobServer
 from .server import ServerCore
-from .worker import run_worker
 
 
 class JobServerBackend(Backend):
@@ -62,6 +61,8 @@ class JobServerBackend(Backend):
 
     def run_worker(self, settings: WorkerSettings, core: WorkerCore) -> int:
         """The worker loop, with the backend's options from ``settings.extra`` (TLS or CURVE files)."""
+        from .worker import run_worker  # only worker processes need it
+
         return run_worker(self.servers(settings.url, settings.key, settings.extra), settings, core)
 
     def status(self, url: str, options: Options) -> dict[str, Any]:

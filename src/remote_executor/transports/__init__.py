@@ -11,7 +11,6 @@ registers another with an entry point in the ``remote_executor.transports`` grou
 
 from __future__ import annotations
 
-import difflib
 import importlib
 from urllib.parse import urlsplit
 
@@ -62,6 +61,8 @@ def _load(scheme: str) -> Backend:
         if ep.name.lower() == scheme:
             return _instantiate(ep.load(), ep.value)
     known = sorted(set(_BUILTIN) | {ep.name for ep in plugins})
+    import difflib  # only for this error
+
     close = difflib.get_close_matches(scheme, known, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     raise UnknownSchemeError(f"unknown transport scheme {scheme!r} (known: {', '.join(known)}){hint}")

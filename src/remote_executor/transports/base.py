@@ -60,6 +60,9 @@ EXIT_TIMED_OUT = 4  # a worker process's exit status after it stopped a call at 
 EXIT_STOPPED = 5
 # A worker process's exit status when it gave up reaching its job server (--reconnect-timeout): for good.
 EXIT_UNREACHABLE = 6
+REFUSED = 2  # the exit code of a worker the job server refused (a wrong key, other versions): not restarted
+LIFELINE_ENV = "REMOTE_EXECUTOR_LIFELINE_FD"  # the worker's end of the pipe whose closing ends it
+SERVING_ENV = "REMOTE_EXECUTOR_SERVING_FD"  # a pipe to the supervisor: one byte once this worker serves
 # A call that holds the GIL (a long C loop) starves the watchdog thread; faulthandler's own C thread ends
 # the process this long after the limit all the same (and prints where the call was stuck).
 HARD_STOP_GRACE = 3.0  # more than the timed-out report may take (1 s for the lock, 1 s to send)
@@ -331,7 +334,14 @@ class EmbeddedServer(abc.ABC):
 
     @abc.abstractmethod
     def start(self) -> None:
-        """Start serving; return once workers can connect (raise TransportError if it cannot start)."""
+        """Start serving; return once workers can connect (raise TransportError if it cannot start), or,
+        for a server that takes a while to start, as soon as its :attr:`url` is known: the local workers then
+        start meanwhile and :meth:`wait_started` waits for the rest."""
+
+    def wait_started(self) -> None:
+        """Return once the server accepts workers, at :attr:`url` (which may have changed since
+        :meth:`start` returned); raise TransportError if it could not start."""
+        return  # a server whose start() waits until it accepts workers has nothing left to wait for
 
     @abc.abstractmethod
     def stop(self) -> None:

@@ -38,20 +38,34 @@ class EmbeddedGearmand(EmbeddedServer):
         self.job_retries = session.max_retries + 1
         self.key = options.key if options.key is not None else secrets.token_bytes(32)
         self.gearmand: GearmandProcess | None = None
-        self._started = threading.Event()
+        self._launched = threading.Event()  # gearmand runs, on a port known, but may not accept yet
+        self._started = threading.Event()  # it accepts connections, or could not start (self._error)
         self._stop = threading.Event()
         self._error: BaseException | None = None
         self._owner: threading.Thread | None = None
 
     def start(self) -> None:
+        """Launch gearmand and return as soon as its port is known: the workers start while it does."""
         self._owner = threading.Thread(target=self._own_gearmand, name="remote-executor-gearmand", daemon=True)
         self._owner.start()
+        self._launched.wait()
+        self._raise_error()
+
+    def wait_started(self) -> None:
         self._started.wait()
-        if self._error is not None:
-            self._owner.join()
-            raise self._error
+        self._raise_error()
         assert self.gearmand is not None
         self.url = self.gearmand.url
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            assert self._owner is not None
+            self._owner.join()
+            raise self._error
+
+    def _on_launch(self, url: str) -> None:
+        self.url = url
+        self._launched.set()
 
     def stop(self) -> None:
         self._stop.set()
@@ -84,12 +98,13 @@ class EmbeddedGearmand(EmbeddedServer):
 
     def _own_gearmand(self) -> None:
         try:
-            self.gearmand = GearmandProcess(threads=0, job_retries=self.job_retries,
-                                            worker_wakeup=WORKER_WAKEUP).start()
+            gearmand = GearmandProcess(threads=0, job_retries=self.job_retries, worker_wakeup=WORKER_WAKEUP)
+            self.gearmand = gearmand.start(on_launch=self._on_launch)
         except GearmandNotFoundError as exc:
             self._error = TransportError(f'transport="gearman" needs gearmand: {exc}')
         except BaseException as exc:
             self._error = exc
+        self._launched.set()
         self._started.set()
         if self._error is None:
             assert self.gearmand is not None

@@ -137,8 +137,12 @@ class GearmandProcess:
     def is_running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
-    def start(self) -> GearmandProcess:
-        """Start gearmand and return once it accepts connections; raise :class:`GearmandError` if not."""
+    def start(self, on_launch: Callable[[str], None] | None = None) -> GearmandProcess:
+        """Start gearmand and return once it accepts connections; raise :class:`GearmandError` if not.
+
+        ``on_launch(url)`` is called as soon as gearmand has been launched on a port, before it accepts
+        connections (again with the new URL if that port turns out to be taken), so that whatever will
+        connect to it can start meanwhile."""
         if self.is_running():
             raise GearmandError(f"gearmand is already running on {self.url}")
         executable = self._executable or find_gearmand()
@@ -148,7 +152,7 @@ class GearmandProcess:
             if not self._fixed_port:
                 self.port = _free_loopback_port(self.host)
             try:
-                self._launch(executable)
+                self._launch(executable, on_launch)
                 return self
             except GearmandError:
                 self.stop(cleanup=False)  # one that lost its port would retry bind() for ever
@@ -220,7 +224,7 @@ class GearmandProcess:
             cmd.append(f"--worker-wakeup={self._worker_wakeup}")
         return [*cmd, *self._extra_args]
 
-    def _launch(self, executable: str) -> None:
+    def _launch(self, executable: str, on_launch: Callable[[str], None] | None = None) -> None:
         assert self._dir is not None
         self._port_taken = False
         with open(self._dir / "stderr.log", "ab") as err:
@@ -235,6 +239,8 @@ class GearmandProcess:
                 )
             except OSError as exc:
                 raise GearmandError(f"cannot run {executable}: {exc}") from exc
+        if on_launch is not None:
+            on_launch(self.url)
         self._wait_until_accepting(self._proc)
 
     def _wait_until_accepting(self, proc: subprocess.Popen[bytes]) -> None:

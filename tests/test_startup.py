@@ -1,0 +1,248 @@
+"""Start-up: what ``import remote_executor`` loads, the public names it still offers, and the fork server
+that starts the embedded cluster's workers (forked, never spawned where it can; spawned where it cannot)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import remote_executor
+from remote_executor import RemoteExecutor, forkserver
+from remote_executor.supervisor import Supervisor
+from remote_executor.transports.gearman import gearmand as gearmand_module
+from remote_executor.transports.gearman.gearmand import GearmandProcess
+from tests.conftest import pid_alive, wait_for
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+KEY = bytes(range(32))
+
+COUNT = "import sys; n = len(sys.modules); {statement}; print(len(sys.modules) - n)"
+
+
+def modules_loaded(statement: str) -> int:
+    """How many modules ``statement`` loads in a fresh interpreter (a count: it does not depend on load)."""
+    result = subprocess.run([sys.executable, "-c", COUNT.format(statement=statement)], capture_output=True,
+                            text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(SRC)}, check=True)
+    return int(result.stdout)
+
+
+def test_import_loads_little_more_than_concurrent_futures() -> None:
+    """``import remote_executor`` is concurrent.futures, pickle and our exceptions: typing, the executor,
+    the transports and the wire format wait until they are used (now 9 more modules)."""
+    baseline = modules_loaded("import concurrent.futures")
+    assert modules_loaded("import remote_executor") <= baseline + 12
+
+
+def test_importing_the_executor_stays_bounded() -> None:
+    """``from remote_executor import RemoteExecutor`` (what its constructor needs comes later: the embedded
+    cluster's job server and transport); now about 75 modules more than concurrent.futures."""
+    baseline = modules_loaded("import concurrent.futures")
+    assert modules_loaded("from remote_executor import RemoteExecutor") <= baseline + 90
+
+
+def test_every_public_name_resolves() -> None:
+    for name in remote_executor.__all__:
+        assert getattr(remote_executor, name) is not None, name
+    assert set(remote_executor.__all__) <= set(dir(remote_executor))
+    assert callable(remote_executor.progress)  # the function, not the module of the same name
+    with pytest.raises(AttributeError, match="no attribute 'nonexistent'"):
+        remote_executor.nonexistent  # noqa: B018
+
+
+def test_star_import_in_a_fresh_interpreter() -> None:
+    script = ("from remote_executor import *\n"
+              "import remote_executor\n"
+              "assert callable(progress) and RemoteExecutor.__name__ == 'RemoteExecutor'\n"
+              "assert all(hasattr(remote_executor, n) for n in remote_executor.__all__)\n"
+              "print('ok')")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PYTHONPATH": str(SRC)})
+    assert result.stdout.strip() == "ok", result.stderr
+
+
+# --- the fork server ----------------------------------------------------------------------------------------
+
+
+def cmdline(pid: int) -> bytes:
+    return Path(f"/proc/{pid}/cmdline").read_bytes()
+
+
+def environ(pid: int) -> bytes:
+    return Path(f"/proc/{pid}/environ").read_bytes()
+
+
+def test_embedded_workers_are_forked_by_the_fork_server() -> None:
+    with RemoteExecutor(max_workers=2, key=KEY) as ex:
+        server = forkserver.shared("tcp")
+        assert server is not None and server.alive
+        parents = set(ex.map(_parent_pid, range(20)))
+        assert parents == {server.proc.pid}  # not this process: not spawned
+        supervisor = ex.transport.cluster.supervisor  # type: ignore[attr-defined]
+        for pid in supervisor.pids():
+            # The key travels in the worker's environment, over the fork server's socket: never on a command
+            # line, and the fork server's own environment never holds it.
+            assert KEY.hex().encode() not in cmdline(pid)
+            assert b"local-worker" not in cmdline(pid)  # the fork server's command line, as forked
+        assert KEY.hex().encode() not in cmdline(server.proc.pid) + environ(server.proc.pid)
+        assert ex.submit(_key_in_environ).result(timeout=30) is False  # and the worker dropped it
+
+
+def test_no_thread_is_left_once_the_executor_has_shut_down() -> None:
+    """The fork server stays for the next executor, but reading its answers takes a thread only while a
+    worker it forked runs."""
+    before = set(threading.enumerate())
+    with RemoteExecutor(max_workers=2) as ex:
+        assert ex.submit(abs, -1).result(timeout=30) == 1
+        assert any(t.name == "remote-executor-forkserver" for t in threading.enumerate())
+    wait_for(lambda: set(threading.enumerate()) <= before, what="the executor's threads to end")
+    server = forkserver.shared("tcp")
+    assert server is not None and server.alive
+
+
+def test_a_forked_worker_that_is_killed_is_replaced_and_its_status_reported() -> None:
+    with RemoteExecutor(max_workers=1) as ex:
+        supervisor = ex.transport.cluster.supervisor  # type: ignore[attr-defined]
+        (victim,) = supervisor.pids()
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: bool(supervisor.exits), what="the fork server to report the worker's exit")
+        assert supervisor.exits == [("local-worker-0", -signal.SIGKILL)]
+        assert ex.submit(os.getpid).result(timeout=30) not in (victim, os.getpid())
+        assert ex.submit(_parent_pid, 0).result(timeout=30) == forkserver.shared("tcp").proc.pid  # type: ignore[union-attr]
+
+
+def test_a_forked_worker_writes_to_the_executors_standard_error_as_it_is_now(
+        capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not to the one the fork server inherited when it started (as a spawned worker would not)."""
+    with capfd.disabled():  # a fork server whose own standard error is not this test's
+        monkeypatch.setattr(forkserver, "_shared", None)
+        server = forkserver.shared("tcp")
+    assert server is not None
+    try:
+        with RemoteExecutor(max_workers=1) as ex:
+            assert ex.submit(_parent_pid, 0).result(timeout=30) == server.proc.pid
+            ex.submit(os.write, 2, b"written by a forked worker\n").result(timeout=30)
+        assert "written by a forked worker" in capfd.readouterr().err
+    finally:
+        server.close()
+
+
+def test_workers_are_spawned_where_they_cannot_be_forked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(forkserver, "SUPPORTED", False)
+    with RemoteExecutor(max_workers=2) as ex:
+        assert set(ex.map(_parent_pid, range(10))) == {os.getpid()}
+
+
+def test_a_fork_server_that_died_is_replaced_and_meanwhile_workers_are_spawned() -> None:
+    with RemoteExecutor(max_workers=1) as ex:
+        dead = forkserver.shared("tcp")
+        assert dead is not None
+        supervisor = ex.transport.cluster.supervisor  # type: ignore[attr-defined]
+        (worker,) = supervisor.pids()
+        dead.proc.kill()
+        wait_for(lambda: not dead.alive, what="the fork server's loss to be noticed")
+        os.kill(worker, signal.SIGKILL)  # its exit status went with the fork server: still replaced, spawned
+        wait_for(lambda: bool(supervisor.exits), what="the orphaned worker's exit")
+        assert ex.submit(_parent_pid, 0).result(timeout=30) == os.getpid()
+    with RemoteExecutor(max_workers=1) as ex:  # the next cluster has a new fork server
+        fresh = forkserver.shared("tcp")
+        assert fresh is not None and fresh is not dead and fresh.alive
+        assert ex.submit(_parent_pid, 0).result(timeout=30) == fresh.proc.pid
+
+
+def test_the_fork_server_exits_with_the_process_that_started_it() -> None:
+    script = ("import os, sys\n"
+              "from remote_executor import RemoteExecutor, forkserver\n"
+              "ex = RemoteExecutor(max_workers=1)\n"
+              "print(forkserver.shared('tcp').proc.pid, *ex.transport.cluster.supervisor.pids(), flush=True)\n"
+              "sys.stdin.read()\n"
+              "os._exit(0)\n")  # no shutdown, no atexit: as if it had crashed
+    proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONPATH": str(SRC)})
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        pids = [int(p) for p in proc.stdout.readline().split()]
+        assert len(pids) == 2 and all(pid_alive(p) for p in pids)
+        proc.stdin.close()
+        assert proc.wait(timeout=30) == 0
+        for pid in pids:
+            wait_for(lambda pid=pid: not pid_alive(pid), what=f"process {pid} to exit")  # type: ignore[misc]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for stream in (proc.stdin, proc.stdout):
+            if stream is not None:
+                stream.close()
+
+
+def _parent_pid(_: int) -> int:
+    return os.getppid()
+
+
+def _key_in_environ() -> bool:
+    return any(KEY.hex() in value for value in os.environ.values())
+
+
+# --- the embedded gearmand starts while its workers do --------------------------------------------------------
+
+
+def test_the_embedded_gearmands_workers_start_before_it_accepts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """gearmand is not ready until its workers were started: a cluster that waited for gearmand first
+    would never start them (this waits 30 s at most, then fails)."""
+    workers_started = threading.Event()
+    start_workers = Supervisor.start
+    wait_until_accepting = GearmandProcess._wait_until_accepting
+
+    def start(self: Supervisor) -> None:
+        start_workers(self)
+        workers_started.set()
+
+    def held_until_workers_start(self: GearmandProcess, proc: subprocess.Popen[bytes]) -> None:
+        workers_started.wait(30)
+        wait_until_accepting(self, proc)
+
+    monkeypatch.setattr(Supervisor, "start", start)
+    monkeypatch.setattr(GearmandProcess, "_wait_until_accepting", held_until_workers_start)
+    started = time.monotonic()
+    with RemoteExecutor(max_workers=2, transport="gearman") as ex:
+        assert time.monotonic() - started < 30 and workers_started.is_set()
+        assert list(ex.map(abs, [-1, -2, -3])) == [1, 2, 3]
+
+
+def test_workers_follow_an_embedded_gearmand_that_moved_to_another_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first port gearmand is launched on turns out to be taken (by another gearmand): it moves to a
+    second one, and the workers started for the first are replaced by workers of the second."""
+    with GearmandProcess(threads=1) as other:
+        ports = iter([other.port])
+        pick_free_port = gearmand_module._free_loopback_port
+        monkeypatch.setattr(gearmand_module, "_free_loopback_port",
+                            lambda host: next(ports, None) or pick_free_port(host))
+        supervisors: list[Supervisor] = []
+        start_workers = Supervisor.start
+
+        def start(self: Supervisor) -> None:
+            supervisors.append(self)
+            start_workers(self)
+
+        monkeypatch.setattr(Supervisor, "start", start)
+        with RemoteExecutor(max_workers=1, transport="gearman") as ex:
+            assert [s.url for s in supervisors] == [f"gearman://127.0.0.1:{other.port}", ex.transport.cluster.url]  # type: ignore[attr-defined]
+            assert supervisors[0].pids() == []  # stopped
+            assert ex.submit(abs, -5).result(timeout=30) == 5
+
+
+def test_the_startup_benchmark_prints_every_row() -> None:
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "startup_cost.py"
+    result = subprocess.run([sys.executable, str(script), "--runs", "1"], capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "PYTHONPATH": str(SRC)})
+    assert result.returncode == 0, result.stderr
+    for row in ("import concurrent.futures", "import remote_executor", "cold, ProcessPoolExecutor(2)",
+                "warm, RemoteExecutor(tcp, 2)"):
+        assert row in result.stdout, result.stdout
