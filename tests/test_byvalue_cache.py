@@ -108,6 +108,15 @@ def test_a_mutable_global_changed_in_place_is_seen() -> None:
     assert type(call(ns["f"])) is float
 
 
+def test_a_mutable_value_inside_an_annotation_changed_in_place_is_seen() -> None:
+    # Annotated[T, x] keeps x in __metadata__: an annotation is not immutable just because its type parts are.
+    ns = script("import typing\nmeta = [1]\nT = typing.Annotated[int, meta]\n"
+                "def f():\n    return T.__metadata__[0][0]\n")
+    assert call(ns["f"]) == 1
+    ns["meta"][0] = 2
+    assert call(ns["f"]) == 2
+
+
 def test_a_function_attribute_changed_is_seen() -> None:
     ns = script("def f():\n    return f.tag\nf.tag = 'first'\n")
     assert call(ns["f"]) == "first"

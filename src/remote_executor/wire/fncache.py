@@ -355,7 +355,9 @@ def _immutable(value: object, registered: Iterable[str]) -> bool:
     if kind in (tuple, frozenset):
         return all(_immutable(item, registered) for item in value)  # type: ignore[attr-defined]
     if _maybe_immutable(kind) and hasattr(value, "__origin__"):
-        parts = (getattr(value, "__origin__", None), *getattr(value, "__args__", ()))
+        # Annotated[T, x, ...] keeps its x in __metadata__, which cloudpickle ships too.
+        parts = (getattr(value, "__origin__", None), *getattr(value, "__args__", ()),
+                 *getattr(value, "__metadata__", ()))
         return all(_immutable(part, registered) for part in parts)
     if isinstance(value, type) or kind in (types.FunctionType, types.BuiltinFunctionType):
         return _found_by_name(value, registered)
