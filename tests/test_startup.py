@@ -246,3 +246,29 @@ def test_the_startup_benchmark_prints_every_row() -> None:
     for row in ("import concurrent.futures", "import remote_executor", "cold, ProcessPoolExecutor(2)",
                 "warm, RemoteExecutor(tcp, 2)"):
         assert row in result.stdout, result.stdout
+
+
+FORKED_CHILD = """
+import os, sys
+from remote_executor import RemoteExecutor, forkserver
+with RemoteExecutor(1) as executor:
+    executor.submit(abs, 1).result(timeout=60)
+server = forkserver.shared("tcp")
+pid = os.fork()  # a plain fork of the executor's process (a daemonizing helper, multiprocessing's "fork")
+if pid == 0:
+    sys.exit(0)  # ends normally: its exit handlers run
+os.waitpid(pid, 0)
+print("alive", server.proc.poll() is None)
+with RemoteExecutor(1) as executor:
+    forked = executor.submit(os.getppid).result(timeout=60) == server.proc.pid
+print("forked", forked, "same", forkserver.shared("tcp") is server)
+"""
+
+
+def test_a_plain_fork_of_the_executors_process_leaves_its_fork_server_alone() -> None:
+    # The child inherits the fork server's socket: ending it there must not end the parent's fork server,
+    # whose next workers are still forked by it.
+    result = subprocess.run([sys.executable, "-c", FORKED_CHILD], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(SRC)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["alive", "True", "forked", "True", "same", "True"], result.stdout

@@ -99,6 +99,9 @@ class ForkServer:
     def __init__(self, scheme: str) -> None:
         self.scheme = scheme
         self.executable = sys.executable
+        # A process forked from ours (os.fork, multiprocessing's "fork") inherits this object and its socket,
+        # which it must neither use (replies would go to either process) nor shut down (that ends it for us).
+        self.owner = os.getpid()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self.proc = subprocess.Popen(
@@ -256,7 +259,8 @@ def _close_all() -> None:
     """At exit, end the fork servers (their workers end with their own lifelines)."""
     with _shared_lock:
         for server in [*_retired, *([_shared] if _shared is not None else [])]:
-            server.close()
+            if server.owner == os.getpid():  # not one a forked child inherited: that is its parent's
+                server.close()
 
 
 def shared(scheme: str) -> ForkServer | None:
@@ -268,6 +272,9 @@ def shared(scheme: str) -> ForkServer | None:
         return None
     with _shared_lock:
         current = _shared
+        if current is not None and current.owner != os.getpid():
+            current = _shared = None  # inherited by a fork of our process: its parent's, left alone
+            _retired.clear()
         if current is None or not current.alive or current.executable != sys.executable:
             if current is not None and not current.alive:
                 current.close()
