@@ -32,7 +32,7 @@ from remote_executor.transports.tcp.server import TcpServer
 from remote_executor.wire.frames import HEADER, KEYED, MAGIC, VERSION, Frame, Kind, encode_bytes
 from remote_executor.wire.messages import hello
 
-from .conftest import FAST_HEARTBEAT, pid_alive, wait_for
+from .conftest import FAST_HEARTBEAT, pid_alive, random_key, wait_for
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
 
@@ -47,7 +47,7 @@ def test_remote_server_round_trip(tcp_server: TcpServer, start_workers: Callable
 
 
 def test_keyed_cluster_round_trip_and_wrong_key_refused(tmp_path: Path) -> None:
-    key = os.urandom(32)
+    key = random_key()
     server = TcpServer("127.0.0.1", 0, key=key, **FAST)
     server.start()
     supervisor = Supervisor(server.url, 1, env={"REMOTE_EXECUTOR_KEY_HEX": key.hex()}, worker_args=FAST_HEARTBEAT)
@@ -118,7 +118,7 @@ def test_malformed_input_is_rejected_and_others_are_served(
 
 
 def test_bad_hmac_is_rejected_and_others_are_served(caplog: pytest.LogCaptureFixture) -> None:
-    key = os.urandom(32)
+    key = random_key()
     server = TcpServer("127.0.0.1", 0, key=key, **FAST)
     server.start()
     supervisor = Supervisor(server.url, 1, env={"REMOTE_EXECUTOR_KEY_HEX": key.hex()}, worker_args=FAST_HEARTBEAT)

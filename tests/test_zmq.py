@@ -43,6 +43,8 @@ from remote_executor.wire.messages import hello
 from remote_executor.wire.serialization import Parts, encode_call
 from remote_executor.wire.session import Mac, new_nonce, session_macs
 
+from .conftest import random_key
+
 pytestmark = pytest.mark.zmq
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
@@ -322,7 +324,7 @@ def test_oversized_message_is_refused() -> None:
 def test_bad_hmac_drops_the_peer_and_others_are_served(
     start_workers: Callable[..., Supervisor], caplog: pytest.LogCaptureFixture
 ) -> None:
-    key = os.urandom(32)
+    key = random_key()
     srv = ZmqServer("127.0.0.1", 0, key=key, **FAST)
     srv.start()
     start_workers(srv.url, 1, env={"REMOTE_EXECUTOR_KEY_HEX": key.hex()})
@@ -441,7 +443,7 @@ def socket_port() -> Iterator[int]:
 def test_a_session_the_server_dropped_gets_no_wrong_key_answer() -> None:
     """A peer whose session the server dropped (it was silent too long before its HELLO, as on a loaded
     machine) is not told "wrong key": only an OPEN signed with another key is. It reconnects instead."""
-    key = os.urandom(32)
+    key = random_key()
     srv = ZmqServer("127.0.0.1", 0, key=key, heartbeat_interval=0.1, heartbeat_timeout=0.3)
     srv.start()
     ctx = zmq.Context()
