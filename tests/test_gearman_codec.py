@@ -227,7 +227,13 @@ def test_parse_workers() -> None:
     ]
 
 
-@pytest.mark.parametrize("line", ["27 127.0.0.1 wid f g", "x 127.0.0.1 - :", "27 - :"])
+def test_parse_workers_leaves_out_connections_gearmand_is_closing() -> None:
+    # gearmand lists a connection it is closing with the descriptor -1 (seen in a CI run right after a
+    # client disconnected): not malformed, and no longer a worker.
+    assert parse_workers(["-1 127.0.0.1 - :", "27 127.0.0.1 wid : f"]) == [WorkerInfo(27, "127.0.0.1", "wid", ("f",))]
+
+
+@pytest.mark.parametrize("line", ["27 127.0.0.1 wid f g", "x 127.0.0.1 - :", "27 - :", "- 127.0.0.1 - :"])
 def test_parse_workers_malformed(line: str) -> None:
     with pytest.raises(GearmanProtocolError, match="malformed admin workers line"):
         parse_workers([line])

@@ -308,14 +308,15 @@ def _parse_status_line(line: str) -> FunctionStatus:
 
 
 def parse_workers(lines: Iterable[str]) -> list[WorkerInfo]:
-    """Parse the lines of a ``workers`` reply: ``FD ADDRESS CLIENT-ID : FUNCTION ...``."""
-    return [_parse_workers_line(line) for line in lines]
+    """Parse the lines of a ``workers`` reply: ``FD ADDRESS CLIENT-ID : FUNCTION ...``. A connection gearmand
+    is closing shows with the descriptor -1 (``-1 127.0.0.1 - :``): it is gone, so it is left out."""
+    return [info for info in map(_parse_workers_line, lines) if info.fd >= 0]
 
 
 def _parse_workers_line(line: str) -> WorkerInfo:
     left, colon, right = line.partition(" :")
     fields = left.split(" ")
-    if not colon or len(fields) != 3 or not fields[0].isdigit():
+    if not colon or len(fields) != 3 or not fields[0].removeprefix("-").isdigit():
         raise GearmanProtocolError(f"malformed admin workers line {line!r}")
     return WorkerInfo(int(fields[0]), fields[1], fields[2], tuple(right.split()))
 
