@@ -60,21 +60,16 @@ class Connection:
 
     def read(self) -> list[Frame] | None:
         """Frames now complete; ``None`` at end of stream. Raises ProtocolError on bad input."""
-        try:
-            n = self.sock.recv_into(self.reader.buffer(), 0, self.io_flags)
-        except (BlockingIOError, InterruptedError):
-            return []
-        except ConnectionError:
-            return None
-        if n == 0:
-            return None
-        return self.reader.feed(n)
+        return self._receive(self.io_flags)
 
     def read_waiting(self) -> list[Frame] | None:
         """Like :meth:`read`, but on a blocking socket with a receive timeout, waiting in the kernel for up to
         that timeout: one system call for a frame that arrives meanwhile, instead of poll and read."""
+        return self._receive(0)
+
+    def _receive(self, flags: int) -> list[Frame] | None:
         try:
-            n = self.sock.recv_into(self.reader.buffer())
+            n = self.sock.recv_into(self.reader.buffer(), 0, flags)
         except (BlockingIOError, InterruptedError):
             return []
         except ConnectionError:
