@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 
 from . import forkserver
 from .errors import BrokenRemoteExecutor, TransportError
@@ -139,21 +140,18 @@ class _CapacityWatch:
         self._listener = listener
         self._wanted = wanted
         self.reached = threading.Event()
+        # Every call's report goes straight to the executor, not through a method of ours that passes it on.
+        self.on_result: Callable[[int, Status, Parts], None] = listener.on_result
+        self.on_started: Callable[[int], None] = listener.on_started
 
     def on_capacity(self, slots: int) -> None:
         self._listener.on_capacity(slots)
         if slots >= self._wanted:
             self.reached.set()
 
-    def on_result(self, task_id: int, status: Status, parts: Parts) -> None:
-        self._listener.on_result(task_id, status, parts)
-
     def on_broken(self, error: BrokenRemoteExecutor) -> None:
         self._listener.on_broken(error)
         self.reached.set()
-
-    def on_started(self, task_id: int) -> None:
-        self._listener.on_started(task_id)
 
 
 class EmbeddedTransport(ForwardingTransport):

@@ -46,7 +46,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future
 from typing import Any, Generic, ParamSpec, TypeVar
 
@@ -148,6 +148,9 @@ class _Core:
     def __init__(self, transport: ClientTransport, max_workers: int | None, heartbeat_timeout: float = 10.0,
                  starved_warning: float | None = None, prefetch: int = 0) -> None:
         self.transport = transport
+        # transport.submit, or (once started) that of the transport it forwards every call to: one layer
+        # less on every call.
+        self.submit_calls: Callable[[Sequence[Call]], None] = transport.submit
         self.max_workers = max_workers
         # Calls per worker slot handed out beyond the one it runs: RUNNING (no longer cancellable) while
         # they wait at the job server, so a freed worker gets its next call without a round trip to us.
@@ -170,6 +173,7 @@ class _Core:
         self.unclaimed: set[Future[Any]] = set()  # futures of "pending" nobody has moved out of PENDING
         self.task_ids = itertools.count(1)
         self.capacity = 0
+        self.window = 0  # how many calls may be in flight: _window(), kept up to date with capacity
         self.outstanding = 0  # accepted calls whose future is neither settled nor cancelled
         self.waiters = 0  # threads blocked in shutdown(wait=True) or the exit hook
         self.shutdown_requested = False
@@ -195,7 +199,8 @@ class _Core:
             self.pending.append(_WorkItem(future, parts, limit))
             self.unclaimed.add(future)
             self.outstanding += 1
-            self._check_starved()
+            if self.capacity <= 0 or self.starved_since is not None:  # else _check_starved has nothing to do
+                self._check_starved()
         self.dispatch()
         return future
 
@@ -217,7 +222,7 @@ class _Core:
     def _take_batch(self) -> tuple[list[Call], int]:
         calls: list[Call] = []
         dropped = 0
-        free = self._window() - len(self.in_flight)
+        free = self.window - len(self.in_flight)
         while self.pending and self.broken is None:
             head = self.pending[0]
             if len(calls) >= free:
@@ -258,7 +263,7 @@ class _Core:
 
     def _hand_over(self, calls: list[Call]) -> list[tuple[_WorkItem, Exception]]:
         try:
-            self.transport.submit(calls)
+            self.submit_calls(calls)
         except Exception as exc:  # a transport bug: fail these calls, not the caller that dispatched
             logger.exception("transport %r failed to accept %d call(s)", self.transport, len(calls))
             items = [self.in_flight.pop(call.task_id, None) for call in calls]
@@ -306,11 +311,17 @@ class _Core:
             ok, value = decode_result(status, parts, write_output)  # printed before the future settles
         except Exception as exc:
             ok, value = False, exc
-        with _settling(self):
+        # What _settling does, inline: this runs once per call, and a generator-based context manager
+        # costs four Python calls.
+        previous = getattr(_in_listener, "core", None)
+        _in_listener.core = self
+        try:
             if ok:
                 item.future.set_result(value)
             else:
                 item.future.set_exception(value)
+        finally:
+            _in_listener.core = previous
         self._settled(1)
 
     def on_started(self, task_id: int) -> None:
@@ -340,6 +351,7 @@ class _Core:
     def on_capacity(self, slots: int) -> None:
         with self.lock:
             self.capacity = slots
+            self.window = self._window()
             self.capacity_changed.notify_all()
             self._check_starved()
         self.dispatch()
@@ -588,6 +600,9 @@ class RemoteExecutor(Executor):
         session = Session(executor_id=secrets.randbits(63), initializer=init_parts, max_retries=max_retries)
         try:
             client.start(session, core)
+            submitter = getattr(client, "submitter", None)  # (a transport not derived from ClientTransport)
+            if submitter is not None:
+                core.submit_calls = submitter()
             if self._call_timeout is not None:
                 self._check_time_limits()
         except BaseException:
@@ -695,7 +710,9 @@ class RemoteExecutor(Executor):
                              f"time limits (tcp, zmq and gearman do)")
 
     def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
-        self._core.check_open()
+        core = self._core
+        if core.broken is not None or core.shutdown_requested or _global_shutdown:
+            core.check_open()  # raises, before the call is pickled for nothing (enqueue checks again)
         try:
             parts = encode_call(fn, args, kwargs, self._forward_output)
         except SerializationError as exc:

@@ -56,6 +56,8 @@ from ..wire.session import NONCE_SIZE, Mac, new_nonce, session_macs
 
 log = logging.getLogger("remote_executor.client")
 
+# Status by value: a dict lookup, where calling the enum costs two Python calls on every result.
+_STATUSES = {int(status): status for status in Status}
 POLL_SLICE = 0.05  # the longest a blocking wait lasts before stop/drain flags are looked at again
 
 
@@ -263,8 +265,11 @@ class ClientSession:
             for call in calls:
                 self._inflight[call.task_id] = call
                 attempts = self._attempts.get(call.task_id, 0)
-                frames.append(pinned(call_frame(Kind.SUBMIT, call.task_id, attempts, call.parts, call.limit),
-                                     call.worker))
+                if call.limit is None and call.worker is None:  # the common case, without two helpers
+                    frames.append(Frame(Kind.SUBMIT, call.task_id, attempts, call.parts))
+                else:
+                    frames.append(pinned(call_frame(Kind.SUBMIT, call.task_id, attempts, call.parts, call.limit),
+                                         call.worker))
         return frames
 
     def request(self, kind: Kind) -> tuple[Frame, Future[dict[str, Any]]]:
@@ -288,7 +293,8 @@ class ClientSession:
                 known = self._inflight.pop(frame.a, None) is not None
                 self._attempts.pop(frame.a, None)
             if known:
-                self.listener.on_result(frame.a, Status(frame.b), frame.parts)
+                status = _STATUSES.get(frame.b)
+                self.listener.on_result(frame.a, Status(frame.b) if status is None else status, frame.parts)
         elif kind == Kind.CAPACITY:
             self.listener.on_capacity(frame.a)
         elif kind == Kind.STARTED:

@@ -23,7 +23,7 @@ from ..transports.base import (
     ServerSettings,
     Session,
 )
-from ..wire.frames import Frame, Kind
+from ..wire.frames import Kind
 from .client import ClientSession, ask, worker_names
 from .server import LocalLink, ServerCore
 
@@ -79,12 +79,8 @@ class LocalClient(ClientTransport):
 
     def start(self, session: Session, listener: Listener) -> None:
         self._session = ClientSession(session, listener, self.url, self.pool)
-        self._link = self._server.attach_local(self._deliver)
+        self._link = self._server.attach_local(self._session.handle)
         self._link.send([self._session.hello()])
-
-    def _deliver(self, frame: Frame) -> None:
-        assert self._session is not None
-        self._session.handle(frame)
 
     def submit(self, calls: Sequence[Call]) -> None:
         assert self._session is not None and self._link is not None

@@ -41,7 +41,7 @@ from typing import Any
 from ..errors import AuthenticationError, ProtocolError, VersionMismatchError
 from ..logsafe import limited, owner, printable
 from ..pools import DEFAULT_POOL, is_pool_name
-from ..wire.frames import FAILED, Frame, Kind, Status
+from ..wire.frames import FAILED, LIMITED, PINNED, Frame, Kind, Status
 from ..wire.messages import (
     RejectCode,
     call_frame,
@@ -178,7 +178,9 @@ class Scheduler:
         self._stop_deadline: float | None = None  # workers told to exit: stop when they have, or then
         self._stopped = False
         self._next_tid = 1
-        self._actions: list[Action] = []
+        # What to do, in order: read by the server loop without a call (it runs twice per call), taken with
+        # take_actions().
+        self.actions: list[Action] = []
         self._now = 0.0
 
     # --- events in -------------------------------------------------------------------------------
@@ -236,7 +238,7 @@ class Scheduler:
         return now + min(self.heartbeat_interval, self.heartbeat_timeout) / 2
 
     def take_actions(self) -> list[Action]:
-        actions, self._actions = self._actions, []
+        actions, self.actions = self.actions, []
         return actions
 
     # --- views -----------------------------------------------------------------------------------
@@ -358,8 +360,10 @@ class Scheduler:
             raise ValueError(f"a call that ran {frame.b} time(s) is beyond max_retries={state.max_retries}")
         # frame.b: how often the call may already have run (on servers this client lost): counted here too,
         # so that max_retries bounds its executions across servers.
-        target, frame = split_pinned(frame)
-        limit, parts = split_limit(frame)
+        target, limit, parts = None, None, frame.parts
+        if frame.flags & (PINNED | LIMITED):  # (a plain call skips two parsers)
+            target, frame = split_pinned(frame)
+            limit, parts = split_limit(frame)
         task = Task(self._next_tid, peer.conn, frame.a, state.executor_id, parts, attempts=frame.b, limit=limit,
                     worker=target)
         self._next_tid += 1
@@ -421,16 +425,18 @@ class Scheduler:
             worker.draining = True
             self._fail_pinned_queue(worker, peer.name, "is exiting after it stopped a call at its time limit")
             self._capacity_changed(worker.pool)
-        self._start_pinned(peer.conn, worker)
+        if worker.pinned:
+            self._start_pinned(peer.conn, worker)
         pool = self._pools[worker.pool]
-        if worker.free() > 0:
+        if not worker.draining and worker.slots > len(worker.running):  # worker.free() > 0, inline
             pool.free[peer.conn] = None
         else:
             pool.free.pop(peer.conn, None)  # full, or draining since it timed a call out
         if worker.draining and not worker.running:
             log.info("worker %s drained", printable(peer.name))
         self._assign(pool)
-        self._check_stopped()
+        if self._stopping is not None:
+            self._check_stopped()
 
     def _on_init_failed(self, peer: Peer, frame: Frame) -> None:
         executor_id = frame.a
@@ -478,7 +484,7 @@ class Scheduler:
             if self._now < self._stop_deadline:
                 return  # each worker closes its connection as it exits; the last one to go stops us
         self._stopped = True
-        self._actions.append(Stop(self._stopping))
+        self.actions.append(Stop(self._stopping))
 
     def _on_heartbeat(self, peer: Peer, frame: Frame) -> None:
         """Receiving any frame already refreshed ``last_recv``."""
@@ -528,7 +534,7 @@ class Scheduler:
         """Close a peer that failed us (a silent one, a worker past a call's limit); requeue its calls."""
         limited(log, logging.WARNING, (owner(self), "silent", peer.role), "%s %s: %s, closing",
                 peer.role or "connection", printable(peer.name or f"#{peer.conn}"), reason, now=self._now)
-        self._actions.append(Close(peer.conn, reason))
+        self.actions.append(Close(peer.conn, reason))
         del self._peers[peer.conn]
         if peer.conn in self._workers:
             self._lose_worker(peer, reason)
@@ -622,7 +628,7 @@ class Scheduler:
         limited(log, logging.WARNING, (owner(self), "reject", code), "rejecting %s: %s",
                 printable(peer.name or f"connection #{peer.conn}"), printable(reason), now=self._now)
         self._send(peer.conn, reject(code, reason))
-        self._actions.append(Close(peer.conn, reason))
+        self.actions.append(Close(peer.conn, reason))
         self.disconnected(peer.conn, peer.last_recv)
 
     # --- output --------------------------------------------------------------------------------------
@@ -642,7 +648,7 @@ class Scheduler:
         peer = self._peers.get(conn)
         if peer is not None:
             peer.last_send = self._now
-        self._actions.append(Send(conn, frame))
+        self.actions.append(Send(conn, frame))
 
     def _send_json(self, conn: ConnId, kind: Kind, body: dict[str, Any]) -> None:
         self._send(conn, json_frame(kind, body))

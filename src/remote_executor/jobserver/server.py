@@ -97,7 +97,8 @@ class ServerCore(abc.ABC):
         self._deferred: deque[tuple[LocalLink, Frame]] = deque()  # local deliveries left for the loop
         self.drive_lock = threading.Lock()
         self._delivering = False  # the loop thread is inside a local client's callback
-        self.loop_thread: threading.Thread | None = None
+        self._loop_thread: threading.Thread | None = None
+        self._loop_ident: int | None = None  # its thread id, compared on every submit (no Python call)
         self.stopping = threading.Event()
         self.stopped_by_admin = False  # a STOP ended it: what is queued for peers should still go out
 
@@ -109,6 +110,16 @@ class ServerCore(abc.ABC):
                             limits=settings.limits, heartbeat_interval=settings.heartbeat_interval,
                             heartbeat_timeout=settings.heartbeat_timeout, **settings.extra)
         return server
+
+    @property
+    def loop_thread(self) -> threading.Thread | None:
+        """The thread that runs the loop (None before it started)."""
+        return self._loop_thread
+
+    @loop_thread.setter
+    def loop_thread(self, thread: threading.Thread | None) -> None:
+        self._loop_thread = thread
+        self._loop_ident = None if thread is None else thread.ident
 
     @property
     def url(self) -> str:
@@ -193,7 +204,8 @@ class ServerCore(abc.ABC):
 
     def inject(self, conn: ConnId, frames: Iterable[Frame]) -> None:
         with self._inbox_lock:
-            self._inbox.extend((conn, f) for f in frames)
+            for frame in frames:
+                self._inbox.append((conn, frame))
         self._poke()
 
     def inject_close(self, conn: ConnId) -> None:
@@ -202,7 +214,7 @@ class ServerCore(abc.ABC):
         self._poke()
 
     def _poke(self) -> None:
-        if threading.current_thread() is self.loop_thread:
+        if threading.get_ident() == self._loop_ident:
             if self._delivering and self.caller_may_drive:
                 # A client submitting from inside a result delivery (the executor refilling its
                 # window): send the new TASK now, before the rest of the delivery (unpickling the
@@ -232,14 +244,17 @@ class ServerCore(abc.ABC):
 
     def pump(self, on_loop: bool = True) -> None:
         """Apply everything pending: local frames in, scheduler actions out; repeat until quiet."""
+        scheduler = self.scheduler
         while True:
-            if on_loop:
+            if on_loop and self._deferred:
                 self._deliver_deferred()
-            self._take_inbox()
-            actions = self.scheduler.take_actions()
-            if not actions and not self._inbox and not (on_loop and self._deferred):
-                return
-            for action in actions:
+            if self._inbox:  # read without the lock: a frame appended meanwhile is taken on the next round
+                self._take_inbox()
+            if not scheduler.actions:
+                if not self._inbox:
+                    return  # (deferred deliveries only come from actions, which were all applied)
+                continue
+            for action in scheduler.take_actions():
                 # Frames for in-process clients wait for the next round: a worker's next call (queued
                 # at this server, as with prefetch) goes out before this thread settles futures.
                 self._apply(action)
@@ -252,33 +267,31 @@ class ServerCore(abc.ABC):
             self._deliver_local(link, frame)
 
     def _take_inbox(self) -> None:
-        if not self._inbox:
-            return  # read without the lock: a frame appended meanwhile is taken on the next pump
         with self._inbox_lock:
             items = list(self._inbox)
             self._inbox.clear()
         now = time.monotonic()
         for conn, item in items:
-            if item == "connect":
+            if isinstance(item, Frame):  # first: comparing a Frame with a string calls its __eq__
+                self.scheduler.received(conn, item, now)
+            elif item == "connect":
                 self.scheduler.connected(conn, now, local=True)
             elif item == "close":
                 self._links.pop(conn, None)
                 self.scheduler.disconnected(conn, now)
-            elif isinstance(item, Frame):
-                self.scheduler.received(conn, item, now)
 
     def _apply(self, action: Send | Close | Stop) -> None:
-        if isinstance(action, Stop):
-            log.warning("stopping: %s", action.reason)
-            self.stopped_by_admin = True
-            self.stopping.set()  # the loop sends what is queued, closes every socket and returns
-            self.wake()
-        elif isinstance(action, Send):
+        if isinstance(action, Send):  # (by far the most frequent: tested first)
             link = self._links.get(action.conn)
             if link is not None:
                 self._deferred.append((link, action.frame))
             elif action.conn < LOCAL_CONN_BASE:
                 self._transmit(action.conn, action.frame)
+        elif isinstance(action, Stop):
+            log.warning("stopping: %s", action.reason)
+            self.stopped_by_admin = True
+            self.stopping.set()  # the loop sends what is queued, closes every socket and returns
+            self.wake()
         elif action.conn >= LOCAL_CONN_BASE:
             link = self._links.pop(action.conn, None)
             if link is not None:

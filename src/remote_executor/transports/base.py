@@ -150,6 +150,11 @@ class ClientTransport(abc.ABC):
         """Release every thread, socket and process this transport started. Idempotent. Calls still
         running are abandoned (the executor has already decided what happens to their futures)."""
 
+    def submitter(self) -> Callable[[Sequence[Call]], None]:
+        """What the executor calls instead of :meth:`submit` once :meth:`start` returned: ``submit``
+        itself, or that of the transport this one hands every call to (it never changes after start)."""
+        return self.submit
+
     def broadcast_targets(self, timeout: float) -> list[str]:
         """The names of the workers that take this executor's calls now: the targets of a broadcast, to be
         submitted as calls with ``Call.worker`` set. A transport that cannot address one worker raises
@@ -175,6 +180,9 @@ class ForwardingTransport(ClientTransport):
 
     def submit(self, calls: Sequence[Call]) -> None:
         self._started().submit(calls)
+
+    def submitter(self) -> Callable[[Sequence[Call]], None]:
+        return self._started().submitter()
 
     def broadcast_targets(self, timeout: float) -> list[str]:
         return self._started().broadcast_targets(timeout)

@@ -171,7 +171,10 @@ class TcpServer(ServerCore):
                         next_tick = self.scheduler.tick(now)
                     for key, mask in events:
                         self._on_event(key.data, mask)
-                    next_timer = self._timers(time.monotonic())
+                    if self._handshaking or self._accepting_again is not None:  # (else none is armed)
+                        next_timer = self._timers(time.monotonic())
+                    else:
+                        next_timer = float("inf")
                     self.pump()
                     self._flush_dirty()
         finally:
