@@ -248,7 +248,9 @@ class _Core:
     def _on_done(self, future: Future[Any]) -> None:
         """Done-callback of every future: a call cancelled while pending is notified at once, so
         ``wait()`` and ``as_completed()`` return without waiting for the dispatcher to reach it."""
-        if not future.cancelled():
+        # A future that got its outcome was claimed (taken out of "unclaimed", under the lock) before its
+        # call was sent: one set lookup spares every result the lock of ``cancelled()``.
+        if future not in self.unclaimed or not future.cancelled():
             return
         with self.lock:
             claimed = self._claim(future)
