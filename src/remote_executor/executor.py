@@ -48,15 +48,17 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future
-from typing import Any, Generic, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
 from .errors import BrokenRemoteExecutor, CallTimeoutError, SerializationError
 from .security import resolve_key
-from .status import ClusterStatus
 from .transports.base import Call, ClientTransport, Options, Session, Status, decode_result
 from .wire.messages import check_limit
 from .wire.output import write_output
 from .wire.serialization import Parts, encode_call, encode_chunk, encode_initializer
+
+if TYPE_CHECKING:  # imported when status() is called: not on every start-up's path
+    from .status import ClusterStatus
 
 __all__ = ["RemoteExecutor"]
 
@@ -690,6 +692,8 @@ class RemoteExecutor(Executor):
         URL without an executor. Raises ``NotImplementedError`` on a transport without a job server of ours
         (gearman://: use ``cluster_status`` on its URL, which asks gearmand).
         """
+        from .status import ClusterStatus
+
         self._not_from_a_callback("status")
         return ClusterStatus.from_dict(self._core.transport.query_status(self._request_timeout))
 
