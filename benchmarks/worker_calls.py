@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -71,8 +70,10 @@ def measure(scheme: str, calls: int) -> dict[str, float]:
     try:
         env = {**os.environ, "REMOTE_EXECUTOR_KEY": KEY,
                "PYTHONPATH": os.pathsep.join([str(HERE), *filter(None, [os.environ.get("PYTHONPATH")])])}
-        worker = subprocess.Popen([sys.executable, "-m", "remote_executor.worker", server.url,
-                                   "--log-level", "WARNING", "--heartbeat-interval", "1"], env=env)
+        # --exit-on-stdin-eof: the worker ends with this process, however this process ends
+        worker = subprocess.Popen([sys.executable, "-m", "remote_executor.worker", server.url, "--exit-on-stdin-eof",
+                                   "--log-level", "WARNING", "--heartbeat-interval", "1"], env=env,
+                                  stdin=subprocess.PIPE)
         with RemoteExecutor(1, server.url, key=KEY) as ex:
             for i in range(WARMUP):
                 ex.submit(worker_calls.noop, i).result(timeout=60)
@@ -82,7 +83,8 @@ def measure(scheme: str, calls: int) -> dict[str, float]:
             counts: dict[str, int] = ex.submit(worker_calls.stop_counting).result(timeout=60)
     finally:
         if worker is not None:
-            worker.send_signal(signal.SIGTERM)  # drains: it exits once its connection is gone or told so
+            assert worker.stdin is not None
+            worker.stdin.close()  # its end of file: the worker exits at once
             try:
                 worker.wait(30)
             except subprocess.TimeoutExpired:
