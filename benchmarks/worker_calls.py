@@ -13,7 +13,9 @@ of the last together make one more call's worth, so the counts are divided by ``
 
 Counts, unlike times, do not depend on how loaded the machine is: what a worker does per call shows as
 the number of Python-level function calls (``call`` events) and of C functions called from Python
-(``c_call`` events). Python function calls cost about 0.5 to 1 µs each on a small VM.
+(``c_call`` events); a Python function call costs about 0.5 to 1 µs on a small VM. The worker's CPU time
+per call (user and system, without the profile hook, over another ``--calls`` calls just before) is printed
+too, but it varies with the load.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -53,6 +56,11 @@ def stop_counting() -> dict[str, int]:
     return dict(_counts)
 
 
+def cpu_seconds() -> float:
+    """In the worker: the CPU time (user and system, every thread) this process has used so far."""
+    return time.process_time()
+
+
 def measure(scheme: str, calls: int) -> dict[str, float]:
     """Profile events per call of one ``scheme`` worker serving ``calls`` sequential no-op calls."""
     import worker_calls  # this module by its name, so the worker imports it by name too (not __main__)
@@ -77,6 +85,11 @@ def measure(scheme: str, calls: int) -> dict[str, float]:
         with RemoteExecutor(1, server.url, key=KEY) as ex:
             for i in range(WARMUP):
                 ex.submit(worker_calls.noop, i).result(timeout=60)
+            # CPU time first, without the profile hook (which slows every call down): noisy, unlike the counts
+            before = ex.submit(worker_calls.cpu_seconds).result(timeout=60)
+            for i in range(calls):
+                ex.submit(worker_calls.noop, i).result(timeout=60)
+            cpu = ex.submit(worker_calls.cpu_seconds).result(timeout=60) - before
             ex.submit(worker_calls.start_counting).result(timeout=60)
             for i in range(calls):
                 ex.submit(worker_calls.noop, i).result(timeout=60)
@@ -91,13 +104,15 @@ def measure(scheme: str, calls: int) -> dict[str, float]:
                 worker.kill()
                 worker.wait()
         server.stop()
-    return {event: n / (calls + 1) for event, n in sorted(counts.items())}
+    return {"cpu_us": cpu * 1e6 / (calls + 1), **{event: n / (calls + 1) for event, n in sorted(counts.items())}}
 
 
 def _table(rows: dict[str, dict[str, float]]) -> str:
-    lines = ["| worker | Python calls per call | C calls per call |", "| --- | --- | --- |"]
+    lines = ["| worker | Python calls per call | C calls per call | CPU µs per call (noisy) |",
+             "| --- | --- | --- | --- |"]
     for scheme, counts in rows.items():
-        lines.append(f"| {scheme} | {counts.get('call', 0.0):.1f} | {counts.get('c_call', 0.0):.1f} |")
+        lines.append(f"| {scheme} | {counts.get('call', 0.0):.1f} | {counts.get('c_call', 0.0):.1f} | "
+                     f"{counts['cpu_us']:.0f} |")
     return "\n".join(lines)
 
 
