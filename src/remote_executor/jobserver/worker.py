@@ -20,21 +20,22 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, TypeVar, cast
 
-from ..errors import ConnectionFailedError, RemoteExecutorError
+from ..errors import ConnectionFailedError, FrameTooLargeError, RemoteExecutorError
 from ..logsafe import printable
 from ..netio import retry_with_backoff
 from ..pools import pool_of_url
 from ..transports.base import EXIT_STOPPED, EXIT_UNREACHABLE, WorkerCore, WorkerSettings
-from ..wire.frames import FAILED, Frame, Kind, Status
-from ..wire.messages import announced_limit, hello, oversize, rejection, split_limit
-from ..wire.serialization import Parts, error_outcome
+from ..wire.frames import FAILED, LIMITED, Frame, Kind, Status, frame_size
+from ..wire.messages import announced_limit, hello, rejection, split_limit, too_large_message
+from ..wire.serialization import error_outcome
 from .client import POLL_SLICE, Channel, Connector, open_session
 
 log = logging.getLogger("remote_executor.worker")
 
 FOREVER = float("inf")
+_T = TypeVar("_T")
 
 
 def run_worker(servers: Sequence[tuple[str, Connector]], settings: WorkerSettings, core: WorkerCore) -> int:
@@ -145,6 +146,8 @@ class _Session:
         self.stopped = threading.Event()
         self.last_send = self.last_recv = time.monotonic()
         self.drain_sent = False
+        self.keyed = settings.key is not None
+        self.max_frame = announced_limit(channel.welcome)  # the largest frame the job server takes
 
     def run(self) -> int | None:
         beat = threading.Thread(target=self._beat_while_busy, name="remote-executor-heartbeat", daemon=True)
@@ -173,11 +176,9 @@ class _Session:
                     continue
                 self.last_recv = now
             if frame.kind == Kind.TASK:
-                limit, parts = split_limit(frame)
-                self._reply(Kind.RESULT, frame.a, self._run_call, frame.b, parts, limit,
-                            lambda tid=frame.a: self._report_timeout(tid))
+                self._task(frame)
             elif frame.kind == Kind.INIT:
-                self._reply(Kind.INIT_FAILED, frame.a, self._initialize, frame.a, frame.parts)
+                self._initialize(frame)
             elif frame.kind == Kind.DRAIN:
                 if frame.b:  # remote-executor stop --workers
                     log.info("the job server %s was stopped with its workers; exiting for good", self.url)
@@ -188,41 +189,47 @@ class _Session:
                 log.error("%s closed this worker: %s", self.url, printable(rejection(frame, self.url)))
                 return 2
 
-    def _run_call(self, executor_id: int, parts: Parts, limit: float | None,
-                  on_timeout: Callable[[], object]) -> tuple[Parts, int]:
-        """A TASK's outcome, and the RESULT's flags: FAILED if the outcome is an error (status counts it)."""
-        outcome, failed = self.core.run_reporting(executor_id, parts, limit, on_timeout)
-        return outcome, FAILED if failed else 0
+    def _task(self, frame: Frame) -> None:
+        """Run a TASK and answer it with its RESULT, FAILED if the outcome is an error (status counts it)."""
+        limit, parts = split_limit(frame) if frame.flags & LIMITED else (None, frame.parts)
+        on_timeout = None if limit is None else (lambda tid=frame.a: self._report_timeout(tid))
+        outcome, failed = self._run(self.core.run_reporting, frame.b, parts, limit, on_timeout)
+        self._answer(Frame(Kind.RESULT, a=frame.a, parts=outcome, flags=FAILED if failed else 0), "the result")
 
-    def _initialize(self, executor_id: int, parts: Parts) -> tuple[Parts, int] | None:
-        """An INIT: nothing if the initializer ran (or had run) fine, else its error outcome."""
-        failure = self.core.initialize(executor_id, parts)
-        return None if failure is None else (failure, 0)
+    def _initialize(self, frame: Frame) -> None:
+        """Run an INIT; answer INIT_FAILED with its error outcome if the initializer raised (or had)."""
+        failure = self._run(self.core.initialize, frame.a, frame.parts)
+        if failure is not None:
+            self._answer(Frame(Kind.INIT_FAILED, a=frame.a, parts=failure), "the initializer's error")
 
-    def _reply(self, kind: Kind, a: int, work: Callable[..., tuple[Parts, int] | None], *args: Any) -> None:
-        """Run ``work`` with the heartbeat thread covering for us; send its parts and flags (if any) as
-        ``kind``."""
+    def _run(self, work: Callable[..., _T], *args: Any) -> _T:
+        """``work(*args)`` on the thread that runs calls, with the heartbeat thread covering for us."""
         self.busy = True
         try:
-            result = self.runner(work, *args)
+            if self.runner is _run_here:  # one server: no runner layer on every call's path
+                return work(*args)
+            return cast(_T, self.runner(work, *args))
         finally:
             with self.lock:
                 self.busy = False
-        if result is not None:
-            reply = Frame(kind, a=a, parts=result[0], flags=result[1])
-            error = oversize(reply, self.settings.key is not None, announced_limit(self.channel.welcome),
-                             "the result" if kind == Kind.RESULT else "the initializer's error")
-            if error is not None:  # sent, it would only cost this connection, and the call its retries
+
+    def _answer(self, reply: Frame, what: str) -> None:
+        """Send ``reply`` (DRAIN first, if SIGTERM asked for it), or an error outcome in its place if it is
+        larger than the job server takes."""
+        if self.max_frame is not None:
+            size = frame_size(reply, self.keyed)
+            if size > self.max_frame:  # sent, it would only cost this connection, and the call its retries
+                error = FrameTooLargeError(too_large_message(what, size, self.max_frame))
                 log.warning("%s", error)
                 reply.parts = error_outcome(error)
-                reply.flags |= FAILED if kind == Kind.RESULT else 0
-            with self.lock:
-                if self.settings.drain.is_set() and not self.drain_sent:
-                    # DRAIN before the result: the server marks us draining before our slot frees, so no
-                    # queued call can be handed to a worker that is about to exit.
-                    self._send(Frame(Kind.DRAIN))
-                    self.drain_sent = True
-                self._send(reply)
+                reply.flags |= FAILED if reply.kind == Kind.RESULT else 0
+        with self.lock:
+            if self.settings.drain.is_set() and not self.drain_sent:
+                # DRAIN before the result: the server marks us draining before our slot frees, so no
+                # queued call can be handed to a worker that is about to exit.
+                self._send(Frame(Kind.DRAIN))
+                self.drain_sent = True
+            self._send(reply)
 
     def _report_timeout(self, tid: int) -> None:
         """From the watchdog thread, just before this process exits: the call ``tid`` ran out of time."""

@@ -19,12 +19,11 @@ exception that cannot be pickled there or unpickled here arrives as :class:`Remo
 
 from __future__ import annotations
 
-import contextlib
 import io
 import pickle
 import types
 from collections import ChainMap
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from types import FunctionType
 from typing import Any
 
@@ -56,6 +55,8 @@ def dumps(obj: object) -> Parts:
         _FastPickler(stream, PROTOCOL, buffer_callback=buffers.append).dump(obj)
     except Exception:
         return _cloudpickle_dumps(obj)
+    if not buffers:  # most outcomes: no generator to run for nothing (this is every call's result)
+        return [stream.getvalue()]
     return [stream.getvalue(), *(buf.raw() for buf in buffers)]
 
 
@@ -213,7 +214,7 @@ def run_task_reporting(parts: Sequence[Buffer], worker: str | None = None) -> tu
     could not be unpickled, or its result pickled): what a worker counts as failed, known without
     unpickling the outcome again."""
     try:
-        envelope = loads(parts)
+        envelope = pickle.loads(parts[0], buffers=parts[1:])  # loads(), inline: this is every call's path
         wrong = _bad_envelope(envelope)
         fn: Any = None if wrong is not None else _function(envelope[1])
     except BaseException as exc:
@@ -226,8 +227,12 @@ def run_task_reporting(parts: Sequence[Buffer], worker: str | None = None) -> tu
         return error_outcome(SerializationError(f"the worker received no call it can run: {wrong}")), True
     chunk = envelope[0] == "chunk"
     wanted = worker is not None and len(envelope) > (3 if chunk else 4) and envelope[-1] is True
-    with _capturing(wanted) as pieces:
+    pieces: list[Piece] | None = None
+    if not wanted:  # no context manager when nothing is captured: it costs six Python calls per call
         result = _run_chunk(fn, envelope[2]) if chunk else _run_call(fn, envelope[2], envelope[3])
+    else:
+        with captured() as pieces:
+            result = _run_chunk(fn, envelope[2]) if chunk else _run_call(fn, envelope[2], envelope[3])
     output = None if pieces is None or worker is None else (worker, pieces)
     failed = result[0] == "raise" or (chunk and result[2] is not None)
     encoded, pickled = _encode_outcome(fn, result, output)
@@ -256,15 +261,6 @@ def _run_chunk(fn: Callable[..., Any], items: Iterable[tuple[Any, ...]]) -> tupl
             error = encode_error(exc, skip_frames=1)
             break
     return ("chunk", values, error)
-
-
-@contextlib.contextmanager
-def _capturing(wanted: bool) -> Iterator[list[Piece] | None]:
-    if not wanted:
-        yield None
-        return
-    with captured() as pieces:
-        yield pieces
 
 
 def _encode_outcome(fn: Callable[..., Any], result: tuple[Any, ...], output: Output | None) -> tuple[Parts, bool]:

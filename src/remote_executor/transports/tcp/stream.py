@@ -8,6 +8,7 @@ The same over TLS is in :mod:`.tlsstream`, which only a TLS client, worker or se
 from __future__ import annotations
 
 import contextlib
+import itertools
 import selectors
 import socket
 import time
@@ -48,7 +49,10 @@ class Connection:
 
     def queue(self, frame: Frame) -> None:
         """Queue a frame; :meth:`flush` sends it."""
-        self._out.extend(memoryview(b).cast("B") for b in encode(frame, self.send_mac) if len(b))
+        out = self._out
+        for buf in encode(frame, self.send_mac):  # a loop, not a generator: every frame passes here
+            if len(buf):
+                out.append(memoryview(buf) if type(buf) is bytes else memoryview(buf).cast("B"))
 
     @property
     def mid_frame(self) -> bool:
@@ -80,13 +84,17 @@ class Connection:
 
     def flush(self) -> bool:
         """Send as much as the socket takes; True when everything queued is sent."""
-        while self._out:
-            batch = [self._out[i] for i in range(min(len(self._out), IOV_MAX))]
+        out = self._out
+        while out:
+            batch = list(out) if len(out) <= IOV_MAX else list(itertools.islice(out, IOV_MAX))
             try:
                 sent = self.sock.sendmsg(batch, (), self.io_flags)
             except (BlockingIOError, InterruptedError):
                 return False
-            self._advance(sent)
+            if len(batch) == len(out) and sent == sum(map(len, batch)):
+                out.clear()  # the common case, everything sent at once: nothing to walk through
+            else:
+                self._advance(sent)
         return True
 
     def _advance(self, sent: int) -> None:
@@ -182,7 +190,7 @@ class TcpChannel(Channel):
         return frames
 
     def next_frame(self, timeout: float) -> Frame | None:
-        if self.ready or not self._blocking or timeout <= 0 or self._conn.wants_write:
+        if self.ready or not self._blocking or timeout <= 0 or self._conn._out:  # _out: wants_write, uncalled
             return super().next_frame(timeout)
         # Wait inside recv (its kernel timeout is POLL_SLICE): a frame due within ``timeout`` is taken as
         # soon as it arrives; the answer comes at most one POLL_SLICE after ``timeout`` when none does.

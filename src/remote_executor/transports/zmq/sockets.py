@@ -34,7 +34,7 @@ import zmq.utils.z85
 from ...errors import ConnectionFailedError, ProtocolError, TransportError
 from ...jobserver.client import POLL_SLICE, Channel
 from ...netio import Waker
-from ...wire.frames import Frame, Limits, decode_parts, encode, parse_prefix
+from ...wire.frames import Frame, Limits, Prefix, decode_parts, encode, parse_prefix
 from ...wire.serialization import Buffer
 from ...wire.session import Mac, as_mac
 
@@ -44,6 +44,10 @@ COPY_THRESHOLD = 64 * 1024
 # in-flight window bounds what is on the wire long before these are reached; they are the backstop.
 HWM = 1000
 CURVE_SERVER_KEY_ENV = "REMOTE_EXECUTOR_CURVE_SERVER_KEY"  # worker side: the server's public key file
+# Flags as plain ints: a pyzmq flag's ``|`` is two Python-level calls, paid per part of every frame (as is
+# reading ``sock.rcvmore``: parts are received as zmq.Frame objects, whose ``more`` costs none).
+_SNDMORE = int(zmq.SNDMORE)
+_NOBLOCK = int(zmq.NOBLOCK)
 
 
 def endpoint(host: str, port: int | str) -> str:
@@ -58,11 +62,12 @@ def send_frame(sock: zmq.Socket[Any], buffers: Sequence[Buffer], route: bytes | 
 
     With ``zmq.NOBLOCK`` in ``flags``, ``zmq.Again`` means nothing was sent (libzmq queues a multipart
     message atomically once its first part is accepted)."""
+    flags = int(flags)
     if route is not None:
-        sock.send(route, flags | zmq.SNDMORE)
+        sock.send(route, flags | _SNDMORE)
     last = len(buffers) - 1
     for i, buf in enumerate(buffers):
-        more = zmq.SNDMORE if i < last else 0
+        more = _SNDMORE if i < last else 0
         if i == 0 or memoryview(buf).nbytes < COPY_THRESHOLD:
             sock.send(buf, flags | more)
         else:
@@ -74,8 +79,14 @@ def recv_frame(sock: zmq.Socket[Any], key: Mac | None, limits: Limits, flags: in
 
     The whole message is always consumed, so a malformed one (``ProtocolError``) leaves the socket at the
     start of the next message."""
-    prefix = sock.recv(flags)
-    return decode_parts(prefix, recv_rest(sock, prefix, limits, key is not None), key, limits)
+    head = sock.recv(flags, copy=False)
+    prefix = head.bytes
+    try:
+        parsed = parse_prefix(prefix, key is not None, limits)
+    except ProtocolError:
+        parsed = None  # still consume the whole message; decode_parts says what is wrong with it
+    # decode_parts takes the prefix parsed here, once: it checks the rest (the parts against it, the HMAC)
+    return decode_parts(prefix, _recv_parts(sock, parsed, limits, head.more), key, limits, parsed=parsed)
 
 
 def recv_rest(sock: zmq.Socket[Any], prefix: bytes, limits: Limits, keyed: bool = False) -> list[Buffer]:
@@ -84,18 +95,24 @@ def recv_rest(sock: zmq.Socket[Any], prefix: bytes, limits: Limits, keyed: bool 
         parsed = parse_prefix(prefix, keyed, limits)
     except ProtocolError:
         parsed = None  # still consume the whole message; decode_parts says what is wrong with it
+    return _recv_parts(sock, parsed, limits, bool(sock.rcvmore))
+
+
+def _recv_parts(sock: zmq.Socket[Any], parsed: Prefix | None, limits: Limits, more: bool) -> list[Buffer]:
+    """The rest of a message (``more``: there is some), as :func:`recv_rest` describes it."""
     sizes = parsed.lengths if parsed is not None else ()
     parts: list[Buffer] = []
     excess = 0
-    while sock.rcvmore:
+    while more:
+        part = sock.recv(copy=False)
+        more = part.more
         index = len(parts)
         if index >= limits.max_parts:
-            sock.recv()  # drain the message, then refuse it
-            excess += 1
+            excess += 1  # drain the message, then refuse it
         elif index < len(sizes) and sizes[index] >= COPY_THRESHOLD:
-            parts.append(sock.recv(copy=False).buffer)
+            parts.append(part.buffer)
         else:
-            parts.append(sock.recv())
+            parts.append(part.bytes)
     if excess:
         raise ProtocolError(f"message of more than {limits.max_parts} parts")
     return parts
@@ -265,7 +282,7 @@ class ZmqChannel(Channel):
     def flush(self) -> bool:
         try:
             while self._backlog:
-                send_frame(self._sock, self._backlog[0], flags=zmq.NOBLOCK)
+                send_frame(self._sock, self._backlog[0], flags=_NOBLOCK)
                 self._backlog.popleft()
         except zmq.Again:
             # A refused handshake can end the connection before the first send: the DEALER then has
@@ -281,7 +298,7 @@ class ZmqChannel(Channel):
         frames: list[Frame] = []
         try:
             while True:
-                frames.append(recv_frame(self._sock, self._recv_mac, self._limits, zmq.NOBLOCK))
+                frames.append(recv_frame(self._sock, self._recv_mac, self._limits, _NOBLOCK))
         except zmq.Again:
             return frames
         except zmq.ZMQError as exc:
