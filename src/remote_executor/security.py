@@ -223,10 +223,9 @@ def check_bind(host: str, key: bytes | None, insecure: bool) -> None:
 
 def server_key(host: str, key: bytes | None, insecure: bool) -> bytes | None:
     """The key a job server of ours listens with: the one given, else the key :func:`resolve_key` finds
-    (the per-user key unless ``insecure``); then :func:`check_bind`. (An embedded cluster's server always
-    has a key of its own.)"""
-    if key is None:
-        key = resolve_key(insecure=insecure)
+    (the per-user key unless ``insecure``), normalized (:func:`normalize_key`) before anything is bound;
+    then :func:`check_bind`. (An embedded cluster's server always has a key of its own.)"""
+    key = resolve_key(insecure=insecure) if key is None else normalize_key(key)
     check_bind(host, key, insecure)
     return key
 
