@@ -1,9 +1,11 @@
 """Where keys come from, how key files are kept, and which addresses may be used without a key.
 
-One resolver (:func:`resolve_key`) serves the Python API, the command line and the worker process. When no
-key is given anywhere, servers, workers and clients of one user share an automatically generated key in a
-file only that user can read (:func:`user_key`, as Jupyter's connection files do), so another local user
-can neither attach to a cluster nor feed it pickles. Running without a key takes an explicit ``insecure``.
+One rule (:func:`normalize_key`: surrounding whitespace is never part of a key) holds for every key, however
+it enters, and one resolver (:func:`resolve_key`) serves the Python API, the command line and the worker
+process. When no key is given anywhere, servers, workers and clients of one user share an automatically
+generated key in a file only that user can read (:func:`user_key`, as Jupyter's connection files do), so
+another local user can neither attach to a cluster nor feed it pickles. Running without a key takes an
+explicit ``insecure``.
 """
 
 from __future__ import annotations
