@@ -38,7 +38,7 @@ from remote_executor.transports.gearman.gearmand import GearmandProcess
 from remote_executor.transports.gearman.jobs import JobCodec
 from remote_executor.transports.tcp.server import TcpServer
 
-from .conftest import FAST_HEARTBEAT
+from .conftest import FAST_HEARTBEAT, wait_for
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
 
@@ -74,6 +74,10 @@ def worker_thread(settings: WorkerSettings) -> Iterator[None]:
                               name="test-keys-worker")
     thread.start()
     try:
+        # Serving: attached, and done with its lazy imports. Python 3.11 can fail an import that pytest
+        # rewrites while another thread imports too ("AST constructor recursion depth mismatch").
+        wait_for(lambda: settings.serving.is_set() or not thread.is_alive(), what="the worker to serve")
+        assert settings.serving.is_set(), f"the worker loop ended with {done} before serving"
         yield
     finally:
         settings.drain.set()
