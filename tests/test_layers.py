@@ -104,7 +104,7 @@ ALLOWED = {
     "tls": {"errors", "logsafe"},
     "pools": {"errors", "logsafe"},
     "wire": {"errors", "logsafe", "wire"},
-    "contracts": {"errors", "logsafe", "wire"},
+    "contracts": {"errors", "logsafe", "security", "wire"},  # settings keep keys by the one rule
     "jobserver": {"errors", "logsafe", "security", "netio", "tls", "pools", "wire", "contracts", "jobserver",
                   "transports"},
     "scheme": {"errors", "logsafe", "security", "netio", "tls", "pools", "wire", "contracts", "jobserver", "scheme",

@@ -1,9 +1,11 @@
 """Where keys come from, how key files are kept, and which addresses may be used without a key.
 
-One resolver (:func:`resolve_key`) serves the Python API, the command line and the worker process. When no
-key is given anywhere, servers, workers and clients of one user share an automatically generated key in a
-file only that user can read (:func:`user_key`, as Jupyter's connection files do), so another local user
-can neither attach to a cluster nor feed it pickles. Running without a key takes an explicit ``insecure``.
+One rule (:func:`normalize_key`: surrounding whitespace is never part of a key) holds for every key, however
+it enters, and one resolver (:func:`resolve_key`) serves the Python API, the command line and the worker
+process. When no key is given anywhere, servers, workers and clients of one user share an automatically
+generated key in a file only that user can read (:func:`user_key`, as Jupyter's connection files do), so
+another local user can neither attach to a cluster nor feed it pickles. Running without a key takes an
+explicit ``insecure``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 import shlex
 import socket
 from pathlib import Path
+from typing import TypeAlias, overload
 
 from .errors import TransportError
 
@@ -23,7 +26,46 @@ KEY_FILE_ENV = "REMOTE_EXECUTOR_KEY_FILE"  # where the per-user key lives (defau
 SECRET_ENVS = (KEY_ENV, KEY_HEX_ENV)  # removed from a worker's environment once read
 
 USER_KEY_BYTES = 32
+GENERATED_KEY_BYTES = 32  # 256 bits of entropy, hex-encoded (64 characters) by :func:`generate_key`
 MAX_KEY_FILE = 1 << 16  # a key file is a few bytes; /dev/zero or a log file by mistake is not read whole
+
+
+KeyLike: TypeAlias = bytes | bytearray | memoryview | str
+
+
+@overload
+def normalize_key(key: None, *, source: str = ...) -> None: ...
+@overload
+def normalize_key(key: KeyLike, *, source: str = ...) -> bytes: ...
+def normalize_key(key: KeyLike | None, *, source: str = "the key") -> bytes | None:
+    """A key as every entry point keeps it: bytes without surrounding ASCII whitespace (a key file, an
+    environment variable or a line typed at a prompt ends in a newline, and a key must be the same key
+    wherever it is given), ``None`` for no key. A ``str`` is UTF-8 encoded first.
+
+    A key that is empty after stripping is a :class:`ValueError` (never a silent "no key"); ``source`` names
+    where it came from in that message. The key itself is never part of a message."""
+    if key is None:
+        return None
+    if isinstance(key, str):
+        raw = key.encode()
+    elif isinstance(key, (bytes, bytearray, memoryview)):
+        raw = bytes(key)
+    else:
+        raise TypeError(f"a key must be bytes or str, not {type(key).__name__}")
+    raw = raw.strip()
+    if not raw:
+        raise ValueError(f"{source} is empty once surrounding whitespace (never part of a key) is removed: "
+                         f"an empty key is no key (pass none to run without one)")
+    return raw
+
+
+def generate_key() -> bytes:
+    """A fresh random key for a cluster of our own: 256 bits, hex-encoded, so it has no whitespace to lose
+    to :func:`normalize_key` and survives a key file, a command's standard input or an environment variable
+    unchanged."""
+    import secrets  # imported here: only a process that makes a cluster needs it
+
+    return secrets.token_hex(GENERATED_KEY_BYTES).encode()
 
 
 def resolve_key(
@@ -38,8 +80,8 @@ def resolve_key(
     created on first use. ``insecure`` (or ``per_user=False``, for the embedded clusters, which have a
     secret of their own) turns that last step off: no key given means no key.
 
-    Surrounding whitespace is stripped from every source alike (a key file ends in a newline); a key or
-    key file that is empty after that is an error, never a silent "no key", and so is a ``key`` string that
+    Surrounding whitespace is stripped from every source alike (:func:`normalize_key`); a key or key file
+    that is empty after that is an error, never a silent "no key", and so is a ``key`` string that
     names an existing file (``key_file`` reads one). An empty environment variable counts as unset. A key
     file that others may read or write is refused (:func:`read_key_file`)."""
     if key is not None and key_file is not None:
@@ -50,15 +92,12 @@ def resolve_key(
         if isinstance(key, str) and key.strip() and os.path.isfile(key):  # never a file's name taken as the key
             raise ValueError(f"key={key!r} names a file: pass key_file={key!r} to read the key from it "
                              f"(or the key itself, as key=...)")
-        raw = (key.encode() if isinstance(key, str) else bytes(key)).strip()
-        if not raw:
-            raise ValueError("the key is empty: an empty key is no key (pass none to run without one)")
-        return raw
+        return normalize_key(key)
     if key_file is not None:
         return read_key_file(key_file)
-    raw = os.environ.get(KEY_ENV, "").encode().strip()
-    if raw:
-        return raw
+    from_env = os.environ.get(KEY_ENV, "").encode()
+    if from_env.strip():  # empty or blank: unset
+        return normalize_key(from_env)
     return None if insecure or not per_user else user_key()
 
 
@@ -73,9 +112,7 @@ def read_key_file(path: str | os.PathLike[str], *, own: bool = False) -> bytes:
         raw = f.read(MAX_KEY_FILE + 1)
     if len(raw) > MAX_KEY_FILE:
         raise ValueError(f"key file {name!r} is larger than {MAX_KEY_FILE} bytes: is it really a key?")
-    raw = raw.strip()
-    if not raw:
-        raise ValueError(f"key file {name!r} is empty: an empty key is no key (pass none to run without one)")
+    raw = normalize_key(raw, source=f"key file {name!r}")
     if os.name == "posix" and info.st_mode & 0o077:
         raise PermissionError(f"key file {name!r} is accessible by others (mode {info.st_mode & 0o777:04o}); "
                               f"a key must be secret: chmod 600 {shlex.quote(name)}")
@@ -188,10 +225,9 @@ def check_bind(host: str, key: bytes | None, insecure: bool) -> None:
 
 def server_key(host: str, key: bytes | None, insecure: bool) -> bytes | None:
     """The key a job server of ours listens with: the one given, else the key :func:`resolve_key` finds
-    (the per-user key unless ``insecure``); then :func:`check_bind`. (An embedded cluster's server always
-    has a key of its own.)"""
-    if key is None:
-        key = resolve_key(insecure=insecure)
+    (the per-user key unless ``insecure``), normalized (:func:`normalize_key`) before anything is bound;
+    then :func:`check_bind`. (An embedded cluster's server always has a key of its own.)"""
+    key = resolve_key(insecure=insecure) if key is None else normalize_key(key)
     check_bind(host, key, insecure)
     return key
 
@@ -208,14 +244,23 @@ def check_connect(hosts: list[str], key: bytes | None, insecure: bool, role: str
 
 
 def key_to_env(key: bytes | None) -> dict[str, str]:
-    """Environment that makes :func:`key_from_env` return ``key`` in a child process."""
+    """Environment that makes :func:`key_from_env` return ``key`` (normalized) in a child process."""
+    key = normalize_key(key)
     return {} if key is None else {KEY_HEX_ENV: key.hex()}
 
 
 def key_from_env(*, insecure: bool = False) -> bytes | None:
-    """The key a parent handed down, else what :func:`resolve_key` finds."""
+    """The key a parent handed down (normalized like any other key: the bytes a parent hex-encodes may
+    come from anywhere), else what :func:`resolve_key` finds."""
     hexed = os.environ.get(KEY_HEX_ENV)
-    return bytes.fromhex(hexed) if hexed else resolve_key(insecure=insecure)
+    if not hexed:
+        return resolve_key(insecure=insecure)
+    try:
+        raw = bytes.fromhex(hexed)
+    except ValueError:  # the message would quote the secret's digits: say only what is wrong
+        raise ValueError(f"${KEY_HEX_ENV} is not hexadecimal: it holds a key as hex digits "
+                         f"(two per byte)") from None
+    return normalize_key(raw, source=f"${KEY_HEX_ENV}")
 
 
 def take_worker_secrets(*, insecure: bool = False) -> bytes | None:

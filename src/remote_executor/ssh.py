@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import re
-import secrets
 import shlex
 import shutil
 import socket
@@ -45,6 +44,7 @@ from typing import IO, Any
 from .errors import TransportError
 from .netio import Backoff
 from .pools import DEFAULT_POOL, is_pool_name
+from .security import generate_key, normalize_key
 from .ssh_servers import (
     GEARMAND_PORT,
     SCHEMES,
@@ -408,6 +408,18 @@ def _close(stream: IO[bytes] | None) -> None:
             stream.close()
 
 
+def _cluster_key(key: bytes | None) -> bytes:
+    """The cluster's key: the one given, normalized as every key is, else a fresh one. The hosts read it as
+    the first line of their standard input, so a key with a line break inside could never reach them."""
+    if key is None:
+        return generate_key()
+    key = normalize_key(key, source="the cluster's key")
+    if b"\n" in key:
+        raise ValueError("the cluster's key reaches the hosts as one line: it cannot contain a line break "
+                         "(hex-encode a binary key: key=key.hex().encode())")
+    return key
+
+
 # --- the job server and the hosts' workers -----------------------------------------------------------------
 
 
@@ -459,7 +471,7 @@ class SSHJobServer:
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
         self.restart_hosts = restart_hosts
-        self.key = key if key is not None else secrets.token_hex(32).encode()
+        self.key = _cluster_key(key)
         if transport not in SCHEMES:
             raise ValueError(f"an SSH cluster's transport is one of {', '.join(SCHEMES)}, not {transport!r}")
         self.transport = transport

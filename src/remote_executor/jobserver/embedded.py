@@ -8,12 +8,11 @@ executor talks to the server in-process, without a socket hop.
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..pools import DEFAULT_POOL
-from ..security import key_to_env
+from ..security import generate_key, key_to_env
 from ..transports.base import (
     Call,
     ClientTransport,
@@ -35,7 +34,7 @@ class EmbeddedJobServer(EmbeddedServer):
 
     def __init__(self, options: Options, make_server: ServerFactory) -> None:
         self.options = options
-        self.key = options.key if options.key is not None else secrets.token_bytes(32)
+        self.key = options.key if options.key is not None else generate_key()
         settings = ServerSettings(key=self.key, limits=options.limits(),
                                   heartbeat_interval=options.heartbeat_interval,
                                   heartbeat_timeout=options.heartbeat_timeout)

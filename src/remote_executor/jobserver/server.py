@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 from ..errors import ProtocolError
 from ..netio import Waker
+from ..security import normalize_key
 from ..transports.base import ServerSettings
 from ..wire.frames import Frame, Kind, Limits
 from ..wire.session import NONCE_SIZE, Mac, new_nonce, session_macs
@@ -84,7 +85,7 @@ class ServerCore(abc.ABC):
                  heartbeat_interval: float, heartbeat_timeout: float) -> None:
         """Called by a concrete server once it listens on ``host:port``."""
         self.host, self.port = host, port
-        self._key = key
+        self._key = normalize_key(key)  # a server built directly keeps keys as every other entry point does
         self._limits = limits
         self._waker = Waker()
         self._next_conn = 1  # socket connection ids; in-process links count from LOCAL_CONN_BASE

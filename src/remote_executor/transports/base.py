@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 from ..errors import INITIALIZER_FAILED, BrokenRemoteExecutor, InitializerFailed, TransportError
+from ..security import normalize_key
 from ..wire.frames import DEFAULT_LIMITS, Limits, Status
 from ..wire.messages import timed_out_error, worker_lost_error
 from ..wire.output import Output
@@ -101,6 +102,9 @@ class Options:
     reconnect_timeout: float = 30.0
     connect_timeout: float = 10.0
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", normalize_key(self.key))  # the one rule for keys, however built
 
     def limits(self) -> Limits:
         """Frame limits from ``limits={...}`` among the extra options (the defaults otherwise)."""
@@ -227,6 +231,9 @@ class WorkerSettings:
     extra: dict[str, Any] = field(default_factory=dict)  # backend-specific (TLS or CURVE files), as Options.extra
     pool: str | None = None  # the worker pool to serve (None: the URL's path, else the default pool)
 
+    def __post_init__(self) -> None:
+        self.key = normalize_key(self.key)  # the one rule for keys: a worker and its clients agree on it
+
 
 class WorkerCore:
     """Runs calls for any number of executors; remembers which initializers ran (and how).
@@ -317,6 +324,9 @@ class ServerSettings:
     heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 10.0
     extra: dict[str, Any] = field(default_factory=dict)  # backend-specific (e.g. a CURVE secret key file)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", normalize_key(self.key))  # frozen: set once, here
 
 
 class JobServer(Protocol):

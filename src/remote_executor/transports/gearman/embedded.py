@@ -10,12 +10,11 @@ and stopped by an owner thread, because the kernel kills it when the thread that
 
 from __future__ import annotations
 
-import secrets
 import threading
 from dataclasses import replace
 
 from ...errors import TransportError
-from ...security import key_to_env
+from ...security import generate_key, key_to_env
 from ...wire.aead import require_cryptography
 from ..base import ClientTransport, EmbeddedServer, Options, Session
 from .codec import GearmanError
@@ -36,7 +35,7 @@ class EmbeddedGearmand(EmbeddedServer):
         self.options = options
         self.workers = workers
         self.job_retries = session.max_retries + 1
-        self.key = options.key if options.key is not None else secrets.token_bytes(32)
+        self.key = options.key if options.key is not None else generate_key()
         self.gearmand: GearmandProcess | None = None
         self._launched = threading.Event()  # gearmand runs, on a port known, but may not accept yet
         self._started = threading.Event()  # it accepts connections, or could not start (self._error)

@@ -47,6 +47,7 @@ from typing import Final
 
 from ...errors import AuthenticationError, ProtocolError
 from ...pools import DEFAULT_POOL, pool_of_url
+from ...security import normalize_key
 from ...wire.aead import Sealer, is_sealed
 from ...wire.frames import DEFAULT_LIMITS, LIMITED, Frame, Kind, Limits, decode_whole, encode
 from ...wire.messages import split_limit
@@ -151,6 +152,7 @@ class JobCodec:
     def __init__(self, key: bytes | None, function: bytes, *, limits: Limits = DEFAULT_LIMITS) -> None:
         self.function = function
         self.limits = limits
+        key = normalize_key(key)  # the rule every entry point keeps, so clients and workers agree on the key
         self._sealer = None if key is None else Sealer(key, AEAD_PURPOSE, what="a gearman key (encrypted jobs)")
 
     @property
