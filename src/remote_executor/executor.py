@@ -203,7 +203,11 @@ class _Core:
             self.outstanding += 1
             if self.capacity <= 0 or self.starved_since is not None:  # else _check_starved has nothing to do
                 self._check_starved()
-        self.dispatch()
+            # A full window: whoever frees a place next (a result, more capacity) dispatches after that,
+            # under this lock, and finds this call pending then.
+            full = len(self.in_flight) >= self.window
+        if not full:
+            self.dispatch()
         return future
 
     def dispatch(self) -> None:
