@@ -168,6 +168,8 @@ class _Core:
         self.idle = threading.Condition(self.lock)
         self.closed = threading.Event()
         self.pending: deque[_WorkItem] = deque()
+        # Whatever removes a call from in_flight (or widens the window) must call dispatch() afterwards:
+        # enqueue() does not dispatch when it finds the window full, relying on that.
         self.in_flight: dict[int, _WorkItem] = {}
         # A broadcast's calls, one per worker: outside the window (they neither wait in "pending" nor take a
         # place of "in_flight"), but outstanding like any call, so shutdown waits for them.

@@ -122,6 +122,11 @@ class ServerCore(abc.ABC):
         self._loop_thread = thread
         self._loop_ident = None if thread is None else thread.ident
 
+    def loop_ended(self) -> None:
+        """Called by the loop thread as it returns: the thread id it leaves may be given to a new thread,
+        which must not pass for the loop's (``_poke`` would neither pump nor wake anything for it)."""
+        self._loop_ident = None
+
     @property
     def url(self) -> str:
         """Where clients and workers connect."""

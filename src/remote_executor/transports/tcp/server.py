@@ -180,6 +180,7 @@ class TcpServer(ServerCore):
         finally:
             with self.drive_lock:
                 self._close_all()
+            self.loop_ended()
 
 
     # --- events ------------------------------------------------------------------------------------

@@ -91,8 +91,9 @@ class Connection:
                 sent = self.sock.sendmsg(batch, (), self.io_flags)
             except (BlockingIOError, InterruptedError):
                 return False
-            if len(batch) == len(out) and sent == sum(map(len, batch)):
-                out.clear()  # the common case, everything sent at once: nothing to walk through
+            if sent == sum(map(len, batch)):  # the common case, the whole batch sent: nothing to walk through
+                for _ in batch:
+                    out.popleft()  # exactly what was sent (never a frame queued meanwhile)
             else:
                 self._advance(sent)
         return True

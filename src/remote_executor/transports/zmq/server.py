@@ -159,6 +159,7 @@ class ZmqServer(ServerCore):
                 self._pump_all()
         finally:
             self._close_all()
+            self.loop_ended()
 
 
     # --- input ---------------------------------------------------------------------------------------
