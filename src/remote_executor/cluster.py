@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from . import forkserver
+from . import forkhere, forkserver
 from .errors import BrokenRemoteExecutor, TransportError
 from .supervisor import Supervisor
 from .transports import get_backend, scheme_of
@@ -30,7 +30,9 @@ from .transports.base import (
 from .wire.serialization import Parts
 
 DEFAULT_SCHEME = "tcp"
-_FORKED_SCHEMES = frozenset({"tcp", "zmq", "gearman"})  # built-in schemes whose bare name starts local workers
+# The built-in schemes whose bare name starts local workers, and their Backend.embedded_listens_first (known
+# here without importing the backend, so that the fork server starts before that import, not after it).
+_FORKED_SCHEMES = {"tcp": True, "zmq": False, "gearman": False}
 
 
 def make_transport(spec: str | ClientTransport | None, options: Options) -> ClientTransport:
@@ -41,11 +43,12 @@ def make_transport(spec: str | ClientTransport | None, options: Options) -> Clie
     url = DEFAULT_SCHEME if spec is None else spec
     if not isinstance(url, str):
         raise TypeError(f"transport must be None, a URL string or a ClientTransport, not {type(url).__name__}")
-    if "://" not in url and scheme_of(url) in _FORKED_SCHEMES:
+    scheme = scheme_of(url)
+    if "://" not in url and scheme in _FORKED_SCHEMES and not (_FORKED_SCHEMES[scheme] and forkhere.possible()):
         # Started first, so that it imports the worker modules while this process imports the backend and
-        # starts the job server.
-        forkserver.shared(scheme_of(url))
-    backend = get_backend(scheme_of(url))
+        # starts the job server (unless the first workers will be forked from this process).
+        forkserver.shared(scheme)
+    backend = get_backend(scheme)
     _check_options(backend, options)
     if "://" in url or backend.in_process:
         return backend.client(url, options)
@@ -90,6 +93,8 @@ class LocalCluster:
         return self.server.url
 
     def start(self) -> LocalCluster:
+        if self.backend.embedded_listens_first and forkhere.possible():
+            return self._start_forked_here()
         self.server.start()
         try:
             launched = self.server.url
@@ -104,9 +109,21 @@ class LocalCluster:
             raise
         return self
 
-    def _supervise(self, url: str) -> Supervisor:
+    def _start_forked_here(self) -> LocalCluster:
+        """Fork the workers from this process before the server's loop thread starts (the only thread then
+        is the caller's: see :mod:`.forkhere`), then start it."""
+        try:
+            self.supervisor = self._supervise(self.server.url, fork_here=True)
+            self.server.start()
+            self._wait_ready(self.options.connect_timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _supervise(self, url: str, *, fork_here: bool = False) -> Supervisor:
         supervisor = Supervisor(url, self.workers, env=self.server.worker_env(), worker_args=self.server.worker_args(),
-                                name="local-worker", fork_server=self.backend.scheme)
+                                name="local-worker", fork_server=self.backend.scheme, fork_here=fork_here)
         supervisor.start()
         return supervisor
 

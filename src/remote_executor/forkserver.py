@@ -339,7 +339,7 @@ def _preload(scheme: str) -> None:
 
 
 def _fork(sock: socket.socket, request: dict[str, Any], fds: list[int], private: tuple[int, int]) -> None:
-    threads = _thread_count()
+    threads = thread_count()
     try:
         if threads != 1:  # something imported here started one: forking now could deadlock the worker
             raise OSError(f"the fork server runs {threads} threads")
@@ -356,7 +356,7 @@ def _fork(sock: socket.socket, request: dict[str, Any], fds: list[int], private:
     sock.send(pickle.dumps(("started", request["id"], pid)))
 
 
-def _thread_count() -> int:
+def thread_count() -> int:
     """The threads of this process, the kernel's count (native threads too, which ``threading`` misses)."""
     try:
         return len(os.listdir("/proc/self/task"))
@@ -385,31 +385,42 @@ def _child(sock: socket.socket, request: dict[str, Any], fds: list[int], private
         sock.close()
         for fd in private:
             os.close(fd)
-        from .transports.base import LIFELINE_ENV, SERVING_ENV
-        from .worker import main
-
         os.chdir(request["cwd"])
         sys.path[:] = request["path"]
-        os.environ.clear()
-        os.environ.update(request["env"])
         lifeline, serving, *stdio = fds
-        for name, fd in ((LIFELINE_ENV, lifeline), (SERVING_ENV, serving)):
-            os.environ[name] = str(fd)
         for target, fd in zip(request["stdio"], stdio, strict=True):  # the executor's, as it is now
             os.dup2(fd, target)
             os.close(fd)
-        if request["quiet"]:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, 2)
-            os.close(devnull)
-        sys.argv = ["remote_executor.worker", *request["argv"]]
-        code = _run(main, request["argv"])
+        code = run_worker(request["argv"], request["env"], (lifeline, serving), quiet=request["quiet"])
     except BaseException:
         import traceback
 
         traceback.print_exc()
     finally:
         os._exit(code)
+
+
+def run_worker(argv: Sequence[str], env: Mapping[str, str], fds: tuple[int, int], *, quiet: bool) -> int:
+    """In a forked child: become ``python -m remote_executor.worker ARGV`` with ``env`` and the lifeline and
+    serving pipes ``fds`` (named in its environment by their numbers); its exit status."""
+    from .transports.base import LIFELINE_ENV, SERVING_ENV
+    from .worker import main
+
+    os.environ.clear()
+    os.environ.update(env)
+    for name, fd in zip((LIFELINE_ENV, SERVING_ENV), fds, strict=True):
+        os.environ[name] = str(fd)
+    if quiet:
+        redirect(2, os.O_WRONLY)
+    sys.argv = ["remote_executor.worker", *argv]
+    return _run(main, argv)
+
+
+def redirect(target: int, mode: int) -> None:
+    """Point ``target`` at the null device."""
+    devnull = os.open(os.devnull, mode)
+    os.dup2(devnull, target)
+    os.close(devnull)
 
 
 def _run(main: Callable[[Sequence[str]], int], argv: Sequence[str]) -> int:

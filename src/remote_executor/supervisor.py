@@ -3,7 +3,8 @@
 Each child gets a lifeline pipe (it exits the moment the supervisor dies, so workers are never orphaned)
 and, on Linux, is watched through a pidfd so a crash is noticed at once rather than by polling. With
 ``fork_server`` a child is forked by this process's fork server (:mod:`.forkserver`) instead of spawned as
-a fresh interpreter, and a spawned one where that is not possible.
+a fresh interpreter, and a spawned one where that is not possible; with ``fork_here`` too, the first
+children are forked from this process itself while it runs no other thread (:mod:`.forkhere`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from . import forkserver
+from . import forkhere, forkserver
 from .netio import Backoff
 from .transports.base import EXIT_STOPPED, EXIT_TIMED_OUT, EXIT_UNREACHABLE, LIFELINE_ENV, REFUSED, SERVING_ENV
 
@@ -77,8 +78,10 @@ class Supervisor:
         restart: bool = True,
         capture_output: bool = False,
         fork_server: str | None = None,
+        fork_here: bool = False,
     ) -> None:
-        """``fork_server``: the scheme whose workers a fork server should prepare (fork rather than spawn)."""
+        """``fork_server``: the scheme whose workers a fork server should prepare (fork rather than spawn);
+        ``fork_here``: fork the children :meth:`start` starts from this process, if it runs no other thread."""
         if processes < 1:
             raise ValueError("processes must be at least 1")
         self.url = url
@@ -91,7 +94,9 @@ class Supervisor:
         self._args = worker_args
         self._quiet = capture_output
         self._stderr = subprocess.DEVNULL if capture_output else None
-        self._fork_server = forkserver.shared(fork_server) if fork_server else None
+        self._fork_scheme = fork_server
+        self._fork_server: forkserver.ForkServer | None = None  # asked for when first needed
+        self._fork_here = fork_here
         self._children: dict[int, Child] = {}
         self._crash_backoff: dict[int, Backoff] = {}  # per child index, while it crash-loops
         self._lock = threading.Lock()
@@ -115,8 +120,11 @@ class Supervisor:
     # --- public ------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        for index in range(self.processes):
-            self._spawn(index)
+        try:
+            for index in range(self.processes):
+                self._spawn(index)
+        finally:
+            self._fork_here = False  # a child started later has the watcher thread (at least) beside it
         self._thread = threading.Thread(target=self._watch, name="remote-executor-supervisor", daemon=True)
         self._thread.start()
 
@@ -162,6 +170,12 @@ class Supervisor:
         """Fork the child if the fork server can, else spawn it; the pidfd to watch, if any (a forked
         child's exit is reported by the fork server instead, which also gives its exit status)."""
         args = [self.url, "--name", f"{self.name}-{index}", *self._args]
+        if self._fork_here and forkhere.possible():
+            here = forkhere.fork_worker(args, self._env, (lifeline, self._serving_w), quiet=self._quiet)
+            return here, _pidfd(here.pid)
+        if self._fork_server is None and self._fork_scheme is not None:
+            self._fork_server = forkserver.shared(self._fork_scheme)
+            self._fork_scheme = None  # asked once: None means spawn from now on
         if self._fork_server is not None:
             try:
                 forked = self._fork_server.spawn(args, self._env, (lifeline, self._serving_w), quiet=self._quiet)

@@ -397,6 +397,10 @@ class Backend(abc.ABC):
     # The keyword arguments of RemoteExecutor this scheme's client understands (Options.extra); another is a
     # TypeError naming it, as a misspelt argument of any function is. None: the backend does not say (any).
     client_options: ClassVar[frozenset[str] | None] = None
+    # True: the embedded server listens at its final url from its creation and starts no thread before
+    # start(), so its local workers may connect first (they wait in its listen backlog): the cluster then
+    # starts them before the server, forked from the executor's own process where that is safe.
+    embedded_listens_first: ClassVar[bool] = False
 
     @abc.abstractmethod
     def client(self, url: str, options: Options) -> ClientTransport:

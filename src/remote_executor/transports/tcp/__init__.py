@@ -32,6 +32,7 @@ class TcpBackend(JobServerBackend):
     scheme = "tcp"
     client_options = frozenset({"limits", "pool", "tls", "tls_ca", "tls_cert", "tls_key"})
     server_class = TcpServer
+    embedded_listens_first = True  # TcpServer binds in its constructor; its loop thread starts with start()
 
     def connector(self, url: str, key: bytes | None, extra: Mapping[str, Any], limits: Limits) -> Connector:
         address = split_hostports(url)[0]

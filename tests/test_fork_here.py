@@ -1,0 +1,163 @@
+"""The embedded cluster's first workers forked from the executor's own process while it runs no other thread
+(as ``ProcessPoolExecutor`` forks on Linux), and what such a worker keeps and drops of its caller.
+
+Each scenario runs in a fresh interpreter: this test process runs pytest's timeout thread, so here the
+workers always come from the fork server (tests/test_startup.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from tests.conftest import pid_alive, wait_for
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def run_script(body: str, tmp_path: Path) -> tuple[dict[str, object], str]:
+    """Run ``body`` in a fresh interpreter (warnings are errors: forking a process with threads warns on
+    3.12+); the last JSON line it prints, and everything it printed."""
+    script = tmp_path / "caller.py"
+    script.write_text(textwrap.dedent(body))
+    result = subprocess.run([sys.executable, "-W", "error", str(script)], capture_output=True, text=True,
+                            timeout=90, stdin=subprocess.PIPE, cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), str(SRC.parent)])})
+    assert result.returncode == 0, result.stderr
+    reports = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    return json.loads(reports[-1]), result.stdout
+
+
+def test_a_single_threaded_caller_forks_its_workers_and_keeps_its_connections_to_itself(tmp_path: Path) -> None:
+    report, output = run_script(
+        """
+        import atexit, json, os, signal, socket, time
+        print("printed before the executor, still in the buffer")  # stdout is a pipe: block-buffered
+        atexit.register(print, "the caller's atexit function ran")
+        import threading
+        threading._register_atexit(print, "the caller's exit hook ran")  # as executors register theirs
+        signal.signal(signal.SIGUSR1, lambda signum, frame: None)
+        ours, theirs = socket.socketpair()
+        r, w = os.pipe()
+        log = open("log.txt", "w")
+
+        from remote_executor import RemoteExecutor
+
+        def probe(fds):
+            import os, signal, stat
+            kinds = {fd: stat.S_IFMT(os.fstat(fd).st_mode) for fd in fds}
+            return (os.getpid(), os.getppid(), kinds, stat.S_ISCHR(os.fstat(0).st_mode),
+                    signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL)
+
+        fds = [ours.fileno(), r, w, log.fileno()]
+        with RemoteExecutor(max_workers=2) as ex:
+            probes = [ex.submit(probe, fds).result(timeout=30) for _ in range(20)]
+            assert len({pid for pid, *_ in probes}) == 2  # both workers answered
+            os.kill(probes[0][0], signal.SIGTERM)  # drained: its main returns, as a program's end would
+            deadline = time.monotonic() + 30
+            while not ex.transport.cluster.supervisor.exits:  # no event announces another process's exit
+                assert time.monotonic() < deadline, "the drained worker did not exit"
+                time.sleep(0.01)
+        ours.sendall(b"still ours")
+        assert theirs.recv(100) == b"still ours"
+        for closing in (ours, theirs, log):
+            closing.close()
+        os.close(r)
+        os.close(w)
+        print(json.dumps({"caller": os.getpid(), "probes": probes}))
+        """, tmp_path)
+    import stat
+
+    for pid, parent, kinds, stdin_is_null, no_handler in report["probes"]:  # type: ignore[attr-defined]
+        assert parent == report["caller"], "not forked from the caller"
+        assert not pid_alive(pid)
+        *connections, logfile = kinds.values()
+        assert all(stat.S_ISCHR(kind) for kind in connections), "the caller's socket and pipe reached a worker"
+        assert stat.S_ISREG(logfile), "the caller's open file is the worker's too, as in a forked process"
+        assert stdin_is_null and no_handler
+    assert output.count("printed before the executor") == 1
+    assert output.count("the caller's atexit function ran") == 1
+    assert output.count("the caller's exit hook ran") == 1
+
+
+def test_a_restarted_worker_comes_from_the_fork_server_and_calls_go_on(tmp_path: Path) -> None:
+    report, _ = run_script(
+        """
+        import json, os, signal, time
+        from remote_executor import RemoteExecutor
+
+        def ids():
+            return os.getpid(), os.getppid()
+
+        with RemoteExecutor(max_workers=1) as ex:
+            first, parent = ex.submit(ids).result(timeout=30)
+            os.kill(first, signal.SIGKILL)
+            deadline = time.monotonic() + 60
+            while (found := ex.submit(ids).result(timeout=60))[0] == first:  # a call may still find it
+                assert time.monotonic() < deadline
+            print(json.dumps({"caller": os.getpid(), "first_parent": parent, "second_parent": found[1],
+                              "restarts": ex.transport.cluster.supervisor.restarts}))
+        """, tmp_path)
+    assert report["first_parent"] == report["caller"]
+    assert report["second_parent"] != report["caller"], "forked from a process that runs threads"
+    assert report["restarts"] == 1
+
+
+def test_a_caller_that_runs_a_thread_is_never_forked(tmp_path: Path) -> None:
+    report, _ = run_script(
+        """
+        import json, os, threading
+        from remote_executor import RemoteExecutor
+
+        stop = threading.Event()
+        waiter = threading.Thread(target=stop.wait)
+        waiter.start()
+        with RemoteExecutor(max_workers=2) as ex:
+            parents = {ex.submit(os.getppid).result(timeout=30) for _ in range(10)}
+        stop.set()
+        waiter.join()
+        print(json.dumps({"caller": os.getpid(), "parents": sorted(parents)}))
+        """, tmp_path)
+    assert report["caller"] not in report["parents"]  # type: ignore[operator]
+
+
+def test_forked_workers_exit_when_their_caller_is_killed(tmp_path: Path) -> None:
+    script = tmp_path / "caller.py"
+    script.write_text(textwrap.dedent(
+        """
+        import os, sys
+        from remote_executor import RemoteExecutor
+        ex = RemoteExecutor(max_workers=2)
+        assert ex.submit(os.getppid).result(timeout=30) == os.getpid()
+        print(*ex.transport.cluster.supervisor.pids(), flush=True)
+        sys.stdin.read()
+        """))
+    caller = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              env={**os.environ, "PYTHONPATH": str(SRC)})
+    try:
+        assert caller.stdout is not None
+        pids = [int(p) for p in caller.stdout.readline().split()]
+        assert len(pids) == 2 and all(pid_alive(p) for p in pids)
+        caller.send_signal(signal.SIGKILL)
+        caller.wait()
+        wait_for(lambda: not any(pid_alive(p) for p in pids), what="the forked workers to exit")
+    finally:
+        caller.kill()
+        caller.wait()
+        for stream in (caller.stdin, caller.stdout):
+            assert stream is not None
+            stream.close()
+
+
+def test_the_cluster_knows_which_built_in_schemes_fork_their_first_workers_here() -> None:
+    """The executor decides whether to start the fork server early before it imports the backend, from a
+    table that must say what each backend says."""
+    from remote_executor import cluster
+    from remote_executor.transports import get_backend
+
+    for scheme, listens_first in cluster._FORKED_SCHEMES.items():
+        assert get_backend(scheme).embedded_listens_first is listens_first, scheme
