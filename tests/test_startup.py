@@ -249,8 +249,10 @@ def test_the_startup_benchmark_prints_every_row() -> None:
 
 
 FORKED_CHILD = """
-import os, sys
+import os, sys, threading
 from remote_executor import RemoteExecutor, forkserver
+# A thread of its own: the workers come from the fork server (a single-threaded process forks its own).
+threading.Thread(target=threading.Event().wait, daemon=True).start()
 with RemoteExecutor(1) as executor:
     executor.submit(abs, 1).result(timeout=60)
 server = forkserver.shared("tcp")
@@ -272,3 +274,19 @@ def test_a_plain_fork_of_the_executors_process_leaves_its_fork_server_alone() ->
                             env={**os.environ, "PYTHONPATH": str(SRC)})
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["alive", "True", "forked", "True", "same", "True"], result.stdout
+
+
+def test_a_worker_parses_its_arguments_without_importing_shutil() -> None:
+    """argparse's own formatter imports shutil (with zlib, bz2 and lzma) on every worker's start; ours sizes
+    the help to $COLUMNS, or the terminal, as argparse does."""
+    script = ("import sys\nimport remote_executor.worker as worker\n"
+              "try:\n    worker.main(['--log-level', 'NOT-A-LEVEL', 'tcp://127.0.0.1:1'])\n"
+              "except SystemExit as exc:\n    print(exc.code, 'shutil' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PYTHONPATH": str(SRC)}, check=True)
+    assert result.stdout.split() == ["2", "False"], result.stdout + result.stderr
+    assert "invalid choice: 'NOT-A-LEVEL'" in result.stderr
+    narrow = subprocess.run([sys.executable, "-m", "remote_executor.worker", "--help"], capture_output=True,
+                            text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(SRC), "COLUMNS": "50"},
+                            check=True)
+    assert max(len(line) for line in narrow.stdout.splitlines()) <= 48
