@@ -41,7 +41,6 @@ import heapq
 import itertools
 import logging
 import os
-import secrets
 import threading
 import time
 import weakref
@@ -607,7 +606,7 @@ class RemoteExecutor(Executor):
 
         client = make_transport(transport, options)
         self._core = core = _Core(client, max_workers, heartbeat_timeout, no_workers_warning, prefetch)
-        session = Session(executor_id=secrets.randbits(63), initializer=init_parts, max_retries=max_retries)
+        session = Session(executor_id=_random_id(), initializer=init_parts, max_retries=max_retries)
         try:
             client.start(session, core)
             submitter = getattr(client, "submitter", None)  # (a transport not derived from ClientTransport)
@@ -882,6 +881,11 @@ def _result_or_cancel(future: Future[Any], timeout: float | None) -> Any:
     finally:
         future.cancel()
         del future  # break the reference cycle through the exception's traceback
+
+
+def _random_id() -> int:
+    """A random 63-bit executor id (``secrets.randbits(63)`` without importing ``random`` and ``base64``)."""
+    return int.from_bytes(os.urandom(8), "big") >> 1
 
 
 def _chunks(args: Iterator[tuple[Any, ...]], size: int) -> Iterator[list[tuple[Any, ...]]]:
