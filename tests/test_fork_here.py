@@ -161,3 +161,34 @@ def test_the_cluster_knows_which_built_in_schemes_fork_their_first_workers_here(
 
     for scheme, listens_first in cluster._FORKED_SCHEMES.items():
         assert get_backend(scheme).embedded_listens_first is listens_first, scheme
+
+
+PARENTS = """
+import errno, json, os
+from remote_executor import RemoteExecutor, forkhere
+{setup}
+with RemoteExecutor(max_workers=2) as ex:
+    parents = sorted({{ex.submit(os.getppid).result(timeout=30) for _ in range(10)}})
+print(json.dumps({{"caller": os.getpid(), "parents": parents}}))
+"""
+
+
+def test_a_process_that_cannot_fork_gets_its_workers_from_the_fork_server(tmp_path: Path) -> None:
+    # The fork server is another interpreter: its os.fork is the real one.
+    setup = 'os.fork = lambda: (_ for _ in ()).throw(OSError(errno.ENOMEM, "Cannot allocate memory"))'
+    report, _ = run_script(PARENTS.format(setup=setup), tmp_path)
+    assert report["caller"] not in report["parents"]  # type: ignore[operator]
+
+
+def test_a_large_process_is_not_forked(tmp_path: Path) -> None:
+    report, _ = run_script(PARENTS.format(setup="forkhere.MAX_RESIDENT = 1"), tmp_path)
+    assert report["caller"] not in report["parents"]  # type: ignore[operator]
+
+
+def test_resident_memory_is_read_for_the_limit() -> None:
+    from remote_executor import forkhere
+
+    before = forkhere._resident()
+    ballast = bytearray(64 << 20)  # zero-filled: every page touched
+    assert forkhere._resident() - before >= 60 << 20
+    del ballast

@@ -8,7 +8,8 @@ executor's process itself, but only where that is safe:
 - the process runs exactly one thread, counted by the kernel (native threads too: a BLAS pool, a ZeroMQ
   context), so no lock can be held by a thread that does not exist in the child;
 - the job server listens already and its loop thread has not started yet (the workers wait in its
-  listen backlog).
+  listen backlog);
+- the process has less than :data:`MAX_RESIDENT` resident (see there).
 
 Anything else (a restarted worker, a process with threads) is forked by the fork server, or spawned.
 
@@ -37,11 +38,23 @@ from collections.abc import Mapping, Sequence
 from . import forkserver
 
 SUPPORTED = forkserver.SUPPORTED and hasattr(os, "pidfd_open")
+# Above this, the fork server forks instead: a fork copies the process's page tables, and every page the
+# caller changes afterwards is copied while a worker still holds the original (for the cluster's lifetime).
+MAX_RESIDENT = 512 << 20
 
 
 def possible() -> bool:
-    """True if this process may fork a worker now: Linux, and no thread but the calling one."""
-    return SUPPORTED and forkserver.thread_count() == 1
+    """True if this process may fork a worker now: Linux, no thread but the calling one, and less than
+    :data:`MAX_RESIDENT` bytes resident."""
+    return SUPPORTED and forkserver.thread_count() == 1 and _resident() < MAX_RESIDENT
+
+
+def _resident() -> int:
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return MAX_RESIDENT  # unknown: do not fork here
 
 
 class ForkedChild:

@@ -171,8 +171,13 @@ class Supervisor:
         child's exit is reported by the fork server instead, which also gives its exit status)."""
         args = [self.url, "--name", f"{self.name}-{index}", *self._args]
         if self._fork_here and forkhere.possible():
-            here = forkhere.fork_worker(args, self._env, (lifeline, self._serving_w), quiet=self._quiet)
-            return here, _pidfd(here.pid)
+            try:
+                here = forkhere.fork_worker(args, self._env, (lifeline, self._serving_w), quiet=self._quiet)
+            except OSError as exc:  # EAGAIN, or ENOMEM under strict overcommit: the fork server's fork is small
+                log.info("forking worker %s-%d from the fork server: %s", self.name, index, exc)
+                self._fork_here = False
+            else:
+                return here, _pidfd(here.pid)
         if self._fork_server is None and self._fork_scheme is not None:
             self._fork_server = forkserver.shared(self._fork_scheme)
             self._fork_scheme = None  # asked once: None means spawn from now on
