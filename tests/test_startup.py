@@ -18,6 +18,7 @@ from remote_executor import RemoteExecutor, forkserver
 from remote_executor.supervisor import Supervisor
 from remote_executor.transports.gearman import gearmand as gearmand_module
 from remote_executor.transports.gearman.gearmand import GearmandProcess
+from remote_executor.transports.tcp.server import TcpServer
 from tests.conftest import pid_alive, wait_for
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -290,3 +291,19 @@ def test_a_worker_parses_its_arguments_without_importing_shutil() -> None:
                             text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(SRC), "COLUMNS": "50"},
                             check=True)
     assert max(len(line) for line in narrow.stdout.splitlines()) <= 48
+
+
+def test_the_supervisor_announces_each_first_handshake_and_each_exit(tcp_server: TcpServer) -> None:
+    """What the embedded cluster's start waits on, instead of looking every few milliseconds."""
+    supervisor = Supervisor(tcp_server.url, 1, name="announced", restart=False)  # only the exit can follow
+    supervisor.start()
+    try:
+        assert supervisor.changed.wait(30), "the worker's first handshake was not announced"
+        assert supervisor.serving.is_set() and not supervisor.exits
+        supervisor.changed.clear()
+        (victim,) = supervisor.pids()
+        os.kill(victim, signal.SIGKILL)
+        assert supervisor.changed.wait(30), "the worker's exit was not announced"
+        assert supervisor.exits == [("announced-0", -signal.SIGKILL)]
+    finally:
+        supervisor.stop()

@@ -133,15 +133,21 @@ class LocalCluster:
         a clear error if they cannot start. The wait is the workers' own start-up, nothing added."""
         assert self.supervisor is not None
         deadline = time.monotonic() + timeout
-        pause = threading.Event()  # never set: a wait that only ends at its timeout, between two looks
-        while (attached := self.server.attached_workers()) is not None and attached < self.workers:
+        changed = self.supervisor.changed
+        while True:
+            changed.clear()  # before looking: a change from now on ends the wait below at once
+            attached = self.server.attached_workers()
+            if attached is None or attached >= self.workers:
+                return
             exits = [(name, code) for name, code in self.supervisor.exits if code != 0]
             if exits or time.monotonic() > deadline:
                 why = ("; ".join(f"{name} exited with status {code}" for name, code in exits[:3])
                        + " (its error output is above)") if exits else f"not within {timeout:g}s"
                 raise TransportError(f"the local {self.backend.scheme} cluster's worker processes did not start: "
                                      f"{attached} of {self.workers} attached, {why}")
-            pause.wait(0.01)
+            # A worker says it serves once the server has counted it (before answering its handshake), and
+            # an exit is announced too: the timeout only covers a server that would count a worker later.
+            changed.wait(0.05)
 
     def stop(self) -> None:
         """Stop the workers, then the server. Idempotent."""

@@ -114,6 +114,7 @@ class Supervisor:
         self.unreachable = threading.Event()  # set once every child has ended for good, some unreachable
         self.stopped = threading.Event()  # set once every child exited for good (remote-executor stop --workers)
         self.serving = threading.Event()  # set once any child has completed its first handshake
+        self.changed = threading.Event()  # set whenever a child first serves or ends (for waiters to clear)
         self.refused = threading.Event()  # set once every child was refused (a wrong key, other versions)
         self._thread: threading.Thread | None = None
 
@@ -216,6 +217,7 @@ class Supervisor:
             _drain_pipe(self._wake_r)
             if _drain_pipe(self._serving_r):
                 self.serving.set()
+                self.changed.set()
             for child in self._snapshot():
                 if child.proc.poll() is not None and not self._stopping.is_set():
                     self._replace(child)
@@ -224,6 +226,7 @@ class Supervisor:
         self._forget(child)
         code = child.proc.returncode
         self.exits.append((f"{self.name}-{child.index}", code))
+        self.changed.set()
         if code == REFUSED:  # restarting cannot help: its log says why (the key, the versions)
             log.error("worker %s-%d was refused by the job server; not restarting it", self.name, child.index)
             self._refused.add(child.index)
