@@ -9,7 +9,9 @@ Every sample runs in a fresh interpreter (the same one that runs this script), a
 - cold start-up: a fresh interpreter's imports, the executor's construction and its first result, and the
   CPU time all the processes of that run used (user + system: it depends far less on what else the machine
   is doing than the wall time does);
-- warm start-up: construction to first result in an interpreter that already did it once.
+- warm start-up: construction to first result in an interpreter that already did it once;
+- both for the default start method and for ``start_method="fork"`` (the first workers forked from the
+  caller's process where that is safe).
 
     python benchmarks/startup_cost.py                      # tcp (the default), 7 runs per row
     python benchmarks/startup_cost.py --transport gearman --runs 5
@@ -40,7 +42,7 @@ if {ppe!r}:
     make = lambda: ProcessPoolExecutor(max_workers=2)
 else:
     from remote_executor import RemoteExecutor
-    make = lambda: RemoteExecutor(max_workers=2, transport={transport!r})
+    make = lambda: RemoteExecutor(max_workers=2, transport={transport!r}, start_method={method!r})
 times = []
 for _ in range({cycles}):
     ex = make()
@@ -79,21 +81,24 @@ def main() -> None:
     runs = max(args.runs, 1)
 
     print(f"median of {runs} fresh interpreters, Python {sys.version.split()[0]}")
-    print(f"{'row':<48}{'ms':>9}{'modules':>9}")
+    print(f"{'row':<60}{'ms':>9}{'modules':>9}")
     base_ms, base_modules, _ = median_of(IMPORT_SCRIPT.format(statement="import concurrent.futures"), runs)
-    print(f"{'import concurrent.futures':<48}{base_ms:>9.1f}{base_modules:>9.0f}")
+    print(f"{'import concurrent.futures':<60}{base_ms:>9.1f}{base_modules:>9.0f}")
     for statement in ("import remote_executor", "from remote_executor import RemoteExecutor"):
         ms, modules, _ = median_of(IMPORT_SCRIPT.format(statement=statement), runs)
-        print(f"{statement:<48}{ms:>9.1f}{modules:>9.0f}   {ms / base_ms:.2f}x")
-    print(f"{'start-up to first result':<48}{'ms':>9}{'CPU ms':>9}")
-    for label, ppe, transport in (("ProcessPoolExecutor(2)", True, ""),
-                                  (f"RemoteExecutor({args.transport}, 2)", False, args.transport)):
-        cold, _, cpu = median_of(START_SCRIPT.format(ppe=ppe, transport=transport, cycles=1), runs)
-        _, warm, _ = median_of(START_SCRIPT.format(ppe=ppe, transport=transport, cycles=2), runs)
+        print(f"{statement:<60}{ms:>9.1f}{modules:>9.0f}   {ms / base_ms:.2f}x")
+    print(f"{'start-up to first result':<60}{'ms':>9}{'CPU ms':>9}")
+    for label, ppe, transport, method in (
+            ("ProcessPoolExecutor(2)", True, "", None),
+            (f"RemoteExecutor({args.transport}, 2)", False, args.transport, None),
+            (f"RemoteExecutor({args.transport}, 2, start_method='fork')", False, args.transport, "fork")):
+        script = START_SCRIPT.format(ppe=ppe, transport=transport, method=method, cycles="{cycles}")
+        cold, _, cpu = median_of(script.format(cycles=1), runs)
+        _, warm, _ = median_of(script.format(cycles=2), runs)
         if ppe:
             ppe_cold, ppe_warm = cold, warm
-        print(f"{'cold, ' + label:<48}{cold:>9.1f}{cpu:>9.0f}   {cold / ppe_cold:.2f}x")
-        print(f"{'warm, ' + label:<48}{warm:>9.1f}{'':>9}   {warm / ppe_warm:.2f}x")
+        print(f"{'cold, ' + label:<60}{cold:>9.1f}{cpu:>9.0f}   {cold / ppe_cold:.2f}x")
+        print(f"{'warm, ' + label:<60}{warm:>9.1f}{'':>9}   {warm / ppe_warm:.2f}x")
 
 if __name__ == "__main__":
     main()

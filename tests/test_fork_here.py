@@ -14,6 +14,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import pid_alive, wait_for
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -32,32 +34,60 @@ def run_script(body: str, tmp_path: Path) -> tuple[dict[str, object], str]:
     return json.loads(reports[-1]), result.stdout
 
 
-def test_a_single_threaded_caller_forks_its_workers_and_keeps_its_connections_to_itself(tmp_path: Path) -> None:
+def test_a_single_threaded_caller_forks_its_workers_and_keeps_its_state_to_itself(tmp_path: Path) -> None:
     report, output = run_script(
         """
-        import atexit, json, os, signal, socket, time
+        import atexit, io, json, logging, os, signal, socket, sys, threading, time, weakref
         print("printed before the executor, still in the buffer")  # stdout is a pipe: block-buffered
         atexit.register(print, "the caller's atexit function ran")
-        import threading
         threading._register_atexit(print, "the caller's exit hook ran")  # as executors register theirs
+        class Kept:
+            pass
+        kept = Kept()
+        weakref.finalize(kept, print, "the caller's finalizer ran")
+        logging.basicConfig(filename="caller.log", level=logging.INFO)
+        from concurrent.futures import ThreadPoolExecutor  # registers its exit hook, which workers need too
         signal.signal(signal.SIGUSR1, lambda signum, frame: None)
         ours, theirs = socket.socketpair()
         r, w = os.pipe()
+        inherited_r, inherited_w = os.pipe()
+        os.set_inheritable(inherited_w, True)  # as pass_fds would leave it
         log = open("log.txt", "w")
 
-        from remote_executor import RemoteExecutor
+        from remote_executor import RemoteExecutor, reusable
 
         def probe(fds):
-            import os, signal, stat
+            import gc, logging, os, signal, stat, sys
+            from remote_executor import reusable
             kinds = {fd: stat.S_IFMT(os.fstat(fd).st_mode) for fd in fds}
+            lock_free = reusable._lock.acquire(blocking=False)
+            if lock_free:
+                reusable._lock.release()
             return (os.getpid(), os.getppid(), kinds, stat.S_ISCHR(os.fstat(0).st_mode),
-                    signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL)
+                    signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL, sys.getprofile() is None,
+                    sys.stdout is sys.__stdout__, lock_free,
+                    not any(isinstance(h, logging.FileHandler) for h in logging.root.handlers),
+                    gc.get_freeze_count() > 1000)  # the caller's objects: never collected, so never copied
 
-        fds = [ours.fileno(), r, w, log.fileno()]
-        with RemoteExecutor(max_workers=2) as ex:
+        def leave_running():  # what a worker's exit must still clean up, as a spawned worker's does
+            import concurrent.futures, os, weakref
+            concurrent.futures.kept = pool = concurrent.futures.ThreadPoolExecutor(1)  # never shut down
+            pool.submit(abs, 1).result()
+            weakref.finalize(pool, os.write, 1, b"the worker's finalizer ran\\n")
+            return os.getpid()
+
+        fds = [ours.fileno(), r, w, inherited_w, log.fileno()]
+        sys.setprofile(lambda frame, event, arg: None)  # a profiler's, or a debugger's (settrace)
+        captured, sys.stdout = sys.stdout, io.StringIO()  # a capture, or a file
+        with reusable._lock:  # the caller holds a lock of ours while it forks (get_reusable_executor)
+            ex = RemoteExecutor(max_workers=2, start_method="fork")
+        sys.setprofile(None)
+        sys.stdout = captured
+        with ex:
             probes = [ex.submit(probe, fds).result(timeout=30) for _ in range(20)]
             assert len({pid for pid, *_ in probes}) == 2  # both workers answered
-            os.kill(probes[0][0], signal.SIGTERM)  # drained: its main returns, as a program's end would
+            drained = ex.submit(leave_running).result(timeout=30)
+            os.kill(drained, signal.SIGTERM)  # drained: its main returns, as a program's end would
             deadline = time.monotonic() + 30
             while not ex.transport.cluster.supervisor.exits:  # no event announces another process's exit
                 assert time.monotonic() < deadline, "the drained worker did not exit"
@@ -66,22 +96,73 @@ def test_a_single_threaded_caller_forks_its_workers_and_keeps_its_connections_to
         assert theirs.recv(100) == b"still ours"
         for closing in (ours, theirs, log):
             closing.close()
-        os.close(r)
-        os.close(w)
+        for fd in (r, w, inherited_r, inherited_w):
+            os.close(fd)
         print(json.dumps({"caller": os.getpid(), "probes": probes}))
         """, tmp_path)
     import stat
 
-    for pid, parent, kinds, stdin_is_null, no_handler in report["probes"]:  # type: ignore[attr-defined]
+    for pid, parent, kinds, stdin_is_null, *checks in report["probes"]:  # type: ignore[attr-defined]
         assert parent == report["caller"], "not forked from the caller"
         assert not pid_alive(pid)
         *connections, logfile = kinds.values()
-        assert all(stat.S_ISCHR(kind) for kind in connections), "the caller's socket and pipe reached a worker"
+        assert all(stat.S_ISCHR(kind) for kind in connections), "the caller's socket or pipe reached a worker"
         assert stat.S_ISREG(logfile), "the caller's open file is the worker's too, as in a forked process"
-        assert stdin_is_null and no_handler
-    assert output.count("printed before the executor") == 1
-    assert output.count("the caller's atexit function ran") == 1
-    assert output.count("the caller's exit hook ran") == 1
+        assert stdin_is_null
+        assert checks == [True] * 6, "signal handler, profiler, stdout, lock, log handler, gc: the caller's"
+    for once in ("printed before the executor", "the caller's atexit function ran", "the caller's exit hook ran",
+                 "the caller's finalizer ran", "the worker's finalizer ran"):
+        assert output.count(once) == 1, once
+    assert "connecting to" not in (tmp_path / "caller.log").read_text()  # the worker logs to its own stderr
+
+
+def test_without_fork_the_workers_come_from_the_fork_server_or_a_fresh_interpreter(tmp_path: Path) -> None:
+    report, _ = run_script(
+        """
+        import json, os
+        from remote_executor import RemoteExecutor
+
+        def started_as():
+            with open("/proc/self/cmdline", "rb") as cmdline:
+                return os.getppid(), b"remote_executor.worker" in cmdline.read()
+
+        found = {}
+        for method in (None, "forkserver", "spawn"):
+            with RemoteExecutor(max_workers=1, start_method=method) as ex:
+                found[str(method)] = ex.submit(started_as).result(timeout=60)
+        print(json.dumps({"caller": os.getpid(), "found": found}))
+        """, tmp_path)
+    found = report["found"]
+    assert isinstance(found, dict)
+    for method in ("None", "forkserver"):
+        assert found[method][0] != report["caller"], method  # the fork server's child
+    assert found["spawn"] == [report["caller"], True]  # spawned: our child, running remote_executor.worker
+
+
+def test_start_method_is_checked() -> None:
+    from remote_executor import RemoteExecutor
+
+    with pytest.raises(ValueError, match="start_method must be one of 'forkserver', 'spawn', 'fork'"):
+        RemoteExecutor(start_method="vfork")
+    with pytest.raises(ValueError, match="start_method is for an embedded cluster"):
+        RemoteExecutor(transport="tcp://127.0.0.1:1", start_method="fork")
+
+
+def test_a_module_level_executor_is_not_forked_mid_import(tmp_path: Path) -> None:
+    (tmp_path / "tasks.py").write_text(textwrap.dedent(
+        """
+        import os
+        from remote_executor import RemoteExecutor
+        with RemoteExecutor(max_workers=1, start_method="fork") as ex:
+            PARENT = ex.submit(os.getppid).result(timeout=60)
+        """))
+    report, _ = run_script(
+        """
+        import json, os
+        import tasks
+        print(json.dumps({"caller": os.getpid(), "parent": tasks.PARENT}))
+        """, tmp_path)
+    assert report["parent"] != report["caller"]
 
 
 def test_a_restarted_worker_comes_from_the_fork_server_and_calls_go_on(tmp_path: Path) -> None:
@@ -93,7 +174,7 @@ def test_a_restarted_worker_comes_from_the_fork_server_and_calls_go_on(tmp_path:
         def ids():
             return os.getpid(), os.getppid()
 
-        with RemoteExecutor(max_workers=1) as ex:
+        with RemoteExecutor(max_workers=1, start_method="fork") as ex:
             first, parent = ex.submit(ids).result(timeout=30)
             os.kill(first, signal.SIGKILL)
             deadline = time.monotonic() + 60
@@ -116,7 +197,7 @@ def test_a_caller_that_runs_a_thread_is_never_forked(tmp_path: Path) -> None:
         stop = threading.Event()
         waiter = threading.Thread(target=stop.wait)
         waiter.start()
-        with RemoteExecutor(max_workers=2) as ex:
+        with RemoteExecutor(max_workers=2, start_method="fork") as ex:
             parents = {ex.submit(os.getppid).result(timeout=30) for _ in range(10)}
         stop.set()
         waiter.join()
@@ -131,7 +212,7 @@ def test_forked_workers_exit_when_their_caller_is_killed(tmp_path: Path) -> None
         """
         import os, sys
         from remote_executor import RemoteExecutor
-        ex = RemoteExecutor(max_workers=2)
+        ex = RemoteExecutor(max_workers=2, start_method="fork")
         assert ex.submit(os.getppid).result(timeout=30) == os.getpid()
         print(*ex.transport.cluster.supervisor.pids(), flush=True)
         sys.stdin.read()
@@ -167,7 +248,7 @@ PARENTS = """
 import errno, json, os
 from remote_executor import RemoteExecutor, forkhere
 {setup}
-with RemoteExecutor(max_workers=2) as ex:
+with RemoteExecutor(max_workers=2, start_method="fork") as ex:
     parents = sorted({{ex.submit(os.getppid).result(timeout=30) for _ in range(10)}})
 print(json.dumps({{"caller": os.getpid(), "parents": parents}}))
 """

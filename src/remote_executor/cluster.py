@@ -44,15 +44,32 @@ def make_transport(spec: str | ClientTransport | None, options: Options) -> Clie
     if not isinstance(url, str):
         raise TypeError(f"transport must be None, a URL string or a ClientTransport, not {type(url).__name__}")
     scheme = scheme_of(url)
-    if "://" not in url and scheme in _FORKED_SCHEMES and not (_FORKED_SCHEMES[scheme] and forkhere.possible()):
+    method = _start_method(options.start_method)
+    embedded = "://" not in url
+    if embedded and scheme in _FORKED_SCHEMES and method != "spawn" and not (
+            method == "fork" and _FORKED_SCHEMES[scheme] and forkhere.possible()):
         # Started first, so that it imports the worker modules while this process imports the backend and
         # starts the job server (unless the first workers will be forked from this process).
         forkserver.shared(scheme)
     backend = get_backend(scheme)
     _check_options(backend, options)
-    if "://" in url or backend.in_process:
+    if not embedded or backend.in_process:
+        if options.start_method is not None:
+            raise ValueError(f"start_method is for an embedded cluster (RemoteExecutor() or a bare scheme); "
+                             f"{url!r} has no local workers to start")
         return backend.client(url, options)
     return EmbeddedTransport(backend, options)
+
+
+START_METHODS = ("forkserver", "spawn", "fork")
+
+
+def _start_method(method: str | None) -> str:
+    if method is None:
+        return "forkserver"
+    if method not in START_METHODS:
+        raise ValueError(f"start_method must be one of {', '.join(map(repr, START_METHODS))}, not {method!r}")
+    return method
 
 
 def _check_options(backend: Backend, options: Options) -> None:
@@ -75,7 +92,7 @@ def _check_options(backend: Backend, options: Options) -> None:
 # RemoteExecutor's own keyword arguments, for the hint when one is misspelt.
 _PARAMETERS = ("transport", "max_workers", "initializer", "initargs", "key", "key_file", "insecure", "max_retries",
                "heartbeat_interval", "heartbeat_timeout", "reconnect_timeout", "connect_timeout", "call_timeout",
-               "no_workers_warning", "forward_output")
+               "no_workers_warning", "forward_output", "prefetch", "start_method")
 
 
 class LocalCluster:
@@ -85,6 +102,7 @@ class LocalCluster:
         self.backend = backend
         self.options = options
         self.workers = workers or os.cpu_count() or 1
+        self.start_method = _start_method(options.start_method)
         self.server: EmbeddedServer = backend.embedded_server(options, session, self.workers)
         self.supervisor: Supervisor | None = None
 
@@ -93,7 +111,7 @@ class LocalCluster:
         return self.server.url
 
     def start(self) -> LocalCluster:
-        if self.backend.embedded_listens_first and forkhere.possible():
+        if self.start_method == "fork" and self.backend.embedded_listens_first and forkhere.possible():
             return self._start_forked_here()
         self.server.start()
         try:
@@ -123,7 +141,8 @@ class LocalCluster:
 
     def _supervise(self, url: str, *, fork_here: bool = False) -> Supervisor:
         supervisor = Supervisor(url, self.workers, env=self.server.worker_env(), worker_args=self.server.worker_args(),
-                                name="local-worker", fork_server=self.backend.scheme, fork_here=fork_here)
+                                name="local-worker", fork_here=fork_here,
+                                fork_server=None if self.start_method == "spawn" else self.backend.scheme)
         supervisor.start()
         return supervisor
 

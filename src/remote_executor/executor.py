@@ -497,6 +497,11 @@ class RemoteExecutor(Executor):
     - ``max_workers``: the number of worker processes of an embedded cluster (default: the number of
       CPUs); for a URL, the most calls of this executor in flight at once (default: as many as the
       workers attached can take).
+    - ``start_method``: how an embedded cluster starts its workers: ``"forkserver"`` (the default: forked
+      from a clean process of ours that imported the worker once), ``"spawn"`` (a fresh interpreter each)
+      or ``"fork"`` (the first workers forked from this very process where that is safe, as
+      ``multiprocessing``'s "fork" does: the fastest cold start, and the workers start with a copy of this
+      process's state; ``docs/architecture.md``). Not for a URL.
     - ``initializer`` and ``initargs``: ``initializer(*initargs)`` runs once in every worker process before
       its first call of this executor; if it raises, the executor is broken (``InitializerFailed``), as a
       thread pool's is.
@@ -569,6 +574,7 @@ class RemoteExecutor(Executor):
         no_workers_warning: float | None = 30.0,
         forward_output: bool = False,
         prefetch: int = 0,
+        start_method: str | None = None,
         **transport_options: Any,
     ) -> None:
         if max_workers is not None and max_workers <= 0:
@@ -601,6 +607,7 @@ class RemoteExecutor(Executor):
             reconnect_timeout=reconnect_timeout,
             connect_timeout=connect_timeout,
             extra=dict(transport_options),
+            start_method=start_method,
         )
         from .cluster import make_transport  # the embedded cluster's machinery, only when it is needed
 

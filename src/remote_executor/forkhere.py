@@ -1,12 +1,13 @@
-"""Forking the first local workers from the executor's own process, while it runs no other thread.
+"""``start_method="fork"``: the first local workers forked from the executor's own process, where safe.
 
 A cold ``RemoteExecutor()`` otherwise waits for its fork server (:mod:`.forkserver`), a fresh interpreter,
 to import the worker before the first worker exists; the executor's process has imported all of it already.
-So, as ``ProcessPoolExecutor`` does on Linux, the embedded cluster forks its first workers from the
+So, as ``ProcessPoolExecutor`` does on Linux, the embedded cluster can fork its first workers from the
 executor's process itself, but only where that is safe:
 
 - the process runs exactly one thread, counted by the kernel (native threads too: a BLAS pool, a ZeroMQ
   context), so no lock can be held by a thread that does not exist in the child;
+- no module is being imported (the child would hold a half-made module and an import lock);
 - the job server listens already and its loop thread has not started yet (the workers wait in its
   listen backlog);
 - the process has less than :data:`MAX_RESIDENT` resident (see there).
@@ -14,18 +15,20 @@ executor's process itself, but only where that is safe:
 Anything else (a restarted worker, a process with threads) is forked by the fork server, or spawned.
 
 The child keeps the caller's imported modules and their state, as a forked ``ProcessPoolExecutor`` worker
-does, but not what would tie it to the caller: its connections and pipes (every socket and pipe that
-Python opened close-on-exec, as a spawned worker would not have them, ours included: the job server's
+does, but not what would tie it to the caller: its sockets and pipes (ours included: the job server's
 listening socket, other workers' lifelines) are pointed at the null device, never closed, so no object of
 the caller can later close or write to a descriptor number the worker reuses; standard input reads the null
-device; its ``atexit`` functions, the exit hooks of its executors and its Python signal handlers are dropped.
+device and the standard streams are the real ones; the caller's exit functions, finalizers, executors' exit
+hooks, logging handlers, signal handlers, tracer and profiler are dropped; its objects are frozen for the
+garbage collector, so they stay shared with the caller instead of being copied by the first collection.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import fcntl
+import gc
+import logging
 import os
 import selectors
 import signal
@@ -33,6 +36,7 @@ import stat
 import subprocess
 import sys
 import threading
+import weakref
 from collections.abc import Mapping, Sequence
 
 from . import forkserver
@@ -44,9 +48,16 @@ MAX_RESIDENT = 512 << 20
 
 
 def possible() -> bool:
-    """True if this process may fork a worker now: Linux, no thread but the calling one, and less than
-    :data:`MAX_RESIDENT` bytes resident."""
-    return SUPPORTED and forkserver.thread_count() == 1 and _resident() < MAX_RESIDENT
+    """True if this process may fork a worker now: Linux, no thread but the calling one, no module being
+    imported, and less than :data:`MAX_RESIDENT` bytes resident."""
+    return SUPPORTED and forkserver.thread_count() == 1 and not _importing() and _resident() < MAX_RESIDENT
+
+
+def _importing() -> bool:
+    """True while a module is being imported (a ``RemoteExecutor()`` at a module's top level): a worker
+    forked now would hold that half-made module, and the import lock of a thread it does not have."""
+    return any(getattr(getattr(module, "__spec__", None), "_initializing", False)
+               for module in list(sys.modules.values()))
 
 
 def _resident() -> int:
@@ -86,6 +97,8 @@ class ForkedChild:
         except ProcessLookupError:  # ended and reaped meanwhile
             return self.wait(timeout)
         try:
+            if (code := self.poll()) is not None:  # reaped before the pidfd: the pid may be another's now
+                return code
             with selectors.DefaultSelector() as selector:
                 selector.register(pidfd, selectors.EVENT_READ)
                 if not selector.select(timeout):
@@ -109,12 +122,18 @@ def fork_worker(argv: Sequence[str], env: Mapping[str, str], fds: tuple[int, int
                 quiet: bool = False) -> ForkedChild:
     """Fork ``python -m remote_executor.worker ARGV`` from this process (check :func:`possible` first);
     ``fds``, the lifeline and serving pipes, stay open in it."""
-    for stream in (sys.stdout, sys.stderr):  # else what is buffered now would be written twice
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):  # else written twice
         with contextlib.suppress(Exception):
-            stream.flush()
-    pid = os.fork()
-    if pid == 0:
-        _child(argv, env, fds, quiet)  # never returns
+            stream.flush()  # type: ignore[union-attr]
+    # Frozen, the caller's objects are never visited by the worker's garbage collector, which would
+    # otherwise write to (and so copy) most of the caller's memory pages on its first full collection.
+    gc.freeze()
+    try:
+        pid = os.fork()
+        if pid == 0:
+            _child(argv, env, fds, quiet)  # never returns
+    finally:
+        gc.unfreeze()
     return ForkedChild(pid, ["remote_executor.worker", *argv])
 
 
@@ -133,24 +152,51 @@ def _child(argv: Sequence[str], env: Mapping[str, str], fds: tuple[int, int], qu
 
 def _forget_caller(keep: Sequence[int]) -> None:
     """Drop what the child must not share with the executor's process (see the module's docstring)."""
+    _forget_exit_functions()
+    _forget_signals()
+    sys.settrace(None)  # a debugger's or a profiler's: the caller's breakpoints are not the worker's
+    sys.setprofile(None)
+    threading.settrace(None)
+    threading.setprofile(None)
+    for logger in [logging.root, *logging.Logger.manager.loggerDict.values()]:
+        if isinstance(logger, logging.Logger):
+            logger.handlers.clear()  # not closed: they are the caller's (the worker configures its own)
+    logging.root.setLevel(logging.WARNING)
+    forkserver.redirect(0, os.O_RDONLY)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    try:
+        for fd in _descriptors():
+            if fd > 2 and fd != devnull and fd not in keep and _is_connection(fd):
+                os.dup2(devnull, fd, inheritable=False)
+    finally:
+        os.close(devnull)
+    sys.stdin = open(os.devnull, encoding="utf-8")  # noqa: SIM115 (its read-ahead is the caller's)
+    if sys.__stdout__ is not None and sys.__stderr__ is not None:
+        sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__  # a replacement (a file, a capture) is the caller's
+
+
+def _forget_exit_functions() -> None:
+    """What the caller's exit would run, which the worker's must not: its ``atexit`` functions, the
+    ``weakref.finalize`` objects registered with them, and the hooks threading runs when a program ends
+    (its executors', ours among them) but ``ThreadPoolExecutor``'s own, which a pool the worker's code
+    starts needs so that the worker can exit."""
     atexit._clear()
-    # The exit hooks of the caller's executors (ours, concurrent.futures'), which threading runs when a
-    # program ends: they would shut down the caller's copies here.
-    getattr(threading, "_threading_atexits", []).clear()
+    weakref.finalize._registry.clear()  # type: ignore[attr-defined]
+    weakref.finalize._registered_with_atexit = False  # type: ignore[attr-defined]
+    hooks = getattr(threading, "_threading_atexits", None)
+    if hooks is not None:
+        pools = getattr(sys.modules.get("concurrent.futures.thread"), "_python_exit", None)
+        hooks[:] = [hook for hook in hooks if getattr(hook, "func", hook) is pools]
+
+
+def _forget_signals() -> None:
     with contextlib.suppress(ValueError):
         signal.set_wakeup_fd(-1)
     for signum in signal.valid_signals():
         with contextlib.suppress(OSError, ValueError):
             if callable(signal.getsignal(signum)):
-                signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
-    forkserver.redirect(0, os.O_RDONLY)
-    devnull = os.open(os.devnull, os.O_RDWR)
-    try:
-        for fd in _descriptors():
-            if fd > 2 and fd != devnull and fd not in keep and _is_private(fd):
-                os.dup2(devnull, fd, inheritable=False)
-    finally:
-        os.close(devnull)
+                signal.signal(signum, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # as the worker sets it: Ctrl-C is for the executor's process
 
 
 def _descriptors() -> list[int]:
@@ -160,11 +206,9 @@ def _descriptors() -> list[int]:
         return []
 
 
-def _is_private(fd: int) -> bool:
-    """A socket or pipe opened close-on-exec: one a spawned worker would not have."""
+def _is_connection(fd: int) -> bool:
+    """A socket or pipe (beyond the standard streams): one a spawned worker would not have."""
     try:
-        if not fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC:
-            return False
         mode = os.fstat(fd).st_mode
     except OSError:  # the listing's own descriptor, closed by now
         return False

@@ -16,6 +16,7 @@ finishes its calls and closes like every executor.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from concurrent.futures import Future
@@ -32,6 +33,18 @@ DEFAULT_TIMEOUT = 300.0  # seconds without calls before the workers are released
 
 _lock = threading.Lock()  # guards _current; taken before any executor's own lock, never after
 _current: _ReusableExecutor | None = None
+
+
+def _forget_after_fork() -> None:
+    """In a process forked from this one (a worker forked while this lock was held to start the executor,
+    or a plain ``os.fork()``): a lock of its own, and no executor, whose threads stayed with the parent."""
+    global _lock, _current
+    _lock = threading.Lock()
+    _current = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 def get_reusable_executor(max_workers: int | None = None, transport: str | None = None, *,

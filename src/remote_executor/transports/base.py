@@ -102,6 +102,7 @@ class Options:
     reconnect_timeout: float = 30.0
     connect_timeout: float = 10.0
     extra: dict[str, Any] = field(default_factory=dict)
+    start_method: str | None = None  # how an embedded cluster starts its workers (None: "forkserver")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "key", normalize_key(self.key))  # the one rule for keys, however built
