@@ -11,14 +11,15 @@ explicit ``insecure``.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import os
 import shlex
 import socket
-from pathlib import Path
-from typing import TypeAlias, overload
+from typing import TYPE_CHECKING, TypeAlias, overload
 
 from .errors import TransportError
+
+if TYPE_CHECKING:  # pathlib and ipaddress: imported where used, not by every executor's start-up (5 ms)
+    from pathlib import Path
 
 KEY_ENV = "REMOTE_EXECUTOR_KEY"
 KEY_HEX_ENV = "REMOTE_EXECUTOR_KEY_HEX"  # how a parent hands an arbitrary-bytes key to its workers
@@ -125,6 +126,8 @@ def read_key_file(path: str | os.PathLike[str], *, own: bool = False) -> bytes:
 def user_key_path() -> Path:
     """``$REMOTE_EXECUTOR_KEY_FILE``, else ``$XDG_CONFIG_HOME/remote_executor/key`` (by default
     ``~/.config/remote_executor/key``)."""
+    from pathlib import Path
+
     explicit = os.environ.get(KEY_FILE_ENV)
     if explicit:
         return Path(explicit).expanduser()
@@ -201,6 +204,8 @@ def _create_in_place(path: Path, text: bytes, flags: int) -> None:
 
 def is_loopback(host: str) -> bool:
     """True if every address ``host`` resolves to is a loopback address."""
+    import ipaddress
+
     if host in ("localhost", ""):
         return host == "localhost"
     try:

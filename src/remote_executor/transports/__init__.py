@@ -12,7 +12,6 @@ registers another with an entry point in the ``remote_executor.transports`` grou
 from __future__ import annotations
 
 import importlib
-from urllib.parse import urlsplit
 
 from ..errors import TransportError
 from .base import Backend
@@ -91,6 +90,8 @@ def _instantiate(obj: object, where: str) -> Backend:
 
 def split_hostports(url: str) -> list[tuple[str, int]]:
     """``scheme://h1:p1,h2:p2/...`` -> [(h1, p1), (h2, p2)]; a clear error for a malformed URL."""
+    from urllib.parse import urlsplit  # with ipaddress, 5 ms: only for a URL, never the embedded cluster
+
     netloc = urlsplit(url).netloc if "," not in url else url.split("://", 1)[1].split("/", 1)[0]
     result = []
     for item in netloc.split(","):
