@@ -31,9 +31,10 @@ def test_quick_benchmark_writes_a_table_of_numbers(tmp_path: Path) -> None:
 
     lines = [line for line in table.splitlines() if line.startswith("|")]
     header = _row_cells(lines[0])
-    assert header[:4] == ["metric", "unit", "PPE", "tcp"]
+    executors = [name for name in header[2:] if name != "loky"]  # loky's column: only where it is installed
+    assert header[:2] == ["metric", "unit"]
+    assert executors[:3] == ["PPE", "tcp", "tcp-server"]
     assert "tcp x PPE" in header
-    assert header[4] == "tcp-server"
     ppe, tcp, ratio = header.index("PPE"), header.index("tcp"), header.index("tcp x PPE")
     server, server_ratio = header.index("tcp-server"), header.index("tcp-server x PPE")
 
