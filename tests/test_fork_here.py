@@ -46,6 +46,10 @@ def test_a_single_threaded_caller_forks_its_workers_and_keeps_its_state_to_itsel
         kept = Kept()
         weakref.finalize(kept, print, "the caller's finalizer ran")
         logging.basicConfig(filename="caller.log", level=logging.INFO)
+        logging.disable(logging.CRITICAL)  # the caller's choice, not its workers'
+        sys.excepthook = lambda *exc_info: None
+        import gc
+        gc.freeze()  # the caller's own pre-fork recipe: stays frozen after the executor forks
         from concurrent.futures import ThreadPoolExecutor  # registers its exit hook, which workers need too
         signal.signal(signal.SIGUSR1, lambda signum, frame: None)
         ours, theirs = socket.socketpair()
@@ -67,7 +71,8 @@ def test_a_single_threaded_caller_forks_its_workers_and_keeps_its_state_to_itsel
                     signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL, sys.getprofile() is None,
                     sys.stdout is sys.__stdout__, lock_free,
                     not any(isinstance(h, logging.FileHandler) for h in logging.root.handlers),
-                    gc.get_freeze_count() > 1000)  # the caller's objects: never collected, so never copied
+                    gc.get_freeze_count() > 1000,  # the caller's objects: never collected, so never copied
+                    logging.root.manager.disable == 0, sys.excepthook is sys.__excepthook__)
 
         def leave_running():  # what a worker's exit must still clean up, as a spawned worker's does
             import concurrent.futures, os, weakref
@@ -83,6 +88,7 @@ def test_a_single_threaded_caller_forks_its_workers_and_keeps_its_state_to_itsel
             ex = RemoteExecutor(max_workers=2, start_method="fork")
         sys.setprofile(None)
         sys.stdout = captured
+        assert gc.get_freeze_count() > 0, "the caller's own freeze was undone"
         with ex:
             probes = [ex.submit(probe, fds).result(timeout=30) for _ in range(20)]
             assert len({pid for pid, *_ in probes}) == 2  # both workers answered
@@ -109,7 +115,8 @@ def test_a_single_threaded_caller_forks_its_workers_and_keeps_its_state_to_itsel
         assert all(stat.S_ISCHR(kind) for kind in connections), "the caller's socket or pipe reached a worker"
         assert stat.S_ISREG(logfile), "the caller's open file is the worker's too, as in a forked process"
         assert stdin_is_null
-        assert checks == [True] * 6, "signal handler, profiler, stdout, lock, log handler, gc: the caller's"
+        assert checks == [True] * 8, "signal handler, profiler, stdout, lock, log handler, gc, logging.disable, " \
+                                     "excepthook: the caller's"
     for once in ("printed before the executor", "the caller's atexit function ran", "the caller's exit hook ran",
                  "the caller's finalizer ran", "the worker's finalizer ran"):
         assert output.count(once) == 1, once
@@ -146,6 +153,10 @@ def test_start_method_is_checked() -> None:
         RemoteExecutor(start_method="vfork")
     with pytest.raises(ValueError, match="start_method is for an embedded cluster"):
         RemoteExecutor(transport="tcp://127.0.0.1:1", start_method="fork")
+    from remote_executor.transports.memory import MemoryTransport
+
+    with pytest.raises(ValueError, match="a transport object has no local workers"):
+        RemoteExecutor(transport=MemoryTransport(1), start_method="spawn")
 
 
 def test_a_module_level_executor_is_not_forked_mid_import(tmp_path: Path) -> None:
@@ -259,6 +270,53 @@ def test_a_process_that_cannot_fork_gets_its_workers_from_the_fork_server(tmp_pa
     setup = 'os.fork = lambda: (_ for _ in ()).throw(OSError(errno.ENOMEM, "Cannot allocate memory"))'
     report, _ = run_script(PARENTS.format(setup=setup), tmp_path)
     assert report["caller"] not in report["parents"]  # type: ignore[operator]
+
+
+def test_a_process_that_ignores_sigchld_is_not_forked(tmp_path: Path) -> None:
+    """Its children's exit statuses are lost, and a supervisor tells a refused worker by its status."""
+    setup = "import signal; signal.signal(signal.SIGCHLD, signal.SIG_IGN)"
+    report, _ = run_script(PARENTS.format(setup=setup), tmp_path)
+    assert report["caller"] not in report["parents"]  # type: ignore[operator]
+
+
+def test_a_worker_that_fails_before_it_starts_says_why_on_the_real_stderr(tmp_path: Path) -> None:
+    script = tmp_path / "caller.py"
+    script.write_text(textwrap.dedent(
+        """
+        import contextlib, io
+        from remote_executor import RemoteExecutor, TransportError, forkhere
+
+        def broken(keep):
+            raise RuntimeError("cannot forget the caller")
+
+        forkhere._forget_caller = broken
+        with contextlib.redirect_stderr(io.StringIO()):  # the caller's capture: not where that goes
+            try:
+                RemoteExecutor(max_workers=1, start_method="fork", connect_timeout=30)
+            except TransportError as exc:
+                print("refused:", exc)
+        """))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=90,
+                            env={**os.environ, "PYTHONPATH": str(SRC)})
+    assert "refused: the local tcp cluster's worker processes did not start" in result.stdout, result.stderr
+    assert "RuntimeError: cannot forget the caller" in result.stderr
+
+
+def test_a_lazily_loaded_module_is_not_loaded_by_the_fork_check(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from remote_executor import forkhere
+
+    (tmp_path / "lazy_never_loaded.py").write_text("raise ImportError('the fork check loaded me')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = importlib.util.find_spec("lazy_never_loaded")
+    assert spec is not None and spec.loader is not None
+    spec.loader = importlib.util.LazyLoader(spec.loader)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "lazy_never_loaded", module)
+    spec.loader.exec_module(module)  # lazily: runs on first attribute access
+    assert forkhere._importing() is False
 
 
 def test_a_large_process_is_not_forked(tmp_path: Path) -> None:

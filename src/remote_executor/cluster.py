@@ -38,13 +38,16 @@ _FORKED_SCHEMES = {"tcp": True, "zmq": False, "gearman": False}
 def make_transport(spec: str | ClientTransport | None, options: Options) -> ClientTransport:
     """Resolve what ``RemoteExecutor(transport=...)`` was given: None or a bare scheme (an embedded local
     cluster), a URL (a running cluster) or a transport object (used as it is)."""
+    method = _start_method(options.start_method)
     if isinstance(spec, ClientTransport):
+        if options.start_method is not None:
+            raise ValueError("start_method is for an embedded cluster (RemoteExecutor() or a bare scheme); "
+                             "a transport object has no local workers to start")
         return spec
     url = DEFAULT_SCHEME if spec is None else spec
     if not isinstance(url, str):
         raise TypeError(f"transport must be None, a URL string or a ClientTransport, not {type(url).__name__}")
     scheme = scheme_of(url)
-    method = _start_method(options.start_method)
     embedded = "://" not in url
     if embedded and scheme in _FORKED_SCHEMES and method != "spawn" and not (
             method == "fork" and _FORKED_SCHEMES[scheme] and forkhere.possible()):

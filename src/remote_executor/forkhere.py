@@ -41,7 +41,17 @@ from collections.abc import Mapping, Sequence
 
 from . import forkserver
 
-SUPPORTED = forkserver.SUPPORTED and hasattr(os, "pidfd_open")
+
+def pidfds_work() -> bool:
+    """pidfd_open exists and is allowed (a kernel before 5.3, or a seccomp profile, refuses it at run time)."""
+    try:
+        os.close(os.pidfd_open(os.getpid()))  # type: ignore[attr-defined,unused-ignore]
+    except (AttributeError, OSError):
+        return False
+    return True
+
+
+SUPPORTED = forkserver.SUPPORTED and pidfds_work()
 # Above this, the fork server forks instead: a fork copies the process's page tables, and every page the
 # caller changes afterwards is copied while a worker still holds the original (for the cluster's lifetime).
 MAX_RESIDENT = 512 << 20
@@ -49,15 +59,24 @@ MAX_RESIDENT = 512 << 20
 
 def possible() -> bool:
     """True if this process may fork a worker now: Linux, no thread but the calling one, no module being
-    imported, and less than :data:`MAX_RESIDENT` bytes resident."""
-    return SUPPORTED and forkserver.thread_count() == 1 and not _importing() and _resident() < MAX_RESIDENT
+    imported, its children's exit statuses kept (SIGCHLD not ignored: a supervisor tells a refused or timed-out
+    worker by them), and less than :data:`MAX_RESIDENT` bytes resident."""
+    return (SUPPORTED and forkserver.thread_count() == 1 and not _importing()
+            and signal.getsignal(signal.SIGCHLD) != signal.SIG_IGN and _resident() < MAX_RESIDENT)
 
 
 def _importing() -> bool:
     """True while a module is being imported (a ``RemoteExecutor()`` at a module's top level): a worker
     forked now would hold that half-made module, and the import lock of a thread it does not have."""
-    return any(getattr(getattr(module, "__spec__", None), "_initializing", False)
-               for module in list(sys.modules.values()))
+    try:
+        for module in list(sys.modules.values()):
+            # Read without attribute hooks: a lazily loaded module (importlib.util.LazyLoader) would run.
+            spec = object.__getattribute__(module, "__dict__").get("__spec__")
+            if getattr(spec, "_initializing", False):
+                return True
+    except Exception:  # something that is not a plain module: assume the worst, do not fork
+        return True
+    return False
 
 
 def _resident() -> int:
@@ -127,25 +146,32 @@ def fork_worker(argv: Sequence[str], env: Mapping[str, str], fds: tuple[int, int
             stream.flush()  # type: ignore[union-attr]
     # Frozen, the caller's objects are never visited by the worker's garbage collector, which would
     # otherwise write to (and so copy) most of the caller's memory pages on its first full collection.
+    # (A caller that froze them itself keeps them frozen.) Ctrl-C waits until the child ignores it.
+    frozen = gc.get_freeze_count()
     gc.freeze()
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         pid = os.fork()
         if pid == 0:
-            _child(argv, env, fds, quiet)  # never returns
+            _child(argv, env, fds, quiet, mask)  # never returns
     finally:
-        gc.unfreeze()
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        if not frozen:
+            gc.unfreeze()
     return ForkedChild(pid, ["remote_executor.worker", *argv])
 
 
-def _child(argv: Sequence[str], env: Mapping[str, str], fds: tuple[int, int], quiet: bool) -> None:
+def _child(argv: Sequence[str], env: Mapping[str, str], fds: tuple[int, int], quiet: bool,
+           mask: set[int | signal.Signals]) -> None:
     code = 1
     try:
         _forget_caller(keep=fds)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         code = forkserver.run_worker(argv, env, fds, quiet=quiet)
     except BaseException:
         import traceback
 
-        traceback.print_exc()
+        traceback.print_exc(file=sys.__stderr__)  # the real one: not a capture the caller had set up
     finally:
         os._exit(code)
 
@@ -158,10 +184,17 @@ def _forget_caller(keep: Sequence[int]) -> None:
     sys.setprofile(None)
     threading.settrace(None)
     threading.setprofile(None)
+    sys.excepthook, sys.unraisablehook = sys.__excepthook__, sys.__unraisablehook__
+    threading.excepthook = threading.__excepthook__
     for logger in [logging.root, *logging.Logger.manager.loggerDict.values()]:
         if isinstance(logger, logging.Logger):
             logger.handlers.clear()  # not closed: they are the caller's (the worker configures its own)
+            logger.disabled = False  # (dictConfig's disable_existing_loggers)
     logging.root.setLevel(logging.WARNING)
+    logging.disable(logging.NOTSET)
+    tracker = getattr(sys.modules.get("multiprocessing.resource_tracker"), "_resource_tracker", None)
+    if tracker is not None and hasattr(tracker, "_fd"):  # the caller's, whose pipe is about to be null
+        tracker._fd = tracker._pid = None  # the worker starts its own when it needs one
     forkserver.redirect(0, os.O_RDONLY)
     devnull = os.open(os.devnull, os.O_RDWR)
     try:

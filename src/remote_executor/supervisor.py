@@ -319,7 +319,7 @@ def _pidfd(pid: int) -> int | None:
         return None
 
 
-_HAVE_PIDFD = hasattr(os, "pidfd_open") and sys.platform.startswith("linux")
+_HAVE_PIDFD = sys.platform.startswith("linux") and forkhere.pidfds_work()  # else: poll for exits
 
 
 def _signal(proc: Process, signum: int) -> None:
