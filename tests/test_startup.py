@@ -307,3 +307,24 @@ def test_the_supervisor_announces_each_first_handshake_and_each_exit(tcp_server:
         assert supervisor.exits == [("announced-0", -signal.SIGKILL)]
     finally:
         supervisor.stop()
+
+
+def test_a_supervisor_that_cannot_start_every_child_stops_those_it_started(
+        tcp_server: TcpServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    started: list[int] = []
+    real = Supervisor._start_child
+
+    def start_one_then_fail(self: Supervisor, lifeline: int, index: int) -> object:
+        if started:
+            raise OSError(24, "Too many open files")
+        proc, pidfd = real(self, lifeline, index)
+        started.append(proc.pid)
+        return proc, pidfd
+
+    monkeypatch.setattr(Supervisor, "_start_child", start_one_then_fail)
+    supervisor = Supervisor(tcp_server.url, 2, name="half-started")
+    with pytest.raises(OSError, match="Too many open files"):
+        supervisor.start()
+    assert len(started) == 1
+    wait_for(lambda: not pid_alive(started[0]), what="the child it did start to be stopped")
+    assert supervisor.pids() == []

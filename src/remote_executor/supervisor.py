@@ -124,6 +124,9 @@ class Supervisor:
         try:
             for index in range(self.processes):
                 self._spawn(index)
+        except BaseException:  # (out of file descriptors, a fork refused): none of them is left behind
+            self.stop()
+            raise
         finally:
             self._fork_here = False  # a child started later has the watcher thread (at least) beside it
         self._thread = threading.Thread(target=self._watch, name="remote-executor-supervisor", daemon=True)
