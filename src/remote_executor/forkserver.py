@@ -329,9 +329,9 @@ def _preload(scheme: str) -> None:
     from .transports import get_backend
     from .worker import main  # noqa: F401
 
-    # shutil: argparse's help formatter, built by the worker's first add_argument (with zlib, bz2 and lzma,
-    # 17 ms); encodings.idna: the first connect to a host name given as text.
-    for name in ("cloudpickle", "shutil", "encodings.idna", "gc", *_WORKER_MODULES.get(scheme, ())):
+    # urllib.parse: the worker's URL (imported where used, not at start-up); encodings.idna: the first
+    # connect to a host name given as text.
+    for name in ("cloudpickle", "urllib.parse", "encodings.idna", "gc", *_WORKER_MODULES.get(scheme, ())):
         with contextlib.suppress(ImportError):
             importlib.import_module(name)
     with contextlib.suppress(Exception):  # an unknown scheme or a missing extra: the worker says so itself
