@@ -188,7 +188,8 @@ def _forget_caller(keep: Sequence[int]) -> None:
     threading.excepthook = threading.__excepthook__
     for logger in [logging.root, *logging.Logger.manager.loggerDict.values()]:
         if isinstance(logger, logging.Logger):
-            logger.handlers.clear()  # not closed: they are the caller's (the worker configures its own)
+            _kept.extend(logger.handlers)  # neither closed nor collected (which would close their files)
+            logger.handlers.clear()  # the caller's: the worker configures its own
             logger.disabled = False  # (dictConfig's disable_existing_loggers)
     logging.root.setLevel(logging.WARNING)
     logging.disable(logging.NOTSET)
@@ -208,6 +209,9 @@ def _forget_caller(keep: Sequence[int]) -> None:
         sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__  # a replacement (a file, a capture) is the caller's
 
 
+_kept: list[object] = []  # in a forked worker: the caller's logging handlers, kept as they were
+
+
 def _forget_exit_functions() -> None:
     """What the caller's exit would run, which the worker's must not: its ``atexit`` functions, the
     ``weakref.finalize`` objects registered with them, and the hooks threading runs when a program ends
@@ -219,7 +223,15 @@ def _forget_exit_functions() -> None:
     hooks = getattr(threading, "_threading_atexits", None)
     if hooks is not None:
         pools = getattr(sys.modules.get("concurrent.futures.thread"), "_python_exit", None)
-        hooks[:] = [hook for hook in hooks if getattr(hook, "func", hook) is pools]
+        hooks[:] = [hook for hook in hooks if pools is not None and _calls(hook, pools)]
+
+
+def _calls(hook: object, target: object) -> bool:
+    """True if a threading exit hook calls ``target``: stored as itself, a ``functools.partial`` of it
+    (3.10, 3.11) or a lambda closing over it (3.12+)."""
+    cells = getattr(hook, "__closure__", None) or ()
+    return hook is target or getattr(hook, "func", None) is target or any(
+        cell.cell_contents is target for cell in cells)
 
 
 def _forget_signals() -> None:
