@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import types
 from pathlib import Path
 
 import pytest
@@ -314,9 +315,11 @@ def test_a_lazily_loaded_module_is_not_loaded_by_the_fork_check(tmp_path: Path,
     assert spec is not None and spec.loader is not None
     spec.loader = importlib.util.LazyLoader(spec.loader)
     module = importlib.util.module_from_spec(spec)
+    without = forkhere._importing()  # (whatever this test process is doing otherwise)
     monkeypatch.setitem(sys.modules, "lazy_never_loaded", module)
     spec.loader.exec_module(module)  # lazily: runs on first attribute access
-    assert forkhere._importing() is False
+    assert forkhere._importing() is without
+    assert type(module) is not types.ModuleType  # still lazy: loading it turns it into a plain module
 
 
 def test_a_large_process_is_not_forked(tmp_path: Path) -> None:
@@ -331,3 +334,10 @@ def test_resident_memory_is_read_for_the_limit() -> None:
     ballast = bytearray(64 << 20)  # zero-filled: every page touched
     assert forkhere._resident() - before >= 60 << 20
     del ballast
+
+
+def test_cryptographys_module_stand_in_does_not_prevent_forking(tmp_path: Path) -> None:
+    """cffi puts an object without a ``__dict__`` in ``sys.modules`` ('_openssl.lib'): not an import."""
+    setup = "import cryptography.hazmat.primitives.ciphers.aead  # as TLS or the gearman transport do"
+    report, _ = run_script(PARENTS.format(setup=setup), tmp_path)
+    assert report["parents"] == [report["caller"]]

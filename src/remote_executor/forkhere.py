@@ -36,6 +36,7 @@ import stat
 import subprocess
 import sys
 import threading
+import types
 import weakref
 from collections.abc import Mapping, Sequence
 
@@ -68,14 +69,21 @@ def possible() -> bool:
 def _importing() -> bool:
     """True while a module is being imported (a ``RemoteExecutor()`` at a module's top level): a worker
     forked now would hold that half-made module, and the import lock of a thread it does not have."""
-    try:
-        for module in list(sys.modules.values()):
+    modules: list[object] = list(sys.modules.values())  # not always modules, whatever typeshed says
+    for module in modules:
+        if not isinstance(module, types.ModuleType):  # a placeholder some library put there: no import
+            continue
+        try:
             # Read without attribute hooks: a lazily loaded module (importlib.util.LazyLoader) would run.
-            spec = object.__getattribute__(module, "__dict__").get("__spec__")
-            if getattr(spec, "_initializing", False):
+            namespace = object.__getattribute__(module, "__dict__")
+        except AttributeError:  # a C extension's stand-in without one (cffi's Lib): never being imported
+            continue
+        try:
+            spec = namespace.get("__spec__")
+            if getattr(spec, "_initializing", False) is True:  # (not a stand-in spec, a mock)
                 return True
-    except Exception:  # something that is not a plain module: assume the worst, do not fork
-        return True
+        except Exception:  # a module that cannot say: assume the worst, do not fork
+            return True
     return False
 
 
