@@ -102,10 +102,13 @@ class LogTail:
         self._thread.start()
 
     def _read(self, stream: IO[str]) -> None:
-        for line in stream:
-            with self._changed:
-                self.lines.append(line)
-                self._changed.notify_all()
+        try:
+            for line in stream:
+                with self._changed:
+                    self.lines.append(line)
+                    self._changed.notify_all()
+        except ValueError:  # closed by ``close`` after its grace period: the test is over
+            pass
         with self._changed:
             self._ended = True
             self._changed.notify_all()
@@ -126,6 +129,15 @@ class LogTail:
     def count(self, text: str) -> int:
         with self._changed:
             return sum(text in line for line in self.lines)
+
+    def close(self, stream: IO[str]) -> None:
+        """Lets the reader see the end of the stream (the process is dead) before the stream is closed.
+
+        Closing it first made the reader thread fail mid-iteration, an unhandled thread exception that
+        pytest then pinned on whichever test ran next."""
+        self._thread.join(timeout=10)  # bounded: a surviving grandchild may still hold the pipe open
+        stream.close()
+        self._thread.join(timeout=10)
 
 
 @dataclass
@@ -169,9 +181,10 @@ class Processes:
         for proc in self.started:
             proc.popen.kill()
             proc.popen.wait()
-            for stream in (proc.popen.stdout, proc.popen.stderr):
-                if stream is not None:
-                    stream.close()
+            if proc.popen.stdout is not None:
+                proc.popen.stdout.close()
+            if proc.popen.stderr is not None:
+                proc.log.close(proc.popen.stderr)
 
 
 @pytest.fixture
