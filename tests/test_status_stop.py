@@ -17,6 +17,7 @@ import cloudpickle
 import pytest
 
 from remote_executor import RemoteExecutor, cluster_status
+from remote_executor.conformance.gate import Gate, wait_at_gate
 from remote_executor.status import ClientStatus, ClusterStatus, PoolStatus, ServerStatus, WorkerStatus, render
 from remote_executor.supervisor import Supervisor
 from remote_executor.transports.tcp.server import TcpServer
@@ -28,6 +29,8 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot im
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 KEY = b"status-test-key-" + b"k" * 16
 ENV = {**os.environ, "PYTHONPATH": SRC, "REMOTE_EXECUTOR_KEY": KEY.decode()}
+# Liveness is not under test here: long enough that a peer starved on a loaded machine is not declared dead.
+HEARTBEAT_TIMEOUT = 5.0
 
 
 def cli(*args: str) -> list[str]:
@@ -42,7 +45,7 @@ def free_port() -> int:
 
 @pytest.fixture
 def server() -> Iterator[TcpServer]:
-    made = TcpServer("127.0.0.1", 0, key=KEY, heartbeat_interval=0.2, heartbeat_timeout=1.5)
+    made = TcpServer("127.0.0.1", 0, key=KEY, heartbeat_interval=0.2, heartbeat_timeout=HEARTBEAT_TIMEOUT)
     made.start()
     yield made
     made.stop()
@@ -58,7 +61,8 @@ def workers(server: TcpServer) -> Iterator[Supervisor]:
 
 
 def test_cluster_status_and_executor_status_are_typed(server: TcpServer, workers: Supervisor) -> None:
-    with RemoteExecutor(transport=server.url, key=KEY, heartbeat_interval=0.2, heartbeat_timeout=1.5) as ex:
+    with RemoteExecutor(transport=server.url, key=KEY, heartbeat_interval=0.2,
+                        heartbeat_timeout=HEARTBEAT_TIMEOUT) as ex:
         ex.wait_for_workers(2, timeout=30)
         assert list(ex.map(abs, range(-10, 0))) == list(range(10, 0, -1))
         wait_for(lambda: cluster_status(server.url, key=KEY).done == 10, what="ten calls counted")
@@ -170,7 +174,8 @@ def test_ping_wait_gives_up_when_the_time_is_up() -> None:
 
 def start_server(port: int) -> subprocess.Popen[str]:
     proc = subprocess.Popen(cli("server", f"tcp://127.0.0.1:{port}", "--heartbeat-interval", "0.2",
-                                "--heartbeat-timeout", "1.5"), env=ENV, stdout=subprocess.PIPE, text=True)
+                                "--heartbeat-timeout", str(HEARTBEAT_TIMEOUT)),
+                            env=ENV, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     assert "serving" in proc.stdout.readline()
     return proc
@@ -181,20 +186,23 @@ def test_stop_with_workers_lets_running_calls_finish_then_everything_exits_for_g
     url = f"tcp://127.0.0.1:{port}"
     server = start_server(port)
     worker = subprocess.Popen(cli("worker", url, "--processes", "2", "--heartbeat-interval", "0.2",
-                                  "--heartbeat-timeout", "1.5"), env=ENV, stdout=subprocess.PIPE,
+                                  "--heartbeat-timeout", str(HEARTBEAT_TIMEOUT)), env=ENV, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
     try:
-        with RemoteExecutor(transport=url, key=KEY, heartbeat_interval=0.2, heartbeat_timeout=1.5,
-                            reconnect_timeout=1.0, max_retries=0) as ex:
+        with Gate() as gate, RemoteExecutor(transport=url, key=KEY, heartbeat_interval=0.2,
+                                            heartbeat_timeout=HEARTBEAT_TIMEOUT, reconnect_timeout=1.0,
+                                            max_retries=0) as ex:
             ex.wait_for_workers(2, timeout=30)
-            running = ex.submit(time.sleep, 1.5)
+            running = ex.submit(wait_at_gate, gate.address, "held", "finished")
+            gate.wait_started(1)
             wait_for(lambda: sum(w.running or 0 for w in cluster_status(url, key=KEY).workers) == 1,
-                     what="the call to start")
+                     what="the server to see the call running")
             stopped = subprocess.run(cli("stop", url, "--workers"), env=ENV, capture_output=True, text=True,
                                      timeout=30)
             assert stopped.returncode == 0, stopped.stderr
-            assert "is stopping: 1 running call(s) finish first" in stopped.stdout
-            assert running.result(timeout=30) is None  # it finished on the stopping server
+            assert "is stopping: 1 running call(s) finish first" in stopped.stdout  # still held at the gate
+            gate.release()
+            assert running.result(timeout=30) == "finished"  # it finished on the stopping server
         assert server.wait(timeout=30) == 0
         out, err = worker.communicate(timeout=30)
         assert worker.returncode == 0, err
@@ -219,7 +227,7 @@ def test_stop_without_workers_leaves_them_waiting_for_the_server(tmp_path: Path)
         pids = supervisor.pids()
         assert subprocess.run(cli("stop", url), env=ENV, capture_output=True, timeout=30).returncode == 0
         assert server.wait(timeout=30) == 0
-        again = TcpServer("127.0.0.1", port, key=KEY, heartbeat_interval=0.2, heartbeat_timeout=1.5)
+        again = TcpServer("127.0.0.1", port, key=KEY, heartbeat_interval=0.2, heartbeat_timeout=HEARTBEAT_TIMEOUT)
         again.start()
         try:  # the same worker process reconnects to the server that took its place
             wait_for(lambda: [w.pid for w in cluster_status(url, key=KEY).workers] == pids,
@@ -246,27 +254,21 @@ def test_stop_a_gearmand_lets_its_running_call_finish_then_it_exits(tmp_path: Pa
                              name="gw")
         workers.start()
         try:
-            with RemoteExecutor(transport=url, key=KEY, max_retries=0) as ex:
+            with Gate() as gate, RemoteExecutor(transport=url, key=KEY, max_retries=0) as ex:
                 ex.wait_for_workers(1, timeout=30)
-                marker = tmp_path / "started"
-                running = ex.submit(touch_then_sleep, str(marker), 1.5)
-                wait_for(marker.exists, what="the call to start")
+                running = ex.submit(wait_at_gate, gate.address, "held", "finished")
+                gate.wait_started(1)
                 stopped = subprocess.run(cli("stop", url), env=ENV, capture_output=True, text=True, timeout=30)
                 assert stopped.returncode == 0, stopped.stderr
                 assert "is stopping: 1 running and 0 queued call(s) finish first" in stopped.stdout
-                assert running.result(timeout=30) == "slept"  # gearmand let it finish before it exited
+                gate.release()
+                assert running.result(timeout=30) == "finished"  # gearmand let it finish before it exited
             wait_for(lambda: not gearmand.is_running(), 30.0, "gearmand to exit")
         finally:
             workers.stop()
         status = subprocess.run(cli("status", url, "--timeout", "2"), env=ENV, capture_output=True, text=True,
                                 timeout=30)
         assert status.returncode == 1, status.stdout
-
-
-def touch_then_sleep(path: str, seconds: float) -> str:
-    Path(path).touch()
-    time.sleep(seconds)
-    return "slept"
 
 
 def test_stop_a_gearmand_over_the_network_without_a_key_is_refused_before_anything_is_sent() -> None:

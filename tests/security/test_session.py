@@ -116,7 +116,10 @@ def test_a_recorded_session_replayed_runs_nothing(keyed_tcp: TcpServer, tmp_path
         with socket.create_connection(("127.0.0.1", keyed_tcp.port), timeout=10) as attacker:
             attacker.sendall(relay.sent)  # OPEN, HELLO, SUBMIT ... exactly as recorded
             attacker.settimeout(10)
-            while attacker.recv(65536):  # the server answers the OPEN, then closes on the stale HELLO
+            try:  # the server answers the OPEN, then closes on the stale HELLO
+                while attacker.recv(65536):
+                    pass
+            except ConnectionResetError:  # closed with the recorded SUBMIT still unread: the kernel resets
                 pass
         assert [legit.submit(touch, str(log), f"legit-{i}").result(timeout=60) for i in range(5)]
     assert sorted(runs(log)) == sorted(["recorded", *(f"legit-{i}" for i in range(5))])

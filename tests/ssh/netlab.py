@@ -148,18 +148,24 @@ class NetLab:
             "ClientAliveCountMax 3\n"
             "LogLevel INFO\n")
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation directory
-        host.sshd = subprocess.Popen(["ip", "netns", "exec", host.namespace, "/usr/sbin/sshd", "-D", "-e",
-                                      "-f", str(config)], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        sshd = host.sshd = subprocess.Popen(["ip", "netns", "exec", host.namespace, "/usr/sbin/sshd", "-D", "-e",
+                                             "-f", str(config)], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
         listening = threading.Event()
+        stderr = sshd.stderr
+        assert stderr is not None
 
         def read_log() -> None:
-            assert host.sshd is not None and host.sshd.stderr is not None
-            for raw in host.sshd.stderr:
-                host.sshd_log.append(raw.decode(errors="replace").rstrip())
-                if "Server listening on" in host.sshd_log[-1]:
-                    listening.set()
-            host.sshd.stderr.close()
-            listening.set()
+            # This process's pipe, captured now: host.sshd may be cleared or replaced while the thread runs.
+            try:
+                for raw in stderr:
+                    host.sshd_log.append(raw.decode(errors="replace").rstrip())
+                    if "Server listening on" in host.sshd_log[-1]:
+                        listening.set()
+            except ValueError:  # the pipe was closed under us at teardown: nothing more to read
+                pass
+            finally:
+                stderr.close()
+                listening.set()
 
         threading.Thread(target=read_log, name=f"sshd {host.name}", daemon=True).start()
         if not listening.wait(30) or host.sshd.poll() is not None:

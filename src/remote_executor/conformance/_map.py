@@ -60,7 +60,13 @@ class MapTests(ConformanceBase):
         assert time.monotonic() - before_next < 0.5, "map's timeout restarted at next() instead of the call"
 
     def test_map_timeout_after_earlier_results(self, executor: Executor, gate: Gate) -> None:
-        assert executor.submit(tasks.square, 1).result(timeout=TIMEOUT) == 1  # workers up: 2 s is plenty
+        # Both workers hold a call at once, so each has run one (imports done) before the 2 s clock starts:
+        # "quick" may land on either, and a cold one can take longer than that on a loaded machine.
+        warm = [executor.submit(tasks.wait_at_gate, gate.address, f"warm-{i}", i) for i in range(2)]
+        gate.wait_started(2)
+        gate.release("warm-0")
+        gate.release("warm-1")
+        assert [f.result(timeout=TIMEOUT) for f in warm] == [0, 1]
         gate.release("quick")
         results = executor.map(
             functools.partial(tasks.wait_at_gate, gate.address), ["quick", "held"], ["q", "h"], timeout=2.0
