@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -172,19 +173,28 @@ def test_ping_wait_gives_up_when_the_time_is_up() -> None:
     assert time.monotonic() - began < 20
 
 
-def start_server(port: int) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(cli("server", f"tcp://127.0.0.1:{port}", "--heartbeat-interval", "0.2",
-                                "--heartbeat-timeout", str(HEARTBEAT_TIMEOUT)),
-                            env=ENV, stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    assert "serving" in proc.stdout.readline()
-    return proc
+def start_server() -> tuple[int, subprocess.Popen[str]]:
+    """A CLI server on a free port (the command line takes no port 0): retried if another process takes the
+    port between our probe and the server's bind."""
+    for _ in range(5):
+        port = free_port()
+        with tempfile.TemporaryFile("w+") as err:  # a file, not a pipe: a server that logs never blocks on it
+            proc = subprocess.Popen(cli("server", f"tcp://127.0.0.1:{port}", "--heartbeat-interval", "0.2",
+                                        "--heartbeat-timeout", str(HEARTBEAT_TIMEOUT)),
+                                    env=ENV, stdout=subprocess.PIPE, stderr=err, text=True)
+            assert proc.stdout is not None
+            if "serving" in proc.stdout.readline():
+                return port, proc
+            proc.communicate()
+            err.seek(0)
+            error = err.read()
+        assert "Address already in use" in error, error
+    raise AssertionError("no free port in five tries")
 
 
 def test_stop_with_workers_lets_running_calls_finish_then_everything_exits_for_good() -> None:
-    port = free_port()
+    port, server = start_server()
     url = f"tcp://127.0.0.1:{port}"
-    server = start_server(port)
     worker = subprocess.Popen(cli("worker", url, "--processes", "2", "--heartbeat-interval", "0.2",
                                   "--heartbeat-timeout", str(HEARTBEAT_TIMEOUT)), env=ENV, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
@@ -216,9 +226,8 @@ def test_stop_with_workers_lets_running_calls_finish_then_everything_exits_for_g
 
 
 def test_stop_without_workers_leaves_them_waiting_for_the_server(tmp_path: Path) -> None:
-    port = free_port()
+    port, server = start_server()
     url = f"tcp://127.0.0.1:{port}"
-    server = start_server(port)
     supervisor = Supervisor(url, 1, env={"REMOTE_EXECUTOR_KEY": KEY.decode()}, worker_args=FAST_HEARTBEAT,
                             name="stay")
     supervisor.start()
