@@ -45,7 +45,7 @@ class CountingSocket:
             # waiting, not a cost of the call, and a loaded machine makes some waits outlast a slice.
             try:
                 result = attr(*args, **kwargs)
-            except OSError:
+            except (BlockingIOError, TimeoutError):  # SO_RCVTIMEO ran out (EAGAIN); other errors are not counted
                 self._counts[f"{name} (timed out)"] += 1
                 raise
             self._counts[name] += 1
