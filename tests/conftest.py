@@ -5,6 +5,9 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
+import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 
@@ -69,3 +72,24 @@ def start_workers(tcp_server: TcpServer) -> Iterator[Callable[..., Supervisor]]:
                 os.kill(pid, signal.SIGCONT)
         supervisor.stop()
 
+
+
+def start_cli_server(command: Callable[[int], list[str]], env: dict[str, str] | None = None,
+                     ) -> tuple[int, subprocess.Popen[str]]:
+    """``command(port)`` (a ``remote-executor server tcp://127.0.0.1:PORT ...`` line) on a free port, once it
+    prints that it is serving: its port and process. The command line takes no port 0, so a port is probed
+    first, and tried afresh if another process binds it before the server does."""
+    for _ in range(5):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = int(probe.getsockname()[1])
+        with tempfile.TemporaryFile("w+") as err:  # a file, not a pipe: a server that logs never blocks on it
+            proc = subprocess.Popen(command(port), env=env, stdout=subprocess.PIPE, stderr=err, text=True)
+            assert proc.stdout is not None
+            if proc.stdout.readline().startswith("serving "):
+                return port, proc
+            proc.communicate()
+            err.seek(0)
+            error = err.read()
+        assert "Address already in use" in error, error
+    raise AssertionError("no free port in five tries")

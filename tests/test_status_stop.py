@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +22,7 @@ from remote_executor.status import ClientStatus, ClusterStatus, PoolStatus, Serv
 from remote_executor.supervisor import Supervisor
 from remote_executor.transports.tcp.server import TcpServer
 
-from .conftest import FAST_HEARTBEAT, wait_for
+from .conftest import FAST_HEARTBEAT, start_cli_server, wait_for
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
 
@@ -174,22 +173,8 @@ def test_ping_wait_gives_up_when_the_time_is_up() -> None:
 
 
 def start_server() -> tuple[int, subprocess.Popen[str]]:
-    """A CLI server on a free port (the command line takes no port 0): retried if another process takes the
-    port between our probe and the server's bind."""
-    for _ in range(5):
-        port = free_port()
-        with tempfile.TemporaryFile("w+") as err:  # a file, not a pipe: a server that logs never blocks on it
-            proc = subprocess.Popen(cli("server", f"tcp://127.0.0.1:{port}", "--heartbeat-interval", "0.2",
-                                        "--heartbeat-timeout", str(HEARTBEAT_TIMEOUT)),
-                                    env=ENV, stdout=subprocess.PIPE, stderr=err, text=True)
-            assert proc.stdout is not None
-            if "serving" in proc.stdout.readline():
-                return port, proc
-            proc.communicate()
-            err.seek(0)
-            error = err.read()
-        assert "Address already in use" in error, error
-    raise AssertionError("no free port in five tries")
+    return start_cli_server(lambda port: cli("server", f"tcp://127.0.0.1:{port}", "--heartbeat-interval", "0.2",
+                                             "--heartbeat-timeout", str(HEARTBEAT_TIMEOUT)), ENV)
 
 
 def test_stop_with_workers_lets_running_calls_finish_then_everything_exits_for_good() -> None:

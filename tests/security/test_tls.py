@@ -35,7 +35,7 @@ from remote_executor.transports.tcp.tlsstream import TlsChannel
 from remote_executor.wire.frames import Frame, FrameReader, Kind, Limits, encode_bytes
 from remote_executor.wire.messages import hello
 
-from ..conftest import FAST_HEARTBEAT, wait_for
+from ..conftest import FAST_HEARTBEAT, start_cli_server, wait_for
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
 
@@ -154,29 +154,14 @@ def test_tls_config_object_and_server_certificate_only(pki: Pki, start_workers: 
 @contextlib.contextmanager
 def cli_server(*args: str) -> Iterator[tuple[str, subprocess.Popen[str]]]:
     """``remote-executor server tcp://127.0.0.1:PORT ARGS``: its URL, stopped with SIGTERM afterwards."""
-    for _ in range(5):  # a free port (the command line takes no port 0), unless another process takes it first
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        server = subprocess.Popen([*CLI, "server", f"tcp://127.0.0.1:{port}", *args], stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True)
-        assert server.stdout is not None and server.stderr is not None
-        line = server.stdout.readline()
-        if line.startswith("serving "):
-            break
-        error = server.stderr.read()
-        server.wait()
-        server.stdout.close()
-        server.stderr.close()
-        assert "Address already in use" in error, error
+    port, server = start_cli_server(lambda port: [*CLI, "server", f"tcp://127.0.0.1:{port}", *args])
     try:
-        yield line.split()[-1], server
+        yield f"tcp://127.0.0.1:{port}", server
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=30)
-        for stream in (server.stdout, server.stderr):
-            if stream is not None:
-                stream.close()
+        if server.stdout is not None:
+            server.stdout.close()
 
 
 def test_cluster_over_tls_from_the_cli(pki: Pki) -> None:
