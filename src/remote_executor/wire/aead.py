@@ -35,6 +35,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any, Final
 
 from ..errors import AuthenticationError, TransportError
+from .entropy import random_bytes
 from .serialization import Buffer
 
 __all__ = ["CryptographyMissingError", "Sealer", "is_sealed", "require_cryptography", "sealed_size"]
@@ -115,7 +116,7 @@ class Sealer:
         total = sum(memoryview(b).nbytes for b in plaintext)
         count = _segment_count(total, self._segment)
         salt, aead = self._sending_session()
-        nonce = os.urandom(NONCE_SIZE)
+        nonce = random_bytes(NONCE_SIZE)
         header = MAGIC + bytes([VERSION]) + salt + nonce
         out = bytearray(HEADER_SIZE + total + TAG_SIZE * count)
         out[:HEADER_SIZE] = header

@@ -39,7 +39,6 @@ code on the workers anyway, so there is nothing left to protect.
 
 from __future__ import annotations
 
-import os
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -49,6 +48,7 @@ from ...errors import AuthenticationError, ProtocolError
 from ...pools import DEFAULT_POOL, pool_of_url
 from ...security import normalize_key
 from ...wire.aead import Sealer, is_sealed
+from ...wire.entropy import random_bytes
 from ...wire.frames import DEFAULT_LIMITS, LIMITED, Frame, Kind, Limits, decode_whole, encode
 from ...wire.messages import split_limit
 from ...wire.serialization import Buffer
@@ -175,7 +175,7 @@ class JobCodec:
         frame = Frame(Kind.TASK, a=call.task_id, b=session.executor_id, flags=flags, parts=parts)
         if self._sealer is None:
             return SealedJob(b"", join(encode(frame)))
-        job_id = os.urandom(JOB_ID_SIZE)
+        job_id = random_bytes(JOB_ID_SIZE)
         header = _JOB_HEADER.pack(job_id, max(0, round(expiry * 1000)))
         return SealedJob(job_id, self._sealer.seal([header, *encode(frame)], _JOB_AD + self.function))
 
