@@ -222,6 +222,13 @@ class Scheduler:
             self._drop_client(conn)
         self._check_stopped()
 
+    def excuse(self, seconds: float) -> None:
+        """Forgive every peer ``seconds`` of silence that was the server's own: its loop did not run (a
+        stopped or starved process, a paused VM), so what peers sent meanwhile may not have been read yet.
+        A server loop calls this with how late a tick runs, before the tick."""
+        for peer in self._peers.values():
+            peer.last_recv += seconds
+
     def tick(self, now: float) -> float:
         """Check heartbeats; returns when the next check is due."""
         self._now = now

@@ -166,11 +166,18 @@ class TcpServer(ServerCore):
                     wake_at = min(wake_at, self._accepting_again)
                 events = self._selector.select(max(wake_at - time.monotonic(), 0.0))
                 with self.drive_lock:
-                    now = time.monotonic()
-                    if now >= next_tick:
-                        next_tick = self.scheduler.tick(now)
                     for key, mask in events:
                         self._on_event(key.data, mask)
+                    now = time.monotonic()
+                    if now >= next_tick:
+                        # A tick that runs late was not running meanwhile (a stopped or starved process):
+                        # that silence is ours, not the peers'. Their heartbeats may still be waiting in the
+                        # socket buffers, so read those too before judging anyone (one poll per tick).
+                        if next_tick:
+                            self.scheduler.excuse(now - next_tick)
+                        for key, mask in self._selector.select(0):
+                            self._on_event(key.data, mask)
+                        next_tick = self.scheduler.tick(time.monotonic())
                     if self._handshaking or self._accepting_again is not None:  # (else none is armed)
                         next_timer = self._timers(time.monotonic())
                     else:

@@ -149,13 +149,16 @@ class ZmqServer(ServerCore):
             while not self.stopping.is_set():
                 now = time.monotonic()
                 if now >= next_tick:
-                    next_tick = self.scheduler.tick(now)
-                wait = _BACKLOG_RETRY if self._backlog else max(next_tick - now, 0.0)
-                ready = dict(poller.poll(int(wait * 1000) + 1))
-                if self._waker.reader.fileno() in ready:
-                    self._waker.drain()
-                if self._router in ready:
-                    self._read()
+                    # A tick that runs late was not running meanwhile (a stopped or starved process): that
+                    # silence is ours, not the peers'. What they sent may not even have reached the socket's
+                    # queue yet (libzmq's I/O thread was stopped too); read what has.
+                    if next_tick:
+                        self.scheduler.excuse(now - next_tick)
+                    self._on_ready(dict(poller.poll(0)))
+                    next_tick = self.scheduler.tick(time.monotonic())
+                    self._pump_all()  # what was read and the heartbeats due: not after the wait below
+                wait = _BACKLOG_RETRY if self._backlog else max(next_tick - time.monotonic(), 0.0)
+                self._on_ready(dict(poller.poll(int(wait * 1000) + 1)))
                 self._pump_all()
         finally:
             self._close_all()
@@ -163,6 +166,12 @@ class ZmqServer(ServerCore):
 
 
     # --- input ---------------------------------------------------------------------------------------
+
+    def _on_ready(self, ready: dict[Any, int]) -> None:
+        if self._waker.reader.fileno() in ready:
+            self._waker.drain()
+        if self._router in ready:
+            self._read()
 
     def _read(self) -> None:
         router = self._router

@@ -1,0 +1,67 @@
+"""A job server whose process stalls (SIGSTOP, a long pause of the VM, swapping) keeps its workers.
+
+While the server does not run, its workers keep sending heartbeats, which wait in the socket buffers. When it
+runs again it must read them before it judges anyone silent: otherwise every worker looks silent for as long
+as the stall lasted and is dropped, and every running call is requeued, though nobody failed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from remote_executor import cluster_status
+
+from .conftest import start_cli_server, wait_for
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+KEY = b"stalled-server-key-" + b"k" * 13
+ENV = {**os.environ, "PYTHONPATH": SRC, "REMOTE_EXECUTOR_KEY": KEY.decode()}
+SERVER_TIMEOUT = 1.0  # how long the server waits for a worker's heartbeat
+STALL = 3 * SERVER_TIMEOUT
+WORKER_TIMEOUT = 60.0  # the workers wait out the stall: only the server's judgement is under test
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "remote_executor.cli", *args]
+
+
+@pytest.mark.parametrize("scheme", ["tcp", pytest.param("zmq", marks=pytest.mark.zmq)])
+def test_a_server_that_stalled_reads_the_heartbeats_it_missed_before_judging_its_workers(scheme: str) -> None:
+    port, server = start_cli_server(lambda port: cli(
+        "server", f"{scheme}://127.0.0.1:{port}", "--heartbeat-interval", "0.2",
+        "--heartbeat-timeout", str(SERVER_TIMEOUT)), ENV)
+    url = f"{scheme}://127.0.0.1:{port}"
+    workers = subprocess.Popen(cli("worker", url, "--processes", "2", "--heartbeat-interval", "0.2",
+                                   "--heartbeat-timeout", str(WORKER_TIMEOUT)),
+                               env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: len(cluster_status(url, key=KEY).workers) == 2, what="two workers attached")
+        before = {w.name for w in cluster_status(url, key=KEY).workers}
+        os.kill(server.pid, signal.SIGSTOP)
+        try:
+            time.sleep(STALL)  # the stall itself is under test: heartbeats pile up meanwhile
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+        after = cluster_status(url, key=KEY, timeout=30).workers
+        assert {w.name for w in after} == before
+        # Attached before the stall, not again after it (a dropped worker reconnects under a new name or
+        # with a fresh uptime).
+        assert all(w.uptime is not None and w.uptime >= STALL for w in after), after
+    finally:
+        workers.terminate()
+        server.terminate()
+        for process in (workers, server):
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(30)
+        if server.stdout is not None:
+            server.stdout.close()
