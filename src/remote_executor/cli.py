@@ -24,13 +24,11 @@ import logging
 import os
 import re
 import shutil
-import signal
 import sys
 import tempfile
 import textwrap
-import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import __version__
@@ -38,6 +36,7 @@ from .errors import RemoteExecutorError
 from .netio import retry_with_backoff
 from .pools import pool_of_url
 from .security import key_to_env, resolve_key
+from .signals import SignalEvent, set_on_signals
 from .supervisor import Supervisor
 from .tls import TlsConfig, make_cluster_material
 from .transports import UnknownSchemeError, get_backend, scheme_of
@@ -252,7 +251,7 @@ def _server(args: argparse.Namespace) -> int:
     if key is None:
         log.warning("no key (--insecure): anyone who can connect can run code as the workers' user")
     server = backend.server(args.url, settings)
-    _on_stop_signals(lambda: server.stop())
+    _stop_on_signals(server.stop)
     log.info("serving %s", server.url)
     print(f"serving {server.url}", flush=True)
     server.serve_forever()
@@ -279,8 +278,7 @@ def _worker(args: argparse.Namespace) -> int:
         worker_args += tls.to_args()
     supervisor = Supervisor(args.url, args.processes, env=key_to_env(key), worker_args=worker_args,
                             name=args.name or f"{os.uname().nodename}-{os.getpid()}")
-    stop = threading.Event()
-    _on_stop_signals(stop.set)
+    stop = _stop_on_signals()
     if args.exit_on_stdin_eof:
         watch_stdin(stop)
     supervisor.start()
@@ -341,8 +339,7 @@ def _watch(url: str, backend: Backend, options: Options, interval: float) -> int
     """``status --watch``: redraw the view every ``interval`` seconds until SIGINT/SIGTERM (status 0)."""
     from .status import ClusterStatus, render
 
-    stop = threading.Event()
-    _on_stop_signals(stop.set)
+    stop = _stop_on_signals()
     clear = "\x1b[H\x1b[2J" if sys.stdout.isatty() else ""  # a log of views when not a terminal
     previous: ClusterStatus | None = None
     taken = 0.0
@@ -364,8 +361,7 @@ def _ping(args: argparse.Namespace) -> int:
     options = _client_options(args, backend)
     if args.wait < 0:
         raise UsageError("--wait must be 0 or more seconds")
-    stop = threading.Event()
-    _on_stop_signals(stop.set)
+    stop = _stop_on_signals()
     start = time.perf_counter()
 
     def attempt() -> float:
@@ -466,12 +462,11 @@ def _curve_worker_args(extra: dict[str, str]) -> tuple[str, ...]:
     return tuple(arg for name, value in extra.items() for arg in (f"--{name.replace('_', '-')}", value))
 
 
-def _on_stop_signals(callback: Any) -> None:
-    def handler(signum: int, frame: object) -> None:
-        callback()
-
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
+def _stop_on_signals(then: Callable[[], object] | None = None) -> SignalEvent:
+    """An event set by SIGTERM or Ctrl-C, which then calls ``then`` (on another thread: it may take locks)."""
+    stop = SignalEvent()
+    set_on_signals(stop, then)
+    return stop
 
 
 if __name__ == "__main__":

@@ -29,12 +29,12 @@ import shlex
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import RemoteExecutorError
+from .signals import SignalEvent, set_on_signals
 
 if TYPE_CHECKING:
     from .ssh import ClusterInfo, SSHHost
@@ -175,15 +175,12 @@ def _run(args: argparse.Namespace) -> int:
     except Exception as exc:
         _report(ready_fd, {"ok": False, "error": str(exc)})
         raise
-    stop = threading.Event()
+    stop = SignalEvent()
 
-    def on_signal(signum: int, frame: object) -> None:
-        if stop.is_set():  # a second one while draining: stop at once
-            raise KeyboardInterrupt
-        stop.set()
+    def at_once() -> None:  # a second signal while draining: stop at once
+        raise KeyboardInterrupt
 
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, on_signal)
+    set_on_signals(stop, again=at_once)
     key_file, state_file = config_dir() / KEY_NAME, state_path()
     write_private(key_file, cluster.key + b"\n")
     try:

@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import atexit
 import logging
-import signal
-import threading
+
+from .signals import SignalEvent, set_on_signals
 
 log = logging.getLogger("remote_executor.cli")
 
@@ -39,9 +39,8 @@ def _gearmand(args: argparse.Namespace) -> int:
     from .transports.gearman.gearmand import GearmandProcess
     from .worker import watch_stdin
 
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda signum, frame: stop.set())
+    stop = SignalEvent()
+    set_on_signals(stop)
     gearmand = GearmandProcess(host=args.listen, port=args.port or None, threads=args.threads,
                                job_retries=args.job_retries)
     gearmand.start()  # from the main thread: gearmand is killed by the kernel if this thread dies

@@ -13,13 +13,13 @@ import json
 import logging
 import os
 import secrets
-import signal
 import socket
 import threading
 import time
 from typing import Any
 
 from .errors import RemoteExecutorError
+from .signals import SignalEvent, set_on_signals
 
 log = logging.getLogger("remote_executor.cli")
 
@@ -68,9 +68,8 @@ def _serve(args: argparse.Namespace) -> int:
     from .cli_cluster import KEY_NAME, LOG_NAME, _forget, _report
     from .ssh import config_dir, state_path, write_private
 
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda signum, frame: stop.set())
+    stop = SignalEvent()
+    set_on_signals(stop)
     key = secrets.token_hex(32).encode()
     key_file, state_file = config_dir() / KEY_NAME, state_path()
     try:

@@ -21,6 +21,7 @@ from typing import Any
 
 from .errors import RemoteExecutorError
 from .security import take_worker_secrets
+from .signals import SignalEvent, set_on_signals
 from .tls import TlsConfig
 from .transports import get_backend, scheme_of
 from .transports.base import LIFELINE_ENV, REFUSED, SERVING_ENV, WorkerCore, WorkerSettings
@@ -30,27 +31,15 @@ __all__ = ["LIFELINE_ENV", "REFUSED", "SERVING_ENV", "main", "run"]
 log = logging.getLogger("remote_executor.worker")
 
 
-def install_drain_handler(drain: threading.Event) -> None:
+def install_drain_handler(drain: SignalEvent) -> None:
     """SIGTERM: finish the running call, take no new ones, then exit (dist-gearman's exit-all-workers).
 
-    The flag is set in the handler itself, so the worker sees it before it sends its next result. A second
-    SIGTERM (systemd signals the whole group) that interrupts the first handler inside ``Event.set`` returns
-    at once instead of waiting, for ever, on the event's own lock."""
-    if threading.current_thread() is not threading.main_thread():
-        return
-    busy = False
-
-    def on_sigterm(signum: int, frame: object) -> None:
-        nonlocal busy
-        if busy or drain.is_set():
-            return
-        busy = True
-        try:
-            drain.set()
-        finally:
-            busy = False
-
-    signal.signal(signal.SIGTERM, on_sigterm)
+    The flag is raised in the handler itself, so the worker sees it before it sends its next result; the
+    handler takes no lock (see :mod:`remote_executor.signals`), so a SIGTERM that comes while the worker
+    waits on ``drain`` (its reconnection backoff) cannot leave it waiting on itself. A second SIGTERM
+    (systemd signals the whole group) changes nothing."""
+    if threading.current_thread() is threading.main_thread():
+        set_on_signals(drain, signums=(signal.SIGTERM,))
 
 
 ATEXIT_GRACE = 2.0

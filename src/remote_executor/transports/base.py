@@ -34,6 +34,7 @@ from typing import Any, ClassVar, Protocol
 
 from ..errors import INITIALIZER_FAILED, BrokenRemoteExecutor, InitializerFailed, TransportError
 from ..security import normalize_key
+from ..signals import SignalEvent
 from ..wire.frames import DEFAULT_LIMITS, Limits, Status
 from ..wire.messages import timed_out_error, worker_lost_error
 from ..wire.output import Output
@@ -229,7 +230,7 @@ class WorkerSettings:
     heartbeat_timeout: float = 10.0
     reconnect_timeout: float = float("inf")
     connect_timeout: float = 10.0
-    drain: threading.Event = field(default_factory=threading.Event)  # set by SIGTERM: finish, then exit
+    drain: SignalEvent = field(default_factory=SignalEvent)  # set by SIGTERM: finish, then exit
     serving: threading.Event = field(default_factory=threading.Event)  # set by the loop at its first handshake
     extra: dict[str, Any] = field(default_factory=dict)  # backend-specific (TLS or CURVE files), as Options.extra
     pool: str | None = None  # the worker pool to serve (None: the URL's path, else the default pool)
