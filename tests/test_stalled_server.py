@@ -65,3 +65,49 @@ def test_a_server_that_stalled_reads_the_heartbeats_it_missed_before_judging_its
                 process.wait(30)
         if server.stdout is not None:
             server.stdout.close()
+
+
+CLIENT = """
+import logging, sys
+from remote_executor import RemoteExecutor
+logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+with RemoteExecutor(transport=sys.argv[1], heartbeat_interval=0.2, heartbeat_timeout=1.0) as ex:
+    print(ex.submit(pow, 2, 5).result(timeout=60), flush=True)
+    sys.stdin.readline()  # stopped and continued meanwhile
+    print(ex.submit(pow, 2, 6).result(timeout=60), flush=True)
+"""
+
+
+@pytest.mark.parametrize("scheme", ["tcp", pytest.param("zmq", marks=pytest.mark.zmq)])
+def test_a_client_that_stalled_keeps_its_connection(scheme: str) -> None:
+    """The same from the executor's side: its server stays patient (60 s), its own timeout is 1 s."""
+    port, server = start_cli_server(lambda port: cli(
+        "server", f"{scheme}://127.0.0.1:{port}", "--heartbeat-interval", "0.2",
+        "--heartbeat-timeout", str(WORKER_TIMEOUT)), ENV)
+    url = f"{scheme}://127.0.0.1:{port}"
+    workers = subprocess.Popen(cli("worker", url, "--processes", "1"), env=ENV,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = subprocess.Popen([sys.executable, "-c", CLIENT, url], env=ENV, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert client.stdin is not None and client.stdout is not None
+        assert client.stdout.readline() == "32\n"
+        os.kill(client.pid, signal.SIGSTOP)
+        try:
+            time.sleep(STALL)  # the stall itself is under test: the server's heartbeats pile up meanwhile
+        finally:
+            os.kill(client.pid, signal.SIGCONT)
+        out, err = client.communicate("go\n", timeout=60)
+        assert out == "64\n"
+        assert "reconnecting" not in err, err
+    finally:
+        for process in (client, workers, server):
+            process.terminate()
+        for process in (client, workers, server):
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(30)
+        if server.stdout is not None:
+            server.stdout.close()

@@ -549,18 +549,25 @@ class JobServerClient(ClientTransport):
         """Run one connection until it fails (False) or we are closing (True)."""
         assert self._session is not None
         interval, timeout = self._options.heartbeat_interval, self._options.heartbeat_timeout
+        poll = min(interval, timeout) / 2
         last_recv = last_send = time.monotonic()
         if channel.concurrent_send:
             with self._send_lock:
                 self._direct = channel
         try:
             while not self._stop.is_set():
-                channel.wait(min(interval, timeout) / 2, self._waker)
+                waited_from = time.monotonic()
+                channel.wait(poll, self._waker)
                 self._waker.drain()
                 frames = channel.frames()
                 now = time.monotonic()
                 if frames:
                     last_recv = now
+                elif now - waited_from > 2 * poll:
+                    # A wait that ran late was not running meanwhile (a stopped or starved process): that
+                    # silence is ours, not the server's, and what it sent may still be on its way to us
+                    # (with zmq, libzmq's I/O thread was stopped too). Judge it from here on.
+                    last_recv += now - waited_from - poll
                 for frame in frames:
                     self._session.handle(frame)
                 if now - last_recv > timeout:
