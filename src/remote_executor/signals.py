@@ -24,24 +24,17 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 class SignalEvent(threading.Event):
     """A :class:`threading.Event` that a signal handler may set, through :meth:`set_from_handler`."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self._requested = False  # a plain attribute: reading and writing it takes no lock
-
     def set_from_handler(self) -> None:
-        """Seen at once by :meth:`is_set` and :meth:`wait`; threads blocked in ``wait`` wake when the
-        helper thread of :func:`set_on_signals` calls :meth:`set`."""
-        self._requested = True
+        """Seen at once by :meth:`is_set` and by every later :meth:`wait`; threads already blocked in ``wait``
+        wake when the helper thread of :func:`set_on_signals` calls :meth:`set`.
 
-    def is_set(self) -> bool:
-        return self._requested or super().is_set()
+        It writes the flag that ``is_set`` reads (CPython's ``Event`` keeps it in ``_flag``, read without
+        the lock) rather than overriding ``is_set``: a worker asks it once per call, and an override would
+        add a Python call to every one."""
+        self._flag = True
 
     def wait(self, timeout: float | None = None) -> bool:
-        return self._requested or super().wait(timeout)
-
-    def clear(self) -> None:
-        self._requested = False
-        super().clear()
+        return self._flag or super().wait(timeout)  # set by a handler: no need for the lock the helper wants
 
 
 def set_on_signals(event: SignalEvent, then: Callable[[], object] | None = None,
