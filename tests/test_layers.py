@@ -17,7 +17,7 @@ import remote_executor
 
 PACKAGE = Path(remote_executor.__file__).parent
 TOP = ("cluster", "executor", "worker", "supervisor", "cli")
-BOTTOM = ("errors", "security", "netio", "tls", "pools", "logsafe")
+BOTTOM = ("errors", "security", "netio", "tls", "pools", "logsafe", "signals")
 
 
 def module_name(path: Path) -> str:
@@ -99,17 +99,18 @@ def test_no_import_cycles() -> None:
 ALLOWED = {
     "errors": set(),
     "logsafe": set(),
-    "security": {"errors", "logsafe"},
-    "netio": {"errors", "logsafe"},
-    "tls": {"errors", "logsafe"},
-    "pools": {"errors", "logsafe"},
-    "wire": {"errors", "logsafe", "wire"},
-    "contracts": {"errors", "logsafe", "security", "wire"},  # settings keep keys by the one rule
-    "jobserver": {"errors", "logsafe", "security", "netio", "tls", "pools", "wire", "contracts", "jobserver",
-                  "transports"},
-    "scheme": {"errors", "logsafe", "security", "netio", "tls", "pools", "wire", "contracts", "jobserver", "scheme",
-               "transports"},
-    "transports": {"errors", "logsafe", "contracts"},
+    "signals": set(),
+    "security": {"errors", "logsafe", "signals"},
+    "netio": {"errors", "logsafe", "signals"},
+    "tls": {"errors", "logsafe", "signals"},
+    "pools": {"errors", "logsafe", "signals"},
+    "wire": {"errors", "logsafe", "signals", "wire"},
+    "contracts": {"errors", "logsafe", "signals", "security", "wire"},  # settings keep keys by the one rule
+    "jobserver": {"errors", "logsafe", "signals", "security", "netio", "tls", "pools", "wire", "contracts",
+                  "jobserver", "transports"},
+    "scheme": {"errors", "logsafe", "signals", "security", "netio", "tls", "pools", "wire", "contracts",
+               "jobserver", "scheme", "transports"},
+    "transports": {"errors", "logsafe", "signals", "contracts"},
 }
 
 
