@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConnectionFailedError, RemoteExecutorError, TransportError
 from ..transports import split_hostports
@@ -25,14 +25,19 @@ from ..transports.base import (
 )
 from ..wire.frames import DEFAULT_LIMITS, Frame, Kind, Limits
 from .client import Connector, JobServerClient, admin_request, fetch_status
-from .embedded import EmbeddedJobServer
-from .server import ServerCore
+
+if TYPE_CHECKING:  # a worker process never runs a server: it does not import one (nor the scheduler)
+    from .server import ServerCore
 
 
 class JobServerBackend(Backend):
     """A backend for our job server over some kind of connection."""
 
-    server_class: ClassVar[type[ServerCore]]
+    @property
+    @abc.abstractmethod
+    def server_class(self) -> type[ServerCore]:
+        """The server this backend runs (a plain class attribute will do; the built-in backends import it
+        only when asked, so a worker process starts without the server and its scheduler)."""
 
     @abc.abstractmethod
     def connector(self, url: str, key: bytes | None, extra: Mapping[str, Any], limits: Limits) -> Connector:
@@ -49,6 +54,8 @@ class JobServerBackend(Backend):
         return JobServerClient(url, options, self.servers(url, options.key, options.extra, options.limits()))
 
     def embedded_server(self, options: Options, session: Session, workers: int) -> EmbeddedServer:
+        from .embedded import EmbeddedJobServer
+
         return EmbeddedJobServer(options, lambda settings: self.server_class.from_settings("127.0.0.1", 0, settings))
 
     def server(self, url: str, settings: ServerSettings) -> ServerCore:

@@ -10,7 +10,7 @@ say so (``tls_ca``, ``tls_cert``, ``tls_key``, ``tls``; see :mod:`remote_executo
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ...errors import TransportError
 from ...jobserver.backend import JobServerBackend
@@ -19,8 +19,10 @@ from ...tls import TlsConfig
 from ...wire.frames import Limits
 from .. import split_hostports
 from ..base import EmbeddedServer, Options, ServerSettings, Session
-from .server import TcpServer
 from .stream import TcpChannel
+
+if TYPE_CHECKING:
+    from .server import TcpServer
 
 __all__ = ["TcpBackend", "TcpServer"]
 
@@ -31,8 +33,13 @@ SERVER_OPTIONS = frozenset({"tls", "tls_cert", "tls_key", "tls_ca", "max_handsha
 class TcpBackend(JobServerBackend):
     scheme = "tcp"
     client_options = frozenset({"limits", "pool", "tls", "tls_ca", "tls_cert", "tls_key"})
-    server_class = TcpServer
     embedded_listens_first = True  # TcpServer binds in its constructor; its loop thread starts with start()
+
+    @property
+    def server_class(self) -> type[TcpServer]:
+        from .server import TcpServer  # a worker never needs it
+
+        return TcpServer
 
     def connector(self, url: str, key: bytes | None, extra: Mapping[str, Any], limits: Limits) -> Connector:
         address = split_hostports(url)[0]
@@ -59,6 +66,8 @@ class TcpBackend(JobServerBackend):
         return super().embedded_server(options, session, workers)
 
     def server(self, url: str, settings: ServerSettings) -> TcpServer:
+        from .server import TcpServer
+
         unknown = sorted(set(settings.extra) - SERVER_OPTIONS)
         if unknown:
             raise TransportError(f"tcp:// servers take no option {', '.join(map(repr, unknown))}")
@@ -66,3 +75,10 @@ class TcpBackend(JobServerBackend):
         assert isinstance(server, TcpServer)
         return server
 
+
+def __getattr__(name: str) -> Any:
+    if name == "TcpServer":  # imported when asked for (see TcpBackend.server_class)
+        from .server import TcpServer
+
+        return TcpServer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

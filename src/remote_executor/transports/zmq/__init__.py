@@ -8,14 +8,16 @@ Our job-server protocol (:mod:`remote_executor.jobserver`) over ZeroMQ: the job 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ...jobserver.backend import JobServerBackend
 from ...jobserver.client import Channel, Connector
 from ...wire.frames import Limits
 from .. import split_hostports
-from .server import ZmqServer
 from .sockets import Curve, ZmqChannel
+
+if TYPE_CHECKING:
+    from .server import ZmqServer
 
 __all__ = ["Curve", "ZmqBackend", "ZmqServer"]
 
@@ -23,7 +25,12 @@ __all__ = ["Curve", "ZmqBackend", "ZmqServer"]
 class ZmqBackend(JobServerBackend):
     scheme = "zmq"
     client_options = frozenset({"limits", "pool", "curve_server_key", "curve_client_key"})
-    server_class = ZmqServer
+
+    @property
+    def server_class(self) -> type[ZmqServer]:
+        from .server import ZmqServer  # a worker never needs it
+
+        return ZmqServer
 
     def connector(self, url: str, key: bytes | None, extra: Mapping[str, Any], limits: Limits) -> Connector:
         """CURVE from ``curve_server_key`` in ``extra`` (else ``$REMOTE_EXECUTOR_CURVE_SERVER_KEY``), with
@@ -37,3 +44,10 @@ class ZmqBackend(JobServerBackend):
 
         return connect
 
+
+def __getattr__(name: str) -> Any:
+    if name == "ZmqServer":  # imported when asked for (see ZmqBackend.server_class)
+        from .server import ZmqServer
+
+        return ZmqServer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
