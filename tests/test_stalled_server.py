@@ -32,6 +32,29 @@ def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "remote_executor.cli", *args]
 
 
+def stall(pid: int) -> None:
+    """Stop the process for STALL seconds: the stall itself is under test (heartbeats pile up meanwhile)."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        time.sleep(STALL)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def stop(*processes: subprocess.Popen[str] | subprocess.Popen[bytes]) -> None:
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(30)
+        for stream in (process.stdout, process.stderr, process.stdin):
+            if stream is not None:
+                stream.close()
+
+
 @pytest.mark.parametrize("scheme", ["tcp", pytest.param("zmq", marks=pytest.mark.zmq)])
 def test_a_server_that_stalled_reads_the_heartbeats_it_missed_before_judging_its_workers(scheme: str) -> None:
     port, server = start_cli_server(lambda port: cli(
@@ -44,27 +67,14 @@ def test_a_server_that_stalled_reads_the_heartbeats_it_missed_before_judging_its
     try:
         wait_for(lambda: len(cluster_status(url, key=KEY).workers) == 2, what="two workers attached")
         before = {w.name for w in cluster_status(url, key=KEY).workers}
-        os.kill(server.pid, signal.SIGSTOP)
-        try:
-            time.sleep(STALL)  # the stall itself is under test: heartbeats pile up meanwhile
-        finally:
-            os.kill(server.pid, signal.SIGCONT)
+        stall(server.pid)
         after = cluster_status(url, key=KEY, timeout=30).workers
         assert {w.name for w in after} == before
         # Attached before the stall, not again after it (a dropped worker reconnects under a new name or
         # with a fresh uptime).
         assert all(w.uptime is not None and w.uptime >= STALL for w in after), after
     finally:
-        workers.terminate()
-        server.terminate()
-        for process in (workers, server):
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(30)
-        if server.stdout is not None:
-            server.stdout.close()
+        stop(workers, server)
 
 
 CLIENT = """
@@ -92,22 +102,9 @@ def test_a_client_that_stalled_keeps_its_connection(scheme: str) -> None:
     try:
         assert client.stdin is not None and client.stdout is not None
         assert client.stdout.readline() == "32\n"
-        os.kill(client.pid, signal.SIGSTOP)
-        try:
-            time.sleep(STALL)  # the stall itself is under test: the server's heartbeats pile up meanwhile
-        finally:
-            os.kill(client.pid, signal.SIGCONT)
+        stall(client.pid)  # the server's heartbeats pile up meanwhile
         out, err = client.communicate("go\n", timeout=60)
         assert out == "64\n"
         assert "reconnecting" not in err, err
     finally:
-        for process in (client, workers, server):
-            process.terminate()
-        for process in (client, workers, server):
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(30)
-        if server.stdout is not None:
-            server.stdout.close()
+        stop(client, workers, server)
