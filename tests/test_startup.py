@@ -277,6 +277,21 @@ def test_a_plain_fork_of_the_executors_process_leaves_its_fork_server_alone() ->
     assert result.stdout.split() == ["alive", "True", "forked", "True", "same", "True"], result.stdout
 
 
+@pytest.mark.parametrize("scheme", ["tcp", pytest.param("zmq", marks=pytest.mark.zmq)])
+def test_a_worker_loads_no_job_server(scheme: str) -> None:
+    """What the fork server imports for a worker (all a worker needs) leaves out the job server and its
+    scheduler: a worker never runs one, and every worker process would pay for them."""
+    script = (f"import sys\nfrom remote_executor import forkserver\nforkserver._preload({scheme!r})\n"
+              "print(sorted(m for m in sys.modules if m.startswith('remote_executor') and (m.endswith('.server') "
+              "or m.endswith('.scheduler') or m.endswith('.embedded'))))\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PYTHONPATH": str(SRC)}, check=True)
+    assert result.stdout.strip() == "[]", result.stdout + result.stderr
+    # ... while a backend still hands out its server class when a server is made.
+    backend = remote_executor.transports.get_backend(scheme)
+    assert backend.server_class.__name__ == f"{scheme.capitalize()}Server"
+
+
 def test_a_worker_parses_its_arguments_without_importing_shutil() -> None:
     """argparse's own formatter imports shutil (with zlib, bz2 and lzma) on every worker's start; ours sizes
     the help to $COLUMNS, or the terminal, as argparse does."""

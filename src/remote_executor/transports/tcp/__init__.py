@@ -66,13 +66,11 @@ class TcpBackend(JobServerBackend):
         return super().embedded_server(options, session, workers)
 
     def server(self, url: str, settings: ServerSettings) -> TcpServer:
-        from .server import TcpServer
-
         unknown = sorted(set(settings.extra) - SERVER_OPTIONS)
         if unknown:
             raise TransportError(f"tcp:// servers take no option {', '.join(map(repr, unknown))}")
         server = super().server(url, settings)
-        assert isinstance(server, TcpServer)
+        assert isinstance(server, self.server_class)
         return server
 
 
