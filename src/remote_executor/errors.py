@@ -112,6 +112,12 @@ class AuthenticationError(ProtocolError):
     """A frame's HMAC did not verify, a handshake had no key or a wrong one."""
 
 
+class KeyRejectedError(AuthenticationError):
+    """The job server answered that our key is not its own. That answer is unsigned (the server shares no
+    key with us), so anyone who can answer on its address can forge it: a worker retries it for a few
+    seconds, and a client that had a session retries it like a lost connection, before believing it."""
+
+
 class VersionMismatchError(RemoteExecutorError):
     """Client, job server and worker run different Python or cloudpickle versions."""
 
@@ -124,6 +130,12 @@ class ConnectionFailedError(TransportError):
     """Connecting to a peer failed, or a live connection broke: transient, so reconnect loops retry it.
 
     The message names the URL; the socket's (or pyzmq's, or gearmand's) own error is the ``__cause__``."""
+
+
+class NotOurServerError(ConnectionFailedError):
+    """What answered at a job server's address, before proving it holds the key, sent something no job
+    server of ours sends (another service on that port, a corrupted connection or a forged answer). Not
+    believed: reconnect loops retry it, and a client with several servers tries the next one."""
 
 
 class HandshakeClosedError(ConnectionFailedError, AuthenticationError):

@@ -32,6 +32,8 @@ from ..errors import (
     BrokenRemoteExecutor,
     ConnectionFailedError,
     HandshakeClosedError,
+    KeyRejectedError,
+    NotOurServerError,
     ProtocolError,
     RemoteExecutorError,
     ServerUnavailableError,
@@ -98,9 +100,11 @@ class Channel(abc.ABC):
         """Release the connection; idempotent."""
 
     @abc.abstractmethod
-    def authenticate(self, send: Mac | None, receive: Mac | None) -> None:
+    def authenticate(self, send: Mac | None, receive: Mac | None, *, proven: bool = False) -> None:
         """Sign the frames queued from now on with ``send``, verify the frames parsed from now on with
-        ``receive`` (see :mod:`remote_executor.wire.session`)."""
+        ``receive`` (see :mod:`remote_executor.wire.session`). ``proven``: the server has proved it holds
+        the key (its CHALLENGE answered this connection's nonce), so frames of the full size are taken from
+        now on; until then only frames within ``PRE_SESSION_LIMITS``, whoever answers."""
 
     def deliver_before_exit(self, timeout: float) -> None:
         """Block (at most ``timeout``) until what was sent has left this process, which is about to end
@@ -147,9 +151,14 @@ def handshake(channel: Channel, key: bytes | None, first: Frame, timeout: float,
     """Open a session: OPEN/CHALLENGE under the shared key, then HELLO and WELCOME under the session keys.
 
     A REJECT, a silent close or silence becomes a clear error. Frames the server sends right after
-    WELCOME stay in ``channel.ready``. ``stop`` cuts the waits short."""
+    WELCOME stay in ``channel.ready``. ``stop`` cuts the waits short.
+
+    Until the CHALLENGE has verified, whatever answers may not be our server: anything but the unsigned
+    "wrong key" REJECT (itself :class:`KeyRejectedError`, which callers retry before believing) is
+    :class:`NotOurServerError`, a connection failure, never a reason to give up."""
     deadline = time.monotonic() + timeout
     nonce = new_nonce()
+    proven = False
     try:
         channel.send(Frame(Kind.OPEN, parts=[nonce]), timeout)
         if key is not None:
@@ -159,9 +168,17 @@ def handshake(channel: Channel, key: bytes | None, first: Frame, timeout: float,
             server_nonce = bytes(challenge.parts[0]) if len(challenge.parts) == 1 else b""
             if len(server_nonce) != NONCE_SIZE:
                 raise ConnectionFailedError(f"{channel.peer} sent a malformed CHALLENGE")
-            channel.authenticate(*session_macs(key, nonce, server_nonce, server=False))
+            channel.authenticate(*session_macs(key, nonce, server_nonce, server=False), proven=True)
+        else:  # nothing to prove without a key
+            channel.authenticate(None, None, proven=True)
+        proven = True
         channel.send(first, timeout)
         welcome = _expect(channel, Kind.WELCOME, deadline, stop)
+    except ProtocolError as exc:
+        if proven or isinstance(exc, KeyRejectedError):
+            raise
+        raise NotOurServerError(f"{channel.peer} answered with something no job server of ours sends ({exc}): "
+                                f"another service on that port, or a forged answer") from exc
     except ConnectionFailedError as exc:
         if isinstance(exc, _Silent):
             raise ConnectionFailedError(
@@ -479,14 +496,14 @@ class JobServerClient(ClientTransport):
     def _open(self, timeout: float, start: int = 0) -> Channel:
         """A welcomed channel to the first server that answers, trying them in order from ``start``."""
         assert self._session is not None
-        failures: list[ConnectionFailedError] = []
+        failures: list[ConnectionFailedError | KeyRejectedError] = []
         for offset in range(len(self._servers)):
             index = (start + offset) % len(self._servers)
             url, connect = self._servers[index]
             try:
                 channel = open_session(connect, self._options.key, self._session.hello(), timeout,
                                        self._stop)
-            except ConnectionFailedError as exc:
+            except (ConnectionFailedError, KeyRejectedError) as exc:  # (the next server may take our key)
                 failures.append(exc)
                 continue
             if index != self._current:
@@ -498,7 +515,8 @@ class JobServerClient(ClientTransport):
             return channel
         if len(failures) == 1:
             raise failures[0]
-        raise ConnectionFailedError("no job server of " + self.url + " answered: " + "; ".join(map(str, failures)))
+        error = KeyRejectedError if all(isinstance(f, KeyRejectedError) for f in failures) else ConnectionFailedError
+        raise error("no job server of " + self.url + " answered: " + "; ".join(map(str, failures)))
 
     def _reconnect(self) -> Channel | None:
         """Reconnect with backoff; resubmit what was in flight. None if we gave up (or are closing)."""
@@ -513,9 +531,11 @@ class JobServerClient(ClientTransport):
         try:
             # Start with the next server: the lost one may take a whole handshake timeout to say it is gone.
             start = (self._current + 1) % len(self._servers)
+            # A key rejection is retried too: unsigned, it may be forged, and this key did open a session.
             channel = retry_with_backoff(
                 lambda: self._open(self._options.connect_timeout, start), self._options.reconnect_timeout,
-                self._stop, lambda exc, delay: log.info("reconnecting to %s: %s", self.url, exc))
+                self._stop, lambda exc, delay: log.info("reconnecting to %s: %s", self.url, exc),
+                transient=(ConnectionFailedError, OSError, KeyRejectedError))
         except RemoteExecutorError as exc:
             self._session.listener.on_broken(ServerUnavailableError(
                 f"lost the job server {self.url} and could not reconnect within "

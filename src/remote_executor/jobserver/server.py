@@ -54,10 +54,6 @@ class LocalLink:
             self._server.inject_close(self.conn)
 
 
-# The first frame of a connection (OPEN) is all a peer may send before it proves it holds the key.
-PRE_SESSION_LIMITS = Limits(max_frame=64 * 1024, max_parts=4)
-
-
 @dataclass(frozen=True, slots=True)
 class SessionOpening:
     """How a server answers OPEN: the CHALLENGE, the MAC to sign it with, then the session's MACs."""

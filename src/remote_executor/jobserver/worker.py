@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any, TypeVar, cast
 
-from ..errors import ConnectionFailedError, FrameTooLargeError, RemoteExecutorError
+from ..errors import ConnectionFailedError, FrameTooLargeError, KeyRejectedError, RemoteExecutorError
 from ..logsafe import printable
 from ..netio import retry_with_backoff
 from ..pools import pool_of_url
@@ -35,6 +35,7 @@ from .client import POLL_SLICE, Channel, Connector, open_session
 log = logging.getLogger("remote_executor.worker")
 
 FOREVER = float("inf")
+REFUSAL_GRACE = 5.0  # seconds of key rejections (unsigned, so maybe forged) before a worker believes them
 _T = TypeVar("_T")
 
 
@@ -106,14 +107,26 @@ def _serve(url: str, connect: Connector, settings: WorkerSettings, core: WorkerC
     """Serve one job server: connect with backoff, run a session, reconnect; the exit code at the end."""
     first = hello("worker", {"name": settings.name, "slots": 1, "pool": pool_of_url(settings.url, settings.pool),
                              "host": socket.gethostname(), "pid": os.getpid()})
+    refused = _Refusals(min(REFUSAL_GRACE, settings.reconnect_timeout))
+
+    def attempt() -> Channel:
+        try:
+            channel = open_session(connect, settings.key, first, settings.connect_timeout, settings.drain)
+        except KeyRejectedError as exc:
+            refused.check(exc, url)  # a transient error until the refusals have lasted the grace period
+            raise
+        refused.clear()
+        return channel
+
     while True:
         log.info("connecting to %s", url)
         try:
-            channel = retry_with_backoff(
-                lambda: open_session(connect, settings.key, first, settings.connect_timeout, settings.drain),
-                settings.reconnect_timeout, settings.drain,
-                lambda exc, delay: log.info("connecting to %s: %s", url, exc),
-                transient=(ConnectionFailedError,))
+            channel = retry_with_backoff(attempt, settings.reconnect_timeout, settings.drain,
+                                         lambda exc, delay: log.info("connecting to %s: %s", url, exc),
+                                         transient=(ConnectionFailedError,))
+        except _Refused as exc:  # refused until --reconnect-timeout ran out
+            log.error("%s refused this worker: %s", url, printable(exc.__cause__ or exc))
+            return 2
         except ConnectionFailedError as exc:
             log.error("cannot reach %s: %s", url, exc)
             return EXIT_UNREACHABLE
@@ -129,6 +142,31 @@ def _serve(url: str, connect: Connector, settings: WorkerSettings, core: WorkerC
         code = _Session(url, channel, settings, core, runner).run()
         if code is not None:
             return code
+
+
+class _Refused(ConnectionFailedError):
+    """A key rejection not believed yet (see :class:`_Refusals`)."""
+
+
+class _Refusals:
+    """How long the job server's address has refused our key. The refusal is unsigned (the server shares no
+    key with us), so one alone proves nothing: anyone answering there while the server restarts could send
+    it. A worker believes it, and exits, once every attempt for ``grace`` seconds was refused."""
+
+    def __init__(self, grace: float) -> None:
+        self.grace = grace
+        self._since: float | None = None
+
+    def check(self, exc: KeyRejectedError, url: str) -> None:
+        """Raise :class:`_Refused` (retried) while the refusals are younger than the grace period."""
+        now = time.monotonic()
+        if self._since is None:
+            self._since = now
+        if now - self._since < self.grace:
+            raise _Refused(f"{exc} (retrying for {self.grace:g}s: an unsigned refusal could be forged)") from exc
+
+    def clear(self) -> None:
+        self._since = None
 
 
 class _Session:

@@ -19,7 +19,7 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ..errors import AuthenticationError, ProtocolError
+from ..errors import AuthenticationError, KeyRejectedError, ProtocolError
 from .serialization import Buffer, Parts
 from .session import MAC_SIZE, Mac, as_mac
 
@@ -142,6 +142,16 @@ def encode_bytes(frame: Frame, key: bytes | Mac | None = None) -> bytes:
 
 
 DEFAULT_LIMITS = Limits()
+# What either side takes from the other before it has proved it holds the key: the server until the peer's
+# HELLO verifies under the session keys (an OPEN proves nothing, a recorded one replays), a client or worker
+# until the server's CHALLENGE verifies (it answers this connection's fresh nonce).
+PRE_SESSION_LIMITS = Limits(max_frame=64 * 1024, max_parts=4)
+
+
+def pre_session(limits: Limits) -> Limits:
+    """``limits``, no larger than :data:`PRE_SESSION_LIMITS`."""
+    return Limits(min(limits.max_frame, PRE_SESSION_LIMITS.max_frame),
+                  min(limits.max_parts, PRE_SESSION_LIMITS.max_parts))
 
 
 class FrameReader:
@@ -155,7 +165,6 @@ class FrameReader:
     def __init__(self, key: bytes | Mac | None = None, limits: Limits = DEFAULT_LIMITS) -> None:
         self.mac = as_mac(key)  # replaced by the session's once the handshake has derived it
         self.limits = limits  # raised once the peer has authenticated
-        self.limits = limits
         self._staging = bytearray(STAGING_SIZE)
         self._start = 0  # first unparsed byte in staging
         self._end = 0  # end of received bytes in staging
@@ -358,7 +367,7 @@ def parse_prefix(data: Buffer, keyed: bool, limits: Limits = DEFAULT_LIMITS) -> 
     _check_header(magic, version, kind, nparts, limits)
     if bool(flags & KEYED) != keyed:
         if keyed and kind == Kind.REJECT:  # a server cannot sign for a key it does not share with us
-            raise AuthenticationError(KEY_REJECTED)
+            raise KeyRejectedError(KEY_REJECTED)
         raise AuthenticationError("the peer signs its frames with a key but this side has none" if not keyed else
                                   "the peer sends unsigned frames but this side has a key: the keys differ")
     flags &= ~KEYED

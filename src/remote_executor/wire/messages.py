@@ -24,6 +24,7 @@ from ..errors import (
     CallTimeoutError,
     FrameTooLargeError,
     InitializerFailed,
+    KeyRejectedError,
     ProtocolError,
     TransportError,
     VersionMismatchError,
@@ -57,8 +58,9 @@ def rejection(frame: Frame, peer: str) -> Exception:
     if frame.a == RejectCode.VERSION:
         return VersionMismatchError(reason)
     if frame.a == RejectCode.AUTHENTICATION:
-        return AuthenticationError(f"{peer}: {reason}" if reason == KEY_REJECTED else
-                                   f"{peer} refused this peer's credentials: {reason}")
+        if reason == KEY_REJECTED:
+            return KeyRejectedError(f"{peer}: {reason}")
+        return AuthenticationError(f"{peer} refused this peer's credentials: {reason}")
     return TransportError(f"{peer} refused this peer: {reason}")
 
 

@@ -26,12 +26,12 @@ from typing import TYPE_CHECKING
 
 from ...errors import AuthenticationError, ProtocolError
 from ...jobserver.scheduler import ConnId
-from ...jobserver.server import PRE_SESSION_LIMITS, ServerCore
+from ...jobserver.server import ServerCore
 from ...logsafe import limited, owner, printable
 from ...netio import tune
 from ...security import server_key
 from ...tls import TlsConfig
-from ...wire.frames import DEFAULT_LIMITS, Frame, Kind, Limits
+from ...wire.frames import DEFAULT_LIMITS, PRE_SESSION_LIMITS, Frame, Kind, Limits
 from ...wire.messages import RejectCode, key_rejected, reject
 from .stream import Connection, NotTlsError
 
@@ -359,6 +359,12 @@ class TcpServer(ServerCore):
         now = time.monotonic()
         for frame in frames:
             if conn.opened:
+                if not conn.proven:
+                    # Its first frame under the session keys (HELLO) verified: the peer holds the key, and
+                    # only now may it send frames of the full size. An OPEN proves nothing: it carries no
+                    # freshness from us, so a recorded one replays.
+                    conn.proven = True
+                    conn.reader.limits = self._limits
                 self.scheduler.received(conn_id, frame, now)
                 continue
             try:
@@ -370,8 +376,7 @@ class TcpServer(ServerCore):
             conn.send_mac = opening.challenge_mac
             self._transmit(conn_id, opening.challenge)
             conn.send_mac, conn.reader.mac = opening.send, opening.receive
-            conn.reader.limits = self._limits
-            conn.opened = True
+            conn.opened = True  # (the small limits stay until a frame verifies under the session keys)
 
     @staticmethod
     def _refuse_key(conn: Connection) -> None:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from ...errors import ConnectionFailedError, ProtocolError
 from ...jobserver.client import POLL_SLICE, Channel
 from ...netio import IOV_MAX, Waker, connect, receive_timeout
-from ...wire.frames import Frame, FrameReader, Limits, encode
+from ...wire.frames import Frame, FrameReader, Limits, encode, pre_session
 from ...wire.session import Mac, as_mac
 
 
@@ -43,6 +43,7 @@ class Connection:
         self.closed = False
         self.write_registered = False
         self.opened = False  # the server has answered this peer's OPEN: the session keys are in use
+        self.proven = False  # a frame from the peer has verified under the session keys (it holds the key)
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -144,7 +145,8 @@ class TcpChannel(Channel):
 
     def __init__(self, sock: socket.socket, key: bytes | None, limits: Limits, url: str) -> None:
         super().__init__(url)
-        self._conn = self.connection_class(sock, key, limits, url)
+        self._limits = limits  # once the server has proved it holds the key (see authenticate)
+        self._conn = self.connection_class(sock, key, pre_session(limits), url)
         self._selector = selectors.DefaultSelector()
         self._selector.register(sock, selectors.EVENT_READ, None)
         self._writing = False
@@ -164,8 +166,10 @@ class TcpChannel(Channel):
     def queue(self, frame: Frame) -> None:
         self._conn.queue(frame)
 
-    def authenticate(self, send: Mac | None, receive: Mac | None) -> None:
+    def authenticate(self, send: Mac | None, receive: Mac | None, *, proven: bool = False) -> None:
         self._conn.send_mac, self._conn.reader.mac = send, receive
+        if proven:
+            self._conn.reader.limits = self._limits
 
     def flush(self) -> bool:
         try:

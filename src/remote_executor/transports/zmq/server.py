@@ -27,10 +27,10 @@ import zmq
 
 from ...errors import AuthenticationError, ProtocolError, TransportError
 from ...jobserver.scheduler import ConnId
-from ...jobserver.server import PRE_SESSION_LIMITS, ServerCore
+from ...jobserver.server import ServerCore
 from ...logsafe import limited, owner, printable
 from ...security import server_key
-from ...wire.frames import Frame, Kind, Limits, decode_parts, encode
+from ...wire.frames import PRE_SESSION_LIMITS, Frame, Kind, Limits, decode_parts, encode
 from ...wire.messages import key_rejected
 from ...wire.serialization import Buffer
 from ...wire.session import Mac, as_mac
@@ -101,6 +101,9 @@ class ZmqServer(ServerCore):
         self._open_mac = as_mac(key)  # what an OPEN is signed with: the shared key
         self._send_macs: dict[ConnId, Mac | None] = {}  # each session's own keys
         self._receive_macs: dict[ConnId, Mac | None] = {}
+        # The small limits until a session's first frame (HELLO) verifies under its keys: an OPEN proves
+        # nothing (it carries no freshness from us, so a recorded one replays).
+        self._receive_limits: dict[ConnId, Limits] = {}
         self._unreachable: set[ConnId] = set()
         self._closed = False
         self._close_lock = threading.Lock()
@@ -193,7 +196,10 @@ class ZmqServer(ServerCore):
                     parts = recv_rest(router, prefix, PRE_SESSION_LIMITS, True)
                     self._open(route, decode_parts(prefix, parts, self._open_mac, PRE_SESSION_LIMITS))
                 else:
-                    frame = recv_frame(router, self._receive_macs[conn], self._limits)
+                    limits = self._receive_limits[conn]
+                    frame = recv_frame(router, self._receive_macs[conn], limits)
+                    if limits is PRE_SESSION_LIMITS:
+                        self._receive_limits[conn] = self._limits
                     self.scheduler.received(conn, frame, time.monotonic())
             except ProtocolError as exc:
                 self._malformed(route, exc, opening)
@@ -208,6 +214,7 @@ class ZmqServer(ServerCore):
         self._ids[route] = conn
         self._routes[conn] = route
         self._receive_macs[conn] = opening.receive
+        self._receive_limits[conn] = PRE_SESSION_LIMITS
         self.scheduler.connected(conn, time.monotonic())
         self._enqueue(conn, encode(opening.challenge, opening.challenge_mac))
         self._send_macs[conn] = opening.send
@@ -286,6 +293,7 @@ class ZmqServer(ServerCore):
     def _forget(self, conn: ConnId) -> None:
         self._send_macs.pop(conn, None)
         self._receive_macs.pop(conn, None)
+        self._receive_limits.pop(conn, None)
         route = self._routes.pop(conn, None)
         if route is not None:
             self._ids.pop(route, None)

@@ -34,7 +34,7 @@ import zmq.utils.z85
 from ...errors import ConnectionFailedError, ProtocolError, TransportError
 from ...jobserver.client import POLL_SLICE, Channel
 from ...netio import Waker
-from ...wire.frames import Frame, Limits, Prefix, decode_parts, encode, parse_prefix
+from ...wire.frames import Frame, Limits, Prefix, decode_parts, encode, parse_prefix, pre_session
 from ...wire.serialization import Buffer
 from ...wire.session import Mac, as_mac
 
@@ -99,23 +99,38 @@ def recv_rest(sock: zmq.Socket[Any], prefix: bytes, limits: Limits, keyed: bool 
 
 
 def _recv_parts(sock: zmq.Socket[Any], parsed: Prefix | None, limits: Limits, more: bool) -> list[Buffer]:
-    """The rest of a message (``more``: there is some), as :func:`recv_rest` describes it."""
+    """The rest of a message (``more``: there is some), as :func:`recv_rest` describes it.
+
+    A message that breaks the limits is consumed whole (zmq delivers messages whole: its parts are
+    queued already) but nothing of it is copied, then refused."""
     sizes = parsed.lengths if parsed is not None else ()
     parts: list[Buffer] = []
-    excess = 0
     while more:
         part = sock.recv(copy=False)
         more = part.more
         index = len(parts)
         if index >= limits.max_parts:
-            excess += 1  # drain the message, then refuse it
-        elif index < len(sizes) and sizes[index] >= COPY_THRESHOLD:
+            drained = _drain(sock) if more else 0
+            raise ProtocolError(f"message of {index + 2 + drained} parts, more than {limits.max_parts}")
+        if len(part) > limits.max_frame:  # (a peer without the key gets the small limits)
+            drained = _drain(sock) if more else 0
+            raise ProtocolError(f"message part of {len(part)} bytes, more than the {limits.max_frame} allowed")
+        if index < len(sizes) and sizes[index] >= COPY_THRESHOLD:
             parts.append(part.buffer)
         else:
             parts.append(part.bytes)
-    if excess:
-        raise ProtocolError(f"message of more than {limits.max_parts} parts")
     return parts
+
+
+def _drain(sock: zmq.Socket[Any]) -> int:
+    """Consume the rest of a message, uncopied, as fast as Python can: a peer without the key can send one
+    of millions of empty parts (two bytes each on the wire), which holds up this socket until it is gone.
+    Returns how many parts there were."""
+    recv = sock.recv
+    count = 1
+    while recv(copy=False).more:
+        count += 1
+    return count
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,7 +258,8 @@ class ZmqChannel(Channel):
         self._monitor = monitor
         self._send_mac = as_mac(key)
         self._recv_mac = as_mac(key)
-        self._limits = limits
+        self._full_limits = limits  # once the server has proved it holds the key (see authenticate)
+        self._limits = pre_session(limits)
         self._backlog: deque[list[Buffer]] = deque()  # encoded frames
         self._poller = zmq.Poller()
         self._poller.register(sock, zmq.POLLIN)
@@ -276,8 +292,10 @@ class ZmqChannel(Channel):
     def queue(self, frame: Frame) -> None:
         self._backlog.append(encode(frame, self._send_mac))
 
-    def authenticate(self, send: Mac | None, receive: Mac | None) -> None:
+    def authenticate(self, send: Mac | None, receive: Mac | None, *, proven: bool = False) -> None:
         self._send_mac, self._recv_mac = send, receive
+        if proven:
+            self._limits = self._full_limits
 
     def flush(self) -> bool:
         try:
