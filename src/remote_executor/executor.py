@@ -86,6 +86,22 @@ def _python_exit() -> None:
 threading._register_atexit(_python_exit)  # type: ignore[attr-defined]
 
 
+def _forget_after_fork() -> None:
+    """In a process forked from this one (``os.fork()``, multiprocessing's "fork"): the executors' objects
+    are copied, but not their threads, and their workers, job servers and sockets are the parent's. The
+    child must neither use them (its frames would interleave with the parent's on shared sockets) nor stop
+    them when it exits (it would kill the parent's workers): they are orphaned, and forgotten."""
+    global _global_shutdown_lock
+    _global_shutdown_lock = threading.Lock()  # a parent's thread may have held it at the fork
+    for core in list(_live_cores):
+        core.orphaned = True
+    _live_cores.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_after_fork)
+
+
 class _WorkItem:
     __slots__ = ("future", "limit", "parts", "starts")
 
@@ -182,8 +198,17 @@ class _Core:
         self.shutdown_requested = False
         self.closing = False
         self.broken: BrokenRemoteExecutor | None = None
+        self.pid = os.getpid()
+        self.orphaned = False  # True in a process forked from this one's (see _forget_after_fork)
 
     # --- caller side ---------------------------------------------------------------------------------
+
+    def check_owner(self) -> None:
+        """Raise in a process forked from the one that made this executor (see ``_forget_after_fork``),
+        before any lock is taken: a thread of the parent may have held it at the fork."""
+        if self.orphaned:
+            raise RuntimeError(f"this RemoteExecutor belongs to the process that created it (pid {self.pid}); a "
+                               f"process forked from it cannot use it: create an executor in this process")
 
     def check_open(self) -> None:
         """Raise as ThreadPoolExecutor.submit does when no new call can be accepted."""
@@ -195,6 +220,8 @@ class _Core:
             raise RuntimeError("cannot schedule new futures after interpreter shutdown")
 
     def enqueue(self, parts: Parts, limit: float | None = None) -> Future[Any]:
+        if self.orphaned:
+            self.check_owner()
         future: Future[Any] = Future()
         future.add_done_callback(self._on_done)
         with self.lock, _global_shutdown_lock:
@@ -423,6 +450,8 @@ class _Core:
     # --- shutdown ------------------------------------------------------------------------------------
 
     def shutdown(self, wait: bool, cancel_futures: bool) -> None:
+        if self.orphaned:  # (in a forked child) the parent's to shut down, not ours
+            return
         with self.lock:
             self.shutdown_requested = True
             cancelled = list(self.pending) if cancel_futures else []
@@ -712,6 +741,7 @@ class RemoteExecutor(Executor):
     def _not_from_a_callback(self, what: str) -> None:
         """The thread that runs done-callbacks is the one that would bring the answer: waiting there for it
         would wait for ever (or until a timeout), so it is an error at once, as ``shutdown(wait=True)`` is."""
+        self._core.check_owner()
         if getattr(_in_listener, "core", None) is self._core:
             raise RuntimeError(f"cannot call {what}() from a done-callback of this executor's futures: "
                                f"its answer comes on the thread that runs the callback")
