@@ -210,3 +210,50 @@ def test_describe() -> None:
     assert s.describe(divide) == "divide"
     assert s.describe(CustomError) == "CustomError"
     assert s.describe(42) == "42"
+
+
+class BadStrError(Exception):
+    def __str__(self) -> str:
+        raise ValueError("this exception cannot be printed")
+
+
+class ExitsWhenPickled:
+    def __reduce__(self) -> tuple[object, ...]:
+        raise SystemExit("not from pickling, please")
+
+
+def raise_bad_str() -> None:
+    raise BadStrError("payload")
+
+
+def returns_exits_when_pickled() -> ExitsWhenPickled:
+    return ExitsWhenPickled()
+
+
+def test_an_exception_whose_str_raises_still_travels() -> None:
+    """The worker describes what it can (before, encoding the error raised out of the worker's loop)."""
+    ok, exc = s.decode_outcome(s.run_task(s.encode_call(raise_bad_str, (), {})))
+    assert not ok
+    assert type(exc) is BadStrError and exc.args == ("payload",)
+    assert isinstance(exc.__cause__, RemoteTraceback) and "raise_bad_str" in str(exc.__cause__)
+    assert s.safe_str(exc) == "<str() failed: ValueError>"
+
+
+def test_a_result_whose_pickling_raises_system_exit_is_an_error_outcome() -> None:
+    ok, exc = s.decode_outcome(s.run_task(s.encode_call(returns_exits_when_pickled, (), {})))
+    assert not ok
+    assert isinstance(exc, SerializationError)
+    assert "the result (ExitsWhenPickled)" in str(exc) and "SystemExit: not from pickling, please" in str(exc)
+
+
+def test_a_worker_survives_both() -> None:
+    from remote_executor import RemoteExecutor
+
+    with RemoteExecutor(1, transport="tcp", max_retries=0) as ex:
+        with pytest.raises(BadStrError):
+            ex.submit(raise_bad_str).result(timeout=60)
+        with pytest.raises(SerializationError):
+            ex.submit(returns_exits_when_pickled).result(timeout=60)
+        assert ex.submit(divide, 1, 4).result(timeout=60) == 0.25
+        (worker,) = ex.status().workers  # the same worker process answered all three
+        assert (worker.done, worker.failed) == (3, 2)

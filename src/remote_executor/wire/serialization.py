@@ -268,7 +268,7 @@ def _encode_outcome(fn: Callable[..., Any], result: tuple[Any, ...], output: Out
     outcome if it cannot be pickled."""
     try:
         return dumps(result if output is None else (*result, output)), True
-    except Exception as exc:
+    except BaseException as exc:  # a result's __reduce__ may raise anything, SystemExit included
         culprit = f"the result ({type(result[1]).__name__})" if result[0] == "ok" else "a result"
         return error_outcome(SerializationError(_message("pickle", culprit, fn, exc)), exc, output=output), False
 
@@ -324,12 +324,25 @@ def encode_error(exc: BaseException, traceback_from: BaseException | None = None
 
     ``skip_frames`` drops the outermost frames of the traceback: ours, that called the user's function."""
     source = traceback_from if traceback_from is not None else exc
-    tb_text = format_exception(source, skip_frames)
+    # User code runs in each step below (__str__, __reduce__, the traceback's objects), and may raise anything,
+    # SystemExit included: whatever it raises, the worker answers with what it could describe.
+    try:
+        tb_text = format_exception(source, skip_frames)
+    except BaseException as err:
+        tb_text = f"(the traceback could not be formatted: {type(err).__name__})\n"
     try:
         blob: bytes | None = cloudpickle.dumps(exc, protocol=PROTOCOL)
-    except Exception:
+    except BaseException:
         blob = None
-    return (blob, type(exc).__qualname__, str(exc), tb_text)
+    return (blob, type(exc).__qualname__, safe_str(exc), tb_text)
+
+
+def safe_str(obj: object) -> str:
+    """``str(obj)``, or a placeholder if its ``__str__`` raises."""
+    try:
+        return str(obj)
+    except BaseException as err:
+        return f"<str() failed: {type(err).__name__}>"
 
 
 def error_outcome(exc: BaseException, traceback_from: BaseException | None = None,
@@ -367,4 +380,4 @@ def _picklable(obj: object) -> bool:
 
 
 def _message(verb: str, culprit: str, fn: object, exc: BaseException) -> str:
-    return f"cannot {verb} {culprit} of a call to {describe(fn)}: {type(exc).__name__}: {exc}"
+    return f"cannot {verb} {culprit} of a call to {describe(fn)}: {type(exc).__name__}: {safe_str(exc)}"
