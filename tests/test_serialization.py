@@ -257,3 +257,37 @@ def test_a_worker_survives_both() -> None:
         assert ex.submit(divide, 1, 4).result(timeout=60) == 0.25
         (worker,) = ex.status().workers  # the same worker process answered all three
         assert (worker.done, worker.failed) == (3, 2)
+
+
+class Block:
+    """Pickled as numpy arrays are: its memory as an out-of-band buffer, rebuilt as a view of what arrives."""
+
+    def __init__(self, data: object) -> None:
+        self.view = memoryview(data)  # type: ignore[arg-type]
+
+    def __reduce_ex__(self, protocol: object) -> tuple[object, ...]:
+        return (Block, (pickle.PickleBuffer(self.view),))
+
+
+def bump(block: Block) -> Block:
+    block.view[0] = (block.view[0] + 1) % 256  # in place, as `array += 1` would
+    return block
+
+
+@pytest.mark.parametrize("size", [100, 100_000])
+def test_out_of_band_buffers_arrive_writable(size: int) -> None:
+    parts = s.encode_call(bump, (Block(bytearray(size)),), {})
+    assert len(parts) == 2  # the block travels out of band
+    received = [bytes(part) for part in parts]  # as a receiver parses small parts: read-only bytes
+    ok, block = s.decode_outcome(s.run_task(received))
+    assert ok and not block.view.readonly and block.view[0] == 1 and len(block.view) == size
+
+
+@pytest.mark.parametrize("transport", ["tcp", "zmq"])
+def test_a_worker_can_change_an_array_it_was_sent(transport: str) -> None:
+    from remote_executor import RemoteExecutor
+
+    with RemoteExecutor(1, transport=transport) as ex:
+        for size in (100, 100_000, 3_000_000):
+            block = ex.submit(bump, Block(bytearray(size))).result(timeout=60)
+            assert block.view[0] == 1 and not block.view.readonly, size

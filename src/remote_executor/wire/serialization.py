@@ -114,7 +114,15 @@ class _FastPickler(pickle.Pickler):
 
 def loads(parts: Sequence[Buffer]) -> Any:
     """Inverse of :func:`dumps`."""
-    return pickle.loads(parts[0], buffers=parts[1:])
+    return pickle.loads(parts[0], buffers=writable(parts) if len(parts) > 1 else None)
+
+
+def writable(parts: Sequence[Buffer]) -> list[Buffer]:
+    """The out-of-band buffers of ``parts`` (all but the first) as pickle must get them: writable, as the
+    sender's were and as an in-band pickle would rebuild them (a numpy array comes back writable, as from
+    ProcessPoolExecutor). A large part arrives in a buffer of its own, writable already; a small one is
+    parsed out as ``bytes`` and copied here."""
+    return [part if not memoryview(part).readonly else bytearray(part) for part in parts[1:]]
 
 
 def describe(fn: object) -> str:
@@ -214,7 +222,8 @@ def run_task_reporting(parts: Sequence[Buffer], worker: str | None = None) -> tu
     could not be unpickled, or its result pickled): what a worker counts as failed, known without
     unpickling the outcome again."""
     try:
-        envelope = pickle.loads(parts[0], buffers=parts[1:])  # loads(), inline: this is every call's path
+        # loads(), inline: this is every call's path
+        envelope = pickle.loads(parts[0], buffers=writable(parts) if len(parts) > 1 else None)
         wrong = _bad_envelope(envelope)
         fn: Any = None if wrong is not None else _function(envelope[1])
     except BaseException as exc:
