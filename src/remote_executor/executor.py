@@ -47,6 +47,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future
+from queue import SimpleQueue
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
 from .errors import BrokenRemoteExecutor, CallTimeoutError, SerializationError
@@ -62,6 +63,8 @@ if TYPE_CHECKING:  # imported when status() is called: not on every start-up's p
 __all__ = ["RemoteExecutor"]
 
 logger = logging.getLogger("remote_executor")
+_futures_log = logging.getLogger("concurrent.futures")  # where ThreadPoolExecutor logs a callback's error
+_Later = tuple["Future[Any]", list["Callable[[Future[Any]], object]"]]  # a settled future and its callbacks
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -199,6 +202,9 @@ class _Core:
         self.closing = False
         self.broken: BrokenRemoteExecutor | None = None
         self.pid = os.getpid()
+        # The caller's done-callbacks, run off the thread that brings results (see on_result); made at the
+        # first future that has one.
+        self.callback_queue: SimpleQueue[_Later | None] | None = None
         self.orphaned = False  # True in a process forked from this one's (see _forget_after_fork)
 
     # --- caller side ---------------------------------------------------------------------------------
@@ -349,16 +355,58 @@ class _Core:
             ok, value = False, exc
         # What _settling does, inline: this runs once per call, and a generator-based context manager
         # costs four Python calls.
+        future = item.future
+        # Done-callbacks of the caller's (any besides _on_done) run on the callback thread, not this one:
+        # this thread brings every result (and, embedded, runs the job server), so a callback that waits
+        # for another future of this executor, or just takes long, would hold up everything.
+        later = self._take_callbacks(future) if len(future._done_callbacks) > 1 else None  # type: ignore[attr-defined]
         previous = getattr(_in_listener, "core", None)
         _in_listener.core = self
         try:
             if ok:
-                item.future.set_result(value)
+                future.set_result(value)
             else:
-                item.future.set_exception(value)
+                future.set_exception(value)
         finally:
             _in_listener.core = previous
-        self._settled(1)
+        if later:
+            self._run_later(future, later)  # settled (counted) once its callbacks have run
+        else:
+            self._settled(1)
+
+    def _take_callbacks(self, future: Future[Any]) -> list[Callable[[Future[Any]], object]]:
+        """Take the caller's done-callbacks off ``future`` (before it settles), leaving ours."""
+        with future._condition:  # (what add_done_callback takes)
+            callbacks: list[Callable[[Future[Any]], object]] = future._done_callbacks  # type: ignore[attr-defined]
+            ours = self._on_done
+            future._done_callbacks = [cb for cb in callbacks if cb == ours]  # type: ignore[attr-defined]
+            return [cb for cb in callbacks if cb != ours]
+
+    def _run_later(self, future: Future[Any], callbacks: list[Callable[[Future[Any]], object]]) -> None:
+        queue = self.callback_queue
+        if queue is None:
+            with self.lock:
+                if self.callback_queue is None:
+                    self.callback_queue = SimpleQueue()
+                    threading.Thread(target=self._run_callbacks, args=(self.callback_queue,),
+                                     name="remote_executor-callbacks", daemon=True).start()
+                queue = self.callback_queue
+        queue.put((future, callbacks))
+
+    def _run_callbacks(self, queue: SimpleQueue[_Later | None],
+                       ) -> None:
+        """The callback thread: as ThreadPoolExecutor's worker threads do after a call, run the callbacks of
+        a settled future, log what they raise, then count the call settled (shutdown(wait=True) waits for
+        the callbacks, as it does for a thread pool's)."""
+        _in_listener.core = self  # shutdown(wait=True) here would wait for this very thread: an error
+        while (item := queue.get()) is not None:
+            future, callbacks = item
+            for callback in callbacks:
+                try:
+                    callback(future)
+                except Exception:
+                    _futures_log.exception("exception calling callback for %r", future)
+            self._settled(1)
 
     def on_started(self, task_id: int) -> None:
         with self.lock:
@@ -500,6 +548,8 @@ class _Core:
 
     def _close(self) -> None:
         self.deadlines.close()
+        if self.callback_queue is not None:
+            self.callback_queue.put(None)  # (every call has settled: nothing is queued before it)
         try:
             self.transport.close()
         except Exception:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import threading
 from concurrent.futures import Executor, Future
 
 from . import tasks
@@ -48,3 +49,27 @@ class CallbackTests(ConformanceBase):
         executor.submit(tasks.square, 2).add_done_callback(next_link)
         values = [chain.get(timeout=TIMEOUT).result() for _ in range(4)]
         assert values == [4, 16, 256, 65536]
+
+    def test_a_done_callback_may_wait_for_another_call(self, executor: Executor) -> None:
+        """A callback runs on a thread that does not bring the results (a thread pool's worker thread), so
+        it may submit a call and wait for its result."""
+        got: queue.SimpleQueue[int] = queue.SimpleQueue()
+        executor.submit(tasks.square, 2).add_done_callback(
+            lambda _: got.put(executor.submit(tasks.square, 3).result(timeout=TIMEOUT)))
+        assert got.get(timeout=TIMEOUT) == 9
+
+    def test_a_blocked_done_callback_holds_up_no_other_result(self, executor: Executor) -> None:
+        release = threading.Event()
+        entered = threading.Event()
+
+        def blocked(_: Future[int]) -> None:
+            entered.set()
+            release.wait(TIMEOUT)
+
+        try:
+            executor.submit(tasks.square, 2).add_done_callback(blocked)
+            assert entered.wait(TIMEOUT)
+            assert [f.result(timeout=TIMEOUT) for f in [executor.submit(tasks.square, i) for i in range(4)]] == [
+                0, 1, 4, 9]
+        finally:
+            release.set()
