@@ -133,3 +133,21 @@ def test_a_worker_gives_up_after_its_reconnect_timeout(scheme: str, tmp_path: Pa
     assert done.returncode == 1, done.stderr
     assert f"could not reach {scheme}://127.0.0.1:" in done.stderr.strip().splitlines()[-1]
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(("command", "option", "value", "says"), [
+    ("server", "--heartbeat-timeout", "0", "must be a positive number, not 0"),
+    ("server", "--heartbeat-interval", "-1", "must be a positive number, not -1"),
+    ("worker", "--heartbeat-interval", "0", "must be a positive number, not 0"),
+    ("server", "--max-frame-size", "5", "must be at least 65536, not 5"),
+    ("worker", "--processes", "0", "must be a positive number, not 0"),
+    ("status", "--timeout", "-1", "must be a positive number, not -1"),
+    ("server", "--heartbeat-timeout", "nan", "must be a positive number, not nan"),
+])
+def test_a_value_that_would_make_a_useless_server_or_worker_is_a_usage_error(
+        command: str, option: str, value: str, says: str) -> None:
+    """Before, a server with a zero heartbeat timeout started and then refused every peer ("a wrong key?"),
+    and a zero heartbeat interval spun two CPUs."""
+    done = run_cli(command, "tcp://127.0.0.1:5555", "--insecure", f"{option}={value}")
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.rstrip().splitlines()[-1].endswith(f"argument {option}: {says}"), done.stderr

@@ -774,3 +774,11 @@ def test_an_option_nothing_reads_is_a_clear_error(options: dict[str, str], messa
     with pytest.raises(TypeError, match="unexpected keyword argument") as caught:
         RemoteExecutor(1, transport="tcp://127.0.0.1:1", **options)  # refused before any connection
     assert message in str(caught.value)
+
+
+@pytest.mark.parametrize(("option", "value"), [("heartbeat_interval", 0), ("heartbeat_timeout", -1.0),
+                                               ("heartbeat_timeout", float("nan")), ("connect_timeout", 0),
+                                               ("reconnect_timeout", -5)])
+def test_a_timing_option_that_cannot_work_is_a_value_error(option: str, value: float) -> None:
+    with pytest.raises(ValueError, match=option):
+        RemoteExecutor(1, transport="tcp", **{option: value})

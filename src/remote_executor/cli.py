@@ -29,7 +29,7 @@ import tempfile
 import textwrap
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from . import __version__
 from .errors import RemoteExecutorError
@@ -41,7 +41,7 @@ from .supervisor import Supervisor
 from .tls import TlsConfig, make_cluster_material
 from .transports import UnknownSchemeError, get_backend, scheme_of
 from .transports.base import Backend, Options, ServerSettings
-from .wire.frames import Limits
+from .wire.frames import PRE_SESSION_LIMITS, Limits
 from .worker import read_stdin_line, watch_stdin
 
 log = logging.getLogger("remote_executor.cli")
@@ -49,6 +49,7 @@ log = logging.getLogger("remote_executor.cli")
 
 USAGE, RUNTIME = 2, 1  # exit codes: a mistake in the command line; a failure while doing what it asked
 LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
+_N = TypeVar("_N", int, float)
 
 
 class UsageError(ValueError):
@@ -86,6 +87,25 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
         return _plain(super().format_help())
 
 
+def positive(kind: Callable[[str], _N], at_least: _N | None = None) -> Callable[[str], _N]:
+    """An argparse type: a number of ``kind`` greater than 0 (or at least ``at_least``); anything else is a
+    usage error (status 2) that says why, not a server that starts and then refuses every peer."""
+
+    def parse(text: str) -> _N:
+        value = kind(text)  # a ValueError: argparse says "invalid float value"
+        if at_least is not None and not value >= at_least:
+            raise argparse.ArgumentTypeError(f"must be at least {at_least}, not {text}")
+        if not value > 0 or value != value or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"must be a positive number, not {text}")
+        return value
+
+    parse.__name__ = getattr(kind, "__name__", "number")  # (what argparse names in its message)
+    return parse
+
+
+MIN_MAX_FRAME = PRE_SESSION_LIMITS.max_frame  # a smaller one would refuse the handshake's own frames
+
+
 def _plain(text: str) -> str:
     """``x`` and :role:`x` (reST, in the docstrings the descriptions come from) as x."""
     return re.sub(r"(?::[\w.]+:)?`{1,2}([^`]+)`{1,2}", r"\1", text)
@@ -111,21 +131,21 @@ def _parser() -> argparse.ArgumentParser:
                          "$REMOTE_EXECUTOR_KEY, else this user's key file); - reads it from standard input")
         sub.add_argument("--insecure", action="store_true", help=_INSECURE_HELP[name])
         if name in ("status", "ping", "stop"):
-            sub.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer")
+            sub.add_argument("--timeout", type=positive(float), default=5.0, help="seconds to wait for an answer")
         if name in ("server", "worker"):
-            sub.add_argument("--heartbeat-interval", type=float, default=1.0,
+            sub.add_argument("--heartbeat-interval", type=positive(float), default=1.0,
                              help="seconds between heartbeats while nothing else is sent")
-            sub.add_argument("--heartbeat-timeout", type=float, default=10.0,
+            sub.add_argument("--heartbeat-timeout", type=positive(float), default=10.0,
                              help="seconds of silence after which the other side counts as lost")
         TlsConfig.add_arguments(sub, server=name == "server")
     server = commands.choices["server"]
-    server.add_argument("--max-frame-size", type=int, default=Limits().max_frame,
+    server.add_argument("--max-frame-size", type=positive(int, at_least=MIN_MAX_FRAME), default=Limits().max_frame,
                         help="largest frame accepted, in bytes: a larger call or result fails with "
                              "FrameTooLargeError")
     status = commands.choices["status"]
     status.add_argument("--watch", action="store_true",
                         help="a live view refreshed in the terminal (workers, queues, calls/s) until Ctrl-C")
-    status.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes of --watch")
+    status.add_argument("--interval", type=positive(float), default=2.0, help="seconds between refreshes of --watch")
     commands.choices["ping"].add_argument(
         "--wait", type=float, default=0.0, metavar="SECONDS",
         help="retry until the server answers or SECONDS have passed (a server that is still starting)")
@@ -133,7 +153,7 @@ def _parser() -> argparse.ArgumentParser:
         "--workers", action="store_true",
         help="its workers exit for good too (their `remote-executor worker` commands end with status 0)")
     worker = commands.choices["worker"]
-    worker.add_argument("--processes", type=int, default=os.cpu_count() or 1,
+    worker.add_argument("--processes", type=positive(int), default=os.cpu_count() or 1,
                         help="how many worker processes to run (default: the number of CPUs)")
     keygen = commands.add_parser("tls-keygen", help="write a private CA and TLS certificates for a tcp:// cluster",
                                  description=make_cluster_material.__doc__)

@@ -662,6 +662,12 @@ class RemoteExecutor(Executor):
             raise TypeError("initializer must be a callable")
         if max_retries < 0:
             raise ValueError("max_retries must be >= 0")
+        for name, seconds in (("heartbeat_interval", heartbeat_interval), ("heartbeat_timeout", heartbeat_timeout),
+                              ("connect_timeout", connect_timeout)):
+            if not 0 < seconds < float("inf"):  # (NaN too) else every peer is refused, or the loops spin
+                raise ValueError(f"{name} must be a positive number of seconds, not {seconds!r}")
+        if not reconnect_timeout >= 0:
+            raise ValueError(f"reconnect_timeout must be >= 0, not {reconnect_timeout!r}")
         if no_workers_warning is not None and not no_workers_warning > 0:
             raise ValueError("no_workers_warning must be None or a positive number of seconds")
         if isinstance(prefetch, bool) or not isinstance(prefetch, int):
