@@ -35,6 +35,9 @@ def add_gearmand_command(commands: argparse._SubParsersAction[argparse.ArgumentP
                         help="stop when standard input closes (gearmand that ends with the SSH session)")
 
 
+GEARMAND_POLL = 0.5  # seconds between two looks at whether gearmand still runs
+
+
 def _gearmand(args: argparse.Namespace) -> int:
     from .transports.gearman.gearmand import GearmandProcess
     from .worker import watch_stdin
@@ -49,7 +52,17 @@ def _gearmand(args: argparse.Namespace) -> int:
         if args.exit_on_stdin_eof:
             watch_stdin(stop)  # a "drain" line stops too; end of input exits at once, atexit stops gearmand
         print(f"gearmand serving gearman://{args.listen}:{gearmand.port} (pid {gearmand.pid})", flush=True)
-        stop.wait()
+        # gearmand may end without us: `remote-executor stop gearman://...` (status 0), a crash or a kill.
+        # This command then ends too, so a service manager sees it and can restart it.
+        while not stop.wait(GEARMAND_POLL):
+            code = gearmand.returncode
+            if code is not None:
+                if code == 0:
+                    log.info("gearmand stopped (a graceful stop, as `remote-executor stop` asks for)")
+                    return 0
+                log.error("gearmand exited with status %d%s", code, f"; its log:\n{gearmand.log_tail()}"
+                          if code > 0 else "")
+                return 1
         log.info("stopping gearmand")
     finally:
         gearmand.stop()

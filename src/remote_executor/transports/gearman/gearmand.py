@@ -137,6 +137,11 @@ class GearmandProcess:
     def is_running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    @property
+    def returncode(self) -> int | None:
+        """gearmand's exit status once it has exited by itself (negative: killed by that signal), else None."""
+        return self._proc.poll() if self._proc is not None else None
+
     def start(self, on_launch: Callable[[str], None] | None = None) -> GearmandProcess:
         """Start gearmand and return once it accepts connections; raise :class:`GearmandError` if not.
 
