@@ -11,9 +11,11 @@ explicit ``insecure``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shlex
 import socket
+import stat
 from typing import TYPE_CHECKING, TypeAlias, overload
 
 from .errors import TransportError
@@ -108,6 +110,9 @@ def read_key_file(path: str | os.PathLike[str], *, own: bool = False) -> bytes:
     opened file, so the file that is read is the file that was checked."""
     name = os.fspath(path)
     fd = os.open(name, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    if stat.S_ISDIR(os.fstat(fd).st_mode):  # (open() would say "[Errno 21] Is a directory: 3", naming the fd)
+        os.close(fd)
+        raise IsADirectoryError(errno.EISDIR, "a key file is expected, not a directory", name)
     with open(fd, "rb") as f:
         info = os.fstat(f.fileno())
         raw = f.read(MAX_KEY_FILE + 1)

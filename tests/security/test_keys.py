@@ -277,6 +277,11 @@ def test_an_empty_key_file_is_still_an_error_and_a_huge_one_is_not_read_whole(tm
         read_key_file("/dev/zero")
 
 
+def test_a_directory_given_as_the_key_file_is_named_in_the_error(tmp_path: Path) -> None:
+    with pytest.raises(IsADirectoryError, match=f"a key file is expected, not a directory: '{tmp_path}'"):
+        read_key_file(tmp_path)
+
+
 def need_root() -> None:
     """Tests that act as another user run as root (CI does); elsewhere they skip, and in CI never."""
     if os.geteuid() == 0:
