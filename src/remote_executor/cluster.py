@@ -147,6 +147,7 @@ class LocalCluster:
                                 name="local-worker", fork_here=fork_here,
                                 fork_server=None if self.start_method == "spawn" else self.backend.scheme)
         supervisor.start()
+        self.server.on_hung_worker(supervisor.kill_hung)
         return supervisor
 
     def _wait_ready(self, timeout: float) -> None:

@@ -53,6 +53,9 @@ class EmbeddedJobServer(EmbeddedServer):
     def worker_env(self) -> dict[str, str]:
         return key_to_env(self.key)
 
+    def on_hung_worker(self, kill: Callable[[int], object]) -> None:
+        self.server.on_hung_worker = kill
+
     def attached_workers(self) -> int:
         with self.server.drive_lock:  # the server loop changes the scheduler's pools meanwhile
             return self.server.scheduler.capacity  # one slot per local worker process

@@ -71,6 +71,7 @@ class Send:
 class Close:
     conn: ConnId
     reason: str
+    hung_pid: int = 0  # a worker given up as hung (silent, or past a call's limit): the pid it announced
 
 
 @dataclass(frozen=True, slots=True)
@@ -541,7 +542,8 @@ class Scheduler:
         """Close a peer that failed us (a silent one, a worker past a call's limit); requeue its calls."""
         limited(log, logging.WARNING, (owner(self), "silent", peer.role), "%s %s: %s, closing",
                 peer.role or "connection", printable(peer.name or f"#{peer.conn}"), reason, now=self._now)
-        self.actions.append(Close(peer.conn, reason))
+        worker = self._workers.get(peer.conn)
+        self.actions.append(Close(peer.conn, reason, worker.pid if worker is not None else 0))
         del self._peers[peer.conn]
         if peer.conn in self._workers:
             self._lose_worker(peer, reason)

@@ -98,6 +98,9 @@ class ServerCore(abc.ABC):
         self._loop_ident: int | None = None  # its thread id, compared on every submit (no Python call)
         self.stopping = threading.Event()
         self.stopped_by_admin = False  # a STOP ended it: what is queued for peers should still go out
+        # Called (on the loop thread) with the pid a worker announced when it is given up as hung: the
+        # embedded cluster kills that process if it is one of its own, so a new one takes its place.
+        self.on_hung_worker: Callable[[int], object] | None = None
 
     @classmethod
     def from_settings(cls, host: str, port: int, settings: ServerSettings) -> Self:
@@ -300,6 +303,8 @@ class ServerCore(abc.ABC):
                 link.closed = True
         else:
             self._drop(action.conn, action.reason)
+            if action.hung_pid and self.on_hung_worker is not None:
+                self.on_hung_worker(action.hung_pid)
 
     def _deliver_local(self, link: LocalLink, frame: Frame) -> None:
         self._delivering = True
