@@ -183,63 +183,57 @@ def test_a_replayed_open_does_not_lift_the_tcp_servers_limits(real_server: TcpSe
         assert len(ex.status().clients) == 1  # it serves on, and the attacker is nobody
 
 
-def _zmq_server() -> Any:
+@pytest.fixture
+def zmq_target() -> Iterator[tuple[Any, Any]]:
+    """A keyed zmq job server and a DEALER socket of an attacker connected to it."""
+    import zmq
+
     from remote_executor.transports.zmq.server import ZmqServer
 
     server = ZmqServer("127.0.0.1", 0, key=KEY, heartbeat_interval=0.2, heartbeat_timeout=1.5)
     server.start()
-    return server
-
-
-def _zmq_attacker(port: int) -> tuple[Any, Any]:
-    import zmq
-
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(f"tcp://127.0.0.1:{port}")
-    return ctx, sock
-
-
-def test_a_replayed_open_does_not_lift_the_zmq_servers_limits(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="remote_executor")
-    server = _zmq_server()
-    ctx, sock = _zmq_attacker(server.port)
+    sock.connect(f"tcp://127.0.0.1:{server.port}")
     try:
-        opening = _recorded_open()
-        prefix = len(opening) - 32  # one 32-byte part (the nonce) after the prefix
-        sock.send_multipart([opening[:prefix], opening[prefix:]])
-        assert sock.poll(10_000), "no CHALLENGE"
-        sock.recv_multipart()
-        big = 256 * 1024
-        sock.send_multipart([_big_header(Kind.HELLO, big), bytes(big)])
-        wait_for(lambda: any("more than the 65536 allowed" in r.getMessage() for r in caplog.records),
-                 what="the server to refuse the part before copying it")
-        with RemoteExecutor(transport=server.url, key=KEY, connect_timeout=30) as ex:
-            assert len(ex.status().clients) == 1
+        yield server, sock
     finally:
         sock.close()
         ctx.term()
         server.stop()
 
 
-def test_a_zmq_message_of_countless_empty_parts_is_drained_and_refused(caplog: pytest.LogCaptureFixture) -> None:
+def _refused_then_serves(server: Any, caplog: pytest.LogCaptureFixture, says: str, what: str) -> None:
+    """The server logs ``says`` about the attacker, then serves a legitimate client (and only it)."""
+    wait_for(lambda: any(says in r.getMessage() for r in caplog.records), what=what)
+    with RemoteExecutor(transport=server.url, key=KEY, connect_timeout=30) as ex:
+        assert len(ex.status().clients) == 1
+
+
+def test_a_replayed_open_does_not_lift_the_zmq_servers_limits(zmq_target: tuple[Any, Any],
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="remote_executor")
+    server, sock = zmq_target
+    opening = _recorded_open()
+    prefix = len(opening) - 32  # one 32-byte part (the nonce) after the prefix
+    sock.send_multipart([opening[:prefix], opening[prefix:]])
+    assert sock.poll(10_000), "no CHALLENGE"
+    sock.recv_multipart()
+    big = 256 * 1024
+    sock.send_multipart([_big_header(Kind.HELLO, big), bytes(big)])
+    _refused_then_serves(server, caplog, "more than the 65536 allowed", "the part refused before it is copied")
+
+
+def test_a_zmq_message_of_countless_empty_parts_is_drained_and_refused(zmq_target: tuple[Any, Any],
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
     """Two bytes per part on the wire: the server consumes the message without keeping it, then serves on."""
     import zmq
 
     caplog.set_level(logging.WARNING, logger="remote_executor")
-    server = _zmq_server()
-    ctx, sock = _zmq_attacker(server.port)
+    server, sock = zmq_target
     parts = 200_000
-    try:
-        for _ in range(parts - 1):
-            sock.send(b"", zmq.SNDMORE)
-        sock.send(b"")
-        wait_for(lambda: any(f"message of {parts} parts" in r.getMessage() for r in caplog.records),
-                 what="the server to drain and refuse the message")
-        with RemoteExecutor(transport=server.url, key=KEY, connect_timeout=30) as ex:
-            assert len(ex.status().clients) == 1
-    finally:
-        sock.close()
-        ctx.term()
-        server.stop()
+    for _ in range(parts - 1):
+        sock.send(b"", zmq.SNDMORE)
+    sock.send(b"")
+    _refused_then_serves(server, caplog, f"message of {parts} parts", "the message drained and refused")
