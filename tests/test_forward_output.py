@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+import queue
 import re
 import subprocess
 import sys
@@ -77,13 +78,13 @@ def transport(request: pytest.FixtureRequest) -> Iterator[str | None]:
 def test_output_arrives_prefixed_in_order_before_the_future_settles(
         transport: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
     console = install_console(monkeypatch)
-    seen_at_settle: list[list[tuple[str, str]]] = []
+    seen_at_settle: queue.SimpleQueue[list[tuple[str, str]]] = queue.SimpleQueue()
     with RemoteExecutor(1, transport=transport, forward_output=True) as executor:
         future = executor.submit(chatty, 1)
-        future.add_done_callback(lambda _: seen_at_settle.append(console.lines()))
+        future.add_done_callback(lambda _: seen_at_settle.put(console.lines()))
         assert future.result(timeout=60) == 10
         lines = console.lines()
-        assert seen_at_settle == [lines]  # all of it was written before the future settled
+        assert seen_at_settle.get(timeout=60) == lines  # all of it was written before the future settled
         assert [(name, re.sub(r"^\[[^\]]+\] ", "", line)) for name, line in lines] == [
             ("stdout", "out 1.1"), ("stderr", "err 1"), ("stdout", "out 1.2")]
         workers = {re.match(r"^\[([^\]]+)\] ", line)[1] for _, line in lines}  # type: ignore[index]

@@ -377,6 +377,9 @@ class TcpServer(ServerCore):
             self._transmit(conn_id, opening.challenge)
             conn.send_mac, conn.reader.mac = opening.send, opening.receive
             conn.opened = True  # (the small limits stay until a frame verifies under the session keys)
+            if self._key is None:  # nothing to prove: the session is as trusted now as it will ever be
+                conn.proven = True
+                conn.reader.limits = self._limits
 
     @staticmethod
     def _refuse_key(conn: Connection) -> None:

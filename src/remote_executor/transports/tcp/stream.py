@@ -146,7 +146,8 @@ class TcpChannel(Channel):
     def __init__(self, sock: socket.socket, key: bytes | None, limits: Limits, url: str) -> None:
         super().__init__(url)
         self._limits = limits  # once the server has proved it holds the key (see authenticate)
-        self._conn = self.connection_class(sock, key, pre_session(limits), url)
+        # (without a key there is nothing to prove: the limits are the full ones from the start)
+        self._conn = self.connection_class(sock, key, pre_session(limits) if key is not None else limits, url)
         self._selector = selectors.DefaultSelector()
         self._selector.register(sock, selectors.EVENT_READ, None)
         self._writing = False

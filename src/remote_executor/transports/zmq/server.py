@@ -214,7 +214,8 @@ class ZmqServer(ServerCore):
         self._ids[route] = conn
         self._routes[conn] = route
         self._receive_macs[conn] = opening.receive
-        self._receive_limits[conn] = PRE_SESSION_LIMITS
+        # (without a key nothing will ever be proved: the session is as trusted now as it will ever be)
+        self._receive_limits[conn] = PRE_SESSION_LIMITS if self._key is not None else self._limits
         self.scheduler.connected(conn, time.monotonic())
         self._enqueue(conn, encode(opening.challenge, opening.challenge_mac))
         self._send_macs[conn] = opening.send

@@ -259,7 +259,7 @@ class ZmqChannel(Channel):
         self._send_mac = as_mac(key)
         self._recv_mac = as_mac(key)
         self._full_limits = limits  # once the server has proved it holds the key (see authenticate)
-        self._limits = pre_session(limits)
+        self._limits = pre_session(limits) if key is not None else limits  # (without a key: nothing to prove)
         self._backlog: deque[list[Buffer]] = deque()  # encoded frames
         self._poller = zmq.Poller()
         self._poller.register(sock, zmq.POLLIN)
