@@ -387,26 +387,42 @@ class _Core:
         if queue is None:
             with self.lock:
                 if self.callback_queue is None:
-                    self.callback_queue = SimpleQueue()
-                    threading.Thread(target=self._run_callbacks, args=(self.callback_queue,),
-                                     name="remote_executor-callbacks", daemon=True).start()
+                    fresh: SimpleQueue[_Later | None] = SimpleQueue()
+                    try:
+                        threading.Thread(target=self._run_callbacks, args=(fresh,), name="remote_executor-callbacks",
+                                         daemon=True).start()
+                    except RuntimeError:  # no new thread at interpreter exit (3.12+): run them here, as before
+                        pass
+                    else:
+                        self.callback_queue = fresh
                 queue = self.callback_queue
-        queue.put((future, callbacks))
+        if queue is None:
+            previous = getattr(_in_listener, "core", None)
+            _in_listener.core = self
+            try:
+                self._invoke(future, callbacks)
+            finally:
+                _in_listener.core = previous
+            self._settled(1)
+        else:
+            queue.put((future, callbacks))
 
-    def _run_callbacks(self, queue: SimpleQueue[_Later | None],
-                       ) -> None:
+    def _run_callbacks(self, queue: SimpleQueue[_Later | None]) -> None:
         """The callback thread: as ThreadPoolExecutor's worker threads do after a call, run the callbacks of
         a settled future, log what they raise, then count the call settled (shutdown(wait=True) waits for
         the callbacks, as it does for a thread pool's)."""
         _in_listener.core = self  # shutdown(wait=True) here would wait for this very thread: an error
         while (item := queue.get()) is not None:
-            future, callbacks = item
-            for callback in callbacks:
-                try:
-                    callback(future)
-                except Exception:
-                    _futures_log.exception("exception calling callback for %r", future)
+            self._invoke(*item)
             self._settled(1)
+
+    @staticmethod
+    def _invoke(future: Future[Any], callbacks: list[Callable[[Future[Any]], object]]) -> None:
+        for callback in callbacks:
+            try:
+                callback(future)
+            except Exception:
+                _futures_log.exception("exception calling callback for %r", future)
 
     def on_started(self, task_id: int) -> None:
         with self.lock:
