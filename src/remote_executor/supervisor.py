@@ -136,17 +136,15 @@ class Supervisor:
         with self._lock:
             return [c.proc.pid for c in self._children.values()]
 
-    def kill_hung(self, pid: int) -> bool:
+    def kill_hung(self, pid: int) -> None:
         """SIGKILL the child ``pid``, if it is one of ours and still runs: its job server gave it up as hung,
         and a process stuck (in C code, or stopped) would never notice. The watcher replaces it as any child
-        that died. False if ``pid`` is not a child of ours (a worker announces its pid itself)."""
+        that died. Nothing if ``pid`` is not a child of ours (a worker announces its pid itself)."""
         with self._lock:
             child = next((c for c in self._children.values() if c.proc.pid == pid), None)
-        if child is None or child.proc.poll() is not None:
-            return False
-        log.warning("worker process %d was given up as hung; killing it (another one replaces it)", pid)
-        _signal(child.proc, signal.SIGKILL)
-        return True
+        if child is not None:
+            log.warning("worker process %d was given up as hung; killing it (another one replaces it)", pid)
+            _signal(child.proc, signal.SIGKILL)  # (only if it still runs)
 
     def drain(self, timeout: float | None = None) -> None:
         """SIGTERM every child (finish the running call, then exit) and wait for them."""

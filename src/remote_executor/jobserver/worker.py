@@ -113,7 +113,7 @@ def _serve(url: str, connect: Connector, settings: WorkerSettings, core: WorkerC
         try:
             channel = open_session(connect, settings.key, first, settings.connect_timeout, settings.drain)
         except KeyRejectedError as exc:
-            refused.check(exc, url)  # a transient error until the refusals have lasted the grace period
+            refused.check(exc)  # a transient error until the refusals have lasted the grace period
             raise
         refused.clear()
         return channel
@@ -157,7 +157,7 @@ class _Refusals:
         self.grace = grace
         self._since: float | None = None
 
-    def check(self, exc: KeyRejectedError, url: str) -> None:
+    def check(self, exc: KeyRejectedError) -> None:
         """Raise :class:`_Refused` (retried) while the refusals are younger than the grace period."""
         now = time.monotonic()
         if self._since is None:

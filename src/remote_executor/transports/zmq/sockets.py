@@ -109,11 +109,10 @@ def _recv_parts(sock: zmq.Socket[Any], parsed: Prefix | None, limits: Limits, mo
         part = sock.recv(copy=False)
         more = part.more
         index = len(parts)
-        if index >= limits.max_parts:
+        if index >= limits.max_parts or len(part) > limits.max_frame:  # (a keyless peer has the small limits)
             drained = _drain(sock) if more else 0
-            raise ProtocolError(f"message of {index + 2 + drained} parts, more than {limits.max_parts}")
-        if len(part) > limits.max_frame:  # (a peer without the key gets the small limits)
-            drained = _drain(sock) if more else 0
+            if index >= limits.max_parts:
+                raise ProtocolError(f"message of {index + 2 + drained} parts, more than {limits.max_parts}")
             raise ProtocolError(f"message part of {len(part)} bytes, more than the {limits.max_frame} allowed")
         if index < len(sizes) and sizes[index] >= COPY_THRESHOLD:
             parts.append(part.buffer)
