@@ -57,6 +57,7 @@ class Recorder(ClientCallbacks[int]):
         self.handles: dict[int, bytes] = {}
         self.outcomes: dict[int, list[tuple[str, bytes | None]]] = {}
         self.disconnects: list[tuple[GearmanError, list[int]]] = []
+        self.statuses: list[tuple[int, bool, bool]] = []
 
     def on_created(self, token: int, handle: bytes) -> None:
         with self.cond:
@@ -71,6 +72,11 @@ class Recorder(ClientCallbacks[int]):
 
     def on_error(self, token: int, error: GearmanServerError) -> None:
         self._settle(token, "error", error.code)
+
+    def on_status(self, token: int, known: bool, running: bool) -> None:
+        with self.cond:
+            self.statuses.append((token, known, running))
+            self.cond.notify_all()
 
     def on_disconnect(self, exc: GearmanError, in_flight: list[int]) -> None:
         with self.cond:
@@ -372,6 +378,28 @@ def test_cancel_running_job_settles_once(
         worker.complete(job2.handle, b"second")
         recorder.wait_settled([2])
     assert recorder.outcomes == {1: [("fail", None)], 2: [("complete", b"second")]}
+
+
+def test_get_status_tells_queued_from_running(
+    gearmand: GearmandProcess, client: tuple[GearmanClientConnection[int], Recorder]
+) -> None:
+    conn, recorder = client
+    function = fresh_function()
+    conn.submit(1, function, b"job")
+    recorder.wait(lambda: 1 in recorder.handles)
+    conn.get_status(recorder.handles[1])
+    recorder.wait(lambda: len(recorder.statuses) == 1)
+    with GearmanWorkerConnection(*gearmand.address, [function]) as worker:
+        job = worker.grab_job(timeout=30)
+        assert job is not None and job.handle == recorder.handles[1]
+        conn.get_status(job.handle)
+        recorder.wait(lambda: len(recorder.statuses) == 2)
+        worker.complete(job.handle, b"done")
+        recorder.wait_settled([1])
+    conn.get_status(job.handle)  # settled: gearmand no longer knows it, and the answer names no token
+    conn.submit(2, function, b"barrier")  # answered in order: the status reply came before JOB_CREATED
+    recorder.wait(lambda: 2 in recorder.handles)
+    assert recorder.statuses == [(1, True, False), (1, True, True)]
 
 
 # ------------------------------------------------------------------------------------- gearmand loss

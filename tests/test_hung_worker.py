@@ -8,6 +8,8 @@ import contextlib
 import os
 import signal
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -15,13 +17,31 @@ from remote_executor import RemoteExecutor, WorkerLostError
 from tests.conftest import pid_alive, wait_for
 
 
-@pytest.mark.parametrize("transport", ["tcp", "zmq"])
-def test_a_hung_worker_is_killed_and_replaced(transport: str) -> None:
+def _write_pid(marker: Path) -> None:
+    """Write this process's pid to ``marker`` at once (a reader never sees the file half-written)."""
+    partial = marker.with_suffix(".partial")
+    partial.write_text(str(os.getpid()))
+    os.replace(partial, marker)
+
+
+def _run_a_while(marker: Path) -> Callable[[], None]:
+    """A long call that writes its pid to ``marker`` once its worker has surely sent a heartbeat (gearman:
+    the client knows from that heartbeat which worker runs it)."""
+    def call() -> None:
+        time.sleep(0.5)
+        _write_pid(marker)
+        time.sleep(60)
+    return call
+
+
+@pytest.mark.parametrize("transport", ["tcp", "zmq", pytest.param("gearman", marks=pytest.mark.gearman)])
+def test_a_hung_worker_is_killed_and_replaced(transport: str, tmp_path: Path) -> None:
+    marker = tmp_path / "running"
     with RemoteExecutor(1, transport=transport, max_retries=0, heartbeat_interval=0.2,
                         heartbeat_timeout=1.5) as ex:
-        hung = ex.submit(os.getpid).result(timeout=60)
-        stuck = ex.submit(time.sleep, 60)
-        wait_for(lambda: stuck.running(), what="the call to be handed out")  # (to that worker: the only one)
+        stuck = ex.submit(_run_a_while(marker))
+        wait_for(marker.exists, what="the call to start")
+        hung = int(marker.read_text())
         os.kill(hung, signal.SIGSTOP)  # as stuck as a call in C code that holds the GIL
         try:
             with pytest.raises(WorkerLostError):
@@ -31,3 +51,36 @@ def test_a_hung_worker_is_killed_and_replaced(transport: str) -> None:
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(hung, signal.SIGKILL)
+
+
+def _stop_own_process_once(marker: Path) -> Callable[[], int]:
+    """A call that stops its worker process (SIGSTOP) at its first instant the first time it runs — before
+    the worker could send a heartbeat — and returns the pid of the process that runs it any later time."""
+    def call() -> int:
+        if not marker.exists():
+            _write_pid(marker)
+            os.kill(os.getpid(), signal.SIGSTOP)
+        return os.getpid()
+    return call
+
+
+@pytest.mark.gearman
+@pytest.mark.parametrize("max_retries", [0, 1])
+def test_gearman_worker_hung_before_its_first_heartbeat(tmp_path: Path, max_retries: int) -> None:
+    """The embedded gearman cluster's calls carry no start report: the client asks gearmand about a call
+    that stays silent, and once gearmand says a worker runs it, that worker's silence counts as any other's."""
+    marker = tmp_path / "stopped"
+    with RemoteExecutor(2, transport="gearman", max_retries=max_retries, heartbeat_interval=0.2,
+                        heartbeat_timeout=1.5) as ex:
+        ex.submit(os.getpid).result(timeout=60)  # both workers attached
+        future = ex.submit(_stop_own_process_once(marker))
+        try:
+            if max_retries == 0:
+                with pytest.raises(WorkerLostError, match="gearmand reported the job running"):
+                    future.result(timeout=30)
+            else:  # run again, by the other worker
+                assert future.result(timeout=30) != int(marker.read_text())
+        finally:
+            wait_for(marker.exists, what="the call to stop its worker")
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(marker.read_text()), signal.SIGKILL)

@@ -136,14 +136,17 @@ class Supervisor:
         with self._lock:
             return [c.proc.pid for c in self._children.values()]
 
-    def kill_hung(self, pid: int) -> None:
-        """SIGKILL the child ``pid``, if it is one of ours and still runs: its job server gave it up as hung,
-        and a process stuck (in C code, or stopped) would never notice. The watcher replaces it as any child
-        that died. Nothing if ``pid`` is not a child of ours (a worker announces its pid itself)."""
+    def kill_hung(self, worker: int | str) -> None:
+        """SIGKILL the child ``worker`` (its pid, or the name this supervisor gave it), if it is one of ours
+        and still runs: its job server gave it up as hung, and a process stuck (in C code, or stopped) would
+        never notice. The watcher replaces it as any child that died. Nothing if ``worker`` is not a child of
+        ours (a worker announces its pid and name itself)."""
         with self._lock:
-            child = next((c for c in self._children.values() if c.proc.pid == pid), None)
+            child = next((c for c in self._children.values()
+                          if worker in (c.proc.pid, f"{self.name}-{c.index}")), None)
         if child is not None:
-            log.warning("worker process %d was given up as hung; killing it (another one replaces it)", pid)
+            log.warning("worker process %d was given up as hung; killing it (another one replaces it)",
+                        child.proc.pid)
             _signal(child.proc, signal.SIGKILL)  # (only if it still runs)
 
     def drain(self, timeout: float | None = None) -> None:

@@ -386,10 +386,11 @@ class EmbeddedServer(abc.ABC):
         """Extra arguments for ``python -m remote_executor.worker URL``."""
         return ()
 
-    def on_hung_worker(self, kill: Callable[[int], object]) -> None:
-        """Call ``kill(pid)`` when the server gives up a worker as hung (a process stuck in C code never
-        notices its lost connection): the cluster kills it if it is one of its own and starts another.
-        A server that cannot tell which process hung ignores this."""
+    def on_hung_worker(self, kill: Callable[[int | str], object]) -> None:
+        """Call ``kill(pid)`` or ``kill(name)`` (the pid the worker announced, or its ``--name``) when the
+        server gives up a worker as hung (a process stuck in C code never notices its lost connection): the
+        cluster kills it if it is one of its own and starts another. A server that cannot tell which
+        process hung ignores this."""
         return None
 
 

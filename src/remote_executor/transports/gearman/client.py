@@ -18,7 +18,9 @@ ran it and how often. Where gearmand runs without ``-j`` it requeues a job whose
 client settles the call as worker-lost at the start beyond ``max_retries + 1`` and drops the job with the
 admin ``cancel job``. Where gearmand has ``-j`` (the embedded cluster, ``gearmand_retries``), its WORK_FAIL
 ends the call first, so the client does not ask for start reports there (``QUIET`` jobs): the worker's first
-heartbeat names it instead, for a call that runs that long.
+heartbeat names it instead, for a call that runs that long. A QUIET job silent for two heartbeat intervals
+is asked about (GET_STATUS): if gearmand says a worker runs it, the silence clock starts then, so a worker
+that hung before its first heartbeat is given up as any silent one.
 
 Time limits: a call with one always asks for the start report, which starts the executor's fallback clock
 (``Listener.on_started``); its worker answers ``RESULT(b=TIMED_OUT)`` at the limit and exits. A call whose
@@ -39,7 +41,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from ...errors import (
@@ -86,6 +88,11 @@ log = logging.getLogger("remote_executor.gearman")
 POLL_INTERVAL = 1.0  # admin status poll for the capacity (URL mode)
 POLL_INTERVAL_EMPTY = 0.1  # ... while no worker is registered, so the first calls do not wait a second
 
+# A QUIET job silent this many heartbeat intervals after it was sent: ask gearmand whether a worker runs it
+# (a healthy worker names itself one interval into the call).
+ASK_AFTER_INTERVALS = 2
+UNNAMED_WORKER = "unnamed (gearmand reported the job running; its worker never said a word)"
+
 Ticket = tuple[int, int]  # (task id, submission number): callbacks about an older submission are stale
 
 
@@ -102,6 +109,11 @@ class _Job:
     started_at: float | None = None  # when a worker last said it started it (monotonic)
     starts: list[str] = field(default_factory=list)  # every worker that started it, over all submissions
     refusal: str | None = None  # a worker refused it (bad HMAC, malformed) before a WORK_FAIL
+    # QUIET jobs (no start report): when the current submission was written and when gearmand was last
+    # asked whether a worker runs it; ``unnamed`` while its start is known from gearmand only
+    sent_at: float = 0.0
+    asked_at: float = 0.0
+    unnamed: bool = False
 
 
 @dataclass(eq=False)
@@ -126,7 +138,7 @@ class GearmanClientTransport(ClientTransport):
     time_limits = True
 
     def __init__(self, url: str, options: Options, *, capacity: int | None = None,
-                 gearmand_retries: int | None = None) -> None:
+                 gearmand_retries: int | None = None, on_hung: Callable[[str], object] | None = None) -> None:
         self.url = url
         addresses, pool = parse_url(url, options.extra.get("pool"))
         check_connect([host for host, _ in addresses], options.key, options.insecure, "client")
@@ -146,6 +158,7 @@ class GearmanClientTransport(ClientTransport):
         # gearmand's own -j (the embedded one): it fails a job after this many lost workers, so the client
         # needs no start reports to bound retries (None: a gearmand we did not start; assume no -j).
         self._gearmand_retries = gearmand_retries
+        self._on_hung = on_hung  # told the name of a worker given up as silent (the embedded cluster kills it)
         self._servers = [_Server(i, host, port) for i, (host, port) in enumerate(addresses)]
         self._session: Session | None = None
         self._listener: Listener | None = None
@@ -240,7 +253,8 @@ class GearmanClientTransport(ClientTransport):
             server = live[next(self._round_robin) % len(live)]
             job.submission += 1
             job.server, job.handle, job.started_here, job.job_id = server.index, None, False, sealed.job_id
-            job.started_at = None
+            job.started_at, job.unnamed = None, False
+            job.sent_at = job.asked_at = time.monotonic() if self._quiet(job) else 0.0
             assert server.conn is not None
             try:
                 server.conn.submit((job.call.task_id, job.submission), self.function, sealed.payload)
@@ -298,6 +312,9 @@ class GearmanClientTransport(ClientTransport):
                 return
             now = time.monotonic()
             past = self._past_limit(job, now)
+            if job.unnamed:  # gearmand told us a worker runs it: this is that start, with a name now
+                job.starts.pop()
+                job.unnamed = False
             job.starts.append(payload[len(STARTED):].decode(errors="replace"))
             job.started_here = True
             job.started_at = now
@@ -324,6 +341,18 @@ class GearmanClientTransport(ClientTransport):
         elif job.call.limit is not None:
             assert self._listener is not None
             self._listener.on_started(ticket[0])  # the executor's own clock, should no answer ever come
+
+    def on_status(self, ticket: Ticket, running: bool) -> None:
+        """gearmand says whether a worker runs a QUIET job nobody reported starting: if one does, its
+        silence counts from now, as if it had reported the start (a healthy worker names itself with its
+        first heartbeat, one ``heartbeat_interval`` into the call)."""
+        with self._lock:
+            job = self.job_for(ticket)
+            if job is None or job.started_here or not running:
+                return
+            job.starts.append(UNNAMED_WORKER)
+            job.started_here, job.unnamed = True, True
+            job.last_heard = time.monotonic()
 
     def _past_limit(self, job: _Job, now: float) -> Parts | None:
         """The TIMED_OUT body for a call with a limit whose last start is older than that limit (lock held);
@@ -439,6 +468,10 @@ class GearmanClientTransport(ClientTransport):
         self._send(job)
         return True
 
+    def _quiet(self, job: _Job) -> bool:
+        """The job carries no start report (see :mod:`.jobs`): gearmand's ``-j`` bounds its retries."""
+        return self._gearmand_retries is not None and job.call.limit is None
+
     def _may_resubmit(self, job: _Job) -> bool:
         """After a server loss every job that was there counts as possibly run (a start report can die with
         gearmand): resubmitted while within ``max_retries``."""
@@ -473,8 +506,12 @@ class GearmanClientTransport(ClientTransport):
                     self._settle(task_id, Status.DONE, error_outcome(error))
                 for server in due:
                     self._reconnect(server)
-                for task_id, status, parts in self._check_liveness():
+                settled, silent = self._check_liveness()
+                for task_id, status, parts in settled:
                     self._settle(task_id, status, parts)
+                for worker in silent:
+                    if self._on_hung is not None:
+                        self._on_hung(worker)
                 if self._fixed_capacity is None and time.monotonic() >= next_poll:
                     self._poll_capacity()
                     next_poll = time.monotonic() + (POLL_INTERVAL if self._capacity > 0 else POLL_INTERVAL_EMPTY)
@@ -495,23 +532,30 @@ class GearmanClientTransport(ClientTransport):
             times.append(next_poll)
         if self._all_down_since is not None:
             times.append(self._all_down_since + self._options.reconnect_timeout)
-        if any(job.started_here for job in self._jobs.values()):
+        if any(job.started_here or job.sent_at for job in self._jobs.values()):
             times.append(now + self._options.heartbeat_interval)  # the next liveness check
         return max(min(times, default=now + POLL_INTERVAL) - now, 0.0)
 
-    def _check_liveness(self) -> list[tuple[int, Status, Parts]]:
+    def _check_liveness(self) -> tuple[list[tuple[int, Status, Parts]], list[str]]:
         """Running jobs whose worker fell silent for ``heartbeat_timeout`` (hung, stopped, cut off with its
-        connection to gearmand still up): resubmitted while within ``max_retries`` (the old job is cancelled
-        and its late result ignored), else settled as worker-lost, or as timed out if past a limit; returns
-        the settled ones."""
+        connection to gearmand still up; for a QUIET job, silent since gearmand said a worker runs it):
+        resubmitted while within ``max_retries`` (the old job is cancelled and its late result ignored), else
+        settled as worker-lost, or as timed out if past a limit; returns the settled ones and the names of
+        the silent workers."""
         assert self._session is not None
         now, timeout = time.monotonic(), self._options.heartbeat_timeout
+        ask_after = ASK_AFTER_INTERVALS * self._options.heartbeat_interval
         lost: list[tuple[int, Status, Parts]] = []
+        silent: list[str] = []
         with self._lock:
             for job in list(self._jobs.values()):
+                if not job.started_here and job.sent_at and now - job.asked_at >= ask_after:
+                    self._ask_status(job, now)
                 if not job.started_here or now - job.last_heard <= timeout:
                     continue
                 worker = job.starts[-1] if job.starts else "unknown"
+                if not job.unnamed:
+                    silent.append(worker)
                 log.warning("the worker %s running call %d has been silent for %.1fs: taking the call as lost",
                             printable(worker), job.call.task_id, now - job.last_heard)
                 if job.handle is not None and job.server >= 0:
@@ -525,7 +569,20 @@ class GearmanClientTransport(ClientTransport):
                     del self._jobs[job.call.task_id]
                     lost.append((job.call.task_id, Status.WORKER_LOST,
                                  worker_lost_parts([*job.starts[:-1], f"{worker} (silent)"], len(job.starts))))
-        return lost
+        return lost, silent
+
+    def _ask_status(self, job: _Job, now: float) -> None:
+        """Ask gearmand whether a worker runs a QUIET job that has said nothing (lock held): a worker that
+        hung before its first heartbeat would otherwise never be noticed. Asked again every
+        ``ASK_AFTER_INTERVALS`` heartbeat intervals while the job waits in gearmand's queue."""
+        job.asked_at = now
+        conn = self._servers[job.server].conn
+        if conn is None or job.handle is None:
+            return  # that server is lost: its reader reports the job in flight
+        try:
+            conn.get_status(job.handle)
+        except GearmanConnectionError:
+            pass  # ended under us: its reader reports the job in flight
 
     def _reconnect(self, server: _Server) -> None:
         try:
@@ -602,6 +659,9 @@ class _Callbacks(ClientCallbacks[Ticket]):
 
     def on_data(self, token: Ticket, payload: bytes) -> None:
         self._transport.on_data(self._server, token, payload)
+
+    def on_status(self, token: Ticket, known: bool, running: bool) -> None:
+        self._transport.on_status(token, running)
 
     def on_disconnect(self, exc: GearmanError, in_flight: list[Ticket]) -> None:
         self._transport.on_disconnect(self._server, self._generation, exc, in_flight)

@@ -208,6 +208,10 @@ class ClientCallbacks(abc.ABC, Generic[T]):
     def on_data(self, token: T, payload: bytes) -> None:
         """Intermediate WORK_DATA or WORK_WARNING from the worker; the job is still running."""
 
+    def on_status(self, token: T, known: bool, running: bool) -> None:
+        """gearmand's answer to :meth:`GearmanClientConnection.get_status`: whether it still has the job,
+        and whether a worker has taken it."""
+
     @abc.abstractmethod
     def on_disconnect(self, exc: GearmanError, in_flight: list[T]) -> None:
         """The connection ended (called once): ``exc`` says why, ``in_flight`` lists unsettled tokens."""
@@ -250,6 +254,7 @@ class GearmanClientConnection(Generic[T]):
             PacketType.WORK_DATA: self._on_data,
             PacketType.WORK_WARNING: self._on_data,
             PacketType.WORK_STATUS: self._ignore,
+            PacketType.STATUS_RES: self._on_status,
         }
         self._reader = threading.Thread(
             target=self._read_loop, name=f"gearman-client-reader {self.address}", daemon=True
@@ -273,17 +278,25 @@ class GearmanClientConnection(Generic[T]):
         """
         if len(unique) > MAX_UNIQUE_SIZE:
             raise ValueError(f"unique id of {len(unique)} bytes exceeds gearmand's {MAX_UNIQUE_SIZE}")
-        parts = encode_parts(REQ, priority.value, function, unique, payload)  # validates before sending
+        self._write(encode_parts(REQ, priority.value, function, unique, payload), (token,))  # (validated first)
+
+    def get_status(self, handle: bytes) -> None:
+        """Ask gearmand whether a worker runs the job ``handle`` (a job created on this connection); the
+        answer comes through ``on_status``. Raises :class:`GearmanConnectionError` if the connection has
+        ended; a send that fails part-way is reported through ``on_disconnect``."""
+        self._write(encode_parts(REQ, PacketType.GET_STATUS, handle), ())
+
+    def _write(self, parts: list[Buffer], awaiting_created: tuple[T, ...]) -> None:
         with self._send_lock:
             with self._state_lock:
                 if self._ended or self._closing:
                     raise GearmanConnectionClosed(f"connection to gearmand at {self.address} is closed")
-                self._awaiting_created.append(token)
+                self._awaiting_created.extend(awaiting_created)
             try:
                 for part in parts:
                     self._sock.sendall(part)
             except OSError:
-                _shutdown(self._sock)  # the reader sees EOF and reports this token as in flight
+                _shutdown(self._sock)  # the reader sees EOF and reports the tokens in flight
 
     def close(self) -> None:
         """Close the connection and join the reader; in-flight tokens go to ``on_disconnect``."""
@@ -382,6 +395,14 @@ class GearmanClientConnection(Generic[T]):
             tokens = list(self._by_handle.get(args[0], ()))
         for token in tokens:
             self._call("on_data", token, args[1])
+
+    def _on_status(self, args: tuple[bytes, ...]) -> None:
+        # STATUS_RES: handle, known, running, numerator, denominator ("0"/"1" flags). An answer about a
+        # job settled since (or not ours) names no token and is dropped.
+        with self._state_lock:
+            tokens = list(self._by_handle.get(args[0], ()))
+        for token in tokens:
+            self._call("on_status", token, args[1] == b"1", args[2] == b"1")
 
     def _ignore(self, args: tuple[bytes, ...]) -> None:
         """WORK_STATUS: progress reports we do not use."""

@@ -11,6 +11,7 @@ and stopped by an owner thread, because the kernel kills it when the thread that
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import replace
 
 from ...errors import TransportError
@@ -42,6 +43,7 @@ class EmbeddedGearmand(EmbeddedServer):
         self._stop = threading.Event()
         self._error: BaseException | None = None
         self._owner: threading.Thread | None = None
+        self._kill_hung: Callable[[int | str], object] | None = None
 
     def start(self) -> None:
         """Launch gearmand and return as soon as its port is known: the workers start while it does."""
@@ -77,7 +79,15 @@ class EmbeddedGearmand(EmbeddedServer):
         # gearmand queues the jobs until the workers register; its -j already fails a job after
         # max_retries + 1 lost workers, so the client needs no start report for a call without a limit.
         return GearmanClientTransport(self.url, replace(options, key=self.key), capacity=self.workers,
-                                      gearmand_retries=self.job_retries)
+                                      gearmand_retries=self.job_retries, on_hung=self._on_hung)
+
+    def on_hung_worker(self, kill: Callable[[int | str], object]) -> None:
+        self._kill_hung = kill
+
+    def _on_hung(self, worker: str) -> None:
+        """The client gave up a silent worker (it names itself as the cluster named it)."""
+        if self._kill_hung is not None:
+            self._kill_hung(worker)
 
     def worker_env(self) -> dict[str, str]:
         return key_to_env(self.key)
