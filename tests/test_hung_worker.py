@@ -84,3 +84,37 @@ def test_gearman_worker_hung_before_its_first_heartbeat(tmp_path: Path, max_retr
             wait_for(marker.exists, what="the call to stop its worker")
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(marker.read_text()), signal.SIGKILL)
+
+
+def _count_runs_hang_first(runs: Path, marker: Path) -> Callable[[], int]:
+    """Appends a line to ``runs`` each time it runs; the first run then hangs (60 s) once its worker has sent
+    a heartbeat, writing its pid to ``marker``; later runs return their pid."""
+    def call() -> int:
+        with runs.open("a") as f:
+            f.write(f"{os.getpid()}\n")
+        if len(runs.read_text().splitlines()) == 1:
+            time.sleep(0.5)
+            _write_pid(marker)
+            time.sleep(60)
+        return os.getpid()
+    return call
+
+
+@pytest.mark.gearman
+def test_gearman_hung_worker_is_killed_only_after_its_job_is_cancelled(tmp_path: Path) -> None:
+    """Killing a worker gearmand still counts as running a job makes gearmand hand that job to another
+    worker: the call would run once more than its attempts. The old job is cancelled first."""
+    runs, marker = tmp_path / "runs", tmp_path / "hung"
+    with RemoteExecutor(1, transport="gearman", max_retries=2, heartbeat_interval=0.2,
+                        heartbeat_timeout=1.5) as ex:
+        future = ex.submit(_count_runs_hang_first(runs, marker))
+        wait_for(marker.exists, what="the call to start")
+        hung = int(marker.read_text())
+        os.kill(hung, signal.SIGSTOP)
+        try:
+            assert future.result(timeout=60) != hung  # resubmitted to the worker that replaced it
+            assert ex.submit(os.getpid).result(timeout=60) != hung  # after anything gearmand had queued
+            assert len(runs.read_text().splitlines()) == 2
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(hung, signal.SIGKILL)

@@ -506,12 +506,7 @@ class GearmanClientTransport(ClientTransport):
                     self._settle(task_id, Status.DONE, error_outcome(error))
                 for server in due:
                     self._reconnect(server)
-                settled, silent = self._check_liveness()
-                for task_id, status, parts in settled:
-                    self._settle(task_id, status, parts)
-                for worker in silent:
-                    if self._on_hung is not None:
-                        self._on_hung(worker)
+                self._give_up_silent()
                 if self._fixed_capacity is None and time.monotonic() >= next_poll:
                     self._poll_capacity()
                     next_poll = time.monotonic() + (POLL_INTERVAL if self._capacity > 0 else POLL_INTERVAL_EMPTY)
@@ -536,16 +531,29 @@ class GearmanClientTransport(ClientTransport):
             times.append(now + self._options.heartbeat_interval)  # the next liveness check
         return max(min(times, default=now + POLL_INTERVAL) - now, 0.0)
 
-    def _check_liveness(self) -> tuple[list[tuple[int, Status, Parts]], list[str]]:
+    def _give_up_silent(self) -> None:
+        """Settle or resubmit the calls of silent workers, cancel their jobs, then have the embedded cluster
+        kill those workers: in that order, or gearmand would hand a job whose worker it lost to another."""
+        settled, cancels, silent = self._check_liveness()
+        for server, handle in cancels:
+            self._cancel(server, handle)
+        for task_id, status, parts in settled:
+            self._settle(task_id, status, parts)
+        if self._on_hung is not None:
+            for worker in silent:
+                self._on_hung(worker)
+
+    def _check_liveness(self) -> tuple[list[tuple[int, Status, Parts]], list[tuple[_Server, bytes]], list[str]]:
         """Running jobs whose worker fell silent for ``heartbeat_timeout`` (hung, stopped, cut off with its
         connection to gearmand still up; for a QUIET job, silent since gearmand said a worker runs it):
         resubmitted while within ``max_retries`` (the old job is cancelled and its late result ignored), else
-        settled as worker-lost, or as timed out if past a limit; returns the settled ones and the names of
-        the silent workers."""
+        settled as worker-lost, or as timed out if past a limit. Returns the settled ones, the jobs to cancel
+        and the names of the silent workers."""
         assert self._session is not None
         now, timeout = time.monotonic(), self._options.heartbeat_timeout
         ask_after = ASK_AFTER_INTERVALS * self._options.heartbeat_interval
         lost: list[tuple[int, Status, Parts]] = []
+        cancels: list[tuple[_Server, bytes]] = []
         silent: list[str] = []
         with self._lock:
             for job in list(self._jobs.values()):
@@ -559,7 +567,7 @@ class GearmanClientTransport(ClientTransport):
                 log.warning("the worker %s running call %d has been silent for %.1fs: taking the call as lost",
                             printable(worker), job.call.task_id, now - job.last_heard)
                 if job.handle is not None and job.server >= 0:
-                    self._cancels.append((self._servers[job.server], job.handle))
+                    cancels.append((self._servers[job.server], job.handle))
                 if (timed_out := self._past_limit(job, now)) is not None:
                     del self._jobs[job.call.task_id]
                     lost.append((job.call.task_id, Status.TIMED_OUT, timed_out))
@@ -569,7 +577,7 @@ class GearmanClientTransport(ClientTransport):
                     del self._jobs[job.call.task_id]
                     lost.append((job.call.task_id, Status.WORKER_LOST,
                                  worker_lost_parts([*job.starts[:-1], f"{worker} (silent)"], len(job.starts))))
-        return lost, silent
+        return lost, cancels, silent
 
     def _ask_status(self, job: _Job, now: float) -> None:
         """Ask gearmand whether a worker runs a QUIET job that has said nothing (lock held): a worker that
