@@ -124,6 +124,35 @@ def test_a_call_that_holds_the_gil_is_stopped_all_the_same(tcp_server: TcpServer
         assert executor.submit(os.getpid).result(timeout=15) != pid
 
 
+def count_start_and_spin_in_c(path: str) -> int:
+    with open(path, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    return spin_in_c()
+
+
+@pytest.mark.gearman
+def test_a_gearman_call_stuck_in_c_past_its_limit_is_not_run_again(tmp_path: Path,
+                                                                   capfd: pytest.CaptureFixture[str]) -> None:
+    """Its process is killed without answering (the watchdog thread cannot run), so gearmand hands the job to
+    another worker: that one finds the start record its sibling left and answers the job as timed out
+    instead of running it a second time."""
+    runs = tmp_path / "runs"
+    runs.touch()
+    with RemoteExecutor(2, transport="gearman", max_retries=2, heartbeat_interval=0.5,
+                        heartbeat_timeout=30) as executor:  # the watchdog, not the silence, ends the process
+        # Both workers import this module first (a call's limit counts the import of its function's module).
+        warm = [executor.submit(count_start_and_sleep, str(tmp_path / "warm"), 0.3) for _ in range(2)]
+        assert len({f.result(timeout=30) for f in warm}) == 2
+        future = executor.with_options(timeout=0.5).submit(count_start_and_spin_in_c, str(runs))
+        with pytest.raises(CallTimeoutError, match=r"ran past its time limit of 0\.5s"):
+            future.result(timeout=30)
+        [first] = starts(runs)
+        wait_for(lambda: not pid_alive(first), what="the process stuck in C code to be ended")
+        assert "answering it as timed out without running it" in capfd.readouterr().err
+        assert executor.submit(os.getpid).result(timeout=30) != first
+    assert starts(runs) == [first]
+
+
 def test_bad_limits_are_refused_clearly() -> None:
     with RemoteExecutor(transport="memory") as executor:
         for bad in (0, -1, math.nan, "5", True, 10**9):

@@ -24,7 +24,15 @@ from typing import Protocol
 
 from . import forkhere, forkserver
 from .netio import Backoff
-from .transports.base import EXIT_STOPPED, EXIT_TIMED_OUT, EXIT_UNREACHABLE, LIFELINE_ENV, REFUSED, SERVING_ENV
+from .transports.base import (
+    EXIT_STOPPED,
+    EXIT_TIMED_OUT,
+    EXIT_UNREACHABLE,
+    LIFELINE_ENV,
+    REFUSED,
+    SERVING_ENV,
+    SIBLINGS_DIR_ENV,
+)
 
 log = logging.getLogger("remote_executor.supervisor")
 
@@ -117,10 +125,14 @@ class Supervisor:
         self.changed = threading.Event()  # set whenever a child first serves or ends (for waiters to clear)
         self.refused = threading.Event()  # set once every child was refused (a wrong key, other versions)
         self._thread: threading.Thread | None = None
+        self._siblings_dir: str | None = None
 
     # --- public ------------------------------------------------------------------------------------
 
     def start(self) -> None:
+        self._siblings_dir = _make_siblings_dir()
+        if self._siblings_dir is not None:
+            self._env[SIBLINGS_DIR_ENV] = self._siblings_dir
         try:
             for index in range(self.processes):
                 self._spawn(index)
@@ -315,6 +327,9 @@ class Supervisor:
                 child.proc.wait()
             self._forget(child)
         self._close_selector()
+        if self._siblings_dir is not None:
+            _remove_siblings_dir(self._siblings_dir)
+            self._siblings_dir = None
 
     def _close_selector(self) -> None:
         if self._wake_r < 0:
@@ -324,6 +339,30 @@ class Supervisor:
             for fd in (self._wake_r, self._wake_w, self._serving_r, self._serving_w):
                 os.close(fd)
             self._wake_r = self._wake_w = self._serving_r = self._serving_w = -1
+
+
+def _make_siblings_dir() -> str | None:
+    """A directory only this supervisor's children use (a gearman worker's start records of time-limited
+    jobs), mode 0700 under ``$TMPDIR``; None, logged, if it cannot be made (the children do without).
+    Not :mod:`tempfile` and :mod:`shutil`: 20 ms of imports before the first worker starts."""
+    path = os.path.join(os.environ.get("TMPDIR") or "/tmp", f"remote-executor-siblings-{os.urandom(8).hex()}")
+    try:
+        os.mkdir(path, 0o700)
+    except OSError as exc:
+        log.warning("cannot make a directory for the workers' start records (%s): a time-limited gearman call "
+                    "stuck in C code may run once more after its limit", exc)
+        return None
+    return path
+
+
+def _remove_siblings_dir(path: str) -> None:
+    """Remove the directory and the records in it (plain files only)."""
+    with contextlib.suppress(OSError):
+        with os.scandir(path) as entries:
+            for entry in entries:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+        os.rmdir(path)
 
 
 def _pidfd(pid: int) -> int | None:

@@ -65,6 +65,7 @@ EXIT_UNREACHABLE = 6
 REFUSED = 2  # the exit code of a worker the job server refused (a wrong key, other versions): not restarted
 LIFELINE_ENV = "REMOTE_EXECUTOR_LIFELINE_FD"  # the worker's end of the pipe whose closing ends it
 SERVING_ENV = "REMOTE_EXECUTOR_SERVING_FD"  # a pipe to the supervisor: one byte once this worker serves
+SIBLINGS_DIR_ENV = "REMOTE_EXECUTOR_SIBLINGS_DIR"  # a private directory the workers of one supervisor share
 # A call that holds the GIL (a long C loop) starves the watchdog thread; faulthandler's own C thread ends
 # the process this long after the limit all the same (and prints where the call was stuck).
 HARD_STOP_GRACE = 3.0  # more than the timed-out report may take (1 s for the lock, 1 s to send)

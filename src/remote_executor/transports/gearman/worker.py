@@ -39,7 +39,7 @@ from ...netio import retry_with_backoff
 from ...security import check_connect, is_loopback
 from ...wire.frames import Frame, Kind, Status
 from ...wire.messages import timed_out_parts, too_large_message
-from ...wire.serialization import error_outcome
+from ...wire.serialization import Buffer, error_outcome
 from ..base import EXIT_UNREACHABLE, WorkerCore, WorkerSettings
 from .codec import GearmanError
 from .connection import GearmanWorkerConnection, Job
@@ -55,6 +55,7 @@ from .jobs import (
     parse_url,
 )
 from .replay import ReplayGuard
+from .siblings import SiblingStarts
 from .tlssocket import tls_context
 
 log = logging.getLogger("remote_executor.gearman")
@@ -116,6 +117,7 @@ class GearmanWorker:
         self.tls = tls_context(settings.extra)
         self.codec = JobCodec(settings.key, self.function)  # with a key: fails here without cryptography
         self.replays = ReplayGuard()
+        self.siblings = SiblingStarts.from_env()  # set by a supervisor: see :mod:`.siblings`
         self.client_id = "".join(c if c.isprintable() and not c.isspace() else "_" for c in settings.name).encode()
         self.stop = threading.Event()
         self.changed = threading.Condition()
@@ -217,10 +219,30 @@ class GearmanWorker:
         if refusal is not None:
             self._refuse(conn, job, refusal, None)
             return
+        identity = opened.identity(self.function)
+        siblings = self.siblings if opened.limit is not None and opened.job_id else None
+        if siblings is not None:
+            assert opened.limit is not None
+            earlier = siblings.earlier(opened.job_id)
+            if earlier is not None and time.time() - earlier[0] >= opened.limit:
+                # A sibling ran it past its limit and was killed before it could answer: never run it again.
+                log.warning("job %s: a sibling worker (%s) ran it past its limit of %gs; answering it as timed "
+                            "out without running it", printable(job.handle), printable(earlier[1]), opened.limit)
+                conn.complete(job.handle, self._timed_out(opened, identity, earlier[1]))
+                siblings.forget(opened.job_id)
+                return
+            siblings.record(opened.job_id, self.settings.name)
+        try:
+            self._run_and_reply(conn, job, opened, identity)
+        finally:
+            if siblings is not None:
+                siblings.forget(opened.job_id)
+
+    def _run_and_reply(self, conn: GearmanWorkerConnection, job: Job, opened: OpenedJob,
+                       identity: JobIdentity) -> None:
         started = STARTED + self.settings.name.encode()
         if opened.report_start:
             conn.send_data(job.handle, started)
-        identity = opened.identity(self.function)
         with self.alive.beating(conn, job.handle, ALIVE if opened.report_start else started):
             reply = self._run(opened, lambda: self._report_timeout(conn, job.handle, opened, identity))
         payload = self.codec.encode_result(reply, identity)
@@ -252,11 +274,17 @@ class GearmanWorker:
                         identity: JobIdentity) -> None:
         """From the watchdog thread, just before this process exits: the job's answer is TIMED_OUT. The main
         thread is inside the call, so the connection is free (its sends are locked all the same)."""
-        assert opened.limit is not None
         self.alive.stop_beating()  # no "alive" after the answer
-        parts = timed_out_parts(self.settings.name, opened.limit)
-        conn.complete(handle, self.codec.encode_result(Frame(Kind.RESULT, a=opened.frame.a, b=Status.TIMED_OUT,
-                                                             parts=parts), identity))
+        conn.complete(handle, self._timed_out(opened, identity, self.settings.name))
+        if self.siblings is not None and opened.job_id:
+            self.siblings.forget(opened.job_id)  # answered: gearmand will not hand it out again
+
+    def _timed_out(self, opened: OpenedJob, identity: JobIdentity, worker: str) -> Buffer:
+        """The sealed answer to a job whose call ran past its limit on ``worker``."""
+        assert opened.limit is not None
+        parts = timed_out_parts(worker, opened.limit)
+        return self.codec.encode_result(Frame(Kind.RESULT, a=opened.frame.a, b=Status.TIMED_OUT, parts=parts),
+                                        identity)
 
     def _refuse(self, conn: GearmanWorkerConnection, job: Job, what: str, exc: Exception | None) -> None:
         why = what if exc is None else f"{what}: {exc}"
