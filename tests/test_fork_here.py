@@ -246,6 +246,44 @@ def test_forked_workers_exit_when_their_caller_is_killed(tmp_path: Path) -> None
             stream.close()
 
 
+@pytest.mark.parametrize("start_method", ["forkserver", "fork"])
+def test_a_forked_worker_stuck_in_c_code_dies_with_its_caller(tmp_path: Path, start_method: str) -> None:
+    """A call that holds the GIL starves the thread that reads the worker's lifeline: the kernel's
+    parent-death signal ends the worker all the same when the caller (and so the fork server) is killed."""
+    script, running = tmp_path / "caller.py", tmp_path / "running"
+    script.write_text(textwrap.dedent(
+        f"""
+        import os, sys
+        from remote_executor import RemoteExecutor
+
+        def stuck(path):
+            with open(path + ".partial", "w") as f:
+                f.write(str(os.getpid()))
+            os.replace(path + ".partial", path)
+            return sum(range(10**13))  # holds the GIL for hours
+
+        ex = RemoteExecutor(max_workers=1, start_method={start_method!r})
+        ex.submit(stuck, {str(running)!r})
+        sys.stdin.read()
+        """))
+    caller = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE,
+                              env={**os.environ, "PYTHONPATH": str(SRC)})
+    worker = 0
+    try:
+        wait_for(running.exists, 60, "the call to start")
+        worker = int(running.read_text())
+        caller.send_signal(signal.SIGKILL)
+        caller.wait()
+        wait_for(lambda: not pid_alive(worker), what="the stuck worker to die with its caller")
+    finally:
+        caller.kill()
+        caller.wait()
+        assert caller.stdin is not None
+        caller.stdin.close()
+        if worker and pid_alive(worker):
+            os.kill(worker, signal.SIGKILL)
+
+
 def test_the_cluster_knows_which_built_in_schemes_fork_their_first_workers_here() -> None:
     """The executor decides whether to start the fork server early before it imports the backend, from a
     table that must say what each backend says."""

@@ -17,7 +17,7 @@ import remote_executor
 
 PACKAGE = Path(remote_executor.__file__).parent
 TOP = ("cluster", "executor", "worker", "supervisor", "cli")
-BOTTOM = ("errors", "security", "netio", "tls", "pools", "logsafe", "signals")
+BOTTOM = ("errors", "security", "netio", "tls", "pools", "logsafe", "signals", "deathsig")
 
 
 def module_name(path: Path) -> str:
@@ -100,17 +100,18 @@ ALLOWED = {
     "errors": set(),
     "logsafe": set(),
     "signals": set(),
-    "security": {"errors", "logsafe", "signals"},
-    "netio": {"errors", "logsafe", "signals"},
-    "tls": {"errors", "logsafe", "signals"},
-    "pools": {"errors", "logsafe", "signals"},
-    "wire": {"errors", "logsafe", "signals", "wire"},
-    "contracts": {"errors", "logsafe", "signals", "security", "wire"},  # settings keep keys by the one rule
-    "jobserver": {"errors", "logsafe", "signals", "security", "netio", "tls", "pools", "wire", "contracts",
+    "deathsig": set(),
+    "security": {"errors", "logsafe", "signals", "deathsig"},
+    "netio": {"errors", "logsafe", "signals", "deathsig"},
+    "tls": {"errors", "logsafe", "signals", "deathsig"},
+    "pools": {"errors", "logsafe", "signals", "deathsig"},
+    "wire": {"errors", "logsafe", "signals", "deathsig", "wire"},
+    "contracts": {"errors", "logsafe", "signals", "deathsig", "security", "wire"},  # settings keep keys by the one rule
+    "jobserver": {"errors", "logsafe", "signals", "deathsig", "security", "netio", "tls", "pools", "wire", "contracts",
                   "jobserver", "transports"},
-    "scheme": {"errors", "logsafe", "signals", "security", "netio", "tls", "pools", "wire", "contracts",
+    "scheme": {"errors", "logsafe", "signals", "deathsig", "security", "netio", "tls", "pools", "wire", "contracts",
                "jobserver", "scheme", "transports"},
-    "transports": {"errors", "logsafe", "signals", "contracts"},
+    "transports": {"errors", "logsafe", "signals", "deathsig", "contracts"},
 }
 
 

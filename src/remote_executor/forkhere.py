@@ -40,7 +40,7 @@ import types
 import weakref
 from collections.abc import Mapping, Sequence
 
-from . import forkserver
+from . import deathsig, forkserver
 
 
 def pidfds_work() -> bool:
@@ -157,10 +157,14 @@ def fork_worker(argv: Sequence[str], env: Mapping[str, str], fds: tuple[int, int
     # (A caller that froze them itself keeps them frozen.) Ctrl-C waits until the child ignores it.
     frozen = gc.get_freeze_count()
     gc.freeze()
+    # The only thread here (see possible()) is the one that will exit with this process.
+    die_with_parent = deathsig.prepare()
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         pid = os.fork()
         if pid == 0:
+            if die_with_parent is not None:
+                die_with_parent()
             _child(argv, env, fds, quiet, mask)  # never returns
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)

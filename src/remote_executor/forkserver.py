@@ -39,6 +39,8 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from . import deathsig
+
 log = logging.getLogger("remote_executor.supervisor")
 
 SUPPORTED = sys.platform.startswith("linux") and hasattr(socket, "send_fds") and hasattr(os, "fork")
@@ -50,6 +52,9 @@ _WORKER_MODULES: Mapping[str, tuple[str, ...]] = {
     "zmq": ("remote_executor.jobserver.worker",),
     "gearman": ("remote_executor.transports.gearman.worker",),
 }
+
+
+_die_with_parent: Callable[[], None] | None = None  # in the fork server: see deathsig
 
 
 class ForkServerError(OSError):
@@ -300,6 +305,8 @@ def serve(sock: socket.socket, scheme: str) -> None:
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)
     signal.set_wakeup_fd(wake_w)
     _preload(scheme)
+    global _die_with_parent
+    _die_with_parent = deathsig.prepare()  # this process never runs a second thread: the caveat cannot bite
     selector = selectors.DefaultSelector()
     selector.register(sock, selectors.EVENT_READ)
     selector.register(wake_r, selectors.EVENT_READ)
@@ -379,6 +386,8 @@ def _child(sock: socket.socket, request: dict[str, Any], fds: list[int], private
     """In the forked worker: undo the fork server's own settings, take the request's, run the worker."""
     code: int = 1
     try:
+        if _die_with_parent is not None:  # stuck in C code, it would outlive us and the executor otherwise
+            _die_with_parent()
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)

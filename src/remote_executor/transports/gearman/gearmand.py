@@ -8,14 +8,10 @@ killed by the kernel if the thread that started it dies, so a crashed parent lea
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import os
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -23,6 +19,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Final
 
+from ... import deathsig
 from .codec import GearmanError
 
 __all__ = ["GearmandError", "GearmandNotFoundError", "GearmandProcess", "find_gearmand"]
@@ -35,7 +32,6 @@ INSTALL_HINT: Final = (
 SBIN_DIRS: tuple[str, ...] = ("/usr/sbin", "/usr/local/sbin")
 _POLL_INTERVAL: Final = 0.005
 _PORT_ATTEMPTS: Final = 3  # a port we picked can be taken by someone else before gearmand binds it
-_PR_SET_PDEATHSIG: Final = 1
 
 
 class GearmandError(GearmanError):
@@ -60,28 +56,6 @@ def _free_loopback_port(host: str) -> int:
         s.bind((host, 0))
         port: int = s.getsockname()[1]
         return port
-
-
-def _pdeathsig_preexec() -> Callable[[], None] | None:
-    """A preexec_fn that makes the kernel SIGKILL the child when the parent thread exits (Linux only).
-
-    ``prctl`` is resolved here, in the parent: loading a library between fork and exec can deadlock
-    in a multi-threaded process, while calling an already-resolved C function cannot.
-    """
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    parent = os.getpid()
-
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os._exit(1)
-
-    return preexec
 
 
 class GearmandProcess:
@@ -239,7 +213,7 @@ class GearmandProcess:
                     stdin=subprocess.DEVNULL,
                     stdout=err,
                     stderr=err,
-                    preexec_fn=_pdeathsig_preexec(),
+                    preexec_fn=deathsig.prepare(),
                     cwd=self._dir,
                 )
             except OSError as exc:
