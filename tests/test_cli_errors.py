@@ -52,6 +52,21 @@ def test_a_url_without_a_scheme_is_a_usage_error() -> None:
     assert "expected a URL like tcp://host:port" in one_line(done.stderr)
 
 
+@pytest.mark.parametrize("command", ["status", "ping", "stop", "worker", "server"])
+@pytest.mark.parametrize(("url", "why"), [
+    ("tcp://[::1", "malformed URL 'tcp://[::1': Invalid IPv6 URL"),
+    ("zmq://127.0.0.1:99999", "malformed address '127.0.0.1:99999'"),
+    ("tcp://host:http", "malformed address 'host:http'"),
+    ("gearman://127.0.0.1:4730,gm2", "malformed address 'gm2'"),
+])
+def test_a_malformed_address_is_a_usage_error_before_anything_starts(command: str, url: str, why: str) -> None:
+    """(A worker was started with it and retried for ever, or its supervisor blamed the key.)"""
+    args = ("--insecure",) if command in ("worker", "server") else ()
+    done = run_cli(command, url, *args)
+    assert done.returncode == 2
+    assert why in one_line(done.stderr)
+
+
 def test_zmq_without_pyzmq_names_the_extra_to_install() -> None:
     done = run_cli("ping", "zmq://127.0.0.1:5555", code="sys.modules['zmq'] = None  # as if not installed")
     assert done.returncode == 1

@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from . import __version__
-from .errors import RemoteExecutorError
+from .errors import RemoteExecutorError, TransportError
 from .netio import retry_with_backoff
 from .pools import pool_of_url
 from .security import key_to_env, resolve_key
@@ -230,9 +230,14 @@ def _backend(url: str) -> Backend:
     if "://" not in url:
         raise UsageError(f"expected a URL like tcp://host:port, got {url!r}")
     try:
-        return get_backend(scheme_of(url))
+        backend = get_backend(scheme_of(url))
     except UnknownSchemeError as exc:  # a typo in the command line ("did you mean 'tcp'?")
         raise UsageError(str(exc)) from exc
+    try:
+        backend.check_url(url)
+    except TransportError as exc:  # a malformed address: a usage error, before anything starts
+        raise UsageError(str(exc)) from exc
+    return backend
 
 
 def _key(args: argparse.Namespace) -> bytes | None:

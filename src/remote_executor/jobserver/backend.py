@@ -50,6 +50,9 @@ class JobServerBackend(Backend):
                 for host, port in split_hostports(url)]
         return [(one, self.connector(one, key, extra, limits)) for one in urls]
 
+    def check_url(self, url: str) -> None:
+        split_hostports(url)
+
     def client(self, url: str, options: Options) -> ClientTransport:
         return JobServerClient(url, options, self.servers(url, options.key, options.extra, options.limits()))
 

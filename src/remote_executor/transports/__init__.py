@@ -92,7 +92,10 @@ def split_hostports(url: str) -> list[tuple[str, int]]:
     """``scheme://h1:p1,h2:p2/...`` -> [(h1, p1), (h2, p2)]; a clear error for a malformed URL."""
     from urllib.parse import urlsplit  # with ipaddress, 5 ms: only for a URL, never the embedded cluster
 
-    netloc = urlsplit(url).netloc if "," not in url else url.split("://", 1)[1].split("/", 1)[0]
+    try:
+        netloc = urlsplit(url).netloc if "," not in url else url.split("://", 1)[1].split("/", 1)[0]
+    except ValueError as exc:  # "Invalid IPv6 URL": an unclosed [
+        raise TransportError(f"malformed URL {url!r}: {exc}") from exc
     result = []
     for item in netloc.split(","):
         host, sep, port = item.rpartition(":")

@@ -416,6 +416,11 @@ class Backend(abc.ABC):
     def client(self, url: str, options: Options) -> ClientTransport:
         """A transport that connects to the running cluster at ``url`` (not started yet)."""
 
+    def check_url(self, url: str) -> None:
+        """Raise :class:`TransportError` saying what is wrong with a ``url`` this scheme cannot use; the
+        command line calls it before anything starts (a usage error). The default accepts any."""
+        return None
+
     def embedded_server(self, options: Options, session: Session, workers: int) -> EmbeddedServer:
         """The server of a local cluster for ``RemoteExecutor(transport=SCHEME)`` (not started yet)."""
         raise TransportError(f"the {self.scheme!r} transport has no embedded cluster: give a {self.scheme}:// URL")

@@ -41,6 +41,11 @@ class GearmanBackend(Backend):
 
         return GearmanClientTransport(url, options)
 
+    def check_url(self, url: str) -> None:
+        from .jobs import parse_url
+
+        parse_url(url)
+
     def embedded_server(self, options: Options, session: Session, workers: int) -> EmbeddedServer:
         from .embedded import EmbeddedGearmand
 
