@@ -82,7 +82,10 @@ def _python_exit() -> None:
     with _global_shutdown_lock:
         _global_shutdown = True
     for core in list(_live_cores):
-        core.drain_and_close()
+        if core.abandoned:
+            core.abandon()
+        else:
+            core.drain_and_close()
 
 
 # Runs before non-daemon threads are joined (unlike atexit), as ThreadPoolExecutor's hook does.
@@ -206,6 +209,7 @@ class _Core:
         # first future that has one.
         self.callback_queue: SimpleQueue[_Later | None] | None = None
         self.orphaned = False  # True in a process forked from this one's (see _forget_after_fork)
+        self.abandoned = False  # a Ctrl-C interrupted shutdown(wait=True): exit does not wait again
 
     # --- caller side ---------------------------------------------------------------------------------
 
@@ -530,7 +534,28 @@ class _Core:
             # The transport is closed once the last call settled, as after shutdown(wait=False).
             raise RuntimeError("cannot wait for a RemoteExecutor from its own result callback")
         else:
-            self.drain_and_close()
+            try:
+                self.drain_and_close()
+            except KeyboardInterrupt:
+                # Ctrl-C while waiting for the running calls: the user gave up on them, so the exit hook
+                # does not wait for them a second time (one more Ctrl-C each time, otherwise).
+                self.abandoned = True
+                raise
+
+    def abandon(self) -> None:
+        """At exit, after the user interrupted a wait for this executor: close it now, running calls and
+        all (the embedded cluster's workers are stopped), instead of waiting for them again."""
+        with self.lock:
+            cancelled = list(self.pending)
+            self.pending.clear()
+            claimed = not self.closing
+            self.closing = True
+        for item in cancelled:
+            item.future.cancel()
+        if claimed:
+            self._close()
+        else:
+            self.closed.wait()
 
     def drain_and_close(self) -> None:
         """Block until every accepted call settled, then close the transport (or wait for its closer)."""
