@@ -1,6 +1,7 @@
 """Ctrl-C while ``with RemoteExecutor() as ex:`` waits for a long call: the first interrupts the wait for the
 result, the second the wait of ``shutdown`` in ``__exit__``; then the program ends, its workers with it,
-without a third Ctrl-C for the exit hook's wait (it waited for the same calls again)."""
+without a third Ctrl-C for the exit hook's wait (it waited for the same calls again), and the calls
+abandoned then fail (a thread waiting for one would hold up the exit)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,14 @@ def test_two_ctrl_c_leave_a_with_block_and_the_program(tmp_path: Path) -> None:
             running = ex.submit(time.sleep, 600)
             while not running.running():
                 time.sleep(0.01)
+
+            def waiter() -> None:  # a non-daemon thread the exit waits for: its future must resolve
+                try:
+                    running.result()
+                except Exception as exc:
+                    print("the waiter got", type(exc).__name__, flush=True)
+
+            threading.Thread(target=waiter).start()
             print(worker, flush=True)  # the test's first Ctrl-C may come now
             try:
                 running.result()
@@ -48,9 +57,10 @@ def test_two_ctrl_c_leave_a_with_block_and_the_program(tmp_path: Path) -> None:
         assert caller.stdout is not None
         worker = int(caller.stdout.readline())
         caller.send_signal(signal.SIGINT)
-        _, err = caller.communicate(timeout=60)  # not the 600 s call
+        out, err = caller.communicate(timeout=60)  # not the 600 s call
         assert caller.returncode == -signal.SIGINT, err  # an uncaught KeyboardInterrupt: ended "by" SIGINT
         assert err.count("KeyboardInterrupt") == 2 and "self.drain_and_close()" in err, err
+        assert "the waiter got BrokenRemoteExecutor" in out
         wait_for(lambda: not pid_alive(worker), what="the worker to be stopped")
     finally:
         caller.kill()

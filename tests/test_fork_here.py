@@ -258,7 +258,7 @@ def test_a_forked_worker_stuck_in_c_code_dies_with_its_caller(tmp_path: Path, st
 
         def stuck(path):
             with open(path + ".partial", "w") as f:
-                f.write(str(os.getpid()))
+                f.write(f"{{os.getpid()}} {{os.getppid()}}")
             os.replace(path + ".partial", path)
             return sum(range(10**13))  # holds the GIL for hours
 
@@ -271,7 +271,8 @@ def test_a_forked_worker_stuck_in_c_code_dies_with_its_caller(tmp_path: Path, st
     worker = 0
     try:
         wait_for(running.exists, 60, "the call to start")
-        worker = int(running.read_text())
+        worker, parent = map(int, running.read_text().split())
+        assert (parent == caller.pid) == (start_method == "fork")  # forked from the caller, or the fork server
         caller.send_signal(signal.SIGKILL)
         caller.wait()
         wait_for(lambda: not pid_alive(worker), what="the stuck worker to die with its caller")

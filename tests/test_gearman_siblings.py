@@ -23,10 +23,10 @@ JOB = bytes(range(16))
 def test_a_record_is_read_replaced_and_forgotten(tmp_path: Path) -> None:
     starts = SiblingStarts(str(tmp_path))
     assert starts.earlier(JOB) is None
-    before = time.time()
+    before = time.monotonic()
     starts.record(JOB, "worker-0")
     when, worker = starts.earlier(JOB) or (0.0, "")
-    assert before <= when <= time.time() and worker == "worker-0"
+    assert before <= when <= time.monotonic() and worker == "worker-0"
     assert stat.S_IMODE(os.stat(tmp_path / JOB.hex()).st_mode) == 0o600
     starts.record(JOB, "worker 1 with spaces")  # a retry: the limit runs anew
     again = starts.earlier(JOB)
@@ -60,10 +60,17 @@ def test_from_env_needs_an_existing_directory(tmp_path: Path, monkeypatch: pytes
 def test_a_supervisor_gives_its_children_a_private_directory_and_removes_it(
         tcp_server: TcpServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TMPDIR", str(tmp_path))
-    supervisor = Supervisor(tcp_server.url, 1, name="test-worker")
+    monkeypatch.setenv(SIBLINGS_DIR_ENV, "/an/outer/supervisors/directory")  # never inherited
+    abandoned = tmp_path / "remote-executor-siblings-999999999-0123456789abcdef"  # no such pid
+    abandoned.mkdir()
+    (abandoned / "record").write_text("a record a killed supervisor's worker left")
+    live = tmp_path / f"remote-executor-siblings-{os.getppid()}-0123456789abcdef"  # a running process's
+    live.mkdir()
+    supervisor = Supervisor(tcp_server.url, 1, name="test-worker", sibling_records=True)
     supervisor.start()
     try:
-        [directory] = list(tmp_path.glob("remote-executor-siblings-*"))
+        assert not abandoned.exists() and live.exists()
+        [directory] = [d for d in tmp_path.glob(f"remote-executor-siblings-{os.getpid()}-*")]
         assert stat.S_IMODE(directory.stat().st_mode) == 0o700
         [pid] = supervisor.pids()  # spawned: its environment is the one it was started with
         assert f"{SIBLINGS_DIR_ENV}={directory}".encode() in Path(f"/proc/{pid}/environ").read_bytes()
@@ -71,3 +78,17 @@ def test_a_supervisor_gives_its_children_a_private_directory_and_removes_it(
     finally:
         supervisor.stop()
     assert not directory.exists()
+
+
+def test_only_a_backend_that_keeps_records_gets_a_directory(
+        tcp_server: TcpServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setenv(SIBLINGS_DIR_ENV, "/an/outer/supervisors/directory")
+    supervisor = Supervisor(tcp_server.url, 1, name="test-worker")  # tcp: no records
+    supervisor.start()
+    try:
+        [pid] = supervisor.pids()
+        assert SIBLINGS_DIR_ENV.encode() not in Path(f"/proc/{pid}/environ").read_bytes()
+        assert not list(tmp_path.iterdir())
+    finally:
+        supervisor.stop()

@@ -5,6 +5,7 @@ stuck in C code (or stopped) never notices its lost connection, and would otherw
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import time
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from remote_executor import RemoteExecutor, WorkerLostError
+from remote_executor.supervisor import Supervisor
 from tests.conftest import pid_alive, wait_for
 
 
@@ -28,7 +30,7 @@ def _run_a_while(marker: Path) -> Callable[[], None]:
     """A long call that writes its pid to ``marker`` once its worker has surely sent a heartbeat (gearman:
     the client knows from that heartbeat which worker runs it)."""
     def call() -> None:
-        time.sleep(0.5)
+        time.sleep(1.0)  # five heartbeat intervals: its first heartbeat has reached the client
         _write_pid(marker)
         time.sleep(60)
     return call
@@ -93,7 +95,7 @@ def _count_runs_hang_first(runs: Path, marker: Path) -> Callable[[], int]:
         with runs.open("a") as f:
             f.write(f"{os.getpid()}\n")
         if len(runs.read_text().splitlines()) == 1:
-            time.sleep(0.5)
+            time.sleep(1.0)  # (as in _run_a_while)
             _write_pid(marker)
             time.sleep(60)
         return os.getpid()
@@ -118,3 +120,19 @@ def test_gearman_hung_worker_is_killed_only_after_its_job_is_cancelled(tmp_path:
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(hung, signal.SIGKILL)
+
+
+def test_a_worker_is_killed_by_name_only_if_it_ran_since_the_hang_began(
+        start_workers: Callable[..., Supervisor], caplog: pytest.LogCaptureFixture) -> None:
+    """A replacement has the name of the worker it replaced: a hang reported under that name from before it
+    started (the replaced one's) must not kill it."""
+    supervisor = start_workers(1)
+    [pid] = supervisor.pids()
+    with caplog.at_level(logging.WARNING, logger="remote_executor.supervisor"):
+        supervisor.kill_hung("test-worker-0", time.monotonic() - 3600)  # a start report older than the worker
+        supervisor.kill_hung("test-worker-1", time.monotonic())  # no child of that name
+        supervisor.kill_hung("someone-else-0")
+        assert "given up as hung" not in caplog.text and pid_alive(pid)
+        supervisor.kill_hung("test-worker-0", time.monotonic())
+        assert f"worker process {pid} was given up as hung" in caplog.text
+    wait_for(lambda: not pid_alive(pid), what="the worker to be killed")

@@ -432,7 +432,7 @@ def test_cli_server_and_worker_commands(tmp_path: Path, curve: bool) -> None:
 
 
 def test_cli_curve_flag_is_for_zmq_only(tmp_path: Path) -> None:
-    run = subprocess.run([sys.executable, "-m", "remote_executor.cli", "server", "tcp://127.0.0.1:0",
+    run = subprocess.run([sys.executable, "-m", "remote_executor.cli", "server", "tcp://127.0.0.1:5555",
                           "--curve-secret-key", str(tmp_path / "x")], capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and "zmq:// servers only" in run.stderr
 

@@ -302,7 +302,8 @@ def _worker(args: argparse.Namespace) -> int:
         tls.client_context()  # a file that cannot be loaded fails here, once, not in every worker process
         worker_args += tls.to_args()
     supervisor = Supervisor(args.url, args.processes, env=key_to_env(key), worker_args=worker_args,
-                            name=args.name or f"{os.uname().nodename}-{os.getpid()}")
+                            name=args.name or f"{os.uname().nodename}-{os.getpid()}",
+                            sibling_records=backend.sibling_records)
     stop = _stop_on_signals()
     if args.exit_on_stdin_eof:
         watch_stdin(stop)

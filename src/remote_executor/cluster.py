@@ -145,7 +145,8 @@ class LocalCluster:
     def _supervise(self, url: str, *, fork_here: bool = False) -> Supervisor:
         supervisor = Supervisor(url, self.workers, env=self.server.worker_env(), worker_args=self.server.worker_args(),
                                 name="local-worker", fork_here=fork_here,
-                                fork_server=None if self.start_method == "spawn" else self.backend.scheme)
+                                fork_server=None if self.start_method == "spawn" else self.backend.scheme,
+                                sibling_records=self.backend.sibling_records)
         supervisor.start()
         self.server.on_hung_worker(supervisor.kill_hung)
         return supervisor

@@ -502,14 +502,22 @@ class _Core:
                 return
             self.broken = error
             self.capacity_changed.notify_all()
-            claims = [(item, self._claim(item.future)) for item in self.pending]
-            failed = [item for item, claimed in claims if claimed] + list(self.in_flight.values())
-            failed += self.broadcasting.values()
-            dropped = sum(claimed is False for _, claimed in claims)
-            self.pending.clear()
-            self.in_flight.clear()
-            self.broadcasting.clear()
+            failed, dropped = self._take_unfinished()
         logger.error("RemoteExecutor is broken: %s", error, exc_info=error)
+        self._fail(failed, dropped, error)
+
+    def _take_unfinished(self) -> tuple[list[_WorkItem], int]:
+        """Every call not settled yet, to fail, and how many pending ones were cancelled meanwhile (lock
+        held)."""
+        claims = [(item, self._claim(item.future)) for item in self.pending]
+        failed = [item for item, claimed in claims if claimed] + list(self.in_flight.values())
+        failed += self.broadcasting.values()
+        self.pending.clear()
+        self.in_flight.clear()
+        self.broadcasting.clear()
+        return failed, sum(claimed is False for _, claimed in claims)
+
+    def _fail(self, failed: list[_WorkItem], dropped: int, error: BaseException) -> None:
         with _settling(self):
             for item in failed:
                 item.future.set_exception(error)
@@ -544,14 +552,15 @@ class _Core:
 
     def abandon(self) -> None:
         """At exit, after the user interrupted a wait for this executor: close it now, running calls and
-        all (the embedded cluster's workers are stopped), instead of waiting for them again."""
+        all (the embedded cluster's workers are stopped), instead of waiting for them again. Its unfinished
+        futures fail (a thread still waiting for one must not hang the exit)."""
+        error = BrokenRemoteExecutor("the program exited after Ctrl-C interrupted shutdown(wait=True): the "
+                                     "calls that had not finished were abandoned")
         with self.lock:
-            cancelled = list(self.pending)
-            self.pending.clear()
+            failed, dropped = self._take_unfinished()
             claimed = not self.closing
-            self.closing = True
-        for item in cancelled:
-            item.future.cancel()
+            self.closing = True  # before settling them: no closer thread (none may start at exit)
+        self._fail(failed, dropped, error)
         if claimed:
             self._close()
         else:

@@ -18,7 +18,9 @@ The requests travel over a private Unix socket pair (never a command line): the 
 environment (the cluster key among it, as for a spawned worker), the current directory and import path,
 and the worker's lifeline and readiness pipes as passed file descriptors. The fork server reports each
 worker's exit status, so its supervisor restarts it exactly as it would a spawned one. It exits when the
-socket closes, that is when the process that started it exits. Linux only; elsewhere, or if the fork server
+socket closes, that is when the process that started it exits, and its workers with it: each asks the kernel
+for a SIGKILL when its parent exits (:mod:`.deathsig`), so even one stuck in C code, which cannot read its
+lifeline, does not outlive the executor's process. Linux only; elsewhere, or if the fork server
 cannot start, :func:`shared` returns None and workers are spawned as before.
 """
 
@@ -261,7 +263,8 @@ _shared_lock = threading.Lock()
 
 @atexit.register
 def _close_all() -> None:
-    """At exit, end the fork servers (their workers end with their own lifelines)."""
+    """At exit, end the fork servers. The executors' exit hook has stopped their workers by now; any other
+    ends with its fork server (its parent-death signal, :mod:`.deathsig`), or else by its lifeline."""
     with _shared_lock:
         for server in [*_retired, *([_shared] if _shared is not None else [])]:
             if server.owner == os.getpid():  # not one a forked child inherited: that is its parent's
@@ -323,7 +326,7 @@ def _loop(sock: socket.socket, selector: selectors.BaseSelector, private: tuple[
             if key.fileobj is sock:
                 message, fds, _, _ = socket.recv_fds(sock, _MAX_MESSAGE, 8)
                 if not message:
-                    return  # the executor's process is gone; its workers follow their lifelines
+                    return  # the executor's process is gone: its workers end with this process (deathsig)
                 _fork(sock, pickle.loads(message), fds, private)
             else:
                 with contextlib.suppress(OSError):

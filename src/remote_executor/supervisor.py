@@ -87,9 +87,11 @@ class Supervisor:
         capture_output: bool = False,
         fork_server: str | None = None,
         fork_here: bool = False,
+        sibling_records: bool = False,
     ) -> None:
         """``fork_server``: the scheme whose workers a fork server should prepare (fork rather than spawn);
-        ``fork_here``: fork the children :meth:`start` starts from this process, if it runs no other thread."""
+        ``fork_here``: fork the children :meth:`start` starts from this process, if it runs no other thread;
+        ``sibling_records``: give the children a private directory to share (``Backend.sibling_records``)."""
         if processes < 1:
             raise ValueError("processes must be at least 1")
         self.url = url
@@ -125,14 +127,17 @@ class Supervisor:
         self.changed = threading.Event()  # set whenever a child first serves or ends (for waiters to clear)
         self.refused = threading.Event()  # set once every child was refused (a wrong key, other versions)
         self._thread: threading.Thread | None = None
+        self._sibling_records = sibling_records
         self._siblings_dir: str | None = None
 
     # --- public ------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._siblings_dir = _make_siblings_dir()
-        if self._siblings_dir is not None:
-            self._env[SIBLINGS_DIR_ENV] = self._siblings_dir
+        self._env.pop(SIBLINGS_DIR_ENV, None)  # (a supervisor's own: never its parent's, if it had one)
+        if self._sibling_records:
+            self._siblings_dir = _make_siblings_dir()
+            if self._siblings_dir is not None:
+                self._env[SIBLINGS_DIR_ENV] = self._siblings_dir
         try:
             for index in range(self.processes):
                 self._spawn(index)
@@ -148,14 +153,16 @@ class Supervisor:
         with self._lock:
             return [c.proc.pid for c in self._children.values()]
 
-    def kill_hung(self, worker: int | str) -> None:
+    def kill_hung(self, worker: int | str, running_since: float | None = None) -> None:
         """SIGKILL the child ``worker`` (its pid, or the name this supervisor gave it), if it is one of ours
         and still runs: its job server gave it up as hung, and a process stuck (in C code, or stopped) would
         never notice. The watcher replaces it as any child that died. Nothing if ``worker`` is not a child of
-        ours (a worker announces its pid and name itself)."""
+        ours (a worker announces its pid and name itself), nor if it started after ``running_since`` (a
+        ``time.monotonic()``): a replacement has the name of the child it replaced, not its hang."""
         with self._lock:
             child = next((c for c in self._children.values()
-                          if worker in (c.proc.pid, f"{self.name}-{c.index}")), None)
+                          if worker in (c.proc.pid, f"{self.name}-{c.index}")
+                          and (running_since is None or c.started <= running_since)), None)
         if child is not None:
             log.warning("worker process %d was given up as hung; killing it (another one replaces it)",
                         child.proc.pid)
@@ -341,11 +348,17 @@ class Supervisor:
             self._wake_r = self._wake_w = self._serving_r = self._serving_w = -1
 
 
+_SIBLINGS_PREFIX = "remote-executor-siblings-"
+
+
 def _make_siblings_dir() -> str | None:
     """A directory only this supervisor's children use (a gearman worker's start records of time-limited
-    jobs), mode 0700 under ``$TMPDIR``; None, logged, if it cannot be made (the children do without).
-    Not :mod:`tempfile` and :mod:`shutil`: 20 ms of imports before the first worker starts."""
-    path = os.path.join(os.environ.get("TMPDIR") or "/tmp", f"remote-executor-siblings-{os.urandom(8).hex()}")
+    jobs), mode 0700 under ``$TMPDIR``, named with this process's pid; those a killed supervisor left are
+    removed first. None, logged, if it cannot be made (the children do without). Not :mod:`tempfile` and
+    :mod:`shutil`: 20 ms of imports before the first worker starts."""
+    base = os.path.abspath(os.environ.get("TMPDIR") or "/tmp")  # absolute: a call may chdir
+    _remove_abandoned_siblings_dirs(base)
+    path = os.path.join(base, f"{_SIBLINGS_PREFIX}{os.getpid()}-{os.urandom(8).hex()}")
     try:
         os.mkdir(path, 0o700)
     except OSError as exc:
@@ -353,6 +366,29 @@ def _make_siblings_dir() -> str | None:
                     "stuck in C code may run once more after its limit", exc)
         return None
     return path
+
+
+def _remove_abandoned_siblings_dirs(base: str) -> None:
+    """Remove the directories of supervisors of this user that no longer run (killed, never cleaned up)."""
+    with contextlib.suppress(OSError), os.scandir(base) as entries:
+        for entry in entries:
+            if not entry.name.startswith(_SIBLINGS_PREFIX):
+                continue
+            pid = entry.name[len(_SIBLINGS_PREFIX):].partition("-")[0]
+            with contextlib.suppress(OSError, ValueError):
+                if entry.stat(follow_symlinks=False).st_uid == os.getuid() and entry.is_dir(follow_symlinks=False) \
+                        and not _running(int(pid)):
+                    _remove_siblings_dir(entry.path)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process has that pid now
+        return True
+    return True
 
 
 def _remove_siblings_dir(path: str) -> None:

@@ -485,8 +485,8 @@ def test_bad_allow_lists_are_refused_clearly(certs: Certs, tmp_path: Path) -> No
 def test_cli_refuses_bad_curve_flags(certs: Certs, tmp_path: Path) -> None:
     missing = str(tmp_path / "missing.key_secret")
     cases: list[tuple[tuple[str, ...], str]] = [
-        (("server", "zmq://127.0.0.1:0", "--curve-allow", str(certs.allow)), "--curve-allow needs --curve-secret-key"),
-        (("server", "tcp://127.0.0.1:0", "--curve-secret-key", str(certs.server_secret)), "zmq:// servers only"),
+        (("server", "zmq://127.0.0.1:1", "--curve-allow", str(certs.allow)), "--curve-allow needs --curve-secret-key"),
+        (("server", "tcp://127.0.0.1:1", "--curve-secret-key", str(certs.server_secret)), "zmq:// servers only"),
         (("worker", "tcp://127.0.0.1:1", "--curve-server-key", str(certs.server_public)), "zmq:// only"),
         (("worker", "zmq://127.0.0.1:1", "--curve-server-key", str(certs.server_public),
           "--curve-client-key", missing), f"cannot read the CURVE client key {missing}"),

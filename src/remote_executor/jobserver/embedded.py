@@ -53,7 +53,7 @@ class EmbeddedJobServer(EmbeddedServer):
     def worker_env(self) -> dict[str, str]:
         return key_to_env(self.key)
 
-    def on_hung_worker(self, kill: Callable[[int | str], object]) -> None:
+    def on_hung_worker(self, kill: Callable[[int | str, float | None], object]) -> None:
         self.server.on_hung_worker = kill
 
     def attached_workers(self) -> int:

@@ -100,7 +100,7 @@ class ServerCore(abc.ABC):
         self.stopped_by_admin = False  # a STOP ended it: what is queued for peers should still go out
         # Called (on the loop thread) with the pid a worker announced when it is given up as hung: the
         # embedded cluster kills that process if it is one of its own, so a new one takes its place.
-        self.on_hung_worker: Callable[[int], object] | None = None
+        self.on_hung_worker: Callable[[int, None], object] | None = None
 
     @classmethod
     def from_settings(cls, host: str, port: int, settings: ServerSettings) -> Self:
@@ -304,7 +304,7 @@ class ServerCore(abc.ABC):
         else:
             self._drop(action.conn, action.reason)
             if action.hung_pid and self.on_hung_worker is not None:
-                self.on_hung_worker(action.hung_pid)
+                self.on_hung_worker(action.hung_pid, None)
 
     def _deliver_local(self, link: LocalLink, frame: Frame) -> None:
         self._delivering = True

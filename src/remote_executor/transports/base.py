@@ -387,11 +387,11 @@ class EmbeddedServer(abc.ABC):
         """Extra arguments for ``python -m remote_executor.worker URL``."""
         return ()
 
-    def on_hung_worker(self, kill: Callable[[int | str], object]) -> None:
-        """Call ``kill(pid)`` or ``kill(name)`` (the pid the worker announced, or its ``--name``) when the
-        server gives up a worker as hung (a process stuck in C code never notices its lost connection): the
-        cluster kills it if it is one of its own and starts another. A server that cannot tell which
-        process hung ignores this."""
+    def on_hung_worker(self, kill: Callable[[int | str, float | None], object]) -> None:
+        """Call ``kill(pid, None)`` or ``kill(name, since)`` (the pid the worker announced, or its
+        ``--name`` and a ``time.monotonic()`` it has been running since) when the server gives up a worker
+        as hung (a process stuck in C code never notices its lost connection): the cluster kills it if it is
+        one of its own and starts another. A server that cannot tell which process hung ignores this."""
         return None
 
 
@@ -411,6 +411,9 @@ class Backend(abc.ABC):
     # start(), so its local workers may connect first (they wait in its listen backlog): the cluster then
     # starts them before the server, forked from the executor's own process where that is safe.
     embedded_listens_first: ClassVar[bool] = False
+    # True: the worker processes of one supervisor (the embedded cluster, ``worker --processes N``) share a
+    # private directory, named by SIBLINGS_DIR_ENV in their environment (gearman: start records).
+    sibling_records: ClassVar[bool] = False
 
     @abc.abstractmethod
     def client(self, url: str, options: Options) -> ClientTransport:

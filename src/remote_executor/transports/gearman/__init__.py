@@ -35,6 +35,7 @@ class GearmanBackend(Backend):
 
     scheme = "gearman"
     client_options = frozenset({"limits", "pool", "job_ttl", "tls", "tls_ca", "tls_cert", "tls_key"})
+    sibling_records = True  # a time-limited job gearmand hands out again is not run again past its limit
 
     def client(self, url: str, options: Options) -> ClientTransport:
         from .client import GearmanClientTransport

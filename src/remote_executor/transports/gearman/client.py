@@ -19,8 +19,8 @@ client settles the call as worker-lost at the start beyond ``max_retries + 1`` a
 admin ``cancel job``. Where gearmand has ``-j`` (the embedded cluster, ``gearmand_retries``), its WORK_FAIL
 ends the call first, so the client does not ask for start reports there (``QUIET`` jobs): the worker's first
 heartbeat names it instead, for a call that runs that long. A QUIET job silent for two heartbeat intervals
-is asked about (GET_STATUS): if gearmand says a worker runs it, the silence clock starts then, so a worker
-that hung before its first heartbeat is given up as any silent one.
+is asked about (GET_STATUS): if gearmand says a worker runs it, the silence clock starts an interval later,
+so a worker that hung before its first heartbeat is given up as any silent one.
 
 Time limits: a call with one always asks for the start report, which starts the executor's fallback clock
 (``Listener.on_started``); its worker answers ``RESULT(b=TIMED_OUT)`` at the limit and exits. A call whose
@@ -94,6 +94,8 @@ ASK_AFTER_INTERVALS = 2
 UNNAMED_WORKER = "unnamed (gearmand reported the job running; its worker never said a word)"
 
 Ticket = tuple[int, int]  # (task id, submission number): callbacks about an older submission are stale
+# A silent worker's job to cancel, and its name and when it said it started (None: it never named itself).
+_Silent = tuple["tuple[_Server, bytes] | None", "tuple[str, float] | None"]
 
 
 @dataclass(eq=False)
@@ -138,7 +140,8 @@ class GearmanClientTransport(ClientTransport):
     time_limits = True
 
     def __init__(self, url: str, options: Options, *, capacity: int | None = None,
-                 gearmand_retries: int | None = None, on_hung: Callable[[str], object] | None = None) -> None:
+                 gearmand_retries: int | None = None,
+                 on_hung: Callable[[str, float], object] | None = None) -> None:
         self.url = url
         addresses, pool = parse_url(url, options.extra.get("pool"))
         check_connect([host for host, _ in addresses], options.key, options.insecure, "client")
@@ -158,7 +161,8 @@ class GearmanClientTransport(ClientTransport):
         # gearmand's own -j (the embedded one): it fails a job after this many lost workers, so the client
         # needs no start reports to bound retries (None: a gearmand we did not start; assume no -j).
         self._gearmand_retries = gearmand_retries
-        self._on_hung = on_hung  # told the name of a worker given up as silent (the embedded cluster kills it)
+        # Told the name of a worker given up as silent and when it said it started (the embedded cluster kills it).
+        self._on_hung = on_hung
         self._servers = [_Server(i, host, port) for i, (host, port) in enumerate(addresses)]
         self._session: Session | None = None
         self._listener: Listener | None = None
@@ -261,6 +265,8 @@ class GearmanClientTransport(ClientTransport):
                 return
             except GearmanConnectionError:  # ended under us: its reader reports it; try another
                 live.remove(server)
+        # On no server now: nothing to hear from, nothing to ask about, until it is sent again.
+        job.server, job.handle, job.started_here, job.sent_at = -1, None, False, 0.0
         self._parked.append(job)  # sealed again when it leaves: it may wait past its expiry
 
     # --- connection events (reader threads) ----------------------------------------------------------------
@@ -352,7 +358,9 @@ class GearmanClientTransport(ClientTransport):
                 return
             job.starts.append(UNNAMED_WORKER)
             job.started_here, job.unnamed = True, True
-            job.last_heard = time.monotonic()
+            # Its silence counts from an interval from now: a healthy worker names itself with its first
+            # heartbeat, which comes one to two intervals into the call (beats are on the worker's own clock).
+            job.last_heard = time.monotonic() + self._options.heartbeat_interval
 
     def _past_limit(self, job: _Job, now: float) -> Parts | None:
         """The TIMED_OUT body for a call with a limit whose last start is older than that limit (lock held);
@@ -533,28 +541,28 @@ class GearmanClientTransport(ClientTransport):
 
     def _give_up_silent(self) -> None:
         """Settle or resubmit the calls of silent workers, cancel their jobs, then have the embedded cluster
-        kill those workers: in that order, or gearmand would hand a job whose worker it lost to another."""
-        settled, cancels, silent = self._check_liveness()
-        for server, handle in cancels:
-            self._cancel(server, handle)
+        kill those workers: in that order, and only once gearmand no longer has the job, or it would hand
+        it to another worker as the job of a worker it lost (one run more than the call's attempts)."""
+        settled, silent = self._check_liveness()
+        cancelled = [job is None or self._cancel(*job) for job, _ in silent]
         for task_id, status, parts in settled:
             self._settle(task_id, status, parts)
         if self._on_hung is not None:
-            for worker in silent:
-                self._on_hung(worker)
+            for gone, (_, named) in zip(cancelled, silent, strict=True):
+                if gone and named is not None:
+                    self._on_hung(*named)
 
-    def _check_liveness(self) -> tuple[list[tuple[int, Status, Parts]], list[tuple[_Server, bytes]], list[str]]:
+    def _check_liveness(self) -> tuple[list[tuple[int, Status, Parts]], list[_Silent]]:
         """Running jobs whose worker fell silent for ``heartbeat_timeout`` (hung, stopped, cut off with its
         connection to gearmand still up; for a QUIET job, silent since gearmand said a worker runs it):
         resubmitted while within ``max_retries`` (the old job is cancelled and its late result ignored), else
-        settled as worker-lost, or as timed out if past a limit. Returns the settled ones, the jobs to cancel
-        and the names of the silent workers."""
+        settled as worker-lost, or as timed out if past a limit. Returns the settled ones, and for each
+        silent worker its job to cancel and its name and start (None if it never named itself)."""
         assert self._session is not None
         now, timeout = time.monotonic(), self._options.heartbeat_timeout
         ask_after = ASK_AFTER_INTERVALS * self._options.heartbeat_interval
         lost: list[tuple[int, Status, Parts]] = []
-        cancels: list[tuple[_Server, bytes]] = []
-        silent: list[str] = []
+        silent: list[_Silent] = []
         with self._lock:
             for job in list(self._jobs.values()):
                 if not job.started_here and job.sent_at and now - job.asked_at >= ask_after:
@@ -562,12 +570,11 @@ class GearmanClientTransport(ClientTransport):
                 if not job.started_here or now - job.last_heard <= timeout:
                     continue
                 worker = job.starts[-1] if job.starts else "unknown"
-                if not job.unnamed:
-                    silent.append(worker)
+                cancel = (self._servers[job.server], job.handle) if job.handle is not None and job.server >= 0 else None
+                named = None if job.unnamed or job.started_at is None else (worker, job.started_at)
+                silent.append((cancel, named))
                 log.warning("the worker %s running call %d has been silent for %.1fs: taking the call as lost",
                             printable(worker), job.call.task_id, now - job.last_heard)
-                if job.handle is not None and job.server >= 0:
-                    cancels.append((self._servers[job.server], job.handle))
                 if (timed_out := self._past_limit(job, now)) is not None:
                     del self._jobs[job.call.task_id]
                     lost.append((job.call.task_id, Status.TIMED_OUT, timed_out))
@@ -577,7 +584,7 @@ class GearmanClientTransport(ClientTransport):
                     del self._jobs[job.call.task_id]
                     lost.append((job.call.task_id, Status.WORKER_LOST,
                                  worker_lost_parts([*job.starts[:-1], f"{worker} (silent)"], len(job.starts))))
-        return lost, cancels, silent
+        return lost, silent
 
     def _ask_status(self, job: _Job, now: float) -> None:
         """Ask gearmand whether a worker runs a QUIET job that has said nothing (lock held): a worker that
@@ -601,12 +608,15 @@ class GearmanClientTransport(ClientTransport):
                 server.retry_at = time.monotonic() + server.backoff.next()
             log.info("reconnecting to gearmand %s: %s", server.address, exc)
 
-    def _cancel(self, server: _Server, handle: bytes) -> None:
+    def _cancel(self, server: _Server, handle: bytes) -> bool:
+        """Drop the job at gearmand; True if gearmand no longer has it (cancelled now, or gone already)."""
         try:
             cancel_job(server.host, server.port, handle, timeout=self._options.connect_timeout, tls=self._tls)
         except (GearmanError, OSError) as exc:
             log.warning("could not cancel job %s on gearmand %s: %s", printable(handle), server.address,
                         printable(exc))
+            return False
+        return True
 
     def _poll_capacity(self) -> None:
         counts = []

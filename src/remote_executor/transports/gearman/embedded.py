@@ -43,7 +43,7 @@ class EmbeddedGearmand(EmbeddedServer):
         self._stop = threading.Event()
         self._error: BaseException | None = None
         self._owner: threading.Thread | None = None
-        self._kill_hung: Callable[[int | str], object] | None = None
+        self._kill_hung: Callable[[int | str, float | None], object] | None = None
 
     def start(self) -> None:
         """Launch gearmand and return as soon as its port is known: the workers start while it does."""
@@ -81,13 +81,13 @@ class EmbeddedGearmand(EmbeddedServer):
         return GearmanClientTransport(self.url, replace(options, key=self.key), capacity=self.workers,
                                       gearmand_retries=self.job_retries, on_hung=self._on_hung)
 
-    def on_hung_worker(self, kill: Callable[[int | str], object]) -> None:
+    def on_hung_worker(self, kill: Callable[[int | str, float | None], object]) -> None:
         self._kill_hung = kill
 
-    def _on_hung(self, worker: str) -> None:
-        """The client gave up a silent worker (it names itself as the cluster named it)."""
+    def _on_hung(self, worker: str, since: float) -> None:
+        """The client gave up a silent worker, which named itself as the cluster named it ``since`` then."""
         if self._kill_hung is not None:
-            self._kill_hung(worker)
+            self._kill_hung(worker, since)
 
     def worker_env(self) -> dict[str, str]:
         return key_to_env(self.key)

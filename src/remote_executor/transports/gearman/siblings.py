@@ -22,6 +22,7 @@ import logging
 import os
 import time
 
+from ...logsafe import limited
 from ..base import SIBLINGS_DIR_ENV
 
 log = logging.getLogger("remote_executor.gearman")
@@ -40,7 +41,8 @@ class SiblingStarts:
         return cls(directory) if directory and os.path.isdir(directory) else None
 
     def earlier(self, job_id: bytes) -> tuple[float, str] | None:
-        """(when, by whom) a sibling started this job and left without answering it, or None."""
+        """(when, by whom) a sibling started this job and left without answering it, or None. ``when`` is a
+        ``time.monotonic()``: the clock is the machine's, shared by the siblings, and never stepped."""
         try:
             with open(self._path(job_id), encoding="utf-8", errors="replace") as f:
                 when, _, worker = f.read(4096).partition(" ")
@@ -48,7 +50,8 @@ class SiblingStarts:
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as exc:
-            log.warning("cannot read the start record of job %s: %s", job_id.hex(), exc)
+            limited(log, logging.WARNING, "start record", "cannot read the start record of job %s: %s",
+                    job_id.hex(), exc)
             return None
 
     def record(self, job_id: bytes, worker: str) -> None:
@@ -56,11 +59,12 @@ class SiblingStarts:
         try:
             fd = os.open(self._path(job_id), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
-                os.write(fd, f"{time.time()!r} {worker}".encode())
+                os.write(fd, f"{time.monotonic()!r} {worker}".encode())
             finally:
                 os.close(fd)
         except OSError as exc:
-            log.warning("cannot record the start of job %s: %s", job_id.hex(), exc)
+            limited(log, logging.WARNING, "start record", "cannot record the start of job %s: %s", job_id.hex(),
+                    exc)
 
     def forget(self, job_id: bytes) -> None:
         """The job is answered: gearmand will not hand it out again."""
@@ -69,7 +73,8 @@ class SiblingStarts:
         except FileNotFoundError:
             pass
         except OSError as exc:
-            log.warning("cannot remove the start record of job %s: %s", job_id.hex(), exc)
+            limited(log, logging.WARNING, "start record", "cannot remove the start record of job %s: %s",
+                    job_id.hex(), exc)
 
     def _path(self, job_id: bytes) -> str:
         return os.path.join(self.directory, job_id.hex())

@@ -224,7 +224,7 @@ class GearmanWorker:
         if siblings is not None:
             assert opened.limit is not None
             earlier = siblings.earlier(opened.job_id)
-            if earlier is not None and time.time() - earlier[0] >= opened.limit:
+            if earlier is not None and time.monotonic() - earlier[0] >= opened.limit:
                 # A sibling ran it past its limit and was killed before it could answer: never run it again.
                 log.warning("job %s: a sibling worker (%s) ran it past its limit of %gs; answering it as timed "
                             "out without running it", printable(job.handle), printable(earlier[1]), opened.limit)
