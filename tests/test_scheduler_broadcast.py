@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from remote_executor.jobserver.scheduler import Close, Send, Stop
-from remote_executor.wire.frames import Frame, Kind, Status
+from remote_executor.wire.frames import NOT_STARTED, Frame, Kind, Status
 from remote_executor.wire.messages import call_frame, hello, pinned, worker_lost_error
 
 from .test_scheduler import TIMEOUT, Harness, call, sent, tasks_to
@@ -162,6 +162,38 @@ def test_stop_waits_for_running_calls_starts_no_queued_one_and_then_stops() -> N
     assert [a for a in actions if isinstance(a, Stop)]
     assert not sent(actions, 10, Kind.DRAIN)  # without --workers the workers stay (and reconnect later)
     assert h.s.status()["stopping"] is True
+
+
+def test_a_stopping_server_tells_clients_which_calls_it_will_never_start() -> None:
+    """So that a client resubmits them to the next server without counting an attempt (max_retries=0 would
+    otherwise fail calls that never ran): the queued ones at the STOP, those submitted or requeued after it."""
+    h = Harness()
+    h.client(1, max_retries=2)
+    h.client(2, max_retries=2)
+    h.worker(10, "a", slots=2)
+    h.submit(1, 1, "running")
+    h.submit(2, 1, "running too")
+    h.submit(1, 2, "queued")
+    admin(h, 50)
+    actions = h.recv(50, Frame(Kind.STOP))
+    assert [(f.a, f.b, [bytes(p) for p in f.parts]) for f in sent(actions, 1, Kind.REQUEUED)] == \
+        [(2, 0, [NOT_STARTED])]
+    assert sent(actions, 2, Kind.REQUEUED) == []  # its call runs: it finishes there
+    actions = h.submit(2, 2, "after the stop")
+    assert [(f.a, [bytes(p) for p in f.parts]) for f in sent(actions, 2, Kind.REQUEUED)] == [(2, [NOT_STARTED])]
+    actions = h.disconnect(10)  # the worker is lost with both running calls: requeued, never to start here
+    for client in (1, 2):
+        assert [(f.a, f.b, [bytes(p) for p in f.parts]) for f in sent(actions, client, Kind.REQUEUED)] == \
+            [(1, 1, [NOT_STARTED])]
+
+
+def test_a_requeued_call_of_a_running_server_is_not_marked() -> None:
+    h = Harness()
+    h.client(1, max_retries=2)
+    h.worker(10, "a")
+    h.submit(1, 1, "running")
+    actions = h.disconnect(10)
+    assert [(f.a, f.b, f.parts) for f in sent(actions, 1, Kind.REQUEUED)] == [(1, 1, [])]
 
 
 def test_a_worker_reconnecting_to_a_stopping_server_is_welcomed_but_given_no_queued_call() -> None:

@@ -210,6 +210,44 @@ def test_stop_with_workers_lets_running_calls_finish_then_everything_exits_for_g
             proc.communicate()  # reaps it and closes its pipes
 
 
+def test_a_call_the_stopped_server_never_started_runs_on_its_successor_without_counting_an_attempt() -> None:
+    """With max_retries=0 a call lost with its server fails, since it may have run there; a call still
+    queued when the server was told to stop cannot have, and the server says so: it runs on the next one."""
+    port, server = start_server()
+    url = f"tcp://127.0.0.1:{port}"
+    supervisor = Supervisor(url, 1, env={"REMOTE_EXECUTOR_KEY": KEY.decode()}, worker_args=FAST_HEARTBEAT,
+                            name="stay")
+    supervisor.start()
+    successor: TcpServer | None = None
+    options = {"key": KEY, "heartbeat_interval": 0.2, "heartbeat_timeout": HEARTBEAT_TIMEOUT,
+               "reconnect_timeout": 30.0, "max_retries": 0}
+    try:
+        with Gate() as gate, RemoteExecutor(transport=url, **options) as first, \
+                RemoteExecutor(transport=url, **options) as second:  # type: ignore[arg-type]
+            first.wait_for_workers(1, timeout=30)
+            running = first.submit(wait_at_gate, gate.address, "held", "finished")
+            gate.wait_started(1)
+            queued = second.submit(os.getpid)  # the one worker is busy: it waits in the server's queue
+            wait_for(lambda: cluster_status(url, key=KEY).queued.get("default") == 1,
+                     what="the server to queue the second executor's call")
+            stopped = subprocess.run(cli("stop", url), env=ENV, capture_output=True, text=True, timeout=30)
+            assert stopped.returncode == 0, stopped.stderr
+            gate.release()
+            assert running.result(timeout=30) == "finished"  # the running call finishes first
+            assert server.wait(timeout=30) == 0
+            successor = TcpServer("127.0.0.1", port, key=KEY, heartbeat_interval=0.2,
+                                  heartbeat_timeout=HEARTBEAT_TIMEOUT)
+            successor.start()
+            assert queued.result(timeout=30) == supervisor.pids()[0]  # run once, by the worker that came back
+    finally:
+        supervisor.stop()
+        if successor is not None:
+            successor.stop()
+        if server.poll() is None:
+            server.kill()
+        server.communicate()
+
+
 def test_stop_without_workers_leaves_them_waiting_for_the_server(tmp_path: Path) -> None:
     port, server = start_server()
     url = f"tcp://127.0.0.1:{port}"

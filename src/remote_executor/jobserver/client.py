@@ -41,7 +41,7 @@ from ..errors import (
 from ..netio import Waker, retry_with_backoff
 from ..pools import DEFAULT_POOL, pool_of_url
 from ..transports.base import Call, ClientTransport, Listener, Options, Session
-from ..wire.frames import PINNED, Frame, Kind, Status
+from ..wire.frames import NOT_STARTED, PINNED, Frame, Kind, Status
 from ..wire.messages import (
     announced_limit,
     call_frame,
@@ -263,6 +263,7 @@ class ClientSession:
         self._lock = threading.Lock()
         self._inflight: dict[int, Call] = {}  # accepted, no result yet
         self._attempts: dict[int, int] = {}  # task id -> times it may have run (absent: never)
+        self._not_started: set[int] = set()  # task ids the (stopping) server said it will never start
         self._requests: dict[int, Future[dict[str, Any]]] = {}  # WORKERS / STATUS asked, no answer yet
         self._request_ids = itertools.count(1)
 
@@ -309,6 +310,7 @@ class ClientSession:
             with self._lock:
                 known = self._inflight.pop(frame.a, None) is not None
                 self._attempts.pop(frame.a, None)
+                self._not_started.discard(frame.a)
             if known:
                 status = _STATUSES.get(frame.b)
                 self.listener.on_result(frame.a, Status(frame.b) if status is None else status, frame.parts)
@@ -323,6 +325,8 @@ class ClientSession:
             with self._lock:
                 if frame.a in self._inflight:
                     self._attempts[frame.a] = max(self._attempts.get(frame.a, 0), frame.b)
+                    if len(frame.parts) == 1 and frame.parts[0] == NOT_STARTED:
+                        self._not_started.add(frame.a)
         elif kind in (Kind.WORKERS, Kind.STATUS):
             with self._lock:
                 answer = self._requests.pop(frame.a, None)
@@ -358,6 +362,7 @@ class ClientSession:
         with self._lock:
             requests = list(self._requests.values())
             self._requests.clear()
+            not_started, self._not_started = self._not_started, set()
             for task_id, call in list(self._inflight.items()):
                 if call.worker is not None:  # a broadcast's call: its worker was one of that server's
                     del self._inflight[task_id]
@@ -365,6 +370,9 @@ class ClientSession:
                     pinned_lost.append((task_id, call.worker))
                     continue
                 if task_id in unsent:
+                    continue
+                if task_id in not_started:  # the stopping server said so: it cannot have run there
+                    resubmit.append(call)
                     continue
                 attempts = self._attempts.get(task_id, 0) + 1
                 if attempts <= self.session.max_retries:

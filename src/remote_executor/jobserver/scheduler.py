@@ -41,7 +41,7 @@ from typing import Any
 from ..errors import AuthenticationError, ProtocolError, VersionMismatchError
 from ..logsafe import limited, owner, printable
 from ..pools import DEFAULT_POOL, is_pool_name
-from ..wire.frames import FAILED, LIMITED, PINNED, Frame, Kind, Status
+from ..wire.frames import FAILED, LIMITED, NOT_STARTED, PINNED, Frame, Kind, Status
 from ..wire.messages import (
     RejectCode,
     call_frame,
@@ -383,6 +383,8 @@ class Scheduler:
         if not state.queue:
             pool.ready.append(peer.conn)
         state.queue.append(task)
+        if self._stopping is not None:  # it will never start here: the client may send it elsewhere
+            self._send(peer.conn, self._requeued(task))
         self._assign(pool)
 
     def _submit_pinned(self, state: ClientState, task: Task, target: str) -> None:
@@ -473,6 +475,9 @@ class Scheduler:
             self._stopping = f"stopped by {peer.name}"
             log.warning("%s (with its workers: %s); %d call(s) still running", self._stopping,
                         "yes" if frame.b else "no", running)
+            for conn, state in self._clients.items():  # their queued calls will not start here
+                for task in state.queue:
+                    self._send(conn, self._requeued(task))
         self._stop_workers = self._stop_workers or bool(frame.b)
         self._send_json(peer.conn, Kind.STOP, {"server": self.name, "running": running,
                                                 "workers": len(self._workers)})
@@ -585,11 +590,18 @@ class Scheduler:
                 self._pools[client.pool].ready.append(task.client)
             client.queue.appendleft(task)
             # The client keeps the count too, for when it must resubmit the call to another server.
-            self._send(task.client, Frame(Kind.REQUEUED, a=task.client_tid, b=task.attempts))
+            self._send(task.client, self._requeued(task))
             return
         del client.tasks[task.tid]
         parts = worker_lost_parts(task.lost_on, task.attempts)
         self._send(task.client, Frame(Kind.RESULT, a=task.client_tid, b=Status.WORKER_LOST, parts=parts))
+
+    def _requeued(self, task: Task) -> Frame:
+        """REQUEUED for a queued call: how often it may have run, and, once this server is stopping (no
+        queued call starts any more), that it will not run here: the client resubmits it to the server
+        that takes this one's place without counting an attempt."""
+        return Frame(Kind.REQUEUED, a=task.client_tid, b=task.attempts,
+                     parts=[NOT_STARTED] if self._stopping is not None else [])
 
     def _fail_pinned_queue(self, worker: WorkerState, name: str, what: str) -> None:
         """Fail every pinned call still waiting for ``worker`` (it is going): none may run elsewhere."""
