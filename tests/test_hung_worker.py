@@ -58,9 +58,11 @@ def test_a_hung_worker_is_killed_and_replaced(transport: str, tmp_path: Path) ->
 def _stop_own_process_once(marker: Path) -> Callable[[], int]:
     """A call that stops its worker process (SIGSTOP) at its first instant the first time it runs — before
     the worker could send a heartbeat — and returns the pid of the process that runs it any later time."""
-    def call() -> int:
+    def call() -> int:  # (self-contained: importing this test module in the worker could outlast an interval)
         if not marker.exists():
-            _write_pid(marker)
+            partial = marker.with_suffix(".partial")
+            partial.write_text(str(os.getpid()))
+            os.replace(partial, marker)
             os.kill(os.getpid(), signal.SIGSTOP)
         return os.getpid()
     return call
