@@ -39,6 +39,8 @@ from typing import Any
 
 import cloudpickle
 
+MAX_FUNCTION_BYTES = 1 << 20  # bigger pickles (a function carrying a big value) are kept by neither side
+
 
 class _Marker:
     """A value of our own in a fingerprint, standing for something that has no object."""
@@ -164,8 +166,11 @@ def _fill(fn: types.FunctionType, pickle_fn: Callable[[object], bytes],
     blob = pickle_fn(fn)
     stats.pickled += 1
     # Walked again after pickling: a change made meanwhile (by another thread) must not pair old tokens with
-    # newer bytes. If they differ, the bytes are used for this call only.
-    if _Walk(walk.immutable, walk.names).function(fn) == tokens:
+    # newer bytes. If they differ, the bytes are used for this call only. Big pickles are not kept: the entry
+    # would hold the bytes and the values behind them (a 50 MB global read by a __main__ function) for as
+    # long as the function's code lives, that is for good, while pickling them costs little next to
+    # sending them, which every call does anyway.
+    if len(blob) <= MAX_FUNCTION_BYTES and _Walk(walk.immutable, walk.names).function(fn) == tokens:
         entry = _Entry(registered, tokens, blob, not walk.stateful, walk.keep, walk.immutable, walk.names)
         entry.watch = [weakref.ref(code, entry.forget) for code in walk.codes if code is not fn.__code__]
         _entries[fn.__code__] = entry
@@ -396,7 +401,6 @@ def _codes(code: types.CodeType) -> list[types.CodeType]:
 # --- worker ----------------------------------------------------------------------------------------
 
 MAX_FUNCTIONS = 128
-MAX_FUNCTION_BYTES = 1 << 20  # bigger pickles (a function carrying a big tuple) are not kept
 
 _loaded: OrderedDict[bytes, object] = OrderedDict()
 _loaded_lock = threading.Lock()
