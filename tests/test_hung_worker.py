@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from remote_executor import RemoteExecutor, WorkerLostError
+from remote_executor.netio import Backoff
 from remote_executor.supervisor import Supervisor
 from tests.conftest import pid_alive, wait_for
 
@@ -138,3 +139,17 @@ def test_a_worker_is_killed_by_name_only_if_it_ran_since_the_hang_began(
         supervisor.kill_hung("test-worker-0", time.monotonic())
         assert f"worker process {pid} was given up as hung" in caplog.text
     wait_for(lambda: not pid_alive(pid), what="the worker to be killed")
+
+
+def test_a_crash_looping_worker_does_not_hold_up_replacing_another(start_workers: Callable[..., Supervisor]) -> None:
+    """Its backoff is waited out apart: meanwhile a sibling that ended (a crash, a time limit) is replaced
+    as usual, not once the backoff is over."""
+    supervisor = start_workers(2)
+    wait_for(lambda: len(supervisor.pids()) == 2, what="both workers")
+    looping, other = supervisor._children[0].proc.pid, supervisor._children[1].proc.pid
+    supervisor._crash_backoff[0] = Backoff(600.0, 600.0)  # as if it had crashed over and over
+    os.kill(looping, signal.SIGKILL)
+    wait_for(lambda: looping not in supervisor.pids(), what="the looping worker's exit to be seen")
+    os.kill(other, signal.SIGKILL)
+    wait_for(lambda: len(supervisor.pids()) == 1 and other not in supervisor.pids(),
+             what="the other worker to be replaced within its own (first) backoff")

@@ -109,6 +109,7 @@ class Supervisor:
         self._fork_here = fork_here
         self._children: dict[int, Child] = {}
         self._crash_backoff: dict[int, Backoff] = {}  # per child index, while it crash-loops
+        self._restart_at: dict[int, float] = {}  # child index -> when its crash backoff ends (watcher thread)
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._selector = selectors.DefaultSelector()
@@ -248,7 +249,7 @@ class Supervisor:
 
     def _watch(self) -> None:
         while not self._stopping.is_set():
-            self._selector.select(timeout=None if _HAVE_PIDFD else 0.2)
+            self._selector.select(timeout=self._wait_timeout())
             _drain_pipe(self._wake_r)
             if _drain_pipe(self._serving_r):
                 self.serving.set()
@@ -256,6 +257,20 @@ class Supervisor:
             for child in self._snapshot():
                 if child.proc.poll() is not None and not self._stopping.is_set():
                     self._replace(child)
+            now = time.monotonic()
+            for index in [i for i, due in self._restart_at.items() if due <= now]:
+                del self._restart_at[index]
+                if not self._stopping.is_set():
+                    self.restarts += 1
+                    self._spawn(index)
+
+    def _wait_timeout(self) -> float | None:
+        """Until the next crash backoff ends, at most (without pidfds, exits are polled for every 0.2 s)."""
+        timeout = None if _HAVE_PIDFD else 0.2
+        if self._restart_at:
+            until = max(min(self._restart_at.values()) - time.monotonic(), 0.0)
+            timeout = until if timeout is None else min(timeout, until)
+        return timeout
 
     def _replace(self, child: Child) -> None:
         self._forget(child)
@@ -293,7 +308,8 @@ class Supervisor:
         delay = self._backoff(child.index, lived)
         log.warning("worker %s-%d (pid %d) exited with %s; restarting in %.1fs",
                     self.name, child.index, child.proc.pid, code, delay)
-        if delay and self._stopping.wait(delay):
+        if delay:  # (not waited for here: the other children's exits are seen and answered meanwhile)
+            self._restart_at[child.index] = time.monotonic() + delay
             return
         self.restarts += 1
         self._spawn(child.index)
