@@ -111,6 +111,19 @@ def test_executor_wide_limit_and_per_call_views(tcp_server: TcpServer,
             list(executor.map(time.sleep, [30]))
 
 
+def test_map_on_a_view_made_for_it_returns_every_result_under_the_views_limit(
+        tcp_server: TcpServer, start_workers: Callable[..., Supervisor]) -> None:
+    """Nothing holds a view made inline for ``map`` once map has returned: the lazy input (buffersize) must
+    go on all the same (it stopped after ``buffersize`` results, silently), with the view's limit."""
+    start_workers(2)
+    with RemoteExecutor(transport=tcp_server.url, **FAST) as executor:  # type: ignore[arg-type]
+        for chunksize in (1, 3):
+            results = executor.with_options(timeout=30).map(abs, range(-10, 0), buffersize=2, chunksize=chunksize)
+            assert list(results) == list(range(10, 0, -1))
+        with pytest.raises(CallTimeoutError):
+            list(executor.with_options(timeout=0.5).map(time.sleep, [0, 0, 30], buffersize=1))
+
+
 def test_a_call_that_holds_the_gil_is_stopped_all_the_same(tcp_server: TcpServer,
                                                            start_workers: Callable[..., Supervisor]) -> None:
     supervisor = start_workers(1)

@@ -867,13 +867,17 @@ class RemoteExecutor(Executor):
         core = self._core
         if core.broken is not None or core.shutdown_requested or _global_shutdown:
             core.check_open()  # raises, before the call is pickled for nothing (enqueue checks again)
-        try:
-            parts = encode_call(fn, args, kwargs, self._forward_output)
-        except SerializationError as exc:
-            return _failed(exc)
-        return self._core.enqueue(parts, self._call_timeout)
+        return self._submit_limited(fn, args, self._call_timeout, kwargs)
 
     submit.__doc__ = Executor.submit.__doc__
+
+    def _submit_limited(self, fn: Callable[..., Any], args: tuple[Any, ...], limit: float | None,
+                        kwargs: dict[str, Any] | None = None) -> Future[Any]:
+        try:
+            parts = encode_call(fn, args, kwargs or {}, self._forward_output)
+        except SerializationError as exc:
+            return _failed(exc)
+        return self._core.enqueue(parts, limit)
 
     def map(
         self,
@@ -898,15 +902,23 @@ class RemoteExecutor(Executor):
         end_time = None if timeout is None else timeout + time.monotonic()
         args: Iterator[tuple[Any, ...]] = zip(*iterables, strict=False)
         units: Iterator[Any] = args if chunksize == 1 else _chunks(args, chunksize)
-        ref = weakref.ref(self)
+        # Held weakly, as in Python 3.14, so that a dropped executor is not kept alive by a map's iterator;
+        # the executor itself, not a view of it (``with_options(...).map``: nothing else holds the view),
+        # with the view's time limit kept here.
+        owner = self
+        while owner._parent is not None:
+            owner = owner._parent
+        ref, limit = weakref.ref(owner), self._call_timeout
 
         def submit_next() -> Future[Any] | None:
             executor, unit = ref(), next(units, None)
             if executor is None or unit is None:
                 return None
-            if chunksize == 1:
+            if chunksize != 1:
+                return executor._submit_chunk(fn, unit, limit)
+            if limit == executor._call_timeout:
                 return executor.submit(fn, *unit)
-            return executor._submit_chunk(fn, unit)
+            return executor._submit_limited(fn, unit, limit)
 
         fs: deque[Future[Any]] = deque()
         for _ in range(buffersize) if buffersize else itertools.count():
@@ -921,14 +933,14 @@ class RemoteExecutor(Executor):
 
     shutdown.__doc__ = Executor.shutdown.__doc__
 
-    def _submit_chunk(self, fn: Callable[..., Any], items: list[tuple[Any, ...]]) -> Future[Any]:
+    def _submit_chunk(self, fn: Callable[..., Any], items: list[tuple[Any, ...]], limit: float | None) -> Future[Any]:
         """One call on the wire for many map calls; its value is ``(values, exception_or_None)``."""
         self._core.check_open()
         try:
             parts = encode_chunk(fn, items, self._forward_output)
         except SerializationError as exc:
             return _failed(exc)
-        return self._core.enqueue(parts, self._call_timeout)
+        return self._core.enqueue(parts, limit)
 
 
 class _MapResults(Iterator[T], Generic[T]):

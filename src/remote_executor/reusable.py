@@ -118,17 +118,17 @@ class _ReusableExecutor(RemoteExecutor):
             self._idle.changed.notify()
         self.shutdown(wait=False)
 
-    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future[Any]:
+    # Every call goes through one of these two (submit, map, views).
+    def _submit_limited(self, fn: Any, args: tuple[Any, ...], limit: float | None,
+                        kwargs: dict[str, Any] | None = None) -> Future[Any]:
         self.touch()
-        future = super().submit(fn, *args, **kwargs)
+        future = super()._submit_limited(fn, args, limit, kwargs)
         future.add_done_callback(self._on_done)  # idle time counts from the end of the last call
         return future
 
-    submit.__doc__ = RemoteExecutor.submit.__doc__
-
-    def _submit_chunk(self, fn: Any, items: list[tuple[Any, ...]]) -> Future[Any]:
+    def _submit_chunk(self, fn: Any, items: list[tuple[Any, ...]], limit: float | None) -> Future[Any]:
         self.touch()
-        future = super()._submit_chunk(fn, items)
+        future = super()._submit_chunk(fn, items, limit)
         future.add_done_callback(self._on_done)
         return future
 
