@@ -37,18 +37,16 @@ def test_two_ctrl_c_leave_a_with_block_and_the_program(tmp_path: Path) -> None:
                     print("the waiter got", type(exc).__name__, flush=True)
 
             threading.Thread(target=waiter).start()
+            core = ex._core
+
+            def second() -> None:  # the second Ctrl-C, once __exit__'s shutdown(wait=True) waits
+                while not core.waiters:
+                    time.sleep(0.01)
+                os.kill(os.getpid(), 2)
+
+            threading.Thread(target=second, daemon=True).start()
             print(worker, flush=True)  # the test's first Ctrl-C may come now
-            try:
-                running.result()
-            except KeyboardInterrupt:
-                # the second Ctrl-C, once __exit__'s shutdown(wait=True) waits
-                core = ex._core
-                def second() -> None:
-                    while not core.waiters:
-                        time.sleep(0.01)
-                    os.kill(os.getpid(), 2)
-                threading.Thread(target=second, daemon=True).start()
-                raise
+            running.result()
         """))
     caller = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, env={**os.environ, "PYTHONPATH": str(SRC)})
@@ -64,6 +62,6 @@ def test_two_ctrl_c_leave_a_with_block_and_the_program(tmp_path: Path) -> None:
         wait_for(lambda: not pid_alive(worker), what="the worker to be stopped")
     finally:
         caller.kill()
-        caller.wait()
+        caller.communicate()  # reaps it and closes its pipes
         if worker and pid_alive(worker):
             os.kill(worker, signal.SIGKILL)

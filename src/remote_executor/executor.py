@@ -47,7 +47,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future
-from queue import SimpleQueue
+from queue import Empty, SimpleQueue
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
 from .errors import BrokenRemoteExecutor, CallTimeoutError, SerializationError
@@ -65,6 +65,9 @@ __all__ = ["RemoteExecutor"]
 logger = logging.getLogger("remote_executor")
 _futures_log = logging.getLogger("concurrent.futures")  # where ThreadPoolExecutor logs a callback's error
 _Later = tuple["Future[Any]", list["Callable[[Future[Any]], object]"]]  # a settled future and its callbacks
+# Threads that run the caller's done-callbacks, started as callbacks wait (as ThreadPoolExecutor's workers,
+# which run a call's callbacks, are): one slow callback does not hold up the others'.
+MAX_CALLBACK_THREADS = min(32, (os.cpu_count() or 1) + 4)
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -207,7 +210,9 @@ class _Core:
         self.pid = os.getpid()
         # The caller's done-callbacks, run off the thread that brings results (see on_result); made at the
         # first future that has one.
-        self.callback_queue: SimpleQueue[_Later | None] | None = None
+        self.callback_queue: SimpleQueue[_Later | None] = SimpleQueue()
+        self.callback_threads = 0
+        self.callback_idle = threading.Semaphore(0)  # released by a callback thread that waits for work
         self.orphaned = False  # True in a process forked from this one's (see _forget_after_fork)
         self.abandoned = False  # a Ctrl-C interrupted shutdown(wait=True): exit does not wait again
 
@@ -290,8 +295,17 @@ class _Core:
         return future.set_running_or_notify_cancel()
 
     def _on_done(self, future: Future[Any]) -> None:
-        """Done-callback of every future: a call cancelled while pending is notified at once, so
-        ``wait()`` and ``as_completed()`` return without waiting for the dispatcher to reach it."""
+        """Done-callback of every future, always its first. While :meth:`on_result` settles the future, it
+        takes the caller's callbacks (those after it) off the list ``set_result`` is going through, for the
+        callback threads: looked at here, once the future is done, no callback can be added to the list
+        any more (one added later runs at once, on the adding thread). And a call cancelled while pending
+        is notified at once, so ``wait()`` and ``as_completed()`` return without waiting for the dispatcher
+        to reach it."""
+        callbacks: list[Callable[[Future[Any]], object]] = future._done_callbacks  # type: ignore[attr-defined]
+        if len(callbacks) > 1 and getattr(_in_listener, "settling", None) is future:
+            _in_listener.later = callbacks[1:]
+            del callbacks[1:]  # (the list set_result iterates: it stops after this one)
+            return
         # A future that got its outcome was claimed (taken out of "unclaimed", under the lock) before its
         # call was sent: one set lookup spares every result the lock of ``cancelled()``.
         if future not in self.unclaimed or not future.cancelled():
@@ -326,6 +340,7 @@ class _Core:
             calls = []
             for name in workers:
                 future: Future[Any] = Future()
+                future.add_done_callback(self._on_done)  # (it passes the caller's callbacks on: see there)
                 future.set_running_or_notify_cancel()
                 task_id = next(self.task_ids)
                 self.broadcasting[task_id] = _WorkItem(future, parts, limit)
@@ -360,72 +375,78 @@ class _Core:
         # What _settling does, inline: this runs once per call, and a generator-based context manager
         # costs four Python calls.
         future = item.future
-        # Done-callbacks of the caller's (any besides _on_done) run on the callback thread, not this one:
+        # Done-callbacks of the caller's (any besides _on_done) run on the callback threads, not this one:
         # this thread brings every result (and, embedded, runs the job server), so a callback that waits
-        # for another future of this executor, or just takes long, would hold up everything.
-        later = self._take_callbacks(future) if len(future._done_callbacks) > 1 else None  # type: ignore[attr-defined]
+        # for another future of this executor, or just takes long, would hold up everything. _on_done
+        # takes them off the future as set_result runs it (see there).
         previous = getattr(_in_listener, "core", None)
-        _in_listener.core = self
+        _in_listener.core, _in_listener.settling = self, future
         try:
             if ok:
                 future.set_result(value)
             else:
                 future.set_exception(value)
         finally:
-            _in_listener.core = previous
+            _in_listener.core, _in_listener.settling = previous, None
+        later = getattr(_in_listener, "later", None)
         if later:
+            _in_listener.later = None
             self._run_later(future, later)  # settled (counted) once its callbacks have run
         else:
             self._settled(1)
 
-    def _take_callbacks(self, future: Future[Any]) -> list[Callable[[Future[Any]], object]]:
-        """Take the caller's done-callbacks off ``future`` (before it settles), leaving ours."""
-        with future._condition:  # (what add_done_callback takes)
-            callbacks: list[Callable[[Future[Any]], object]] = future._done_callbacks  # type: ignore[attr-defined]
-            ours = self._on_done
-            future._done_callbacks = [cb for cb in callbacks if cb == ours]  # type: ignore[attr-defined]
-            return [cb for cb in callbacks if cb != ours]
-
     def _run_later(self, future: Future[Any], callbacks: list[Callable[[Future[Any]], object]]) -> None:
-        queue = self.callback_queue
-        if queue is None:
-            with self.lock:
-                if self.callback_queue is None:
-                    fresh: SimpleQueue[_Later | None] = SimpleQueue()
-                    try:
-                        threading.Thread(target=self._run_callbacks, args=(fresh,), name="remote_executor-callbacks",
-                                         daemon=True).start()
-                    except RuntimeError:  # no new thread at interpreter exit (3.12+): run them here, as before
-                        pass
-                    else:
-                        self.callback_queue = fresh
-                queue = self.callback_queue
-        if queue is None:
-            previous = getattr(_in_listener, "core", None)
-            _in_listener.core = self
+        """Have a callback thread run ``callbacks``: an idle one, else a new one (up to
+        MAX_CALLBACK_THREADS, then the first to finish), as ThreadPoolExecutor runs calls."""
+        self.callback_queue.put((future, callbacks))
+        if self.callback_idle.acquire(blocking=False):
+            return
+        with self.lock:
+            if self.callback_threads >= MAX_CALLBACK_THREADS:
+                return
             try:
-                self._invoke(future, callbacks)
-            finally:
-                _in_listener.core = previous
-            self._settled(1)
-        else:
-            queue.put((future, callbacks))
+                threading.Thread(target=self._run_callbacks, name="remote_executor-callbacks", daemon=True).start()
+            except RuntimeError:  # no new thread at interpreter exit (3.12+)
+                if self.callback_threads:
+                    return  # one that runs will get to it
+            else:
+                self.callback_threads += 1
+                return
+        self._run_queued_here()  # none runs, none can start: here, as before there were callback threads
 
-    def _run_callbacks(self, queue: SimpleQueue[_Later | None]) -> None:
-        """The callback thread: as ThreadPoolExecutor's worker threads do after a call, run the callbacks of
+    def _run_queued_here(self) -> None:
+        previous = getattr(_in_listener, "core", None)
+        _in_listener.core = self
+        try:
+            while True:
+                try:
+                    item = self.callback_queue.get_nowait()
+                except Empty:
+                    return
+                if item is not None:
+                    self._invoke(*item)
+                    self._settled(1)
+        finally:
+            _in_listener.core = previous
+
+    def _run_callbacks(self) -> None:
+        """A callback thread: as ThreadPoolExecutor's worker threads do after a call, run the callbacks of
         a settled future, log what they raise, then count the call settled (shutdown(wait=True) waits for
         the callbacks, as it does for a thread pool's)."""
         _in_listener.core = self  # shutdown(wait=True) here would wait for this very thread: an error
-        while (item := queue.get()) is not None:
-            self._invoke(*item)
-            self._settled(1)
+        while (item := self.callback_queue.get()) is not None:
+            try:
+                self._invoke(*item)
+            finally:
+                self._settled(1)
+                self.callback_idle.release()
 
     @staticmethod
     def _invoke(future: Future[Any], callbacks: list[Callable[[Future[Any]], object]]) -> None:
         for callback in callbacks:
             try:
                 callback(future)
-            except Exception:
+            except BaseException:  # SystemExit too: the other callbacks, and this thread, go on
                 _futures_log.exception("exception calling callback for %r", future)
 
     def on_started(self, task_id: int) -> None:
@@ -598,8 +619,10 @@ class _Core:
 
     def _close(self) -> None:
         self.deadlines.close()
-        if self.callback_queue is not None:
-            self.callback_queue.put(None)  # (every call has settled: nothing is queued before it)
+        with self.lock:
+            threads = self.callback_threads
+        for _ in range(threads):
+            self.callback_queue.put(None)  # (every call has settled: nothing is queued before them)
         try:
             self.transport.close()
         except Exception:
