@@ -65,8 +65,9 @@ __all__ = ["RemoteExecutor"]
 logger = logging.getLogger("remote_executor")
 _futures_log = logging.getLogger("concurrent.futures")  # where ThreadPoolExecutor logs a callback's error
 _Later = tuple["Future[Any]", list["Callable[[Future[Any]], object]"]]  # a settled future and its callbacks
-# Threads that run the caller's done-callbacks, started as callbacks wait (as ThreadPoolExecutor's workers,
-# which run a call's callbacks, are): one slow callback does not hold up the others'.
+# Threads that run the caller's done-callbacks, started as callbacks wait, up to max_workers (as many as
+# ThreadPoolExecutor has workers, which run a call's callbacks), or this many where that is not known: one
+# slow callback does not hold up the others', and with max_workers=1 they run one by one, in order.
 MAX_CALLBACK_THREADS = min(32, (os.cpu_count() or 1) + 4)
 
 P = ParamSpec("P")
@@ -396,13 +397,13 @@ class _Core:
             self._settled(1)
 
     def _run_later(self, future: Future[Any], callbacks: list[Callable[[Future[Any]], object]]) -> None:
-        """Have a callback thread run ``callbacks``: an idle one, else a new one (up to
-        MAX_CALLBACK_THREADS, then the first to finish), as ThreadPoolExecutor runs calls."""
+        """Have a callback thread run ``callbacks``: an idle one, else a new one (up to max_workers, then
+        the first to finish), as ThreadPoolExecutor runs calls."""
         self.callback_queue.put((future, callbacks))
         if self.callback_idle.acquire(blocking=False):
             return
         with self.lock:
-            if self.callback_threads >= MAX_CALLBACK_THREADS:
+            if self.callback_threads >= min(self.max_workers or MAX_CALLBACK_THREADS, MAX_CALLBACK_THREADS):
                 return
             try:
                 threading.Thread(target=self._run_callbacks, name="remote_executor-callbacks", daemon=True).start()
