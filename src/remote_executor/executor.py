@@ -209,8 +209,8 @@ class _Core:
         self.closing = False
         self.broken: BrokenRemoteExecutor | None = None
         self.pid = os.getpid()
-        # The caller's done-callbacks, run off the thread that brings results (see on_result); made at the
-        # first future that has one.
+        # The caller's done-callbacks, run off the thread that brings results (see on_result), by threads
+        # started as they are needed (see _run_later).
         self.callback_queue: SimpleQueue[_Later | None] = SimpleQueue()
         self.callback_threads = 0
         self.callback_idle = threading.Semaphore(0)  # released by a callback thread that waits for work
@@ -413,7 +413,7 @@ class _Core:
             else:
                 self.callback_threads += 1
                 return
-        self._run_queued_here()  # none runs, none can start: here, as before there were callback threads
+        self._run_queued_here()  # none runs and none can start (interpreter exit): on this thread
 
     def _run_queued_here(self) -> None:
         previous = getattr(_in_listener, "core", None)
