@@ -240,19 +240,32 @@ class _Core:
             self.check_owner()
         future: Future[Any] = Future()
         future.add_done_callback(self._on_done)
+        item = _WorkItem(future, parts, limit)
         with self.lock, _global_shutdown_lock:
             self.check_open()
-            self.pending.append(_WorkItem(future, parts, limit))
-            self.unclaimed.add(future)
-            self.outstanding += 1
-            if self.capacity <= 0 or self.starved_since is not None:  # else _check_starved has nothing to do
-                self._check_starved()
-            # A full window: whoever frees a place next (a result, more capacity) dispatches after that,
-            # under this lock, and finds this call pending then.
-            full = len(self.in_flight) >= self.window
+            before = self.outstanding
+            try:
+                self.outstanding = before + 1
+                self.pending.append(item)
+                self.unclaimed.add(future)
+                if self.capacity <= 0 or self.starved_since is not None:  # else _check_starved has nothing to do
+                    self._check_starved()
+                # A full window: whoever frees a place next (a result, more capacity) dispatches after that,
+                # under this lock, and finds this call pending then.
+                full = len(self.in_flight) >= self.window
+            except BaseException:  # a signal handler's exception (Ctrl-C) cut in: the call was not submitted
+                self._withdraw(item, before)
+                raise
         if not full:
             self.dispatch()
         return future
+
+    def _withdraw(self, item: _WorkItem, outstanding: int) -> None:
+        """Undo a half-done :meth:`enqueue` (lock held; nothing else saw the item meanwhile)."""
+        if self.pending and self.pending[-1] is item:
+            self.pending.pop()
+        self.unclaimed.discard(item.future)
+        self.outstanding = outstanding
 
     def dispatch(self) -> None:
         """Hand every pending call that fits the window to the transport, in FIFO order.
@@ -262,30 +275,84 @@ class _Core:
         reentrant in case a transport reports a result from inside ``submit``.
         """
         with self.lock:
-            calls, dropped = self._take_batch()
-            rejected = self._hand_over(calls) if calls else []
+            try:
+                calls, dropped = self._take_batch()
+                rejected = self._hand_over(calls) if calls else []
+            except BaseException:
+                # A signal handler's exception (Ctrl-C on the main thread) cut the hand-over short, at a
+                # point nobody can know: the calls in flight may or may not have reached the transport.
+                # Bring the queue to a consistent state, and have a thread no signal interrupts make sure
+                # that each call in flight runs (or is reported) once, before the exception goes on.
+                self._mend_batch()
+                self.deadlines.arm(0.0, self._reconcile)
+                raise
         for item, exc in rejected:
             item.future.set_exception(exc)
         if dropped or rejected:
-            self._settled(dropped + len(rejected))
+            self._settled(len(rejected))  # (the dropped ones were counted as they were dropped)
 
-    def _take_batch(self) -> tuple[list[Call], int]:
+    def _take_batch(self) -> tuple[list[Call], bool]:
+        """The calls that fit the window, now RUNNING and in flight; and whether it dropped cancelled ones
+        (already taken off ``outstanding``: the caller wakes the waiters)."""
         calls: list[Call] = []
-        dropped = 0
+        dropped = False
         free = self.window - len(self.in_flight)
         while self.pending and self.broken is None:
             head = self.pending[0]
             if len(calls) >= free:
                 break  # a cancelled head was already settled by _on_done; it is dropped when reached
-            self.pending.popleft()
+            # The head leaves "pending" only once it is recorded elsewhere: an interruption at any point
+            # leaves it where _mend_batch finds it.
             claimed = self._claim(head.future)
             if claimed is not True:
-                dropped += claimed is False
+                if claimed is False:
+                    self.outstanding -= 1
+                    dropped = True
+                self.pending.popleft()
                 continue
             task_id = next(self.task_ids)
             self.in_flight[task_id] = head
+            self.pending.popleft()
             calls.append(Call(task_id, head.parts, head.limit))
         return calls, dropped
+
+    def _mend_batch(self) -> None:
+        """After an interrupted :meth:`_take_batch` (lock held): finish moving the head of "pending" that
+        it was moving. (A cancelled head whose claim was cut short between its waiters being told and its
+        count being taken stays counted: the one case left, a few bytecodes wide.)"""
+        if not self.pending:
+            return
+        head = self.pending[0]
+        future = head.future
+        if future in self.unclaimed:
+            return  # not touched yet
+        state = future._state
+        if state == "PENDING":  # its claim was cut short before it moved
+            self.unclaimed.add(future)
+            return
+        if state == "RUNNING":
+            if not any(item is head for item in self.in_flight.values()):
+                self.in_flight[next(self.task_ids)] = head  # _reconcile hands it over
+            self.pending.popleft()
+            return
+        if state == "CANCELLED":  # cancelled, its waiters not yet told: tell them, and count it
+            future.set_running_or_notify_cancel()
+            self.outstanding -= 1
+            self.deadlines.arm(0.0, lambda: self._settled(0))  # (wakes shutdown if that was the last)
+        self.pending.popleft()  # (else cancelled and counted, by _on_done or by _take_batch)
+
+    def _reconcile(self) -> None:
+        """After an interrupted hand-over (on the deadline thread, which no signal interrupts): the
+        transport submits every call in flight it never received; those it did are left as they are."""
+        with self.lock:
+            if self.broken is not None or self.closing:
+                return
+            calls = [Call(task_id, item.parts, item.limit) for task_id, item in self.in_flight.items()]
+            if calls:
+                try:
+                    self.transport.reconcile(calls)
+                except Exception:  # a transport bug: log it; the calls' futures stay as they are
+                    logger.exception("transport %r failed to reconcile %d call(s)", self.transport, len(calls))
 
     def _claim(self, future: Future[Any]) -> bool | None:
         """Move a pending future out of PENDING, exactly once (lock held): True if it is RUNNING now,

@@ -26,6 +26,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FuturesTimeoutError
+from operator import attrgetter
 from typing import Any
 
 from ..errors import (
@@ -57,6 +58,7 @@ from ..wire.serialization import Parts, error_outcome
 from ..wire.session import NONCE_SIZE, Mac, new_nonce, session_macs
 
 log = logging.getLogger("remote_executor.client")
+_TASK_ID = attrgetter("task_id")
 
 # Status by value: a dict lookup, where calling the enum costs two Python calls on every result.
 _STATUSES = {int(status): status for status in Status}
@@ -262,6 +264,7 @@ class ClientSession:
         self.pool = pool
         self._lock = threading.Lock()
         self._inflight: dict[int, Call] = {}  # accepted, no result yet
+        self._newest = 0  # the highest task id ever accepted
         self._attempts: dict[int, int] = {}  # task id -> times it may have run (absent: never)
         self._not_started: set[int] = set()  # task ids the (stopping) server said it will never start
         self._requests: dict[int, Future[dict[str, Any]]] = {}  # WORKERS / STATUS asked, no answer yet
@@ -278,10 +281,29 @@ class ClientSession:
 
     def submit_frames(self, calls: Sequence[Call]) -> list[Frame]:
         """Record calls as in flight and return their SUBMIT frames."""
+        frames = self._frames(calls)
+        self._record(calls)
+        return frames
+
+    def submit_into(self, calls: Sequence[Call], queue: deque[Any], lock: threading.Lock,
+                    conn: int | None = None) -> None:
+        """Record calls as in flight and append their SUBMIT frames to ``queue`` (``(conn, frame)`` pairs
+        if ``conn`` is given), under ``lock``.
+
+        On a caller's thread a signal handler's exception (Ctrl-C) may be raised at any function call.
+        Between recording the calls and queuing their frames there is none (Python 3.11+ checks for
+        signals at function calls and loops, not at ``with``), so a submit cut short either recorded and
+        queued them all, or recorded none of them: ``unknown`` then names them."""
+        frames = self._frames(calls)
+        items: list[Any] = frames if conn is None else [(conn, frame) for frame in frames]
+        self._record(calls)
+        with lock:
+            queue.extend(items)
+
+    def _frames(self, calls: Sequence[Call]) -> list[Frame]:
         frames = []
         with self._lock:
             for call in calls:
-                self._inflight[call.task_id] = call
                 attempts = self._attempts.get(call.task_id, 0)
                 if call.limit is None and call.worker is None:  # the common case, without two helpers
                     frames.append(Frame(Kind.SUBMIT, call.task_id, attempts, call.parts))
@@ -289,6 +311,20 @@ class ClientSession:
                     frames.append(pinned(call_frame(Kind.SUBMIT, call.task_id, attempts, call.parts, call.limit),
                                          call.worker))
         return frames
+
+    def _record(self, calls: Sequence[Call]) -> None:
+        """Record the calls in flight, in one step and with no function call after it (see
+        :meth:`submit_into`); without the lock, whose release is such a call (one dict update is atomic)."""
+        records = dict(zip(map(_TASK_ID, calls), calls, strict=True))
+        self._inflight |= records
+        if calls and calls[-1].task_id > self._newest:  # (task ids grow; a resubmission is older)
+            self._newest = calls[-1].task_id
+
+    def unknown(self, calls: Sequence[Call]) -> list[Call]:
+        """Those of ``calls`` never submitted through this session: see ``ClientTransport.reconcile``. A
+        call settled since is not one of them (the executor's record of it goes a moment later)."""
+        with self._lock:
+            return [call for call in calls if call.task_id not in self._inflight and call.task_id > self._newest]
 
     def request(self, kind: Kind) -> tuple[Frame, Future[dict[str, Any]]]:
         """A WORKERS or STATUS request to send, and the future its answer (a JSON body) settles."""
@@ -451,11 +487,15 @@ class JobServerClient(ClientTransport):
 
     def submit(self, calls: Sequence[Call]) -> None:
         assert self._session is not None
-        frames = self._session.submit_frames(calls)
-        with self._lock:
-            self._outbox.extend(frames)
+        self._session.submit_into(calls, self._outbox, self._lock)
         if threading.current_thread() is not self._thread and not self._send_directly():
             self._waker.wake()
+
+    def reconcile(self, calls: Sequence[Call]) -> None:
+        assert self._session is not None
+        unknown = self._session.unknown(calls)
+        if unknown:
+            self.submit(unknown)
 
     def _send_directly(self) -> bool:
         """Send the outbox from the caller's thread if the channel allows it and nobody else is writing;

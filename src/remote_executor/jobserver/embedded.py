@@ -86,7 +86,15 @@ class LocalClient(ClientTransport):
 
     def submit(self, calls: Sequence[Call]) -> None:
         assert self._session is not None and self._link is not None
-        self._link.send(self._session.submit_frames(calls))
+        link = self._link
+        self._session.submit_into(calls, link.inbox, link.inbox_lock, link.conn)
+        link.poke()
+
+    def reconcile(self, calls: Sequence[Call]) -> None:
+        assert self._session is not None
+        unknown = self._session.unknown(calls)
+        if unknown:
+            self.submit(unknown)
 
     def broadcast_targets(self, timeout: float) -> list[str]:
         return worker_names(self._ask(Kind.WORKERS, timeout))

@@ -43,6 +43,11 @@ class LocalLink:
         self.conn = conn
         self.deliver = deliver
         self.closed = False
+        # Where a client appends (conn, frame) pairs itself, under inbox_lock, before poke(): in one step
+        # with the recording of its calls, which a signal cannot cut in half (ClientSession.submit_into).
+        self.inbox = server._inbox
+        self.inbox_lock = server._inbox_lock
+        self.poke = server._poke
 
     def send(self, frames: Iterable[Frame]) -> None:
         """Thread-safe; never blocks on I/O."""

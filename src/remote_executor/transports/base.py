@@ -162,6 +162,16 @@ class ClientTransport(abc.ABC):
         itself, or that of the transport this one hands every call to (it never changes after start)."""
         return self.submit
 
+    def reconcile(self, calls: Sequence[Call]) -> None:
+        """A :meth:`submit` on the caller's thread was cut short by a signal handler's exception (Ctrl-C)
+        at an unknown point; ``calls`` are every call the executor has in flight. Submit those this
+        transport never received, and make sure each one it did receive runs or is reported: never
+        twice beyond ``max_retries``, never lost. Called from a thread no signal interrupts.
+
+        The default does nothing: right for a transport whose ``submit`` records each call in one step
+        that cannot be cut in half."""
+        return None
+
     def broadcast_targets(self, timeout: float) -> list[str]:
         """The names of the workers that take this executor's calls now: the targets of a broadcast, to be
         submitted as calls with ``Call.worker`` set. A transport that cannot address one worker raises
@@ -192,6 +202,9 @@ class ForwardingTransport(ClientTransport):
         if type(self).submit is not ForwardingTransport.submit:  # a subclass that does more in submit()
             return self.submit
         return self._started().submitter()
+
+    def reconcile(self, calls: Sequence[Call]) -> None:
+        self._started().reconcile(calls)
 
     def broadcast_targets(self, timeout: float) -> list[str]:
         return self._started().broadcast_targets(timeout)

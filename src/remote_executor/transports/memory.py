@@ -43,6 +43,7 @@ class MemoryTransport(ClientTransport):
         self._stop = threading.Event()  # set on close and when an initializer failed
         self._closed = False
         self._close_lock = threading.Lock()
+        self._newest = 0  # the highest task id queued
 
     def start(self, session: Session, listener: Listener) -> None:
         for index in range(self.workers):
@@ -56,7 +57,17 @@ class MemoryTransport(ClientTransport):
         if self._stop.is_set():
             return  # the executor already settled these futures; nobody is listening
         for call in calls:
+            # Marked before it is queued: nothing between the two can be interrupted (on Python 3.11+
+            # a signal handler runs only after the put), so a submit cut short by Ctrl-C never queues a
+            # call that reconcile() would queue again.
+            self._newest = call.task_id
             self._queue.put(call)
+
+    def reconcile(self, calls: Sequence[Call]) -> None:
+        for call in calls:
+            if call.task_id > self._newest:  # never queued (task ids grow)
+                self._newest = call.task_id
+                self._queue.put(call)
 
     def close(self) -> None:
         with self._close_lock:

@@ -220,6 +220,27 @@ class GearmanClientTransport(ClientTransport):
             for job in jobs:
                 self._send(job)
 
+    def reconcile(self, calls: Sequence[Call]) -> None:
+        with self._lock:
+            if self._closing:
+                return
+            unknown = [call for call in calls if call.task_id not in self._jobs]
+            for call in calls:
+                job = self._jobs.get(call.task_id)
+                if job is not None and job.handle is None and not self._sent(job):
+                    self._send(job)  # recorded, but its SUBMIT never reached a connection
+        if unknown:
+            self.submit(unknown)
+
+    def _sent(self, job: _Job) -> bool:
+        """Whether ``job``'s submission is gearmand's or its connection's to report (lock held): it is
+        parked, or was written on a connection (one cut short mid-write ends, and reports it)."""
+        if job.server < 0:  # (_send names the server before it writes)
+            return job in self._parked
+        conn = self._servers[job.server].conn
+        # A connection that ended meanwhile reports what it held; one never written to holds nothing.
+        return conn is None or conn.holds((job.call.task_id, job.submission))
+
     def close(self) -> None:
         with self._lock:
             self._closing = True

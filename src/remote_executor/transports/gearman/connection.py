@@ -297,6 +297,18 @@ class GearmanClientConnection(Generic[T]):
                     self._sock.sendall(part)
             except OSError:
                 _shutdown(self._sock)  # the reader sees EOF and reports the tokens in flight
+            except BaseException:
+                # A signal handler's exception (Ctrl-C) between or inside the writes: the packet may be half
+                # on the wire, which gearmand could only misread, and the tokens would no longer match its
+                # JOB_CREATED answers. End the connection as a failed send does.
+                _shutdown(self._sock)
+                raise
+
+    def holds(self, token: T) -> bool:
+        """Whether a submit of ``token`` was written on this connection (or cut short there, which ends
+        it) and is not settled: if so, its outcome or ``on_disconnect`` will mention it."""
+        with self._state_lock:
+            return token in self._awaiting_created or any(token in tokens for tokens in self._by_handle.values())
 
     def close(self) -> None:
         """Close the connection and join the reader; in-flight tokens go to ``on_disconnect``."""

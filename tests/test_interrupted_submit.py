@@ -1,0 +1,135 @@
+"""A Ctrl-C that interrupts ``submit()`` never strands a call.
+
+Python raises a signal handler's ``KeyboardInterrupt`` on the main thread at whatever point it had reached,
+which may be the middle of handing a call to the transport. Whatever the point, every call runs once (or is
+reported), and ``shutdown(wait=True)`` returns. Each test interrupts the hand-over at one point, as a real
+Ctrl-C can, with an exception raised from a wrapped internal: a timed signal would hit it only by luck.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from remote_executor import RemoteExecutor
+from remote_executor.errors import BrokenRemoteExecutor
+from remote_executor.transports.gearman.client import GearmanClientTransport
+from remote_executor.transports.gearman.codec import _SEPARATE_PAYLOAD_SIZE
+
+
+def record(path: str, text: str, padding: bytes = b"") -> str:
+    with open(path, "a", encoding="utf-8") as file:
+        file.write(text + "\n")
+    return text
+
+
+class InterruptOnce:
+    """``target`` with a ``KeyboardInterrupt`` on its first call: raised before calling through, or after."""
+
+    def __init__(self, target: Callable[..., Any], when: str) -> None:
+        self.target, self.when, self.fired = target, when, False
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.fired:
+            return self.target(*args, **kwargs)
+        self.fired = True
+        if self.when == "after":
+            self.target(*args, **kwargs)
+        raise KeyboardInterrupt
+
+
+def shut_down(executor: RemoteExecutor) -> None:
+    """``shutdown(wait=True)``, failing the test (and stopping the cluster) if it does not return."""
+    thread = threading.Thread(target=executor.shutdown, daemon=True)
+    thread.start()
+    thread.join(20)  # (well within the per-test timeout; it takes well under a second)
+    if thread.is_alive():
+        executor._core.on_broken(BrokenRemoteExecutor("the test gave up waiting"))  # fails the calls: closes
+        thread.join(20)
+        pytest.fail("shutdown(wait=True) did not return: a call is stranded")
+
+
+def runs(path: Path) -> list[str]:
+    return sorted(path.read_text(encoding="utf-8").split())
+
+
+@pytest.mark.parametrize("transport", ["memory", "tcp", "zmq", "gearman"])
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_submit_interrupted_at_the_hand_over_runs_its_call_once(transport: str, when: str,
+                                                                   tmp_path: Path) -> None:
+    """Interrupted just before the transport took the call (it never reached it), or just after (it did):
+    either way it runs, and only once."""
+    path = tmp_path / "runs"
+    executor = RemoteExecutor(max_workers=1, transport=transport)
+    try:
+        assert executor.submit(record, str(path), "first").result(timeout=60) == "first"
+        core = executor._core
+        core.submit_calls = InterruptOnce(core.submit_calls, when)
+        with pytest.raises(KeyboardInterrupt):
+            executor.submit(record, str(path), "interrupted")
+        assert executor.submit(record, str(path), "next").result(timeout=60) == "next"
+    finally:
+        shut_down(executor)
+    assert runs(path) == ["first", "interrupted", "next"]
+
+
+def gearman_client(executor: RemoteExecutor) -> GearmanClientTransport:
+    client = executor._core.transport._client  # type: ignore[attr-defined]
+    assert isinstance(client, GearmanClientTransport)
+    return client
+
+
+def test_a_gearman_call_recorded_but_not_yet_written_is_written_once(tmp_path: Path) -> None:
+    """Interrupted inside the gearman client, after it recorded the job and before it wrote its SUBMIT."""
+    path = tmp_path / "runs"
+    executor = RemoteExecutor(max_workers=1, transport="gearman")
+    try:
+        assert executor.submit(record, str(path), "first").result(timeout=60) == "first"
+        client = gearman_client(executor)
+        client._send = InterruptOnce(client._send, "before")  # type: ignore[method-assign]
+        with pytest.raises(KeyboardInterrupt):
+            executor.submit(record, str(path), "interrupted")
+        assert executor.submit(record, str(path), "next").result(timeout=60) == "next"
+    finally:
+        shut_down(executor)
+    assert runs(path) == ["first", "interrupted", "next"]
+
+
+class HalfWrites:
+    """A socket whose next packet is cut after its first part by a ``KeyboardInterrupt``."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock, self.armed = sock, True
+
+    def sendall(self, data: Any) -> None:
+        self._sock.sendall(data)
+        if self.armed:
+            self.armed = False
+            raise KeyboardInterrupt
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+def test_a_gearman_packet_cut_in_half_ends_its_connection_and_the_call_still_runs(tmp_path: Path) -> None:
+    """Interrupted between the writes of one SUBMIT packet: gearmand has half a packet, which it would take
+    the next bytes to complete. The connection is ended instead, and the call resubmitted on a new one."""
+    path = tmp_path / "runs"
+    executor = RemoteExecutor(max_workers=1, transport="gearman", max_retries=1)
+    try:
+        assert executor.submit(record, str(path), "first").result(timeout=60) == "first"
+        conn = gearman_client(executor)._servers[0].conn
+        assert conn is not None
+        conn._sock = HalfWrites(conn._sock)  # type: ignore[assignment]
+        with pytest.raises(KeyboardInterrupt):  # (a payload this big is written apart from its header)
+            executor.submit(record, str(path), "interrupted", bytes(_SEPARATE_PAYLOAD_SIZE))
+        assert executor.submit(record, str(path), "next").result(timeout=60) == "next"
+    finally:
+        shut_down(executor)
+    assert runs(path) == ["first", "interrupted", "next"]
+
