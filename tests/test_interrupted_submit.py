@@ -8,6 +8,7 @@ Ctrl-C can, with an exception raised from a wrapped internal: a timed signal wou
 
 from __future__ import annotations
 
+import signal
 import socket
 import threading
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from remote_executor import RemoteExecutor
+from remote_executor import RemoteExecutor, interrupts
 from remote_executor.errors import BrokenRemoteExecutor
 from remote_executor.transports.gearman.client import GearmanClientTransport
 from remote_executor.transports.gearman.codec import _SEPARATE_PAYLOAD_SIZE
@@ -133,3 +134,64 @@ def test_a_gearman_packet_cut_in_half_ends_its_connection_and_the_call_still_run
         shut_down(executor)
     assert runs(path) == ["first", "interrupted", "next"]
 
+
+class SignalOnce:
+    """``target``, with a real SIGINT raised on the main thread as it is first called there."""
+
+    def __init__(self, target: Callable[..., Any]) -> None:
+        self.target, self.fired = target, False
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.fired and threading.current_thread() is threading.main_thread():
+            self.fired = True
+            signal.raise_signal(signal.SIGINT)  # the handler runs at the next function call, inside target
+        return self.target(*args, **kwargs)
+
+
+@pytest.mark.parametrize("where", ["_apply", "_transmit"])
+def test_ctrl_c_while_the_caller_drives_the_embedded_server_comes_once_the_call_is_sent(where: str,
+                                                                                       tmp_path: Path) -> None:
+    """The submitting thread runs the embedded tcp server's scheduler and writes the call to its worker
+    itself. A Ctrl-C in there is held off until that is done: raised in between, it left the call taken
+    from its queue and never sent."""
+    path = tmp_path / "runs"
+    executor = RemoteExecutor(max_workers=1, transport="tcp")
+    try:
+        assert executor.submit(record, str(path), "first").result(timeout=60) == "first"
+        server = executor._core.transport.cluster.server.server  # type: ignore[attr-defined]
+        setattr(server, where, SignalOnce(getattr(server, where)))
+        with pytest.raises(KeyboardInterrupt):
+            executor.submit(record, str(path), "interrupted")
+        assert getattr(server, where).fired
+        assert executor.submit(record, str(path), "next").result(timeout=60) == "next"
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    finally:
+        shut_down(executor)
+    assert runs(path) == ["first", "interrupted", "next"]
+
+
+def test_hold_notes_ctrl_c_and_delivers_it_after() -> None:
+    held = interrupts.hold()
+    assert held is not None
+    try:
+        signal.raise_signal(signal.SIGINT)
+        noted = True  # (a KeyboardInterrupt here would skip this)
+    finally:
+        held.restore()
+    assert noted and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with pytest.raises(KeyboardInterrupt):
+        held.deliver()
+    held.deliver()  # once only
+
+
+def test_hold_does_nothing_off_the_main_thread_or_without_a_python_handler() -> None:
+    found: list[object] = []
+    thread = threading.Thread(target=lambda: found.append(interrupts.hold()))
+    thread.start()
+    thread.join(10)
+    assert found == [None]
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        assert interrupts.hold() is None
+    finally:
+        signal.signal(signal.SIGINT, previous)

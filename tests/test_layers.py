@@ -17,7 +17,7 @@ import remote_executor
 
 PACKAGE = Path(remote_executor.__file__).parent
 TOP = ("cluster", "executor", "worker", "supervisor", "cli")
-BOTTOM = ("errors", "security", "netio", "tls", "pools", "logsafe", "signals", "deathsig")
+BOTTOM = ("errors", "security", "netio", "tls", "pools", "logsafe", "signals", "interrupts", "deathsig")
 
 
 def module_name(path: Path) -> str:
@@ -101,14 +101,15 @@ ALLOWED = {
     "logsafe": set(),
     "signals": set(),
     "deathsig": set(),
+    "interrupts": set(),
     "security": {"errors", "logsafe", "signals", "deathsig"},
     "netio": {"errors", "logsafe", "signals", "deathsig"},
     "tls": {"errors", "logsafe", "signals", "deathsig"},
     "pools": {"errors", "logsafe", "signals", "deathsig"},
     "wire": {"errors", "logsafe", "signals", "deathsig", "wire"},
     "contracts": {"errors", "logsafe", "signals", "deathsig", "security", "wire"},  # settings keep keys by the one rule
-    "jobserver": {"errors", "logsafe", "signals", "deathsig", "security", "netio", "tls", "pools", "wire", "contracts",
-                  "jobserver", "transports"},
+    "jobserver": {"errors", "logsafe", "signals", "interrupts", "deathsig", "security", "netio", "tls", "pools",
+                  "wire", "contracts", "jobserver", "transports"},
     "scheme": {"errors", "logsafe", "signals", "deathsig", "security", "netio", "tls", "pools", "wire", "contracts",
                "jobserver", "scheme", "transports"},
     "transports": {"errors", "logsafe", "signals", "deathsig", "contracts"},

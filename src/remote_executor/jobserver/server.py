@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 if TYPE_CHECKING:
     from typing_extensions import Self
 
+from .. import interrupts
 from ..errors import ProtocolError
 from ..netio import Waker
 from ..security import normalize_key
@@ -233,13 +234,21 @@ class ServerCore(abc.ABC):
                 self._flush_from_caller()
             return  # otherwise the loop pumps again before it waits
         if self.caller_may_drive and self.drive_lock.acquire(blocking=False):
+            # Ctrl-C is held off while this thread updates the scheduler and writes to workers: raised
+            # in between, it would leave a call taken from its queue and never sent (see interrupts.py).
+            held = interrupts.hold()
             try:
                 self.pump(on_loop=False)
                 self._flush_from_caller()
             finally:
                 self.drive_lock.release()
-            if not self._deferred and not self._caller_left_work():
-                return
+                if held is not None:
+                    held.restore()
+            if self._deferred or self._caller_left_work():
+                self.wake()
+            if held is not None:
+                held.deliver()  # the KeyboardInterrupt held off, if any, now that the work is done
+            return
         self.wake()
 
     def _flush_from_caller(self) -> None:
