@@ -79,6 +79,21 @@ def test_a_submit_interrupted_at_the_hand_over_runs_its_call_once(transport: str
     assert runs(path) == ["first", "interrupted", "next"]
 
 
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_broadcast_interrupted_at_the_hand_over_runs_once_on_each_worker(when: str, tmp_path: Path) -> None:
+    path = tmp_path / "runs"
+    executor = RemoteExecutor(max_workers=2, transport="tcp")
+    try:
+        assert executor.submit(record, str(path), "first").result(timeout=60) == "first"
+        transport = executor._core.transport
+        transport.submit = InterruptOnce(transport.submit, when)  # type: ignore[method-assign]
+        with pytest.raises(KeyboardInterrupt):
+            executor.broadcast(record, str(path), "everywhere")
+        assert executor.submit(record, str(path), "next").result(timeout=60) == "next"
+    finally:
+        shut_down(executor)
+    assert runs(path) == ["everywhere", "everywhere", "first", "next"]
+
 def gearman_client(executor: RemoteExecutor) -> GearmanClientTransport:
     client = executor._core.transport._client  # type: ignore[attr-defined]
     assert isinstance(client, GearmanClientTransport)

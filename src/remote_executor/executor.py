@@ -40,6 +40,7 @@ import contextlib
 import heapq
 import itertools
 import logging
+import operator
 import os
 import threading
 import time
@@ -50,12 +51,15 @@ from concurrent.futures import Executor, Future
 from queue import Empty, SimpleQueue
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
+from . import interrupts
 from .errors import BrokenRemoteExecutor, CallTimeoutError, SerializationError
 from .security import resolve_key
 from .transports.base import Call, ClientTransport, Options, Session, Status, decode_result
 from .wire.messages import check_limit
 from .wire.output import write_output
 from .wire.serialization import Parts, encode_call, encode_chunk, encode_initializer
+
+_TASK_ID = operator.attrgetter("task_id")
 
 if TYPE_CHECKING:  # imported when status() is called: not on every start-up's path
     from .status import ClusterStatus
@@ -120,6 +124,16 @@ class _WorkItem:
         self.parts = parts
         self.limit = limit
         self.starts = 0  # how often a worker took it (a retry starts its clock again)
+
+
+class _PinnedItem(_WorkItem):
+    """A broadcast's call, for the one worker it must run on."""
+
+    __slots__ = ("worker",)
+
+    def __init__(self, future: Future[Any], parts: Parts, limit: float | None, worker: str) -> None:
+        super().__init__(future, parts, limit)
+        self.worker = worker
 
 
 class _Deadlines:
@@ -281,10 +295,7 @@ class _Core:
             except BaseException:
                 # A signal handler's exception (Ctrl-C on the main thread) cut the hand-over short, at a
                 # point nobody can know: the calls in flight may or may not have reached the transport.
-                # Bring the queue to a consistent state, and have a thread no signal interrupts make sure
-                # that each call in flight runs (or is reported) once, before the exception goes on.
-                self._mend_batch()
-                self.deadlines.arm(0.0, self._reconcile)
+                self._recover()
                 raise
         for item, exc in rejected:
             item.future.set_exception(exc)
@@ -332,7 +343,7 @@ class _Core:
             return
         if state == "RUNNING":
             if not any(item is head for item in self.in_flight.values()):
-                self.in_flight[next(self.task_ids)] = head  # _reconcile hands it over
+                self.in_flight[next(self.task_ids)] = head  # _recover hands it over
             self.pending.popleft()
             return
         if state == "CANCELLED":  # cancelled, its waiters not yet told: tell them, and count it
@@ -341,18 +352,26 @@ class _Core:
             self.deadlines.arm(0.0, lambda: self._settled(0))  # (wakes shutdown if that was the last)
         self.pending.popleft()  # (else cancelled and counted, by _on_done or by _take_batch)
 
-    def _reconcile(self) -> None:
-        """After an interrupted hand-over (on the deadline thread, which no signal interrupts): the
-        transport submits every call in flight it never received; those it did are left as they are."""
-        with self.lock:
-            if self.broken is not None or self.closing:
-                return
+    def _recover(self) -> None:
+        """After a hand-over cut short by a signal handler's exception (lock held, Ctrl-C held off): mend
+        the queue, then have the transport submit every call in flight it never received, leaving those it
+        did as they are. Now, under the lock that numbers calls: the calls it never received are the newest
+        it was given, which is how it tells them from calls settled meanwhile."""
+        held = interrupts.hold()
+        try:
+            self._mend_batch()
             calls = [Call(task_id, item.parts, item.limit) for task_id, item in self.in_flight.items()]
-            if calls:
+            calls += [Call(task_id, item.parts, item.limit, worker=item.worker)
+                      for task_id, item in self.broadcasting.items() if isinstance(item, _PinnedItem)]
+            calls.sort(key=_TASK_ID)  # (in the order they were numbered, as submit() gets them)
+            if calls and self.broken is None:
                 try:
                     self.transport.reconcile(calls)
                 except Exception:  # a transport bug: log it; the calls' futures stay as they are
                     logger.exception("transport %r failed to reconcile %d call(s)", self.transport, len(calls))
+        finally:
+            if held is not None:
+                held.restore()  # (a second Ctrl-C meanwhile is dropped: the first is on its way)
 
     def _claim(self, future: Future[Any]) -> bool | None:
         """Move a pending future out of PENDING, exactly once (lock held): True if it is RUNNING now,
@@ -406,15 +425,24 @@ class _Core:
         with self.lock, _global_shutdown_lock:
             self.check_open()
             calls = []
+            items: dict[int, _WorkItem] = {}
             for name in workers:
                 future: Future[Any] = Future()
                 future.add_done_callback(self._on_done)  # (it passes the caller's callbacks on: see there)
                 future.set_running_or_notify_cancel()
                 task_id = next(self.task_ids)
-                self.broadcasting[task_id] = _WorkItem(future, parts, limit)
+                items[task_id] = _PinnedItem(future, parts, limit, name)
                 calls.append(Call(task_id, parts, limit, worker=name))
                 futures[name] = future
-            self.outstanding += len(calls)
+            before = self.outstanding
+            try:  # accepted all at once, or (Ctrl-C) not at all
+                self.outstanding = before + len(calls)
+                self.broadcasting.update(items)
+            except BaseException:
+                for task_id in items:
+                    self.broadcasting.pop(task_id, None)
+                self.outstanding = before
+                raise
             try:
                 if calls:
                     self.transport.submit(calls)
@@ -424,6 +452,9 @@ class _Core:
                 for call in calls:
                     self.broadcasting.pop(call.task_id, None)
                 rejected = exc
+            except BaseException:  # Ctrl-C: as in dispatch()
+                self._recover()
+                raise
         if rejected is not None:
             for future in futures.values():
                 future.set_exception(rejected)

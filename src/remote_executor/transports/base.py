@@ -164,9 +164,11 @@ class ClientTransport(abc.ABC):
 
     def reconcile(self, calls: Sequence[Call]) -> None:
         """A :meth:`submit` on the caller's thread was cut short by a signal handler's exception (Ctrl-C)
-        at an unknown point; ``calls`` are every call the executor has in flight. Submit those this
-        transport never received, and make sure each one it did receive runs or is reported: never
-        twice beyond ``max_retries``, never lost. Called from a thread no signal interrupts.
+        at an unknown point; ``calls`` are every call the executor has in flight, in the order they were
+        numbered. Submit those this transport never received, and make sure each one it did receive runs
+        or is reported: never twice beyond ``max_retries``, never lost. Called right away, on that thread
+        (Ctrl-C held off), before any later call is submitted: the calls never received are the newest
+        ``submit`` was given, which tells them from calls settled meanwhile.
 
         The default does nothing: right for a transport whose ``submit`` records each call in one step
         that cannot be cut in half."""

@@ -169,6 +169,7 @@ class GearmanClientTransport(ClientTransport):
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._jobs: dict[int, _Job] = {}
+        self._newest = 0  # the highest task id ever submitted
         self._parked: list[_Job] = []  # accepted while no server was up
         self._cancels: list[tuple[_Server, bytes]] = []
         self._round_robin = itertools.count()
@@ -215,8 +216,10 @@ class GearmanClientTransport(ClientTransport):
             if refused:
                 self._too_large.extend(refused)
                 self._wake.notify_all()
-            for job in jobs:
-                self._jobs[job.call.task_id] = job
+            # Recorded in one step (see reconcile): a submit cut short by Ctrl-C recorded all or none.
+            self._jobs.update({job.call.task_id: job for job in jobs})
+            if calls and calls[-1].task_id > self._newest:  # (task ids grow; a resubmission is older)
+                self._newest = calls[-1].task_id
             for job in jobs:
                 self._send(job)
 
@@ -224,7 +227,8 @@ class GearmanClientTransport(ClientTransport):
         with self._lock:
             if self._closing:
                 return
-            unknown = [call for call in calls if call.task_id not in self._jobs]
+            # Not recorded, and newer than any recorded (a call settled since is no longer recorded either).
+            unknown = [call for call in calls if call.task_id not in self._jobs and call.task_id > self._newest]
             for call in calls:
                 job = self._jobs.get(call.task_id)
                 if job is not None and job.handle is None and not self._sent(job):
