@@ -9,7 +9,6 @@ Ctrl-C can, with an exception raised from a wrapped internal: a timed signal wou
 from __future__ import annotations
 
 import signal
-import socket
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -59,6 +58,21 @@ def runs(path: Path) -> list[str]:
     return sorted(path.read_text(encoding="utf-8").split())
 
 
+def interrupted(executor: RemoteExecutor, path: Path, arm: Callable[[], object], action: Callable[[], object]
+                ) -> list[str]:
+    """After a first call: ``arm()`` the interruption, check that ``action()`` raises ``KeyboardInterrupt``
+    and that a next call runs, then shut down; the runs recorded in ``path`` (sorted)."""
+    try:
+        assert executor.submit(record, str(path), "first").result(timeout=60) == "first"
+        arm()
+        with pytest.raises(KeyboardInterrupt):
+            action()
+        assert executor.submit(record, str(path), "next").result(timeout=60) == "next"
+    finally:
+        shut_down(executor)
+    return runs(path)
+
+
 @pytest.mark.parametrize("transport", ["memory", "tcp", "zmq", "gearman"])
 @pytest.mark.parametrize("when", ["before", "after"])
 def test_a_submit_interrupted_at_the_hand_over_runs_its_call_once(transport: str, when: str,
@@ -67,32 +81,20 @@ def test_a_submit_interrupted_at_the_hand_over_runs_its_call_once(transport: str
     either way it runs, and only once."""
     path = tmp_path / "runs"
     executor = RemoteExecutor(max_workers=1, transport=transport)
-    try:
-        assert executor.submit(record, str(path), "first").result(timeout=60) == "first"
-        core = executor._core
-        core.submit_calls = InterruptOnce(core.submit_calls, when)
-        with pytest.raises(KeyboardInterrupt):
-            executor.submit(record, str(path), "interrupted")
-        assert executor.submit(record, str(path), "next").result(timeout=60) == "next"
-    finally:
-        shut_down(executor)
-    assert runs(path) == ["first", "interrupted", "next"]
+    core = executor._core
+    assert interrupted(executor, path, lambda: setattr(core, "submit_calls", InterruptOnce(core.submit_calls, when)),
+                       lambda: executor.submit(record, str(path), "interrupted")) == ["first", "interrupted", "next"]
 
 
 @pytest.mark.parametrize("when", ["before", "after"])
 def test_a_broadcast_interrupted_at_the_hand_over_runs_once_on_each_worker(when: str, tmp_path: Path) -> None:
     path = tmp_path / "runs"
     executor = RemoteExecutor(max_workers=2, transport="tcp")
-    try:
-        assert executor.submit(record, str(path), "first").result(timeout=60) == "first"
-        transport = executor._core.transport
-        transport.submit = InterruptOnce(transport.submit, when)  # type: ignore[method-assign]
-        with pytest.raises(KeyboardInterrupt):
-            executor.broadcast(record, str(path), "everywhere")
-        assert executor.submit(record, str(path), "next").result(timeout=60) == "next"
-    finally:
-        shut_down(executor)
-    assert runs(path) == ["everywhere", "everywhere", "first", "next"]
+    transport = executor._core.transport
+    assert interrupted(executor, path, lambda: setattr(transport, "submit", InterruptOnce(transport.submit, when)),
+                       lambda: executor.broadcast(record, str(path), "everywhere")
+                       ) == ["everywhere", "everywhere", "first", "next"]
+
 
 def gearman_client(executor: RemoteExecutor) -> GearmanClientTransport:
     client = executor._core.transport._client  # type: ignore[attr-defined]
@@ -104,22 +106,19 @@ def test_a_gearman_call_recorded_but_not_yet_written_is_written_once(tmp_path: P
     """Interrupted inside the gearman client, after it recorded the job and before it wrote its SUBMIT."""
     path = tmp_path / "runs"
     executor = RemoteExecutor(max_workers=1, transport="gearman")
-    try:
-        assert executor.submit(record, str(path), "first").result(timeout=60) == "first"
+
+    def arm() -> None:
         client = gearman_client(executor)
         client._send = InterruptOnce(client._send, "before")  # type: ignore[method-assign]
-        with pytest.raises(KeyboardInterrupt):
-            executor.submit(record, str(path), "interrupted")
-        assert executor.submit(record, str(path), "next").result(timeout=60) == "next"
-    finally:
-        shut_down(executor)
-    assert runs(path) == ["first", "interrupted", "next"]
+
+    assert interrupted(executor, path, arm, lambda: executor.submit(record, str(path), "interrupted")
+                       ) == ["first", "interrupted", "next"]
 
 
 class HalfWrites:
     """A socket whose next packet is cut after its first part by a ``KeyboardInterrupt``."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: Any) -> None:  # (a socket, or a TLS one)
         self._sock, self.armed = sock, True
 
     def sendall(self, data: Any) -> None:
@@ -137,17 +136,16 @@ def test_a_gearman_packet_cut_in_half_ends_its_connection_and_the_call_still_run
     the next bytes to complete. The connection is ended instead, and the call resubmitted on a new one."""
     path = tmp_path / "runs"
     executor = RemoteExecutor(max_workers=1, transport="gearman", max_retries=1)
-    try:
-        assert executor.submit(record, str(path), "first").result(timeout=60) == "first"
+
+    def arm() -> None:
         conn = gearman_client(executor)._servers[0].conn
         assert conn is not None
         conn._sock = HalfWrites(conn._sock)  # type: ignore[assignment]
-        with pytest.raises(KeyboardInterrupt):  # (a payload this big is written apart from its header)
-            executor.submit(record, str(path), "interrupted", bytes(_SEPARATE_PAYLOAD_SIZE))
-        assert executor.submit(record, str(path), "next").result(timeout=60) == "next"
-    finally:
-        shut_down(executor)
-    assert runs(path) == ["first", "interrupted", "next"]
+
+    # (a payload this big is written apart from its header)
+    assert interrupted(executor, path, arm,
+                       lambda: executor.submit(record, str(path), "interrupted", bytes(_SEPARATE_PAYLOAD_SIZE))
+                       ) == ["first", "interrupted", "next"]
 
 
 class SignalOnce:
@@ -171,18 +169,17 @@ def test_ctrl_c_while_the_caller_drives_the_embedded_server_comes_once_the_call_
     from its queue and never sent."""
     path = tmp_path / "runs"
     executor = RemoteExecutor(max_workers=1, transport="tcp")
-    try:
-        assert executor.submit(record, str(path), "first").result(timeout=60) == "first"
+    wrapped: list[SignalOnce] = []
+
+    def arm() -> None:
         server = executor._core.transport.cluster.server.server  # type: ignore[attr-defined]
-        setattr(server, where, SignalOnce(getattr(server, where)))
-        with pytest.raises(KeyboardInterrupt):
-            executor.submit(record, str(path), "interrupted")
-        assert getattr(server, where).fired
-        assert executor.submit(record, str(path), "next").result(timeout=60) == "next"
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
-    finally:
-        shut_down(executor)
-    assert runs(path) == ["first", "interrupted", "next"]
+        wrapped.append(SignalOnce(getattr(server, where)))
+        setattr(server, where, wrapped[0])
+
+    assert interrupted(executor, path, arm, lambda: executor.submit(record, str(path), "interrupted")
+                       ) == ["first", "interrupted", "next"]
+    assert wrapped[0].fired
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
 
 
 def test_hold_notes_ctrl_c_and_delivers_it_after() -> None:
