@@ -242,8 +242,9 @@ class GearmanClientTransport(ClientTransport):
         if job.server < 0:  # (_send names the server before it writes)
             return job in self._parked
         conn = self._servers[job.server].conn
-        # A connection that ended meanwhile reports what it held; one never written to holds nothing.
-        return conn is None or conn.holds((job.call.task_id, job.submission))
+        # A connection that ended has reported what it held (on_disconnect, under this lock, clears conn):
+        # a job it held was sent again, parked or settled since, so one still naming it was never written.
+        return conn is not None and conn.holds((job.call.task_id, job.submission))
 
     def close(self) -> None:
         with self._lock:
