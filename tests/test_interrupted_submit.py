@@ -8,6 +8,7 @@ Ctrl-C can, with an exception raised from a wrapped internal: a timed signal wou
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 from collections.abc import Callable
@@ -131,9 +132,12 @@ class HalfWrites:
         return getattr(self._sock, name)
 
 
-def test_a_gearman_packet_cut_in_half_ends_its_connection_and_the_call_still_runs(tmp_path: Path) -> None:
+def test_a_gearman_packet_cut_in_half_ends_its_connection_and_the_call_still_runs(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Interrupted between the writes of one SUBMIT packet: gearmand has half a packet, which it would take
-    the next bytes to complete. The connection is ended instead, and the call resubmitted on a new one."""
+    the next bytes to complete. The connection is ended instead, and the call resubmitted on a new one; the
+    log says the client ended it, not gearmand."""
+    caplog.set_level(logging.WARNING, logger="remote_executor")
     path = tmp_path / "runs"
     executor = RemoteExecutor(max_workers=1, transport="gearman", max_retries=1)
 
@@ -146,6 +150,9 @@ def test_a_gearman_packet_cut_in_half_ends_its_connection_and_the_call_still_run
     assert interrupted(executor, path, arm,
                        lambda: executor.submit(record, str(path), "interrupted", bytes(_SEPARATE_PAYLOAD_SIZE))
                        ) == ["first", "interrupted", "next"]
+    lost = [r.getMessage() for r in caplog.records if "lost gearmand" in r.getMessage()]
+    assert len(lost) == 1 and "ended by this client: a packet's write was interrupted by KeyboardInterrupt" in lost[0]
+    assert "closed the connection" not in lost[0]
 
 
 class SignalOnce:

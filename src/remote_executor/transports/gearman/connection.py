@@ -245,6 +245,7 @@ class GearmanClientConnection(Generic[T]):
         self._by_handle: dict[bytes, list[T]] = {}  # a list: submits with one unique share a handle
         self._ended = False
         self._closing = False
+        self._cut: str | None = None  # why this client ended the connection itself, mid-packet
         self._handlers: dict[PacketType, Callable[[tuple[bytes, ...]], None]] = {
             PacketType.JOB_CREATED: self._on_job_created,
             PacketType.ERROR: self._on_error,
@@ -297,10 +298,11 @@ class GearmanClientConnection(Generic[T]):
                     self._sock.sendall(part)
             except OSError:
                 _shutdown(self._sock)  # the reader sees EOF and reports the tokens in flight
-            except BaseException:
+            except BaseException as exc:
                 # A signal handler's exception (Ctrl-C) between or inside the writes: the packet may be half
                 # on the wire, which gearmand could only misread, and the tokens would no longer match its
-                # JOB_CREATED answers. End the connection as a failed send does.
+                # JOB_CREATED answers. End the connection as a failed send does, and say who ended it.
+                self._cut = f"a packet's write was interrupted by {type(exc).__name__}"
                 _shutdown(self._sock)
                 raise
 
@@ -333,7 +335,11 @@ class GearmanClientConnection(Generic[T]):
                 for packet in self._decoder.feed(self._recv()):
                     self._dispatch(packet)
         except GearmanError as exc:
-            self._end(exc)
+            if self._cut is not None and not self._closing:  # the EOF is our own shutdown, not gearmand's
+                self._end(GearmanConnectionError(
+                    f"connection to gearmand at {self.address} ended by this client: {self._cut}"))
+            else:
+                self._end(exc)
         except Exception as exc:  # pragma: no cover - a bug here must still settle every token
             log.exception("gearman client reader crashed")
             self._end(GearmanConnectionError(f"gearman client reader crashed: {exc!r}"))
