@@ -198,3 +198,40 @@ def test_a_worker_whose_server_is_down_exits_promptly_on_sigterm(scheme: str) ->
         servers.stop()
     assert proc.returncode == 0
     assert elapsed < 10, f"{elapsed:.1f}s from SIGTERM to exit"
+
+
+def lost_twice_around_a_hang(path: str, seconds: float) -> int:
+    """Its worker dies on its first and third runs; its second run hangs (while the test restarts the job
+    server under it)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, b"1\n")
+    finally:
+        os.close(fd)
+    runs = len(Path(path).read_text().split())
+    if runs in (1, 3):
+        os._exit(1)
+    time.sleep(seconds)
+    return runs
+
+
+def test_worker_lost_error_names_the_losses_on_every_server(
+    cluster: Callable[..., tuple[Servers, Supervisor]], tmp_path: Path
+) -> None:
+    """Lost with a worker, then with the job server, then with a worker of the next server: the error
+    names all three, in order, not only those of the server that gave up."""
+    servers, _ = cluster(workers=2)  # the third run on the worker that is not busy with the second
+    log = tmp_path / "runs"
+    with RemoteExecutor(transport=servers.url, max_retries=2, reconnect_timeout=30, **FAST) as ex:
+        future = ex.submit(lost_twice_around_a_hang, str(log), 30.0)
+        wait_for(lambda: len(log.read_text().split()) >= 2 if log.exists() else False, timeout=60,
+                 what="the second run")
+        servers.restart()
+        error = future.exception(timeout=60)
+    assert isinstance(error, WorkerLostError), repr(error)
+    assert len(log.read_text().split()) == 3
+    assert len(error.workers) == 3, error.workers
+    first, server, last = error.workers
+    assert first.startswith("delivery-worker") and last.startswith("delivery-worker"), error.workers
+    assert server.endswith("(connection lost)") and str(servers.ports[0]) in server, error.workers
+    assert "3 time(s)" in str(error)

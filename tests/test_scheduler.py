@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from remote_executor.jobserver.scheduler import Action, Close, ConnId, Scheduler, Send, WorkerState
-from remote_executor.wire.frames import FAILED, Frame, Kind, Status
+from remote_executor.wire.frames import FAILED, LOST_ON, Frame, Kind, Status
 from remote_executor.wire.messages import hello
 from remote_executor.wire.serialization import Parts
 
@@ -394,7 +394,10 @@ def test_retries_exhausted_gives_worker_lost_naming_every_worker_in_order(how: s
     h.submit(1, 6, "next")
     for conn, name in [(10, "w1"), (11, "w2")]:
         assert tasks_to(h.worker(conn, name), conn) == [b"call doomed"]
-        assert sent(h.lose(conn, how), 1, Kind.RESULT) == []
+        actions = h.lose(conn, how)
+        assert sent(actions, 1, Kind.RESULT) == []
+        # the client learns each loss as it comes, to name them if another server gives up on the call
+        assert [(f.a, f.parts) for f in sent(actions, 1, Kind.REQUEUED)] == [(5, [LOST_ON, f"{name}#{conn}".encode()])]
     assert tasks_to(h.worker(12, "w3"), 12) == [b"call doomed"]
     actions = h.lose(12, how)
     (result,) = sent(actions, 1, Kind.RESULT)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from remote_executor.jobserver.scheduler import Close, Send, Stop
-from remote_executor.wire.frames import NOT_STARTED, Frame, Kind, Status
+from remote_executor.wire.frames import LOST_ON, NOT_STARTED, Frame, Kind, Status
 from remote_executor.wire.messages import call_frame, hello, pinned, worker_lost_error
 
 from .test_scheduler import TIMEOUT, Harness, call, sent, tasks_to
@@ -188,12 +188,13 @@ def test_a_stopping_server_tells_clients_which_calls_it_will_never_start() -> No
 
 
 def test_a_requeued_call_of_a_running_server_is_not_marked() -> None:
+    """Not NOT_STARTED: the worker it was lost with instead."""
     h = Harness()
     h.client(1, max_retries=2)
     h.worker(10, "a")
     h.submit(1, 1, "running")
     actions = h.disconnect(10)
-    assert [(f.a, f.b, f.parts) for f in sent(actions, 1, Kind.REQUEUED)] == [(1, 1, [])]
+    assert [(f.a, f.b, f.parts) for f in sent(actions, 1, Kind.REQUEUED)] == [(1, 1, [LOST_ON, b"a#10"])]
 
 
 def test_a_worker_reconnecting_to_a_stopping_server_is_welcomed_but_given_no_queued_call() -> None:

@@ -39,10 +39,11 @@ from ..errors import (
     RemoteExecutorError,
     ServerUnavailableError,
 )
+from ..logsafe import printable
 from ..netio import Waker, retry_with_backoff
 from ..pools import DEFAULT_POOL, pool_of_url
 from ..transports.base import Call, ClientTransport, Listener, Options, Session
-from ..wire.frames import NOT_STARTED, PINNED, Frame, Kind, Status
+from ..wire.frames import LOST_ON, NOT_STARTED, PINNED, Frame, Kind, Status
 from ..wire.messages import (
     announced_limit,
     call_frame,
@@ -52,6 +53,7 @@ from ..wire.messages import (
     parse_json,
     pinned,
     rejection,
+    with_earlier_losses,
     worker_lost_parts,
 )
 from ..wire.serialization import Parts, error_outcome
@@ -267,6 +269,9 @@ class ClientSession:
         self._newest = 0  # the highest task id ever accepted
         self._attempts: dict[int, int] = {}  # task id -> times it may have run (absent: never)
         self._not_started: set[int] = set()  # task ids the (stopping) server said it will never start
+        # task id -> (workers and servers it was lost with on earlier connections, workers lost on this
+        # one): a server's WorkerLostError names only its own workers; the client puts the earlier first.
+        self._lost_on: dict[int, tuple[list[str], list[str]]] = {}
         self._requests: dict[int, Future[dict[str, Any]]] = {}  # WORKERS / STATUS asked, no answer yet
         self._request_ids = itertools.count(1)
 
@@ -347,9 +352,13 @@ class ClientSession:
                 known = self._inflight.pop(frame.a, None) is not None
                 self._attempts.pop(frame.a, None)
                 self._not_started.discard(frame.a)
+                losses = self._lost_on.pop(frame.a, None) if self._lost_on else None
             if known:
                 status = _STATUSES.get(frame.b)
-                self.listener.on_result(frame.a, Status(frame.b) if status is None else status, frame.parts)
+                parts = frame.parts
+                if losses is not None and losses[0] and status is Status.WORKER_LOST:
+                    parts = with_earlier_losses(parts, losses[0])
+                self.listener.on_result(frame.a, Status(frame.b) if status is None else status, parts)
         elif kind == Kind.CAPACITY:
             self.listener.on_capacity(frame.a)
         elif kind == Kind.STARTED:
@@ -363,6 +372,10 @@ class ClientSession:
                     self._attempts[frame.a] = max(self._attempts.get(frame.a, 0), frame.b)
                     if len(frame.parts) == 1 and frame.parts[0] == NOT_STARTED:
                         self._not_started.add(frame.a)
+                    elif len(frame.parts) == 2 and frame.parts[0] == LOST_ON:
+                        on_server = self._lost_on.setdefault(frame.a, ([], []))[1]
+                        if len(on_server) <= self.session.max_retries:  # (a server sends no more)
+                            on_server.append(printable(bytes(frame.parts[1])))
         elif kind in (Kind.WORKERS, Kind.STATUS):
             with self._lock:
                 answer = self._requests.pop(frame.a, None)
@@ -383,6 +396,7 @@ class ClientSession:
         with self._lock:
             known = self._inflight.pop(frame.a, None) is not None
             self._attempts.pop(frame.a, None)
+            self._lost_on.pop(frame.a, None)
         if known:
             self.listener.on_result(frame.a, Status.DONE, error_outcome(error))
 
@@ -393,36 +407,43 @@ class ClientSession:
         there, so it counts one attempt: resubmitted while within ``max_retries``, else it fails with a
         worker-lost result (``max_retries=0``: at most once)."""
         resubmit: list[Call] = []
-        lost: list[tuple[int, int]] = []
+        lost: list[tuple[int, int, list[str]]] = []
         pinned_lost: list[tuple[int, str]] = []
         with self._lock:
             requests = list(self._requests.values())
             self._requests.clear()
             not_started, self._not_started = self._not_started, set()
+            here = f"{self.server} (connection lost)"
             for task_id, call in list(self._inflight.items()):
                 if call.worker is not None:  # a broadcast's call: its worker was one of that server's
                     del self._inflight[task_id]
                     self._attempts.pop(task_id, None)
+                    self._lost_on.pop(task_id, None)
                     pinned_lost.append((task_id, call.worker))
                     continue
-                if task_id in unsent:
+                earlier, on_server = self._lost_on.pop(task_id, ([], []))
+                earlier += on_server  # the workers lost there are earlier ones from now on
+                if task_id in unsent or task_id in not_started:  # the stopping server said it cannot have run
+                    if task_id not in unsent:
+                        resubmit.append(call)
+                    if earlier:
+                        self._lost_on[task_id] = (earlier, [])
                     continue
-                if task_id in not_started:  # the stopping server said so: it cannot have run there
-                    resubmit.append(call)
-                    continue
+                earlier.append(here)
                 attempts = self._attempts.get(task_id, 0) + 1
                 if attempts <= self.session.max_retries:
                     self._attempts[task_id] = attempts
+                    self._lost_on[task_id] = (earlier, [])
                     resubmit.append(call)
                 else:
                     del self._inflight[task_id]
                     self._attempts.pop(task_id, None)
-                    lost.append((task_id, attempts))
+                    lost.append((task_id, attempts, earlier))
         for answer in requests:
             answer.set_exception(ConnectionFailedError(f"lost the connection to the job server {self.server} "
                                                        f"before it answered"))
-        for task_id, attempts in lost:
-            parts: Parts = worker_lost_parts([f"{self.server} (connection lost)"], attempts)
+        for task_id, attempts, workers in lost:
+            parts: Parts = worker_lost_parts(workers, attempts)
             self.listener.on_result(task_id, Status.WORKER_LOST, parts)
         for task_id, worker in pinned_lost:
             reason = (f"the connection to the job server {self.server} was lost before the worker {worker} "

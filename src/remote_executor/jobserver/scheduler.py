@@ -41,7 +41,7 @@ from typing import Any
 from ..errors import AuthenticationError, ProtocolError, VersionMismatchError
 from ..logsafe import limited, owner, printable
 from ..pools import DEFAULT_POOL, is_pool_name
-from ..wire.frames import FAILED, LIMITED, NOT_STARTED, PINNED, Frame, Kind, Status
+from ..wire.frames import FAILED, LIMITED, LOST_ON, NOT_STARTED, PINNED, Frame, Kind, Status
 from ..wire.messages import (
     RejectCode,
     call_frame,
@@ -589,19 +589,24 @@ class Scheduler:
             if not client.queue:
                 self._pools[client.pool].ready.append(task.client)
             client.queue.appendleft(task)
-            # The client keeps the count too, for when it must resubmit the call to another server.
-            self._send(task.client, self._requeued(task))
+            # The client keeps the count and the names too, for when it must resubmit the call to another
+            # server: its WorkerLostError then names the workers lost on every server.
+            self._send(task.client, self._requeued(task, worker_name))
             return
         del client.tasks[task.tid]
         parts = worker_lost_parts(task.lost_on, task.attempts)
         self._send(task.client, Frame(Kind.RESULT, a=task.client_tid, b=Status.WORKER_LOST, parts=parts))
 
-    def _requeued(self, task: Task) -> Frame:
+    def _requeued(self, task: Task, lost_on: str | None = None) -> Frame:
         """REQUEUED for a queued call: how often it may have run, and, once this server is stopping (no
         queued call starts any more), that it will not run here: the client resubmits it to the server
-        that takes this one's place without counting an attempt."""
-        return Frame(Kind.REQUEUED, a=task.client_tid, b=task.attempts,
-                     parts=[NOT_STARTED] if self._stopping is not None else [])
+        that takes this one's place without counting an attempt. Else ``lost_on``, the worker just lost
+        with it, if that is why it was queued again."""
+        if self._stopping is not None:
+            parts: Parts = [NOT_STARTED]
+        else:
+            parts = [LOST_ON, lost_on.encode(errors="replace")] if lost_on is not None else []
+        return Frame(Kind.REQUEUED, a=task.client_tid, b=task.attempts, parts=parts)
 
     def _fail_pinned_queue(self, worker: WorkerState, name: str, what: str) -> None:
         """Fail every pinned call still waiting for ``worker`` (it is going): none may run elsewhere."""

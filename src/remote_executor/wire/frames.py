@@ -25,6 +25,7 @@ from .session import MAC_SIZE, Mac, as_mac
 
 MAGIC = b"RE"
 NOT_STARTED = b"not started"  # the part of a REQUEUED frame for a call a stopping server will never start
+LOST_ON = b"lost on"  # a REQUEUED frame's first part when its second names the worker the call was lost with
 VERSION = 5  # 2: the KEYED flag, attempt counts in SUBMIT, REQUEUED; 3: time limits (LIMITED), TIMED_OUT;
 # 4: broadcast (WORKERS, PINNED), status for clients, worker host/pid in HELLO, STOP; 5: a call's function
 # shipped by value travels as its own pickle (an older worker could not run it)
@@ -73,7 +74,8 @@ class Kind(enum.IntEnum):
     #           (b=1: for good, the job server was stopped with its workers: do not restart)
     STATUS = 13  # admin or client -> server: a=request id; server -> it: a=request id, parts [json status]
     REQUEUED = 14  # server -> client: a=client task id, b=times it may have run (its worker was lost);
-    #              parts [NOT_STARTED]: a stopping server will not start it (resubmit it, counting nothing)
+    #              parts [NOT_STARTED]: a stopping server will not start it (resubmit it, counting nothing);
+    #              parts [LOST_ON, utf-8 name]: the worker it was lost with (for WorkerLostError.workers)
     OPEN = 15  # peer -> server, first frame: parts [nonce]; signed with the shared key (wire.session)
     CHALLENGE = 16  # server -> peer: parts [nonce]; signed with the shared key, bound to the peer's nonce
     STARTED = 17  # server -> client: a=client task id: a worker has the call (sent for calls with a limit)

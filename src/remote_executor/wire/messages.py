@@ -143,6 +143,18 @@ def worker_lost_parts(workers: Sequence[str], attempts: int, reason: str | None 
     return [json.dumps(body).encode()]
 
 
+def with_earlier_losses(parts: Parts, earlier: Sequence[str]) -> Parts:
+    """A ``Status.WORKER_LOST`` body from a job server, with ``earlier`` (the workers and servers this call
+    was lost with before it reached that server) put first. A body that does not parse is left as it is:
+    it becomes an error of its own when read."""
+    try:
+        info = json.loads(bytes(parts[0]))
+        info["workers"] = [*earlier, *info["workers"]]
+        return [json.dumps(info).encode()]
+    except (ValueError, TypeError, KeyError, IndexError):
+        return parts
+
+
 def worker_lost_error(parts: Sequence[Buffer]) -> WorkerLostError:
     info = json.loads(bytes(parts[0]))
     workers = tuple(str(w) for w in info["workers"])
