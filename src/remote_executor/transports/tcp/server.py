@@ -21,10 +21,10 @@ import socket
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ...errors import AuthenticationError, ProtocolError
+from ...jobserver.handshakes import Handshakes
 from ...jobserver.scheduler import ConnId
 from ...jobserver.server import ServerCore
 from ...logsafe import limited, owner, printable
@@ -52,14 +52,6 @@ RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.EN
 # accept() errors that concern one connection only (gone before it was taken): take the next one
 CONNECTION_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR, errno.EAGAIN})
 LOG_EVERY = 10.0  # seconds between two log lines of the same kind about a flood
-
-
-@dataclass(slots=True)
-class _Handshaking:
-    """A connection that has not been welcomed yet."""
-
-    host: str
-    since: float
 
 
 class _Throttled:
@@ -110,8 +102,9 @@ class TcpServer(ServerCore):
         max_handshaking: int = 64,
         handshake_timeout: float | None = None,
     ) -> None:
-        if max_handshaking < 1:
-            raise ValueError("max_handshaking must be at least 1")
+        # Connections not welcomed yet (the policy: .jobserver.handshakes); checked before binding.
+        handshaking: Handshakes[ConnId] = Handshakes(
+            max_handshaking, heartbeat_timeout if handshake_timeout is None else handshake_timeout)
         config = TlsConfig.from_options({"tls": tls, "tls_cert": tls_cert, "tls_key": tls_key, "tls_ca": tls_ca})
         self._tls = config.server_context() if config is not None else None  # before binding: a clear error
         self._tls_connection: type[TlsConnection] | None = None
@@ -130,14 +123,7 @@ class TcpServer(ServerCore):
         self._conns: dict[ConnId, Connection] = {}
         self._dirty: set[ConnId] = set()
         self._closed = False
-        # Connections not welcomed yet, oldest first, and how many each peer address has.
-        self._handshaking: dict[ConnId, _Handshaking] = {}
-        self._handshaking_per_host: Counter[str] = Counter()
-        self._max_handshaking = max_handshaking
-        self._handshake_timeout = heartbeat_timeout if handshake_timeout is None else handshake_timeout
-        # How long a connection in handshake has had for a fair chance: after that it may make room for a
-        # newcomer from the same address (a burst of legitimate peers connecting at once is not churned).
-        self._evictable_after = min(1.0, self._handshake_timeout / 4)
+        self._handshaking = handshaking
         self._accepting_again: float | None = None  # accepting paused until then
         self._throttled = _Throttled()
         self._selector.register(self._listen, selectors.EVENT_READ, _LISTENER)
@@ -178,7 +164,7 @@ class TcpServer(ServerCore):
                         for key, mask in self._selector.select(0):
                             self._on_event(key.data, mask)
                         next_tick = self.scheduler.tick(time.monotonic())
-                    if self._handshaking or self._accepting_again is not None:  # (else none is armed)
+                    if self._handshaking.entries or self._accepting_again is not None:  # (else none is armed)
                         next_timer = self._timers(time.monotonic())
                     else:
                         next_timer = float("inf")
@@ -211,19 +197,16 @@ class TcpServer(ServerCore):
 
     def _timers(self, now: float) -> float:
         """Close connections past their handshake deadline, resume accepting; when to look again."""
-        while self._handshaking:
-            conn_id, entry = next(iter(self._handshaking.items()))  # the oldest
-            if now - entry.since < self._handshake_timeout:
-                break
+        while (conn_id := self._handshaking.overdue(now)) is not None:
             conn = self._conns.get(conn_id)
             self._throttled.log("deadline", logging.WARNING, "closing connection from %s: no handshake within %gs",
-                                conn.peer if conn is not None else entry.host, self._handshake_timeout)
+                                conn.peer if conn is not None else self._host_of(conn_id),
+                                self._handshaking.timeout)
             self._lost(conn_id)
         if self._accepting_again is not None and now >= self._accepting_again:
             self._resume_accepting()
-        next_timer = float("inf")
-        if self._handshaking:
-            next_timer = next(iter(self._handshaking.values())).since + self._handshake_timeout
+        deadline = self._handshaking.next_deadline()
+        next_timer = float("inf") if deadline is None else deadline
         if self._accepting_again is not None:
             next_timer = min(next_timer, self._accepting_again)
         return next_timer
@@ -247,7 +230,7 @@ class TcpServer(ServerCore):
                                     exc, ACCEPT_PAUSE)
                 self._pause_accepting(time.monotonic() + ACCEPT_PAUSE)
                 return
-            if len(self._handshaking) >= self._max_handshaking and not self._make_room(
+            if self._handshaking.full() and not self._make_room(
                     address[0], "too many connections in handshake"):
                 self._throttled.log("refuse", logging.WARNING, "closing the connection from %s at once: %d "
                                     "connections in handshake, none waiting for long", _peer(address),
@@ -260,21 +243,16 @@ class TcpServer(ServerCore):
         """Close one connection in handshake to make room for a new one (from address ``newcomer``, if
         known); True if one was closed.
 
-        The victim is the oldest connection of the address with the most of them. It goes at once if the
-        newcomer's address has fewer (one address cannot hold out the others); otherwise only once it has
-        had a fair chance to finish (a burst of peers connecting at the same time is not churned)."""
-        if not self._handshaking:
-            return False
-        counts = self._handshaking_per_host
-        host = max(counts, key=counts.__getitem__)
-        victim, entry = next((c, e) for c, e in self._handshaking.items() if e.host == host)
-        fair = newcomer is not None and counts.get(newcomer, 0) < counts[host]
-        if not fair and time.monotonic() - entry.since < self._evictable_after:
+        Which one goes, and when, is :meth:`Handshakes.victim`'s policy."""
+        victim = self._handshaking.victim(newcomer, time.monotonic())
+        if victim is None:
             return False
         conn = self._conns.get(victim)
+        host = self._host_of(victim)
         self._throttled.log("evict", logging.WARNING, "%s: closing the connection from %s that has waited "
                             "longest for its handshake (%d in handshake, %d from %s)", why,
-                            conn.peer if conn is not None else host, len(self._handshaking), counts[host], host)
+                            conn.peer if conn is not None else host, len(self._handshaking),
+                            self._handshaking.count(host), host)
         self._lost(victim)
         return True
 
@@ -292,8 +270,7 @@ class TcpServer(ServerCore):
             return
         now = time.monotonic()
         self._conns[conn_id] = conn
-        self._handshaking[conn_id] = _Handshaking(address[0], now)
-        self._handshaking_per_host[address[0]] += 1
+        self._handshaking.add(conn_id, address[0], now)
         self.scheduler.connected(conn_id, now)
 
     def _pause_accepting(self, until: float) -> None:
@@ -313,15 +290,13 @@ class TcpServer(ServerCore):
             self._accepting_again = 0.0
 
     def _welcomed(self, conn_id: ConnId) -> None:
-        entry = self._handshaking.pop(conn_id, None)
-        if entry is not None:
-            self._release_host(entry.host)
+        if conn_id in self._handshaking:
+            self._handshaking.remove(conn_id)
             self._accept_soon()
 
-    def _release_host(self, host: str) -> None:
-        self._handshaking_per_host[host] -= 1
-        if not self._handshaking_per_host[host]:
-            del self._handshaking_per_host[host]
+    def _host_of(self, conn_id: ConnId) -> str:
+        entry = self._handshaking.get(conn_id)
+        return "?" if entry is None else entry.host
 
     # --- input -----------------------------------------------------------------------------------------
 
@@ -419,7 +394,7 @@ class TcpServer(ServerCore):
         if connection is not None:
             connection.queue(frame)
             self._dirty.add(conn)
-            if self._handshaking and frame.kind == Kind.WELCOME:
+            if frame.kind == Kind.WELCOME and self._handshaking.entries:
                 self._welcomed(conn)
 
     def _flush_dirty(self) -> None:
@@ -475,9 +450,7 @@ class TcpServer(ServerCore):
     def _forget(self, conn_id: ConnId) -> None:
         conn = self._conns.pop(conn_id, None)
         self._dirty.discard(conn_id)
-        entry = self._handshaking.pop(conn_id, None)
-        if entry is not None:
-            self._release_host(entry.host)
+        self._handshaking.remove(conn_id)
         if conn is not None:
             self._selector.unregister(conn.sock)
             conn.close()
