@@ -8,7 +8,8 @@ when a peer is gone, helped by ``ZMQ_ROUTER_MANDATORY`` (a send to a peer whose 
 fails at once, so a killed worker is noticed at the next heartbeat, not after the timeout).
 
 One thread does all socket I/O. A malformed, oversized or unauthenticated message is logged and its peer
-dropped; everyone else is served on. With a CURVE allow-list, pyzmq's ZAP authenticator runs on a thread
+dropped; everyone else is served on. A TCP connection through which no frame has verified yet is capped
+and timed out as on tcp (:mod:`.unproven`): libzmq would otherwise keep an unfinished message for ever. With a CURVE allow-list, pyzmq's ZAP authenticator runs on a thread
 of its own in the server's context and refuses unlisted keys inside libzmq's handshake
 (:mod:`.allowlist`): such a peer never reaches this loop.
 """
@@ -36,6 +37,7 @@ from ...wire.serialization import Buffer
 from ...wire.session import Mac, as_mac
 from .allowlist import CurveAllowList
 from .sockets import HWM, endpoint, load_certificate, recv_frame, recv_rest, send_frame
+from .unproven import Unproven
 
 _KIND_OFFSET = 3  # in the frame header: magic (2 bytes) and version (1), then the kind
 
@@ -47,6 +49,7 @@ _DEFAULT_LIMITS = Limits()
 _NOBLOCK = int(zmq.NOBLOCK)
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
+_SRCFD = int(zmq.SRCFD)  # the descriptor of the connection a message came by
 _BACKLOG_RETRY = 0.005  # how soon to retry sending to a peer at its high-water mark
 
 
@@ -74,6 +77,8 @@ class ZmqServer(ServerCore):
         heartbeat_timeout: float = 10.0,
         curve_secret_key: str | os.PathLike[str] | None = None,
         curve_allow: str | os.PathLike[str] | None = None,
+        max_handshaking: int = 64,
+        handshake_timeout: float | None = None,
     ) -> None:
         key = server_key(host, key, insecure)  # the per-user key unless given one or insecure
         if curve_allow is not None and curve_secret_key is None:
@@ -107,6 +112,14 @@ class ZmqServer(ServerCore):
         self._unreachable: set[ConnId] = set()
         self._closed = False
         self._close_lock = threading.Lock()
+        # Connections that have not proved the key: capped, and shut down past their deadline (.unproven).
+        self._unproven = Unproven(self._router, max_handshaking,
+                                  heartbeat_timeout if handshake_timeout is None else handshake_timeout)
+
+    @property
+    def handshaking(self) -> int:
+        """How many connections have not proved the key yet (no frame through them has verified)."""
+        return len(self._unproven.waiting)
 
     def _bind(self, host: str, port: int, limits: Limits,
               curve_secret_key: str | os.PathLike[str] | None) -> zmq.Socket[Any]:
@@ -147,6 +160,7 @@ class ZmqServer(ServerCore):
         poller = zmq.Poller()
         poller.register(self._router, zmq.POLLIN)
         poller.register(self._waker.reader, zmq.POLLIN)
+        poller.register(self._unproven.monitor, zmq.POLLIN)
         next_tick = 0.0
         try:
             while not self.stopping.is_set():
@@ -159,6 +173,9 @@ class ZmqServer(ServerCore):
                         self.scheduler.excuse(now - next_tick)
                     self._on_ready(dict(poller.poll(0)))
                     next_tick = self.scheduler.tick(time.monotonic())
+                    deadline = self._unproven.sweep(time.monotonic())
+                    if deadline is not None:
+                        next_tick = min(next_tick, deadline)
                     self._pump_all()  # what was read and the heartbeats due: not after the wait below
                 wait = _BACKLOG_RETRY if self._backlog else max(next_tick - time.monotonic(), 0.0)
                 self._on_ready(dict(poller.poll(int(wait * 1000) + 1)))
@@ -173,6 +190,8 @@ class ZmqServer(ServerCore):
     def _on_ready(self, ready: dict[Any, int]) -> None:
         if self._waker.reader.fileno() in ready:
             self._waker.drain()
+        if self._unproven.monitor in ready:  # before the messages: a connection is watched from its accept
+            self._unproven.on_events(time.monotonic())
         if self._router in ready:
             self._read()
 
@@ -191,11 +210,19 @@ class ZmqServer(ServerCore):
             opening = False
             try:
                 if conn is None:  # a new session: only its OPEN, signed with the shared key, is read
-                    prefix = router.recv()  # the rest of this message is there already (zmq delivers it whole)
+                    head = router.recv(copy=False)  # the rest of this message is there already (zmq delivers it whole)
+                    prefix = head.bytes
                     opening = len(prefix) > _KIND_OFFSET and prefix[_KIND_OFFSET] == Kind.OPEN
                     parts = recv_rest(router, prefix, PRE_SESSION_LIMITS, True)
-                    self._open(route, decode_parts(prefix, parts, self._open_mac, PRE_SESSION_LIMITS))
-                else:
+                    if self._open(route, decode_parts(prefix, parts, self._open_mac, PRE_SESSION_LIMITS)) \
+                            and self._key is None:  # (without a key nothing will ever be proved)
+                        self._unproven.proved(head.get(_SRCFD))
+                elif self._unproven.peers:  # some connection has yet to prove itself: is it this one's?
+                    source: list[int] = []
+                    frame = recv_frame(router, self._receive_macs[conn], self._receive_limits[conn], 0, source)
+                    self._unproven.proved(source[0])  # (it verified under its session's keys)
+                    self._received(conn, frame)
+                else:  # (the common case, inline)
                     limits = self._receive_limits[conn]
                     frame = recv_frame(router, self._receive_macs[conn], limits)
                     if limits is PRE_SESSION_LIMITS:
@@ -204,11 +231,17 @@ class ZmqServer(ServerCore):
             except ProtocolError as exc:
                 self._malformed(route, exc, opening)
 
-    def _open(self, route: bytes, frame: Frame) -> None:
+    def _received(self, conn: ConnId, frame: Frame) -> None:
+        if self._receive_limits[conn] is PRE_SESSION_LIMITS:  # its first frame under the session keys
+            self._receive_limits[conn] = self._limits
+        self.scheduler.received(conn, frame, time.monotonic())
+
+    def _open(self, route: bytes, frame: Frame) -> bool:
+        """A new session from ``route`` if ``frame`` is an OPEN (True)."""
         if frame.kind != Kind.OPEN:
             limited(log, logging.DEBUG, (owner(self), "unknown peer"), "ignoring %s from unknown peer %s "
                     "(a dropped session)", frame.kind.name, printable(route.hex()))
-            return
+            return False
         opening = self.open_session(frame)
         conn = self._new_conn_id()
         self._ids[route] = conn
@@ -219,6 +252,7 @@ class ZmqServer(ServerCore):
         self.scheduler.connected(conn, time.monotonic())
         self._enqueue(conn, encode(opening.challenge, opening.challenge_mac))
         self._send_macs[conn] = opening.send
+        return True
 
     def _malformed(self, route: bytes, exc: ProtocolError, opening: bool = False) -> None:
         conn = self._ids.get(route)
@@ -307,6 +341,7 @@ class ZmqServer(ServerCore):
                 return
             self._closed = True
         # linger: after an admin's STOP the last frames (its answer, the workers' DRAIN) should still go out
+        self._unproven.close()
         self._router.close(linger=500 if self.stopped_by_admin else 0)
         if self._allow is not None:
             self._allow.stop()

@@ -48,6 +48,7 @@ CURVE_SERVER_KEY_ENV = "REMOTE_EXECUTOR_CURVE_SERVER_KEY"  # worker side: the se
 # reading ``sock.rcvmore``: parts are received as zmq.Frame objects, whose ``more`` costs none).
 _SNDMORE = int(zmq.SNDMORE)
 _NOBLOCK = int(zmq.NOBLOCK)
+_SRCFD = int(zmq.SRCFD)  # the descriptor of the connection a message came by
 
 
 def endpoint(host: str, port: int | str) -> str:
@@ -74,12 +75,16 @@ def send_frame(sock: zmq.Socket[Any], buffers: Sequence[Buffer], route: bytes | 
             sock.send(buf, flags | more, copy=False)
 
 
-def recv_frame(sock: zmq.Socket[Any], key: Mac | None, limits: Limits, flags: int = 0) -> Frame:
-    """Receive and validate one frame (the routing id, on a ROUTER, must have been read already).
+def recv_frame(sock: zmq.Socket[Any], key: Mac | None, limits: Limits, flags: int = 0,
+               source: list[int] | None = None) -> Frame:
+    """Receive and validate one frame (the routing id, on a ROUTER, must have been read already); the
+    descriptor of the connection it came by is appended to ``source``, if given.
 
     The whole message is always consumed, so a malformed one (``ProtocolError``) leaves the socket at the
     start of the next message."""
     head = sock.recv(flags, copy=False)
+    if source is not None:
+        source.append(head.get(_SRCFD))
     prefix = head.bytes
     try:
         parsed = parse_prefix(prefix, key is not None, limits)

@@ -1,0 +1,138 @@
+"""A zmq job server bounds the connections that have not proved the key, as the tcp server does.
+
+libzmq keeps what a connection sends until a message is complete, out of our code's sight: a peer without
+the key that never finishes a message (its last part never comes) or never sends one would hold the
+server's memory and a descriptor for as long as it likes. The server watches every accepted connection
+until a frame through it verifies, shuts down those past ``handshake_timeout``, and holds at most
+``max_handshaking`` of them.
+
+The attacker speaks ZMTP 3.0 by hand over a plain socket (a DEALER cannot send half a message); honest
+peers are a real client; everything on loopback.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from remote_executor import RemoteExecutor
+
+from ..conftest import wait_for
+
+pytestmark = pytest.mark.zmq
+
+KEY = b"the key of the zmq unproven-connection tests"
+
+
+def zmtp_peer(port: int) -> socket.socket:
+    """A connection that has done ZMTP 3.0's NULL handshake as a DEALER, ready to send message parts."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    greeting = b"\xff" + bytes(8) + b"\x7f" + b"\x03\x00" + b"NULL".ljust(20, b"\0") + b"\x00" + bytes(31)
+    sock.sendall(greeting)
+    received = b""
+    while len(received) < 64:  # the server's greeting
+        chunk = sock.recv(64 - len(received))
+        assert chunk, "the server closed during the greeting"
+        received += chunk
+    body = b"\x05READY" + b"\x0bSocket-Type" + (6).to_bytes(4, "big") + b"DEALER"
+    sock.sendall(b"\x04" + bytes([len(body)]) + body)
+    return sock
+
+
+def send_unfinished(sock: socket.socket, parts: int, size: int = 200) -> None:
+    """``parts`` message parts, each flagged MORE: the message never ends."""
+    sock.sendall((b"\x01" + bytes([size]) + bytes(size)) * parts)
+
+
+def closed_by_server(sock: socket.socket, within: float) -> bool:
+    """Whether the server ends the connection within ``within`` seconds (what it sends meanwhile, its READY,
+    is read and dropped)."""
+    deadline = time.monotonic() + within
+    while (left := deadline - time.monotonic()) > 0:
+        sock.settimeout(left)
+        try:
+            if not sock.recv(65536):
+                return True
+        except (ConnectionResetError, BrokenPipeError):
+            return True
+        except TimeoutError:
+            return False
+    return False
+
+
+@pytest.fixture
+def zmq_server() -> Iterator[Any]:
+    from remote_executor.transports.zmq.server import ZmqServer
+
+    made: list[Any] = []
+
+    def make(**options: Any) -> Any:
+        server = ZmqServer("127.0.0.1", 0, key=KEY, heartbeat_interval=0.2, heartbeat_timeout=1.5, **options)
+        server.start()
+        made.append(server)
+        return server
+
+    yield make
+    for server in made:
+        server.stop()
+
+
+def test_a_message_that_never_ends_is_dropped_at_the_deadline_and_honest_sessions_stay(
+        zmq_server: Any, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="remote_executor")
+    server = zmq_server(handshake_timeout=1.0)
+    with RemoteExecutor(transport=server.url, key=KEY, heartbeat_interval=0.2, heartbeat_timeout=1.5) as honest:
+        assert len(honest.status().clients) == 1
+        attacker = zmtp_peer(server.port)
+        started = time.monotonic()
+        with attacker:
+            send_unfinished(attacker, 500)
+            assert closed_by_server(attacker, within=10.0), "the unfinished message was kept"
+        assert time.monotonic() - started >= 0.9  # at its deadline, not before
+        # The honest session, which was watched too until its first frame verified, outlived the deadline.
+        time.sleep(1.2)  # (one more deadline: nothing else may be shut down)
+        status = honest.status()
+        assert len(status.clients) == 1
+    cut = [r.getMessage() for r in caplog.records if "no verified frame within 1s" in r.getMessage()]
+    assert len(cut) == 1, cut
+    assert not [r for r in caplog.records if "reconnect" in r.getMessage()]
+
+
+def test_a_connection_that_never_sends_is_dropped_at_the_deadline(zmq_server: Any) -> None:
+    server = zmq_server(handshake_timeout=1.0)
+    with zmtp_peer(server.port) as idle:
+        assert closed_by_server(idle, within=10.0)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as silent:  # not even a greeting
+        assert closed_by_server(silent, within=10.0)
+
+
+def test_connections_beyond_the_cap_are_refused_and_the_oldest_makes_room_for_a_client(
+        zmq_server: Any, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="remote_executor")
+    server = zmq_server(max_handshaking=4, handshake_timeout=30.0)
+    attackers = [zmtp_peer(server.port) for _ in range(4)]
+    try:
+        for sock in attackers:
+            send_unfinished(sock, 10)
+        wait_for(lambda: server.handshaking == 4, what="the four connections to be watched")
+        # The places are taken, and none has waited for long: refused (before or during its greeting).
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as extra:
+            assert closed_by_server(extra, within=10.0)
+        assert not any(closed_by_server(sock, within=0.05) for sock in attackers)
+        time.sleep(1.1)  # (a place's fair chance: a quarter of the deadline, at most a second)
+        with RemoteExecutor(transport=server.url, key=KEY, heartbeat_interval=0.2, heartbeat_timeout=1.5,
+                            connect_timeout=20) as honest:
+            assert len(honest.status().clients) == 1
+        assert closed_by_server(attackers[0], within=10.0)  # the oldest made room
+        assert not any(closed_by_server(sock, within=0.05) for sock in attackers[1:])
+    finally:
+        for sock in attackers:
+            sock.close()
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("at once: 4 connections have not proved the key" in m for m in messages), messages
+    assert any("closing the one from 127.0.0.1:" in m for m in messages), messages
