@@ -9,9 +9,9 @@ fails at once, so a killed worker is noticed at the next heartbeat, not after th
 
 One thread does all socket I/O. A malformed, oversized or unauthenticated message is logged and its peer
 dropped; everyone else is served on. A TCP connection through which no frame has verified yet is capped
-and timed out as on tcp (:mod:`.unproven`): libzmq would otherwise keep an unfinished message for ever. With a CURVE allow-list, pyzmq's ZAP authenticator runs on a thread
-of its own in the server's context and refuses unlisted keys inside libzmq's handshake
-(:mod:`.allowlist`): such a peer never reaches this loop.
+and timed out as on tcp (:mod:`.unproven`): libzmq would otherwise keep an unfinished message for ever.
+With a CURVE allow-list, pyzmq's ZAP authenticator runs on a thread of its own in the server's context and
+refuses unlisted keys inside libzmq's handshake (:mod:`.allowlist`): such a peer never reaches this loop.
 """
 
 from __future__ import annotations
