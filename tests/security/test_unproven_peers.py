@@ -29,7 +29,7 @@ from remote_executor import RemoteExecutor
 from remote_executor.errors import ConnectionFailedError
 from remote_executor.transports.tcp.server import TcpServer
 from remote_executor.wire.frames import HEADER, KEYED, MAGIC, VERSION, Frame, Kind, encode_bytes
-from remote_executor.wire.messages import key_rejected
+from remote_executor.wire.messages import hello, key_rejected
 from remote_executor.wire.session import Mac, new_nonce
 
 from ..conftest import FAST_HEARTBEAT, wait_for
@@ -237,3 +237,20 @@ def test_a_zmq_message_of_countless_empty_parts_is_drained_and_refused(zmq_targe
         sock.send(b"", zmq.SNDMORE)
     sock.send(b"")
     _refused_then_serves(server, caplog, f"message of {parts} parts", "the message drained and refused")
+
+
+def test_a_frame_sent_with_the_open_is_refused_not_read_under_the_shared_key(
+        real_server: TcpServer, caplog: pytest.LogCaptureFixture) -> None:
+    """A frame in the same read as the OPEN would be checked with the shared key alone (the session keys
+    do not exist yet): even signed with the key, a HELLO sent so gets no session, the connection is closed."""
+    caplog.set_level(logging.WARNING, logger="remote_executor")
+    early_hello = encode_bytes(hello("client", {"name": "early", "executor_id": 1, "max_retries": 0}, None), Mac(KEY))
+    with socket.create_connection(("127.0.0.1", real_server.port), timeout=10) as peer:
+        peer.sendall(_recorded_open() + early_hello)
+        received = b""
+        while chunk := peer.recv(65536):  # until the server closes (a session would send heartbeats for ever)
+            received += chunk
+        assert len(received) < 200, "more than a CHALLENGE came back"  # (a CHALLENGE, if it was sent first)
+    assert any("a frame sent before the server's CHALLENGE" in r.getMessage() for r in caplog.records)
+    with RemoteExecutor(transport=real_server.url, key=KEY, connect_timeout=30) as ex:
+        assert len(ex.status().clients) == 1

@@ -342,6 +342,13 @@ class TcpServer(ServerCore):
                     conn.reader.limits = self._limits
                 self.scheduler.received(conn_id, frame, now)
                 continue
+            if frame is not frames[-1]:
+                # Read with the shared key alone, as the OPEN before them is. No peer of ours sends anything
+                # before the CHALLENGE: its next frame is signed with keys derived from it.
+                limited(log, logging.WARNING, (owner(self), "early"), "closing connection from %s: a frame "
+                        "sent before the server's CHALLENGE", conn.peer)
+                self._lost(conn_id)
+                return
             try:
                 opening = self.open_session(frame)
             except ProtocolError as exc:
