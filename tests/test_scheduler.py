@@ -315,6 +315,22 @@ def test_init_failed_breaks_every_client_of_the_executor_and_clears_their_queues
     assert tasks_to(actions, 10) == [b"call c1"]  # nothing of the broken executor is dispatched
 
 
+def test_init_failed_for_an_executor_never_initialized_there_rejects_the_worker_not_the_clients() -> None:
+    """A worker may only report the failure of an initializer it was sent, once: anything else would let
+    one worker break any executor it names."""
+    h = Harness()
+    h.client(1, init=[b"init"])
+    h.worker(10, slots=1)
+    h.worker(11, slots=1)
+    assert [f.kind for f in sent(h.submit(1, 1, "a1"), 10)] == [Kind.INIT, Kind.TASK]
+    actions = h.recv(11, Frame(Kind.INIT_FAILED, a=EXEC, parts=[b"forged"]))
+    assert_rejected(actions, 11, "not asked to run")
+    assert not sent(actions, 1, Kind.BROKEN)  # the client is not broken (it hears of one slot less)
+    actions = h.recv(10, Frame(Kind.INIT_FAILED, a=EXEC, parts=[b"boom"]))
+    assert [(f.kind, f.parts) for f in sent(actions, 1)] == [(Kind.BROKEN, [b"boom"])]
+    assert_rejected(h.recv(10, Frame(Kind.INIT_FAILED, a=EXEC, parts=[b"again"])), 10, "not asked to run")
+
+
 # --- results -----------------------------------------------------------------------------------------
 
 

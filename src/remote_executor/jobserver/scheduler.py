@@ -450,6 +450,11 @@ class Scheduler:
 
     def _on_init_failed(self, peer: Peer, frame: Frame) -> None:
         executor_id = frame.a
+        worker = self._workers[peer.conn]
+        if executor_id not in worker.initialized:  # it was sent no INIT of that executor (or answered it)
+            raise ProtocolError(f"INIT_FAILED for executor {executor_id:x}, whose initializer this worker was "
+                                f"not asked to run")
+        worker.initialized.discard(executor_id)
         log.error("initializer of executor %x failed on worker %s", executor_id, printable(peer.name))
         for conn, state in list(self._clients.items()):
             if state.executor_id == executor_id:
