@@ -254,3 +254,19 @@ def test_a_connection_that_never_completes_its_handshake_is_closed_at_the_deadli
             assert ex.transport.url == server.url
     finally:
         server.stop()
+
+
+def test_a_client_refused_for_want_of_a_place_is_told_so_not_only_that_its_key_may_be_wrong() -> None:
+    """The cap's newcomer is closed without a word (it has proved nothing): the client's error names both
+    causes it can have."""
+    from remote_executor.errors import HandshakeClosedError
+
+    server = TcpServer("127.0.0.1", 0, max_handshaking=1, **SERVER)
+    server.start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as _idle:  # the one place, fresh
+            wait_for(lambda: server.handshaking == 1, what="the idle connection to be taken")
+            with pytest.raises(HandshakeClosedError, match="refusing new connections for a while"):
+                RemoteExecutor(transport=server.url, connect_timeout=10, heartbeat_interval=0.2)
+    finally:
+        server.stop()

@@ -189,8 +189,9 @@ def handshake(channel: Channel, key: bytes | None, first: Frame, timeout: float,
                 f"no answer from the job server {channel.peer} within {timeout:g}s: is it running there, and "
                 f"do this side's key (and CURVE server key) match the server's?") from None
         raise HandshakeClosedError(
-            f"{channel.peer} closed the connection during the handshake: a wrong key, or none where the "
-            f"server needs one? ({exc})") from exc
+            f"{channel.peer} closed the connection during the handshake without saying why ({exc}): it may "
+            f"be refusing new connections for a while (too many from this address have not finished their "
+            f"handshake), or not take this side's key or TLS settings") from exc
     return parse_json(welcome)
 
 
