@@ -1066,9 +1066,9 @@ class RemoteExecutor(Executor):
 
 
 class _MapResults(Iterator[T], Generic[T]):
-    """The iterator ``map`` returns: results in input order; close() (or garbage) cancels the rest.
-
-    A class rather than a generator so that dropping it unstarted still cancels what it submitted.
+    """The iterator ``map`` returns: results in input order; once iterated, close() (or garbage) cancels the
+    rest. As with ``ThreadPoolExecutor``'s generator, one never iterated cancels nothing when closed or
+    dropped: ``executor.map(side_effect, items)`` runs every call.
     """
 
     def __init__(
@@ -1085,11 +1085,13 @@ class _MapResults(Iterator[T], Generic[T]):
         self._values: deque[T] = deque()
         self._error: BaseException | None = None  # raised once the values before it are consumed
         self._submit_error: BaseException | None = None  # lazy input that could not be submitted
+        self._started = False  # iterated at least once: close() and garbage cancel the rest from then on
 
     def __iter__(self) -> _MapResults[T]:
         return self
 
     def __next__(self) -> T:
+        self._started = True
         while not self._values:
             if self._error is not None:
                 error, self._error = self._error, None
@@ -1114,8 +1116,11 @@ class _MapResults(Iterator[T], Generic[T]):
         return self._values.popleft()
 
     def close(self) -> None:
-        """Stop: cancel every call of this map that has not started yet."""
+        """Stop: cancel every call of this map that has not started yet (if it was iterated: a generator
+        never started runs no cleanup, and map's calls were all submitted when map returned)."""
         self._submit_next = self._submit_error = None
+        if not self._started:
+            return
         while self._fs:
             self._fs.pop().cancel()
 

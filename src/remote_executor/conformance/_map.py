@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 import time
 from collections.abc import Iterator
 from concurrent import futures
@@ -87,6 +88,36 @@ class MapTests(ConformanceBase):
         gate.release()
         executor.shutdown(wait=True)
         assert sorted(gate.started) == sorted(["held-1", "held-2", "quick", *ahead])
+
+    def test_map_dropped_after_its_first_result_cancels_calls_not_yet_started(
+            self, new_executor: ExecutorFactory, gate: Gate) -> None:
+        executor = new_executor(max_workers=2)
+        gate.release("quick")
+        ahead = [f"ahead-{i}" for i in range(2 * self.prefetch)]  # handed out ahead: they run too
+        tokens = ["quick", "held-1", "held-2", *ahead, "rest-3", "rest-4", "rest-5"]
+        results = executor.map(functools.partial(tasks.wait_at_gate, gate.address), tokens, tokens)
+        assert next(results) == "quick"
+        gate.wait_started(3)
+        del results  # as a generator's would, its finalization cancels the rest
+        gc.collect()
+        gate.release()
+        executor.shutdown(wait=True)
+        assert sorted(gate.started) == sorted(["held-1", "held-2", "quick", *ahead])
+
+    @pytest.mark.parametrize("how", ["dropped", "closed"])
+    def test_map_never_iterated_runs_every_call(self, new_executor: ExecutorFactory, gate: Gate, how: str) -> None:
+        """``executor.map(side_effect, items)`` with its iterator unused, or closed before its first result:
+        every call runs, as from a loop of ``submit`` (a generator never started has nothing to clean up)."""
+        executor = new_executor(max_workers=2)
+        tokens = [f"call-{i}" for i in range(8)]
+        results = executor.map(functools.partial(tasks.wait_at_gate, gate.address), tokens, tokens)
+        if how == "closed":
+            results.close()  # type: ignore[attr-defined]
+        del results
+        gc.collect()
+        gate.release()
+        executor.shutdown(wait=True)
+        assert sorted(gate.started) == sorted(tokens)
 
     @pytest.mark.parametrize("chunksize", [1, 2, 7, 100])
     def test_map_chunksize_gives_the_same_results(self, executor: Executor, chunksize: int) -> None:
