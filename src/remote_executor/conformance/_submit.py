@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from concurrent import futures
 from concurrent.futures import Executor
+from typing import Any
 
 import pytest
 
@@ -29,6 +30,17 @@ class SubmitTests(ConformanceBase):
         future = executor.submit(tasks.echo, fn="f", self="s")
         assert future.result(timeout=TIMEOUT) == ((), {"fn": "f", "self": "s"})
         assert executor.submit(tasks.takes_fn_and_self, fn=1, self=2).result(timeout=TIMEOUT) == (1, 2)
+
+    @pytest.mark.parametrize("fn", [5, None, "text"], ids=["int", "None", "str"])
+    def test_a_function_that_is_not_callable_fails_its_future_with_type_error(
+            self, executor: Executor, fn: object) -> None:
+        any_fn: Any = fn
+        error = executor.submit(any_fn, 1).exception(timeout=TIMEOUT)
+        assert type(error) is TypeError
+        assert error.args == (f"'{type(fn).__name__}' object is not callable",)
+        with pytest.raises(TypeError, match="object is not callable"):
+            list(executor.map(any_fn, [1, 2], timeout=TIMEOUT))
+        assert executor.submit(tasks.square, 3).result(timeout=TIMEOUT) == 9  # and the executor serves on
 
     def test_submit_lambda_and_closure(self, executor: Executor) -> None:
         factor = 6

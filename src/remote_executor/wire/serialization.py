@@ -230,7 +230,7 @@ def run_task_reporting(parts: Sequence[Buffer], worker: str | None = None) -> tu
         wrapped = SerializationError(f"cannot unpickle the call on the worker: {type(exc).__name__}: {exc}"
                                      f"{_missing_module_hint(exc)}")
         return error_outcome(wrapped, exc), True
-    if wrong is None and not callable(fn):
+    if wrong is None and fn is not envelope[1] and not callable(fn):  # (by reference: the call raises TypeError)
         wrong = f"the function shipped by value is a {type(fn).__name__}, which is not callable"
     if wrong is not None:  # a pickle of something else (another program's, another version's): no call
         return error_outcome(SerializationError(f"the worker received no call it can run: {wrong}")), True
@@ -249,8 +249,11 @@ def run_task_reporting(parts: Sequence[Buffer], worker: str | None = None) -> tu
 
 
 def _function(shipped: Any) -> Any:
-    """The function of a checked envelope: itself, or unpickled from the bytes it was shipped as (by value)."""
-    return shipped if callable(shipped) else load_function(*shipped)
+    """The function of a checked envelope: itself, or unpickled from the bytes it was shipped as (by value:
+    ``(pickle, cacheable)``)."""
+    if type(shipped) is tuple and len(shipped) == 2 and type(shipped[0]) is bytes and type(shipped[1]) is bool:
+        return load_function(*shipped)
+    return shipped
 
 
 def _run_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
@@ -310,9 +313,10 @@ def _bad_envelope(envelope: object) -> str | None:
     else:
         return f"{shape}, got the tag {tag[:40]!r}"
     fn = envelope[1]
-    pickled = type(fn) is tuple and len(fn) == 2 and type(fn[0]) is bytes and type(fn[1]) is bool
-    if not pickled and not callable(fn):
-        return f"the function to call is a {type(fn).__name__}, which is not callable"
+    if type(fn) is tuple and not (len(fn) == 2 and type(fn[0]) is bytes and type(fn[1]) is bool):
+        return "a function shipped by value must be (pickle, cacheable)"
+    # Any other function that is not callable is called all the same: it raises the TypeError that calling
+    # it in this process would (``submit(5)``), as in ThreadPoolExecutor, and runs nothing.
     return None
 
 
