@@ -93,3 +93,13 @@ def test_gearman_fails_an_oversized_argument_at_once() -> None:
         with pytest.raises(FrameTooLargeError, match=r"2\.0 MB exceeds the job server's limit of 1\.0 MB"):
             big.result(timeout=30)
         assert ex.submit(length, b"x" * 1000).result(timeout=30) == 1000
+
+
+def test_gearman_fails_an_oversized_result_as_too_large_and_serves_on() -> None:
+    """The worker does not know this client's limit: the client refuses the result unread, as too large
+    (not as a forged one), and the next call runs."""
+    with RemoteExecutor(1, transport="gearman", limits={"max_frame": LIMIT}) as ex:
+        with pytest.raises(FrameTooLargeError, match=r"the result is too large to send: 3\.0 MB exceeds the job "
+                                                     r"server's limit of 1\.0 MB"):
+            ex.submit(big_result, 3_000_000).result(timeout=30)
+        assert ex.submit(big_result, 10).result(timeout=30) == b"r" * 10

@@ -55,6 +55,15 @@ STAGING_SIZE = 512 * 1024
 FIRST_DIRECT_SIZE = 1 << 20  # a large part's buffer starts here and doubles as its bytes arrive
 
 
+class FrameSizeError(ProtocolError):
+    """A frame announces more bytes than the receiver's limit (told from its prefix, before any MAC)."""
+
+    def __init__(self, total: int, limit: int) -> None:
+        super().__init__(f"frame of {total} bytes exceeds the limit of {limit} bytes")
+        self.total = total
+        self.limit = limit
+
+
 class Kind(enum.IntEnum):
     """Frame types. Direction and the meaning of ``a``/``b`` are given per type."""
 
@@ -381,7 +390,7 @@ def parse_prefix(data: Buffer, keyed: bool, limits: Limits = DEFAULT_LIMITS) -> 
     lengths = struct.unpack_from(f"!{nparts}Q", view, HEADER.size)
     total = size + sum(lengths)
     if total > limits.max_frame:
-        raise ProtocolError(f"frame of {total} bytes exceeds the limit of {limits.max_frame} bytes")
+        raise FrameSizeError(total, limits.max_frame)
     return Prefix(_KINDS[kind], flags, a, b, lengths, size)
 
 

@@ -54,7 +54,7 @@ from ...errors import (
 from ...logsafe import limited, owner, printable
 from ...netio import Backoff
 from ...security import check_connect, is_loopback
-from ...wire.frames import Kind, Status
+from ...wire.frames import FrameSizeError, Kind, Status
 from ...wire.messages import initializer_failed, timed_out_parts, too_large_message, worker_lost_parts
 from ...wire.serialization import Parts, error_outcome
 from ..base import Call, ClientTransport, Listener, Options, Session
@@ -404,6 +404,10 @@ class GearmanClientTransport(ClientTransport):
             identity = self._identity(job)
         try:
             frame = self._codec.decode_result(payload, identity)
+        except FrameSizeError as exc:  # larger than this client takes (limits={"max_frame": N}), unread
+            error = FrameTooLargeError(too_large_message("the result", exc.total, exc.limit))
+            self._settle(ticket[0], Status.DONE, error_outcome(error))
+            return
         except (AuthenticationError, ProtocolError) as exc:
             limited(log, logging.ERROR, (owner(self), "refused result"), "refused the result of call %d: %s", ticket[0],
                     printable(exc))
