@@ -32,6 +32,7 @@ from remote_executor import (
 )
 from remote_executor import cluster as cluster_module
 from remote_executor.security import user_key
+from remote_executor.transports import UnknownSchemeError
 from remote_executor.transports.base import (
     Call,
     ClientTransport,
@@ -58,6 +59,13 @@ def blocked(value: Any = None) -> Any:
     assert GATE["release"].wait(60)
     RAN.append(value)
     return value
+
+
+def blocked_unless_first(value: int) -> int:
+    if value == 0:
+        RAN.append(value)
+        return value
+    return int(blocked(value))
 
 
 def record(value: Any) -> Any:
@@ -199,6 +207,20 @@ def test_public_names() -> None:
 def test_max_workers_must_be_positive(max_workers: int) -> None:
     with pytest.raises(ValueError, match=r"^max_workers must be greater than 0$"):
         RemoteExecutor(max_workers, "memory")
+
+
+@pytest.mark.parametrize("max_workers", [2.0, "2"])
+def test_max_workers_of_another_type_is_a_clear_type_error(max_workers: object) -> None:
+    with pytest.raises(TypeError, match=rf"^max_workers must be an int or None, not {type(max_workers).__name__}$"):
+        RemoteExecutor(max_workers, "memory")  # type: ignore[arg-type]
+
+
+def test_thread_name_prefix_names_the_embedded_workers() -> None:
+    """ThreadPoolExecutor's keyword works here too: the worker processes stand for its threads."""
+    with RemoteExecutor(2, thread_name_prefix="fetch") as ex:
+        assert sorted(w.name.split("#")[0] for w in ex.status().workers) == ["fetch-0", "fetch-1"]
+    with pytest.raises(TypeError, match="thread_name_prefix must be a str"):
+        RemoteExecutor(1, "memory", thread_name_prefix=5)  # type: ignore[arg-type]
 
 
 def test_initializer_must_be_callable() -> None:
@@ -501,6 +523,22 @@ def test_map_timeout_counts_from_the_call(make: Callable[..., RemoteExecutor]) -
 @pytest.mark.parametrize("how", ["close", "del"])
 def test_closing_map_early_cancels_calls_not_started(make: Callable[..., RemoteExecutor], how: str) -> None:
     ex = make(1)
+    results = ex.map(blocked_unless_first, range(5))
+    assert next(results) == 0  # iterated: from now on closing or dropping it cancels the rest
+    assert GATE["started"].wait(10)  # the second call runs; the other three wait
+    if how == "close":
+        results.close()  # type: ignore[attr-defined]
+    else:
+        del results
+    GATE["release"].set()
+    ex.shutdown(wait=True)
+    assert RAN == [0, 1]
+
+
+@pytest.mark.parametrize("how", ["close", "del"])
+def test_a_map_never_iterated_runs_every_call_when_closed_or_dropped(make: Callable[..., RemoteExecutor],
+                                                                     how: str) -> None:
+    ex = make(1)
     results = ex.map(blocked, range(5))
     assert GATE["started"].wait(10)
     if how == "close":
@@ -509,13 +547,15 @@ def test_closing_map_early_cancels_calls_not_started(make: Callable[..., RemoteE
         del results
     GATE["release"].set()
     ex.shutdown(wait=True)
-    assert RAN == [0]
+    assert RAN == [0, 1, 2, 3, 4]
 
 
 def test_map_validates_chunksize_and_buffersize(make: Callable[..., RemoteExecutor]) -> None:
     ex = make()
     with pytest.raises(ValueError, match=r"^chunksize must be >= 1\.$"):
         ex.map(pow, [1], [1], chunksize=0)
+    with pytest.raises(TypeError, match=r"^chunksize must be an int, not NoneType$"):
+        ex.map(pow, [1], [1], chunksize=None)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"^buffersize must be an integer or None$"):
         ex.map(pow, [1], [1], buffersize=2.0)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"^buffersize must be None or > 0$"):
@@ -782,3 +822,8 @@ def test_an_option_nothing_reads_is_a_clear_error(options: dict[str, str], messa
 def test_a_timing_option_that_cannot_work_is_a_value_error(option: str, value: float) -> None:
     with pytest.raises(ValueError, match=option):
         RemoteExecutor(1, transport="tcp", **{option: value})
+
+
+def test_a_thread_name_prefix_given_in_the_transports_place_says_so() -> None:
+    with pytest.raises(UnknownSchemeError, match="thread_name_prefix is a keyword argument here"):
+        RemoteExecutor(2, "fetcher")

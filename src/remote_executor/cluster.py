@@ -16,7 +16,7 @@ from collections.abc import Callable
 from . import forkhere, forkserver
 from .errors import BrokenRemoteExecutor, TransportError
 from .supervisor import Supervisor
-from .transports import get_backend, scheme_of
+from .transports import UnknownSchemeError, get_backend, scheme_of
 from .transports.base import (
     Backend,
     ClientTransport,
@@ -54,7 +54,14 @@ def make_transport(spec: str | ClientTransport | None, options: Options) -> Clie
         # Started first, so that it imports the worker modules while this process imports the backend and
         # starts the job server (unless the first workers will be forked from this process).
         forkserver.shared(scheme)
-    backend = get_backend(scheme)
+    try:
+        backend = get_backend(scheme)
+    except UnknownSchemeError as exc:
+        if not embedded:
+            raise
+        # RemoteExecutor(4, "prefix"): ThreadPoolExecutor's second positional argument is thread_name_prefix
+        raise UnknownSchemeError(f"{exc}. The second positional argument of RemoteExecutor is the transport; "
+                                 f"ThreadPoolExecutor's thread_name_prefix is a keyword argument here") from None
     _check_options(backend, options)
     if not embedded or backend.in_process:
         if options.start_method is not None:
@@ -144,7 +151,7 @@ class LocalCluster:
 
     def _supervise(self, url: str, *, fork_here: bool = False) -> Supervisor:
         supervisor = Supervisor(url, self.workers, env=self.server.worker_env(), worker_args=self.server.worker_args(),
-                                name="local-worker", fork_here=fork_here,
+                                name=self.options.worker_name, fork_here=fork_here,
                                 fork_server=None if self.start_method == "spawn" else self.backend.scheme,
                                 sibling_records=self.backend.sibling_records)
         supervisor.start()

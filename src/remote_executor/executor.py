@@ -756,6 +756,10 @@ class RemoteExecutor(Executor):
     - ``initializer`` and ``initargs``: ``initializer(*initargs)`` runs once in every worker process before
       its first call of this executor; if it raises, the executor is broken (``InitializerFailed``), as a
       thread pool's is.
+    - ``thread_name_prefix`` (keyword; as ``ThreadPoolExecutor``'s, whose threads these processes stand for):
+      an embedded cluster's worker processes are named ``PREFIX-0``, ``PREFIX-1``, ... (default
+      ``local-worker``) in logs, forwarded output and ``WorkerLostError.workers``. Not for a URL (the workers
+      there named themselves).
 
     Security (a running cluster):
 
@@ -813,6 +817,7 @@ class RemoteExecutor(Executor):
         *,
         initializer: Callable[..., object] | None = None,
         initargs: tuple[Any, ...] = (),
+        thread_name_prefix: str = "",
         key: bytes | str | None = None,
         key_file: str | os.PathLike[str] | None = None,
         insecure: bool = False,
@@ -828,8 +833,12 @@ class RemoteExecutor(Executor):
         start_method: str | None = None,
         **transport_options: Any,
     ) -> None:
+        if max_workers is not None and not isinstance(max_workers, int):
+            raise TypeError(f"max_workers must be an int or None, not {type(max_workers).__name__}")
         if max_workers is not None and max_workers <= 0:
             raise ValueError("max_workers must be greater than 0")
+        if not isinstance(thread_name_prefix, str):
+            raise TypeError(f"thread_name_prefix must be a str, not {type(thread_name_prefix).__name__}")
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
         if max_retries < 0:
@@ -865,6 +874,7 @@ class RemoteExecutor(Executor):
             connect_timeout=connect_timeout,
             extra=dict(transport_options),
             start_method=start_method,
+            worker_name=thread_name_prefix or "local-worker",
         )
         from .cluster import make_transport  # the embedded cluster's machinery, only when it is needed
 
@@ -1015,6 +1025,8 @@ class RemoteExecutor(Executor):
         how many calls (or chunks) are outstanding, consuming the input lazily. ``timeout`` counts from
         this call. Closing the iterator early cancels the calls not started yet.
         """
+        if isinstance(chunksize, bool) or not isinstance(chunksize, int):
+            raise TypeError(f"chunksize must be an int, not {type(chunksize).__name__}")
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
         if buffersize is not None and not isinstance(buffersize, int):

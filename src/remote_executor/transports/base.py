@@ -105,6 +105,7 @@ class Options:
     connect_timeout: float = 10.0
     extra: dict[str, Any] = field(default_factory=dict)
     start_method: str | None = None  # how an embedded cluster starts its workers (None: "forkserver")
+    worker_name: str = "local-worker"  # an embedded cluster's workers are named WORKER_NAME-0, -1, ...
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "key", normalize_key(self.key))  # the one rule for keys, however built
