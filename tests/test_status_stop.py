@@ -248,6 +248,43 @@ def test_a_call_the_stopped_server_never_started_runs_on_its_successor_without_c
         server.communicate()
 
 
+def test_a_call_sent_into_the_slot_a_stopping_servers_last_result_freed_is_not_counted() -> None:
+    """The executor's window is the one slot: its second call waits in this process, and goes to the server
+    when the first call's result frees the slot, just as the stopped server ends. The server's last word to
+    its clients says nothing of theirs runs there: the call runs on the successor, with max_retries=0."""
+    port, server = start_server()
+    url = f"tcp://127.0.0.1:{port}"
+    supervisor = Supervisor(url, 1, env={"REMOTE_EXECUTOR_KEY": KEY.decode()}, worker_args=FAST_HEARTBEAT,
+                            name="stay")
+    supervisor.start()
+    successor: TcpServer | None = None
+    try:
+        with Gate() as gate, RemoteExecutor(4, transport=url, key=KEY, heartbeat_interval=0.2,
+                                            heartbeat_timeout=HEARTBEAT_TIMEOUT, reconnect_timeout=30.0,
+                                            max_retries=0) as ex:
+            ex.wait_for_workers(1, timeout=30)
+            running = ex.submit(wait_at_gate, gate.address, "held", "finished")
+            gate.wait_started(1)
+            waiting = ex.submit(os.getpid)
+            assert waiting._state == "PENDING"  # type: ignore[attr-defined]  # (in this process: one slot)
+            stopped = subprocess.run(cli("stop", url), env=ENV, capture_output=True, text=True, timeout=30)
+            assert stopped.returncode == 0, stopped.stderr
+            gate.release()
+            assert running.result(timeout=30) == "finished"
+            assert server.wait(timeout=30) == 0
+            successor = TcpServer("127.0.0.1", port, key=KEY, heartbeat_interval=0.2,
+                                  heartbeat_timeout=HEARTBEAT_TIMEOUT)
+            successor.start()
+            assert waiting.result(timeout=30) == supervisor.pids()[0]
+    finally:
+        supervisor.stop()
+        if successor is not None:
+            successor.stop()
+        if server.poll() is None:
+            server.kill()
+        server.communicate()
+
+
 def test_stop_without_workers_leaves_them_waiting_for_the_server(tmp_path: Path) -> None:
     port, server = start_server()
     url = f"tcp://127.0.0.1:{port}"

@@ -270,6 +270,7 @@ class ClientSession:
         self._newest = 0  # the highest task id ever accepted
         self._attempts: dict[int, int] = {}  # task id -> times it may have run (absent: never)
         self._not_started: set[int] = set()  # task ids the (stopping) server said it will never start
+        self._server_stopped = False  # the server said it stopped: no call in flight started there
         # task id -> (workers and servers it was lost with on earlier connections, workers lost on this
         # one): a server's WorkerLostError names only its own workers; the client puts the earlier first.
         self._lost_on: dict[int, tuple[list[str], list[str]]] = {}
@@ -385,6 +386,9 @@ class ClientSession:
                     answer.set_result(parse_json(frame))
                 except RemoteExecutorError as exc:
                     answer.set_exception(exc)
+        elif kind == Kind.STOP:  # the server stopped (remote-executor stop): see connection_lost
+            with self._lock:
+                self._server_stopped = True
         elif kind == Kind.BROKEN:
             self.listener.on_broken(initializer_failed(frame.parts))
         elif kind == Kind.REJECT:
@@ -414,6 +418,9 @@ class ClientSession:
             requests = list(self._requests.values())
             self._requests.clear()
             not_started, self._not_started = self._not_started, set()
+            if self._server_stopped:  # then none of the calls in flight ever started there
+                self._server_stopped = False
+                not_started = set(self._inflight)
             here = f"{self.server} (connection lost)"
             for task_id, call in list(self._inflight.items()):
                 if call.worker is not None:  # a broadcast's call: its worker was one of that server's

@@ -501,6 +501,10 @@ class Scheduler:
                     self._send(conn, Frame(Kind.DRAIN, b=1))
             if self._now < self._stop_deadline:
                 return  # each worker closes its connection as it exits; the last one to go stops us
+        # Nothing runs here now and nothing will: every call a client sent and has no answer for (one on its
+        # way as this server stopped, sent into the slot a last result freed) never started here.
+        for conn in self._clients:
+            self._send(conn, Frame(Kind.STOP))
         self._stopped = True
         self.actions.append(Stop(self._stopping))
 

@@ -90,7 +90,8 @@ class Kind(enum.IntEnum):
     STARTED = 17  # server -> client: a=client task id: a worker has the call (sent for calls with a limit)
     WORKERS = 18  # client -> server: a=request id; server -> client: a=request id, parts [json {"workers": [names]}]
     #             (the workers of the client's pool that take calls now: the targets of a broadcast)
-    STOP = 19  # admin -> server: b=1 to stop its workers too; server -> admin: parts [json]: stopping
+    STOP = 19  # admin -> server: b=1 to stop its workers too; server -> admin: parts [json]: stopping;
+    #          server -> client, last: stopped, nothing runs: no call without an answer ever started here
 
 
 class Status(enum.IntEnum):
