@@ -166,3 +166,14 @@ def test_a_value_that_would_make_a_useless_server_or_worker_is_a_usage_error(
     done = run_cli(command, "tcp://127.0.0.1:5555", "--insecure", f"{option}={value}")
     assert done.returncode == 2, done.stderr
     assert done.stderr.rstrip().splitlines()[-1].endswith(f"argument {option}: {says}"), done.stderr
+
+
+@pytest.mark.parametrize("command", ["worker", "server"])
+@pytest.mark.parametrize(("interval", "timeout"), [("2", "1"), ("1", "1")])
+def test_a_heartbeat_timeout_not_longer_than_the_interval_is_a_usage_error(command: str, interval: str,
+                                                                           timeout: str) -> None:
+    """Else every peer would count as lost between two heartbeats: healthy workers killed as hung."""
+    done = run_cli(command, "tcp://127.0.0.1:5555", "--insecure", "--heartbeat-interval", interval,
+                   "--heartbeat-timeout", timeout)
+    assert done.returncode == 2
+    assert f"--heartbeat-timeout ({timeout}s) must be longer than --heartbeat-interval ({interval}s)" in done.stderr

@@ -223,6 +223,12 @@ def test_thread_name_prefix_names_the_embedded_workers() -> None:
         RemoteExecutor(1, "memory", thread_name_prefix=5)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(("interval", "timeout"), [(2.0, 1.0), (1.0, 1.0)])
+def test_a_heartbeat_timeout_not_longer_than_the_interval_is_refused(interval: float, timeout: float) -> None:
+    with pytest.raises(ValueError, match=r"heartbeat_timeout \(.*s\) must be longer than heartbeat_interval"):
+        RemoteExecutor(1, "memory", heartbeat_interval=interval, heartbeat_timeout=timeout)
+
+
 def test_initializer_must_be_callable() -> None:
     with pytest.raises(TypeError, match=r"^initializer must be a callable$"):
         RemoteExecutor(1, "memory", initializer=42)  # type: ignore[arg-type]

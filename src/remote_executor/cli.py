@@ -40,7 +40,7 @@ from .signals import SignalEvent, set_on_signals
 from .supervisor import Supervisor
 from .tls import TlsConfig, make_cluster_material
 from .transports import UnknownSchemeError, get_backend, scheme_of
-from .transports.base import Backend, Options, ServerSettings
+from .transports.base import Backend, Options, ServerSettings, check_heartbeats
 from .wire.frames import PRE_SESSION_LIMITS, Limits
 from .worker import read_stdin_line, watch_stdin
 
@@ -57,7 +57,14 @@ class UsageError(ValueError):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "heartbeat_timeout", None) is not None:  # (server, worker)
+        try:
+            check_heartbeats(args.heartbeat_interval, args.heartbeat_timeout,
+                             ("--heartbeat-interval", "--heartbeat-timeout"))
+        except ValueError as exc:
+            parser.error(str(exc))
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         code: int = args.func(args)

@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 from . import interrupts
 from .errors import BrokenRemoteExecutor, CallTimeoutError, SerializationError
 from .security import resolve_key
-from .transports.base import Call, ClientTransport, Options, Session, Status, decode_result
+from .transports.base import Call, ClientTransport, Options, Session, Status, check_heartbeats, decode_result
 from .wire.messages import check_limit
 from .wire.output import write_output
 from .wire.serialization import Parts, encode_call, encode_chunk, encode_initializer
@@ -847,6 +847,7 @@ class RemoteExecutor(Executor):
                               ("connect_timeout", connect_timeout)):
             if not 0 < seconds < float("inf"):  # (NaN too) else every peer is refused, or the loops spin
                 raise ValueError(f"{name} must be a positive number of seconds, not {seconds!r}")
+        check_heartbeats(heartbeat_interval, heartbeat_timeout)
         if not reconnect_timeout >= 0:
             raise ValueError(f"reconnect_timeout must be >= 0, not {reconnect_timeout!r}")
         if no_workers_warning is not None and not no_workers_warning > 0:

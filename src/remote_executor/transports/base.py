@@ -92,6 +92,15 @@ class Session:
     max_retries: int
 
 
+def check_heartbeats(interval: float, timeout: float,
+                     names: tuple[str, str] = ("heartbeat_interval", "heartbeat_timeout")) -> None:
+    """``ValueError`` unless ``timeout`` is longer than ``interval``: a peer that says it is alive every
+    ``interval`` seconds would otherwise count as lost between two heartbeats, healthy workers as hung."""
+    if not timeout > interval:
+        raise ValueError(f"{names[1]} ({timeout:g}s) must be longer than {names[0]} ({interval:g}s): "
+                         f"every peer would count as lost between two of its heartbeats")
+
+
 @dataclass(frozen=True, slots=True)
 class Options:
     """Settings every transport understands; the executor's keyword arguments, resolved."""
