@@ -19,7 +19,7 @@ from remote_executor.supervisor import Supervisor
 from remote_executor.transports.gearman import gearmand as gearmand_module
 from remote_executor.transports.gearman.gearmand import GearmandProcess
 from remote_executor.transports.tcp.server import TcpServer
-from tests.conftest import pid_alive, wait_for
+from tests.conftest import FAST_HEARTBEAT, pid_alive, wait_for
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 KEY = bytes(range(32))
@@ -322,6 +322,22 @@ def test_the_supervisor_announces_each_first_handshake_and_each_exit(tcp_server:
         assert supervisor.exits == [("announced-0", -signal.SIGKILL)]
     finally:
         supervisor.stop()
+
+
+def test_a_stopped_child_ends_with_its_lifeline_not_after_the_kill_timeout(
+        tcp_server: TcpServer, caplog: pytest.LogCaptureFixture) -> None:
+    """A child frozen with SIGSTOP could not read its closed lifeline: stop() sends SIGCONT with it, so
+    the child ends on its own at once instead of being killed once the timeout has passed."""
+    supervisor = Supervisor(tcp_server.url, 1, name="frozen", worker_args=FAST_HEARTBEAT)
+    supervisor.start()
+    try:
+        assert supervisor.serving.wait(30)
+        (child,) = supervisor.pids()
+        os.kill(child, signal.SIGSTOP)
+    finally:
+        supervisor.stop(timeout=30)
+    assert not pid_alive(child)
+    assert not [r for r in caplog.records if "did not exit in time" in r.getMessage()]
 
 
 def test_a_supervisor_that_cannot_start_every_child_stops_those_it_started(

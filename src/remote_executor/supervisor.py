@@ -181,6 +181,7 @@ class Supervisor:
         self._halt_watcher()
         for child in self._snapshot():
             child.cut_lifeline()
+            _signal(child.proc, signal.SIGCONT)  # a stopped child (SIGSTOP) reads its lifeline too, at once
         self._reap_all(timeout)
 
     # --- internals -----------------------------------------------------------------------------------
