@@ -12,6 +12,7 @@ peers are a real client; everything on loopback.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import time
@@ -136,3 +137,37 @@ def test_connections_beyond_the_cap_are_refused_and_the_oldest_makes_room_for_a_
     messages = [r.getMessage() for r in caplog.records]
     assert any("at once: 4 connections have not proved the key" in m for m in messages), messages
     assert any("closing the one from 127.0.0.1:" in m for m in messages), messages
+
+
+def test_a_connection_that_sends_more_than_an_unproven_peer_may_is_dropped_before_its_deadline(
+        zmq_server: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """The deadline bounds how long; the allowance bounds how much: a peer cannot fill the server's memory
+    at line speed within it."""
+    caplog.set_level(logging.WARNING, logger="remote_executor")
+    server = zmq_server(handshake_timeout=60.0)
+    with zmtp_peer(server.port) as attacker:
+        started = time.monotonic()
+        with contextlib.suppress(OSError):  # (reset while it still sends, if the server is that quick)
+            for _ in range(40):  # 40 x 50 KB = 2 MB, beyond the allowance; the message never ends
+                send_unfinished(attacker, 250)
+        assert closed_by_server(attacker, within=20.0)
+        assert time.monotonic() - started < 30  # well before the 60 s deadline
+    assert any("bytes received and no verified frame" in r.getMessage() for r in caplog.records)
+
+
+def test_an_honest_client_whose_first_call_is_large_is_not_taken_for_an_attacker(
+        zmq_server: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """Its connection is proved by its HELLO, before the call's megabytes come."""
+    from remote_executor.supervisor import Supervisor
+
+    caplog.set_level(logging.WARNING, logger="remote_executor")
+    server = zmq_server()
+    workers = Supervisor(server.url, 1, env={"REMOTE_EXECUTOR_KEY_HEX": KEY.hex()},
+                         worker_args=("--heartbeat-interval", "0.2", "--heartbeat-timeout", "1.5"))
+    workers.start()
+    try:
+        with RemoteExecutor(transport=server.url, key=KEY, heartbeat_interval=0.2, heartbeat_timeout=1.5) as ex:
+            assert ex.submit(len, bytes(8 << 20)).result(timeout=60) == 8 << 20
+    finally:
+        workers.stop()
+    assert not [r for r in caplog.records if "no verified frame" in r.getMessage()]
