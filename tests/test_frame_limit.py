@@ -103,3 +103,15 @@ def test_gearman_fails_an_oversized_result_as_too_large_and_serves_on() -> None:
                                                      r"server's limit of 1\.0 MB"):
             ex.submit(big_result, 3_000_000).result(timeout=30)
         assert ex.submit(big_result, 10).result(timeout=30) == b"r" * 10
+
+
+@pytest.mark.parametrize("transport", ["tcp", pytest.param("zmq", marks=pytest.mark.zmq)])
+def test_the_embedded_cluster_applies_a_lowered_limit_to_calls_too(transport: str) -> None:
+    """Its client talks to the job server in-process, with no socket to apply the limit: it checks itself."""
+    with RemoteExecutor(1, transport=transport, limits={"max_frame": LIMIT}) as ex:
+        futures = [ex.submit(length, b"z" * n) for n in (10, 2_000_000, 20)]
+        with pytest.raises(FrameTooLargeError, match=r"the call \(its function and arguments\) is too large to send: "
+                                                     r"2\.0 MB exceeds the job server's limit of 1\.0 MB"):
+            futures[1].result(timeout=30)
+        assert [futures[0].result(timeout=30), futures[2].result(timeout=30)] == [10, 20]
+        assert ex.submit(length, b"y" * 500_000).result(timeout=30) == 500_000

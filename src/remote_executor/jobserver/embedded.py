@@ -22,7 +22,9 @@ from ..transports.base import (
     ServerSettings,
     Session,
 )
-from ..wire.frames import Kind
+from ..wire.frames import DEFAULT_LIMITS, Frame, Kind, Status
+from ..wire.messages import oversize
+from ..wire.serialization import error_outcome
 from .client import ClientSession, ask, worker_names
 from .server import LocalLink, ServerCore
 
@@ -78,6 +80,10 @@ class LocalClient(ClientTransport):
         self._server = server
         self._session: ClientSession | None = None
         self._link: LocalLink | None = None
+        # The server's limit, as a socket would apply it: only checked when lowered (limits={"max_frame": N}),
+        # so the default path costs nothing for it.
+        limit = server.limits.max_frame
+        self._limit = limit if limit < DEFAULT_LIMITS.max_frame else None
 
     def start(self, session: Session, listener: Listener) -> None:
         self._session = ClientSession(session, listener, self.url, self.pool)
@@ -86,9 +92,29 @@ class LocalClient(ClientTransport):
 
     def submit(self, calls: Sequence[Call]) -> None:
         assert self._session is not None and self._link is not None
+        refused: Sequence[tuple[Call, Exception]] = ()
+        if self._limit is not None:
+            calls, refused = self._split_oversized(calls)
         link = self._link
         self._session.submit_into(calls, link.inbox, link.inbox_lock, link.conn)
         link.poke()
+        for call, error in refused:  # after the others are on their way, which keeps them in order
+            self._session.listener.on_result(call.task_id, Status.DONE, error_outcome(error))
+
+    def _split_oversized(self, calls: Sequence[Call]) -> tuple[list[Call], list[tuple[Call, Exception]]]:
+        """The calls within the server's limit, and the others with their ``FrameTooLargeError``: they fail
+        at once, as through a socket (the contract lets ``submit`` report a result)."""
+        assert self._limit is not None
+        fitting: list[Call] = []
+        refused: list[tuple[Call, Exception]] = []
+        for call in calls:
+            error = oversize(Frame(Kind.SUBMIT, call.task_id, 0, call.parts), True, self._limit,
+                             "the call (its function and arguments)")
+            if error is None:
+                fitting.append(call)
+            else:
+                refused.append((call, error))
+        return fitting, refused
 
     def reconcile(self, calls: Sequence[Call]) -> None:
         assert self._session is not None

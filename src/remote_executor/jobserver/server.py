@@ -118,6 +118,11 @@ class ServerCore(abc.ABC):
         return server
 
     @property
+    def limits(self) -> Limits:
+        """What this server takes from a peer."""
+        return self._limits
+
+    @property
     def loop_thread(self) -> threading.Thread | None:
         """The thread that runs the loop (None before it started)."""
         return self._loop_thread
