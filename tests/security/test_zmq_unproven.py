@@ -139,16 +139,25 @@ def test_connections_beyond_the_cap_are_refused_and_the_oldest_makes_room_for_a_
     assert any("closing the one from 127.0.0.1:" in m for m in messages), messages
 
 
+@pytest.mark.parametrize("bound", ["allowance", "budget"])
 def test_a_connection_that_sends_more_than_an_unproven_peer_may_is_dropped_before_its_deadline(
-        zmq_server: Any, caplog: pytest.LogCaptureFixture) -> None:
-    """The deadline bounds how long; the allowance bounds how much: a peer cannot fill the server's memory
-    at line speed within it."""
+        zmq_server: Any, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, bound: str) -> None:
+    """The deadline bounds how long; the allowance (one frame of the server's limit, and the handshake)
+    and the budget of all such connections together bound how much: a peer cannot fill the server's memory
+    at line speed meanwhile."""
+    from remote_executor.transports.zmq import unproven
+    from remote_executor.wire.frames import Limits
+
     caplog.set_level(logging.WARNING, logger="remote_executor")
-    server = zmq_server(handshake_timeout=60.0)
+    if bound == "allowance":
+        server = zmq_server(handshake_timeout=60.0, limits=Limits(max_frame=1 << 20))  # allowance: 2 MiB
+    else:
+        monkeypatch.setattr(unproven, "BUDGET", 2 << 20)  # (read at every look: this server is in-process)
+        server = zmq_server(handshake_timeout=60.0)
     with zmtp_peer(server.port) as attacker:
         started = time.monotonic()
         with contextlib.suppress(OSError):  # (reset while it still sends, if the server is that quick)
-            for _ in range(40):  # 40 x 50 KB = 2 MB, beyond the allowance; the message never ends
+            for _ in range(80):  # 80 x 50 KB = 4 MB; the message never ends
                 send_unfinished(attacker, 250)
         assert closed_by_server(attacker, within=20.0)
         assert time.monotonic() - started < 30  # well before the 60 s deadline

@@ -90,7 +90,11 @@ class ZmqServer(ServerCore):
             if curve_allow is not None:  # the ZAP handler must be there before the first handshake
                 self._allow = CurveAllowList(self._ctx, curve_allow)
                 self._allow.start()
-            self._router = self._bind(host, port, limits, curve_secret_key)
+            # Connections that have not proved the key: capped, timed out and bounded (.unproven), watched
+            # from before the socket listens.
+            self._router, self._unproven = self._bind(
+                host, port, limits, curve_secret_key, max_handshaking,
+                heartbeat_timeout if handshake_timeout is None else handshake_timeout)
         except BaseException:
             if self._allow is not None:
                 self._allow.stop()  # its thread owns sockets of this context: stop it before destroying
@@ -112,17 +116,14 @@ class ZmqServer(ServerCore):
         self._unreachable: set[ConnId] = set()
         self._closed = False
         self._close_lock = threading.Lock()
-        # Connections that have not proved the key: capped, and shut down past their deadline (.unproven).
-        self._unproven = Unproven(self._router, max_handshaking,
-                                  heartbeat_timeout if handshake_timeout is None else handshake_timeout)
 
     @property
     def handshaking(self) -> int:
         """How many connections have not proved the key yet (no frame through them has verified)."""
         return len(self._unproven.waiting)
 
-    def _bind(self, host: str, port: int, limits: Limits,
-              curve_secret_key: str | os.PathLike[str] | None) -> zmq.Socket[Any]:
+    def _bind(self, host: str, port: int, limits: Limits, curve_secret_key: str | os.PathLike[str] | None,
+              max_handshaking: int, handshake_timeout: float) -> tuple[zmq.Socket[Any], Unproven]:
         router: zmq.Socket[Any] = self._ctx.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unknown or gone peer: EHOSTUNREACH, not a silent drop
@@ -145,12 +146,14 @@ class ZmqServer(ServerCore):
             router.curve_server = True
             router.curve_publickey = public
             router.curve_secretkey = secret
+        unproven = Unproven(router, max_handshaking, handshake_timeout, limits.max_frame)
         try:
             router.bind(endpoint(host, port or "*"))
         except zmq.ZMQError as exc:
+            unproven.close()
             router.close()
             raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc}") from exc
-        return router
+        return router, unproven
 
     # --- running -----------------------------------------------------------------------------------
 
@@ -161,10 +164,12 @@ class ZmqServer(ServerCore):
         poller.register(self._router, zmq.POLLIN)
         poller.register(self._waker.reader, zmq.POLLIN)
         poller.register(self._unproven.monitor, zmq.POLLIN)
-        next_tick = 0.0
+        next_tick = next_sweep = 0.0
         try:
             while not self.stopping.is_set():
                 now = time.monotonic()
+                if self._unproven.peers and now >= next_sweep:  # (on a clock of its own: see excuse())
+                    next_sweep = self._unproven.sweep(now)
                 if now >= next_tick:
                     # A tick that runs late was not running meanwhile (a stopped or starved process): that
                     # silence is ours, not the peers'. What they sent may not even have reached the socket's
@@ -173,11 +178,9 @@ class ZmqServer(ServerCore):
                         self.scheduler.excuse(now - next_tick)
                     self._on_ready(dict(poller.poll(0)))
                     next_tick = self.scheduler.tick(time.monotonic())
-                    deadline = self._unproven.sweep(time.monotonic())
-                    if deadline is not None:
-                        next_tick = min(next_tick, deadline)
                     self._pump_all()  # what was read and the heartbeats due: not after the wait below
-                wait = _BACKLOG_RETRY if self._backlog else max(next_tick - time.monotonic(), 0.0)
+                until = min(next_tick, next_sweep) if self._unproven.peers else next_tick
+                wait = _BACKLOG_RETRY if self._backlog else max(until - time.monotonic(), 0.0)
                 self._on_ready(dict(poller.poll(int(wait * 1000) + 1)))
                 self._pump_all()
         finally:

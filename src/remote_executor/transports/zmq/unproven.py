@@ -8,13 +8,17 @@ verifies under its session's keys (the message's ``ZMQ_SRCFD`` names the connect
 within the deadline, or that the cap (:mod:`~remote_executor.jobserver.handshakes`) has no place for, is
 shut down under libzmq, which then drops the connection and everything it buffered for it.
 
-The deadline bounds how long; what such a connection may send meanwhile is bounded too: once the kernel
-has received more than :data:`MAX_UNPROVEN_BYTES` on it (``TCP_INFO``, looked at every
-:data:`CHECK_EVERY` seconds while any connection is watched), it is shut down. No peer of ours sends more
-than a greeting, an OPEN and a HELLO (at most 4 parts of 64 KiB) before it has proved the key.
+The deadline bounds how long; what these connections may hold meanwhile is bounded too, from the kernel's
+count of the bytes each has received (Linux's ``TCP_INFO``, looked at every :data:`CHECK_EVERY` seconds):
+one that has received more than the largest frame a peer may send (plus :data:`HANDSHAKE_BYTES`) is shut
+down, and once they have received more than :data:`BUDGET` together, the one that received the most goes
+first. A new peer sends only a greeting, an OPEN and a HELLO before it proves the key; but a session whose
+TCP connection libzmq re-established (the routing id is handed over) may start the new one with a frame of
+any allowed size, which only the budget may cut short, while the server is flooded.
 
 Each watched connection is held through a duplicate of its descriptor, so the shutdown reaches that
-connection even if libzmq has closed its own descriptor and reused the number for another.
+connection even if libzmq has closed its own descriptor and reused the number for another. Where no
+duplicate can be had (the process is out of descriptors), the new connection is shut down at once.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import logging
 import os
 import socket
 import struct
+import sys
 from typing import Any
 
 import zmq
@@ -38,20 +43,25 @@ _ACCEPTED = int(zmq.EVENT_ACCEPTED)
 
 Peer = tuple[str, int]
 
-MAX_UNPROVEN_BYTES = 1 << 20
+HANDSHAKE_BYTES = 1 << 20  # beyond a frame: greeting, CURVE handshake, OPEN, HELLO
+BUDGET = 256 << 20  # what all unproven connections together may have received
 CHECK_EVERY = 0.05  # seconds between two looks at what the watched connections have received
-_TCPI_BYTES_RECEIVED = 128  # offset of tcpi_bytes_received (u64) in Linux's struct tcp_info (4.1+)
+# tcpi_bytes_received (u64) in Linux's struct tcp_info (4.1+); elsewhere the bytes are not counted.
+_TCP_INFO = getattr(socket, "TCP_INFO", None) if sys.platform.startswith("linux") else None
+_TCPI_BYTES_RECEIVED = 128
 
 
 class Unproven:
-    """Watches ``router``'s accepted connections through a socket monitor (poll :attr:`monitor`)."""
+    """Watches ``router``'s accepted connections through a socket monitor (poll :attr:`monitor`); made
+    before the router listens, so that none escapes."""
 
-    def __init__(self, router: zmq.Socket[Any], limit: int, timeout: float) -> None:
+    def __init__(self, router: zmq.Socket[Any], limit: int, timeout: float, max_frame: int) -> None:
         self.waiting: Handshakes[int] = Handshakes(limit, timeout)  # by descriptor
         # Descriptor -> peer, of the connections watched. Non-empty: some connection has yet to prove itself,
         # so the server asks each message which connection it came by (only then: it costs a call).
         self.peers: dict[int, Peer] = {}
         self._socks: dict[int, socket.socket] = {}  # a duplicate of each watched descriptor
+        self._allowance = max_frame + HANDSHAKE_BYTES
         self.monitor: zmq.Socket[Any] = router.get_monitor_socket(_WATCHED)
         self._router = router
 
@@ -75,20 +85,24 @@ class Unproven:
         """A frame that came through connection ``fd`` verified: its peer holds the key."""
         self._forget(fd)
 
-    def sweep(self, now: float) -> float | None:
-        """Shut down the connections past their deadline or their byte allowance; when to look again."""
+    def sweep(self, now: float) -> float:
+        """Shut down the connections past their deadline, their allowance or the budget; when to look again."""
         while (fd := self.waiting.overdue(now)) is not None:
             limited(log, logging.WARNING, (owner(self), "deadline"), "closing zmq connection from %s: no "
                     "verified frame within %gs", _show(self.peers.get(fd)), self.waiting.timeout)
             self._shut(fd)
-        for fd, sock in list(self._socks.items()):
-            received = _bytes_received(sock)
-            if received > MAX_UNPROVEN_BYTES:
-                limited(log, logging.WARNING, (owner(self), "bytes"), "closing zmq connection from %s: %d bytes "
-                        "received and no verified frame", _show(self.peers.get(fd)), received)
-                self._shut(fd)
+        received = {fd: _bytes_received(sock) for fd, sock in self._socks.items()}
+        total = sum(received.values())
+        for fd, count in sorted(received.items(), key=lambda item: -item[1]):
+            if count <= self._allowance and total <= BUDGET:
+                break
+            limited(log, logging.WARNING, (owner(self), "bytes"), "closing zmq connection from %s: %d bytes "
+                    "received and no verified frame (%d by all such connections)", _show(self.peers.get(fd)),
+                    count, total)
+            self._shut(fd)
+            total -= count
         deadline = self.waiting.next_deadline()
-        return None if deadline is None else min(deadline, now + CHECK_EVERY)
+        return now + CHECK_EVERY if deadline is None else min(deadline, now + CHECK_EVERY)
 
     def close(self) -> None:
         with contextlib.suppress(zmq.ZMQError):
@@ -100,11 +114,14 @@ class Unproven:
     def _accepted(self, fd: int, now: float) -> None:
         self._forget(fd)  # (a reused descriptor whose DISCONNECTED is still to come)
         sock = _duplicate(fd)
-        if sock is None:  # gone already (or out of descriptors: then it is not watched)
+        if sock is None:  # out of descriptors: a connection that cannot be watched is not kept
+            limited(log, logging.WARNING, (owner(self), "no fd"), "closing a zmq connection at once: no "
+                    "descriptor left to watch it with")
+            _shut_raw(fd)
             return
         try:
             address = sock.getpeername()
-        except OSError:
+        except OSError:  # gone already
             sock.close()
             return
         peer = (str(address[0]), int(address[1]))
@@ -140,7 +157,8 @@ class Unproven:
 
 
 def _duplicate(fd: int) -> socket.socket | None:
-    """A socket object of our own for libzmq's connection ``fd`` (None if it is gone)."""
+    """A socket object of our own for libzmq's connection ``fd`` (None if it is gone, or no descriptor is
+    left)."""
     try:
         dup = os.dup(fd)
     except OSError:
@@ -158,10 +176,22 @@ def _shut(sock: socket.socket) -> None:
         sock.shutdown(socket.SHUT_RDWR)
 
 
+def _shut_raw(fd: int) -> None:
+    """Shut down libzmq's connection ``fd`` itself, leaving the descriptor to libzmq (which closes it)."""
+    with contextlib.suppress(OSError):
+        sock = socket.socket(fileno=fd)  # (takes no descriptor of its own)
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        finally:
+            sock.detach()
+
+
 def _bytes_received(sock: socket.socket) -> int:
     """What the kernel has received on ``sock`` (0 where ``TCP_INFO`` does not say)."""
+    if _TCP_INFO is None:
+        return 0
     try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCPI_BYTES_RECEIVED + 8)
+        info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _TCPI_BYTES_RECEIVED + 8)
     except OSError:
         return 0
     if len(info) < _TCPI_BYTES_RECEIVED + 8:
