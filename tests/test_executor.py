@@ -215,10 +215,37 @@ def test_max_workers_of_another_type_is_a_clear_type_error(max_workers: object) 
         RemoteExecutor(max_workers, "memory")  # type: ignore[arg-type]
 
 
+class Index:
+    """An integer that is not an int (numpy's int64 is one): ``operator.index`` takes it, as the standard
+    library does."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def __index__(self) -> int:
+        return self.value
+
+
+def test_integers_that_are_not_ints_are_taken(make: Callable[..., RemoteExecutor]) -> None:
+    ex = make(Index(2))
+    assert list(ex.map(abs, [-1, -2, -3], chunksize=Index(2))) == [1, 2, 3]  # type: ignore[arg-type]
+
+
+def test_a_tuple_as_the_function_fails_its_future_with_type_error(make: Callable[..., RemoteExecutor]) -> None:
+    """A tuple is what a function shipped by value travels as: refused here with the TypeError calling it
+    would raise, not taken for a malformed pickle on the worker."""
+    ex = make()
+    any_fn: Any = (1, 2)
+    for future in (ex.submit(any_fn), ex._submit_chunk(any_fn, [()], None)):
+        error = future.exception(timeout=30)
+        assert type(error) is TypeError and error.args == ("'tuple' object is not callable",)
+
+
 def test_thread_name_prefix_names_the_embedded_workers() -> None:
-    """ThreadPoolExecutor's keyword works here too: the worker processes stand for its threads."""
-    with RemoteExecutor(2, thread_name_prefix="fetch") as ex:
-        assert sorted(w.name.split("#")[0] for w in ex.status().workers) == ["fetch-0", "fetch-1"]
+    """ThreadPoolExecutor's keyword works here too: the worker processes stand for its threads (any text,
+    one that starts with a dash too)."""
+    with RemoteExecutor(2, thread_name_prefix="-fetch") as ex:
+        assert sorted(w.name.split("#")[0] for w in ex.status().workers) == ["-fetch-0", "-fetch-1"]
     with pytest.raises(TypeError, match="thread_name_prefix must be a str"):
         RemoteExecutor(1, "memory", thread_name_prefix=5)  # type: ignore[arg-type]
 

@@ -115,3 +115,13 @@ def test_the_embedded_cluster_applies_a_lowered_limit_to_calls_too(transport: st
             futures[1].result(timeout=30)
         assert [futures[0].result(timeout=30), futures[2].result(timeout=30)] == [10, 20]
         assert ex.submit(length, b"y" * 500_000).result(timeout=30) == 500_000
+
+
+def test_the_frame_size_error_pickles() -> None:
+    """As every exception a transport may hand on should: with its numbers."""
+    import pickle
+
+    from remote_executor.wire.frames import FrameSizeError
+
+    error = pickle.loads(pickle.dumps(FrameSizeError(5, 3)))
+    assert (error.total, error.limit, str(error)) == (5, 3, "frame of 5 bytes exceeds the limit of 3 bytes")

@@ -182,9 +182,9 @@ def test_a_stopping_server_tells_clients_which_calls_it_will_never_start() -> No
     actions = h.submit(2, 2, "after the stop")
     assert [(f.a, [bytes(p) for p in f.parts]) for f in sent(actions, 2, Kind.REQUEUED)] == [(2, [NOT_STARTED])]
     actions = h.disconnect(10)  # the worker is lost with both running calls: requeued, never to start here
-    for client in (1, 2):
+    for client in (1, 2):  # (and the worker they were lost with, for WorkerLostError.workers)
         assert [(f.a, f.b, [bytes(p) for p in f.parts]) for f in sent(actions, client, Kind.REQUEUED)] == \
-            [(1, 1, [NOT_STARTED])]
+            [(1, 1, [NOT_STARTED, LOST_ON, b"a#10"])]
 
 
 def test_a_requeued_call_of_a_running_server_is_not_marked() -> None:

@@ -833,8 +833,8 @@ class RemoteExecutor(Executor):
         start_method: str | None = None,
         **transport_options: Any,
     ) -> None:
-        if max_workers is not None and not isinstance(max_workers, int):
-            raise TypeError(f"max_workers must be an int or None, not {type(max_workers).__name__}")
+        if max_workers is not None:
+            max_workers = _integer(max_workers, "max_workers", "an int or None")
         if max_workers is not None and max_workers <= 0:
             raise ValueError("max_workers must be greater than 0")
         if not isinstance(thread_name_prefix, str):
@@ -1006,6 +1006,8 @@ class RemoteExecutor(Executor):
 
     def _submit_limited(self, fn: Callable[..., Any], args: tuple[Any, ...], limit: float | None,
                         kwargs: dict[str, Any] | None = None) -> Future[Any]:
+        if type(fn) is tuple:  # type: ignore[comparison-overlap]  # (a by-value function's wire form)
+            return _failed(TypeError("'tuple' object is not callable"))  # type: ignore[unreachable]
         try:
             parts = encode_call(fn, args, kwargs or {}, self._forward_output)
         except SerializationError as exc:
@@ -1026,8 +1028,7 @@ class RemoteExecutor(Executor):
         how many calls (or chunks) are outstanding, consuming the input lazily. ``timeout`` counts from
         this call. Closing the iterator early cancels the calls not started yet.
         """
-        if isinstance(chunksize, bool) or not isinstance(chunksize, int):
-            raise TypeError(f"chunksize must be an int, not {type(chunksize).__name__}")
+        chunksize = _integer(chunksize, "chunksize", "an int")
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
         if buffersize is not None and not isinstance(buffersize, int):
@@ -1071,6 +1072,8 @@ class RemoteExecutor(Executor):
     def _submit_chunk(self, fn: Callable[..., Any], items: list[tuple[Any, ...]], limit: float | None) -> Future[Any]:
         """One call on the wire for many map calls; its value is ``(values, exception_or_None)``."""
         self._core.check_open()
+        if type(fn) is tuple:  # type: ignore[comparison-overlap]  # (a by-value function's wire form)
+            return _failed(TypeError("'tuple' object is not callable"))  # type: ignore[unreachable]
         try:
             parts = encode_chunk(fn, items, self._forward_output)
         except SerializationError as exc:
@@ -1176,6 +1179,14 @@ def _result_or_cancel(future: Future[Any], timeout: float | None) -> Any:
     finally:
         future.cancel()
         del future  # break the reference cycle through the exception's traceback
+
+
+def _integer(value: object, name: str, what: str) -> int:
+    """``value`` as an int if it is one (numpy's integers too: ``operator.index``), else a TypeError."""
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"{name} must be {what}, not {type(value).__name__}") from None
 
 
 def _random_id() -> int:

@@ -207,7 +207,7 @@ class Supervisor:
     def _start_child(self, lifeline: int, index: int) -> tuple[Process, int | None]:
         """Fork the child if the fork server can, else spawn it; the pidfd to watch, if any (a forked
         child's exit is reported by the fork server instead, which also gives its exit status)."""
-        args = [self.url, "--name", f"{self.name}-{index}", *self._args]
+        args = [self.url, f"--name={self.name}-{index}", *self._args]  # (one argument: a name may start with -)
         if self._fork_here and forkhere.possible():
             try:
                 here = forkhere.fork_worker(args, self._env, (lifeline, self._serving_w), quiet=self._quiet)

@@ -372,12 +372,14 @@ class ClientSession:
             with self._lock:
                 if frame.a in self._inflight:
                     self._attempts[frame.a] = max(self._attempts.get(frame.a, 0), frame.b)
-                    if len(frame.parts) == 1 and frame.parts[0] == NOT_STARTED:
+                    parts = frame.parts  # [NOT_STARTED]? then [LOST_ON, name]?
+                    if parts and parts[0] == NOT_STARTED:
                         self._not_started.add(frame.a)
-                    elif len(frame.parts) == 2 and frame.parts[0] == LOST_ON:
+                        parts = parts[1:]
+                    if len(parts) == 2 and parts[0] == LOST_ON:
                         on_server = self._lost_on.setdefault(frame.a, ([], []))[1]
                         if len(on_server) <= self.session.max_retries:  # (a server sends no more)
-                            on_server.append(printable(bytes(frame.parts[1])))
+                            on_server.append(printable(bytes(parts[1])))
         elif kind in (Kind.WORKERS, Kind.STATUS):
             with self._lock:
                 answer = self._requests.pop(frame.a, None)

@@ -611,10 +611,9 @@ class Scheduler:
         queued call starts any more), that it will not run here: the client resubmits it to the server
         that takes this one's place without counting an attempt. Else ``lost_on``, the worker just lost
         with it, if that is why it was queued again."""
-        if self._stopping is not None:
-            parts: Parts = [NOT_STARTED]
-        else:
-            parts = [LOST_ON, lost_on.encode(errors="replace")] if lost_on is not None else []
+        parts: Parts = [NOT_STARTED] if self._stopping is not None else []
+        if lost_on is not None:  # (an older client reads NOT_STARTED only alone: it then counts one more)
+            parts += [LOST_ON, lost_on.encode(errors="replace")]
         return Frame(Kind.REQUEUED, a=task.client_tid, b=task.attempts, parts=parts)
 
     def _fail_pinned_queue(self, worker: WorkerState, name: str, what: str) -> None:

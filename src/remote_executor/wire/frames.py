@@ -63,6 +63,9 @@ class FrameSizeError(ProtocolError):
         self.total = total
         self.limit = limit
 
+    def __reduce__(self) -> tuple[type[FrameSizeError], tuple[int, int]]:
+        return (type(self), (self.total, self.limit))
+
 
 class Kind(enum.IntEnum):
     """Frame types. Direction and the meaning of ``a``/``b`` are given per type."""
@@ -84,7 +87,7 @@ class Kind(enum.IntEnum):
     STATUS = 13  # admin or client -> server: a=request id; server -> it: a=request id, parts [json status]
     REQUEUED = 14  # server -> client: a=client task id, b=times it may have run (its worker was lost);
     #              parts [NOT_STARTED]: a stopping server will not start it (resubmit it, counting nothing);
-    #              parts [LOST_ON, utf-8 name]: the worker it was lost with (for WorkerLostError.workers)
+    #              then [LOST_ON, utf-8 name]: the worker it was lost with (for WorkerLostError.workers)
     OPEN = 15  # peer -> server, first frame: parts [nonce]; signed with the shared key (wire.session)
     CHALLENGE = 16  # server -> peer: parts [nonce]; signed with the shared key, bound to the peer's nonce
     STARTED = 17  # server -> client: a=client task id: a worker has the call (sent for calls with a limit)
