@@ -280,7 +280,7 @@ def test_an_authenticated_call_of_the_wrong_shape_gets_an_error_and_the_worker_s
         (host, port), pool = parse_url(pool_url)[0][0], parse_url(pool_url)[1]
         function = f"remote_executor.{pool}".encode()
         codec = JobCodec(key, function)
-        for task_id, shape in enumerate([5, ("call", pow), ("chunk", pow, 5), ("call", "pow", (2, 3), {})], 1):
+        for task_id, shape in enumerate([5, ("call", pow), ("chunk", pow, 5), ("call", pow, [2, 3], {})], 1):
             sealed = codec.encode_job(Call(task_id, [pickle.dumps(shape)]), Session(7, None, 0), time.time() + 60)
             outcomes = _Outcomes()
             with GearmanClientConnection(host, port, outcomes) as client:

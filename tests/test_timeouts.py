@@ -207,7 +207,7 @@ class SilentTransport(ClientTransport):
 
 
 def test_the_executor_fails_a_started_call_nobody_answers_for() -> None:
-    executor = RemoteExecutor(transport=SilentTransport(), heartbeat_timeout=0.2)
+    executor = RemoteExecutor(transport=SilentTransport(), heartbeat_interval=0.1, heartbeat_timeout=0.2)
     started = time.monotonic()
     future = executor.with_options(timeout=0.1).submit(abs, 1)
     with pytest.raises(CallTimeoutError, match="no worker answered"):
@@ -304,7 +304,8 @@ def test_a_call_started_again_gets_a_new_clock() -> None:
     """A retry (another worker took the call after a loss) runs on a clock of its own: the first start's
     deadline passing does not fail it."""
     transport = SilentTransport()
-    executor = RemoteExecutor(transport=transport, heartbeat_timeout=0.5)  # 1 s of slack past the limit
+    executor = RemoteExecutor(transport=transport, heartbeat_interval=0.1,
+                              heartbeat_timeout=0.5)  # 1 s of slack past the limit
     started = time.monotonic()
     future = executor.with_options(timeout=1.0).submit(abs, 1)  # first start: failed at 2 s without news
     assert transport.listener is not None
