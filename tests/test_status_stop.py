@@ -4,13 +4,14 @@ on real job servers, worker processes and commands."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import cloudpickle
@@ -210,79 +211,73 @@ def test_stop_with_workers_lets_running_calls_finish_then_everything_exits_for_g
             proc.communicate()  # reaps it and closes its pipes
 
 
-def test_a_call_the_stopped_server_never_started_runs_on_its_successor_without_counting_an_attempt() -> None:
-    """With max_retries=0 a call lost with its server fails, since it may have run there; a call still
-    queued when the server was told to stop cannot have, and the server says so: it runs on the next one."""
+@contextlib.contextmanager
+def server_to_stop() -> Iterator[tuple[str, Supervisor, Callable[[], None]]]:
+    """A job server (the command line's) with one worker that outlives it: its URL, the worker's supervisor,
+    and ``succeed()``, which waits for the server to exit after a ``stop`` and starts another on its port."""
     port, server = start_server()
-    url = f"tcp://127.0.0.1:{port}"
-    supervisor = Supervisor(url, 1, env={"REMOTE_EXECUTOR_KEY": KEY.decode()}, worker_args=FAST_HEARTBEAT,
-                            name="stay")
+    supervisor = Supervisor(f"tcp://127.0.0.1:{port}", 1, env={"REMOTE_EXECUTOR_KEY": KEY.decode()},
+                            worker_args=FAST_HEARTBEAT, name="stay")
     supervisor.start()
-    successor: TcpServer | None = None
-    options = {"key": KEY, "heartbeat_interval": 0.2, "heartbeat_timeout": HEARTBEAT_TIMEOUT,
-               "reconnect_timeout": 30.0, "max_retries": 0}
+    successors: list[TcpServer] = []
+
+    def succeed() -> None:
+        assert server.wait(timeout=30) == 0
+        successors.append(TcpServer("127.0.0.1", port, key=KEY, heartbeat_interval=0.2,
+                                    heartbeat_timeout=HEARTBEAT_TIMEOUT))
+        successors[0].start()
+
     try:
-        with Gate() as gate, RemoteExecutor(transport=url, **options) as first, \
-                RemoteExecutor(transport=url, **options) as second:  # type: ignore[arg-type]
-            first.wait_for_workers(1, timeout=30)
-            running = first.submit(wait_at_gate, gate.address, "held", "finished")
-            gate.wait_started(1)
-            queued = second.submit(os.getpid)  # the one worker is busy: it waits in the server's queue
-            wait_for(lambda: cluster_status(url, key=KEY).queued.get("default") == 1,
-                     what="the server to queue the second executor's call")
-            stopped = subprocess.run(cli("stop", url), env=ENV, capture_output=True, text=True, timeout=30)
-            assert stopped.returncode == 0, stopped.stderr
-            gate.release()
-            assert running.result(timeout=30) == "finished"  # the running call finishes first
-            assert server.wait(timeout=30) == 0
-            successor = TcpServer("127.0.0.1", port, key=KEY, heartbeat_interval=0.2,
-                                  heartbeat_timeout=HEARTBEAT_TIMEOUT)
-            successor.start()
-            assert queued.result(timeout=30) == supervisor.pids()[0]  # run once, by the worker that came back
+        yield f"tcp://127.0.0.1:{port}", supervisor, succeed
     finally:
         supervisor.stop()
-        if successor is not None:
+        for successor in successors:
             successor.stop()
         if server.poll() is None:
             server.kill()
         server.communicate()
+
+
+def test_a_call_the_stopped_server_never_started_runs_on_its_successor_without_counting_an_attempt() -> None:
+    """With max_retries=0 a call lost with its server fails, since it may have run there; a call still
+    queued when the server was told to stop cannot have, and the server says so: it runs on the next one."""
+    options = {"key": KEY, "heartbeat_interval": 0.2, "heartbeat_timeout": HEARTBEAT_TIMEOUT,
+               "reconnect_timeout": 30.0, "max_retries": 0}
+    with server_to_stop() as (url, supervisor, succeed), Gate() as gate, \
+            RemoteExecutor(transport=url, **options) as first, \
+            RemoteExecutor(transport=url, **options) as second:  # type: ignore[arg-type]
+        first.wait_for_workers(1, timeout=30)
+        running = first.submit(wait_at_gate, gate.address, "held", "finished")
+        gate.wait_started(1)
+        queued = second.submit(os.getpid)  # the one worker is busy: it waits in the server's queue
+        wait_for(lambda: cluster_status(url, key=KEY).queued.get("default") == 1,
+                 what="the server to queue the second executor's call")
+        stopped = subprocess.run(cli("stop", url), env=ENV, capture_output=True, text=True, timeout=30)
+        assert stopped.returncode == 0, stopped.stderr
+        gate.release()
+        assert running.result(timeout=30) == "finished"  # the running call finishes first
+        succeed()
+        assert queued.result(timeout=30) == supervisor.pids()[0]  # run once, by the worker that came back
 
 
 def test_a_call_sent_into_the_slot_a_stopping_servers_last_result_freed_is_not_counted() -> None:
     """The executor's window is the one slot: its second call waits in this process, and goes to the server
     when the first call's result frees the slot, just as the stopped server ends. The server's last word to
     its clients says nothing of theirs runs there: the call runs on the successor, with max_retries=0."""
-    port, server = start_server()
-    url = f"tcp://127.0.0.1:{port}"
-    supervisor = Supervisor(url, 1, env={"REMOTE_EXECUTOR_KEY": KEY.decode()}, worker_args=FAST_HEARTBEAT,
-                            name="stay")
-    supervisor.start()
-    successor: TcpServer | None = None
-    try:
-        with Gate() as gate, RemoteExecutor(4, transport=url, key=KEY, heartbeat_interval=0.2,
-                                            heartbeat_timeout=HEARTBEAT_TIMEOUT, reconnect_timeout=30.0,
-                                            max_retries=0) as ex:
-            ex.wait_for_workers(1, timeout=30)
-            running = ex.submit(wait_at_gate, gate.address, "held", "finished")
-            gate.wait_started(1)
-            waiting = ex.submit(os.getpid)
-            assert waiting._state == "PENDING"  # type: ignore[attr-defined]  # (in this process: one slot)
-            stopped = subprocess.run(cli("stop", url), env=ENV, capture_output=True, text=True, timeout=30)
-            assert stopped.returncode == 0, stopped.stderr
-            gate.release()
-            assert running.result(timeout=30) == "finished"
-            assert server.wait(timeout=30) == 0
-            successor = TcpServer("127.0.0.1", port, key=KEY, heartbeat_interval=0.2,
-                                  heartbeat_timeout=HEARTBEAT_TIMEOUT)
-            successor.start()
-            assert waiting.result(timeout=30) == supervisor.pids()[0]
-    finally:
-        supervisor.stop()
-        if successor is not None:
-            successor.stop()
-        if server.poll() is None:
-            server.kill()
-        server.communicate()
+    with server_to_stop() as (url, supervisor, succeed), Gate() as gate, \
+            RemoteExecutor(4, transport=url, key=KEY, heartbeat_interval=0.2, heartbeat_timeout=HEARTBEAT_TIMEOUT,
+                           reconnect_timeout=30.0, max_retries=0) as ex:
+        ex.wait_for_workers(1, timeout=30)
+        running = ex.submit(wait_at_gate, gate.address, "held", "finished")
+        gate.wait_started(1)
+        waiting = ex.submit(os.getpid)
+        assert waiting._state == "PENDING"  # type: ignore[attr-defined]  # (in this process: one slot)
+        stopped = subprocess.run(cli("stop", url), env=ENV, capture_output=True, text=True, timeout=30)
+        assert stopped.returncode == 0, stopped.stderr
+        gate.release()
+        assert running.result(timeout=30) == "finished"
+        succeed()
+        assert waiting.result(timeout=30) == supervisor.pids()[0]
 
 
 def test_stop_without_workers_leaves_them_waiting_for_the_server(tmp_path: Path) -> None:
