@@ -23,15 +23,13 @@ import json
 import logging
 import os
 import re
-import shutil
 import sys
-import tempfile
 import textwrap
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from . import __version__
+from . import __version__, privatedirs
 from .errors import RemoteExecutorError, TransportError
 from .netio import retry_with_backoff
 from .pools import pool_of_url
@@ -348,9 +346,9 @@ def _tls_ca_from_stdin() -> str:
         pem = b""
     if not pem.startswith(b"-----BEGIN CERTIFICATE-----"):
         raise ValueError("--tls-ca -: standard input did not carry a CA certificate (one line, base64 of its PEM)")
-    directory = tempfile.mkdtemp(prefix="remote-executor-ca-")
-    atexit.register(shutil.rmtree, directory, True)
-    path = os.path.join(directory, "ca.pem")
+    directory = privatedirs.make("ca")
+    atexit.register(directory.remove)
+    path = os.path.join(directory.path, "ca.pem")
     with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as file:
         file.write(pem)
     return path

@@ -28,10 +28,8 @@ import logging
 import os
 import re
 import shlex
-import shutil
 import socket
 import subprocess
-import tempfile
 import threading
 import time
 import warnings
@@ -41,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from . import privatedirs
 from .errors import TransportError
 from .netio import Backoff
 from .pools import DEFAULT_POOL, is_pool_name
@@ -497,17 +496,17 @@ class SSHJobServer:
     def launch(self) -> None:
         """Start the server and every host's workers; return once they are attached."""
         address = self.scheduler_host or route_address(self.hosts[0].host, self.ssh_options)
-        material = Path(tempfile.mkdtemp(prefix="remote-executor-cluster-"))  # 0700: keys and certificates
+        material = privatedirs.make("cluster")  # keys and certificates
         try:
             self._launched = start_cluster_server(
                 self.transport, address, self.port, self.key, material, heartbeat_interval=self.heartbeat_interval,
                 heartbeat_timeout=self.heartbeat_timeout, gearmand=self._remote_gearmand())
         except OSError as exc:
-            shutil.rmtree(material, ignore_errors=True)
+            material.remove()
             raise TransportError(f"cannot listen on {address} port {self.port} for the SSH cluster's job server: "
                                  f"{exc.strerror or exc} (scheduler_host must be an address of this machine)") from exc
         except BaseException:
-            shutil.rmtree(material, ignore_errors=True)
+            material.remove()
             raise
         self.server = getattr(self._launched, "core", None)  # our job server; None for gearmand
         self.url = self._launched.url

@@ -18,7 +18,6 @@ import abc
 import base64
 import logging
 import shlex
-import shutil
 import subprocess
 import threading
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from typing import Any
 
 from .errors import TransportError
 from .jobserver.server import ServerCore
+from .privatedirs import PrivateDir
 from .transports.base import ClientTransport, Options
 
 SCHEMES = ("tcp", "zmq", "gearman")
@@ -41,7 +41,7 @@ class ClusterServer(abc.ABC):
     """A started job server, and what its workers and outside clients need to reach it securely."""
 
     url: str
-    material: Path  # a private directory of certificates and keys, deleted at stop
+    material: PrivateDir  # certificates and keys, deleted at stop
     worker_args: list[str] = field(default_factory=list)  # for the remote `remote-executor worker` command
     stdin_lines: list[bytes] = field(default_factory=list)  # sent after the key line, never on a command line
     client_options: dict[str, str] = field(default_factory=dict)  # transport options for clients elsewhere
@@ -63,7 +63,7 @@ class ClusterServer(abc.ABC):
         """True once the server stopped on its own (``remote-executor stop``, a crash) rather than by us."""
 
     def stop(self) -> None:
-        shutil.rmtree(self.material, ignore_errors=True)
+        self.material.remove()
 
 
 @dataclass
@@ -162,7 +162,7 @@ class RemoteGearmand:
     port: int
 
 
-def start_cluster_server(scheme: str, address: str, port: int, key: bytes, material: Path, *,
+def start_cluster_server(scheme: str, address: str, port: int, key: bytes, material: PrivateDir, *,
                          heartbeat_interval: float, heartbeat_timeout: float,
                          gearmand: RemoteGearmand | None = None) -> ClusterServer:
     """Start the job server of ``scheme`` on ``address:port``, encrypted, with its material in ``material``
@@ -172,7 +172,7 @@ def start_cluster_server(scheme: str, address: str, port: int, key: bytes, mater
         from .tls import TlsConfig, make_cluster_material
         from .transports.tcp.server import TcpServer
 
-        files = make_cluster_material(material, [address])
+        files = make_cluster_material(Path(material.path), [address])
         # Server-side TLS only: the key already authenticates every worker and client.
         tls = TlsConfig(cert=str(files.server_cert), key=str(files.server_key))
         tcp = TcpServer(address, port, key=key, tls=tls, **timing)
@@ -186,7 +186,7 @@ def start_cluster_server(scheme: str, address: str, port: int, key: bytes, mater
             raise TransportError("an SSH cluster over zmq needs pyzmq: pip install 'remote-executor[zmq]'") from None
         from .transports.zmq.server import ZmqServer
 
-        public_file, secret_file = zmq.auth.create_certificates(str(material), "server")
+        public_file, secret_file = zmq.auth.create_certificates(material.path, "server")
         public, _ = zmq.auth.load_certificate(public_file)
         zmq_server = ZmqServer(address, port, key=key, curve_secret_key=secret_file, **timing)
         zmq_server.start()
@@ -205,7 +205,7 @@ def start_cluster_server(scheme: str, address: str, port: int, key: bytes, mater
     raise TransportError(f"an SSH cluster runs a tcp, zmq or gearman job server, not {scheme!r}")
 
 
-def _remote_gearmand(host: str, argv: list[str], address: str, port: int, material: Path) -> Gearmand:
+def _remote_gearmand(host: str, argv: list[str], address: str, port: int, material: PrivateDir) -> Gearmand:
     """gearmand on a host, in an SSH session: started and announced, or a clear error with its output."""
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)

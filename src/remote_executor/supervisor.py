@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from . import forkhere, forkserver
+from . import forkhere, forkserver, privatedirs
 from .netio import Backoff
 from .transports.base import (
     EXIT_STOPPED,
@@ -129,7 +129,7 @@ class Supervisor:
         self.refused = threading.Event()  # set once every child was refused (a wrong key, other versions)
         self._thread: threading.Thread | None = None
         self._sibling_records = sibling_records
-        self._siblings_dir: str | None = None
+        self._siblings_dir: privatedirs.PrivateDir | None = None
 
     # --- public ------------------------------------------------------------------------------------
 
@@ -138,7 +138,7 @@ class Supervisor:
         if self._sibling_records:
             self._siblings_dir = _make_siblings_dir()
             if self._siblings_dir is not None:
-                self._env[SIBLINGS_DIR_ENV] = self._siblings_dir
+                self._env[SIBLINGS_DIR_ENV] = self._siblings_dir.path
         try:
             for index in range(self.processes):
                 self._spawn(index)
@@ -352,7 +352,7 @@ class Supervisor:
             self._forget(child)
         self._close_selector()
         if self._siblings_dir is not None:
-            _remove_siblings_dir(self._siblings_dir)
+            self._siblings_dir.remove()
             self._siblings_dir = None
 
     def _close_selector(self) -> None:
@@ -365,57 +365,15 @@ class Supervisor:
             self._wake_r = self._wake_w = self._serving_r = self._serving_w = -1
 
 
-_SIBLINGS_PREFIX = "remote-executor-siblings-"
-
-
-def _make_siblings_dir() -> str | None:
+def _make_siblings_dir() -> privatedirs.PrivateDir | None:
     """A directory only this supervisor's children use (a gearman worker's start records of time-limited
-    jobs), mode 0700 under ``$TMPDIR``, named with this process's pid; those a killed supervisor left are
-    removed first. None, logged, if it cannot be made (the children do without). Not :mod:`tempfile` and
-    :mod:`shutil`: 20 ms of imports before the first worker starts."""
-    base = os.path.abspath(os.environ.get("TMPDIR") or "/tmp")  # absolute: a call may chdir
-    _remove_abandoned_siblings_dirs(base)
-    path = os.path.join(base, f"{_SIBLINGS_PREFIX}{os.getpid()}-{os.urandom(8).hex()}")
+    jobs); None, logged, if it cannot be made (the children do without)."""
     try:
-        os.mkdir(path, 0o700)
+        return privatedirs.make("siblings")
     except OSError as exc:
         log.warning("cannot make a directory for the workers' start records (%s): a time-limited gearman call "
                     "stuck in C code may run once more after its limit", exc)
         return None
-    return path
-
-
-def _remove_abandoned_siblings_dirs(base: str) -> None:
-    """Remove the directories of supervisors of this user that no longer run (killed, never cleaned up)."""
-    with contextlib.suppress(OSError), os.scandir(base) as entries:
-        for entry in entries:
-            if not entry.name.startswith(_SIBLINGS_PREFIX):
-                continue
-            pid = entry.name[len(_SIBLINGS_PREFIX):].partition("-")[0]
-            with contextlib.suppress(OSError, ValueError):
-                if entry.stat(follow_symlinks=False).st_uid == os.getuid() and entry.is_dir(follow_symlinks=False) \
-                        and not _running(int(pid)):
-                    _remove_siblings_dir(entry.path)
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process has that pid now
-        return True
-    return True
-
-
-def _remove_siblings_dir(path: str) -> None:
-    """Remove the directory and the records in it (plain files only)."""
-    with contextlib.suppress(OSError):
-        with os.scandir(path) as entries:
-            for entry in entries:
-                with contextlib.suppress(OSError):
-                    os.unlink(entry.path)
-        os.rmdir(path)
 
 
 def _pidfd(pid: int) -> int | None:

@@ -12,14 +12,13 @@ import os
 import shutil
 import socket
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Final
 
-from ... import deathsig
+from ... import deathsig, privatedirs
 from .codec import GearmanError
 
 __all__ = ["GearmandError", "GearmandNotFoundError", "GearmandProcess", "find_gearmand"]
@@ -87,6 +86,7 @@ class GearmandProcess:
         self._executable = executable
         self._startup_timeout = startup_timeout
         self._dir: Path | None = None
+        self._private: privatedirs.PrivateDir | None = None  # where _dir is (its log, its pid file)
         self._proc: subprocess.Popen[bytes] | None = None
         self._port_taken = False  # why the last launch failed, to retry on another free port
 
@@ -126,7 +126,8 @@ class GearmandProcess:
             raise GearmandError(f"gearmand is already running on {self.url}")
         executable = self._executable or find_gearmand()
         if self._dir is None:
-            self._dir = Path(tempfile.mkdtemp(prefix="gearmand-"))
+            self._private = privatedirs.make("gearmand")
+            self._dir = Path(self._private.path)
         for attempt in range(1, _PORT_ATTEMPTS + 1):
             if not self._fixed_port:
                 self.port = _free_loopback_port(self.host)
@@ -148,9 +149,9 @@ class GearmandProcess:
         proc, self._proc = self._proc, None
         if proc is not None:
             _terminate(proc, timeout)
-        if cleanup and self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
-            self._dir = None
+        if cleanup and self._private is not None:
+            self._private.remove()
+            self._private = self._dir = None
 
     def restart(self, timeout: float = 5.0) -> None:
         """Stop gearmand and start a fresh one on the same port (its queue is lost: memory backend)."""
