@@ -200,6 +200,29 @@ def test_a_worker_whose_server_is_down_exits_promptly_on_sigterm(scheme: str) ->
     assert elapsed < 10, f"{elapsed:.1f}s from SIGTERM to exit"
 
 
+def test_a_worker_told_to_drain_by_a_server_that_just_died_exits_promptly(scheme: str) -> None:
+    """SIGTERM before the worker has noticed that its job server is gone (on zmq, nothing tells it until the
+    heartbeat timeout): the drain it sends is never answered, and it exits without waiting that long."""
+    servers = Servers(scheme, 1)
+    cli = [sys.executable, "-m", "remote_executor.cli", "worker", servers.url, "--processes", "1",
+           "--heartbeat-interval", "0.2", "--heartbeat-timeout", "60"]
+    proc = subprocess.Popen(cli, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: servers.live[0].scheduler.capacity == 1, what="the worker to attach")
+        servers.stop()
+        start = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, errors = proc.communicate(timeout=30)
+        elapsed = time.monotonic() - start
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        servers.stop()
+    assert proc.returncode == 0, errors
+    assert elapsed < 10, f"{elapsed:.1f}s from SIGTERM to exit:\n{errors}"
+
+
 def lost_twice_around_a_hang(path: str, seconds: float) -> int:
     """Its worker dies on its first and third runs; its second run hangs (while the test restarts the job
     server under it)."""

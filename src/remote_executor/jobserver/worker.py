@@ -36,6 +36,9 @@ log = logging.getLogger("remote_executor.worker")
 
 FOREVER = float("inf")
 REFUSAL_GRACE = 5.0  # seconds of key rejections (unsigned, so maybe forged) before a worker believes them
+# How long a drained worker waits for a job server that has said nothing at all since the DRAIN: a live one
+# answers at once. Over zmq, nothing else tells a worker that its server is gone before its heartbeat timeout.
+DRAIN_ANSWER_WAIT = 2.0
 _T = TypeVar("_T")
 
 
@@ -183,7 +186,7 @@ class _Session:
         self.busy = False
         self.stopped = threading.Event()
         self.last_send = self.last_recv = time.monotonic()
-        self.drain_sent = False
+        self.drain_sent: float | None = None  # when, once SIGTERM asked for it
         self.keyed = settings.key is not None
         self.max_frame = announced_limit(channel.welcome)  # the largest frame the job server takes
 
@@ -210,6 +213,9 @@ class _Session:
                     if now - self.last_recv > settings.heartbeat_timeout:
                         log.warning("no heartbeat from %s for %.1fs; reconnecting", self.url, now - self.last_recv)
                         return None
+                    if (waited := self._unanswered_drain(now)) is not None:
+                        log.info("%s has not answered this worker's drain in %.1fs; exiting", self.url, waited)
+                        return 0
                     self._keep_alive()
                     continue
                 self.last_recv = now
@@ -262,11 +268,10 @@ class _Session:
                 reply.parts = error_outcome(error)
                 reply.flags |= FAILED if reply.kind == Kind.RESULT else 0
         with self.lock:
-            if self.settings.drain.is_set() and not self.drain_sent:
+            if self.settings.drain.is_set() and self.drain_sent is None:
                 # DRAIN before the result: the server marks us draining before our slot frees, so no
                 # queued call can be handed to a worker that is about to exit.
-                self._send(Frame(Kind.DRAIN))
-                self.drain_sent = True
+                self._send_drain()
             self._send(reply)
 
     def _report_timeout(self, tid: int) -> None:
@@ -283,11 +288,24 @@ class _Session:
         self.channel.send(frame, FOREVER)
         self.last_send = time.monotonic()
 
+    def _send_drain(self) -> None:
+        """Lock held."""
+        self._send(Frame(Kind.DRAIN))
+        self.drain_sent = time.monotonic()
+
+    def _unanswered_drain(self, now: float) -> float | None:
+        """The seconds since the DRAIN if it was sent long enough ago and nothing at all came since: the job
+        server is gone (a TASK it sent before it saw the DRAIN would have come first). Lock held."""
+        sent = self.drain_sent
+        if sent is None or self.last_recv >= sent:
+            return None
+        wait = min(self.settings.heartbeat_timeout, max(DRAIN_ANSWER_WAIT, 2 * self.settings.heartbeat_interval))
+        return now - sent if now - sent > wait else None
+
     def _keep_alive(self) -> None:
         """DRAIN once if SIGTERM asked for it, else a HEARTBEAT when one is due. Lock held."""
-        if self.settings.drain.is_set() and not self.drain_sent:
-            self._send(Frame(Kind.DRAIN))
-            self.drain_sent = True
+        if self.settings.drain.is_set() and self.drain_sent is None:
+            self._send_drain()
         elif time.monotonic() - self.last_send >= self.settings.heartbeat_interval:
             self._send(Frame(Kind.HEARTBEAT))
 
