@@ -23,7 +23,7 @@ from pathlib import Path
 import cloudpickle
 import pytest
 
-from remote_executor import RemoteExecutor
+from remote_executor import RemoteExecutor, cluster_status
 from remote_executor.conformance.gate import Gate, wait_at_gate
 from remote_executor.errors import (
     AuthenticationError,
@@ -437,6 +437,8 @@ def test_cli_status_and_ping(pool_url: str, start_workers: Callable[..., Supervi
     pool = parse_url(pool_url)[1]
     assert f'"function": "remote_executor.{pool}"' in status.stdout
     assert status.stdout.count("test-worker") >= 2 and '"workers": 2' in status.stdout
+    typed = cluster_status(pool_url)  # the pool by its own name, as on tcp and zmq
+    assert typed.queued == {pool: 0} and [w.pool for w in typed.workers] == [pool, pool]
     ping = subprocess.run([*run, "ping", pool_url], capture_output=True, text=True, timeout=60)
     assert ping.returncode == 0 and "answered in" in ping.stdout
     down = subprocess.run([*run, "ping", "gearman://127.0.0.1:1"], capture_output=True, text=True, timeout=60)

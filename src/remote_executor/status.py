@@ -108,7 +108,9 @@ class ClusterStatus:
         """The typed form of a ``Backend.status`` answer (one server, several, or gearmand's)."""
         try:
             if "function" in info:  # gearmand
-                servers = tuple(_gearman_server(entry, str(info["function"])) for entry in info["servers"])
+                function = str(info["function"])
+                pool = str(info.get("pool", function))  # (the pool's own name; older versions sent only this)
+                servers = tuple(_gearman_server(entry, function, pool) for entry in info["servers"])
                 return cls(str(info.get("url", url)), servers, info)
             entries = info.get("servers", [info])
             return cls(str(info.get("url", url or info.get("server", ""))),
@@ -133,15 +135,16 @@ def _server(entry: Mapping[str, Any]) -> ServerStatus:
                         bool(entry.get("stopping", False)))
 
 
-def _gearman_server(entry: Mapping[str, Any], function: str) -> ServerStatus:
-    """gearmand knows its connections and the queue per function name, not pids, uptimes or counts done."""
+def _gearman_server(entry: Mapping[str, Any], function: str, pool: str) -> ServerStatus:
+    """gearmand knows its connections and the queue per function name (one per pool), not pids, uptimes or
+    counts done."""
     address = str(entry["address"])
     if "error" in entry:
         return ServerStatus(address, error=str(entry["error"]))
-    pools = tuple(PoolStatus(str(s["function"]), int(s["workers"]), int(s["workers"]), None,
+    pools = tuple(PoolStatus(pool, int(s["workers"]), int(s["workers"]), None,
                              int(s["total"]) - int(s["running"]))
                   for s in entry["status"] if s["function"] == function)
-    workers = tuple(WorkerStatus(str(w["client_id"]), str(w["address"]), None, function, 1, None, None, None)
+    workers = tuple(WorkerStatus(str(w["client_id"]), str(w["address"]), None, pool, 1, None, None, None)
                     for w in entry["workers"] if function in w["functions"])
     return ServerStatus(address, workers, (), pools)
 

@@ -82,7 +82,7 @@ class GearmanBackend(Backend):
             servers.append(entry)
         if len(errors) == len(addresses):
             raise TransportError("; ".join(errors))
-        return {"url": url, "function": function_name(pool).decode(), "servers": servers}
+        return {"url": url, "function": function_name(pool).decode(), "pool": pool, "servers": servers}
 
     def stop(self, url: str, options: Options, workers: bool) -> list[dict[str, Any]]:
         """Stop every gearmand of ``url`` gracefully: it stops taking connections, finishes every job it has
