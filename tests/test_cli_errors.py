@@ -165,7 +165,34 @@ def test_a_value_that_would_make_a_useless_server_or_worker_is_a_usage_error(
     and a zero heartbeat interval spun two CPUs."""
     done = run_cli(command, "tcp://127.0.0.1:5555", "--insecure", f"{option}={value}")
     assert done.returncode == 2, done.stderr
-    assert done.stderr.rstrip().splitlines()[-1].endswith(f"argument {option}: {says}"), done.stderr
+    assert one_line(done.stderr) == (f"remote-executor: argument {option}: {says} "
+                                     f"(see: remote-executor {command} --help)")
+
+
+@pytest.mark.parametrize("args", [("frobnicate",), ("server",), ("worker", "tcp://127.0.0.1:5555", "--bogus")])
+def test_what_argparse_refuses_is_one_line_too(args: tuple[str, ...]) -> None:
+    """(Its usage block came first, so the reason was not the first line of the output.)"""
+    done = run_cli(*args)
+    assert done.returncode == 2
+    assert one_line(done.stderr).startswith("remote-executor: ")
+    assert "--help" in done.stderr
+
+
+@pytest.mark.parametrize("args", [
+    ("worker", "tcp://127.0.0.1:5555/bad!pool"),
+    ("worker", "tcp://127.0.0.1:5555", "--pool", "bad pool"),
+    ("status", "zmq://127.0.0.1:5555/bad!pool"),
+])
+def test_a_bad_pool_name_is_a_usage_error(args: tuple[str, ...]) -> None:
+    done = run_cli(*args, "--insecure")
+    assert done.returncode == 2
+    assert "bad pool name" in one_line(done.stderr)
+
+
+def test_what_the_command_line_asks_of_a_scheme_that_cannot_do_it_is_a_usage_error() -> None:
+    done = run_cli("stop", "gearman://127.0.0.1:1", "--workers")
+    assert done.returncode == 2
+    assert "--workers is not available for gearman://" in one_line(done.stderr)
 
 
 @pytest.mark.parametrize("command", ["worker", "server"])
@@ -176,4 +203,5 @@ def test_a_heartbeat_timeout_not_longer_than_the_interval_is_a_usage_error(comma
     done = run_cli(command, "tcp://127.0.0.1:5555", "--insecure", "--heartbeat-interval", interval,
                    "--heartbeat-timeout", timeout)
     assert done.returncode == 2
-    assert f"--heartbeat-timeout ({timeout}s) must be longer than --heartbeat-interval ({interval}s)" in done.stderr
+    assert f"--heartbeat-timeout ({timeout}s) must be longer than --heartbeat-interval ({interval}s)" in \
+        one_line(done.stderr)

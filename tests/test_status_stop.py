@@ -312,7 +312,7 @@ def test_stop_a_gearmand_lets_its_running_call_finish_then_it_exits(tmp_path: Pa
     with GearmandProcess(threads=2) as gearmand:
         url = gearmand.url
         refused = subprocess.run(cli("stop", url, "--workers"), env=ENV, capture_output=True, text=True, timeout=30)
-        assert refused.returncode == 1 and "--workers is not available for gearman://" in refused.stderr
+        assert refused.returncode == 2 and "--workers is not available for gearman://" in refused.stderr
         assert gearmand.is_running()  # a refused command stopped nothing
         workers = Supervisor(url, 1, env={"REMOTE_EXECUTOR_KEY": KEY.decode()}, worker_args=FAST_HEARTBEAT,
                              name="gw")

@@ -27,7 +27,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from . import __version__, privatedirs
 from .errors import RemoteExecutorError, TransportError
@@ -62,7 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             check_heartbeats(args.heartbeat_interval, args.heartbeat_timeout,
                              ("--heartbeat-interval", "--heartbeat-timeout"))
         except ValueError as exc:
-            parser.error(str(exc))
+            print(f"remote-executor: {exc}", file=sys.stderr)
+            return USAGE
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         code: int = args.func(args)
@@ -76,6 +77,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"remote-executor: {message}{hint}", file=sys.stderr)
         return USAGE if isinstance(exc, UsageError) else RUNTIME
     return code
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one line like every other error of the command (its usage block would
+    push the reason off the first line); ``--help`` still shows the usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(USAGE, f"remote-executor: {message} (see: {self.prog} --help)\n")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -117,7 +126,7 @@ def _plain(text: str) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="remote-executor", description=__doc__)
+    parser: argparse.ArgumentParser = _Parser(prog="remote-executor", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--log-level", default="INFO", choices=LOG_LEVELS,
                         help="how much to log on standard error (DEBUG also shows tracebacks of errors)")
@@ -240,7 +249,8 @@ def _backend(url: str) -> Backend:
         raise UsageError(str(exc)) from exc
     try:
         backend.check_url(url)
-    except TransportError as exc:  # a malformed address: a usage error, before anything starts
+        pool_of_url(url)
+    except TransportError as exc:  # a malformed address or pool name: a usage error, before anything starts
         raise UsageError(str(exc)) from exc
     return backend
 
@@ -293,7 +303,10 @@ def _worker(args: argparse.Namespace) -> int:
     if getattr(args, "tls_ca", None) == "-":  # after the key's line: the SSH cluster sends both on stdin
         args.tls_ca = _tls_ca_from_stdin()
     backend = _backend(args.url)  # fail now, clearly, for an unknown scheme or a missing extra
-    pool = pool_of_url(args.url, args.pool)  # and for a bad pool name
+    try:
+        pool = pool_of_url(args.url, args.pool)  # and for a bad --pool
+    except TransportError as exc:
+        raise UsageError(str(exc)) from exc
     worker_args: tuple[str, ...] = ("--pool", pool, "--heartbeat-interval", str(args.heartbeat_interval),
                                     "--heartbeat-timeout", str(args.heartbeat_timeout),
                                     *(["--reconnect-timeout", str(args.reconnect_timeout)]
@@ -413,6 +426,9 @@ def _ping(args: argparse.Namespace) -> int:
 
 def _stop(args: argparse.Namespace) -> int:
     backend = _backend(args.url)
+    if args.workers and backend.cannot_stop_workers:
+        raise UsageError(f"--workers is not available for {backend.scheme}:// ({args.url}): "
+                         f"{backend.cannot_stop_workers}")
     answers = backend.stop(args.url, _client_options(args, backend), args.workers)
     for answer in answers:
         workers = f"; its {answer.get('workers', 0)} worker(s) exit for good then" if args.workers else ""

@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .cli import UsageError
 from .errors import RemoteExecutorError
 from .signals import SignalEvent, set_on_signals
 
@@ -301,7 +302,7 @@ def _hosts(args: argparse.Namespace) -> list[SSHHost]:
     hosts = read_hosts_file(args.hosts_file) if args.hosts_file else []
     hosts += [SSHHost(name.strip()) for name in (args.hosts or "").split(",") if name.strip()]
     if not hosts:
-        raise ValueError("no hosts: give --hosts node1,node2 or --hosts-file FILE")
+        raise UsageError("no hosts: give --hosts node1,node2 or --hosts-file FILE")
     return hosts
 
 
@@ -310,7 +311,7 @@ def _env(args: argparse.Namespace) -> dict[str, str]:
     for item in args.env:
         name, sep, value = item.partition("=")
         if not sep:
-            raise ValueError(f"--env takes NAME=VALUE, not {item!r}")
+            raise UsageError(f"--env takes NAME=VALUE, not {item!r}")
         env[name] = value
     return env
 

@@ -338,7 +338,7 @@ def test_a_cluster_whose_process_is_gone_is_reported_and_forgotten(config_home: 
 ])
 def test_up_refuses_bad_arguments_before_starting_anything(config_home: Path, capsys: pytest.CaptureFixture[str],
                                                            argv: tuple[str, ...], error: str) -> None:
-    assert run_cli("run", *argv) == 1
+    assert run_cli("run", *argv) == 2  # a mistake in the command line
     assert error in capsys.readouterr().err
     assert not (config_home / "cluster.json").exists()
 

@@ -439,6 +439,8 @@ class Backend(abc.ABC):
     # True: the worker processes of one supervisor (the embedded cluster, ``worker --processes N``) share a
     # private directory, named by SIBLINGS_DIR_ENV in their environment (gearman: start records).
     sibling_records: ClassVar[bool] = False
+    # Why stop(..., workers=True) is refused (a usage error of `remote-executor stop --workers`), if it is.
+    cannot_stop_workers: ClassVar[str | None] = None
 
     @abc.abstractmethod
     def client(self, url: str, options: Options) -> ClientTransport:

@@ -36,6 +36,9 @@ class GearmanBackend(Backend):
     scheme = "gearman"
     client_options = frozenset({"limits", "pool", "job_ttl", "tls", "tls_ca", "tls_cert", "tls_key"})
     sibling_records = True  # a time-limited job gearmand hands out again is not run again past its limit
+    cannot_stop_workers = ("gearmand hands a job to whichever worker asks first and cannot address every "
+                           "worker, so it cannot tell them to exit. Stop the worker processes themselves (SIGTERM "
+                           "drains each), or their supervisor.")
 
     def client(self, url: str, options: Options) -> ClientTransport:
         from .client import GearmanClientTransport
@@ -92,10 +95,7 @@ class GearmanBackend(Backend):
         from .stop import stop_gearmand
 
         if workers:
-            raise TransportError(
-                f"--workers is not available for gearman:// ({url}): gearmand hands a job to whichever worker "
-                f"asks first and cannot address every worker, so it cannot tell them to exit. Stop the worker "
-                f"processes themselves (SIGTERM drains each), or their supervisor.")
+            raise TransportError(f"--workers is not available for gearman:// ({url}): {self.cannot_stop_workers}")
         addresses, _ = parse_url(url)
         hosts = [host for host, _ in addresses]
         if options.key is None and not options.insecure and not all(is_loopback(host) for host in hosts):
