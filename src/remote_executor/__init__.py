@@ -6,8 +6,11 @@ from .errors import (
     AuthenticationError,
     BrokenRemoteExecutor,
     CallTimeoutError,
+    ConnectionFailedError,
     FrameTooLargeError,
+    HandshakeClosedError,
     InitializerFailed,
+    KeyRejectedError,
     ProtocolError,
     RemoteError,
     RemoteExecutorError,
@@ -26,16 +29,21 @@ __all__ = [
     "AuthenticationError",
     "BrokenRemoteExecutor",
     "CallTimeoutError",
+    "ConnectionFailedError",
     "FrameTooLargeError",
+    "HandshakeClosedError",
     "InitializerFailed",
+    "KeyRejectedError",
     "ProtocolError",
     "RemoteError",
     "RemoteExecutor",
     "RemoteExecutorError",
     "RemoteTraceback",
     "SSHCluster",
+    "SSHClusterError",
     "SerializationError",
     "ServerUnavailableError",
+    "TlsError",
     "TransportError",
     "VersionMismatchError",
     "WorkerLostError",
@@ -54,8 +62,9 @@ if TYPE_CHECKING:
     from .discovery import connect
     from .executor import RemoteExecutor
     from .reusable import get_reusable_executor
-    from .ssh import SSHCluster
+    from .ssh import SSHCluster, SSHClusterError
     from .status import cluster_status
+    from .tls import TlsError
 
 
 def __getattr__(name: str) -> Any:
@@ -69,6 +78,14 @@ def __getattr__(name: str) -> Any:
         from .ssh import SSHCluster
 
         return SSHCluster
+    if name == "SSHClusterError":
+        from .ssh import SSHClusterError
+
+        return SSHClusterError
+    if name == "TlsError":
+        from .tls import TlsError
+
+        return TlsError
     if name == "cluster_status":
         from .status import cluster_status
 
