@@ -205,3 +205,10 @@ def test_a_heartbeat_timeout_not_longer_than_the_interval_is_a_usage_error(comma
     assert done.returncode == 2
     assert f"--heartbeat-timeout ({timeout}s) must be longer than --heartbeat-interval ({interval}s)" in \
         one_line(done.stderr)
+
+
+def test_a_worker_for_a_scheme_without_worker_processes_is_a_usage_error() -> None:
+    """(Its processes failed to start, and the command blamed the key.)"""
+    done = run_cli("worker", "memory://x", "--insecure")
+    assert done.returncode == 2
+    assert one_line(done.stderr) == "remote-executor: memory:// has no worker processes to start"

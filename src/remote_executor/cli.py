@@ -303,6 +303,8 @@ def _worker(args: argparse.Namespace) -> int:
     if getattr(args, "tls_ca", None) == "-":  # after the key's line: the SSH cluster sends both on stdin
         args.tls_ca = _tls_ca_from_stdin()
     backend = _backend(args.url)  # fail now, clearly, for an unknown scheme or a missing extra
+    if type(backend).run_worker is Backend.run_worker:  # (memory://: its calls run in the executor's process)
+        raise UsageError(f"{backend.scheme}:// has no worker processes to start")
     try:
         pool = pool_of_url(args.url, args.pool)  # and for a bad --pool
     except TransportError as exc:
@@ -330,8 +332,8 @@ def _worker(args: argparse.Namespace) -> int:
     while not stop.wait(0.1):  # the supervisor's events, and a signal's: whichever comes first
         if supervisor.refused.is_set():  # every process's log line above says why
             supervisor.stop()
-            raise RemoteExecutorError(f"the job server {args.url} refused every worker process (see above): "
-                                      f"check --key-file (or $REMOTE_EXECUTOR_KEY) and the versions")
+            raise RemoteExecutorError(f"the job server {args.url} refused every worker process; each one's "
+                                      f"reason is above (a key, TLS or CURVE setting, or other versions)")
         if supervisor.unreachable.is_set():
             supervisor.stop()
             raise RemoteExecutorError(f"could not reach {args.url} within --reconnect-timeout "
