@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from remote_executor.jobserver.scheduler import Action, Close, ConnId, Scheduler, Send, WorkerState
-from remote_executor.wire.frames import FAILED, LOST_ON, Frame, Kind, Status
+from remote_executor.jobserver.scheduler import Action, Close, ConnId, Scheduler, Send, Stop, WorkerState
+from remote_executor.wire.frames import FAILED, LOST_ON, NOT_STARTED, Frame, Kind, Status
 from remote_executor.wire.messages import hello
 from remote_executor.wire.serialization import Parts
 
@@ -527,6 +527,24 @@ def test_drain_acks_stops_new_tasks_drops_capacity_and_still_forwards_results() 
     actions = h.worker(11, slots=1)
     assert tasks_to(actions, 11) == [b"call queued"]
     assert capacities(actions, 1) == [1]
+
+
+def test_stop_now_tells_each_client_which_of_its_calls_never_started_then_stops() -> None:
+    h = Harness()
+    h.client(1)
+    h.client(2)
+    h.worker(10)
+    h.submit(1, 7, "running")
+    h.submit(2, 8, "queued")  # no free slot: it waits
+    h.submit(2, 9, "queued too")
+    h.s.stop_now("stopped by a signal")
+    actions = h.s.take_actions()
+    assert sent(actions, 1) == []  # its call runs: lost with the server, as in a crash
+    assert [(f.kind, f.a, f.parts) for f in sent(actions, 2)] == [(Kind.REQUEUED, 8, [NOT_STARTED]),
+                                                                 (Kind.REQUEUED, 9, [NOT_STARTED])]
+    assert [a.reason for a in actions if isinstance(a, Stop)] == ["stopped by a signal"]
+    h.s.stop_now("again")
+    assert h.s.take_actions() == []
 
 
 # --- protocol violations -----------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from pathlib import Path
 import cloudpickle
 import pytest
 
-from remote_executor import RemoteExecutor, cluster_status
+from remote_executor import RemoteExecutor, WorkerLostError, cluster_status
 from remote_executor.conformance.gate import Gate, wait_at_gate
 from remote_executor.status import ClientStatus, ClusterStatus, PoolStatus, ServerStatus, WorkerStatus, render
 from remote_executor.supervisor import Supervisor
@@ -212,9 +212,10 @@ def test_stop_with_workers_lets_running_calls_finish_then_everything_exits_for_g
 
 
 @contextlib.contextmanager
-def server_to_stop() -> Iterator[tuple[str, Supervisor, Callable[[], None]]]:
+def server_to_stop() -> Iterator[tuple[str, Supervisor, Callable[[], None], subprocess.Popen[str]]]:
     """A job server (the command line's) with one worker that outlives it: its URL, the worker's supervisor,
-    and ``succeed()``, which waits for the server to exit after a ``stop`` and starts another on its port."""
+    ``succeed()``, which waits for the server to exit after a ``stop`` and starts another on its port, and the
+    server's process."""
     port, server = start_server()
     supervisor = Supervisor(f"tcp://127.0.0.1:{port}", 1, env={"REMOTE_EXECUTOR_KEY": KEY.decode()},
                             worker_args=FAST_HEARTBEAT, name="stay")
@@ -228,7 +229,7 @@ def server_to_stop() -> Iterator[tuple[str, Supervisor, Callable[[], None]]]:
         successors[0].start()
 
     try:
-        yield f"tcp://127.0.0.1:{port}", supervisor, succeed
+        yield f"tcp://127.0.0.1:{port}", supervisor, succeed, server
     finally:
         supervisor.stop()
         for successor in successors:
@@ -243,7 +244,7 @@ def test_a_call_the_stopped_server_never_started_runs_on_its_successor_without_c
     queued when the server was told to stop cannot have, and the server says so: it runs on the next one."""
     options = {"key": KEY, "heartbeat_interval": 0.2, "heartbeat_timeout": HEARTBEAT_TIMEOUT,
                "reconnect_timeout": 30.0, "max_retries": 0}
-    with server_to_stop() as (url, supervisor, succeed), Gate() as gate, \
+    with server_to_stop() as (url, supervisor, succeed, _), Gate() as gate, \
             RemoteExecutor(transport=url, **options) as first, \
             RemoteExecutor(transport=url, **options) as second:  # type: ignore[arg-type]
         first.wait_for_workers(1, timeout=30)
@@ -260,11 +261,34 @@ def test_a_call_the_stopped_server_never_started_runs_on_its_successor_without_c
         assert queued.result(timeout=30) == supervisor.pids()[0]  # run once, by the worker that came back
 
 
+def test_a_server_stopped_by_sigterm_tells_its_clients_which_calls_never_started() -> None:
+    """SIGTERM (systemd stopping the service) stops the server at once: the call running there is lost with
+    it, as in a crash, and fails with max_retries=0; the call still queued there cannot have run, and the
+    server says so before it goes: it runs on the next server, with max_retries=0."""
+    options = {"key": KEY, "heartbeat_interval": 0.2, "heartbeat_timeout": HEARTBEAT_TIMEOUT,
+               "reconnect_timeout": 30.0, "max_retries": 0}
+    with server_to_stop() as (url, supervisor, succeed, server), Gate() as gate, \
+            RemoteExecutor(transport=url, **options) as first, \
+            RemoteExecutor(transport=url, **options) as second:  # type: ignore[arg-type]
+        first.wait_for_workers(1, timeout=30)
+        running = first.submit(wait_at_gate, gate.address, "held", "finished")
+        gate.wait_started(1)
+        queued = second.submit(os.getpid)
+        wait_for(lambda: cluster_status(url, key=KEY).queued.get("default") == 1,
+                 what="the server to queue the second executor's call")
+        server.send_signal(signal.SIGTERM)
+        with pytest.raises(WorkerLostError):
+            running.result(timeout=30)
+        gate.release()  # the worker finishes it (for nobody) and reconnects
+        succeed()
+        assert queued.result(timeout=30) == supervisor.pids()[0]
+
+
 def test_a_call_sent_into_the_slot_a_stopping_servers_last_result_freed_is_not_counted() -> None:
     """The executor's window is the one slot: its second call waits in this process, and goes to the server
     when the first call's result frees the slot, just as the stopped server ends. The server's last word to
     its clients says nothing of theirs runs there: the call runs on the successor, with max_retries=0."""
-    with server_to_stop() as (url, supervisor, succeed), Gate() as gate, \
+    with server_to_stop() as (url, supervisor, succeed, _), Gate() as gate, \
             RemoteExecutor(4, transport=url, key=KEY, heartbeat_interval=0.2, heartbeat_timeout=HEARTBEAT_TIMEOUT,
                            reconnect_timeout=30.0, max_retries=0) as ex:
         ex.wait_for_workers(1, timeout=30)

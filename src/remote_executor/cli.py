@@ -291,7 +291,7 @@ def _server(args: argparse.Namespace) -> int:
     if key is None:
         log.warning("no key (--insecure): anyone who can connect can run code as the workers' user")
     server = backend.server(args.url, settings)
-    _stop_on_signals(server.stop)
+    _stop_on_signals(lambda: server.stop(tell_clients=True))  # (queued calls are resubmitted uncounted)
     log.info("serving %s", server.url)
     print(f"serving {server.url}", flush=True)
     server.serve_forever()

@@ -488,6 +488,20 @@ class Scheduler:
                                                 "workers": len(self._workers)})
         self._check_stopped()
 
+    def stop_now(self, reason: str) -> None:
+        """Stop at once (``remote-executor server`` got SIGTERM): first tell each client which of its calls
+        never started here, so that it resubmits them elsewhere without counting an attempt. The calls
+        running are lost with this server, as in a crash: the client counts them."""
+        if self._stopped:
+            return
+        if self._stopping is None:
+            self._stopping = reason
+            for conn, state in self._clients.items():
+                for task in state.queue:
+                    self._send(conn, self._requeued(task))
+        self._stopped = True
+        self.actions.append(Stop(self._stopping))
+
     def _check_stopped(self) -> None:
         """Once stopping and no call runs: tell the workers to exit (if asked), then stop."""
         if self._stopping is None or self._stopped:

@@ -34,6 +34,8 @@ from .scheduler import Close, ConnId, Scheduler, Send, Stop
 log = logging.getLogger("remote_executor.jobserver.server")
 
 LOCAL_CONN_BASE = 1 << 40  # local links get ids that never collide with socket connections
+STOP_CONN: ConnId = -1  # the inbox entry of stop(tell_clients=True): no connection's
+STOP_NOTICE_WAIT = 5.0  # seconds stop(tell_clients=True) lets the loop tell the clients before it stops anyway
 
 
 class LocalLink:
@@ -192,8 +194,16 @@ class ServerCore(abc.ABC):
                                             daemon=True)
         self.loop_thread.start()
 
-    def stop(self) -> None:
-        """Stop serving and close every socket. Idempotent; joins the loop thread if there is one."""
+    def stop(self, *, tell_clients: bool = False) -> None:
+        """Stop serving and close every socket. Idempotent; joins the loop thread if there is one. With
+        ``tell_clients`` (a signal asked this server to stop), the loop first tells each client which of its
+        calls never started here, so they are resubmitted elsewhere without counting an attempt."""
+        thread = self.loop_thread
+        if tell_clients and thread is not None and thread is not threading.current_thread():
+            with self._inbox_lock:
+                self._inbox.append((STOP_CONN, "stop"))
+            self.wake()
+            thread.join(STOP_NOTICE_WAIT)  # the loop tells them, sends it and ends (else it is stopped below)
         self.stopping.set()
         self.wake()
         thread = self.loop_thread
@@ -303,6 +313,8 @@ class ServerCore(abc.ABC):
             elif item == "close":
                 self._links.pop(conn, None)
                 self.scheduler.disconnected(conn, now)
+            elif item == "stop":
+                self.scheduler.stop_now("stopped by a signal")
 
     def _apply(self, action: Send | Close | Stop) -> None:
         if isinstance(action, Send):  # (by far the most frequent: tested first)
