@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import cloudpickle
 import pytest
@@ -21,6 +22,8 @@ from remote_executor import RemoteExecutor, WorkerLostError, cluster_status
 from remote_executor.conformance.gate import Gate, wait_at_gate
 from remote_executor.status import ClientStatus, ClusterStatus, PoolStatus, ServerStatus, WorkerStatus, render
 from remote_executor.supervisor import Supervisor
+from remote_executor.transports import get_backend
+from remote_executor.transports.base import ServerSettings
 from remote_executor.transports.tcp.server import TcpServer
 
 from .conftest import FAST_HEARTBEAT, start_cli_server, wait_for
@@ -173,8 +176,8 @@ def test_ping_wait_gives_up_when_the_time_is_up() -> None:
     assert time.monotonic() - began < 20
 
 
-def start_server() -> tuple[int, subprocess.Popen[str]]:
-    return start_cli_server(lambda port: cli("server", f"tcp://127.0.0.1:{port}", "--heartbeat-interval", "0.2",
+def start_server(scheme: str = "tcp") -> tuple[int, subprocess.Popen[str]]:
+    return start_cli_server(lambda port: cli("server", f"{scheme}://127.0.0.1:{port}", "--heartbeat-interval", "0.2",
                                              "--heartbeat-timeout", str(HEARTBEAT_TIMEOUT)), ENV)
 
 
@@ -212,24 +215,24 @@ def test_stop_with_workers_lets_running_calls_finish_then_everything_exits_for_g
 
 
 @contextlib.contextmanager
-def server_to_stop() -> Iterator[tuple[str, Supervisor, Callable[[], None], subprocess.Popen[str]]]:
+def server_to_stop(scheme: str = "tcp") -> Iterator[tuple[str, Supervisor, Callable[[], None], subprocess.Popen[str]]]:
     """A job server (the command line's) with one worker that outlives it: its URL, the worker's supervisor,
     ``succeed()``, which waits for the server to exit after a ``stop`` and starts another on its port, and the
     server's process."""
-    port, server = start_server()
-    supervisor = Supervisor(f"tcp://127.0.0.1:{port}", 1, env={"REMOTE_EXECUTOR_KEY": KEY.decode()},
-                            worker_args=FAST_HEARTBEAT, name="stay")
+    port, server = start_server(scheme)
+    url = f"{scheme}://127.0.0.1:{port}"
+    supervisor = Supervisor(url, 1, env={"REMOTE_EXECUTOR_KEY": KEY.decode()}, worker_args=FAST_HEARTBEAT, name="stay")
     supervisor.start()
-    successors: list[TcpServer] = []
+    successors: list[Any] = []
 
     def succeed() -> None:
         assert server.wait(timeout=30) == 0
-        successors.append(TcpServer("127.0.0.1", port, key=KEY, heartbeat_interval=0.2,
-                                    heartbeat_timeout=HEARTBEAT_TIMEOUT))
+        settings = ServerSettings(key=KEY, heartbeat_interval=0.2, heartbeat_timeout=HEARTBEAT_TIMEOUT)
+        successors.append(get_backend(scheme).server(url, settings))
         successors[0].start()
 
     try:
-        yield f"tcp://127.0.0.1:{port}", supervisor, succeed, server
+        yield url, supervisor, succeed, server
     finally:
         supervisor.stop()
         for successor in successors:
@@ -261,13 +264,14 @@ def test_a_call_the_stopped_server_never_started_runs_on_its_successor_without_c
         assert queued.result(timeout=30) == supervisor.pids()[0]  # run once, by the worker that came back
 
 
-def test_a_server_stopped_by_sigterm_tells_its_clients_which_calls_never_started() -> None:
+@pytest.mark.parametrize("scheme", ["tcp", pytest.param("zmq", marks=pytest.mark.zmq)])
+def test_a_server_stopped_by_sigterm_tells_its_clients_which_calls_never_started(scheme: str) -> None:
     """SIGTERM (systemd stopping the service) stops the server at once: the call running there is lost with
     it, as in a crash, and fails with max_retries=0; the call still queued there cannot have run, and the
     server says so before it goes: it runs on the next server, with max_retries=0."""
     options = {"key": KEY, "heartbeat_interval": 0.2, "heartbeat_timeout": HEARTBEAT_TIMEOUT,
                "reconnect_timeout": 30.0, "max_retries": 0}
-    with server_to_stop() as (url, supervisor, succeed, server), Gate() as gate, \
+    with server_to_stop(scheme) as (url, supervisor, succeed, server), Gate() as gate, \
             RemoteExecutor(transport=url, **options) as first, \
             RemoteExecutor(transport=url, **options) as second:  # type: ignore[arg-type]
         first.wait_for_workers(1, timeout=30)
