@@ -262,6 +262,7 @@ def test_unlisted_client_fails_at_construction_while_a_listed_client_runs_on(cer
                                **options)
             assert url in str(refused.value) and REFUSED in str(refused.value)
             assert "allow-list" in str(refused.value)
+            assert "without saying why" not in str(refused.value)  # (it was wrapped in a message that said so)
         assert "from " + str(stranger) not in str(refused.value) and "ephemeral" in str(refused.value)
     finally:
         refusals_done.set()

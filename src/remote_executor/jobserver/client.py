@@ -183,6 +183,8 @@ def handshake(channel: Channel, key: bytes | None, first: Frame, timeout: float,
             raise
         raise NotOurServerError(f"{channel.peer} answered with something no job server of ours sends ({exc}): "
                                 f"another service on that port, or a forged answer") from exc
+    except HandshakeClosedError:
+        raise  # (a refusal the transport could read the reason of)
     except ConnectionFailedError as exc:
         if isinstance(exc, _Silent):
             raise ConnectionFailedError(

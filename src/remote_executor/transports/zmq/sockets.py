@@ -31,7 +31,7 @@ import zmq
 import zmq.auth
 import zmq.utils.z85
 
-from ...errors import ConnectionFailedError, ProtocolError, TransportError
+from ...errors import ConnectionFailedError, HandshakeClosedError, ProtocolError, TransportError
 from ...jobserver.client import POLL_SLICE, Channel
 from ...netio import Waker
 from ...wire.frames import Frame, Limits, Prefix, decode_parts, encode, parse_prefix, pre_session
@@ -361,7 +361,7 @@ class ZmqChannel(Channel):
             return
         status = refusal(self._monitor)
         if status is not None:
-            raise ConnectionFailedError(
+            raise HandshakeClosedError(  # the reason is known: said as it is, not wrapped as a mystery
                 f"the job server {self.peer} refused this side's CURVE key {self._curve.describe()} "
                 f"(ZAP status {status}): its public key is not on the server's allow-list")
 
