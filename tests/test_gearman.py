@@ -6,11 +6,13 @@ up on reconnection, drain on SIGTERM) run from ``conformance/test_faults_gearman
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
 import pickle
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -30,6 +32,7 @@ from remote_executor.errors import (
     InitializerFailed,
     ProtocolError,
     SerializationError,
+    ServerUnavailableError,
     TransportError,
     WorkerLostError,
 )
@@ -194,6 +197,59 @@ def test_two_job_servers_one_stopped_mid_run(start_workers: Callable[..., Superv
             first.restart()  # on the same port again: client and workers reconnect to it
             wait_for_workers(first.url, 2)
             assert list(ex.map(abs, range(-30, 0))) == list(range(30, 0, -1))
+
+
+@contextlib.contextmanager
+def stopped(gearmand: GearmandProcess) -> Iterator[None]:
+    """gearmand frozen (SIGSTOP): its connections stay up, and nothing answers on them."""
+    assert gearmand.pid is not None
+    os.kill(gearmand.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(gearmand.pid, signal.SIGCONT)
+
+
+QUICK = {"heartbeat_interval": 0.2, "heartbeat_timeout": 2.0, "connect_timeout": 2.0}
+
+
+def test_calls_sent_to_a_stopped_gearmand_fail_over_to_the_other(start_workers: Callable[..., Supervisor]) -> None:
+    """A frozen gearmand keeps its connections up: without an answer to its echo within the heartbeat
+    timeout the client takes it as lost, and its calls run on the other one (they hung until it resumed)."""
+    with GearmandProcess(threads=2) as first, GearmandProcess(threads=2) as second:
+        url = f"gearman://127.0.0.1:{first.port},127.0.0.1:{second.port}"
+        start_workers(url, 2)
+        wait_for_workers(first.url, 2)
+        wait_for_workers(second.url, 2)
+        with RemoteExecutor(transport=url, max_retries=2, reconnect_timeout=60, **QUICK) as ex:  # type: ignore[arg-type]
+            assert list(ex.map(abs, range(-6, 0))) == list(range(6, 0, -1))
+            with stopped(first):
+                futures = [ex.submit(pow, 2, i) for i in range(10)]  # some on the stopped one
+                assert [f.result(timeout=60) for f in futures] == [2**i for i in range(10)]
+
+
+def test_calls_on_a_lone_stopped_gearmand_fail_once_reconnecting_has_timed_out(
+        start_workers: Callable[..., Supervisor]) -> None:
+    """Reconnecting to a frozen gearmand succeeds at the TCP level (its kernel accepts): only an answer
+    counts, so the client gives up after reconnect_timeout (the calls hung until gearmand resumed)."""
+    with GearmandProcess(threads=2) as alone:
+        start_workers(alone.url, 1)
+        wait_for_workers(alone.url, 1)
+        with RemoteExecutor(transport=alone.url, reconnect_timeout=2, **QUICK) as ex:  # type: ignore[arg-type]
+            assert ex.submit(abs, -1).result(timeout=60) == 1
+            with stopped(alone):
+                future = ex.submit(abs, -2)
+                with pytest.raises(ServerUnavailableError, match="could not reconnect"):
+                    future.result(timeout=60)
+
+
+def test_a_listener_that_never_answers_is_not_a_gearmand() -> None:
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()  # its kernel completes the connect; nothing ever answers
+        port = silent.getsockname()[1]
+        with pytest.raises(TransportError, match="did not answer within 1s"):
+            RemoteExecutor(transport=f"gearman://127.0.0.1:{port}", connect_timeout=1)
 
 
 # --- keys -----------------------------------------------------------------------------------------------

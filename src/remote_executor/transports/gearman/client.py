@@ -37,6 +37,7 @@ call is resubmitted as after any lost worker, within ``max_retries``.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import threading
@@ -128,6 +129,7 @@ class _Server:
     retry_at: float = 0.0
     backoff: Backoff = field(default_factory=Backoff)
     dead: list[GearmanClientConnection[Ticket]] = field(default_factory=list)  # to close (join) off-thread
+    pinged_at: float | None = None  # when it was asked for an echo it has not answered yet (monotonic)
 
     @property
     def address(self) -> str:
@@ -307,7 +309,7 @@ class GearmanClientTransport(ClientTransport):
                 dead = GearmanConnectionError(f"gearmand {server.address} closed the connection at once")
                 server.dead.append(conn)  # while it was not ours yet, so it is retried like a failed connect
                 raise dead
-            server.conn = conn
+            server.conn, server.pinged_at = conn, None
             server.backoff.reset()
             self._all_down_since = None
             parked, self._parked = self._parked, []
@@ -544,6 +546,7 @@ class GearmanClientTransport(ClientTransport):
                     self._settle(task_id, Status.DONE, error_outcome(error))
                 for server in due:
                     self._reconnect(server)
+                self._check_servers()
                 self._give_up_silent()
                 if self._fixed_capacity is None and time.monotonic() >= next_poll:
                     self._poll_capacity()
@@ -565,9 +568,34 @@ class GearmanClientTransport(ClientTransport):
             times.append(next_poll)
         if self._all_down_since is not None:
             times.append(self._all_down_since + self._options.reconnect_timeout)
-        if any(job.started_here or job.sent_at for job in self._jobs.values()):
+        if any(job.server >= 0 for job in self._jobs.values()):
             times.append(now + self._options.heartbeat_interval)  # the next liveness check
         return max(min(times, default=now + POLL_INTERVAL) - now, 0.0)
+
+    def _check_servers(self) -> None:
+        """A gearmand with calls in flight that has sent nothing for a heartbeat interval is asked for an
+        echo. One that leaves it unanswered for ``heartbeat_timeout`` (stopped, hung, or cut off with its
+        connection up) has its connection cut: its calls go the way of a lost server's (resubmitted to
+        another gearmand within ``max_retries``), and it is reconnected to like one, which takes an answer."""
+        now = time.monotonic()
+        interval, timeout = self._options.heartbeat_interval, self._options.heartbeat_timeout
+        with self._lock:
+            busy = {job.server for job in self._jobs.values() if job.server >= 0}
+            watched = [(server, server.conn) for server in self._servers
+                       if server.conn is not None and server.index in busy]
+        for server, conn in watched:
+            if server.pinged_at is not None and conn.last_heard >= server.pinged_at:
+                server.pinged_at = None  # it answered, or said something else meanwhile
+            if server.pinged_at is None:
+                if now - conn.last_heard >= interval:
+                    server.pinged_at = now
+                    with contextlib.suppress(GearmanConnectionError):  # ended: its reader reports it
+                        conn.ping()
+            elif now - server.pinged_at > timeout:
+                log.warning("gearmand %s has not answered for %.1fs: taking it as lost", server.address,
+                            now - server.pinged_at)
+                conn.cut(f"gearmand stopped answering (nothing for {now - server.pinged_at:.1f}s, "
+                         f"heartbeat_timeout {timeout:g}s)")
 
     def _give_up_silent(self) -> None:
         """Settle or resubmit the calls of silent workers, cancel their jobs, then have the embedded cluster
@@ -651,7 +679,7 @@ class GearmanClientTransport(ClientTransport):
     def _poll_capacity(self) -> None:
         counts = []
         for server in self._servers:
-            if server.conn is None:
+            if server.conn is None or server.pinged_at is not None:  # (an unanswered one would block us)
                 continue
             try:
                 statuses = admin_status(server.host, server.port, timeout=self._options.connect_timeout,

@@ -239,6 +239,12 @@ class GearmanClientConnection(Generic[T]):
         self._sock = _connect(host, port, connect_timeout, tls)
         self._decoder = PacketDecoder(expect_magic=RES, max_packet_size=max_packet_size)
         self._buffer = bytearray(_RECV_SIZE)  # every read lands here; the decoder copies what it keeps
+        try:
+            self._probe(connect_timeout)
+        except BaseException:
+            self._sock.close()
+            raise
+        self.last_heard = time.monotonic()  # when gearmand last sent anything (the reader thread sets it)
         self._send_lock = threading.Lock()  # one packet on the wire at a time, in FIFO order
         self._state_lock = threading.Lock()  # guards the three fields below and the socket's life
         self._awaiting_created: collections.deque[T] = collections.deque()
@@ -256,6 +262,7 @@ class GearmanClientConnection(Generic[T]):
             PacketType.WORK_WARNING: self._on_data,
             PacketType.WORK_STATUS: self._ignore,
             PacketType.STATUS_RES: self._on_status,
+            PacketType.ECHO_RES: self._ignore,  # an answer to ping(): its arrival is what counts
         }
         self._reader = threading.Thread(
             target=self._read_loop, name=f"gearman-client-reader {self.address}", daemon=True
@@ -286,6 +293,44 @@ class GearmanClientConnection(Generic[T]):
         answer comes through ``on_status``. Raises :class:`GearmanConnectionError` if the connection has
         ended; a send that fails part-way is reported through ``on_disconnect``."""
         self._write(encode_parts(REQ, PacketType.GET_STATUS, handle), ())
+
+    def ping(self) -> None:
+        """Ask gearmand for an echo: its answer moves :attr:`last_heard` on. Raises
+        :class:`GearmanConnectionError` if the connection has ended."""
+        self._write(encode_parts(REQ, PacketType.ECHO_REQ, b""), ())
+
+    def cut(self, why: str) -> None:
+        """End the connection from this side (gearmand stopped answering): the reader reports every token in
+        flight through ``on_disconnect``, with ``why``."""
+        with self._state_lock:
+            if self._ended or self._closing:
+                return
+            self._cut = why
+            _shutdown(self._sock)
+
+    def _probe(self, timeout: float) -> None:
+        """One echo before the connection is used: a gearmand that accepts connections but is stopped (its
+        kernel completes the connect) or is not gearmand is a failed connect, not a server that swallows
+        every job sent to it."""
+        _send(self._sock, REQ, PacketType.ECHO_REQ, b"")
+        deadline = time.monotonic() + timeout
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._sock, selectors.EVENT_READ)
+            while True:
+                pending = isinstance(self._sock, SharedTlsSocket) and self._sock.pending()
+                if not pending and not selector.select(max(deadline - time.monotonic(), 0.0)):
+                    raise GearmanConnectionError(f"gearmand at {self.address} accepted the connection but did not "
+                                                 f"answer within {timeout:g}s: is it stopped, or not gearmand?")
+                try:
+                    packets = self._decoder.feed(self._recv())
+                except GearmanProtocolError as exc:
+                    raise GearmanConnectionError(f"{self.address} answered with something gearmand does not "
+                                                 f"send ({exc}): another service on that port?") from exc
+                for packet in packets:
+                    if packet.type != PacketType.ECHO_RES:
+                        raise GearmanConnectionError(f"{packet.type.name} from gearmand at {self.address} before "
+                                                     f"it answered this client's first echo")
+                    return
 
     def _write(self, parts: list[Buffer], awaiting_created: tuple[T, ...]) -> None:
         with self._send_lock:
@@ -332,7 +377,9 @@ class GearmanClientConnection(Generic[T]):
     def _read_loop(self) -> None:
         try:
             while True:  # left by the exception _recv raises at EOF
-                for packet in self._decoder.feed(self._recv()):
+                data = self._recv()
+                self.last_heard = time.monotonic()
+                for packet in self._decoder.feed(data):
                     self._dispatch(packet)
         except GearmanError as exc:
             if self._cut is not None and not self._closing:  # the EOF is our own shutdown, not gearmand's
