@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,7 +21,7 @@ import cloudpickle
 import pytest
 
 from remote_executor import RemoteExecutor
-from remote_executor.errors import WorkerLostError
+from remote_executor.errors import ServerUnavailableError, WorkerLostError
 from remote_executor.supervisor import Supervisor
 from remote_executor.transports.tcp.server import TcpServer
 from remote_executor.transports.zmq.server import ZmqServer
@@ -221,6 +222,28 @@ def test_a_worker_told_to_drain_by_a_server_that_just_died_exits_promptly(scheme
         servers.stop()
     assert proc.returncode == 0, errors
     assert elapsed < 10, f"{elapsed:.1f}s from SIGTERM to exit:\n{errors}"
+
+
+def test_reconnecting_to_an_address_that_never_answers_gives_up_at_the_reconnect_timeout(scheme: str) -> None:
+    """Each reconnection attempt is bounded by what is left of reconnect_timeout, not by connect_timeout: an
+    address that accepts and never answers (a stopped server, its kernel still accepting) fails the calls in
+    about reconnect_timeout, not in a whole connect_timeout (30 s here) or more."""
+    servers = Servers(scheme, 1)
+    try:
+        with RemoteExecutor(transport=servers.url, reconnect_timeout=2, connect_timeout=30, **FAST) as ex:
+            future = ex.submit(abs, -1)  # no worker: it waits
+            servers.stop()
+            with socket.socket() as silent:
+                silent.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                silent.bind(("127.0.0.1", servers.ports[0]))
+                silent.listen()
+                start = time.monotonic()
+                with pytest.raises(ServerUnavailableError, match="could not reconnect within 2s"):
+                    future.result(timeout=120)
+                elapsed = time.monotonic() - start
+    finally:
+        servers.stop()
+    assert elapsed < 10, f"{elapsed:.1f}s"
 
 
 def lost_twice_around_a_hang(path: str, seconds: float) -> int:

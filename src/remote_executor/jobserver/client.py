@@ -612,10 +612,18 @@ class JobServerClient(ClientTransport):
         try:
             # Start with the next server: the lost one may take a whole handshake timeout to say it is gone.
             start = (self._current + 1) % len(self._servers)
+            # No attempt outlasts reconnect_timeout by much: a server that accepts but never answers would
+            # otherwise have each attempt wait out connect_timeout, past the time the user gave.
+            deadline = time.monotonic() + self._options.reconnect_timeout
+            floor = min(1.0, self._options.connect_timeout)
+
+            def attempt() -> Channel:
+                return self._open(min(self._options.connect_timeout, max(deadline - time.monotonic(), floor)), start)
+
             # A key rejection is retried too: unsigned, it may be forged, and this key did open a session.
             channel = retry_with_backoff(
-                lambda: self._open(self._options.connect_timeout, start), self._options.reconnect_timeout,
-                self._stop, lambda exc, delay: log.info("reconnecting to %s: %s", self.url, exc),
+                attempt, self._options.reconnect_timeout, self._stop,
+                lambda exc, delay: log.info("reconnecting to %s: %s", self.url, exc),
                 transient=(ConnectionFailedError, OSError, KeyRejectedError))
         except RemoteExecutorError as exc:
             self._session.listener.on_broken(ServerUnavailableError(
