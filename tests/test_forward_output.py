@@ -142,6 +142,39 @@ def test_output_beyond_the_limit_is_counted_not_sent(monkeypatch: pytest.MonkeyP
     assert pieces[-1][0] == 2 and "7 more characters of output were not forwarded" in pieces[-1][1]
 
 
+def uses_the_stream_api() -> str:
+    """What code does with a standard stream besides write(): bytes to its buffer, its encoding, its
+    descriptor (a child process's output, faulthandler)."""
+    sys.stdout.buffer.write("bytes é\n".encode(sys.stdout.encoding))
+    sys.stdout.buffer.flush()
+    print("text", file=sys.stderr, flush=True)
+    subprocess.run([sys.executable, "-c", "pass"], stdout=sys.stdout, stderr=sys.stderr, check=True)
+    return f"{sys.stdout.encoding} {sys.stdout.errors} {sys.stdout.isatty()} {sys.stdout.fileno() >= 0}"
+
+
+def test_captured_streams_answer_what_code_asks_of_a_standard_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    """(buffer and fileno raised, encoding was None: code that printed with them failed only when its output
+    was forwarded.)"""
+    console = install_console(monkeypatch)
+    monkeypatch.setattr(sys.stdout, "fileno", lambda: 1, raising=False)  # (a StringIO has no descriptor)
+    with RemoteExecutor(1, forward_output=True) as executor:
+        described = executor.submit(uses_the_stream_api).result(timeout=60)
+    encoding, errors, tty, has_fd = described.split()
+    assert encoding and errors and (tty, has_fd) == ("False", "True")
+    assert [(name, re.sub(r"^\[[^\]]+\] ", "", line)) for name, line in console.lines()] == [
+        ("stdout", "bytes é"), ("stderr", "text")]
+
+
+def test_many_writes_keep_their_order_one_piece_per_run_of_a_stream() -> None:
+    with wire_output.captured() as pieces:
+        for i in range(5000):
+            print(i)
+            if i % 1000 == 999:
+                print("err", file=sys.stderr)
+    assert [stream for stream, _ in pieces] == [1, 2] * 5
+    assert "".join(text for stream, text in pieces if stream == 1) == "".join(f"{i}\n" for i in range(5000))
+
+
 def test_prefixed_ends_every_line() -> None:
     assert wire_output.prefixed("w", "a\nb") == "[w] a\n[w] b\n"
     assert wire_output.prefixed("w", "") == ""

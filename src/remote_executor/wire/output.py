@@ -26,15 +26,35 @@ _writing = threading.Lock()
 
 
 class _Capture(io.TextIOBase):
-    """A stand-in for ``sys.stdout`` or ``sys.stderr`` that appends to a call's shared record."""
+    """A stand-in for ``sys.stdout`` or ``sys.stderr`` that appends to a call's shared record. It answers
+    what code asks of a standard stream: ``encoding``, ``buffer`` (bytes written there are decoded and kept
+    too) and ``fileno()``, the real stream's descriptor, whose output is not captured (as C code's is not)."""
 
-    def __init__(self, stream: int, record: _Record) -> None:
+    def __init__(self, stream: int, record: _Record, real: TextIO | None) -> None:
         super().__init__()
         self._stream = stream
         self._record = record
+        self._real = real
+        self.buffer = _BinaryCapture(self)
+
+    @property  # (read-only here: the real stream's)
+    def encoding(self) -> str:  # type: ignore[override]
+        return getattr(self._real, "encoding", None) or "utf-8"
+
+    @property
+    def errors(self) -> str:  # type: ignore[override]
+        return getattr(self._real, "errors", None) or "strict"
 
     def writable(self) -> bool:
         return True
+
+    def isatty(self) -> bool:
+        return False
+
+    def fileno(self) -> int:
+        if self._real is None:
+            raise io.UnsupportedOperation("fileno")
+        return self._real.fileno()
 
     def write(self, text: str) -> int:
         if not isinstance(text, str):
@@ -43,9 +63,28 @@ class _Capture(io.TextIOBase):
         return len(text)
 
 
+class _BinaryCapture(io.RawIOBase):
+    """``sys.stdout.buffer`` during a captured call: bytes decoded with the stream's encoding."""
+
+    def __init__(self, text: _Capture) -> None:
+        super().__init__()
+        self._text = text
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:  # type: ignore[override]
+        chunk = bytes(data)
+        self._text.write(chunk.decode(self._text.encoding, "replace"))
+        return len(chunk)
+
+
 class _Record:
+    """What a call printed: runs of writes to one stream, joined once at the end (joining at every write
+    made printing N lines cost N squared)."""
+
     def __init__(self) -> None:
-        self.pieces: list[Piece] = []
+        self.runs: list[tuple[int, list[str]]] = []
         self.size = 0
         self.dropped = 0
 
@@ -56,16 +95,17 @@ class _Record:
         if not kept:
             return
         self.size += len(kept)
-        if self.pieces and self.pieces[-1][0] == stream:  # one piece per run of writes to one stream
-            self.pieces[-1] = (stream, self.pieces[-1][1] + kept)
+        if self.runs and self.runs[-1][0] == stream:  # one piece per run of writes to one stream
+            self.runs[-1][1].append(kept)
         else:
-            self.pieces.append((stream, kept))
+            self.runs.append((stream, [kept]))
 
     def finish(self) -> list[Piece]:
+        pieces = [(stream, "".join(parts)) for stream, parts in self.runs]
         if self.dropped:
             note = f"\n[remote_executor: {self.dropped} more characters of output were not forwarded]\n"
-            self.pieces.append((STDERR, note))
-        return self.pieces
+            pieces.append((STDERR, note))
+        return pieces
 
 
 @contextlib.contextmanager
@@ -74,7 +114,7 @@ def captured() -> Iterator[list[Piece]]:
     record = _Record()
     pieces: list[Piece] = []
     saved = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = _Capture(STDOUT, record), _Capture(STDERR, record)
+    sys.stdout, sys.stderr = _Capture(STDOUT, record, saved[0]), _Capture(STDERR, record, saved[1])
     try:
         yield pieces
     finally:
