@@ -849,3 +849,14 @@ def test_a_timing_option_that_cannot_work_is_a_value_error(option: str, value: f
 def test_a_thread_name_prefix_given_in_the_transports_place_says_so() -> None:
     with pytest.raises(UnknownSchemeError, match="thread_name_prefix is a keyword argument here"):
         RemoteExecutor(2, "fetcher")
+
+
+def test_a_call_that_captures_its_executor_fails_saying_so() -> None:
+    """(The error named a socket, a lock or a handle deep inside the executor, never the executor.)"""
+    with RemoteExecutor(1) as ex:
+        def submit_from_the_worker() -> int:
+            return int(ex.submit(abs, -3).result())
+
+        with pytest.raises(SerializationError, match="a RemoteExecutor cannot be sent to a worker"):
+            ex.submit(submit_from_the_worker).result(timeout=60)
+        assert ex.submit(abs, -4).result(timeout=60) == 4  # the executor serves on

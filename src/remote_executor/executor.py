@@ -49,7 +49,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future
 from queue import Empty, SimpleQueue
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, NoReturn, ParamSpec, TypeVar
 
 from . import interrupts
 from .errors import BrokenRemoteExecutor, CallTimeoutError, SerializationError
@@ -895,6 +895,12 @@ class RemoteExecutor(Executor):
         _live_cores.add(core)
         # Dropped without shutdown(): finish the queued calls, then close (as shutdown(wait=False) does).
         weakref.finalize(self, core.shutdown, False, False).atexit = False
+
+    def __reduce__(self) -> NoReturn:
+        # A call that captured its executor (to submit more from a worker) would otherwise fail on a socket
+        # or a lock deep inside, naming neither.
+        raise TypeError("a RemoteExecutor cannot be sent to a worker (a call that uses its own executor?): "
+                        "submit the follow-up calls from this process, with the results the calls return")
 
     def __repr__(self) -> str:
         core = self._core
