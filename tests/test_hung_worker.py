@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import signal
 import time
@@ -54,6 +55,26 @@ def test_a_hung_worker_is_killed_and_replaced(transport: str, tmp_path: Path) ->
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(hung, signal.SIGKILL)
+
+
+def _backtrack(n: int) -> int:
+    """One regular-expression match that holds the interpreter lock for its whole run (about 2^n steps):
+    no other thread of the process, the heartbeat's included, runs meanwhile."""
+    import re
+
+    return 0 if re.match(r"(a+)+$", "a" * n + "b") is None else 1
+
+
+@pytest.mark.parametrize("transport", ["tcp", "zmq"])
+def test_a_call_that_holds_the_gil_past_the_heartbeat_timeout_is_waited_for(transport: str) -> None:
+    """Its worker sends no heartbeat while the call runs, yet is not hung: it is on a CPU. The embedded
+    cluster sees that and waits, as a thread pool would (the call was given up as hung, ran max_retries + 1
+    times and failed)."""
+    start = time.perf_counter()
+    _backtrack(20)
+    steps = max(0, int(math.log2(4.0 / max(time.perf_counter() - start, 1e-3))))  # about 4 s in a worker
+    with RemoteExecutor(1, transport=transport, max_retries=0, heartbeat_interval=0.2, heartbeat_timeout=1.0) as ex:
+        assert ex.submit(_backtrack, 20 + steps).result(timeout=110) == 0
 
 
 def _stop_own_process_once(marker: Path) -> Callable[[], int]:

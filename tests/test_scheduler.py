@@ -507,6 +507,26 @@ def test_tick_returns_when_the_next_check_is_due() -> None:
     assert h.s.tick(3.0) == pytest.approx(3.0 + INTERVAL / 2)
 
 
+def test_a_silent_worker_vouched_for_as_on_a_cpu_is_kept_until_it_is_not() -> None:
+    h = Harness()
+    h.client(1)
+    h.connect(10, worker_hello("busy", pid=4242))
+    asked: list[int] = []
+    on_cpu = [True]
+    h.s.computing = lambda pid: asked.append(pid) is None and on_cpu[0]
+    assert tasks_to(h.submit(1, 1, "long"), 10) == [b"call long"]
+    assert not [a for a in h.tick(TIMEOUT + 1) if isinstance(a, Close)]  # silent, but computing: kept
+    assert asked == [4242]
+    on_cpu[0] = False  # stopped now (SIGSTOP), or asleep: lost after another heartbeat timeout of silence
+    assert not [a for a in h.tick(TIMEOUT + 2) if isinstance(a, Close)]
+    assert [a.conn for a in h.tick(2 * TIMEOUT + 2) if isinstance(a, Close)] == [10]
+    h.connect(11, worker_hello("idle", pid=4343))
+    asked.clear()
+    on_cpu[0] = True
+    assert [a.conn for a in h.tick(4 * TIMEOUT) if isinstance(a, Close)] == [11]  # idle: no call to vouch for
+    assert asked == []
+
+
 # --- drain -------------------------------------------------------------------------------------------
 
 

@@ -156,6 +156,7 @@ class LocalCluster:
                                 sibling_records=self.backend.sibling_records)
         supervisor.start()
         self.server.on_hung_worker(supervisor.kill_hung)
+        self.server.on_silent_worker(supervisor.computing)
         return supervisor
 
     def _wait_ready(self, timeout: float) -> None:

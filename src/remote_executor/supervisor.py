@@ -130,6 +130,7 @@ class Supervisor:
         self._thread: threading.Thread | None = None
         self._sibling_records = sibling_records
         self._siblings_dir: privatedirs.PrivateDir | None = None
+        self._cpu_seen: dict[int, int] = {}  # pid -> CPU ticks at computing()'s last look
 
     # --- public ------------------------------------------------------------------------------------
 
@@ -153,6 +154,22 @@ class Supervisor:
     def pids(self) -> list[int]:
         with self._lock:
             return [c.proc.pid for c in self._children.values()]
+
+    def computing(self, pid: int) -> bool:
+        """True if ``pid`` is a worker of ours on a CPU (running, or it used CPU time since the last look): a
+        call holding the interpreter lock in C code lets no heartbeat out, yet is not hung. False for one
+        stopped (SIGSTOP), asleep without using the CPU, gone, or where ``/proc`` cannot say."""
+        if pid not in self.pids():
+            return False
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as file:
+                stat = file.read()
+        except OSError:
+            return False
+        fields = stat[stat.rindex(b")") + 2:].split()  # (the name before it may hold spaces)
+        state, cpu = fields[0], int(fields[11]) + int(fields[12])  # state; utime + stime, in clock ticks
+        before, self._cpu_seen[pid] = self._cpu_seen.get(pid), cpu
+        return state == b"R" or (state not in (b"T", b"t", b"Z", b"X") and before is not None and cpu > before)
 
     def kill_hung(self, worker: int | str, running_since: float | None = None) -> None:
         """SIGKILL the child ``worker`` (its pid, or the name this supervisor gave it), if it is one of ours
@@ -325,6 +342,7 @@ class Supervisor:
         with self._lock:
             if self._children.get(child.index) is child:
                 del self._children[child.index]
+        self._cpu_seen.pop(child.proc.pid, None)
         if child.pidfd is not None:
             self._selector.unregister(child.pidfd)
             os.close(child.pidfd)

@@ -58,6 +58,9 @@ class EmbeddedJobServer(EmbeddedServer):
     def on_hung_worker(self, kill: Callable[[int | str, float | None], object]) -> None:
         self.server.on_hung_worker = kill
 
+    def on_silent_worker(self, computing: Callable[[int], bool]) -> None:
+        self.server.scheduler.computing = computing
+
     def attached_workers(self) -> int:
         with self.server.drive_lock:  # the server loop changes the scheduler's pools meanwhile
             return self.server.scheduler.capacity  # one slot per local worker process

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -179,6 +180,11 @@ class Scheduler:
         self._stop_deadline: float | None = None  # workers told to exit: stop when they have, or then
         self._stopped = False
         self._next_tid = 1
+        # Set where the workers are local processes (the embedded cluster): computing(pid) is True while that
+        # process is on a CPU. A call holding the interpreter lock in C code (a long regex, big-number
+        # arithmetic) lets no heartbeat out, yet its worker is not hung: it is kept, as a thread pool would
+        # wait for it. The only outside look the scheduler takes, and only at a silent worker.
+        self.computing: Callable[[int], bool] | None = None
         # What to do, in order: read by the server loop without a call (it runs twice per call), taken with
         # take_actions().
         self.actions: list[Action] = []
@@ -564,6 +570,14 @@ class Scheduler:
         return worker is not None and any(t.expired(now - self.heartbeat_timeout) for t in worker.running.values())
 
     def _silent(self, peer: Peer, now: float) -> None:
+        worker = self._workers.get(peer.conn)
+        if worker is not None and worker.running and worker.pid and self.computing is not None \
+                and self.computing(worker.pid):
+            limited(log, logging.WARNING, (owner(self), "computing"), "worker %s has sent no heartbeat for %.1fs "
+                    "but is on a CPU: a call holding the interpreter lock; waiting for it", printable(peer.name),
+                    now - peer.last_recv, now=now)
+            peer.last_recv = now  # judged again a heartbeat timeout from now
+            return
         self._close_peer(peer, f"no heartbeat for {now - peer.last_recv:.1f}s")
 
     def _close_peer(self, peer: Peer, reason: str) -> None:

@@ -420,6 +420,12 @@ class EmbeddedServer(abc.ABC):
         one of its own and starts another. A server that cannot tell which process hung ignores this."""
         return None
 
+    def on_silent_worker(self, computing: Callable[[int], bool]) -> None:
+        """Before giving up a worker that runs a call and has sent no heartbeat for the heartbeat timeout,
+        ask ``computing(pid)``: True (its process is on a CPU, in a call that holds the interpreter lock)
+        keeps it. A server that does not judge its workers by heartbeats ignores this."""
+        return None
+
 
 class Backend(abc.ABC):
     """Everything one URL scheme provides. Subclass it and register it under the entry-point group
