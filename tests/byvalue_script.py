@@ -5,6 +5,7 @@ calls, and records what the worker returned; the results are printed as one line
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from typing import Any
@@ -82,6 +83,16 @@ def uses_class(x: int) -> int:
     return Box.factor * x
 
 
+@functools.lru_cache(maxsize=8)
+def cached(x: int) -> int:
+    return x * SCALE
+
+
+@functools.cache
+def fib(n: int) -> int:
+    return n if n < 2 else fib(n - 1) + fib(n - 2)
+
+
 def probe() -> tuple[int, int]:
     from remote_executor.wire import fncache as worker_cache  # the worker's own counters
 
@@ -145,6 +156,8 @@ with RemoteExecutor(1) as ex:
     counter = 10
     results["state"].append(run(count))
     results["state"] += [run(accumulate, 1), run(accumulate, 1)]
+
+    results["lru_cache"] = [run(cached, 2), run(fib, 20)]  # (a name this __main__ has, the workers' not)
 
     results["probe"] = [run(probe) for _ in range(4)]
     results["client_hits"] = fncache.stats.pickle_hits

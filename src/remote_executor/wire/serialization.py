@@ -19,6 +19,7 @@ exception that cannot be pickled there or unpickled here arrives as :class:`Remo
 
 from __future__ import annotations
 
+import functools
 import io
 import pickle
 import types
@@ -68,9 +69,25 @@ def _cloudpickle_dumps(obj: object) -> Parts:
 
 
 class _ByValuePickler(cloudpickle.Pickler):  # type: ignore[misc]
-    """cloudpickle's pickler, except that code keeps its file name, for tracebacks (see :mod:`.tracebacks`)."""
+    """cloudpickle's pickler, except that code keeps its file name, for tracebacks (see :mod:`.tracebacks`),
+    and that a ``functools.lru_cache`` (or ``cache``) function defined in ``__main__`` travels by value too:
+    pickle would send it by name, which the workers' ``__main__`` does not have."""
 
     dispatch_table = ChainMap({types.CodeType: reduce_code}, cloudpickle.Pickler.dispatch_table)
+
+    def reducer_override(self, obj: Any) -> Any:
+        if type(obj) is _LRU_CACHE_WRAPPER and _by_value(obj):
+            parameters = obj.cache_parameters()  # the cache itself stays here: the worker starts an empty one
+            return _lru_cached, (obj.__wrapped__, parameters["maxsize"], parameters["typed"])
+        return super().reducer_override(obj)
+
+
+_LRU_CACHE_WRAPPER = type(functools.lru_cache(maxsize=None)(lambda: None))
+
+
+def _lru_cached(fn: Callable[..., Any], maxsize: int | None, typed: bool) -> Callable[..., Any]:
+    """On the worker: ``fn`` cached as it was in the caller's process."""
+    return functools.lru_cache(maxsize=maxsize, typed=typed)(fn)
 
 
 def _pickle_function(fn: object) -> bytes:
@@ -102,9 +119,11 @@ class _NeedsCloudpickle(Exception):
 class _FastPickler(pickle.Pickler):
     def reducer_override(self, obj: Any) -> Any:
         # Called for every object except plain containers and scalars, so keep it cheap.
-        module = getattr(obj, "__module__", None) if isinstance(obj, (type, FunctionType)) else None
+        cls = type(obj)
+        module = getattr(obj, "__module__", None) if isinstance(obj, (type, FunctionType)) \
+            or cls is _LRU_CACHE_WRAPPER else None
         if module is None:
-            module = type(obj).__module__
+            module = cls.__module__
         if module == "__main__":
             raise _NeedsCloudpickle(module)
         if REGISTERED and is_registered(module, REGISTERED):  # a registered package's modules are too
