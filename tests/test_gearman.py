@@ -228,6 +228,22 @@ def test_calls_sent_to_a_stopped_gearmand_fail_over_to_the_other(start_workers: 
                 assert [f.result(timeout=60) for f in futures] == [2**i for i in range(10)]
 
 
+def test_a_large_call_blocked_on_a_stopped_gearmand_fails_over_too(start_workers: Callable[..., Supervisor]) -> None:
+    """A job larger than the socket buffers blocks its write to a frozen gearmand (with the client's lock
+    held): the liveness watch needs neither, and cuts that connection all the same."""
+    with GearmandProcess(threads=2) as first, GearmandProcess(threads=2) as second:
+        url = f"gearman://127.0.0.1:{first.port},127.0.0.1:{second.port}"
+        start_workers(url, 2)
+        wait_for_workers(first.url, 2)
+        wait_for_workers(second.url, 2)
+        payload = bytes(16 << 20)
+        with RemoteExecutor(transport=url, max_retries=2, reconnect_timeout=60, **QUICK) as ex:  # type: ignore[arg-type]
+            assert ex.submit(len, b"warm").result(timeout=60) == 4
+            with stopped(first):
+                futures = [ex.submit(len, payload) for _ in range(2)]  # one of them to the stopped one
+                assert [f.result(timeout=60) for f in futures] == [len(payload)] * 2
+
+
 def test_calls_on_a_lone_stopped_gearmand_fail_once_reconnecting_has_timed_out(
         start_workers: Callable[..., Supervisor]) -> None:
     """Reconnecting to a frozen gearmand succeeds at the TCP level (its kernel accepts): only an answer
@@ -241,6 +257,29 @@ def test_calls_on_a_lone_stopped_gearmand_fail_once_reconnecting_has_timed_out(
                 future = ex.submit(abs, -2)
                 with pytest.raises(ServerUnavailableError, match="could not reconnect"):
                     future.result(timeout=60)
+
+
+def test_an_address_that_closes_every_connection_at_once_is_a_clear_error() -> None:
+    """(The connect probe read the end of the connection before the connection was set up: AttributeError.)"""
+    with socket.socket() as closer:
+        closer.bind(("127.0.0.1", 0))
+        closer.listen()
+        done = threading.Event()
+
+        def close_them() -> None:
+            closer.settimeout(0.1)
+            while not done.is_set():
+                with contextlib.suppress(OSError):
+                    closer.accept()[0].close()
+
+        thread = threading.Thread(target=close_them)
+        thread.start()
+        try:
+            with pytest.raises(TransportError, match="cannot reach any gearmand"):
+                RemoteExecutor(transport=f"gearman://127.0.0.1:{closer.getsockname()[1]}", connect_timeout=2)
+        finally:
+            done.set()
+            thread.join()
 
 
 def test_a_listener_that_never_answers_is_not_a_gearmand() -> None:

@@ -180,6 +180,10 @@ class GearmanClientTransport(ClientTransport):
         self._closing = False
         self._gave_up = False
         self._thread: threading.Thread | None = None
+        # The liveness of each gearmand is watched on a thread of its own that never takes self._lock: a
+        # submit blocked on a stopped gearmand holds it (see _check_servers).
+        self._watchdog: threading.Thread | None = None
+        self._unwatched = threading.Event()
 
     # --- ClientTransport ------------------------------------------------------------------------------
 
@@ -202,6 +206,9 @@ class GearmanClientTransport(ClientTransport):
             self._poll_capacity()
         self._thread = threading.Thread(target=self._run, name="remote-executor-gearman-client", daemon=True)
         self._thread.start()
+        self._watchdog = threading.Thread(target=self._watch_servers, name="remote-executor-gearman-liveness",
+                                          daemon=True)
+        self._watchdog.start()
 
     def broadcast_targets(self, timeout: float) -> list[str]:
         raise NotImplementedError(
@@ -252,8 +259,10 @@ class GearmanClientTransport(ClientTransport):
         with self._lock:
             self._closing = True
             self._wake.notify_all()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join()
+        self._unwatched.set()
+        for thread in (self._thread, self._watchdog):
+            if thread is not None and thread is not threading.current_thread():
+                thread.join()
         for server in self._servers:
             conns = [*server.dead, *([server.conn] if server.conn is not None else [])]
             server.conn, server.dead = None, []
@@ -546,7 +555,6 @@ class GearmanClientTransport(ClientTransport):
                     self._settle(task_id, Status.DONE, error_outcome(error))
                 for server in due:
                     self._reconnect(server)
-                self._check_servers()
                 self._give_up_silent()
                 if self._fixed_capacity is None and time.monotonic() >= next_poll:
                     self._poll_capacity()
@@ -568,26 +576,37 @@ class GearmanClientTransport(ClientTransport):
             times.append(next_poll)
         if self._all_down_since is not None:
             times.append(self._all_down_since + self._options.reconnect_timeout)
-        if any(job.server >= 0 for job in self._jobs.values()):
+        if any(job.started_here or job.sent_at for job in self._jobs.values()):
             times.append(now + self._options.heartbeat_interval)  # the next liveness check
         return max(min(times, default=now + POLL_INTERVAL) - now, 0.0)
+
+    def _watch_servers(self) -> None:
+        while not self._unwatched.wait(self._options.heartbeat_interval / 2):
+            try:
+                self._check_servers()
+            except Exception:  # a bug here must not end the watch silently
+                log.exception("checking the gearmand connections of %s failed", self.url)
 
     def _check_servers(self) -> None:
         """A gearmand with calls in flight that has sent nothing for a heartbeat interval is asked for an
         echo. One that leaves it unanswered for ``heartbeat_timeout`` (stopped, hung, or cut off with its
-        connection up) has its connection cut: its calls go the way of a lost server's (resubmitted to
-        another gearmand within ``max_retries``), and it is reconnected to like one, which takes an answer."""
+        connection up), while no write to it makes progress either, has its connection cut: its calls go
+        the way of a lost server's (resubmitted to another gearmand within ``max_retries``), and it is
+        reconnected to like one, which takes an answer. Never under the transport's lock: a submit may be
+        blocked on that very gearmand, holding it."""
         now = time.monotonic()
         interval, timeout = self._options.heartbeat_interval, self._options.heartbeat_timeout
-        with self._lock:
-            busy = {job.server for job in self._jobs.values() if job.server >= 0}
-            watched = [(server, server.conn) for server in self._servers
-                       if server.conn is not None and server.index in busy]
-        for server, conn in watched:
-            if server.pinged_at is not None and conn.last_heard >= server.pinged_at:
+        for server in self._servers:
+            conn = server.conn
+            if conn is None:
+                continue
+            heard = max(conn.last_heard, conn.last_progress)
+            if server.pinged_at is not None and heard >= server.pinged_at:
                 server.pinged_at = None  # it answered, or said something else meanwhile
+            if not conn.busy:
+                continue
             if server.pinged_at is None:
-                if now - conn.last_heard >= interval:
+                if now - heard >= interval:
                     server.pinged_at = now
                     with contextlib.suppress(GearmanConnectionError):  # ended: its reader reports it
                         conn.ping()

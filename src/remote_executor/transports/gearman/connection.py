@@ -73,6 +73,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 _RECV_SIZE: Final = 256 * 1024
+_SEND_SLICE: Final = 4 << 20  # a large job is written in slices this big, each one a sign of progress
 MAX_UNIQUE_SIZE: Final = 64  # gearmand answers ERROR ARGUMENT_TOO_LARGE above this
 _MULTILINE_ADMIN: Final = frozenset({"status", "workers", "prioritystatus", "show jobs", "show unique jobs"})
 
@@ -239,12 +240,6 @@ class GearmanClientConnection(Generic[T]):
         self._sock = _connect(host, port, connect_timeout, tls)
         self._decoder = PacketDecoder(expect_magic=RES, max_packet_size=max_packet_size)
         self._buffer = bytearray(_RECV_SIZE)  # every read lands here; the decoder copies what it keeps
-        try:
-            self._probe(connect_timeout)
-        except BaseException:
-            self._sock.close()
-            raise
-        self.last_heard = time.monotonic()  # when gearmand last sent anything (the reader thread sets it)
         self._send_lock = threading.Lock()  # one packet on the wire at a time, in FIFO order
         self._state_lock = threading.Lock()  # guards the three fields below and the socket's life
         self._awaiting_created: collections.deque[T] = collections.deque()
@@ -252,6 +247,14 @@ class GearmanClientConnection(Generic[T]):
         self._ended = False
         self._closing = False
         self._cut: str | None = None  # why this client ended the connection itself, mid-packet
+        try:
+            self._probe(connect_timeout)
+        except BaseException:
+            self._sock.close()
+            raise
+        # When gearmand last sent anything (the reader thread sets it), and when a write last made progress
+        # (gearmand reading a large job says nothing until it has all of it).
+        self.last_heard = self.last_progress = time.monotonic()
         self._handlers: dict[PacketType, Callable[[tuple[bytes, ...]], None]] = {
             PacketType.JOB_CREATED: self._on_job_created,
             PacketType.ERROR: self._on_error,
@@ -286,7 +289,8 @@ class GearmanClientConnection(Generic[T]):
         """
         if len(unique) > MAX_UNIQUE_SIZE:
             raise ValueError(f"unique id of {len(unique)} bytes exceeds gearmand's {MAX_UNIQUE_SIZE}")
-        self._write(encode_parts(REQ, priority.value, function, unique, payload), (token,))  # (validated first)
+        self._write(encode_parts(REQ, priority.value, function, unique, payload), (token,),  # (validated first)
+                    len(payload) > _SEND_SLICE)
 
     def get_status(self, handle: bytes) -> None:
         """Ask gearmand whether a worker runs the job ``handle`` (a job created on this connection); the
@@ -294,10 +298,21 @@ class GearmanClientConnection(Generic[T]):
         ended; a send that fails part-way is reported through ``on_disconnect``."""
         self._write(encode_parts(REQ, PacketType.GET_STATUS, handle), ())
 
+    @property
+    def busy(self) -> bool:
+        """Whether a submit written here awaits its outcome (a snapshot: no lock a blocked write holds)."""
+        return bool(self._awaiting_created or self._by_handle)
+
     def ping(self) -> None:
-        """Ask gearmand for an echo: its answer moves :attr:`last_heard` on. Raises
+        """Ask gearmand for an echo: its answer moves :attr:`last_heard` on. Nothing is sent while another
+        write is under way (its progress, :attr:`last_progress`, says as much). Raises
         :class:`GearmanConnectionError` if the connection has ended."""
-        self._write(encode_parts(REQ, PacketType.ECHO_REQ, b""), ())
+        if not self._send_lock.acquire(blocking=False):
+            return
+        try:
+            self._write_locked(encode_parts(REQ, PacketType.ECHO_REQ, b""), ())
+        finally:
+            self._send_lock.release()
 
     def cut(self, why: str) -> None:
         """End the connection from this side (gearmand stopped answering): the reader reports every token in
@@ -312,7 +327,10 @@ class GearmanClientConnection(Generic[T]):
         """One echo before the connection is used: a gearmand that accepts connections but is stopped (its
         kernel completes the connect) or is not gearmand is a failed connect, not a server that swallows
         every job sent to it."""
-        _send(self._sock, REQ, PacketType.ECHO_REQ, b"")
+        try:
+            _send(self._sock, REQ, PacketType.ECHO_REQ, b"")
+        except OSError as exc:
+            raise GearmanConnectionError(f"connection to gearmand at {self.address} failed: {exc}") from exc
         deadline = time.monotonic() + timeout
         with selectors.DefaultSelector() as selector:
             selector.register(self._sock, selectors.EVENT_READ)
@@ -332,24 +350,35 @@ class GearmanClientConnection(Generic[T]):
                                                      f"it answered this client's first echo")
                     return
 
-    def _write(self, parts: list[Buffer], awaiting_created: tuple[T, ...]) -> None:
+    def _write(self, parts: list[Buffer], awaiting_created: tuple[T, ...], large: bool = False) -> None:
         with self._send_lock:
-            with self._state_lock:
-                if self._ended or self._closing:
-                    raise GearmanConnectionClosed(f"connection to gearmand at {self.address} is closed")
-                self._awaiting_created.extend(awaiting_created)
-            try:
+            self._write_locked(parts, awaiting_created, large)
+
+    def _write_locked(self, parts: list[Buffer], awaiting_created: tuple[T, ...], large: bool = False) -> None:
+        """(send lock held) ``large``: a part may be over a slice."""
+        with self._state_lock:
+            if self._ended or self._closing:
+                raise GearmanConnectionClosed(f"connection to gearmand at {self.address} is closed")
+            self._awaiting_created.extend(awaiting_created)
+        try:
+            if large:  # its progress is seen slice by slice (the common small packet costs no more calls)
+                for part in parts:
+                    view = memoryview(part)
+                    for start in range(0, len(view), _SEND_SLICE):
+                        self._sock.sendall(view[start:start + _SEND_SLICE])
+                        self.last_progress = time.monotonic()
+            else:
                 for part in parts:
                     self._sock.sendall(part)
-            except OSError:
-                _shutdown(self._sock)  # the reader sees EOF and reports the tokens in flight
-            except BaseException as exc:
-                # A signal handler's exception (Ctrl-C) between or inside the writes: the packet may be half
-                # on the wire, which gearmand could only misread, and the tokens would no longer match its
-                # JOB_CREATED answers. End the connection as a failed send does, and say who ended it.
-                self._cut = f"a packet's write was interrupted by {type(exc).__name__}"
-                _shutdown(self._sock)
-                raise
+        except OSError:
+            _shutdown(self._sock)  # the reader sees EOF and reports the tokens in flight
+        except BaseException as exc:
+            # A signal handler's exception (Ctrl-C) between or inside the writes: the packet may be half
+            # on the wire, which gearmand could only misread, and the tokens would no longer match its
+            # JOB_CREATED answers. End the connection as a failed send does, and say who ended it.
+            self._cut = f"a packet's write was interrupted by {type(exc).__name__}"
+            _shutdown(self._sock)
+            raise
 
     def holds(self, token: T) -> bool:
         """Whether a submit of ``token`` was written on this connection (or cut short there, which ends
