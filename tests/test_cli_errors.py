@@ -212,3 +212,11 @@ def test_a_worker_for_a_scheme_without_worker_processes_is_a_usage_error() -> No
     done = run_cli("worker", "memory://x", "--insecure")
     assert done.returncode == 2
     assert one_line(done.stderr) == "remote-executor: memory:// has no worker processes to start"
+
+
+def test_usage_errors_keep_their_exit_code_under_python_dash_m() -> None:
+    """(python -m remote_executor.cli ran a second copy of the module, which took the usage error for a failure.)"""
+    done = subprocess.run([sys.executable, "-m", "remote_executor.cli", "cluster", "up"], capture_output=True,
+                          text=True, timeout=60, env={"PYTHONPATH": SRC, "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 2
+    assert one_line(done.stderr) == "remote-executor: no hosts: give --hosts node1,node2 or --hosts-file FILE"

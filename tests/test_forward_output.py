@@ -165,6 +165,13 @@ def test_captured_streams_answer_what_code_asks_of_a_standard_stream(monkeypatch
         ("stdout", "bytes é"), ("stderr", "text")]
 
 
+def test_bytes_written_a_few_at_a_time_are_decoded_across_writes() -> None:
+    with wire_output.captured() as pieces:
+        for byte in "é€ and a cut one: ".encode() + "€".encode()[:2]:
+            sys.stdout.buffer.write(bytes([byte]))
+    assert pieces == [(1, "é€ and a cut one: \ufffd")]  # the incomplete last character, once, at the end
+
+
 def test_many_writes_keep_their_order_one_piece_per_run_of_a_stream() -> None:
     with wire_output.captured() as pieces:
         for i in range(5000):

@@ -39,19 +39,15 @@ from .supervisor import Supervisor
 from .tls import TlsConfig, make_cluster_material
 from .transports import UnknownSchemeError, get_backend, scheme_of
 from .transports.base import Backend, Options, ServerSettings, check_heartbeats
+from .usage import RUNTIME, USAGE, UsageError
 from .wire.frames import PRE_SESSION_LIMITS, Limits
 from .worker import read_stdin_line, watch_stdin
 
 log = logging.getLogger("remote_executor.cli")
 
 
-USAGE, RUNTIME = 2, 1  # exit codes: a mistake in the command line; a failure while doing what it asked
 LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 _N = TypeVar("_N", int, float)
-
-
-class UsageError(ValueError):
-    """A mistake in the command line that argparse cannot see (a URL's scheme, an option for another scheme)."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -249,7 +245,6 @@ def _backend(url: str) -> Backend:
         raise UsageError(str(exc)) from exc
     try:
         backend.check_url(url)
-        pool_of_url(url)
     except TransportError as exc:  # a malformed address or pool name: a usage error, before anything starts
         raise UsageError(str(exc)) from exc
     return backend
@@ -291,7 +286,10 @@ def _server(args: argparse.Namespace) -> int:
     if key is None:
         log.warning("no key (--insecure): anyone who can connect can run code as the workers' user")
     server = backend.server(args.url, settings)
-    _stop_on_signals(lambda: server.stop(tell_clients=True))  # (queued calls are resubmitted uncounted)
+    from .jobserver.server import ServerCore
+
+    # Ours first tell their clients which calls never started (resubmitted uncounted); a plugin's just stop.
+    _stop_on_signals((lambda: server.stop(tell_clients=True)) if isinstance(server, ServerCore) else server.stop)
     log.info("serving %s", server.url)
     print(f"serving {server.url}", flush=True)
     server.serve_forever()

@@ -33,9 +33,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .cli import UsageError
 from .errors import RemoteExecutorError
 from .signals import SignalEvent, set_on_signals
+from .usage import UsageError
 
 if TYPE_CHECKING:
     from .ssh import ClusterInfo, SSHHost

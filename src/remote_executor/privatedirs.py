@@ -5,7 +5,7 @@ directory of mode 0700 under ``$TMPDIR``, named ``remote-executor-KIND-PID-RANDO
 when it is done with it. An owner killed with SIGKILL (or by the out-of-memory killer) never gets to, so
 making a directory first removes the ones of the same kind that this user's dead processes left.
 
-"Dead" is decided twice, so that a live directory is never taken:
+"Dead" is decided twice, so that a live directory is never taken (one is locked before it gets its name):
 
 - the pid in its name no longer runs, and
 - nobody holds the lock (``flock``) its owner takes on it for as long as the directory is in use. The
@@ -62,15 +62,24 @@ def make(kind: str) -> PrivateDir:
     it cannot be made."""
     where = base()
     sweep(where, kind)
-    path = os.path.join(where, f"{PREFIX}{kind}-{os.getpid()}-{os.urandom(8).hex()}")
-    os.mkdir(path, 0o700)
+    name = f"{PREFIX}{kind}-{os.getpid()}-{os.urandom(8).hex()}"
+    # Made and locked under a name no sweep looks at, then renamed: a sweeper (in another pid namespace,
+    # where our pid means nothing) never sees it unlocked.
+    making, path = os.path.join(where, f".{name}"), os.path.join(where, name)
+    os.mkdir(making, 0o700)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)  # not inherited by an exec'd program (PEP 446)
+        fd = os.open(making, os.O_RDONLY | os.O_DIRECTORY)  # not inherited by an exec'd program (PEP 446)
     except OSError:
-        _remove_tree(path)
+        _remove_tree(making)
         raise
-    if fcntl is not None:
-        fcntl.flock(fd, fcntl.LOCK_SH)  # shared: a sweeper asks for exclusive, which any holder refuses
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_SH)  # shared: a sweeper asks for exclusive, which any holder refuses
+        os.rename(making, path)
+    except OSError:
+        os.close(fd)
+        _remove_tree(making)
+        raise
     return PrivateDir(path, fd)
 
 

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConnectionFailedError, RemoteExecutorError, TransportError
+from ..pools import pool_of_url
 from ..transports import split_hostports
 from ..transports.base import (
     Backend,
@@ -52,6 +53,7 @@ class JobServerBackend(Backend):
 
     def check_url(self, url: str) -> None:
         split_hostports(url)
+        pool_of_url(url)  # (a bad pool name)
 
     def client(self, url: str, options: Options) -> ClientTransport:
         return JobServerClient(url, options, self.servers(url, options.key, options.extra, options.limits()))

@@ -574,15 +574,18 @@ class JobServerClient(ClientTransport):
 
     # --- connection -------------------------------------------------------------------------------------
 
-    def _open(self, timeout: float, start: int = 0) -> Channel:
-        """A welcomed channel to the first server that answers, trying them in order from ``start``."""
+    def _open(self, timeout: float, start: int = 0, deadline: float | None = None) -> Channel:
+        """A welcomed channel to the first server that answers, trying them in order from ``start``; each
+        try within ``timeout``, and within what is left until ``deadline`` (at least a second) if given."""
         assert self._session is not None
         failures: list[ConnectionFailedError | KeyRejectedError] = []
+        floor = min(1.0, timeout)
         for offset in range(len(self._servers)):
             index = (start + offset) % len(self._servers)
             url, connect = self._servers[index]
+            budget = timeout if deadline is None else min(timeout, max(deadline - time.monotonic(), floor))
             try:
-                channel = open_session(connect, self._options.key, self._session.hello(), timeout,
+                channel = open_session(connect, self._options.key, self._session.hello(), budget,
                                        self._stop)
             except (ConnectionFailedError, KeyRejectedError) as exc:  # (the next server may take our key)
                 failures.append(exc)
@@ -615,14 +618,10 @@ class JobServerClient(ClientTransport):
             # No attempt outlasts reconnect_timeout by much: a server that accepts but never answers would
             # otherwise have each attempt wait out connect_timeout, past the time the user gave.
             deadline = time.monotonic() + self._options.reconnect_timeout
-            floor = min(1.0, self._options.connect_timeout)
-
-            def attempt() -> Channel:
-                return self._open(min(self._options.connect_timeout, max(deadline - time.monotonic(), floor)), start)
-
             # A key rejection is retried too: unsigned, it may be forged, and this key did open a session.
             channel = retry_with_backoff(
-                attempt, self._options.reconnect_timeout, self._stop,
+                lambda: self._open(self._options.connect_timeout, start, deadline),
+                self._options.reconnect_timeout, self._stop,
                 lambda exc, delay: log.info("reconnecting to %s: %s", self.url, exc),
                 transient=(ConnectionFailedError, OSError, KeyRejectedError))
         except RemoteExecutorError as exc:

@@ -371,9 +371,8 @@ class JobServer(Protocol):
     def start(self) -> None:
         """Serve on a thread of its own."""
 
-    def stop(self, *, tell_clients: bool = False) -> None:
-        """Stop serving and release every socket; idempotent. With ``tell_clients``, first tell each client
-        which of its calls never started here (they are resubmitted without counting an attempt)."""
+    def stop(self) -> None:
+        """Stop serving and release every socket; idempotent."""
 
 
 class EmbeddedServer(abc.ABC):

@@ -10,6 +10,7 @@ processes to the file descriptors themselves goes to the worker's own stdout and
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import io
 import sys
@@ -64,19 +65,30 @@ class _Capture(io.TextIOBase):
 
 
 class _BinaryCapture(io.RawIOBase):
-    """``sys.stdout.buffer`` during a captured call: bytes decoded with the stream's encoding."""
+    """``sys.stdout.buffer`` during a captured call: bytes decoded with the stream's encoding, across writes
+    (a character split between two writes is whole in the output)."""
 
     def __init__(self, text: _Capture) -> None:
         super().__init__()
         self._text = text
+        try:
+            self._decoder = codecs.getincrementaldecoder(text.encoding)("replace")
+        except LookupError:  # a stream that names an encoding this Python does not have
+            self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
 
     def writable(self) -> bool:
         return True
 
     def write(self, data: bytes | bytearray | memoryview) -> int:  # type: ignore[override]
         chunk = bytes(data)
-        self._text.write(chunk.decode(self._text.encoding, "replace"))
+        if text := self._decoder.decode(chunk):
+            self._text.write(text)
         return len(chunk)
+
+    def finish(self) -> None:
+        """The bytes of a character the call never completed."""
+        if text := self._decoder.decode(b"", final=True):
+            self._text.write(text)
 
 
 class _Record:
@@ -114,11 +126,14 @@ def captured() -> Iterator[list[Piece]]:
     record = _Record()
     pieces: list[Piece] = []
     saved = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = _Capture(STDOUT, record, saved[0]), _Capture(STDERR, record, saved[1])
+    captures = _Capture(STDOUT, record, saved[0]), _Capture(STDERR, record, saved[1])
+    sys.stdout, sys.stderr = captures
     try:
         yield pieces
     finally:
         sys.stdout, sys.stderr = saved
+        for capture in captures:
+            capture.buffer.finish()
         pieces.extend(record.finish())
 
 

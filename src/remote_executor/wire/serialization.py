@@ -77,7 +77,9 @@ class _ByValuePickler(cloudpickle.Pickler):  # type: ignore[misc]
 
     def reducer_override(self, obj: Any) -> Any:
         if type(obj) is _LRU_CACHE_WRAPPER and _by_value(obj):
-            parameters = obj.cache_parameters()  # the cache itself stays here: the worker starts an empty one
+            # The cache stays here; the worker's lasts for the call (kept longer, it could hand back a value
+            # computed with a global changed since).
+            parameters = obj.cache_parameters()
             return _lru_cached, (obj.__wrapped__, parameters["maxsize"], parameters["typed"])
         return super().reducer_override(obj)
 
