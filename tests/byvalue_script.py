@@ -93,6 +93,21 @@ def fib(n: int) -> int:
     return n if n < 2 else fib(n - 1) + fib(n - 2)
 
 
+@functools.singledispatch
+def describe(value: object) -> str:
+    return "something"
+
+
+@describe.register
+def _(value: int) -> str:
+    return f"the number {value * SCALE}"
+
+
+@describe.register(str)
+def _describe_text(value: str) -> str:
+    return f"the text {value!r}"
+
+
 def probe() -> tuple[int, int]:
     from remote_executor.wire import fncache as worker_cache  # the worker's own counters
 
@@ -158,6 +173,7 @@ with RemoteExecutor(1) as ex:
     results["state"] += [run(accumulate, 1), run(accumulate, 1)]
 
     results["lru_cache"] = [run(cached, 2), run(fib, 20)]  # (a name this __main__ has, the workers' not)
+    results["singledispatch"] = [run(describe, 2), run(describe, "x"), run(describe, 1.5)]
 
     results["probe"] = [run(probe) for _ in range(4)]
     results["client_hits"] = fncache.stats.pickle_hits

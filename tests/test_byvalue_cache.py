@@ -250,6 +250,7 @@ def test_the_embedded_cluster_never_runs_stale_code() -> None:
     assert results["class"] == [3, 4]
     assert results["state"] == [1, 1, 11, 1, 1]
     assert results["lru_cache"] == [6, 6765]  # SCALE is 3 by then
+    assert results["singledispatch"] == ["the number 6", "the text 'x'", "something"]
     hits = [h for h, _ in results["probe"]]
     assert hits == [hits[0], hits[0] + 1, hits[0] + 2, hits[0] + 3]  # the worker reused its copy
     assert results["client_hits"] > 0

@@ -70,12 +70,18 @@ def _cloudpickle_dumps(obj: object) -> Parts:
 
 class _ByValuePickler(cloudpickle.Pickler):  # type: ignore[misc]
     """cloudpickle's pickler, except that code keeps its file name, for tracebacks (see :mod:`.tracebacks`),
-    and that a ``functools.lru_cache`` (or ``cache``) function defined in ``__main__`` travels by value too:
-    pickle would send it by name, which the workers' ``__main__`` does not have."""
+    and that a ``functools.lru_cache`` (or ``cache``) or ``singledispatch`` function defined in ``__main__``
+    travels by value too: pickle would send the first by name, which the workers' ``__main__`` does not have,
+    and could not pickle the second's cache."""
 
     dispatch_table = ChainMap({types.CodeType: reduce_code}, cloudpickle.Pickler.dispatch_table)
 
     def reducer_override(self, obj: Any) -> Any:
+        if type(obj) is FunctionType and obj.__code__ is _SINGLEDISPATCH_CODE and _by_value(obj):
+            # Its closure holds a cache of weak references, which cannot be pickled: sent as what it is made
+            # of, the function and the implementations registered for each type.
+            dispatching: Any = obj  # (a function with the attributes singledispatch gives it)
+            return _singledispatched, (dispatching.__wrapped__, dict(dispatching.registry))
         if type(obj) is _LRU_CACHE_WRAPPER and _by_value(obj):
             # The cache stays here; the worker's lasts for the call (kept longer, it could hand back a value
             # computed with a global changed since).
@@ -85,6 +91,22 @@ class _ByValuePickler(cloudpickle.Pickler):  # type: ignore[misc]
 
 
 _LRU_CACHE_WRAPPER = type(functools.lru_cache(maxsize=None)(lambda: None))
+
+
+def _any(value: object) -> None:
+    """(a function to make a singledispatch function of, once, for its wrapper's code)"""
+
+
+_SINGLEDISPATCH_CODE = getattr(functools.singledispatch(_any), "__code__", None)  # every such function's wrapper
+
+
+def _singledispatched(fn: Callable[..., Any], registry: dict[Any, Callable[..., Any]]) -> Callable[..., Any]:
+    """On the worker: ``fn`` made a ``functools.singledispatch`` function again, with its implementations."""
+    dispatching = functools.singledispatch(fn)
+    for cls, implementation in registry.items():
+        if cls is not object:  # (``fn`` itself)
+            dispatching.register(cls, implementation)
+    return dispatching
 
 
 def _lru_cached(fn: Callable[..., Any], maxsize: int | None, typed: bool) -> Callable[..., Any]:
