@@ -92,8 +92,9 @@ def pool_url(gearmand: GearmandProcess) -> str:
 def start_workers() -> Iterator[Callable[..., Supervisor]]:
     started: list[Supervisor] = []
 
-    def start(url: str, count: int = 2, env: dict[str, str] | None = None) -> Supervisor:
-        supervisor = Supervisor(url, count, env=env, name="test-worker")
+    def start(url: str, count: int = 2, env: dict[str, str] | None = None,
+              worker_args: tuple[str, ...] = ()) -> Supervisor:
+        supervisor = Supervisor(url, count, env=env, worker_args=worker_args, name="test-worker")
         supervisor.start()
         started.append(supervisor)
         return supervisor
@@ -257,6 +258,103 @@ def test_calls_on_a_lone_stopped_gearmand_fail_once_reconnecting_has_timed_out(
                 future = ex.submit(abs, -2)
                 with pytest.raises(ServerUnavailableError, match="could not reconnect"):
                     future.result(timeout=60)
+
+
+PROXY = Path(__file__).resolve().parent / "chaos" / "proxy.py"
+
+
+@contextlib.contextmanager
+def fault_proxy(target_port: int) -> Iterator[tuple[int, Callable[[str], str]]]:
+    """Our fault proxy (tests/chaos/proxy.py) in front of 127.0.0.1:``target_port``: its port and a function
+    that sends it a command and returns its answer."""
+    for _ in range(5):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = int(probe.getsockname()[1])
+        proc = subprocess.Popen([sys.executable, str(PROXY), "--listen", f"127.0.0.1:{port}",
+                                 "--target", f"127.0.0.1:{target_port}"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        assert proc.stdin is not None and proc.stdout is not None
+        if proc.stdout.readline().startswith("listening"):
+            break
+        proc.wait(30)  # the port was taken meanwhile: it exited
+    else:
+        raise AssertionError("the fault proxy did not start")
+    stdin, stdout = proc.stdin, proc.stdout
+
+    def command(text: str) -> str:
+        stdin.write(text + "\n")
+        stdin.flush()
+        return stdout.readline().strip()
+
+    try:
+        yield port, command
+    finally:
+        with contextlib.suppress(OSError):
+            stdin.close()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(30)
+        stdout.close()
+
+
+@contextlib.contextmanager
+def abandoned_on_failure(ex: RemoteExecutor) -> Iterator[RemoteExecutor]:
+    """Shut ``ex`` down after the block; if the block failed, without waiting for calls that may never run
+    (so the test fails instead of hanging)."""
+    try:
+        yield ex
+    except BaseException:
+        ex.shutdown(wait=False, cancel_futures=True)
+        raise
+    ex.shutdown()
+
+
+WORKER_QUICK = ("--heartbeat-interval", "0.2", "--heartbeat-timeout", "1")
+
+
+def test_an_idle_worker_whose_connection_went_silent_reconnects_and_gets_the_jobs(
+        gearmand: GearmandProcess, start_workers: Callable[..., Supervisor]) -> None:
+    """An idle worker hears nothing until there is work, so a connection that died without a word (a host
+    gone, a NAT or firewall that dropped it: nothing answers on it, nothing closes it) looked like a quiet
+    gearmand for ever, and the jobs queued for its pool were never run. The worker asks a silent gearmand
+    for an echo, and reconnects when none comes."""
+    pool = f"silent-{os.getpid()}-{next(_pools)}"
+    with fault_proxy(gearmand.port) as (port, proxy):
+        start_workers(f"gearman://127.0.0.1:{port}/{pool}", 1, worker_args=WORKER_QUICK)
+        wait_for_workers(f"{gearmand.url}/{pool}", 1)
+        with abandoned_on_failure(RemoteExecutor(transport=f"{gearmand.url}/{pool}")) as ex:
+            assert ex.submit(abs, -1).result(timeout=60) == 1  # served through the proxy
+            assert proxy("stall") == "stall 1"  # the worker's connection: up, and silent both ways
+            assert ex.submit(abs, -2).result(timeout=30) == 2  # hung for ever before
+
+
+def big_after_gate(address: tuple[str, int], token: str, size: int) -> bytes:
+    wait_at_gate(address, token)
+    return bytes(size)
+
+
+def test_a_worker_whose_result_gearmand_stopped_taking_reconnects_and_serves(
+        gearmand: GearmandProcess, start_workers: Callable[..., Supervisor]) -> None:
+    """A result larger than the socket buffers blocks its write when gearmand stops reading (frozen, or the
+    path cut with the connection up). The worker cuts a write that takes no bytes for its heartbeat timeout
+    and reconnects; the client, no longer hearing from the call, runs it again there (the worker stayed
+    blocked for ever before, and the call with it)."""
+    pool = f"stuck-{os.getpid()}-{next(_pools)}"
+    size = 48 << 20
+    with Gate() as gate, fault_proxy(gearmand.port) as (port, proxy):
+        start_workers(f"gearman://127.0.0.1:{port}/{pool}", 1, worker_args=WORKER_QUICK)
+        wait_for_workers(f"{gearmand.url}/{pool}", 1)
+        with abandoned_on_failure(RemoteExecutor(transport=f"{gearmand.url}/{pool}", max_retries=2,
+                                                 **QUICK)) as ex:  # type: ignore[arg-type]
+            future = ex.submit(big_after_gate, gate.address, "big", size)
+            gate.wait_started(1)
+            assert proxy("stall") == "stall 1"
+            gate.release()
+            assert len(future.result(timeout=60)) == size
+            assert len(gate.started) == 2  # the first run's result never arrived: it ran again
 
 
 def test_an_address_that_closes_every_connection_at_once_is_a_clear_error() -> None:

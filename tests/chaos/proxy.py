@@ -8,7 +8,10 @@ Run it inside a namespace; it forwards every connection made to ``--listen`` to 
   latency: chunks stay in order and are pipelined, throughput is not capped);
 - ``--drop P``: for each chunk, with probability ``P`` the connection is reset (RST both ways) instead;
 - commands on stdin, one per line: ``reset`` (reset every open connection now; answers ``reset N``),
-  ``delay S``, ``drop P``, ``stats`` (answers ``stats {json}``), ``quit``.
+  ``stall`` (stop forwarding on every open connection, without closing it: neither side's bytes are read
+  any more and nothing reaches either, as with a peer that froze or a path cut with the connections still up;
+  later connections are forwarded as usual; answers ``stall N``), ``delay S``, ``drop P``, ``stats``
+  (answers ``stats {json}``), ``quit``.
 
 It prints ``listening HOST:PORT`` once it accepts connections, and ``stats {json}`` when it exits.
 Standard library only (asyncio), so it runs anywhere the tests' Python does.
@@ -36,6 +39,7 @@ class _Pair:
     target: asyncio.StreamWriter
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     closed: bool = False
+    stalled: bool = False
 
 
 class FaultProxy:
@@ -47,8 +51,9 @@ class FaultProxy:
         self.drop = drop
         self.random = random.Random(seed)
         self.pairs: set[_Pair] = set()
-        self.stats = {"accepted": 0, "refused": 0, "random_resets": 0, "commanded_resets": 0, "chunks": 0,
-                      "bytes": 0}
+        self.stalled: list[_Pair] = []  # open, never forwarded again; reset when the proxy closes
+        self.stats = {"accepted": 0, "refused": 0, "random_resets": 0, "commanded_resets": 0, "stalled": 0,
+                      "chunks": 0, "bytes": 0}
         self.server: asyncio.Server | None = None
 
     async def start(self) -> None:
@@ -97,7 +102,8 @@ class FaultProxy:
             queue.put_nowait((loop.time() + self.delay, b""))  # EOF, after what is still queued
             await sender
         except (OSError, asyncio.CancelledError):
-            self.reset(pair)
+            if not pair.stalled:
+                self.reset(pair)
         finally:
             if not sender.done():
                 sender.cancel()
@@ -136,11 +142,24 @@ class FaultProxy:
         self.stats["commanded_resets"] += len(pairs)
         return len(pairs)
 
+    def stall_all(self) -> int:
+        pairs = [p for p in self.pairs if not p.closed and not p.stalled]
+        for pair in pairs:
+            pair.stalled = True
+            for writer in (pair.client, pair.target):
+                writer.transport.pause_reading()  # the kernel buffers fill, then the peer's writes block
+            for task in pair.tasks:
+                task.cancel()
+            self.stalled.append(pair)
+        self.stats["stalled"] += len(pairs)
+        return len(pairs)
+
     async def close(self) -> None:
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()
-        for pair in list(self.pairs):
+        for pair in [*self.pairs, *self.stalled]:
+            pair.stalled = False
             self.reset(pair)
 
 
@@ -181,6 +200,8 @@ async def _main(args: argparse.Namespace) -> None:
         command, _, value = (await commands.get()).partition(" ")
         if command == "reset":
             print(f"reset {proxy.reset_all()}", flush=True)
+        elif command == "stall":
+            print(f"stall {proxy.stall_all()}", flush=True)
         elif command == "delay":
             proxy.delay = float(value)
         elif command == "drop":

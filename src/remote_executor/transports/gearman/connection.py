@@ -12,8 +12,10 @@ The client has one reader thread that decodes every packet and calls the callbac
 written under a send lock by the calling thread, so JOB_CREATED replies can be matched to submits by
 a FIFO (gearmand answers them in order). The worker has no thread of its own: the thread that calls
 ``grab_job`` reads, any thread may send results. Neither ever hangs on a dead peer that closed or
-reset the connection: connects time out, and ``close()`` shuts the socket down, which wakes every
-blocked ``recv``/``send``. TCP keepalive is on for peers that vanish without a word.
+reset the connection: connects time out (and take an answer to an echo), and ``close()`` shuts the socket
+down, which wakes every blocked ``recv``/``send``. A gearmand that stops answering or reading with the
+connection still up is for the owner to notice, with what both offer: ``last_heard``, ``ping()`` (an echo),
+write progress, and ``cut(why)``, which ends the connection and says why to whoever uses it next.
 """
 
 from __future__ import annotations
@@ -163,6 +165,34 @@ def _recv(sock: Stream, buffer: bytearray, address: object, closed_by_us: Callab
     return data
 
 
+def _probe(sock: Stream, decoder: PacketDecoder, recv: Callable[[], Buffer], address: str, timeout: float) -> None:
+    """One echo before a connection is used: a gearmand that accepts connections but is stopped (its kernel
+    completes the connect) or is not gearmand is a failed connect, not a server that swallows every packet
+    sent to it."""
+    try:
+        _send(sock, REQ, PacketType.ECHO_REQ, b"")
+    except OSError as exc:
+        raise GearmanConnectionError(f"connection to gearmand at {address} failed: {exc}") from exc
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as selector:
+        selector.register(sock, selectors.EVENT_READ)
+        while True:
+            pending = isinstance(sock, SharedTlsSocket) and sock.pending()
+            if not pending and not selector.select(max(deadline - time.monotonic(), 0.0)):
+                raise GearmanConnectionError(f"gearmand at {address} accepted the connection but did not "
+                                             f"answer within {timeout:g}s: is it stopped, or not gearmand?")
+            try:
+                packets = decoder.feed(recv())
+            except GearmanProtocolError as exc:
+                raise GearmanConnectionError(f"{address} answered with something gearmand does not "
+                                             f"send ({exc}): another service on that port?") from exc
+            for packet in packets:
+                if packet.type != PacketType.ECHO_RES:
+                    raise GearmanConnectionError(f"{packet.type.name} from gearmand at {address} before "
+                                                 f"it answered the first echo")
+                return
+
+
 def _lost(address: object, closed_by_us: bool, message: str) -> GearmanConnectionError:
     """``GearmanConnectionClosed`` when our own ``close()`` ended the connection, else the given error."""
     if closed_by_us:
@@ -248,7 +278,7 @@ class GearmanClientConnection(Generic[T]):
         self._closing = False
         self._cut: str | None = None  # why this client ended the connection itself, mid-packet
         try:
-            self._probe(connect_timeout)
+            _probe(self._sock, self._decoder, self._recv, self.address, connect_timeout)
         except BaseException:
             self._sock.close()
             raise
@@ -322,33 +352,6 @@ class GearmanClientConnection(Generic[T]):
                 return
             self._cut = why
             _shutdown(self._sock)
-
-    def _probe(self, timeout: float) -> None:
-        """One echo before the connection is used: a gearmand that accepts connections but is stopped (its
-        kernel completes the connect) or is not gearmand is a failed connect, not a server that swallows
-        every job sent to it."""
-        try:
-            _send(self._sock, REQ, PacketType.ECHO_REQ, b"")
-        except OSError as exc:
-            raise GearmanConnectionError(f"connection to gearmand at {self.address} failed: {exc}") from exc
-        deadline = time.monotonic() + timeout
-        with selectors.DefaultSelector() as selector:
-            selector.register(self._sock, selectors.EVENT_READ)
-            while True:
-                pending = isinstance(self._sock, SharedTlsSocket) and self._sock.pending()
-                if not pending and not selector.select(max(deadline - time.monotonic(), 0.0)):
-                    raise GearmanConnectionError(f"gearmand at {self.address} accepted the connection but did not "
-                                                 f"answer within {timeout:g}s: is it stopped, or not gearmand?")
-                try:
-                    packets = self._decoder.feed(self._recv())
-                except GearmanProtocolError as exc:
-                    raise GearmanConnectionError(f"{self.address} answered with something gearmand does not "
-                                                 f"send ({exc}): another service on that port?") from exc
-                for packet in packets:
-                    if packet.type != PacketType.ECHO_RES:
-                        raise GearmanConnectionError(f"{packet.type.name} from gearmand at {self.address} before "
-                                                     f"it answered this client's first echo")
-                    return
 
     def _write(self, parts: list[Buffer], awaiting_created: tuple[T, ...], large: bool = False) -> None:
         with self._send_lock:
@@ -550,7 +553,14 @@ class GearmanWorkerConnection:
         self._read_lock = threading.Lock()
         self._close_lock = threading.Lock()
         self._closed = False
+        self._cut: str | None = None  # why this side ended the connection (see cut())
+        # When gearmand last sent anything (whoever reads sets it), and since when the write under way has
+        # made no progress (None: no write under way); see ping(), stalled_for() and cut().
+        self.last_heard = time.monotonic()
+        self._write_progress: float | None = None
         try:
+            _probe(self._sock, self._decoder, self._recv, self.address, connect_timeout)
+            self.last_heard = time.monotonic()
             if client_id is not None:
                 self._send(PacketType.SET_CLIENT_ID, client_id)
             for function in functions:
@@ -601,6 +611,34 @@ class GearmanWorkerConnection:
         """Intermediate data for a running job (WORK_DATA); the job stays running."""
         self._send(PacketType.WORK_DATA, handle, payload)
 
+    def ping(self) -> bool:
+        """Ask gearmand for an echo: its answer, read by the next ``grab_job``, moves :attr:`last_heard` on.
+        False (nothing sent) while another write is under way: :meth:`stalled_for` watches that one. Raises
+        :class:`GearmanConnectionError` if the connection has ended."""
+        if not self._send_lock.acquire(blocking=False):
+            return False
+        try:
+            self._send_locked(encode_parts(REQ, PacketType.ECHO_REQ, b""))
+        finally:
+            self._send_lock.release()
+        return True
+
+    def stalled_for(self, now: float) -> float:
+        """How long the write under way has made no progress (0 without one): gearmand, or the path to it,
+        has stopped taking bytes."""
+        since = self._write_progress
+        return 0.0 if since is None else max(now - since, 0.0)
+
+    def cut(self, why: str) -> None:
+        """End the connection from this side (gearmand stopped answering or taking bytes): a ``grab_job``
+        or a write blocked on it in another thread raises :class:`GearmanConnectionError` with ``why``, and
+        so does every later use."""
+        with self._close_lock:
+            if self._closed or self._cut is not None:
+                return
+            self._cut = why
+            _shutdown(self._sock)
+
     def close(self) -> None:
         """Close the connection; a ``grab_job`` blocked in another thread raises promptly."""
         with self._close_lock:
@@ -625,6 +663,8 @@ class GearmanWorkerConnection:
         kind = packet.type
         if kind is PacketType.ERROR:
             self._on_error(packet)
+            return None
+        if kind is PacketType.ECHO_RES:  # an answer to ping(): its arrival (last_heard) is what counts
             return None
         if self._state is _WorkerState.GRABBING and kind is PacketType.JOB_ASSIGN_UNIQ:
             self._state = _WorkerState.IDLE
@@ -665,6 +705,9 @@ class GearmanWorkerConnection:
     def _check_open(self) -> None:
         if self._closed:
             raise GearmanConnectionClosed(f"connection to gearmand at {self.address} is closed")
+        if self._cut is not None:
+            raise GearmanConnectionError(f"connection to gearmand at {self.address} ended by this worker: "
+                                         f"{self._cut}")
 
     def _wait_readable(self, deadline: float | None) -> bool:
         self._check_open()
@@ -683,20 +726,38 @@ class GearmanWorkerConnection:
         return bool(self._selector.select(max(deadline - time.monotonic(), 0.0)))
 
     def _recv(self) -> Buffer:
-        return _recv(self._sock, self._buffer, self.address, lambda: self._closed)
+        data = _recv(self._sock, self._buffer, self.address, lambda: self._closed)
+        self.last_heard = time.monotonic()
+        return data
 
     def _lost(self, message: str) -> GearmanConnectionError:
+        if self._cut is not None and not self._closed:  # the error is our own shutdown's
+            message = f"connection to gearmand at {self.address} ended by this worker: {self._cut}"
         return _lost(self.address, self._closed, message)
 
     def _send(self, type_: PacketType, *args: Buffer) -> None:
         parts = encode_parts(REQ, type_, *args)
         with self._send_lock:
-            self._check_open()
-            try:
-                for part in parts:
+            self._send_locked(parts)
+
+    def _send_locked(self, parts: list[Buffer]) -> None:
+        """(send lock held) Write a packet; a part over a slice goes out slice by slice, each one a sign of
+        progress for :meth:`stalled_for`."""
+        self._check_open()
+        self._write_progress = time.monotonic()
+        try:
+            for part in parts:
+                if len(part) <= _SEND_SLICE:
                     self._sock.sendall(part)
-            except OSError as exc:
-                raise self._lost(f"cannot send to gearmand at {self.address}: {exc}") from exc
+                    continue
+                view = memoryview(part)
+                for start in range(0, len(view), _SEND_SLICE):
+                    self._sock.sendall(view[start:start + _SEND_SLICE])
+                    self._write_progress = time.monotonic()
+        except OSError as exc:
+            raise self._lost(f"cannot send to gearmand at {self.address}: {exc}") from exc
+        finally:
+            self._write_progress = None
 
 
 # ----------------------------------------------------------------------------------------- admin

@@ -4,12 +4,15 @@ Threading::
 
     main thread: grab from whichever server has work, verify, run, reply (one job at a time)
     one connector thread per server: (re)connects with backoff, registers ``CAN_DO remote_executor.<pool>``
+    a write watcher: cuts a connection whose write took no bytes for ``heartbeat_timeout`` (the writer is stuck)
 
 The main thread grabs only while idle, so a worker never holds a job it cannot start (gearmand hands a
 queued job to the next idle worker instead). With one server it blocks in ``grab_job`` (a quarter second at
 a time, to notice a drain); with several it sends a grab to each (``grab_job(0)`` advances each
 connection's grab/sleep state without blocking) and waits on all their sockets at once, so a job on any
-server wakes it at once.
+server wakes it at once. Between grabs it asks a gearmand it has heard nothing from for a heartbeat interval
+for an echo, and reconnects to one that leaves it unanswered for ``heartbeat_timeout``: a connection that died
+without a word (a host gone, a NAT that dropped it) would otherwise look like a quiet gearmand for ever.
 
 Before running a job the worker sends ``WORK_DATA "started by <name>"`` (the client counts starts to enforce
 ``max_retries``, names lost workers and starts a time limit's clock), unless the job says its client does not
@@ -42,7 +45,7 @@ from ...wire.messages import timed_out_parts, too_large_message
 from ...wire.serialization import Buffer, error_outcome
 from ..base import EXIT_UNREACHABLE, WorkerCore, WorkerSettings
 from .codec import GearmanError
-from .connection import GearmanWorkerConnection, Job
+from .connection import GearmanConnectionError, GearmanWorkerConnection, Job
 from .jobs import (
     ALIVE,
     MAX_JOB_SIZE,
@@ -71,6 +74,7 @@ class _ServerLink:
         self.host, self.port = host, port
         self.address = f"{host}:{port}"
         self.conn: GearmanWorkerConnection | None = None
+        self.pinged_at: float | None = None  # when the echo gearmand has not answered yet was asked (main thread)
         self.wanted = threading.Event()  # set: the connector should (re)connect
         self.wanted.set()
         self._worker = worker
@@ -88,7 +92,7 @@ class _ServerLink:
             if conn is None:  # stopping
                 return
             with worker.changed:
-                self.conn = conn
+                self.conn, self.pinged_at = conn, None
                 self.wanted.clear()
                 worker.changed.notify_all()
             log.info("registered %s with gearmand %s", worker.function.decode(), self.address)
@@ -132,8 +136,10 @@ class GearmanWorker:
         """Serve until drained (0) or no server was reachable for ``reconnect_timeout`` (1)."""
         for server in self.servers:
             server.thread.start()
-        watcher = threading.Thread(target=self._watch_drain, name="gearman-drain-watcher", daemon=True)
-        watcher.start()
+        watchers = [threading.Thread(target=self._watch_drain, name="gearman-drain-watcher", daemon=True),
+                    threading.Thread(target=self._watch_writes, name="gearman-write-watcher", daemon=True)]
+        for watcher in watchers:
+            watcher.start()
         self.alive = _Alive(self.settings.heartbeat_interval)
         try:
             return self._serve()
@@ -146,7 +152,8 @@ class GearmanWorker:
                     server.conn.close()
             for server in self.servers:
                 server.thread.join()
-            watcher.join()
+            for watcher in watchers:
+                watcher.join()
 
     def _watch_drain(self) -> None:
         """Say at once that SIGTERM arrived. Unregistering must wait until the running call is done: on
@@ -156,6 +163,42 @@ class GearmanWorker:
             if self.settings.drain.is_set():
                 log.info("SIGTERM: draining (the running call finishes, no new ones start)")
                 return
+
+    def _watch_writes(self) -> None:
+        """Cut a connection whose write has taken no bytes for ``heartbeat_timeout``: gearmand stopped reading
+        (stopped, hung, or cut off with the connection up), and the writer (the main thread replying, or a
+        heartbeat) would wait for it for ever. The cut wakes the writer, and the server is reconnected to
+        like a lost one. A thread of its own, because the writer is blocked."""
+        timeout = self.settings.heartbeat_timeout
+        while not self.stop.wait(self.settings.heartbeat_interval / 2):
+            now = time.monotonic()
+            for server in self.servers:
+                conn = server.conn
+                if conn is not None and (stalled := conn.stalled_for(now)) > timeout:
+                    conn.cut(f"gearmand took none of a write's bytes for {stalled:.1f}s")
+
+    def _check_silence(self, live: list[_ServerLink]) -> None:
+        """(main thread, right after reading from ``live``) An idle worker hears nothing from gearmand until
+        there is work, so after a heartbeat interval of silence it asks each gearmand for an echo. One that
+        leaves it unanswered for ``heartbeat_timeout`` is stopped, hung, or cut off with the connection still
+        up (a host gone, a NAT or firewall that dropped the idle connection): the worker would wait on it for
+        ever and never get its jobs, so it reconnects, which takes an answer."""
+        now = time.monotonic()
+        interval, timeout = self.settings.heartbeat_interval, self.settings.heartbeat_timeout
+        for server in live:
+            conn = server.conn
+            if conn is None:
+                continue
+            if server.pinged_at is not None and conn.last_heard >= server.pinged_at:
+                server.pinged_at = None  # it answered, or said something else meanwhile
+            try:
+                if server.pinged_at is None:
+                    if now - conn.last_heard >= interval and conn.ping():
+                        server.pinged_at = now
+                elif now - server.pinged_at > timeout:
+                    server.lost(GearmanConnectionError(f"it has not answered for {now - server.pinged_at:.1f}s"))
+            except (GearmanError, OSError) as exc:
+                server.lost(exc)
 
     def _serve(self) -> int:
         down_since: float | None = None
@@ -173,6 +216,7 @@ class GearmanWorker:
                 continue
             down_since = None
             found = self._grab_one(live[0], IDLE_WAIT) if len(live) == 1 else self._grab_any(live)
+            self._check_silence(live)
             if found is not None:
                 self._run_job(*found)
         return self._drain()
