@@ -39,7 +39,13 @@ from remote_executor.errors import (
 from remote_executor.supervisor import Supervisor
 from remote_executor.transports.base import Call, Session, WorkerCore, WorkerSettings
 from remote_executor.transports.gearman import gearmand as gearmand_module
-from remote_executor.transports.gearman.connection import ClientCallbacks, GearmanClientConnection, admin_status
+from remote_executor.transports.gearman.connection import (
+    ClientCallbacks,
+    GearmanClientConnection,
+    GearmanConnectionError,
+    GearmanWorkerConnection,
+    admin_status,
+)
 from remote_executor.transports.gearman.gearmand import GearmandProcess
 from remote_executor.transports.gearman.jobs import JobCodec, JobIdentity, parse_url
 from remote_executor.transports.gearman.worker import GearmanWorker
@@ -387,6 +393,9 @@ def test_a_listener_that_never_answers_is_not_a_gearmand() -> None:
         port = silent.getsockname()[1]
         with pytest.raises(TransportError, match="did not answer within 1s"):
             RemoteExecutor(transport=f"gearman://127.0.0.1:{port}", connect_timeout=1)
+        # A worker neither: it would count itself as registered, and wait there for jobs that never come.
+        with pytest.raises(GearmanConnectionError, match=r"did not answer within 0\.5s"):
+            GearmanWorkerConnection("127.0.0.1", port, [b"remote_executor.default"], connect_timeout=0.5)
 
 
 # --- keys -----------------------------------------------------------------------------------------------
