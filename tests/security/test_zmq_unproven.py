@@ -180,3 +180,23 @@ def test_an_honest_client_whose_first_call_is_large_is_not_taken_for_an_attacker
     finally:
         workers.stop()
     assert not [r for r in caplog.records if "no verified frame" in r.getMessage()]
+
+
+def test_a_peer_that_does_not_speak_zmtp3_is_refused_at_its_first_bytes(
+        zmq_server: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """libzmq takes a peer whose first byte is not ZMTP 3's 0xFF for a ZMTP 1.0 one: no greeting, no
+    mechanism, every byte after it a message for the server, and the messages of many such connections held
+    libzmq's memory (hundreds of MB under a flood of random bytes, never given back). The server refuses those
+    old protocols outright, at once; a ZMTP 3 peer gets as far as before."""
+    caplog.set_level(logging.INFO, logger="remote_executor")
+    server = zmq_server(handshake_timeout=30.0)
+    with RemoteExecutor(transport=server.url, key=KEY, heartbeat_interval=0.2, heartbeat_timeout=1.5) as honest:
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as old:
+                # ZMTP 1.0: an empty identity message, then messages of 5 bytes ("length, flags, body").
+                old.sendall(b"\x01\x00" + b"\x06\x00hello" * 1000)
+                assert closed_by_server(old, within=5.0), "a ZMTP 1.0 peer was served"
+        assert len(honest.status().clients) == 1  # the honest session stayed
+        with zmtp_peer(server.port) as new:  # ZMTP 3.0: its handshake done, it waits for its deadline
+            assert not closed_by_server(new, within=1.0)
+    assert not [r for r in caplog.records if "malformed" in r.getMessage() or "dropping" in r.getMessage()]

@@ -134,6 +134,13 @@ class ZmqServer(ServerCore):
         router.setsockopt(zmq.TCP_KEEPALIVE, 1)
         if ":" in host:
             router.setsockopt(zmq.IPV6, 1)
+        if curve_secret_key is None:
+            # libzmq takes a peer whose first byte is not ZMTP 3's 0xFF for a ZMTP 1.0 one and hands us every
+            # byte after it as messages, with no handshake at all: a flood of such garbage held hundreds of MB
+            # in libzmq. With ZAP enabled (a domain set) it refuses ZMTP 1.0 and 2.0 peers at once. This
+            # context has no ZAP handler without CURVE, so ZMTP 3 NULL handshakes pass as before (CURVE refuses
+            # the old protocols already).
+            router.setsockopt(zmq.ZAP_DOMAIN, b"remote-executor")
         if curve_secret_key is not None:
             try:
                 public, secret = load_certificate(curve_secret_key, "the CURVE secret key")
