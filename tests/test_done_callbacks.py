@@ -4,8 +4,11 @@ they take, on real worker processes."""
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
+import time
+import weakref
 from collections.abc import Iterator
 from concurrent.futures import Future
 from typing import Any
@@ -68,3 +71,21 @@ def test_a_slow_callback_does_not_hold_up_another_futures_callbacks(executor: Re
     executor.submit(abs, -1).add_done_callback(slow)
     executor.submit(abs, -2).add_done_callback(lambda f: second_ran.set())
     assert first_done.wait(60)
+
+
+def test_a_callback_thread_keeps_nothing_of_the_future_it_ran_while_it_waits_for_the_next(
+        executor: RemoteExecutor) -> None:
+    """A thread pool forgets a finished work item before it waits for the next one; our callback threads kept
+    the last future they ran (with its result, and its callbacks' closures) for as long as they waited, up to
+    the executor's shutdown: a large result stayed in memory for good."""
+    ran = threading.Event()
+    future = executor.submit(bytes, 1 << 20)
+    future.add_done_callback(lambda f: ran.set())
+    assert ran.wait(30)
+    result = weakref.ref(future)
+    del future
+    deadline = time.monotonic() + 10
+    while result() is not None and time.monotonic() < deadline:  # the thread returns to its wait at once
+        gc.collect()
+        time.sleep(0.01)
+    assert result() is None, "the future outlived its callback: something still holds it"

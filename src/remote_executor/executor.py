@@ -537,6 +537,9 @@ class _Core:
             try:
                 self._invoke(*item)
             finally:
+                # Not kept while this thread waits for the next: the future holds its result (a thread pool's
+                # worker drops its work item likewise).
+                del item
                 self._settled(1)
                 self.callback_idle.release()
 
