@@ -30,7 +30,7 @@ import pytest
 
 from remote_executor import RemoteExecutor
 from remote_executor.conformance.gate import Gate, wait_at_gate
-from remote_executor.errors import AuthenticationError, ProtocolError
+from remote_executor.errors import AuthenticationError, ProtocolError, WorkerLostError
 from remote_executor.security import key_to_env
 from remote_executor.supervisor import Supervisor
 from remote_executor.transports.base import Call, Options, Session, WorkerCore, WorkerSettings
@@ -44,7 +44,7 @@ from remote_executor.transports.gearman.connection import (
 )
 from remote_executor.transports.gearman.gearmand import GearmandProcess
 from remote_executor.transports.gearman.jobs import JobCodec, JobIdentity, function_name, parse_url
-from remote_executor.transports.gearman.replay import ReplayGuard
+from remote_executor.transports.gearman.replay import REPLAYED, ReplayGuard
 from remote_executor.transports.gearman.worker import GearmanWorker
 from remote_executor.wire.aead import CryptographyMissingError, is_sealed
 from remote_executor.wire.frames import Frame, Kind, decode_whole, encode_bytes
@@ -641,3 +641,29 @@ def test_replay_guard_stays_bounded_and_safe_under_a_flood() -> None:
         assert refusal is not None and ("replayed" in refusal or "older than the oldest" in refusal), i
     assert guard.floor >= 160
     assert guard.admit(b"new".ljust(16), expiry=now + 60, now=now) is None  # a fresh job still runs
+
+
+def test_what_a_rogue_worker_says_is_escaped_and_cut_in_the_clients_logs_and_errors(
+        pool_url: str, key: bytes, caplog: pytest.LogCaptureFixture) -> None:
+    """Anyone who reaches gearmand can register for a pool and grab a keyed client's jobs (without the key it
+    cannot open them). The refusal text and worker names it sends back went raw into the client's log lines
+    and errors: a forged CRITICAL line, terminal escapes, thousands of characters."""
+    caplog.set_level(logging.INFO, logger="remote_executor")
+    (host, port), pool = parse_url(pool_url)[0][0], parse_url(pool_url)[1]
+    forged = "\nCRITICAL remote_executor FORGED LOG LINE \x1b[31mred\x1b[0m"
+    with GearmanWorkerConnection(host, port, [function_name(pool)]) as rogue, \
+            RemoteExecutor(transport=pool_url, key=key, max_retries=1) as ex:
+        future = ex.submit(pow, 2, 3)
+        for said in (f"refused by evil{forged}: {REPLAYED} " + "X" * 5000,  # resubmitted once
+                     f"started by evil{forged}" + "Y" * 5000):  # then "started", and failed as lost
+            job = rogue.grab_job(timeout=30)
+            assert job is not None
+            rogue.send_data(job.handle, said.encode())
+            rogue.fail(job.handle)
+        with pytest.raises(WorkerLostError) as failed:
+            future.result(timeout=30)
+    texts = [str(failed.value), *(record.getMessage() for record in caplog.records)]
+    assert any("evil" in text for text in texts[1:]), texts  # the refusal was logged...
+    for text in texts:  # ...on one line, without the escape, cut
+        assert "\n" not in text and "\x1b" not in text and "XXXXXXXXXX" * 50 not in text, text[:300]
+        assert "Y" * 500 not in text, text[:300]

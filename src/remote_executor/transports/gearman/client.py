@@ -348,8 +348,10 @@ class GearmanClientTransport(ClientTransport):
             job.last_heard = time.monotonic()
             if payload == ALIVE:
                 return
+            # What a worker says is any peer's of gearmand's (unauthenticated): escaped and cut, as it goes
+            # into log lines and errors.
             if payload.startswith(REFUSED):
-                job.refusal = payload[len(REFUSED):].decode(errors="replace")
+                job.refusal = printable(payload[len(REFUSED):])
                 return
             if not payload.startswith(STARTED):
                 return
@@ -358,7 +360,7 @@ class GearmanClientTransport(ClientTransport):
             if job.unnamed:  # gearmand told us a worker runs it: this is that start, with a name now
                 job.starts.pop()
                 job.unnamed = False
-            job.starts.append(payload[len(STARTED):].decode(errors="replace"))
+            job.starts.append(printable(payload[len(STARTED):]))
             job.started_here = True
             job.started_at = now
             assert self._session is not None
@@ -512,7 +514,8 @@ class GearmanClientTransport(ClientTransport):
             job.starts.append(job.refusal[: job.refusal.find(f": {REPLAYED}")])  # "<worker>: <REPLAYED> ..."
         if len(job.starts) > self._session.max_retries:
             return False
-        log.warning("call %d: refused by %s; resubmitting it", job.call.task_id, job.refusal)
+        limited(log, logging.WARNING, (owner(self), "refused as a replay"), "call %d: refused by %s; resubmitting it",
+                job.call.task_id, job.refusal)
         job.refusal = None
         self._send(job)
         return True
