@@ -345,3 +345,17 @@ def test_status_and_broadcast_from_a_done_callback_are_errors_not_hangs() -> Non
 
         executor.submit(abs, -1).add_done_callback(callback)
     assert len(errors) == 3 and all("from a done-callback" in str(e) for e in errors), errors
+
+
+def test_a_settled_calls_deadline_is_forgotten_with_it() -> None:
+    """Every call with a time limit armed a deadline (a closure, the executor's failsafe for a call nobody
+    answers for) that stayed until the limit came up, long after the call settled: with an hour's limit,
+    every call of that hour stayed in memory. A settled call's deadline is dropped with it."""
+    from remote_executor.executor import COMPACT_AT
+
+    with RemoteExecutor(2, call_timeout=3600) as ex:
+        calls = 4 * COMPACT_AT
+        assert list(ex.map(abs, range(-calls, 0))) == list(range(calls, 0, -1))
+        deadlines = ex._core.deadlines
+        assert len(deadlines) <= 2 * COMPACT_AT, len(deadlines)  # it was one per call
+        assert ex.submit(abs, -1).result(timeout=30) == 1  # and calls still have their deadline

@@ -117,13 +117,14 @@ if hasattr(os, "register_at_fork"):
 
 
 class _WorkItem:
-    __slots__ = ("future", "limit", "parts", "starts")
+    __slots__ = ("deadline", "future", "limit", "parts", "starts")
 
     def __init__(self, future: Future[Any], parts: Parts, limit: float | None) -> None:
         self.future = future
         self.parts = parts
         self.limit = limit
         self.starts = 0  # how often a worker took it (a retry starts its clock again)
+        self.deadline: _Deadline | None = None  # armed when a worker takes a call with a limit
 
 
 class _PinnedItem(_WorkItem):
@@ -136,25 +137,53 @@ class _PinnedItem(_WorkItem):
         self.worker = worker
 
 
+# An armed deadline: [when, sequence number, callback or None once disarmed]; a list, so that disarming is
+# O(1) (the heap keeps the entry until it comes up, or until a compaction drops it).
+_Deadline = list[Any]
+COMPACT_AT = 256  # disarmed entries are dropped from the heap once there are this many and they are half of it
+
+
 class _Deadlines:
     """One lazily started thread that runs callbacks at the times they were armed for."""
 
     def __init__(self) -> None:
-        self._heap: list[tuple[float, int, Callable[[], None]]] = []
+        self._heap: list[_Deadline] = []
         self._seq = itertools.count()  # ties never compare the callbacks
         self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._disarmed = 0  # entries of the heap whose callback is gone
 
-    def arm(self, when: float, callback: Callable[[], None]) -> None:
+    def arm(self, when: float, callback: Callable[[], None]) -> _Deadline | None:
+        """Run ``callback`` at ``when`` (monotonic clock); the handle :meth:`disarm` takes (None if closed)."""
         with self._changed:
             if self._closed:
-                return
-            heapq.heappush(self._heap, (when, next(self._seq), callback))
+                return None
+            entry: _Deadline = [when, next(self._seq), callback]
+            heapq.heappush(self._heap, entry)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="remote_executor-deadlines", daemon=True)
                 self._thread.start()
             self._changed.notify()
+            return entry
+
+    def disarm(self, entry: _Deadline) -> None:
+        """Forget a deadline that is no longer needed (its call settled), with what its callback holds: a
+        long time limit must not keep every finished call's bookkeeping until it comes up."""
+        with self._changed:
+            if entry[2] is None:
+                return
+            entry[2] = None
+            self._disarmed += 1
+            if self._disarmed >= COMPACT_AT and 2 * self._disarmed >= len(self._heap):
+                self._heap = [kept for kept in self._heap if kept[2] is not None]
+                heapq.heapify(self._heap)
+                self._disarmed = 0
+
+    def __len__(self) -> int:
+        """How many entries the heap holds, disarmed ones included (for tests)."""
+        with self._changed:
+            return len(self._heap)
 
     def close(self) -> None:
         with self._changed:
@@ -172,6 +201,9 @@ class _Deadlines:
                 if self._closed:
                     return
                 _, _, callback = heapq.heappop(self._heap)
+                if callback is None:
+                    self._disarmed -= 1
+                    continue
             try:
                 callback()
             except Exception:  # a bug in one callback must not stop the others
@@ -467,6 +499,8 @@ class _Core:
         if item is None:
             return  # already failed by on_broken, or a duplicate
         self.dispatch()
+        if item.deadline is not None:
+            self.deadlines.disarm(item.deadline)
         try:
             ok, value = decode_result(status, parts, write_output)  # printed before the future settles
         except Exception as exc:
@@ -558,7 +592,17 @@ class _Core:
                 return
             item.starts += 1
             start = item.starts
-        self.deadlines.arm(time.monotonic() + item.limit + self.limit_slack, lambda: self._expire(task_id, start))
+            previous, item.deadline = item.deadline, None
+        if previous is not None:  # a retry: its clock starts again
+            self.deadlines.disarm(previous)
+        deadline = self.deadlines.arm(time.monotonic() + item.limit + self.limit_slack,
+                                      lambda: self._expire(task_id, start))
+        with self.lock:
+            if item.starts == start and (task_id in self.in_flight or task_id in self.broadcasting):
+                item.deadline = deadline
+                deadline = None
+        if deadline is not None:  # it settled (or started again) meanwhile
+            self.deadlines.disarm(deadline)
 
     def _expire(self, task_id: int, start: int) -> None:
         """No result long after a call's limit: neither its worker nor the job server reported it."""
