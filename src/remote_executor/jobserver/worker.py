@@ -219,6 +219,10 @@ class _Session:
                     self._keep_alive()
                     continue
                 self.last_recv = now
+                if frame.kind == Kind.HEARTBEAT:
+                    # A server that beats as often as we poll leaves no empty poll to send ours after.
+                    self._keep_alive()
+                    continue
             if frame.kind == Kind.TASK:
                 self._task(frame)
             elif frame.kind == Kind.INIT:
