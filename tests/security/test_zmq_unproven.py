@@ -200,3 +200,17 @@ def test_a_peer_that_does_not_speak_zmtp3_is_refused_at_its_first_bytes(
         with zmtp_peer(server.port) as new:  # ZMTP 3.0: its handshake done, it waits for its deadline
             assert not closed_by_server(new, within=1.0)
     assert not [r for r in caplog.records if "malformed" in r.getMessage() or "dropping" in r.getMessage()]
+
+
+def test_a_peer_that_connects_and_leaves_at_once_is_not_reported_as_a_lack_of_descriptors(
+        zmq_server: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """A connection libzmq had closed before the server looked at it was reported as "no descriptor left
+    to watch it with": a warning about running out of descriptors, on a server that had thousands left."""
+    caplog.set_level(logging.INFO, logger="remote_executor")
+    server = zmq_server(handshake_timeout=5.0)
+    with RemoteExecutor(transport=server.url, key=KEY, heartbeat_interval=0.2, heartbeat_timeout=1.5) as honest:
+        for _ in range(50):
+            socket.create_connection(("127.0.0.1", server.port), timeout=10).close()
+        wait_for(lambda: server.handshaking == 0, what="the connections to be forgotten")
+        assert len(honest.status().clients) == 1
+    assert not [r for r in caplog.records if "descriptor" in r.getMessage()]

@@ -24,6 +24,7 @@ duplicate can be had (the process is out of descriptors), the new connection is 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import socket
@@ -113,11 +114,14 @@ class Unproven:
 
     def _accepted(self, fd: int, now: float) -> None:
         self._forget(fd)  # (a reused descriptor whose DISCONNECTED is still to come)
-        sock = _duplicate(fd)
-        if sock is None:  # out of descriptors: a connection that cannot be watched is not kept
+        try:
+            sock = _duplicate(fd)
+        except OSError:  # out of descriptors: a connection that cannot be watched is not kept
             limited(log, logging.WARNING, (owner(self), "no fd"), "closing a zmq connection at once: no "
                     "descriptor left to watch it with")
             _shut_raw(fd)
+            return
+        if sock is None:  # closed already (a peer that connected and left at once): nothing to watch
             return
         try:
             address = sock.getpeername()
@@ -157,11 +161,13 @@ class Unproven:
 
 
 def _duplicate(fd: int) -> socket.socket | None:
-    """A socket object of our own for libzmq's connection ``fd`` (None if it is gone, or no descriptor is
-    left)."""
+    """A socket object of our own for libzmq's connection ``fd``, None if it is gone already; OSError
+    (EMFILE, ENFILE) when no descriptor is left."""
     try:
         dup = os.dup(fd)
-    except OSError:
+    except OSError as exc:
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            raise
         return None
     try:
         return socket.socket(fileno=dup)
