@@ -290,7 +290,10 @@ class ZmqServer(ServerCore):
             gone, self._unreachable = self._unreachable, set()
             for conn in gone:
                 if conn in self._routes:
-                    log.info("zmq peer #%d is gone (its connection closed)", conn)
+                    # Rate-limited: a peer replaying a recorded OPEN from fresh connections that close at once
+                    # makes as many of these as it likes.
+                    limited(log, logging.INFO, (owner(self), "gone"), "zmq peer #%d is gone (its connection closed)",
+                            conn)
                     self._lost(conn)
 
     def _transmit(self, conn: ConnId, frame: Frame) -> None:
