@@ -363,6 +363,58 @@ def test_a_worker_whose_result_gearmand_stopped_taking_reconnects_and_serves(
             assert len(gate.started) == 2  # the first run's result never arrived: it ran again
 
 
+def big_and_counted(path: str, size: int) -> bytes:
+    with open(path, "a") as f:
+        f.write("ran\n")
+    return bytes(size)
+
+
+def test_a_worker_sending_a_result_over_a_slow_link_is_not_taken_for_stuck(
+        gearmand: GearmandProcess, start_workers: Callable[..., Supervisor], tmp_path: Path) -> None:
+    """A write that makes progress, however slowly, is not cut: progress is seen every 64 KiB, so a 16 MB result
+    over a 2 MB/s link (8 s, eight heartbeat timeouts of the worker's; more than the socket buffers hold)
+    arrives, from one run of the call. (Progress was seen every 4 MiB: two seconds apart here, so the write
+    was cut, and the call ran again and again.)"""
+    pool = f"slow-{os.getpid()}-{next(_pools)}"
+    runs = tmp_path / "runs"
+    with fault_proxy(gearmand.port) as (port, proxy):
+        start_workers(f"gearman://127.0.0.1:{port}/{pool}", 1, worker_args=WORKER_QUICK)
+        wait_for_workers(f"{gearmand.url}/{pool}", 1)
+        assert proxy("rate 2000000") == "rate 2e+06"
+        with abandoned_on_failure(RemoteExecutor(transport=f"{gearmand.url}/{pool}")) as ex:
+            assert len(ex.submit(big_and_counted, str(runs), 16_000_000).result(timeout=90)) == 16_000_000
+    assert runs.read_text().count("ran") == 1
+
+
+def test_a_draining_worker_does_not_wait_for_a_stopped_gearmand_to_answer(
+        start_workers: Callable[..., Supervisor]) -> None:
+    """A worker reconnecting to a stopped gearmand waits up to its connect timeout (10 s) for an answer; SIGTERM
+    ends that wait at once instead of after it."""
+    with GearmandProcess(threads=2) as first, GearmandProcess(threads=2) as second:
+        url = f"gearman://127.0.0.1:{first.port},127.0.0.1:{second.port}/drain-{os.getpid()}-{next(_pools)}"
+        worker = subprocess.Popen([sys.executable, "-m", "remote_executor.cli", "worker", url, *WORKER_QUICK],
+                                  stderr=subprocess.PIPE, text=True)
+        try:
+            assert worker.stderr is not None
+            wait_for_workers(f"{second.url}/{url.rsplit('/', 1)[1]}", 1)
+            with stopped(first):
+                for line in worker.stderr:  # silent for a heartbeat timeout: cut, then reconnecting (probing)
+                    if "lost gearmand" in line and str(first.port) in line:
+                        break
+                time.sleep(0.5)  # into the probe of the reconnection, which lasts up to 10 s
+                began = time.monotonic()
+                worker.terminate()
+                worker.wait(30)
+                assert time.monotonic() - began < 5.0  # (it waited out the probe: up to 10 s)
+                assert worker.returncode == 0
+        finally:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait(30)
+            if worker.stderr is not None:
+                worker.stderr.close()
+
+
 def test_an_address_that_closes_every_connection_at_once_is_a_clear_error() -> None:
     """(The connect probe read the end of the connection before the connection was set up: AttributeError.)"""
     with socket.socket() as closer:

@@ -176,14 +176,14 @@ def test_a_crash_looping_worker_does_not_hold_up_replacing_another(start_workers
              what="the other worker to be replaced within its own (first) backoff")
 
 
-@pytest.mark.parametrize("transport", ["tcp", "zmq"])
 def test_idle_workers_are_not_taken_for_hung_when_heartbeats_are_as_frequent_as_polls(
-        transport: str, caplog: pytest.LogCaptureFixture) -> None:
+        caplog: pytest.LogCaptureFixture) -> None:
     """An idle worker sent its heartbeat only when a poll for work came back empty; with the server beating as
     often as the worker polls (every 0.05 s), none ever did, so the server gave idle workers up as hung
     and killed them again and again, and each call after a pause waited for a new worker."""
     caplog.set_level(logging.WARNING)
-    with RemoteExecutor(2, transport=transport, heartbeat_interval=0.05, heartbeat_timeout=1.0) as ex:
+    # (tcp: zmq's channel happened to leave the worker empty polls all the same)
+    with RemoteExecutor(2, transport="tcp", heartbeat_interval=0.05, heartbeat_timeout=1.0) as ex:
         pids = set(ex.map(lambda _: os.getpid(), range(20)))
         time.sleep(3.0)  # idle: what is under test (three heartbeat timeouts)
         assert all(pid_alive(pid) for pid in pids)  # no worker that ran a call was killed

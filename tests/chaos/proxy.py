@@ -7,10 +7,12 @@ Run it inside a namespace; it forwards every connection made to ``--listen`` to 
 - ``--delay S``: every chunk read from either side is written to the other ``S`` seconds later (a link's
   latency: chunks stay in order and are pipelined, throughput is not capped);
 - ``--drop P``: for each chunk, with probability ``P`` the connection is reset (RST both ways) instead;
+- ``--rate B``: at most ``B`` bytes per second in each direction of each connection (0: no cap); reading
+  waits, so a fast sender is slowed down as by a slow link (its writes block once the buffers are full);
 - commands on stdin, one per line: ``reset`` (reset every open connection now; answers ``reset N``),
   ``stall`` (stop forwarding on every open connection, without closing it: neither side's bytes are read
   any more and nothing reaches either, as with a peer that froze or a path cut with the connections still up;
-  later connections are forwarded as usual; answers ``stall N``), ``delay S``, ``drop P``, ``stats``
+  later connections are forwarded as usual; answers ``stall N``), ``delay S``, ``drop P``, ``rate B`` (answers ``rate B``), ``stats``
   (answers ``stats {json}``), ``quit``.
 
 It prints ``listening HOST:PORT`` once it accepts connections, and ``stats {json}`` when it exits.
@@ -44,11 +46,12 @@ class _Pair:
 
 class FaultProxy:
     def __init__(self, listen: tuple[str, int], target: tuple[str, int], *, delay: float = 0.0, drop: float = 0.0,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, rate: float = 0.0) -> None:
         self.listen = listen
         self.target = target
         self.delay = delay
         self.drop = drop
+        self.rate = rate
         self.random = random.Random(seed)
         self.pairs: set[_Pair] = set()
         self.stalled: list[_Pair] = []  # open, never forwarded again; reset when the proxy closes
@@ -87,9 +90,11 @@ class FaultProxy:
         try:
             while True:
                 try:
-                    data = await reader.read(65536)
+                    data = await reader.read(65536 if self.rate <= 0 else max(1, int(self.rate / 20)))
                 except OSError:
                     data = b""
+                if data and self.rate > 0:
+                    await asyncio.sleep(len(data) / self.rate)  # before the next read: the sender waits
                 if not data:
                     break
                 self.stats["chunks"] += 1
@@ -184,7 +189,7 @@ def _address(text: str) -> tuple[str, int]:
 
 async def _main(args: argparse.Namespace) -> None:
     proxy = FaultProxy(_address(args.listen), _address(args.target), delay=args.delay, drop=args.drop,
-                       seed=args.seed)
+                       seed=args.seed, rate=args.rate)
     await proxy.start()
     loop = asyncio.get_running_loop()
     commands: asyncio.Queue[str] = asyncio.Queue()
@@ -206,6 +211,9 @@ async def _main(args: argparse.Namespace) -> None:
             proxy.delay = float(value)
         elif command == "drop":
             proxy.drop = float(value)
+        elif command == "rate":
+            proxy.rate = float(value)
+            print(f"rate {proxy.rate:g}", flush=True)
         elif command == "stats":
             print(f"stats {json.dumps(proxy.stats)}", flush=True)
         elif command == "quit":
@@ -220,6 +228,7 @@ def main() -> None:
     parser.add_argument("--target", required=True, help="HOST:PORT to forward them to")
     parser.add_argument("--delay", type=float, default=0.0, help="seconds each chunk is held")
     parser.add_argument("--drop", type=float, default=0.0, help="probability per chunk of a connection reset")
+    parser.add_argument("--rate", type=float, default=0.0, help="bytes per second per direction (0: no cap)")
     parser.add_argument("--seed", type=int, default=None)
     asyncio.run(_main(parser.parse_args()))
 

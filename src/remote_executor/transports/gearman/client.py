@@ -348,10 +348,10 @@ class GearmanClientTransport(ClientTransport):
             job.last_heard = time.monotonic()
             if payload == ALIVE:
                 return
-            # What a worker says is any peer's of gearmand's (unauthenticated): escaped and cut, as it goes
-            # into log lines and errors.
+            # What a worker says is any peer's of gearmand's (unauthenticated): escaped and cut wherever it
+            # goes into a log line or an error (printable), read as it came.
             if payload.startswith(REFUSED):
-                job.refusal = printable(payload[len(REFUSED):])
+                job.refusal = payload[len(REFUSED):].decode(errors="replace")
                 return
             if not payload.startswith(STARTED):
                 return
@@ -360,7 +360,7 @@ class GearmanClientTransport(ClientTransport):
             if job.unnamed:  # gearmand told us a worker runs it: this is that start, with a name now
                 job.starts.pop()
                 job.unnamed = False
-            job.starts.append(printable(payload[len(STARTED):]))
+            job.starts.append(printable(payload[len(STARTED):]))  # a name: only ever shown
             job.started_here = True
             job.started_at = now
             assert self._session is not None
@@ -455,7 +455,7 @@ class GearmanClientTransport(ClientTransport):
             self._settle(ticket[0], Status.WORKER_LOST, worker_lost_parts(job.starts, len(job.starts)))
         elif job.refusal is not None:
             self._settle(ticket[0], Status.REJECTED, [f"a worker would not run this call: refused by "
-                                                      f"{job.refusal}".encode()])
+                                                      f"{printable(job.refusal)}".encode()])
         elif why:
             self._settle(ticket[0], Status.REJECTED, [why.encode()])
         elif (timed_out := self._past_limit(job, time.monotonic())) is not None:  # lost after its limit
@@ -511,11 +511,11 @@ class GearmanClientTransport(ClientTransport):
         False when the call must fail as lost (lock held)."""
         assert self._session is not None and job.refusal is not None
         if not job.started_here:  # the worker accepted it unseen by us: count that start
-            job.starts.append(job.refusal[: job.refusal.find(f": {REPLAYED}")])  # "<worker>: <REPLAYED> ..."
+            job.starts.append(printable(job.refusal[: job.refusal.find(f": {REPLAYED}")]))  # "<worker>: <REPLAYED> ..."
         if len(job.starts) > self._session.max_retries:
             return False
         limited(log, logging.WARNING, (owner(self), "refused as a replay"), "call %d: refused by %s; resubmitting it",
-                job.call.task_id, job.refusal)
+                job.call.task_id, printable(job.refusal))
         job.refusal = None
         self._send(job)
         return True

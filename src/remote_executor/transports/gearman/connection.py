@@ -75,7 +75,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 _RECV_SIZE: Final = 256 * 1024
-_SEND_SLICE: Final = 4 << 20  # a large job is written in slices this big, each one a sign of progress
+# A large packet is written in slices this big, each one a sign of progress: a write that gets less than a slice
+# through in a heartbeat timeout counts as stalled (64 KiB in 10 s: a link slower than 6.4 KB/s).
+_SEND_SLICE: Final = 64 << 10
 MAX_UNIQUE_SIZE: Final = 64  # gearmand answers ERROR ARGUMENT_TOO_LARGE above this
 _MULTILINE_ADMIN: Final = frozenset({"status", "workers", "prioritystatus", "show jobs", "show unique jobs"})
 
@@ -165,10 +167,11 @@ def _recv(sock: Stream, buffer: bytearray, address: object, closed_by_us: Callab
     return data
 
 
-def _probe(sock: Stream, decoder: PacketDecoder, recv: Callable[[], Buffer], address: str, timeout: float) -> None:
+def _probe(sock: Stream, decoder: PacketDecoder, recv: Callable[[], Buffer], address: str, timeout: float,
+           cancelled: Callable[[], bool] | None = None) -> None:
     """One echo before a connection is used: a gearmand that accepts connections but is stopped (its kernel
     completes the connect) or is not gearmand is a failed connect, not a server that swallows every packet
-    sent to it."""
+    sent to it. ``cancelled``: looked at every tenth of a second; once true, the wait ends (its owner stops)."""
     try:
         _send(sock, REQ, PacketType.ECHO_REQ, b"")
     except OSError as exc:
@@ -178,9 +181,13 @@ def _probe(sock: Stream, decoder: PacketDecoder, recv: Callable[[], Buffer], add
         selector.register(sock, selectors.EVENT_READ)
         while True:
             pending = isinstance(sock, SharedTlsSocket) and sock.pending()
-            if not pending and not selector.select(max(deadline - time.monotonic(), 0.0)):
-                raise GearmanConnectionError(f"gearmand at {address} accepted the connection but did not "
-                                             f"answer within {timeout:g}s: is it stopped, or not gearmand?")
+            while not pending and not selector.select(min(max(deadline - time.monotonic(), 0.0),
+                                                          0.1 if cancelled is not None else timeout)):
+                if cancelled is not None and cancelled():
+                    raise GearmanConnectionClosed(f"connection to gearmand at {address} abandoned: stopping")
+                if time.monotonic() >= deadline:
+                    raise GearmanConnectionError(f"gearmand at {address} accepted the connection but did not "
+                                                 f"answer within {timeout:g}s: is it stopped, or not gearmand?")
             try:
                 packets = decoder.feed(recv())
             except GearmanProtocolError as exc:
@@ -538,7 +545,10 @@ class GearmanWorkerConnection:
         connect_timeout: float = 10.0,
         max_packet_size: int = DEFAULT_MAX_PACKET_SIZE,
         tls: ssl.SSLContext | None = None,
+        cancelled: Callable[[], bool] | None = None,
     ) -> None:
+        """``cancelled``: while the first echo is awaited, looked at every tenth of a second; once true, the
+        connection is abandoned (:class:`GearmanConnectionClosed`)."""
         self.address = f"{host}:{port}"
         self._sock = _connect(host, port, connect_timeout, tls)
         self._decoder = PacketDecoder(expect_magic=RES, max_packet_size=max_packet_size)
@@ -559,7 +569,7 @@ class GearmanWorkerConnection:
         self.last_heard = time.monotonic()
         self._write_progress: float | None = None
         try:
-            _probe(self._sock, self._decoder, self._recv, self.address, connect_timeout)
+            _probe(self._sock, self._decoder, self._recv, self.address, connect_timeout, cancelled)
             self.last_heard = time.monotonic()
             if client_id is not None:
                 self._send(PacketType.SET_CLIENT_ID, client_id)

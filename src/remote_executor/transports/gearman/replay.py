@@ -18,7 +18,7 @@ from typing import Final
 
 __all__ = ["DEFAULT_CAPACITY", "MAX_AHEAD", "ReplayGuard"]
 
-DEFAULT_CAPACITY: Final = 250_000  # about 20 MB of ids at worst (measured), in each worker process
+DEFAULT_CAPACITY: Final = 250_000  # 25 to 42 MB of ids when full (measured: more with a long job_ttl), per process
 MAX_AHEAD: Final = 86_400.0 + 300.0  # a job may expire at most a day (plus clock skew) from now
 REPLAYED: Final = "refused a replayed job"  # what the client recognizes in a refusal (see client.py)
 EXPIRED: Final = "refused an expired job"

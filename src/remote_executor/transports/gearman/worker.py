@@ -4,7 +4,7 @@ Threading::
 
     main thread: grab from whichever server has work, verify, run, reply (one job at a time)
     one connector thread per server: (re)connects with backoff, registers ``CAN_DO remote_executor.<pool>``
-    a write watcher: cuts a connection whose write took no bytes for ``heartbeat_timeout`` (the writer is stuck)
+    a write watcher: cuts a connection whose write made no progress for ``heartbeat_timeout`` (the writer is stuck)
 
 The main thread grabs only while idle, so a worker never holds a job it cannot start (gearmand hands a
 queued job to the next idle worker instead). With one server it blocks in ``grab_job`` (a quarter second at
@@ -101,7 +101,8 @@ class _ServerLink:
     def _attempt(self) -> GearmanWorkerConnection:
         worker = self._worker
         return GearmanWorkerConnection(self.host, self.port, [worker.function], client_id=worker.client_id,
-                                       connect_timeout=worker.settings.connect_timeout, tls=worker.tls)
+                                       connect_timeout=worker.settings.connect_timeout, tls=worker.tls,
+                                       cancelled=worker.stop.is_set)
 
     def lost(self, exc: BaseException) -> None:
         """The connection broke (main thread): close it and have the connector reconnect."""
@@ -165,7 +166,7 @@ class GearmanWorker:
                 return
 
     def _watch_writes(self) -> None:
-        """Cut a connection whose write has taken no bytes for ``heartbeat_timeout``: gearmand stopped reading
+        """Cut a connection whose write has made no progress for ``heartbeat_timeout``: gearmand stopped reading
         (stopped, hung, or cut off with the connection up), and the writer (the main thread replying, or a
         heartbeat) would wait for it for ever. The cut wakes the writer, and the server is reconnected to
         like a lost one. A thread of its own, because the writer is blocked."""
@@ -175,17 +176,18 @@ class GearmanWorker:
             for server in self.servers:
                 conn = server.conn
                 if conn is not None and (stalled := conn.stalled_for(now)) > timeout:
-                    conn.cut(f"gearmand took none of a write's bytes for {stalled:.1f}s")
+                    conn.cut(f"a write to gearmand made no progress for {stalled:.1f}s")
 
-    def _check_silence(self, live: list[_ServerLink]) -> None:
-        """(main thread, right after reading from ``live``) An idle worker hears nothing from gearmand until
-        there is work, so after a heartbeat interval of silence it asks each gearmand for an echo. One that
-        leaves it unanswered for ``heartbeat_timeout`` is stopped, hung, or cut off with the connection still
-        up (a host gone, a NAT or firewall that dropped the idle connection): the worker would wait on it for
-        ever and never get its jobs, so it reconnects, which takes an answer."""
+    def _check_silence(self, polled: list[_ServerLink]) -> None:
+        """(main thread, right after reading all that ``polled`` had sent: only those are judged) An idle
+        worker hears nothing from gearmand until there is work, so after a heartbeat interval of silence it
+        asks each gearmand for an echo. One that leaves it unanswered for ``heartbeat_timeout`` is stopped,
+        hung, or cut off with the connection still up (a host gone, a NAT or firewall that dropped the idle
+        connection): the worker would wait on it for ever and never get its jobs, so it reconnects, which
+        takes an answer."""
         now = time.monotonic()
         interval, timeout = self.settings.heartbeat_interval, self.settings.heartbeat_timeout
-        for server in live:
+        for server in polled:
             conn = server.conn
             if conn is None:
                 continue
@@ -215,8 +217,11 @@ class GearmanWorker:
                         self.changed.wait(IDLE_WAIT)
                 continue
             down_since = None
-            found = self._grab_one(live[0], IDLE_WAIT) if len(live) == 1 else self._grab_any(live)
-            self._check_silence(live)
+            if len(live) == 1:
+                found, polled = self._grab_one(live[0], IDLE_WAIT), live
+            else:
+                found, polled = self._grab_any(live)
+            self._check_silence(polled)
             if found is not None:
                 self._run_job(*found)
         return self._drain()
@@ -230,17 +235,19 @@ class GearmanWorker:
             return None
         return (server, job) if job is not None else None
 
-    def _grab_any(self, live: list[_ServerLink]) -> tuple[_ServerLink, Job] | None:
+    def _grab_any(self, live: list[_ServerLink]) -> tuple[tuple[_ServerLink, Job] | None, list[_ServerLink]]:
+        """A job from whichever server has one, and the servers whose packets were all read meanwhile."""
         self._turn += 1
         start = self._turn % len(live)
-        for server in live[start:] + live[:start]:  # a fair turn: each server gets to go first in turn
+        turn = live[start:] + live[:start]  # a fair turn: each server gets to go first in turn
+        for polled, server in enumerate(turn, 1):
             found = self._grab_one(server, 0)
             if found is not None:
-                return found
+                return found, turn[:polled - 1]  # (the last may have more waiting behind its job)
         socks = [s.conn._sock for s in live if s.conn is not None]  # the connection has no fileno()
         with contextlib.suppress(OSError, ValueError):  # a socket closed under us: the next grab says so
             select.select(socks, [], [], IDLE_WAIT)
-        return None
+        return None, turn
 
     def _run_job(self, server: _ServerLink, job: Job) -> None:
         conn = server.conn
