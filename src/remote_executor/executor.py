@@ -200,7 +200,8 @@ class _Deadlines:
                     self._changed.wait(self._heap[0][0] - time.monotonic() if self._heap else None)
                 if self._closed:
                     return
-                _, _, callback = heapq.heappop(self._heap)
+                entry = heapq.heappop(self._heap)
+                callback, entry[2] = entry[2], None  # run once: a later disarm() of it does nothing
                 if callback is None:
                     self._disarmed -= 1
                     continue
