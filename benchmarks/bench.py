@@ -517,27 +517,23 @@ print("IMPORT_MS", (time.perf_counter() - t0) * 1e3)
 
 
 # What each column's user imports: RemoteExecutor's package alone (``import remote_executor``) defers the
-# executor to first use, so it is not what a user pays; the class is.
-_IMPORTS = {"import": {PPE: "import concurrent.futures", "remote": "from remote_executor import RemoteExecutor",
-                       LOKY: "from loky import get_reusable_executor"},
-            "import_pool": {PPE: "from concurrent.futures import ProcessPoolExecutor"}}
+# executor to first use, so it is not what a user pays; the class is. Each statement is timed once per round
+# and shared by the rows that show it.
+_STATEMENTS = {"cf": "import concurrent.futures", "pool": "from concurrent.futures import ProcessPoolExecutor",
+               "remote": "from remote_executor import RemoteExecutor", LOKY: "from loky import get_reusable_executor"}
+_PPE_IMPORT = {"import": "cf", "import_pool": "pool"}  # the PPE column's statement in each row
 
 
 def run_imports(columns: list[Column], params: Params) -> None:
-    """Import times (see ``_IMPORTS``), each in a fresh interpreter, alternating between the statements."""
-    for key, statements in _IMPORTS.items():
-        _run_import(key, {**_IMPORTS["import"], **statements}, columns, params)
-
-
-def _run_import(key: str, statements: dict[str, str], columns: list[Column], params: Params) -> None:
-    if not any(column.name == LOKY for column in columns):
-        statements = {which: text for which, text in statements.items() if which != LOKY}
-    got: dict[str, list[float]] = {which: [] for which in statements}
+    """Import times (see ``_STATEMENTS``), each in a fresh interpreter, alternating between the statements."""
+    wanted = [which for which in _STATEMENTS if which != LOKY or any(c.name == LOKY for c in columns)]
+    got: dict[str, list[float]] = {which: [] for which in wanted}
     error: dict[str, str] = {}
     for _ in range(params.imports):
-        for which, statement in statements.items():
+        for which in wanted:
             try:
-                proc = _run_isolated([sys.executable, "-c", _IMPORT_SCRIPT.format(statement=statement)], 60.0)
+                proc = _run_isolated([sys.executable, "-c", _IMPORT_SCRIPT.format(statement=_STATEMENTS[which])],
+                                     60.0)
             except subprocess.TimeoutExpired:
                 error[which] = "timed out after 60 s"
                 continue
@@ -546,12 +542,13 @@ def _run_import(key: str, statements: dict[str, str], columns: list[Column], par
                 error[which] = _last_line(proc.stderr)[:70]
                 continue
             got[which].append(float(marker[-1].split()[1]))
-    for column in columns:
-        which = column.name if column.name in REFERENCES else "remote"
-        if got[which]:
-            column.samples[key] = got[which]
-        elif which in error:
-            column.errors[key] = error[which]
+    for key, ppe in _PPE_IMPORT.items():
+        for column in columns:
+            which = ppe if column.name == PPE else LOKY if column.name == LOKY else "remote"
+            if got[which]:
+                column.samples[key] = got[which]
+            elif which in error:
+                column.errors[key] = error[which]
 
 
 def run_cold(column: Column, params: Params) -> None:

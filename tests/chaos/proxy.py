@@ -12,8 +12,8 @@ Run it inside a namespace; it forwards every connection made to ``--listen`` to 
 - commands on stdin, one per line: ``reset`` (reset every open connection now; answers ``reset N``),
   ``stall`` (stop forwarding on every open connection, without closing it: neither side's bytes are read
   any more and nothing reaches either, as with a peer that froze or a path cut with the connections still up;
-  later connections are forwarded as usual; answers ``stall N``), ``delay S``, ``drop P``, ``rate B`` (answers ``rate B``), ``stats``
-  (answers ``stats {json}``), ``quit``.
+  later connections are forwarded as usual; answers ``stall N``), ``delay S``, ``drop P``, ``rate B``
+  (answers ``rate B``), ``stats`` (answers ``stats {json}``), ``quit``.
 
 It prints ``listening HOST:PORT`` once it accepts connections, and ``stats {json}`` when it exits.
 Standard library only (asyncio), so it runs anywhere the tests' Python does.
