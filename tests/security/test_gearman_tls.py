@@ -204,3 +204,46 @@ def test_a_tls_connection_on_a_descriptor_above_1023_waits_with_poll(tmp_path: P
         shared.close()
         thread.join(10)
         listener.close()
+
+
+def test_a_tls_peer_that_sends_half_a_record_does_not_hold_the_connect_past_its_timeout(tmp_path: Path) -> None:
+    """The first echo waits for whole TLS records: a peer that completes the handshake, then sends the start
+    of a record and no more, held a worker's (or client's) connect for ever, and with it the worker's drain."""
+    from remote_executor.transports.gearman.connection import GearmanConnectionError, GearmanWorkerConnection
+
+    material = make_cluster_material(tmp_path / "tls", ["127.0.0.1"])
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.load_cert_chain(str(material.server_cert), str(material.server_key))
+    listener = socket.create_server(("127.0.0.1", 0))
+    done = threading.Event()
+
+    def half_a_record() -> None:
+        conn, _ = listener.accept()
+        with server_context.wrap_socket(conn, server_side=True) as tls:
+            tls.recv(100)  # the echo request
+            with socket.socket(fileno=os.dup(tls.fileno())) as raw:  # under TLS: an application-data record
+                raw.sendall(b"\x17\x03\x03\x00\x40" + b"x" * 10)  # of 64 bytes, 10 of them sent
+            done.wait(60)
+
+    server = threading.Thread(target=half_a_record, daemon=True)
+    server.start()
+    outcome: list[BaseException | None] = []
+
+    def connect() -> None:
+        try:
+            GearmanWorkerConnection("127.0.0.1", listener.getsockname()[1], [b"f"], connect_timeout=1.0,
+                                    tls=ssl.create_default_context(cafile=str(material.ca))).close()
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    connecting = threading.Thread(target=connect, daemon=True)
+    connecting.start()
+    try:
+        connecting.join(15)
+        assert not connecting.is_alive(), "the connect waited past its timeout for the rest of a record"
+        assert isinstance(outcome[0], GearmanConnectionError), outcome
+    finally:
+        done.set()
+        server.join(10)
+        listener.close()

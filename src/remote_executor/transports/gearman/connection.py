@@ -177,6 +177,18 @@ def _probe(sock: Stream, decoder: PacketDecoder, recv: Callable[[], Buffer], add
     except OSError as exc:
         raise GearmanConnectionError(f"connection to gearmand at {address} failed: {exc}") from exc
     deadline = time.monotonic() + timeout
+    if isinstance(sock, SharedTlsSocket):
+        sock.recv_deadline = deadline  # half a TLS record must not hold the probe past its timeout
+        try:
+            _await_echo(sock, decoder, recv, address, timeout, deadline, cancelled)
+        finally:
+            sock.recv_deadline = None
+    else:
+        _await_echo(sock, decoder, recv, address, timeout, deadline, cancelled)
+
+
+def _await_echo(sock: Stream, decoder: PacketDecoder, recv: Callable[[], Buffer], address: str, timeout: float,
+                deadline: float, cancelled: Callable[[], bool] | None) -> None:
     with selectors.DefaultSelector() as selector:
         selector.register(sock, selectors.EVENT_READ)
         while True:

@@ -15,6 +15,7 @@ import select
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -37,6 +38,9 @@ class SharedTlsSocket:
         self._tls = tls
         self._lock = threading.Lock()
         self._shut = False
+        # While set (monotonic time), recv gives up then with TimeoutError: a peer that sends part of a TLS
+        # record and stops would otherwise hold a reader that needs the whole record (the connect probe).
+        self.recv_deadline: float | None = None
 
     @classmethod
     def connect(cls, sock: socket.socket, context: ssl.SSLContext, server_hostname: str,
@@ -67,6 +71,8 @@ class SharedTlsSocket:
                     want_write = True
                 except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                     return b""
+            if self.recv_deadline is not None and time.monotonic() >= self.recv_deadline:
+                raise TimeoutError("no whole TLS record in time")
             self._wait(want_write)
 
     def sendall(self, data: Buffer) -> None:
@@ -105,4 +111,5 @@ class SharedTlsSocket:
         # poll, not select: select fails on descriptors of 1024 and above, which a busy process reaches.
         poller = select.poll()
         poller.register(fd, select.POLLOUT if want_write else select.POLLIN)
-        poller.poll(1000)
+        deadline = self.recv_deadline
+        poller.poll(1000 if deadline is None else max(0, min(1000, int((deadline - time.monotonic()) * 1000) + 1)))
