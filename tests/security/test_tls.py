@@ -173,10 +173,15 @@ def test_cluster_over_tls_from_the_cli(pki: Pki) -> None:
         try:
             with RemoteExecutor(transport=url, **pki.client(), **FAST) as ex:
                 assert list(ex.map(double, range(20))) == [2 * i for i in range(20)]
-            status = subprocess.run([*CLI, "status", url, *tls_client_args], capture_output=True, text=True,
-                                    timeout=60)
-            assert status.returncode == 0, status.stderr
-            assert '"capacity": 2' in status.stdout
+
+            def status_text() -> str:
+                status = subprocess.run([*CLI, "status", url, *tls_client_args], capture_output=True, text=True,
+                                        timeout=60)
+                assert status.returncode == 0, status.stderr
+                return status.stdout
+
+            # (the calls may all have run before the second worker process attached)
+            wait_for(lambda: '"capacity": 2' in status_text(), what="status over TLS to show both workers")
             ping = subprocess.run([*CLI, "ping", url, *tls_client_args], capture_output=True, text=True, timeout=60)
             assert ping.returncode == 0 and "answered in" in ping.stdout, ping.stderr
             plain = subprocess.run([*CLI, "ping", url], capture_output=True, text=True, timeout=60)
