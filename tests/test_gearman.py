@@ -392,11 +392,13 @@ def test_a_draining_worker_does_not_wait_for_a_stopped_gearmand_to_answer(
     ends that wait at once instead of after it."""
     with GearmandProcess(threads=2) as first, GearmandProcess(threads=2) as second:
         url = f"gearman://127.0.0.1:{first.port},127.0.0.1:{second.port}/drain-{os.getpid()}-{next(_pools)}"
-        worker = subprocess.Popen([sys.executable, "-m", "remote_executor.cli", "worker", url, *WORKER_QUICK],
-                                  stderr=subprocess.PIPE, text=True)
+        worker = subprocess.Popen([sys.executable, "-m", "remote_executor.cli", "worker", url, "--processes", "1",
+                                   *WORKER_QUICK], stderr=subprocess.PIPE, text=True)
         try:
             assert worker.stderr is not None
-            wait_for_workers(f"{second.url}/{url.rsplit('/', 1)[1]}", 1)
+            pool = url.rsplit("/", 1)[1]
+            wait_for_workers(f"{first.url}/{pool}", 1)  # registered with both before the first stops
+            wait_for_workers(f"{second.url}/{pool}", 1)
             with stopped(first):
                 for line in worker.stderr:  # silent for a heartbeat timeout: cut, then reconnecting (probing)
                     if "lost gearmand" in line and str(first.port) in line:
