@@ -162,10 +162,11 @@ class FaultProxy:
     async def close(self) -> None:
         if self.server is not None:
             self.server.close()
-            await self.server.wait_closed()
         for pair in [*self.pairs, *self.stalled]:
             pair.stalled = False
             self.reset(pair)
+        if self.server is not None:  # (after the resets: since 3.12 it waits for every connection to close)
+            await self.server.wait_closed()
 
 
 def _abort(writer: asyncio.StreamWriter) -> None:
