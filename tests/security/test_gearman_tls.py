@@ -169,15 +169,20 @@ def test_status_over_tls_from_the_command_line(tls_gearmand: tuple[str, TlsMater
     assert json.loads(done.stdout)["servers"][0]["version"]
 
 
+def tls_listener(tmp_path: Path) -> tuple[TlsMaterial, ssl.SSLContext, socket.socket]:
+    """A cluster's TLS material, a server context with its certificate, and a loopback listener for it."""
+    material = make_cluster_material(tmp_path / "tls", ["127.0.0.1"])
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.load_cert_chain(str(material.server_cert), str(material.server_key))
+    return material, server_context, socket.create_server(("127.0.0.1", 0))
+
+
 def test_a_tls_connection_on_a_descriptor_above_1023_waits_with_poll(tmp_path: Path) -> None:
     # A busy process (many connections, files) hands out descriptors past 1023, where select() fails with
     # "filedescriptor out of range": a shared TLS socket must still wait for its peer there.
     from remote_executor.transports.gearman.tlssocket import SharedTlsSocket
 
-    material = make_cluster_material(tmp_path / "tls", ["127.0.0.1"])
-    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server_context.load_cert_chain(str(material.server_cert), str(material.server_key))
-    listener = socket.create_server(("127.0.0.1", 0))
+    material, server_context, listener = tls_listener(tmp_path)
     go = threading.Event()
 
     def echo_later() -> None:
@@ -211,10 +216,7 @@ def test_a_tls_peer_that_sends_half_a_record_does_not_hold_the_connect_past_its_
     of a record and no more, held a worker's (or client's) connect for ever, and with it the worker's drain."""
     from remote_executor.transports.gearman.connection import GearmanConnectionError, GearmanWorkerConnection
 
-    material = make_cluster_material(tmp_path / "tls", ["127.0.0.1"])
-    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server_context.load_cert_chain(str(material.server_cert), str(material.server_key))
-    listener = socket.create_server(("127.0.0.1", 0))
+    material, server_context, listener = tls_listener(tmp_path)
     done = threading.Event()
 
     def half_a_record() -> None:
