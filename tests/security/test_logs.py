@@ -247,6 +247,32 @@ def test_a_flood_of_rejected_hellos_produces_a_bounded_number_of_log_lines(schem
     assert 1 <= len(rejected) <= 5, rejected
 
 
+def test_zmq_peers_that_open_a_session_then_vanish_produce_a_bounded_number_of_log_lines() -> None:
+    """Each peer sends an OPEN and closes its connection at once, as a replay of a recorded OPEN from fresh
+    connections does: the server finds each gone when it answers, and says so within the limiter's burst, not
+    once per peer."""
+    peers = 60
+    opening = [bytes(b) for b in encode(Frame(Kind.OPEN, parts=[new_nonce()]), resolve_key())]
+    with captured() as lines, job_server("zmq") as server:
+        context = zmq.Context()
+        try:
+            for _ in range(peers):
+                peer = context.socket(zmq.DEALER)
+                try:
+                    peer.connect(server.url.replace("zmq://", "tcp://"))
+                    peer.send_multipart(opening)
+                finally:
+                    peer.close(linger=5_000)  # the OPEN goes out, then the connection closes
+        finally:
+            context.term()
+        # Every session ends, found gone or timed out silent; the server still serves.
+        wait_for(lambda: not server._routes, timeout=60, what="the server to drop every vanished peer")
+        with RemoteExecutor(transport=server.url, max_workers=1, **FAST) as ex:
+            assert ex.transport is not None
+    gone = lines.matching("is gone")
+    assert 1 <= len(gone) <= 5, gone
+
+
 class _Refusals(ClientCallbacks[int]):
     def __init__(self, expected: int) -> None:
         self.failed = 0
