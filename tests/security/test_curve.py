@@ -30,7 +30,7 @@ import zmq.auth
 from zmq.auth.thread import AuthenticationThread
 
 from remote_executor import RemoteExecutor
-from remote_executor.errors import ConnectionFailedError, TransportError
+from remote_executor.errors import ConnectionFailedError, HandshakeClosedError, TransportError
 from remote_executor.jobserver.client import handshake
 from remote_executor.supervisor import Supervisor
 from remote_executor.transports.zmq.allowlist import RefusalLog
@@ -257,12 +257,13 @@ def test_unlisted_client_fails_at_construction_while_a_listed_client_runs_on(cer
     try:
         assert running.wait(60)
         for options in ({"curve_client_key": str(stranger)}, {}):  # a certificate not listed; an ephemeral key
-            with pytest.raises(ConnectionFailedError) as refused:
+            with pytest.raises(HandshakeClosedError) as refused:  # the documented type: a refusal, not a stranger
                 RemoteExecutor(transport=url, curve_server_key=str(certs.server_public), connect_timeout=20,
                                **options)
             assert url in str(refused.value) and REFUSED in str(refused.value)
             assert "allow-list" in str(refused.value)
             assert "without saying why" not in str(refused.value)  # (it was wrapped in a message that said so)
+            assert "no job server of ours" not in str(refused.value)  # (and in one that blamed another service)
         assert "from " + str(stranger) not in str(refused.value) and "ephemeral" in str(refused.value)
     finally:
         refusals_done.set()
@@ -319,6 +320,7 @@ def test_status_and_ping_take_the_curve_flags(certs: Certs, procs: Processes) ->
         refused = cli(command, url, "--curve-server-key", str(certs.server_public), "--timeout", "20")
         assert refused.returncode == 1
         assert url in refused.stderr and REFUSED in refused.stderr and "ephemeral" in refused.stderr
+        assert "no job server of ours" not in refused.stderr
 
 
 def test_each_refused_key_is_logged_once_not_per_attempt(certs: Certs, caplog: pytest.LogCaptureFixture) -> None:

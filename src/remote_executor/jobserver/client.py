@@ -178,13 +178,15 @@ def handshake(channel: Channel, key: bytes | None, first: Frame, timeout: float,
         proven = True
         channel.send(first, timeout)
         welcome = _expect(channel, Kind.WELCOME, deadline, stop)
+    except HandshakeClosedError:
+        # A refusal the transport could read the reason of (a CURVE key not on the allow-list). First: it is
+        # a ProtocolError too, and not a foreign answer.
+        raise
     except ProtocolError as exc:
         if proven or isinstance(exc, KeyRejectedError):
             raise
         raise NotOurServerError(f"{channel.peer} answered with something no job server of ours sends ({exc}): "
                                 f"another service on that port, or a forged answer") from exc
-    except HandshakeClosedError:
-        raise  # (a refusal the transport could read the reason of)
     except ConnectionFailedError as exc:
         if isinstance(exc, _Silent):
             raise ConnectionFailedError(
