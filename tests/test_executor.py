@@ -851,6 +851,19 @@ def test_a_thread_name_prefix_given_in_the_transports_place_says_so() -> None:
         RemoteExecutor(2, "fetcher")
 
 
+@pytest.mark.parametrize("url", ["127.0.0.1:5555", "scheduler.lan:5555", "[::1]:5555", "h1:1,h2:2", "host:1/pool"])
+def test_a_url_without_its_scheme_says_so(url: str) -> None:
+    with pytest.raises(UnknownSchemeError) as caught:
+        RemoteExecutor(2, transport=url)
+    assert str(caught.value) == f"expected a URL like tcp://host:port, got {url!r}"  # as the command line says
+
+
+def test_a_misspelt_scheme_gets_its_suggestion_alone() -> None:
+    with pytest.raises(UnknownSchemeError) as caught:
+        RemoteExecutor(2, transport="tpc")
+    assert str(caught.value).endswith("did you mean 'tcp'?")
+
+
 def test_a_call_that_captures_its_executor_fails_saying_so() -> None:
     """(The error named a socket, a lock or a handle deep inside the executor, never the executor.)"""
     with RemoteExecutor(1) as ex:

@@ -59,9 +59,13 @@ def make_transport(spec: str | ClientTransport | None, options: Options) -> Clie
     except UnknownSchemeError as exc:
         if not embedded:
             raise
+        if any(mark in url for mark in ":/"):  # "host:5555", "[::1]:5555": a URL without its scheme://
+            raise UnknownSchemeError(f"expected a URL like tcp://host:port, got {url!r}") from None
+        if "did you mean" in str(exc):  # a typo of a scheme ("tpc")
+            raise
         # RemoteExecutor(4, "prefix"): ThreadPoolExecutor's second positional argument is thread_name_prefix
-        raise UnknownSchemeError(f"{exc}. The second positional argument of RemoteExecutor is the transport; "
-                                 f"ThreadPoolExecutor's thread_name_prefix is a keyword argument here") from None
+        raise UnknownSchemeError(f"{exc} (the second positional argument of RemoteExecutor is the transport; "
+                                 f"ThreadPoolExecutor's thread_name_prefix is a keyword argument here)") from None
     _check_options(backend, options)
     if not embedded or backend.in_process:
         if options.start_method is not None:
