@@ -78,6 +78,8 @@ def test_wait_for_workers_and_the_no_workers_warning(scheme: str, caplog: pytest
         with pytest.raises(TimeoutError, match=r"0 of 1 worker\(s\) attached to .* after 0.2s"):
             executor.wait_for_workers(1, timeout=0.2)
         futures = [executor.submit(abs, -i) for i in range(3)]
+        cancelled = [executor.submit(abs, -9) for _ in range(2)]
+        assert all(future.cancel() for future in cancelled)  # not counted as waiting
         wait_for(lambda: any("0 workers attached to" in r.getMessage() for r in caplog.records), 10.0,
                  "the no-workers warning")
         [record] = [r for r in caplog.records if "0 workers attached to" in r.getMessage()][:1]

@@ -641,11 +641,13 @@ class _Core:
 
     def _warn_starved(self, since: float) -> None:
         with self.lock:
-            if not self.pending:
+            # Cancelled calls stay queued until dispatch skips them: they are not waiting. (The state, not
+            # cancelled(): no future's lock under ours.)
+            waiting = sum(item.future._state == "PENDING" for item in self.pending)
+            if not waiting:
                 self.starved_since = None
             if self.starved_since != since or self.broken is not None or self.closing:
                 return  # a worker came, the calls were cancelled, or the executor ended meanwhile
-            waiting = len(self.pending)
             assert self.starved_warning is not None
             self.deadlines.arm(time.monotonic() + self.starved_warning, lambda: self._warn_starved(since))
         logger.warning("0 workers attached to %s, %d call(s) waiting for %.0fs", self.transport.url or "the transport",
