@@ -140,6 +140,10 @@ def test_output_beyond_the_limit_is_counted_not_sent(monkeypatch: pytest.MonkeyP
         print("0123456789abcdef")
     assert pieces[0] == (1, "0123456789")
     assert pieces[-1][0] == 2 and "7 more characters of output were not forwarded" in pieces[-1][1]
+    out, err = io.StringIO(), io.StringIO()
+    wire_output.write_output(("w", pieces), out, err)
+    assert out.getvalue() == "[w] 0123456789\n"  # the last line cut short still ends
+    assert err.getvalue() == "[w] [remote_executor: 7 more characters of output were not forwarded]\n"  # one line
 
 
 def uses_the_stream_api() -> str:

@@ -115,7 +115,8 @@ class _Record:
     def finish(self) -> list[Piece]:
         pieces = [(stream, "".join(parts)) for stream, parts in self.runs]
         if self.dropped:
-            note = f"\n[remote_executor: {self.dropped} more characters of output were not forwarded]\n"
+            # No leading newline: every piece is written from the start of a line (write_output ends one).
+            note = f"[remote_executor: {self.dropped} more characters of output were not forwarded]\n"
             pieces.append((STDERR, note))
         return pieces
 
