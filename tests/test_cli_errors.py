@@ -220,3 +220,23 @@ def test_usage_errors_keep_their_exit_code_under_python_dash_m() -> None:
                           text=True, timeout=60, env={"PYTHONPATH": SRC, "PATH": "/usr/bin:/bin"})
     assert done.returncode == 2
     assert one_line(done.stderr) == "remote-executor: no hosts: give --hosts node1,node2 or --hosts-file FILE"
+
+
+@pytest.mark.parametrize(("args", "command"), [
+    (("worker", "tcp://127.0.0.1:5555", "--slots", "2"), "worker"),
+    (("ping", "tcp://127.0.0.1:5555", "extra"), "ping"),
+    (("cluster", "start", "-n", "1", "--bogus"), "cluster start"),
+])
+def test_an_unknown_argument_names_the_command_whose_help_lists_the_right_ones(args: tuple[str, ...],
+                                                                               command: str) -> None:
+    done = run_cli(*args)
+    assert done.returncode == 2
+    assert one_line(done.stderr).endswith(f"(see: remote-executor {command} --help)")
+    assert f"unrecognized arguments: {' '.join(args[-1:] if command != 'worker' else args[-2:])}" in done.stderr
+
+
+@pytest.mark.parametrize("scheme", ["tcp", "zmq"])
+def test_a_server_given_a_list_of_addresses_is_a_usage_error(scheme: str) -> None:
+    done = run_cli("server", f"{scheme}://127.0.0.1:{closed_port()},127.0.0.1:{closed_port()}", "--insecure")
+    assert done.returncode == 2
+    assert "a job server listens on one address, not 2" in one_line(done.stderr)

@@ -52,7 +52,11 @@ _N = TypeVar("_N", int, float)
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:  # named with the command that did not take them, whose --help lists what it takes
+        prog = getattr(args, _PROG, parser.prog)
+        parser.exit(USAGE, f"remote-executor: unrecognized arguments: {' '.join(extras)} (see: {prog} --help)\n")
+    vars(args).pop(_PROG, None)
     if getattr(args, "heartbeat_timeout", None) is not None:  # (server, worker)
         try:
             check_heartbeats(args.heartbeat_interval, args.heartbeat_timeout,
@@ -81,6 +85,16 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(USAGE, f"remote-executor: {message} (see: {self.prog} --help)\n")
+
+    def parse_known_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                         namespace: argparse.Namespace | None = None) -> tuple[argparse.Namespace, list[str]]:
+        parsed, extras = super().parse_known_args(args, namespace)
+        if not hasattr(parsed, _PROG):  # the innermost command parses first (its namespace is copied up)
+            setattr(parsed, _PROG, self.prog)
+        return parsed, extras
+
+
+_PROG = "_remote_executor_command"  # the namespace attribute naming the (sub)command that was parsed
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -276,7 +290,15 @@ def _tls_options(args: argparse.Namespace, backend: Backend) -> dict[str, Any]:
 
 
 def _server(args: argparse.Namespace) -> int:
+    from .jobserver.backend import JobServerBackend, one_address
+    from .jobserver.server import ServerCore
+
     backend = _backend(args.url)
+    if isinstance(backend, JobServerBackend):
+        try:
+            one_address(args.url)
+        except TransportError as exc:  # a list of servers, as clients take: a mistake in the command line
+            raise UsageError(str(exc)) from exc
     extra = {**_curve_server_extra(args, backend), **_tls_options(args, backend)}
     key = _key(args)
     settings = ServerSettings(key=key, insecure=args.insecure,
@@ -286,7 +308,6 @@ def _server(args: argparse.Namespace) -> int:
     if key is None:
         log.warning("no key (--insecure): anyone who can connect can run code as the workers' user")
     server = backend.server(args.url, settings)
-    from .jobserver.server import ServerCore
 
     # Ours first tell their clients which calls never started (resubmitted uncounted); a plugin's just stop.
     _stop_on_signals((lambda: server.stop(tell_clients=True)) if isinstance(server, ServerCore) else server.stop)

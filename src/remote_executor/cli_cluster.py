@@ -276,11 +276,14 @@ def _down(args: argparse.Namespace) -> int:
     from .errors import TransportError
     from .ssh import config_dir, running_cluster, state_path
 
+    if not state_path().exists():  # nothing to stop: done, as asked (not an error line, not a failure)
+        print(f"no cluster is up (no {state_path()})", flush=True)
+        return 0
     try:
         info = running_cluster()
-    except TransportError as exc:
+    except TransportError as exc:  # a file that is not a cluster's: left for the user to look at
         print(f"remote-executor: {exc}", file=sys.stderr)
-        return 0
+        return 1
     if _alive(info.pid):
         os.kill(info.pid, signal.SIGTERM)  # it drains its workers, stops its server, removes its files
         if not _wait_gone(info.pid, args.timeout):
@@ -353,7 +356,7 @@ def _refuse_if_running() -> None:
         return
     if _alive(info.pid) and info.pid != os.getpid():
         raise RemoteExecutorError(f"a cluster is already up at {info.url} (process {info.pid}, {state_path()}): "
-                           f"`remote-executor cluster down` first")
+                           f"`remote-executor cluster stop` (the same as `cluster down`) first")
 
 
 def _forget(state_file: Path, key_file: Path, pid: int) -> None:

@@ -769,7 +769,8 @@ def running_cluster() -> ClusterInfo:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise TransportError(f"no cluster is up (no {path}): start one with `remote-executor cluster up`") from None
+        raise TransportError(f"no cluster is up (no {path}): start one with `remote-executor cluster start` "
+                             f"(on this machine) or `remote-executor cluster up` (over SSH)") from None
     except ValueError as exc:
         raise TransportError(f"{path} is not a cluster file: {exc}") from exc
     return ClusterInfo(url=str(data["url"]), key_file=str(data["key_file"]), pid=int(data["pid"]),

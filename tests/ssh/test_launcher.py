@@ -304,9 +304,17 @@ def run_cli(*argv: str) -> int:
 
 def test_status_and_down_without_a_cluster(config_home: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert run_cli("status") == 1
-    assert "no cluster is up" in capsys.readouterr().err
-    assert run_cli("down") == 0
-    assert "no cluster is up" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no cluster is up" in err and "`remote-executor cluster start` (on this machine)" in err
+    for command in ("down", "stop"):  # nothing to stop: done, said as a fact, not as an error line
+        assert run_cli(command) == 0
+        out, err = capsys.readouterr()
+        assert out.startswith("no cluster is up") and err == ""
+    config_home.mkdir(parents=True)
+    (config_home / "cluster.json").write_text("not json")  # a file that is no cluster's: left, and a failure
+    assert run_cli("down") == 1
+    assert "is not a cluster file" in capsys.readouterr().err
+    assert (config_home / "cluster.json").exists()
 
 
 def stale_state(config_home: Path) -> dict[str, Any]:

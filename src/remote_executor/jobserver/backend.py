@@ -64,11 +64,7 @@ class JobServerBackend(Backend):
         return EmbeddedJobServer(options, lambda settings: self.server_class.from_settings("127.0.0.1", 0, settings))
 
     def server(self, url: str, settings: ServerSettings) -> ServerCore:
-        addresses = split_hostports(url)
-        if len(addresses) > 1:
-            raise TransportError(f"a job server listens on one address, not {len(addresses)}: start one "
-                                 f"`remote-executor server` per address of {url}")
-        host, port = addresses[0]
+        host, port = one_address(url)
         return self.server_class.from_settings(host, port, settings)
 
     def run_worker(self, settings: WorkerSettings, core: WorkerCore) -> int:
@@ -96,3 +92,12 @@ class JobServerBackend(Backend):
         """STOP every server of ``url`` (each answers at once; it stops when its running calls are done)."""
         return [admin_request(connect, options.key, Frame(Kind.STOP, b=int(workers)), options.connect_timeout)
                 for _, connect in self.servers(url, options.key, options.extra)]
+
+
+def one_address(url: str) -> tuple[str, int]:
+    """The one address a job server of ours listens on (``tcp://h1:1,h2:2`` is a client's list of servers)."""
+    addresses = split_hostports(url)
+    if len(addresses) > 1:
+        raise TransportError(f"a job server listens on one address, not {len(addresses)}: start one "
+                             f"`remote-executor server` per address of {url}")
+    return addresses[0]
