@@ -30,6 +30,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -141,7 +142,14 @@ def _background(command_args: list[str], log_level: str, timeout: float) -> dict
         os.close(log_fd)
         os.close(write_end)
     try:
-        report = _read_report(read_end, timeout)
+        with _signals_raise():
+            report = _read_report(read_end, timeout)
+    except BaseException as exc:  # Ctrl-C, SIGTERM, SIGHUP: what was starting must not come up behind our back
+        print("remote-executor: interrupted; stopping the cluster that was starting", file=sys.stderr, flush=True)
+        _stop_starting(proc)
+        if isinstance(exc, _Terminated):
+            raise SystemExit(128 + exc.signum) from None
+        raise
     finally:
         os.close(read_end)
     if report is None:
@@ -223,6 +231,46 @@ def _report(fd: int | None, message: dict[str, Any]) -> None:
         os.write(fd, json.dumps(message).encode() + b"\n")
     with contextlib.suppress(OSError):
         os.close(fd)
+
+
+class _Terminated(BaseException):
+    """SIGTERM or SIGHUP while ``cluster up``/``start`` waits for its background process."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _signals_raise() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise :class:`_Terminated` in the block (as Ctrl-C raises KeyboardInterrupt): their
+    default action would end this process and leave the cluster it is starting to come up unseen."""
+    def handler(signum: int, frame: object) -> None:
+        raise _Terminated(signum)
+
+    previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for signum, action in previous.items():
+            signal.signal(signum, action)
+
+
+def _stop_starting(proc: subprocess.Popen[bytes]) -> None:
+    """Stop a background cluster that has not reported yet, and wait until it is gone: SIGTERM (it stops
+    once started), a second one (an SSH cluster stops at once, even while starting), then SIGKILL; its
+    files are removed if it could not remove them itself. Its hosts' sessions end with it."""
+    from .ssh import config_dir, state_path
+
+    for signum, wait in ((signal.SIGTERM, 2.0), (signal.SIGTERM, 30.0), (signal.SIGKILL, None)):
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signum)
+        try:
+            proc.wait(wait)
+        except subprocess.TimeoutExpired:
+            continue
+        break
+    _forget(state_path(), config_dir() / KEY_NAME, proc.pid)
 
 
 def _read_report(fd: int, timeout: float) -> dict[str, Any] | None:

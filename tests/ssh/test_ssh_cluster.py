@@ -20,7 +20,7 @@ from typing import IO, Any
 
 import pytest
 
-from .netlab import CLIENT_ADDRESS, SRC, NetLab
+from .netlab import CLIENT_ADDRESS, SRC, NetLab, wait_until
 
 pytestmark = [pytest.mark.ssh, pytest.mark.slow, pytest.mark.timeout(400)]
 
@@ -283,3 +283,35 @@ def test_stopping_the_job_server_takes_the_cluster_down(lab: NetLab, tmp_path: P
     finally:
         cli("cluster", "down")
     assert_nothing_left(lab)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_cluster_up_interrupted_while_starting_leaves_no_cluster_to_come_up_later(lab: NetLab, tmp_path: Path,
+                                                                                signum: int) -> None:
+    """Ctrl-C (or SIGTERM) on `cluster up` while its hosts are still starting. Before, `up` exited at once and
+    silently, and its background process went on: the cluster came up unseen, seconds later, and took over the
+    record of whatever cluster had been started meanwhile."""
+    home = tmp_path / "config-home"
+    command = lab.client_command(
+        "env", f"XDG_CONFIG_HOME={home}", sys.executable, "-m", "remote_executor.cli", "cluster", "up",
+        "--hosts", "node1", "--processes", "1", f"--ssh-option=-F {lab.ssh_config}",
+        "--remote-command", f"sleep 5; {lab.remote_command()}",  # a host slow to start its workers
+        "--env", f"PYTHONPATH={SRC}", "--timeout", "60")
+    up = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        node1 = lab.hosts["node1"].namespace
+        wait_until(lambda: any("sleep 5" in line for line in lab.leftovers(node1).values()), 30,
+                   "the host to start its command")
+        up.send_signal(signum)
+        _, stderr = up.communicate(timeout=60)
+        assert up.returncode == 128 + signum if signum != signal.SIGINT else up.returncode == 130, stderr
+        assert "interrupted; stopping the cluster that was starting" in stderr
+        assert_nothing_left(lab)  # (the host's command ends within its sleep: its session is gone)
+        assert not (home / "remote_executor" / "cluster.json").exists()
+        assert not (home / "remote_executor" / "cluster.key").exists()
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.communicate()
+        subprocess.run(lab.client_command("env", f"XDG_CONFIG_HOME={home}", sys.executable, "-m",
+                                          "remote_executor.cli", "cluster", "down"), capture_output=True, timeout=300)
