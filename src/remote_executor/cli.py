@@ -41,7 +41,7 @@ from .transports import UnknownSchemeError, get_backend, scheme_of
 from .transports.base import Backend, Options, ServerSettings, check_heartbeats
 from .usage import RUNTIME, USAGE, UsageError
 from .wire.frames import PRE_SESSION_LIMITS, Limits
-from .worker import read_stdin_line, watch_stdin
+from .worker import ATEXIT_GRACE, read_stdin_line, watch_stdin
 
 log = logging.getLogger("remote_executor.cli")
 
@@ -345,7 +345,9 @@ def _worker(args: argparse.Namespace) -> int:
                             sibling_records=backend.sibling_records)
     stop = _stop_on_signals()
     if args.exit_on_stdin_eof:
-        watch_stdin(stop)
+        # The worker processes exit through their lifelines; one that cannot read it (stopped, or in a C call
+        # holding the interpreter lock) is killed after ATEXIT_GRACE, so none outlives the session.
+        watch_stdin(stop, on_eof=lambda: supervisor.stop(timeout=ATEXIT_GRACE))
     supervisor.start()
     announced = False
     while not stop.wait(0.1):  # the supervisor's events, and a signal's: whichever comes first

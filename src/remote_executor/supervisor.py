@@ -1,7 +1,9 @@
 """Keeps N worker processes alive: starts them, replaces one that crashes, drains or stops them all.
 
-Each child gets a lifeline pipe (it exits the moment the supervisor dies, so workers are never orphaned)
-and, on Linux, is watched through a pidfd so a crash is noticed at once rather than by polling. With
+Each child gets a lifeline pipe (it exits the moment the supervisor dies, unless it cannot run the thread
+that reads it: stopped, or in a C call holding the interpreter lock; a supervisor that ends on purpose
+kills those first, one killed outright leaves them until they can) and, on Linux, is watched through a
+pidfd so a crash is noticed at once rather than by polling. With
 ``fork_server`` a child is forked by this process's fork server (:mod:`.forkserver`) instead of spawned as
 a fresh interpreter, and a spawned one where that is not possible; with ``fork_here`` too, the first
 children are forked from this process itself while it runs no other thread (:mod:`.forkhere`).
@@ -191,6 +193,7 @@ class Supervisor:
         self._halt_watcher()
         for child in self._snapshot():
             _signal(child.proc, signal.SIGTERM)
+            _signal(child.proc, signal.SIGCONT)  # a stopped child (SIGSTOP) drains too, rather than never
         self._reap_all(timeout)
 
     def stop(self, timeout: float = 5.0) -> None:

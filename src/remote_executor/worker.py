@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .errors import RemoteExecutorError
@@ -100,12 +100,12 @@ def read_stdin_line(fd: int = 0) -> bytes:
     return bytes(line)
 
 
-def watch_stdin(drain: threading.Event, fd: int = 0) -> None:
+def watch_stdin(drain: threading.Event, fd: int = 0, on_eof: Callable[[], object] | None = None) -> None:
     """``--exit-on-stdin-eof``: standard input is the line to whoever started this command (an SSH session).
 
-    A ``drain`` line drains (as SIGTERM does); end of file ends the process at once, so a session that ends,
-    however it ends (the client exited, was killed, lost its network), leaves nothing running here. The
-    supervisor's worker processes follow through their lifelines. Plain ``os.read``: a daemon thread
+    A ``drain`` line drains (as SIGTERM does); end of file runs ``on_eof`` (which ends the supervisor's
+    worker processes), then ends this process at once, so a session that ends, however it ends (the client
+    exited, was killed, lost its network), leaves nothing running here. Plain ``os.read``: a daemon thread
     blocked in a buffered ``sys.stdin`` would abort the interpreter's exit after a drain."""
 
     def read_until_eof() -> None:
@@ -119,6 +119,11 @@ def watch_stdin(drain: threading.Event, fd: int = 0) -> None:
         except OSError:
             pass
         log.info("standard input closed: exiting now")
+        if on_eof is not None:
+            try:
+                on_eof()
+            except Exception:  # exit all the same
+                log.exception("ending the worker processes failed")
         exit_now(0)
 
     threading.Thread(target=read_until_eof, name="remote-executor-stdin", daemon=True).start()

@@ -20,7 +20,7 @@ from remote_executor import RemoteExecutor
 from remote_executor.cli import main
 from remote_executor.conformance import Gate
 from remote_executor.conformance.tasks import hold_reporting_sigterm
-from remote_executor.errors import TransportError
+from remote_executor.errors import TransportError, WorkerLostError
 from remote_executor.ssh import (
     SSHCluster,
     SSHClusterError,
@@ -227,6 +227,60 @@ def test_the_key_on_stdin_lets_workers_in_and_the_end_of_stdin_ends_them_all(
     assert proc.wait(30) == 0
     wait_for(lambda: not any(pid_alive(pid) for pid in workers), what="the worker processes to exit")
     wait_for(lambda: capacity(keyed_server) == 0, what="the server to see them go")
+
+
+@pytest.mark.parametrize("stuck", ["holding the GIL in C", "stopped"])
+def test_the_end_of_stdin_ends_a_worker_process_that_cannot_read_its_lifeline(
+        keyed_server: TcpServer, started: list[subprocess.Popen[bytes]], stuck: str) -> None:
+    """A worker process in a C call that holds the interpreter lock, or stopped (SIGSTOP), cannot run the
+    thread that reads its lifeline. Before, the command exited on the end of its input and left such a process
+    running (or stopped) for ever, its parent gone; now the process is killed before the command exits."""
+    def hold_the_gil_in_c(address: tuple[str, int]) -> None:
+        import ctypes
+        import socket
+
+        with socket.create_connection(address, timeout=30) as sock:
+            sock.sendall(b"stuck\n")
+        ctypes.PyDLL(None).sleep(120)  # libc's sleep(), the GIL held: no other thread of this process runs
+
+    proc = worker_command(keyed_server, "--exit-on-stdin-eof")
+    started.append(proc)
+    assert proc.stdin is not None
+    proc.stdin.write(b"k" * 32 + b"\n")
+    proc.stdin.flush()
+    wait_for(lambda: capacity(keyed_server) == 2, what="both workers to attach")
+    workers = children_of(proc.pid)
+    with Gate() as gate, RemoteExecutor(transport=keyed_server.url, key=b"k" * 32, max_retries=0) as ex:
+        if stuck == "stopped":
+            for pid in workers:
+                os.kill(pid, signal.SIGSTOP)
+        else:
+            futures = [ex.submit(hold_the_gil_in_c, gate.address) for _ in workers]
+            gate.wait_started(len(workers))
+        proc.stdin.close()  # the SSH session ended
+        assert proc.wait(30) == 0
+        wait_for(lambda: not any(pid_alive(pid) for pid in workers), timeout=15,
+                 what="the stuck worker processes to be gone")
+        if stuck != "stopped":
+            for future in futures:
+                assert isinstance(future.exception(30), WorkerLostError)
+
+
+def test_a_drain_does_not_wait_for_ever_on_a_stopped_worker_process(
+        keyed_server: TcpServer, started: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM drains: each worker process finishes its call and exits. One stopped (SIGSTOP) never did, and the
+    command waited for it for ever; it is continued, and drains like the others."""
+    proc = worker_command(keyed_server)
+    started.append(proc)
+    assert proc.stdin is not None
+    proc.stdin.write(b"k" * 32 + b"\n")
+    proc.stdin.flush()
+    wait_for(lambda: capacity(keyed_server) == 2, what="both workers to attach")
+    workers = children_of(proc.pid)
+    os.kill(workers[0], signal.SIGSTOP)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+    assert not any(pid_alive(pid) for pid in workers)
 
 
 def test_a_drain_line_on_stdin_lets_the_running_call_finish(keyed_server: TcpServer,
