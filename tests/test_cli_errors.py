@@ -240,3 +240,10 @@ def test_a_server_given_a_list_of_addresses_is_a_usage_error(scheme: str) -> Non
     done = run_cli("server", f"{scheme}://127.0.0.1:{closed_port()},127.0.0.1:{closed_port()}", "--insecure")
     assert done.returncode == 2
     assert "a job server listens on one address, not 2" in one_line(done.stderr)
+
+
+def test_a_negative_ping_wait_is_a_usage_error_like_the_others() -> None:
+    done = run_cli("ping", "tcp://127.0.0.1:5555", "--wait", "-1")
+    assert done.returncode == 2
+    assert one_line(done.stderr) == ("remote-executor: argument --wait: must be 0 or a positive number, not -1 "
+                                     "(see: remote-executor ping --help)")

@@ -46,3 +46,15 @@ def test_a_key_that_names_a_file_is_an_error_that_says_key_file(tmp_path: Path,
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match=r"key='cluster.key' names a file: pass key_file='cluster.key'"):
         RemoteExecutor(transport="tcp://127.0.0.1:1", key="cluster.key")
+
+
+def test_a_key_file_that_cannot_be_read_says_it_is_the_key_file(tmp_path: Path) -> None:
+    """(It said only "[Errno 2] No such file or directory: 'k'", naming no key.)"""
+    missing = tmp_path / "cluster.key"
+    with pytest.raises(FileNotFoundError, match="cannot read the key file: No such file or directory") as caught:
+        RemoteExecutor(transport="tcp://127.0.0.1:1", key_file=missing)
+    assert caught.value.filename == str(missing)
+    done = subprocess.run([sys.executable, "-m", "remote_executor.cli", "ping", "tcp://127.0.0.1:1", "--key-file",
+                           str(missing)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert done.stderr.startswith("remote-executor: [Errno 2] cannot read the key file") and str(missing) in done.stderr

@@ -111,16 +111,19 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
         return _plain(super().format_help())
 
 
-def positive(kind: Callable[[str], _N], at_least: _N | None = None) -> Callable[[str], _N]:
-    """An argparse type: a number of ``kind`` greater than 0 (or at least ``at_least``); anything else is a
-    usage error (status 2) that says why, not a server that starts and then refuses every peer."""
+def positive(kind: Callable[[str], _N], at_least: _N | None = None, zero: bool = False) -> Callable[[str], _N]:
+    """An argparse type: a number of ``kind`` greater than 0 (or at least ``at_least``; or 0 too with
+    ``zero``); anything else is a usage error (status 2) that says why, not a server that starts and then
+    refuses every peer."""
 
     def parse(text: str) -> _N:
         value = kind(text)  # a ValueError: argparse says "invalid float value"
         if at_least is not None and not value >= at_least:
             raise argparse.ArgumentTypeError(f"must be at least {at_least}, not {text}")
+        if zero and value == 0:
+            return value
         if not value > 0 or value != value or value == float("inf"):
-            raise argparse.ArgumentTypeError(f"must be a positive number, not {text}")
+            raise argparse.ArgumentTypeError(f"must be {'0 or ' if zero else ''}a positive number, not {text}")
         return value
 
     parse.__name__ = getattr(kind, "__name__", "number")  # (what argparse names in its message)
@@ -171,7 +174,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="a live view refreshed in the terminal (workers, queues, calls/s) until Ctrl-C")
     status.add_argument("--interval", type=positive(float), default=2.0, help="seconds between refreshes of --watch")
     commands.choices["ping"].add_argument(
-        "--wait", type=float, default=0.0, metavar="SECONDS",
+        "--wait", type=positive(float, zero=True), default=0.0, metavar="SECONDS",
         help="retry until the server answers or SECONDS have passed (a server that is still starting)")
     commands.choices["stop"].add_argument(
         "--workers", action="store_true",
@@ -426,8 +429,6 @@ def _watch(url: str, backend: Backend, options: Options, interval: float) -> int
 def _ping(args: argparse.Namespace) -> int:
     backend = _backend(args.url)
     options = _client_options(args, backend)
-    if args.wait < 0:
-        raise UsageError("--wait must be 0 or more seconds")
     stop = _stop_on_signals()
     start = time.perf_counter()
 

@@ -109,7 +109,10 @@ def read_key_file(path: str | os.PathLike[str], *, own: bool = False) -> bytes:
     and with ``own`` if another user owns it (someone else would know the key). The mode is checked on the
     opened file, so the file that is read is the file that was checked."""
     name = os.fspath(path)
-    fd = os.open(name, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        fd = os.open(name, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except (FileNotFoundError, PermissionError) as exc:  # (their own text names no key: "[Errno 2] ... 'k'")
+        raise type(exc)(exc.errno, f"cannot read the key file: {exc.strerror}", name) from None
     if stat.S_ISDIR(os.fstat(fd).st_mode):  # (open() would say "[Errno 21] Is a directory: 3", naming the fd)
         os.close(fd)
         raise IsADirectoryError(errno.EISDIR, "a key file is expected, not a directory", name)
