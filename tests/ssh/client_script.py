@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 import warnings
@@ -204,6 +205,16 @@ def errors(config: dict[str, Any]) -> None:
         out[name] = _start_error(config, hosts)
     out["host_key"] = _start_error(config, ["node3"],
                                    ssh_options=[*config["ssh_options"], "-o", "UserKnownHostsFile=/dev/null"])
+    # node2's command is still busy before the worker command when the start times out.
+    out["slow"] = _start_error(config, [SSHHost("node1", env={"TEST_HOST": "node1"}),
+                                        SSHHost("node2", remote_command=f"sleep 20; {config['remote_command']}")],
+                               start_timeout=START_TIMEOUT)
+    # node2's workers connect to a port where nothing listens (as through a firewall, or a wrong scheduler_host).
+    dead = f"tcp://{config['client_address']}:9"
+    redirect = f'shift 2; exec {config["remote_command"]} worker {dead} "$@"'
+    out["no_reach"] = _start_error(config, [SSHHost("node1", env={"TEST_HOST": "node1"}),
+                                            SSHHost("node2", remote_command=f"sh -c {shlex.quote(redirect)} sh")],
+                                   start_timeout=START_TIMEOUT)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with RemoteExecutor(transport=cluster(config, hosts=cases["unreachable"], allow_partial=True)) as ex:
@@ -212,6 +223,9 @@ def errors(config: dict[str, Any]) -> None:
             out["partial"] = {"result": ex.submit(square, 9).result(TIMEOUT), "hosts": transport.host_states(),
                               "warnings": [str(w.message) for w in caught]}
     emit(**out)
+
+
+START_TIMEOUT = 4.0
 
 
 def _start_error(config: dict[str, Any], hosts: list[str | SSHHost], **options: Any) -> dict[str, Any]:

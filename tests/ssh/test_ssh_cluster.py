@@ -31,7 +31,8 @@ NODES = ("node1", "node2", "node3")
 def config(lab: NetLab, tmp_path: Path, markers: Path, **extra: Any) -> Path:
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"ssh_options": lab.ssh_options, "remote_command": lab.remote_command(),
-                                "src": SRC, "hosts": ["node1", "node2"], "markers": str(markers), **extra}))
+                                "src": SRC, "hosts": ["node1", "node2"], "markers": str(markers),
+                                "client_address": CLIENT_ADDRESS, **extra}))
     return path
 
 
@@ -185,6 +186,15 @@ def test_hosts_that_cannot_run_workers_are_named(lab: NetLab, tmp_path: Path, ma
     assert list(version["failures"]) == ["node2"]
     assert "version mismatch" in version["message"]
     assert "cloudpickle 0.0.0+other" in version["message"]
+
+    slow = result["slow"]  # given up at its start timeout (4 s), not 10 s later
+    assert list(slow["failures"]) == ["node2"]
+    assert "did not start within 4s" in slow["message"]
+    assert slow["seconds"] < 4 + 5, slow  # (it took 13-15 s: each session was given 10 s more to end)
+
+    no_reach = result["no_reach"]  # the question to ask, not "did not start"
+    assert list(no_reach["failures"]) == ["node2"]
+    assert "could not connect within 4s; can the host reach tcp://" in no_reach["message"]
 
     host_key = result["host_key"]  # an unknown host key is refused, never accepted silently
     assert list(host_key["failures"]) == ["node3"]
