@@ -264,6 +264,7 @@ class _HostSession:
             if self._stopping.is_set():
                 return False
             self.announced = self.exit_code = None
+            self.tail.clear()  # why a session ends is in its own output, not in that of the ones before it
             self.sessions += 1
             log.debug("%s: %s", self.name, shlex.join(self.argv))
             try:
@@ -354,7 +355,11 @@ class _HostSession:
         said = " | ".join(lines) or "no output"
         code = self.exit_code
         if code == 255:
-            return f"ssh failed: {said}"
+            if any(line.startswith("ssh:") for line in tail) or self.announced is None:
+                return f"ssh failed: {said}"
+            # ssh's own status, but ssh said nothing: the session was up and its command killed (a signal)
+            # or the connection cut.
+            return f"the SSH session ended (status 255: the worker command was killed, or the connection cut): {said}"
         if code == 127:
             return (f"the remote command was not found there ({self.command!r}; give the right one with "
                     f"remote_command= or --remote-command): {said}")

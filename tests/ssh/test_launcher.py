@@ -10,6 +10,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -428,3 +429,25 @@ def test_importing_the_package_does_not_import_the_launcher() -> None:
     code = "import sys, remote_executor; assert 'remote_executor.ssh' not in sys.modules; " \
            "assert remote_executor.SSHCluster.__module__ == 'remote_executor.ssh'"
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": SRC}, timeout=60)
+
+
+def test_a_lost_session_is_explained_by_its_own_output_not_by_ssh_failing() -> None:
+    """A host whose session was up (its workers announced) and ended with ssh's status 255 but no word from
+    ssh lost its worker command (killed) or its connection; it said "ssh failed", with the output of every
+    earlier session of that host before its own."""
+    from remote_executor.ssh import _HostSession
+
+    session = _HostSession(SSHHost("node"), [sys.executable, "-c", "print('2 worker process(es) serving x')"],
+                           "remote-executor", [b"key"], restart=False, changed=threading.Event())
+    session.tail.append("ssh: connect to host node port 22: Connection refused")  # an earlier session's
+    assert session._spawn()
+    assert session.proc is not None
+    session._read(session.proc)
+    session.exit_code = session.proc.wait()
+    assert session.proc.stdin is not None
+    session.proc.stdin.close()
+    assert list(session.tail) == ["2 worker process(es) serving x"]
+    session.exit_code = 255
+    assert session.describe_exit().startswith("the SSH session ended (status 255: the worker command was killed")
+    session.tail.append("ssh: connect to host node port 22: Connection refused")  # ssh's own word: ssh failed
+    assert session.describe_exit().startswith("ssh failed: ssh: connect to host node")
