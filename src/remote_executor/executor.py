@@ -504,7 +504,7 @@ class _Core:
             self.deadlines.disarm(item.deadline)
         try:
             ok, value = decode_result(status, parts, write_output)  # printed before the future settles
-        except Exception as exc:
+        except BaseException as exc:  # (the future fails; this thread brings every result)
             ok, value = False, exc
         # What _settling does, inline: this runs once per call, and a generator-based context manager
         # costs four Python calls.

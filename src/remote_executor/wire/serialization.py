@@ -218,7 +218,10 @@ def decode_outcome(parts: Sequence[Buffer],
     ``on_output`` first."""
     try:
         envelope = loads(parts)
-    except Exception as exc:
+    except BaseException as exc:
+        # BaseException too: what a result's __reduce__ raises is the result's doing, KeyboardInterrupt or
+        # SystemExit included (no real Ctrl-C lands here: this runs off the main thread, or with Ctrl-C held
+        # off). Raised, it would end the thread that brings every result, and no future would resolve again.
         error = SerializationError(f"cannot unpickle the result: {type(exc).__name__}: {exc}")
         error.__cause__ = exc
         return False, error
@@ -243,7 +246,7 @@ def rebuild_exception(info: ErrorInfo) -> BaseException:
         exc = pickle.loads(blob) if blob is not None else RemoteError(type_name, message, tb_text)
         if not isinstance(exc, BaseException):
             raise TypeError(f"unpickled a {type(exc).__name__}, not an exception")
-    except Exception:
+    except BaseException:  # (as in decode_outcome: the exception's own unpickling raised)
         exc = RemoteError(type_name, message, tb_text)
     exc.__cause__ = RemoteTraceback(f'\n"""\n{tb_text}"""')
     return exc
