@@ -46,10 +46,10 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future
 from queue import Empty, SimpleQueue
-from typing import TYPE_CHECKING, Any, Generic, NoReturn, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, ParamSpec, TypeVar
 
 from . import interrupts
 from .errors import BrokenRemoteExecutor, CallTimeoutError, SerializationError
@@ -1118,7 +1118,7 @@ class RemoteExecutor(Executor):
             if future is None:
                 break
             fs.append(future)
-        return _MapResults(fs, submit_next if buffersize else None, chunksize > 1, end_time)
+        return _map_results(fs, submit_next if buffersize else None, chunksize > 1, end_time)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         self._core.shutdown(wait, cancel_futures)
@@ -1137,85 +1137,57 @@ class RemoteExecutor(Executor):
         return self._core.enqueue(parts, limit)
 
 
-class _MapResults(Iterator[T], Generic[T]):
-    """The iterator ``map`` returns: results in input order; once iterated, close() (or garbage) cancels the
-    rest. As with ``ThreadPoolExecutor``'s generator, one never iterated cancels nothing when closed or
-    dropped: ``executor.map(side_effect, items)`` runs every call.
-    """
+def _map_results(fs: deque[Future[Any]], submit_next: Callable[[], Future[Any] | None] | None, chunked: bool,
+                 end_time: float | None) -> Generator[Any, None, None]:
+    """The generator ``map`` returns, as ``ThreadPoolExecutor``'s is one (``close()``, ``send()``,
+    ``throw()``, "generator already executing" from another thread): results in input order; once started,
+    closing it (or dropping it) cancels the calls not started yet. One never started cancels nothing:
+    ``executor.map(side_effect, items)`` runs every call.
 
-    def __init__(
-        self,
-        fs: deque[Future[Any]],
-        submit_next: Callable[[], Future[Any] | None] | None,
-        chunked: bool,
-        end_time: float | None,
-    ) -> None:
-        self._fs = fs
-        self._submit_next = submit_next  # lazy input (buffersize): one new call per call consumed
-        self._chunked = chunked
-        self._end_time = end_time
-        self._values: deque[T] = deque()
-        self._error: BaseException | None = None  # raised once the values before it are consumed
-        self._submit_error: BaseException | None = None  # lazy input that could not be submitted
-        self._started = False  # iterated at least once: close() and garbage cancel the rest from then on
+    ``submit_next`` (lazy input, ``buffersize``) submits one call per result taken, after its wait, so at
+    most ``buffersize`` calls are outstanding; an error doing so (the input raised, the executor was shut
+    down) is raised at that element, after the results of the calls already submitted: none is lost."""
+    pending: list[BaseException] = []  # the error submit_next raised, once
 
-    def __iter__(self) -> _MapResults[T]:
-        return self
-
-    def __next__(self) -> T:
-        self._started = True
-        while not self._values:
-            if self._error is not None:
-                error, self._error = self._error, None
-                self.close()
-                raise error
-            if not self._fs:
-                if self._submit_error is not None:  # the element that could not be submitted
-                    error, self._submit_error = self._submit_error, None
-                    raise error
-                raise StopIteration
-            try:
-                outcome = _result_or_cancel(self._fs.popleft(), self._remaining())
-            except BaseException:
-                self.close()
-                raise
-            self._refill()  # after the wait, so at most ``buffersize`` calls are ever outstanding
-            if not self._chunked:
-                value: T = outcome
-                return value
-            values, self._error = outcome
-            self._values.extend(values)
-        return self._values.popleft()
-
-    def close(self) -> None:
-        """Stop: cancel every call of this map that has not started yet (if it was iterated: a generator
-        never started runs no cleanup, and map's calls were all submitted when map returned)."""
-        self._submit_next = self._submit_error = None
-        if not self._started:
-            return
-        while self._fs:
-            self._fs.pop().cancel()
-
-    def __del__(self) -> None:
-        self.close()
-
-    def _refill(self) -> None:
-        """Submit the next call of lazy input. An error (the executor was shut down, say) is raised at
-        that element, after the results already submitted: none of them is lost."""
-        if self._submit_next is None:
+    def refill() -> None:
+        nonlocal submit_next
+        if submit_next is None:
             return
         try:
-            future = self._submit_next()
+            future = submit_next()
         except BaseException as exc:
-            self._submit_next, self._submit_error = None, exc
+            submit_next = None
+            pending.append(exc)
             return
         if future is None:
-            self._submit_next = None
+            submit_next = None
         else:
-            self._fs.append(future)
+            fs.append(future)
 
-    def _remaining(self) -> float | None:
-        return None if self._end_time is None else self._end_time - time.monotonic()
+    try:
+        while fs:
+            # Through a helper, so that this frame holds no result while suspended at the yield.
+            if not chunked:
+                yield _next_result(fs, end_time, refill)
+                continue
+            values, error = _next_result(fs, end_time, refill)
+            values = deque(values)
+            while values:
+                yield values.popleft()
+            if error is not None:
+                raise error
+        if pending:
+            raise pending.pop()
+    finally:
+        for future in fs:
+            future.cancel()
+
+
+def _next_result(fs: deque[Future[Any]], end_time: float | None, refill: Callable[[], None]) -> Any:
+    """The oldest call's result (the one to yield next), then the next call of lazy input submitted."""
+    outcome = _result_or_cancel(fs.popleft(), None if end_time is None else end_time - time.monotonic())
+    refill()  # after the wait: at most ``buffersize`` calls are ever outstanding
+    return outcome
 
 
 @contextlib.contextmanager

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import gc
+import inspect
+import threading
 import time
 from collections.abc import Iterator
 from concurrent import futures
@@ -93,6 +95,54 @@ class MapTests(ConformanceBase):
         gate.release()
         executor.shutdown(wait=True)
         assert sorted(gate.started) == sorted(["held-1", "held-2", "quick", *ahead])
+
+    def test_map_returns_a_generator(self, executor: Executor) -> None:
+        """A generator, as ThreadPoolExecutor's: ``close()``, ``send()``, ``throw()`` and what they mean."""
+        results: Any = executor.map(tasks.square, range(4))
+        is_generator = inspect.isgenerator(results)  # (a separate name: mypy would narrow ``results`` to Never)
+        assert is_generator
+        assert results.send(None) == 0
+        assert results.send("ignored") == 1
+        with pytest.raises(KeyError, match="stop here"):
+            results.throw(KeyError("stop here"))  # raised where it stands: the map is over
+        with pytest.raises(StopIteration):
+            next(results)
+        unstarted: Any = executor.map(tasks.square, range(3))
+        with pytest.raises(TypeError):
+            unstarted.send("not None")  # (a generator that has not started takes only None)
+        assert list(unstarted) == [0, 1, 4]
+
+    def test_map_closed_before_its_first_result_is_over(self, executor: Executor) -> None:
+        results = executor.map(tasks.square, range(3))
+        results.close()  # type: ignore[attr-defined]
+        with pytest.raises(StopIteration):
+            next(results)
+        assert list(results) == []
+
+    def test_map_closed_from_another_thread_while_it_waits(self, executor: Executor, gate: Gate) -> None:
+        """Closing the iterator while another thread waits in it is refused, as for any running generator;
+        the waiting thread gets every result."""
+        results = executor.map(functools.partial(tasks.wait_at_gate, gate.address), ["held", "next"], [1, 2])
+        got: list[Any] = []
+        reader = threading.Thread(target=lambda: got.extend(results))
+        reader.start()
+        try:
+            gate.wait_started(1)
+            deadline = time.monotonic() + TIMEOUT
+            refused = None
+            while refused is None:  # the reader is inside the generator once closing it is refused
+                try:
+                    results.close()  # type: ignore[attr-defined]
+                except ValueError as exc:
+                    refused = str(exc)
+                    continue
+                assert time.monotonic() < deadline, "the reader never entered the map's iterator"
+                time.sleep(0.01)
+            assert "already executing" in refused
+        finally:
+            gate.release()
+            reader.join(TIMEOUT)
+        assert not reader.is_alive() and got == [1, 2]
 
     @pytest.mark.parametrize("how", ["dropped", "closed"])
     def test_map_never_iterated_runs_every_call(self, new_executor: ExecutorFactory, gate: Gate, how: str) -> None:
