@@ -130,7 +130,9 @@ class Channel(abc.ABC):
         while not self.flush():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise ConnectionFailedError(f"{self.peer} took no data for {timeout:g}s")
+                # Silence, as much as no answer is: a zmq peer whose CURVE handshake never completes (a
+                # wrong server key, or none) takes nothing, and the hint to check the keys belongs here too.
+                raise _Silent(f"{self.peer} took no data for {timeout:g}s")
             self.wait(min(remaining, POLL_SLICE))
 
     def next_frame(self, timeout: float) -> Frame | None:
