@@ -247,3 +247,21 @@ def test_a_negative_ping_wait_is_a_usage_error_like_the_others() -> None:
     assert done.returncode == 2
     assert one_line(done.stderr) == ("remote-executor: argument --wait: must be 0 or a positive number, not -1 "
                                      "(see: remote-executor ping --help)")
+
+
+def test_cluster_start_leaves_a_signal_it_finds_ignored_ignored() -> None:
+    """`nohup remote-executor cluster up`: a hangup while the cluster starts must not stop it."""
+    import signal
+
+    from remote_executor.cli_cluster import _signals_raise
+
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN), signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        with _signals_raise():
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN)  # (the default: raise)
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGHUP, previous[0])
+        signal.signal(signal.SIGTERM, previous[1])

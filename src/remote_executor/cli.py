@@ -347,11 +347,13 @@ def _worker(args: argparse.Namespace) -> int:
                             name=args.name or f"{os.uname().nodename}-{os.getpid()}",
                             sibling_records=backend.sibling_records)
     stop = _stop_on_signals()
-    if args.exit_on_stdin_eof:
-        # The worker processes exit through their lifelines; one that cannot read it (stopped, or in a C call
-        # holding the interpreter lock) is killed after ATEXIT_GRACE, so none outlives the session.
-        watch_stdin(stop, on_eof=lambda: supervisor.stop(timeout=ATEXIT_GRACE))
     supervisor.start()
+    if args.exit_on_stdin_eof:
+        # After start(): stop() must not run while start() is still spawning (the end of input, already
+        # there, is read at once). The worker processes exit through their lifelines; one that cannot read
+        # it (stopped, or in a C call holding the interpreter lock) is killed after ATEXIT_GRACE, so none
+        # outlives the session.
+        watch_stdin(stop, on_eof=lambda: supervisor.stop(timeout=ATEXIT_GRACE))
     announced = False
     while not stop.wait(0.1):  # the supervisor's events, and a signal's: whichever comes first
         if supervisor.refused.is_set():  # every process's log line above says why

@@ -248,7 +248,9 @@ def _signals_raise() -> Iterator[None]:
     def handler(signum: int, frame: object) -> None:
         raise _Terminated(signum)
 
-    previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    # Only where the default would end us: a signal ignored (nohup) or handled by whoever runs us stays so.
+    previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGTERM, signal.SIGHUP)
+                if signal.getsignal(signum) is signal.SIG_DFL}
     try:
         yield
     finally:
@@ -270,7 +272,12 @@ def _stop_starting(proc: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             continue
         break
-    _forget(state_path(), config_dir() / KEY_NAME, proc.pid)
+    try:  # (only files that name it: a missing or unreadable record may be another cluster's, starting)
+        recorded = json.loads(state_path().read_text()).get("pid")
+    except (OSError, ValueError, AttributeError):
+        return
+    if recorded == proc.pid:
+        _forget(state_path(), config_dir() / KEY_NAME, proc.pid)
 
 
 def _read_report(fd: int, timeout: float) -> dict[str, Any] | None:

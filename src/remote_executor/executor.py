@@ -504,7 +504,7 @@ class _Core:
             self.deadlines.disarm(item.deadline)
         try:
             ok, value = decode_result(status, parts, write_output)  # printed before the future settles
-        except BaseException as exc:  # (the future fails; this thread brings every result)
+        except Exception as exc:  # (what a result's unpickling raises, even a BaseException, is handled inside)
             ok, value = False, exc
         # What _settling does, inline: this runs once per call, and a generator-based context manager
         # costs four Python calls.

@@ -75,7 +75,7 @@ RESTART_FIRST, RESTART_MAX = 1.0, 60.0  # backoff before a lost host's next sess
 CONNECT_TIMEOUT = ("-o", "ConnectTimeout=15")
 SERVER_ALIVE = ("-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3")
 _ANNOUNCED = re.compile(r"^(\d+) worker process\(es\) serving ")
-_CONNECT_FAILED = re.compile(r"connecting to \S+: ")  # a worker's log line when a connection attempt failed
+_CONNECT_FAILED = re.compile(r"connecting to (gearmand )?\S+: ")  # a worker's log line when a connection attempt failed
 _REFUSED = "refused this worker: "  # how a worker logs a job server's REJECT (version, key): fatal for the host
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _SERIOUS = re.compile(r" (WARNING|ERROR|CRITICAL) ")  # the level in the worker command's log lines
@@ -613,13 +613,14 @@ class SSHJobServer:
         return None
 
     def _timed_out(self, session: _HostSession, attached: int) -> str:
-        lines = " | ".join(list(session.tail)[-4:]) or "no output"
+        tail = list(session.tail)  # a snapshot: the session's thread appends to it
+        lines = " | ".join(tail[-4:]) or "no output"
         reach = (f"can the host reach {self.url}? (pass scheduler_host / --scheduler-host: an address of this "
                  f"machine it can reach) Last output: {lines}")
         if session.announced is None:
             # A worker says it serves only once the job server took it: one that keeps failing to connect
             # says "connecting to URL: <why>" instead, which is the question to ask, not "did not start".
-            if any(_CONNECT_FAILED.search(line) for line in session.tail):
+            if any(_CONNECT_FAILED.search(line) for line in tail):
                 return f"its worker processes could not connect within {self.start_timeout:g}s; {reach}"
             return f"the worker command did not start within {self.start_timeout:g}s: {lines}"
         return f"{attached} of {session.announced} worker process(es) attached within {self.start_timeout:g}s; {reach}"

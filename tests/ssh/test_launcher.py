@@ -451,3 +451,25 @@ def test_a_lost_session_is_explained_by_its_own_output_not_by_ssh_failing() -> N
     assert session.describe_exit().startswith("the SSH session ended (status 255: the worker command was killed")
     session.tail.append("ssh: connect to host node port 22: Connection refused")  # ssh's own word: ssh failed
     assert session.describe_exit().startswith("ssh failed: ssh: connect to host node")
+
+
+def test_the_end_of_stdin_right_after_the_key_ends_the_command_cleanly(
+        keyed_server: TcpServer, started: list[subprocess.Popen[bytes]]) -> None:
+    """Input that ends while the worker processes are still being started (an SSH session given up at once):
+    the command stopped them from its input's thread while the main thread was still starting them, and
+    failed on a closed pipe or a thread not yet started."""
+    for _ in range(3):
+        proc = worker_command(keyed_server, "--exit-on-stdin-eof", "--processes", "12")  # a start that takes a while
+        started.append(proc)
+        _, stderr = proc.communicate(b"k" * 32 + b"\n", timeout=60)  # the key, then the end of input
+        assert proc.returncode == 0, stderr
+        assert b"Traceback" not in stderr and b"ERROR" not in stderr, stderr
+
+
+def test_a_gearman_workers_failed_connection_counts_as_one_for_the_reach_hint() -> None:
+    from remote_executor.ssh import _CONNECT_FAILED
+
+    for line in ("worker 12 INFO connecting to tcp://10.0.0.2:9: cannot connect to tcp://10.0.0.2:9: refused",
+                 "worker 12 INFO connecting to gearmand 10.0.0.1:4730: [Errno 111] Connection refused"):
+        assert _CONNECT_FAILED.search(line), line
+    assert not _CONNECT_FAILED.search("worker 12 INFO connecting to tcp://10.0.0.2:9")  # (an attempt, not a failure)
