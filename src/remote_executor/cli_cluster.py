@@ -272,12 +272,8 @@ def _stop_starting(proc: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             continue
         break
-    try:  # (only files that name it: a missing or unreadable record may be another cluster's, starting)
-        recorded = json.loads(state_path().read_text()).get("pid")
-    except (OSError, ValueError, AttributeError):
-        return
-    if recorded == proc.pid:
-        _forget(state_path(), config_dir() / KEY_NAME, proc.pid)
+    # Only files that name it: a missing or unreadable record may be another cluster's, starting.
+    _forget(state_path(), config_dir() / KEY_NAME, proc.pid, unrecorded_is_ours=False)
 
 
 def _read_report(fd: int, timeout: float) -> dict[str, Any] | None:
@@ -414,12 +410,13 @@ def _refuse_if_running() -> None:
                            f"`remote-executor cluster stop` (the same as `cluster down`) first")
 
 
-def _forget(state_file: Path, key_file: Path, pid: int) -> None:
-    """Remove the cluster's files, if they are still those of the cluster run by ``pid``."""
+def _forget(state_file: Path, key_file: Path, pid: int, unrecorded_is_ours: bool = True) -> None:
+    """Remove the cluster's files, if they are still those of the cluster run by ``pid``; a missing or
+    unreadable record counts as its own only with ``unrecorded_is_ours`` (the cluster itself, ending)."""
     try:
         recorded = json.loads(state_file.read_text()).get("pid")
-    except (OSError, ValueError):
-        recorded = pid
+    except (OSError, ValueError, AttributeError):
+        recorded = pid if unrecorded_is_ours else None
     if recorded == pid:
         state_file.unlink(missing_ok=True)
         key_file.unlink(missing_ok=True)

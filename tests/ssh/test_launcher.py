@@ -184,6 +184,18 @@ def worker_command(server: TcpServer, *extra: str) -> subprocess.Popen[bytes]:
                             env={**os.environ, "PYTHONPATH": SRC})
 
 
+def attached_worker_command(server: TcpServer, started: list[subprocess.Popen[bytes]],
+                            *extra: str) -> subprocess.Popen[bytes]:
+    """``worker_command`` given its key on standard input, once both its worker processes have attached."""
+    proc = worker_command(server, *extra)
+    started.append(proc)
+    assert proc.stdin is not None
+    proc.stdin.write(b"k" * 32 + b"\n")
+    proc.stdin.flush()
+    wait_for(lambda: capacity(server) == 2, what="both workers to attach")
+    return proc
+
+
 def children_of(pid: int) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():
@@ -244,12 +256,8 @@ def test_the_end_of_stdin_ends_a_worker_process_that_cannot_read_its_lifeline(
             sock.sendall(b"stuck\n")
         ctypes.PyDLL(None).sleep(120)  # libc's sleep(), the GIL held: no other thread of this process runs
 
-    proc = worker_command(keyed_server, "--exit-on-stdin-eof")
-    started.append(proc)
+    proc = attached_worker_command(keyed_server, started, "--exit-on-stdin-eof")
     assert proc.stdin is not None
-    proc.stdin.write(b"k" * 32 + b"\n")
-    proc.stdin.flush()
-    wait_for(lambda: capacity(keyed_server) == 2, what="both workers to attach")
     workers = children_of(proc.pid)
     with Gate() as gate, RemoteExecutor(transport=keyed_server.url, key=b"k" * 32, max_retries=0) as ex:
         if stuck == "stopped":
@@ -271,12 +279,7 @@ def test_a_drain_does_not_wait_for_ever_on_a_stopped_worker_process(
         keyed_server: TcpServer, started: list[subprocess.Popen[bytes]]) -> None:
     """SIGTERM drains: each worker process finishes its call and exits. One stopped (SIGSTOP) never did, and the
     command waited for it for ever; it is continued, and drains like the others."""
-    proc = worker_command(keyed_server)
-    started.append(proc)
-    assert proc.stdin is not None
-    proc.stdin.write(b"k" * 32 + b"\n")
-    proc.stdin.flush()
-    wait_for(lambda: capacity(keyed_server) == 2, what="both workers to attach")
+    proc = attached_worker_command(keyed_server, started)
     workers = children_of(proc.pid)
     os.kill(workers[0], signal.SIGSTOP)
     proc.send_signal(signal.SIGTERM)
@@ -286,12 +289,8 @@ def test_a_drain_does_not_wait_for_ever_on_a_stopped_worker_process(
 
 def test_a_drain_line_on_stdin_lets_the_running_call_finish(keyed_server: TcpServer,
                                                              started: list[subprocess.Popen[bytes]]) -> None:
-    proc = worker_command(keyed_server, "--exit-on-stdin-eof")
-    started.append(proc)
+    proc = attached_worker_command(keyed_server, started, "--exit-on-stdin-eof")
     assert proc.stdin is not None
-    proc.stdin.write(b"k" * 32 + b"\n")
-    proc.stdin.flush()
-    wait_for(lambda: capacity(keyed_server) == 2, what="both workers to attach")
     with Gate() as gate, RemoteExecutor(transport=keyed_server.url, key=b"k" * 32) as ex:
         future = ex.submit(hold_reporting_sigterm, gate.address, "call", 42)
         gate.wait_started(1)
